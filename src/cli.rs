@@ -1,0 +1,42 @@
+//! The command line: one binary, one subcommand per process role of DESIGN.md.
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ai-secretary",
+    version,
+    about = "AI secretary team platform: event-sourced CQRS backend"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+
+    /// Without a subcommand, everything runs in one process.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The HTTP API alone.
+    Serve,
+    /// Tail the event store and publish to NATS JetStream.
+    Relay,
+    /// Projection workers (all, or the ones named).
+    Project { names: Vec<String> },
+    /// The LLM replier.
+    Reply,
+    /// Rebuild projections from the event store.
+    Replay {
+        name: Option<String>,
+        #[arg(long, conflicts_with = "name")]
+        all: bool,
+    },
+    /// Diff live read models against a fresh fold of the store.
+    Verify { name: Option<String> },
+    /// Apply database migrations and exit.
+    Migrate,
+}

@@ -1,0 +1,244 @@
+//! Configuration from the environment (and a `.env` file if present), with the
+//! defaults of DESIGN.md. Secrets have redacted `Debug` and are refused in
+//! production when left at their development defaults.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use clap::{Args, ValueEnum};
+
+const DEV_JWT_SECRET: &str = "development-only-jwt-secret-change-me";
+const DEV_ENCRYPTION_KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Environment {
+    Development,
+    Staging,
+    Production,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LlmProvider {
+    Offline,
+    Gemini,
+}
+
+/// A value that must not reach logs: `Debug` prints `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Postgres: event store and read models (the database is created if absent).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/ai_secretary",
+        hide_env_values = true
+    )]
+    pub database_url: Secret,
+
+    /// Largest number of Postgres connections per process.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
+    pub database_max_connections: u32,
+
+    /// NATS with JetStream (used by the relay and projections).
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+
+    /// Redis for the read-side caches.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// JetStream stream name.
+    #[arg(long, env = "NATS_STREAM", default_value = "AI_SECRETARY_EVENTS")]
+    pub nats_stream: String,
+
+    /// Prefix of event subjects: `<prefix>.<stream_type>.<stream_id>`.
+    #[arg(
+        long,
+        env = "NATS_SUBJECT_PREFIX",
+        default_value = "ai_secretary.events"
+    )]
+    pub nats_subject_prefix: String,
+
+    /// Prefix of Redis keys: `<prefix>:assistant:<id>`.
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "ai_secretary")]
+    pub redis_key_prefix: String,
+
+    /// Where replies come from.
+    #[arg(long, env = "LLM_PROVIDER", value_enum, default_value_t = LlmProvider::Offline)]
+    pub llm_provider: LlmProvider,
+
+    /// Gemini API key (LLM_PROVIDER=gemini).
+    #[arg(long, env = "GEMINI_API_KEY", hide_env_values = true)]
+    pub gemini_api_key: Option<Secret>,
+
+    /// Gemini endpoint.
+    #[arg(
+        long,
+        env = "GEMINI_BASE_URL",
+        default_value = "https://generativelanguage.googleapis.com"
+    )]
+    pub gemini_base_url: String,
+
+    /// HS256 signing key of access tokens.
+    #[arg(long, env = "JWT_SECRET_KEY", default_value = DEV_JWT_SECRET, hide_env_values = true, hide_default_value = true)]
+    pub jwt_secret_key: Secret,
+
+    /// Lifetime of access tokens, in seconds.
+    #[arg(long, env = "ACCESS_TOKEN_TTL_SECONDS", default_value_t = 3600)]
+    pub access_token_ttl_seconds: u64,
+
+    /// 32 bytes as 64 hex characters: key of the per-user key wrapping.
+    #[arg(long, env = "ENCRYPTION_KEY", default_value = DEV_ENCRYPTION_KEY, hide_env_values = true, hide_default_value = true)]
+    pub encryption_key: Secret,
+
+    /// Comma-separated origins allowed by CORS (none by default).
+    #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',', default_value = "")]
+    pub cors_origins: Vec<String>,
+
+    #[arg(long, env = "ENVIRONMENT", value_enum, default_value_t = Environment::Development)]
+    pub environment: Environment,
+
+    /// Listen address of the API.
+    #[arg(long, env = "BIND", default_value = "0.0.0.0:8000")]
+    pub bind: SocketAddr,
+
+    /// `json` or `pretty` (default: json in production, pretty otherwise).
+    #[arg(long, env = "LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    /// Directory for daily-rotated log files (30 kept); stdout only when unset.
+    #[arg(long, env = "LOG_DIR")]
+    pub log_dir: Option<PathBuf>,
+
+    /// Most commands coalesced into one append transaction.
+    #[arg(long, env = "APPEND_MAX_BATCH", default_value_t = 256)]
+    pub append_max_batch: usize,
+
+    /// Append transactions in flight at once.
+    #[arg(long, env = "APPEND_FLUSHERS", default_value_t = 2)]
+    pub append_flushers: usize,
+}
+
+impl Config {
+    /// Refuse what must not run: malformed keys anywhere, default secrets in production.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let key = self.encryption_key.expose();
+        if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            anyhow::bail!("ENCRYPTION_KEY must be 32 bytes written as 64 hex characters");
+        }
+        if self.environment == Environment::Production {
+            if self.jwt_secret_key.expose() == DEV_JWT_SECRET {
+                anyhow::bail!(
+                    "JWT_SECRET_KEY must be set in production (the development key is refused)"
+                );
+            }
+            if self.jwt_secret_key.expose().len() < 32 {
+                anyhow::bail!("JWT_SECRET_KEY must be at least 32 characters in production");
+            }
+            if key.eq_ignore_ascii_case(DEV_ENCRYPTION_KEY) {
+                anyhow::bail!(
+                    "ENCRYPTION_KEY must be set in production (the development key is refused)"
+                );
+            }
+        }
+        if self.llm_provider == LlmProvider::Gemini && self.gemini_api_key.is_none() {
+            anyhow::bail!("LLM_PROVIDER=gemini needs GEMINI_API_KEY");
+        }
+        Ok(())
+    }
+
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format.unwrap_or(match self.environment {
+            Environment::Production => LogFormat::Json,
+            _ => LogFormat::Pretty,
+        })
+    }
+
+    pub fn access_token_ttl(&self) -> Duration {
+        Duration::from_secs(self.access_token_ttl_seconds)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(args: &[&str]) -> Config {
+        let mut all = vec!["test"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).unwrap().config
+    }
+
+    #[test]
+    fn production_refuses_default_secrets() {
+        let err = parse(&["--environment", "production"])
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("JWT_SECRET_KEY"), "{err}");
+        let long_secret = "x".repeat(40);
+        let err = parse(&[
+            "--environment",
+            "production",
+            "--jwt-secret-key",
+            &long_secret,
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("ENCRYPTION_KEY"), "{err}");
+        let key = "ab".repeat(32);
+        parse(&[
+            "--environment",
+            "production",
+            "--jwt-secret-key",
+            &long_secret,
+            "--encryption-key",
+            &key,
+        ])
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
+    fn development_runs_on_defaults_and_secrets_stay_out_of_debug() {
+        let config = parse(&[]);
+        config.validate().unwrap();
+        let printed = format!("{config:?}");
+        assert!(!printed.contains(DEV_JWT_SECRET));
+        assert!(!printed.contains("postgres://"));
+    }
+}

@@ -1,0 +1,212 @@
+//! A user account: registration. The password arrives already hashed (hashing
+//! needs randomness); its length travels beside the hash so the rule stays here.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{Decider, DomainError, validate::Violations};
+
+pub const PASSWORD_MIN_CHARS: usize = 8;
+pub const PASSWORD_MAX_CHARS: usize = 128;
+
+/// A new password as the domain sees it: how long it was, and its PHC hash.
+#[derive(Debug, Clone)]
+pub struct NewPassword {
+    pub chars: usize,
+    pub hash: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum UserCommand {
+    Register {
+        user_id: Uuid,
+        email: String,
+        display_name: String,
+        password: NewPassword,
+        at: DateTime<Utc>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum UserEvent {
+    UserRegistered {
+        user_id: Uuid,
+        /// Normalized: trimmed and lower-cased.
+        email: String,
+        display_name: String,
+        password_hash: String,
+        registered_at: DateTime<Utc>,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum UserState {
+    #[default]
+    Unregistered,
+    Registered(User),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub id: Uuid,
+    pub email: String,
+    pub display_name: String,
+    pub password_hash: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The form an email is compared and stored in.
+pub fn normalize_email(email: &str) -> String {
+    email.trim().to_lowercase()
+}
+
+pub struct UserDecider;
+
+impl Decider for UserDecider {
+    type Command = UserCommand;
+    type Event = UserEvent;
+    type State = UserState;
+    const STREAM_TYPE: &'static str = "user";
+
+    fn decide(command: &UserCommand, state: &UserState) -> Result<Vec<UserEvent>, DomainError> {
+        match command {
+            UserCommand::Register {
+                user_id,
+                email,
+                display_name,
+                password,
+                at,
+            } => {
+                if matches!(state, UserState::Registered(_)) {
+                    return Err(DomainError::Conflict("user already registered".into()));
+                }
+                let email = normalize_email(email);
+                let display_name = display_name.trim().to_owned();
+                let mut v = Violations::default();
+                if !is_plausible_email(&email) {
+                    v.add("/email", "must be a valid email address");
+                }
+                v.chars("/display_name", &display_name, 1, 100);
+                if !(PASSWORD_MIN_CHARS..=PASSWORD_MAX_CHARS).contains(&password.chars) {
+                    v.add(
+                        "/password",
+                        format!(
+                            "must be between {PASSWORD_MIN_CHARS} and {PASSWORD_MAX_CHARS} characters"
+                        ),
+                    );
+                }
+                v.finish()?;
+                Ok(vec![UserEvent::UserRegistered {
+                    user_id: *user_id,
+                    email,
+                    display_name,
+                    password_hash: password.hash.clone(),
+                    registered_at: *at,
+                }])
+            }
+        }
+    }
+
+    fn evolve(_state: UserState, event: &UserEvent) -> UserState {
+        match event {
+            UserEvent::UserRegistered {
+                user_id,
+                email,
+                display_name,
+                password_hash,
+                registered_at,
+            } => UserState::Registered(User {
+                id: *user_id,
+                email: email.clone(),
+                display_name: display_name.clone(),
+                password_hash: password_hash.clone(),
+                created_at: *registered_at,
+            }),
+        }
+    }
+}
+
+/// Deliberately loose (RFC 5322 is not worth parsing): one `@`, a non-empty local
+/// part, a dotted domain, no spaces, at most 254 characters.
+fn is_plausible_email(email: &str) -> bool {
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    email.len() <= 254
+        && !local.is_empty()
+        && !domain.contains('@')
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !email.chars().any(char::is_whitespace)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::given_when;
+
+    fn at() -> DateTime<Utc> {
+        "2026-01-02T03:04:05Z".parse().unwrap()
+    }
+
+    fn register(email: &str, name: &str, password_chars: usize) -> UserCommand {
+        UserCommand::Register {
+            user_id: Uuid::nil(),
+            email: email.into(),
+            display_name: name.into(),
+            password: NewPassword {
+                chars: password_chars,
+                hash: "$argon2id$stub".into(),
+            },
+            at: at(),
+        }
+    }
+
+    #[test]
+    fn registering_normalizes_the_email() {
+        let events =
+            given_when::<UserDecider>(&[], &register("  Ada@Example.COM ", " Ada ", 12)).unwrap();
+        assert_eq!(
+            events,
+            vec![UserEvent::UserRegistered {
+                user_id: Uuid::nil(),
+                email: "ada@example.com".into(),
+                display_name: "Ada".into(),
+                password_hash: "$argon2id$stub".into(),
+                registered_at: at(),
+            }]
+        );
+    }
+
+    #[test]
+    fn every_invalid_field_is_reported() {
+        let err = given_when::<UserDecider>(&[], &register("not-an-email", "", 3)).unwrap_err();
+        let DomainError::Invalid(errors) = err else {
+            panic!("expected a validation error, got {err:?}")
+        };
+        let pointers: Vec<_> = errors.iter().map(|e| e.pointer.as_str()).collect();
+        assert_eq!(pointers, ["/email", "/display_name", "/password"]);
+    }
+
+    #[test]
+    fn registering_twice_conflicts() {
+        let given = given_when::<UserDecider>(&[], &register("a@b.co", "A", 8)).unwrap();
+        let err = given_when::<UserDecider>(&given, &register("a@b.co", "A", 8)).unwrap_err();
+        assert!(matches!(err, DomainError::Conflict(_)));
+    }
+
+    #[test]
+    fn email_plausibility() {
+        for ok in ["a@b.co", "first.last+tag@sub.example.org"] {
+            assert!(is_plausible_email(ok), "{ok}");
+        }
+        for bad in [
+            "", "a@", "@b.co", "a@b", "a b@c.de", "a@b@c.de", "a@.com", "a@com.",
+        ] {
+            assert!(!is_plausible_email(bad), "{bad}");
+        }
+    }
+}

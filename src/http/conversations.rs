@@ -1,0 +1,201 @@
+//! Conversations: start one with an assistant, rename, archive, and post messages
+//! (each post records the user's message and requests the assistant's reply).
+
+use axum::{
+    Router,
+    extract::State,
+    http::StatusCode,
+    response::Response,
+    routing::{patch, post},
+};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::{
+    AppState,
+    command::Invocation,
+    error::ApiError,
+    extract::{ApiJson, AuthUser, CorrelationId, IdPath, IfMatch},
+    idempotency::IdempotencyKey,
+    reply::Reply,
+};
+use crate::{
+    app::Expected,
+    domain::{
+        assistant::AssistantDecider,
+        conversation::{ConversationCommand, ConversationDecider, ConversationState},
+    },
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/conversations", post(start))
+        .route("/conversations/{id}", patch(rename))
+        .route("/conversations/{id}/archive", post(archive))
+        .route("/conversations/{id}/messages", post(post_message))
+}
+
+fn conversation_json(state: &ConversationState, version: i64) -> Value {
+    match state {
+        ConversationState::Live(c) => json!({
+            "id": c.id,
+            "object": "conversation",
+            "assistant_id": c.assistant_id,
+            "title": c.title,
+            "status": c.status,
+            "message_count": c.message_count,
+            "last_message_at": c.last_message_at,
+            "usage": c.usage,
+            "created_at": c.created_at,
+            "updated_at": c.updated_at,
+            "version": version,
+        }),
+        ConversationState::Absent => Value::Null,
+    }
+}
+
+fn render(status: StatusCode) -> impl Fn(&ConversationState, i64) -> Reply + Sync {
+    move |s, v| Reply::new(status, conversation_json(s, v)).version(v)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartBody {
+    assistant_id: Option<Uuid>,
+    title: Option<String>,
+}
+
+async fn start(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    CorrelationId(cid): CorrelationId,
+    key: IdempotencyKey,
+    ApiJson(body): ApiJson<StartBody>,
+) -> Result<Response, ApiError> {
+    let assistant_id = body
+        .assistant_id
+        .ok_or_else(|| ApiError::invalid_field("/assistant_id", "is required"))?;
+    // The assistant's own stream is the authority on whether it may take a new
+    // conversation; the decider checks ownership and status.
+    let assistant = state
+        .commands
+        .load::<AssistantDecider>(assistant_id)
+        .await?
+        .state;
+    let id = Uuid::now_v7();
+    let command = ConversationCommand::Start {
+        conversation_id: id,
+        actor: user,
+        assistant,
+        title: body.title,
+        at: Utc::now(),
+    };
+    let location = format!("/api/v1/conversations/{id}");
+    let render = move |s: &ConversationState, v| {
+        render(StatusCode::CREATED)(s, v).location(location.clone())
+    };
+    Invocation::by_owner(&state, user, cid, &key)
+        .execute::<ConversationDecider>(id, Expected::Exactly(0), command, None, render)
+        .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenameBody {
+    title: Option<String>,
+}
+
+async fn rename(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    CorrelationId(cid): CorrelationId,
+    IdPath(id): IdPath,
+    IfMatch(expected): IfMatch,
+    key: IdempotencyKey,
+    ApiJson(body): ApiJson<RenameBody>,
+) -> Result<Response, ApiError> {
+    let title = body
+        .title
+        .ok_or_else(|| ApiError::invalid_field("/title", "is required"))?;
+    let command = ConversationCommand::Rename {
+        actor: user,
+        title,
+        at: Utc::now(),
+    };
+    Invocation::by_owner(&state, user, cid, &key)
+        .execute::<ConversationDecider>(id, expected, command, None, render(StatusCode::OK))
+        .await
+}
+
+async fn archive(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    CorrelationId(cid): CorrelationId,
+    IdPath(id): IdPath,
+    IfMatch(expected): IfMatch,
+    key: IdempotencyKey,
+) -> Result<Response, ApiError> {
+    let command = ConversationCommand::Archive {
+        actor: user,
+        at: Utc::now(),
+    };
+    Invocation::by_owner(&state, user, cid, &key)
+        .execute::<ConversationDecider>(id, expected, command, None, render(StatusCode::OK))
+        .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageBody {
+    #[serde(default)]
+    content: String,
+}
+
+/// 202: the message is recorded and the reply is queued for the replier.
+async fn post_message(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    CorrelationId(cid): CorrelationId,
+    IdPath(id): IdPath,
+    IfMatch(expected): IfMatch,
+    key: IdempotencyKey,
+    ApiJson(body): ApiJson<MessageBody>,
+) -> Result<Response, ApiError> {
+    let (message_id, reply_id, at) = (Uuid::now_v7(), Uuid::now_v7(), Utc::now());
+    let command = ConversationCommand::PostMessage {
+        actor: user,
+        message_id,
+        reply_id,
+        content: body.content.clone(),
+        at,
+    };
+    let content = body.content;
+    let render = move |_: &ConversationState, v: i64| {
+        let body = json!({
+            "message": {
+                "id": message_id,
+                "object": "message",
+                "conversation_id": id,
+                "role": "user",
+                "content": content,
+                "status": "completed",
+                "created_at": at,
+            },
+            "reply": {
+                "id": reply_id,
+                "object": "message",
+                "conversation_id": id,
+                "role": "assistant",
+                "reply_to": message_id,
+                "status": "queued",
+                "created_at": at,
+            },
+        });
+        Reply::new(StatusCode::ACCEPTED, body).version(v)
+    };
+    Invocation::by_owner(&state, user, cid, &key)
+        .execute::<ConversationDecider>(id, expected, command, None, render)
+        .await
+}

@@ -1,0 +1,170 @@
+//! One error type for every handler, rendered as RFC 9457 problem+json.
+//!
+//! `?` works on domain, application and store errors through the `From` impls.
+//! A 5xx keeps its cause in the log (with the request's correlation id, from the
+//! surrounding span) and shows the client only a generic detail.
+
+use axum::{
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+
+use crate::{
+    app::AppError,
+    domain::{DomainError, FieldError},
+    store::StoreError,
+};
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the resource is at version {current}")]
+    PreconditionFailed { current: i64 },
+    #[error("the request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{detail}")]
+    Unprocessable {
+        detail: String,
+        errors: Vec<FieldError>,
+    },
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// Another request with the same Idempotency-Key committed first.
+    #[error("a request with this Idempotency-Key is in progress")]
+    IdempotencyKeyTaken,
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn invalid(errors: Vec<FieldError>) -> Self {
+        ApiError::Unprocessable {
+            detail: "the request has invalid fields".into(),
+            errors,
+        }
+    }
+
+    pub fn invalid_field(pointer: &str, detail: impl Into<String>) -> Self {
+        let detail = detail.into();
+        ApiError::Unprocessable {
+            detail: detail.clone(),
+            errors: vec![FieldError {
+                pointer: pointer.into(),
+                detail,
+            }],
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::IdempotencyKeyTaken => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let detail = match &self {
+            ApiError::Internal(e) => {
+                tracing::error!(error = ?e, "request failed");
+                "an internal error occurred; it has been logged".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let mut body = json!({
+            "type": "about:blank",
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "status": status.as_u16(),
+            "detail": detail,
+        });
+        match &self {
+            ApiError::Unprocessable { errors, .. } => body["errors"] = json!(errors),
+            ApiError::PreconditionFailed { current } => body["current_version"] = json!(current),
+            _ => {}
+        }
+        let mut response = (status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        match self {
+            ApiError::Unauthorized(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::PreconditionFailed { current } => {
+                if let Ok(v) = HeaderValue::from_str(&format!("\"{current}\"")) {
+                    headers.insert(header::ETAG, v);
+                }
+            }
+            ApiError::Unavailable(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl From<DomainError> for ApiError {
+    fn from(e: DomainError) -> Self {
+        match e {
+            DomainError::Invalid(errors) => ApiError::invalid(errors),
+            DomainError::NotFound(what) => ApiError::NotFound(what),
+            DomainError::Conflict(detail) => ApiError::Conflict(detail),
+        }
+    }
+}
+
+impl From<AppError> for ApiError {
+    fn from(e: AppError) -> Self {
+        match e {
+            AppError::Domain(e) => e.into(),
+            AppError::PreconditionFailed { current } => ApiError::PreconditionFailed { current },
+            AppError::Contended => ApiError::Conflict(e.to_string()),
+            // The only reservation today is the account email.
+            AppError::ReservationTaken { .. } => {
+                ApiError::Conflict("an account with this email already exists".into())
+            }
+            AppError::IdempotencyKeyTaken => ApiError::IdempotencyKeyTaken,
+            AppError::Store(e) => e.into(),
+            AppError::Codec(e) => ApiError::Internal(e.into()),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Closed => ApiError::Unavailable("the service is shutting down".into()),
+            StoreError::Sqlx(sqlx::Error::PoolTimedOut) => {
+                tracing::warn!("database pool timed out");
+                ApiError::Unavailable("the database is busy; try again".into())
+            }
+            e => ApiError::Internal(e.into()),
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Extractors that turn a request into what handlers need, refusing bad input
+//! with the right problem: JSON bodies (400/413/415/422 with a pointer), the
+//! bearer token (401), `If-Match` (412 later, 400 if unreadable), path ids (404),
+//! and the correlation id every command carries into its events.
+
+use axum::{
+    body::Bytes,
+    extract::{FromRequest, FromRequestParts, Path, Request},
+    http::{header, request::Parts},
+};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::{AppState, error::ApiError};
+use crate::app::Expected;
+
+/// A JSON body, checked in the order a client would fix it: media type, size,
+/// syntax, then shape (`errors[].pointer` names the offending field).
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !is_json(content_type) {
+            return Err(ApiError::UnsupportedMediaType(
+                "the body must be JSON, sent with Content-Type: application/json".into(),
+            ));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            match rejection.status().as_u16() {
+                413 => ApiError::PayloadTooLarge {
+                    limit: super::BODY_LIMIT,
+                },
+                _ => ApiError::BadRequest(rejection.body_text()),
+            }
+        })?;
+        let value: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
+        serde_path_to_error::deserialize(value)
+            .map(ApiJson)
+            .map_err(|e| {
+                let detail = e.inner().to_string();
+                let mut pointer = json_pointer(e.path());
+                // serde reports a missing or unknown field at its parent; point at the field.
+                if let Some(field) = backticked(&detail)
+                    && (detail.starts_with("missing field") || detail.starts_with("unknown field"))
+                {
+                    pointer = format!("{pointer}/{field}");
+                }
+                ApiError::invalid_field(&pointer, detail)
+            })
+    }
+}
+
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+fn json_pointer(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|segment| match segment {
+            Segment::Seq { index } => Some(format!("/{index}")),
+            Segment::Map { key } => Some(format!("/{}", key.replace('~', "~0").replace('/', "~1"))),
+            Segment::Enum { variant } => Some(format!("/{variant}")),
+            Segment::Unknown => None,
+        })
+        .collect()
+}
+
+fn backticked(message: &str) -> Option<&str> {
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(&message[start..start + len])
+}
+
+/// The authenticated caller, from `Authorization: Bearer <token>`.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthUser(pub Uuid);
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(ApiError::Unauthorized("a bearer token is required"))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or(ApiError::Unauthorized(
+                "the Authorization header must be Bearer <token>",
+            ))?;
+        state
+            .tokens
+            .verify(token.trim())
+            .map(AuthUser)
+            .ok_or(ApiError::Unauthorized("the token is invalid or expired"))
+    }
+}
+
+/// `If-Match: "<version>"` as the version a command expects; absent or `*` is any.
+pub struct IfMatch(pub Expected);
+
+impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let Some(value) = parts.headers.get(header::IF_MATCH) else {
+            return Ok(IfMatch(Expected::Any));
+        };
+        let value = value.to_str().unwrap_or("").trim();
+        if value == "*" {
+            return Ok(IfMatch(Expected::Any));
+        }
+        value
+            .trim_matches('"')
+            .parse::<i64>()
+            .ok()
+            .filter(|v| *v >= 0)
+            .map(|v| IfMatch(Expected::Exactly(v)))
+            .ok_or_else(|| {
+                ApiError::BadRequest("If-Match must be an ETag this API issued, like \"3\"".into())
+            })
+    }
+}
+
+/// A resource id from the path; anything that is not a UUID names nothing (404).
+pub struct IdPath(pub Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<Uuid>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| IdPath(id))
+            .map_err(|_| ApiError::NotFound("resource"))
+    }
+}
+
+/// The request's correlation id (`X-Request-Id`, given or generated).
+#[derive(Debug, Clone)]
+pub struct CorrelationId(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for CorrelationId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        Ok(CorrelationId(super::request_id(&parts.headers)))
+    }
+}

@@ -1,0 +1,145 @@
+//! The REST API of DESIGN.md. Each resource owns its `router()`; this module only
+//! merges them and wraps them in the layers every request passes through.
+
+mod assistants;
+mod command;
+mod conversations;
+pub mod error;
+mod extract;
+mod health;
+mod idempotency;
+mod reply;
+mod users;
+
+use std::time::Duration;
+
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, MatchedPath, Request},
+    http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header},
+    middleware,
+};
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    cors::{AllowOrigin, CorsLayer},
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    timeout::TimeoutLayer,
+    trace::{DefaultOnResponse, TraceLayer},
+};
+
+use crate::{app::Commands, auth::Tokens};
+pub use error::ApiError;
+pub use reply::CONSISTENCY_TOKEN;
+
+/// Largest request body accepted (413 beyond).
+pub const BODY_LIMIT: usize = 1024 * 1024;
+/// Longest a request may run before it is answered 408.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub commands: Commands,
+    pub tokens: Tokens,
+    in_flight: idempotency::InFlight,
+}
+
+impl AppState {
+    pub fn new(commands: Commands, tokens: Tokens) -> Self {
+        Self {
+            commands,
+            tokens,
+            in_flight: Default::default(),
+        }
+    }
+}
+
+/// The whole HTTP surface: `/api/v1/...` plus the unprefixed `/health` and `/ready`.
+pub fn router(state: AppState, cors_origins: &[String]) -> Router {
+    let api = Router::new()
+        .merge(users::router())
+        .merge(assistants::router())
+        .merge(conversations::router());
+    Router::new()
+        .nest("/api/v1", api)
+        .merge(health::router())
+        .fallback(|| async { ApiError::NotFound("route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::MethodNotAllowed("this method is not allowed on this route".into())
+        })
+        .layer(middleware::from_fn(idempotency::fingerprint))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request| {
+                    let route = request
+                        .extensions()
+                        .get::<MatchedPath>()
+                        .map_or(request.uri().path(), MatchedPath::as_str);
+                    tracing::info_span!(
+                        "request",
+                        method = %request.method(),
+                        route,
+                        correlation_id = %request_id(request.headers()),
+                    )
+                })
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+        )
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(cors(cors_origins))
+        .layer(CatchPanicLayer::custom(|_| {
+            axum::response::IntoResponse::into_response(ApiError::Internal(anyhow::anyhow!(
+                "handler panicked"
+            )))
+        }))
+        .with_state(state)
+}
+
+/// The correlation id: the client's `X-Request-Id` if it is sane, else the one
+/// the request-id layer generated.
+pub(crate) fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::IF_MATCH,
+            HeaderName::from_static("idempotency-key"),
+            CONSISTENCY_TOKEN,
+            REQUEST_ID,
+        ])
+        .expose_headers([
+            header::ETAG,
+            header::LOCATION,
+            CONSISTENCY_TOKEN,
+            REQUEST_ID,
+        ])
+        .max_age(Duration::from_secs(600))
+}

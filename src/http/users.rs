@@ -1,0 +1,169 @@
+//! Accounts: register, exchange credentials for a bearer token, read one's profile.
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::StatusCode,
+    response::Response,
+    routing::{get, post},
+};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::{
+    AppState,
+    command::Invocation,
+    error::ApiError,
+    extract::{ApiJson, AuthUser, CorrelationId},
+    idempotency::IdempotencyKey,
+    reply::Reply,
+};
+use crate::{
+    app::Expected,
+    auth,
+    domain::user::{NewPassword, UserCommand, UserDecider, UserState, normalize_email},
+    store::Reservation,
+};
+
+/// The reservation that keeps one account per email.
+pub const EMAIL_SCOPE: &str = "user_email";
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/users", post(register))
+        .route("/users/me", get(me))
+        .route("/auth/token", post(token))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Registration {
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    password: String,
+    #[serde(default)]
+    display_name: String,
+}
+
+fn user_json(state: &UserState, version: i64) -> Value {
+    match state {
+        UserState::Registered(u) => json!({
+            "id": u.id,
+            "object": "user",
+            "email": u.email,
+            "display_name": u.display_name,
+            "created_at": u.created_at,
+            "version": version,
+        }),
+        UserState::Unregistered => Value::Null,
+    }
+}
+
+async fn register(
+    State(state): State<AppState>,
+    CorrelationId(correlation_id): CorrelationId,
+    key: IdempotencyKey,
+    ApiJson(body): ApiJson<Registration>,
+) -> Result<Response, ApiError> {
+    let password = body.password.clone();
+    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
+        .await
+        .map_err(anyhow::Error::from)??;
+    let user_id = Uuid::now_v7();
+    let command = UserCommand::Register {
+        user_id,
+        email: body.email.clone(),
+        display_name: body.display_name,
+        password: NewPassword {
+            chars: body.password.chars().count(),
+            hash,
+        },
+        at: Utc::now(),
+    };
+    let render = |s: &UserState, v: i64| {
+        Reply::new(StatusCode::CREATED, user_json(s, v))
+            .version(v)
+            .location("/api/v1/users/me".into())
+    };
+    let invocation = Invocation {
+        state: &state,
+        // Registration is anonymous: its idempotency keys live in the nil owner's space.
+        owner: Uuid::nil(),
+        user_id,
+        correlation_id,
+        key: &key,
+    };
+    let reservation = Reservation {
+        scope: EMAIL_SCOPE,
+        value: normalize_email(&body.email),
+    };
+    invocation
+        .execute::<UserDecider>(
+            user_id,
+            Expected::Exactly(0),
+            command,
+            Some(reservation),
+            render,
+        )
+        .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Credentials {
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    password: String,
+}
+
+const BAD_CREDENTIALS: ApiError = ApiError::Unauthorized("the email or password is wrong");
+
+async fn token(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<Credentials>,
+) -> Result<Json<Value>, ApiError> {
+    let user_id = state
+        .commands
+        .store()
+        .find_reservation(EMAIL_SCOPE, &normalize_email(&body.email))
+        .await?;
+    let user = match user_id {
+        Some(id) => match state.commands.load::<UserDecider>(id).await?.state {
+            UserState::Registered(user) => Some(user),
+            UserState::Unregistered => None,
+        },
+        None => None,
+    };
+    // Verify against a decoy when there is no such user, so timing tells nothing.
+    let hash = user.as_ref().map_or_else(
+        || auth::decoy_hash().to_owned(),
+        |u| u.password_hash.clone(),
+    );
+    let password = body.password;
+    let verified = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
+        .await
+        .map_err(anyhow::Error::from)?;
+    let user = user.filter(|_| verified).ok_or(BAD_CREDENTIALS)?;
+    let access_token = state.tokens.issue(user.id, Utc::now())?;
+    Ok(Json(json!({
+        "access_token": access_token,
+        "token_type": "Bearer",
+        "expires_in": state.tokens.lifetime().as_secs(),
+    })))
+}
+
+/// The caller's profile, from their own stream (always current).
+async fn me(State(state): State<AppState>, AuthUser(user_id): AuthUser) -> Result<Reply, ApiError> {
+    let loaded = state.commands.load::<UserDecider>(user_id).await?;
+    if matches!(loaded.state, UserState::Unregistered) {
+        return Err(ApiError::Unauthorized("the token's account does not exist"));
+    }
+    Ok(
+        Reply::new(StatusCode::OK, user_json(&loaded.state, loaded.version))
+            .version(loaded.version),
+    )
+}

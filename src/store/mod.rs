@@ -1,0 +1,207 @@
+//! The event store: an append-only log of every fact, ordered per stream by
+//! `version` and globally by commit position.
+//!
+//! [`EventStore`] is the seam other backends (an embedded SQLite file, later) fit
+//! behind; [`postgres::PgEventStore`] is the production one. Payloads cross the
+//! seam as JSON; [`codec`] is the one place that turns them into domain events.
+
+pub mod codec;
+pub mod postgres;
+
+use std::{fmt, str::FromStr};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+pub use postgres::PgEventStore;
+
+/// Where an event sits in commit order: its transaction, then its identity.
+///
+/// Identity values alone are not commit order (a transaction can take a lower
+/// identity and commit later); readers of the whole log use this pair.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub transaction_id: i64,
+    pub global_position: i64,
+}
+
+impl Position {
+    pub const START: Position = Position {
+        transaction_id: 0,
+        global_position: 0,
+    };
+}
+
+/// The `X-Consistency-Token` form: `<transaction_id>.<global_position>`.
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.transaction_id, self.global_position)
+    }
+}
+
+impl FromStr for Position {
+    type Err = InvalidPosition;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (tx, gp) = s.split_once('.').ok_or(InvalidPosition)?;
+        let position = Position {
+            transaction_id: tx.parse().map_err(|_| InvalidPosition)?,
+            global_position: gp.parse().map_err(|_| InvalidPosition)?,
+        };
+        if position.transaction_id < 0 || position.global_position < 0 {
+            return Err(InvalidPosition);
+        }
+        Ok(position)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("not a consistency token")]
+pub struct InvalidPosition;
+
+/// An event about to be appended.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub schema_version: i32,
+    pub data: Value,
+    pub metadata: Value,
+}
+
+/// An event as the store holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedEvent {
+    pub position: Position,
+    pub event_id: Uuid,
+    pub stream_id: Uuid,
+    pub stream_type: String,
+    pub version: i64,
+    pub event_type: String,
+    pub schema_version: i32,
+    pub data: Value,
+    pub metadata: Value,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// What travels with every event: who asked, in answer to what.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EventMetadata {
+    pub correlation_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+/// One command's events for one stream, appended all or nothing.
+#[derive(Debug, Clone)]
+pub struct AppendRequest {
+    pub stream_id: Uuid,
+    pub stream_type: &'static str,
+    /// The stream's version the events were decided on; 0 for a new stream.
+    pub expected_version: i64,
+    pub events: Vec<NewEvent>,
+    /// A cross-stream unique value to claim with the events (e.g. an email).
+    pub reservation: Option<Reservation>,
+    /// The response to remember for an `Idempotency-Key`, written with the events.
+    pub idempotency: Option<IdempotencyRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub scope: &'static str,
+    pub value: String,
+}
+
+/// The first response to a keyed request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdempotencyRecord {
+    pub owner_id: Uuid,
+    pub key: String,
+    pub request_hash: Vec<u8>,
+    pub response: StoredResponse,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Value,
+    /// Position of the command's last event, if it appended any.
+    pub position: Option<Position>,
+}
+
+/// A successful append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The stream's version after the append.
+    pub version: i64,
+    /// Position of the last event appended.
+    pub position: Position,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// The stream is no longer at the expected version.
+    #[error("stream {stream_id} is not at version {expected}")]
+    VersionConflict { stream_id: Uuid, expected: i64 },
+    /// The reservation's value is already claimed by another stream.
+    #[error("{scope} is already taken")]
+    ReservationTaken { scope: &'static str },
+    /// A request with the same idempotency key committed first.
+    #[error("idempotency key already used")]
+    IdempotencyKeyTaken,
+    #[error("the request has no events")]
+    Empty,
+    #[error(transparent)]
+    Database(#[from] StoreError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("event store: {0}")]
+    Sqlx(#[from] sqlx::Error),
+    #[error("event store is shutting down")]
+    Closed,
+}
+
+/// The event store as the rest of the service uses it.
+#[async_trait::async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Append one command's events. Concurrent calls may share one transaction;
+    /// each caller learns only its own outcome, after its events are durable.
+    async fn append(&self, request: AppendRequest) -> Result<Appended, AppendError>;
+
+    /// A stream's events in version order.
+    async fn read_stream(&self, stream_id: Uuid) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Committed events after `after`, in commit order, never past an event that
+    /// an open transaction could still precede.
+    async fn read_all(&self, after: Position, limit: i64)
+    -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// The stream that holds a reserved value, if any.
+    async fn find_reservation(
+        &self,
+        scope: &'static str,
+        value: &str,
+    ) -> Result<Option<Uuid>, StoreError>;
+
+    /// The stored first response for an idempotency key, with its request hash.
+    async fn find_idempotency(
+        &self,
+        owner_id: Uuid,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, StoredResponse)>, StoreError>;
+
+    /// Remember a response whose command appended nothing. False if the key was
+    /// taken first.
+    async fn remember_idempotency(&self, record: IdempotencyRecord) -> Result<bool, StoreError>;
+
+    /// Can the store be reached?
+    async fn ping(&self) -> Result<(), StoreError>;
+}

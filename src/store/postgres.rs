@@ -1,0 +1,578 @@
+//! The Postgres event store, with commit coalescing.
+//!
+//! Appends are queued to a few flusher tasks. Each flusher takes whatever is
+//! queued when its previous commit finishes and appends it in one statement (one
+//! transaction, one WAL flush), then answers every caller with its own outcome.
+//! A version conflict fails only its command: each command's first event is
+//! inserted with `ON CONFLICT DO NOTHING`, and a command's later events are only
+//! inserted if its first one was. Commands that also claim a reservation or an
+//! idempotency key take an explicit transaction, and a lost claim rolls the batch
+//! back and retries it without the loser.
+
+use std::{collections::HashMap, sync::Arc};
+
+use serde_json::Value;
+use sqlx::{
+    PgPool, Postgres, Row,
+    migrate::MigrateDatabase,
+    postgres::{PgConnectOptions, PgPoolOptions, PgRow},
+};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use uuid::Uuid;
+
+use super::{
+    AppendError, AppendRequest, Appended, EventStore, IdempotencyRecord, Position, RecordedEvent,
+    StoreError, StoredResponse,
+};
+
+/// Tuning of the coalescer.
+#[derive(Debug, Clone, Copy)]
+pub struct CoalescingConfig {
+    /// Most commands in one transaction.
+    pub max_batch: usize,
+    /// Transactions in flight at once.
+    pub flushers: usize,
+}
+
+impl Default for CoalescingConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 256,
+            flushers: 2,
+        }
+    }
+}
+
+struct Job {
+    request: AppendRequest,
+    reply: oneshot::Sender<Result<Appended, AppendError>>,
+}
+
+/// Postgres event store. Cheap to clone; the flushers stop when the last clone drops.
+#[derive(Clone)]
+pub struct PgEventStore {
+    pool: PgPool,
+    queue: mpsc::Sender<Job>,
+}
+
+/// Create the database if it does not exist, connect, and apply migrations.
+pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
+    if !Postgres::database_exists(database_url).await? {
+        // Another process may create it between the check and here; that is fine.
+        if let Err(e) = Postgres::create_database(database_url).await
+            && !Postgres::database_exists(database_url).await?
+        {
+            return Err(e.into());
+        }
+    }
+    let options: PgConnectOptions = database_url.parse()?;
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .connect_with(options.application_name("ai-secretary"))
+        .await?;
+    migrate(&pool).await?;
+    Ok(pool)
+}
+
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::migrate!("./migrations")
+        .run(pool)
+        .await
+        .map_err(|e| StoreError::Sqlx(e.into()))
+}
+
+impl PgEventStore {
+    /// Start the flushers on the current Tokio runtime.
+    pub fn new(pool: PgPool, config: CoalescingConfig) -> Self {
+        let (queue, receiver) = mpsc::channel(config.max_batch * config.flushers.max(1) * 4);
+        let receiver = Arc::new(Mutex::new(receiver));
+        for _ in 0..config.flushers.max(1) {
+            tokio::spawn(flush_loop(
+                pool.clone(),
+                receiver.clone(),
+                config.max_batch.max(1),
+            ));
+        }
+        Self { pool, queue }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+async fn flush_loop(pool: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Job>>>, max_batch: usize) {
+    loop {
+        let mut jobs = Vec::new();
+        {
+            let mut receiver = receiver.lock().await;
+            match receiver.recv().await {
+                Some(job) => jobs.push(job),
+                None => return,
+            }
+            while jobs.len() < max_batch {
+                match receiver.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        let requests: Vec<&AppendRequest> = jobs.iter().map(|j| &j.request).collect();
+        let outcomes = append_batch(&pool, &requests).await;
+        for (job, outcome) in jobs.into_iter().zip(outcomes) {
+            // The caller may have gone (request cancelled); its events are durable anyway.
+            let _ = job.reply.send(outcome);
+        }
+    }
+}
+
+/// Append several commands, in as few transactions as their claims allow.
+async fn append_batch(
+    pool: &PgPool,
+    requests: &[&AppendRequest],
+) -> Vec<Result<Appended, AppendError>> {
+    let mut outcomes: Vec<Option<Result<Appended, AppendError>>> =
+        requests.iter().map(|_| None).collect();
+    for (i, r) in requests.iter().enumerate() {
+        if r.events.is_empty() {
+            outcomes[i] = Some(Err(AppendError::Empty));
+        }
+    }
+    loop {
+        let pending: Vec<usize> = (0..requests.len())
+            .filter(|&i| outcomes[i].is_none())
+            .collect();
+        if pending.is_empty() {
+            break;
+        }
+        let batch: Vec<&AppendRequest> = pending.iter().map(|&i| requests[i]).collect();
+        match try_append(pool, &batch).await {
+            Ok(Attempt::Committed(results)) => {
+                for (&i, result) in pending.iter().zip(results) {
+                    outcomes[i] = Some(result);
+                }
+            }
+            Ok(Attempt::ClaimsLost(losers)) => {
+                for (k, error) in losers {
+                    outcomes[pending[k]] = Some(Err(error));
+                }
+            }
+            // An unexpected database error: let every command meet it alone, so one
+            // bad command cannot fail the others.
+            Err(e) if pending.len() > 1 => {
+                tracing::warn!(error = %e, commands = pending.len(), "batch append failed; retrying commands one by one");
+                for &i in &pending {
+                    outcomes[i] = Some(match try_append(pool, &[requests[i]]).await {
+                        Ok(Attempt::Committed(mut r)) => r.remove(0),
+                        Ok(Attempt::ClaimsLost(mut l)) => Err(l.remove(0).1),
+                        Err(e) => Err(StoreError::from(e).into()),
+                    });
+                }
+            }
+            Err(e) => outcomes[pending[0]] = Some(Err(StoreError::from(e).into())),
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or(Err(AppendError::Empty)))
+        .collect()
+}
+
+enum Attempt {
+    /// Committed; one outcome per command (winners and version conflicts).
+    Committed(Vec<Result<Appended, AppendError>>),
+    /// Rolled back: these commands (by index) lost a claim. Retry the others.
+    ClaimsLost(Vec<(usize, AppendError)>),
+}
+
+async fn try_append(pool: &PgPool, batch: &[&AppendRequest]) -> Result<Attempt, sqlx::Error> {
+    let claims = batch
+        .iter()
+        .any(|r| r.reservation.is_some() || r.idempotency.is_some());
+    if !claims {
+        // The common case: one statement, committed on its own.
+        let appended = insert_events(pool, batch).await?;
+        return Ok(Attempt::Committed(outcomes(batch, appended)));
+    }
+    let mut tx = pool.begin().await?;
+    let appended = insert_events(&mut *tx, batch).await?;
+    let mut losers = claim_reservations(&mut tx, batch, &appended).await?;
+    losers.extend(claim_idempotency_keys(&mut tx, batch, &appended).await?);
+    if !losers.is_empty() {
+        tx.rollback().await?;
+        return Ok(Attempt::ClaimsLost(losers));
+    }
+    tx.commit().await?;
+    Ok(Attempt::Committed(outcomes(batch, appended)))
+}
+
+fn outcomes(
+    batch: &[&AppendRequest],
+    appended: Vec<Option<Appended>>,
+) -> Vec<Result<Appended, AppendError>> {
+    batch
+        .iter()
+        .zip(appended)
+        .map(|(r, a)| {
+            a.ok_or(AppendError::VersionConflict {
+                stream_id: r.stream_id,
+                expected: r.expected_version,
+            })
+        })
+        .collect()
+}
+
+/// Insert every command's events in one statement; `None` for a command that lost
+/// its stream to a concurrent writer (or was decided on a version that is not the
+/// stream's head).
+async fn insert_events<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    batch: &[&AppendRequest],
+) -> Result<Vec<Option<Appended>>, sqlx::Error> {
+    let rows: usize = batch.iter().map(|r| r.events.len()).sum();
+    let mut cmd = Vec::with_capacity(rows);
+    let mut event_id = Vec::with_capacity(rows);
+    let mut stream_id = Vec::with_capacity(rows);
+    let mut stream_type = Vec::with_capacity(rows);
+    let mut version = Vec::with_capacity(rows);
+    let mut expected = Vec::with_capacity(rows);
+    let mut event_type = Vec::with_capacity(rows);
+    let mut schema_version = Vec::with_capacity(rows);
+    let mut data: Vec<&Value> = Vec::with_capacity(rows);
+    let mut metadata: Vec<&Value> = Vec::with_capacity(rows);
+    let mut command_of = HashMap::with_capacity(rows);
+    for (i, r) in batch.iter().enumerate() {
+        for (j, e) in r.events.iter().enumerate() {
+            cmd.push(i as i32);
+            event_id.push(e.event_id);
+            stream_id.push(r.stream_id);
+            stream_type.push(r.stream_type);
+            version.push(r.expected_version + 1 + j as i64);
+            expected.push(r.expected_version);
+            event_type.push(e.event_type.as_str());
+            schema_version.push(e.schema_version);
+            data.push(&e.data);
+            metadata.push(&e.metadata);
+            command_of.insert(e.event_id, i);
+        }
+    }
+    // A command's first event is the gate: it must follow the stream's head exactly
+    // (the expected version exists and the next one does not). Its later events are
+    // inserted only if the gate row was, and without ON CONFLICT: once we hold
+    // version N+1, nobody else can hold N+2, so a conflict there is a bug worth an error.
+    let returned = sqlx::query(
+        r#"
+        WITH input AS (
+            SELECT * FROM unnest($1::int4[], $2::uuid[], $3::uuid[], $4::text[], $5::int8[],
+                                 $6::int8[], $7::text[], $8::int4[], $9::jsonb[], $10::jsonb[])
+                AS t(cmd, event_id, stream_id, stream_type, version,
+                     expected, event_type, schema_version, data, metadata)
+        ),
+        first_events AS (
+            INSERT INTO events (event_id, stream_id, stream_type, version, event_type,
+                                schema_version, data, metadata)
+            SELECT i.event_id, i.stream_id, i.stream_type, i.version, i.event_type,
+                   i.schema_version, i.data, i.metadata
+            FROM input i
+            WHERE i.version = i.expected + 1
+              AND (i.expected = 0 OR EXISTS (
+                    SELECT 1 FROM events e WHERE e.stream_id = i.stream_id AND e.version = i.expected))
+            ORDER BY i.cmd
+            ON CONFLICT (stream_id, version) DO NOTHING
+            RETURNING event_id, version, global_position, transaction_id
+        ),
+        later_events AS (
+            INSERT INTO events (event_id, stream_id, stream_type, version, event_type,
+                                schema_version, data, metadata)
+            SELECT i.event_id, i.stream_id, i.stream_type, i.version, i.event_type,
+                   i.schema_version, i.data, i.metadata
+            FROM input i
+            WHERE i.version > i.expected + 1
+              AND i.cmd IN (SELECT w.cmd FROM input w JOIN first_events f USING (event_id))
+            ORDER BY i.cmd, i.version
+            RETURNING event_id, version, global_position, transaction_id
+        )
+        SELECT event_id, version, global_position, transaction_id::text::int8 AS transaction_id
+        FROM first_events
+        UNION ALL
+        SELECT event_id, version, global_position, transaction_id::text::int8
+        FROM later_events
+        "#,
+    )
+    .bind(&cmd)
+    .bind(&event_id)
+    .bind(&stream_id)
+    .bind(&stream_type)
+    .bind(&version)
+    .bind(&expected)
+    .bind(&event_type)
+    .bind(&schema_version)
+    .bind(&data)
+    .bind(&metadata)
+    .fetch_all(executor)
+    .await?;
+
+    let mut appended: Vec<Option<Appended>> = vec![None; batch.len()];
+    for row in returned {
+        let id: Uuid = row.try_get("event_id")?;
+        let Some(&i) = command_of.get(&id) else {
+            continue;
+        };
+        let candidate = Appended {
+            version: row.try_get("version")?,
+            position: Position {
+                transaction_id: row.try_get("transaction_id")?,
+                global_position: row.try_get("global_position")?,
+            },
+        };
+        let slot = &mut appended[i];
+        if slot.is_none_or(|a| a.version < candidate.version) {
+            *slot = Some(candidate);
+        }
+    }
+    Ok(appended)
+}
+
+/// Claim the reservations of commands whose events went in; losers by batch index.
+async fn claim_reservations(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    batch: &[&AppendRequest],
+    appended: &[Option<Appended>],
+) -> Result<Vec<(usize, AppendError)>, sqlx::Error> {
+    let wanted: Vec<(usize, &super::Reservation, Uuid)> = batch
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| appended[*i].is_some())
+        .filter_map(|(i, r)| r.reservation.as_ref().map(|res| (i, res, r.stream_id)))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(vec![]);
+    }
+    let scopes: Vec<&str> = wanted.iter().map(|w| w.1.scope).collect();
+    let values: Vec<&str> = wanted.iter().map(|w| w.1.value.as_str()).collect();
+    let streams: Vec<Uuid> = wanted.iter().map(|w| w.2).collect();
+    let won: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO reservations (scope, value, stream_id)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[])
+         ON CONFLICT (scope, value) DO NOTHING
+         RETURNING stream_id",
+    )
+    .bind(&scopes)
+    .bind(&values)
+    .bind(&streams)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(wanted
+        .into_iter()
+        .filter(|(_, _, stream)| !won.contains(stream))
+        .map(|(i, res, _)| (i, AppendError::ReservationTaken { scope: res.scope }))
+        .collect())
+}
+
+/// Record the responses of keyed commands whose events went in; losers by batch index.
+async fn claim_idempotency_keys(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    batch: &[&AppendRequest],
+    appended: &[Option<Appended>],
+) -> Result<Vec<(usize, AppendError)>, sqlx::Error> {
+    let wanted: Vec<(usize, IdempotencyRecord)> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let a = appended[i]?;
+            let mut record = r.idempotency.clone()?;
+            record.response.position = Some(a.position);
+            Some((i, record))
+        })
+        .collect();
+    if wanted.is_empty() {
+        return Ok(vec![]);
+    }
+    let records: Vec<&IdempotencyRecord> = wanted.iter().map(|(_, r)| r).collect();
+    let won = insert_idempotency(&mut **tx, &records).await?;
+    Ok(wanted
+        .into_iter()
+        .filter(|(_, r)| !won.contains(&(r.owner_id, r.key.clone())))
+        .map(|(i, _)| (i, AppendError::IdempotencyKeyTaken))
+        .collect())
+}
+
+/// Insert idempotency records that are not there yet; returns the keys inserted.
+async fn insert_idempotency<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    records: &[&IdempotencyRecord],
+) -> Result<Vec<(Uuid, String)>, sqlx::Error> {
+    let owners: Vec<Uuid> = records.iter().map(|r| r.owner_id).collect();
+    let keys: Vec<&str> = records.iter().map(|r| r.key.as_str()).collect();
+    let hashes: Vec<&[u8]> = records.iter().map(|r| r.request_hash.as_slice()).collect();
+    let statuses: Vec<i16> = records.iter().map(|r| r.response.status as i16).collect();
+    let headers: Vec<Value> = records
+        .iter()
+        .map(|r| serde_json::to_value(&r.response.headers).unwrap_or_default())
+        .collect();
+    let bodies: Vec<&Value> = records.iter().map(|r| &r.response.body).collect();
+    let txs: Vec<Option<i64>> = records
+        .iter()
+        .map(|r| r.response.position.map(|p| p.transaction_id))
+        .collect();
+    let gps: Vec<Option<i64>> = records
+        .iter()
+        .map(|r| r.response.position.map(|p| p.global_position))
+        .collect();
+    let rows = sqlx::query(
+        "INSERT INTO idempotency_keys (owner_id, key, request_hash, response_status,
+                                       response_headers, response_body, transaction_id, global_position)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::int2[],
+                              $5::jsonb[], $6::jsonb[], $7::int8[], $8::int8[])
+         ON CONFLICT (owner_id, key) DO NOTHING
+         RETURNING owner_id, key",
+    )
+    .bind(&owners)
+    .bind(&keys)
+    .bind(&hashes)
+    .bind(&statuses)
+    .bind(&headers)
+    .bind(&bodies)
+    .bind(&txs)
+    .bind(&gps)
+    .fetch_all(executor)
+    .await?;
+    rows.into_iter()
+        .map(|row| Ok((row.try_get("owner_id")?, row.try_get("key")?)))
+        .collect()
+}
+
+const EVENT_COLUMNS: &str = "global_position, transaction_id::text::int8 AS transaction_id, event_id, \
+     stream_id, stream_type, version, event_type, schema_version, data, metadata, recorded_at";
+
+fn recorded_event(row: PgRow) -> Result<RecordedEvent, sqlx::Error> {
+    Ok(RecordedEvent {
+        position: Position {
+            transaction_id: row.try_get("transaction_id")?,
+            global_position: row.try_get("global_position")?,
+        },
+        event_id: row.try_get("event_id")?,
+        stream_id: row.try_get("stream_id")?,
+        stream_type: row.try_get("stream_type")?,
+        version: row.try_get("version")?,
+        event_type: row.try_get("event_type")?,
+        schema_version: row.try_get("schema_version")?,
+        data: row.try_get("data")?,
+        metadata: row.try_get("metadata")?,
+        recorded_at: row.try_get("recorded_at")?,
+    })
+}
+
+#[async_trait::async_trait]
+impl EventStore for PgEventStore {
+    async fn append(&self, request: AppendRequest) -> Result<Appended, AppendError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(Job { request, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    async fn read_stream(&self, stream_id: Uuid) -> Result<Vec<RecordedEvent>, StoreError> {
+        let sql =
+            format!("SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY version");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(stream_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(recorded_event)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        // Commit order, and only below the oldest transaction still open: an open
+        // transaction may hold a lower position than rows already visible, and a
+        // reader that moved past it would never come back for it.
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events
+             WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
+               AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+             ORDER BY transaction_id, global_position
+             LIMIT $3"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(after.transaction_id)
+            .bind(after.global_position)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(recorded_event)
+            .collect::<Result<_, _>>()?)
+    }
+
+    async fn find_reservation(
+        &self,
+        scope: &'static str,
+        value: &str,
+    ) -> Result<Option<Uuid>, StoreError> {
+        Ok(
+            sqlx::query_scalar(
+                "SELECT stream_id FROM reservations WHERE scope = $1 AND value = $2",
+            )
+            .bind(scope)
+            .bind(value)
+            .fetch_optional(&self.pool)
+            .await?,
+        )
+    }
+
+    async fn find_idempotency(
+        &self,
+        owner_id: Uuid,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, StoredResponse)>, StoreError> {
+        let Some(row) = sqlx::query(
+            "SELECT request_hash, response_status, response_headers, response_body,
+                    transaction_id, global_position
+             FROM idempotency_keys WHERE owner_id = $1 AND key = $2",
+        )
+        .bind(owner_id)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let tx: Option<i64> = row.try_get("transaction_id")?;
+        let gp: Option<i64> = row.try_get("global_position")?;
+        let headers: Value = row.try_get("response_headers")?;
+        let status: i16 = row.try_get("response_status")?;
+        Ok(Some((
+            row.try_get("request_hash")?,
+            StoredResponse {
+                status: status as u16,
+                headers: serde_json::from_value(headers).unwrap_or_default(),
+                body: row.try_get("response_body")?,
+                position: tx
+                    .zip(gp)
+                    .map(|(transaction_id, global_position)| Position {
+                        transaction_id,
+                        global_position,
+                    }),
+            },
+        )))
+    }
+
+    async fn remember_idempotency(&self, record: IdempotencyRecord) -> Result<bool, StoreError> {
+        Ok(!insert_idempotency(&self.pool, &[&record]).await?.is_empty())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
