@@ -14,8 +14,10 @@ use crate::{
     },
 };
 
-/// How many times a command without `If-Match` is re-decided after losing a race.
-const CONFLICT_ATTEMPTS: usize = 5;
+/// How many times a command without `If-Match` is decided before giving up on a
+/// contended stream. Each round has a winner, so this many concurrent writers on
+/// one stream all get through.
+const CONFLICT_ATTEMPTS: u32 = 10;
 
 /// Who is asking, and under which correlation id: becomes each event's metadata.
 #[derive(Debug, Clone, Default)]
@@ -124,7 +126,11 @@ impl Commands {
             user_id: context.user_id,
             idempotency_key: context.idempotency_key.clone(),
         };
-        for _ in 0..CONFLICT_ATTEMPTS {
+        for attempt in 0..CONFLICT_ATTEMPTS {
+            if attempt > 0 {
+                // Step aside briefly so the writers that lost together spread out.
+                tokio::time::sleep(std::time::Duration::from_millis(u64::from(attempt))).await;
+            }
             let Loaded {
                 state,
                 version,

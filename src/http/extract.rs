@@ -48,9 +48,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
             .map_err(|e| {
                 let detail = e.inner().to_string();
                 let mut pointer = json_pointer(e.path());
-                // serde reports a missing or unknown field at its parent; point at the field.
+                // serde reports a missing field at its parent; point at the field.
                 if let Some(field) = backticked(&detail)
-                    && (detail.starts_with("missing field") || detail.starts_with("unknown field"))
+                    && detail.starts_with("missing field")
                 {
                     pointer = format!("{pointer}/{field}");
                 }

@@ -388,11 +388,21 @@ async fn claim_idempotency_keys(
     if wanted.is_empty() {
         return Ok(vec![]);
     }
-    let records: Vec<&IdempotencyRecord> = wanted.iter().map(|(_, r)| r).collect();
-    let won = insert_idempotency(&mut **tx, &records).await?;
-    Ok(wanted
+    // The same key twice in one batch: the first comes first, the rest lose here
+    // (RETURNING could not tell them apart).
+    let mut seen = std::collections::HashSet::new();
+    let (unique, mut losers): (Vec<_>, Vec<_>) = wanted
         .into_iter()
-        .filter(|(_, r)| !won.contains(&(r.owner_id, r.key.clone())))
+        .partition(|(_, r)| seen.insert((r.owner_id, r.key.clone())));
+    let records: Vec<&IdempotencyRecord> = unique.iter().map(|(_, r)| r).collect();
+    let won = insert_idempotency(&mut **tx, &records).await?;
+    losers.extend(
+        unique
+            .into_iter()
+            .filter(|(_, r)| !won.contains(&(r.owner_id, r.key.clone()))),
+    );
+    Ok(losers
+        .into_iter()
         .map(|(i, _)| (i, AppendError::IdempotencyKeyTaken))
         .collect())
 }

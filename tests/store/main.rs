@@ -1,1 +1,401 @@
+//! The event store against the real Postgres: optimistic concurrency, commit-order
+//! reading that never skips, append-only history, coalesced batches in which one
+//! command's conflict fails only that command, and once-only idempotency keys.
 
+#[path = "../support/mod.rs"]
+mod support;
+
+use ai_secretary::store::{
+    AppendError, AppendRequest, EventStore, IdempotencyRecord, NewEvent, PgEventStore, Position,
+    RecordedEvent, Reservation, StoredResponse, postgres::CoalescingConfig,
+};
+use futures::future::join_all;
+use serde_json::json;
+use sqlx::{Connection, PgConnection};
+use support::TestDb;
+use uuid::Uuid;
+
+fn event(tag: &str) -> NewEvent {
+    NewEvent {
+        event_id: Uuid::now_v7(),
+        event_type: "Tested".into(),
+        schema_version: 1,
+        data: json!({ "tag": tag }),
+        metadata: json!({ "correlation_id": tag }),
+    }
+}
+
+fn append(stream_id: Uuid, expected_version: i64, tags: &[&str]) -> AppendRequest {
+    AppendRequest {
+        stream_id,
+        stream_type: "test",
+        expected_version,
+        events: tags.iter().map(|t| event(t)).collect(),
+        reservation: None,
+        idempotency: None,
+    }
+}
+
+/// `read_all` stops below the oldest open transaction of the whole Postgres
+/// cluster, and tests in other databases commit on their own schedule: wait until
+/// the horizon passes what this test committed.
+async fn read_all_settled(
+    store: &PgEventStore,
+    after: Position,
+    expect: usize,
+) -> Vec<RecordedEvent> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let seen = store.read_all(after, 100).await.unwrap();
+        if seen.len() >= expect || std::time::Instant::now() > deadline {
+            return seen;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+fn store(db: &TestDb) -> PgEventStore {
+    PgEventStore::new(db.pool.clone(), CoalescingConfig::default())
+}
+
+/// One flusher, so everything queued together lands in one batch.
+fn single_flusher(db: &TestDb) -> PgEventStore {
+    PgEventStore::new(
+        db.pool.clone(),
+        CoalescingConfig {
+            max_batch: 256,
+            flushers: 1,
+        },
+    )
+}
+
+async fn tags(store: &PgEventStore, stream: Uuid) -> Vec<String> {
+    store
+        .read_stream(stream)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.data["tag"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_at_the_same_version_one_wins() {
+    let db = TestDb::new().await;
+    // Two stores: two processes, so the race is between transactions, not in a batch.
+    let (a, b) = (store(&db), store(&db));
+    for round in 0..20 {
+        let stream = Uuid::now_v7();
+        a.append(append(stream, 0, &["first"])).await.unwrap();
+        let (ra, rb) = tokio::join!(
+            a.append(append(stream, 1, &["a1", "a2", "a3"])),
+            b.append(append(stream, 1, &["b1", "b2"])),
+        );
+        let written = tags(&a, stream).await;
+        match (&ra, &rb) {
+            (Ok(won), Err(AppendError::VersionConflict { .. })) => {
+                assert_eq!(won.version, 4);
+                assert_eq!(written, ["first", "a1", "a2", "a3"], "round {round}");
+            }
+            (Err(AppendError::VersionConflict { .. }), Ok(won)) => {
+                assert_eq!(won.version, 3);
+                assert_eq!(written, ["first", "b1", "b2"], "round {round}");
+            }
+            other => panic!("round {round}: expected exactly one winner, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_expected_version_that_is_not_the_head_is_a_conflict() {
+    let db = TestDb::new().await;
+    let store = store(&db);
+    let stream = Uuid::now_v7();
+    store
+        .append(append(stream, 0, &["one", "two"]))
+        .await
+        .unwrap();
+    // Behind the head (it would overwrite) and beyond it (it would leave a gap).
+    for expected in [0, 1, 3, 7] {
+        let result = store.append(append(stream, expected, &["x", "y"])).await;
+        assert!(
+            matches!(result, Err(AppendError::VersionConflict { .. })),
+            "expected {expected}: {result:?}"
+        );
+    }
+    assert_eq!(tags(&store, stream).await, ["one", "two"]);
+    let appended = store.append(append(stream, 2, &["three"])).await.unwrap();
+    assert_eq!(appended.version, 3);
+}
+
+/// Identity order is not commit order. A holds a lower position open while B
+/// commits; a reader must not move past A, and must return A once it commits.
+#[tokio::test]
+async fn no_reader_skips_an_event_committed_out_of_order() {
+    let db = TestDb::new().await;
+    let store = store(&db);
+    let mut a = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx_a = a.begin().await.unwrap();
+    let stream_a = Uuid::now_v7();
+    let position_a: i64 = sqlx::query_scalar(
+        "INSERT INTO events (event_id, stream_id, stream_type, version, event_type, data)
+         VALUES ($1, $2, 'test', 1, 'Tested', '{\"tag\": \"A\"}') RETURNING global_position",
+    )
+    .bind(Uuid::now_v7())
+    .bind(stream_a)
+    .fetch_one(&mut *tx_a)
+    .await
+    .unwrap();
+
+    let stream_b = Uuid::now_v7();
+    let b = store.append(append(stream_b, 0, &["B"])).await.unwrap();
+    assert!(
+        b.position.global_position > position_a,
+        "B took a higher identity than A but committed first"
+    );
+
+    // A reader that comes after B's commit sees neither: A could still land below B.
+    let seen = store.read_all(Position::START, 100).await.unwrap();
+    assert!(seen.is_empty(), "read past an open transaction: {seen:?}");
+
+    tx_a.commit().await.unwrap();
+    let seen = read_all_settled(&store, Position::START, 2).await;
+    let order: Vec<_> = seen.iter().map(|e| e.data["tag"].clone()).collect();
+    assert_eq!(order, [json!("A"), json!("B")]);
+
+    // Resuming from A's position returns B and only B; from B's, nothing.
+    let after_a = read_all_settled(&store, seen[0].position, 1).await;
+    assert_eq!(after_a.len(), 1);
+    assert_eq!(after_a[0].stream_id, stream_b);
+    assert!(
+        store
+            .read_all(seen[1].position, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// The same, with B's identity lower than A's: commit order, not identity, rules.
+#[tokio::test]
+async fn commit_order_wins_over_identity_order() {
+    let db = TestDb::new().await;
+    let store = store(&db);
+    let mut a = PgConnection::connect(&db.url).await.unwrap();
+    let mut tx_a = a.begin().await.unwrap();
+    // A's transaction id is taken first; its row is written after B's.
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *tx_a)
+        .await
+        .unwrap();
+    let b = store
+        .append(append(Uuid::now_v7(), 0, &["B"]))
+        .await
+        .unwrap();
+    let position_a: i64 = sqlx::query_scalar(
+        "INSERT INTO events (event_id, stream_id, stream_type, version, event_type, data)
+         VALUES ($1, $2, 'test', 1, 'Tested', '{\"tag\": \"A\"}') RETURNING global_position",
+    )
+    .bind(Uuid::now_v7())
+    .bind(Uuid::now_v7())
+    .fetch_one(&mut *tx_a)
+    .await
+    .unwrap();
+    assert!(position_a > b.position.global_position);
+    assert!(
+        store
+            .read_all(Position::START, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    tx_a.commit().await.unwrap();
+    let seen = read_all_settled(&store, Position::START, 2).await;
+    let order: Vec<_> = seen.iter().map(|e| e.data["tag"].clone()).collect();
+    assert_eq!(order, [json!("A"), json!("B")]);
+}
+
+#[tokio::test]
+async fn the_events_table_is_append_only() {
+    let db = TestDb::new().await;
+    let store = store(&db);
+    store
+        .append(append(Uuid::now_v7(), 0, &["kept"]))
+        .await
+        .unwrap();
+    for sql in [
+        "UPDATE events SET data = '{}'",
+        "DELETE FROM events",
+        "TRUNCATE events",
+    ] {
+        let err = sqlx::query(sql).execute(&db.pool).await.unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+}
+
+async fn transactions_of(db: &TestDb, streams: &[Uuid]) -> Vec<i64> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT transaction_id::text::int8 FROM events WHERE stream_id = ANY($1)",
+    )
+    .bind(streams)
+    .fetch_all(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_coalesced_batch_fails_only_the_conflicting_command() {
+    let db = TestDb::new().await;
+    let store = single_flusher(&db);
+    let taken = Uuid::now_v7();
+    store.append(append(taken, 0, &["old"])).await.unwrap();
+
+    let fresh: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
+    // On this single-threaded test runtime every append is queued before the
+    // flusher runs, so all 21 share one batch.
+    let mut requests: Vec<_> = fresh
+        .iter()
+        .map(|s| append(*s, 0, &["new", "again"]))
+        .collect();
+    requests.insert(7, append(taken, 0, &["stale"]));
+    let results = join_all(requests.into_iter().map(|r| store.append(r))).await;
+
+    for (i, result) in results.iter().enumerate() {
+        if i == 7 {
+            assert!(
+                matches!(result, Err(AppendError::VersionConflict { .. })),
+                "{result:?}"
+            );
+        } else {
+            assert_eq!(result.as_ref().unwrap().version, 2);
+        }
+    }
+    assert_eq!(
+        transactions_of(&db, &fresh).await.len(),
+        1,
+        "one transaction"
+    );
+    assert_eq!(tags(&store, taken).await, ["old"]);
+}
+
+#[tokio::test]
+async fn a_lost_reservation_fails_only_its_command() {
+    let db = TestDb::new().await;
+    let store = single_flusher(&db);
+    let streams: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+    let emails = ["a@x.io", "b@x.io", "a@x.io", "c@x.io", "d@x.io"];
+    let requests = streams.iter().zip(emails).map(|(s, email)| AppendRequest {
+        reservation: Some(Reservation {
+            scope: "user_email",
+            value: email.into(),
+        }),
+        ..append(*s, 0, &[email])
+    });
+    let results = join_all(requests.map(|r| store.append(r))).await;
+
+    assert!(matches!(
+        results[2],
+        Err(AppendError::ReservationTaken {
+            scope: "user_email"
+        })
+    ));
+    for i in [0, 1, 3, 4] {
+        assert!(results[i].is_ok(), "{i}: {:?}", results[i]);
+    }
+    assert!(store.read_stream(streams[2]).await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .find_reservation("user_email", "a@x.io")
+            .await
+            .unwrap(),
+        Some(streams[0])
+    );
+    let winners = [streams[0], streams[1], streams[3], streams[4]];
+    assert_eq!(
+        transactions_of(&db, &winners).await.len(),
+        1,
+        "one transaction"
+    );
+}
+
+fn keyed(owner: Uuid, key: &str, body: serde_json::Value) -> IdempotencyRecord {
+    IdempotencyRecord {
+        owner_id: owner,
+        key: key.into(),
+        request_hash: vec![1, 2, 3],
+        response: StoredResponse {
+            status: 201,
+            headers: vec![("etag".into(), "\"1\"".into())],
+            body,
+            position: None,
+        },
+    }
+}
+
+#[tokio::test]
+async fn an_idempotency_key_appends_once() {
+    let db = TestDb::new().await;
+    let store = single_flusher(&db);
+    let owner = Uuid::now_v7();
+    let (first, second) = (Uuid::now_v7(), Uuid::now_v7());
+    let results = join_all([first, second].map(|s| {
+        store.append(AppendRequest {
+            idempotency: Some(keyed(owner, "k-1", json!({ "stream": s }))),
+            ..append(s, 0, &["keyed"])
+        })
+    }))
+    .await;
+    let won = results[0].as_ref().unwrap();
+    assert!(matches!(results[1], Err(AppendError::IdempotencyKeyTaken)));
+    assert!(store.read_stream(second).await.unwrap().is_empty());
+
+    let (hash, stored) = store.find_idempotency(owner, "k-1").await.unwrap().unwrap();
+    assert_eq!(hash, vec![1, 2, 3]);
+    assert_eq!(stored.body, json!({ "stream": first }));
+    assert_eq!(stored.status, 201);
+    assert_eq!(stored.position, Some(won.position));
+
+    // The same key for another owner is another key.
+    assert!(
+        store
+            .find_idempotency(Uuid::now_v7(), "k-1")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // A response remembered without events is kept once too.
+    assert!(
+        store
+            .remember_idempotency(keyed(owner, "k-2", json!(1)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .remember_idempotency(keyed(owner, "k-2", json!(2)))
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test]
+async fn appends_wake_listeners() {
+    let db = TestDb::new().await;
+    let store = store(&db);
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
+    listener.listen("ai_secretary_events").await.unwrap();
+    store
+        .append(append(Uuid::now_v7(), 0, &["ping"]))
+        .await
+        .unwrap();
+    let notification = tokio::time::timeout(std::time::Duration::from_secs(5), listener.recv())
+        .await
+        .expect("a notification within 5 s")
+        .unwrap();
+    assert_eq!(notification.channel(), "ai_secretary_events");
+}

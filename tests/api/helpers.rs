@@ -1,0 +1,175 @@
+//! `spawn_app()`: the service built as `main` builds it, bound to port 0, with a
+//! database of its own; and the few calls every test makes.
+
+use ai_secretary::{cli::Cli, startup::Application};
+use clap::Parser;
+use reqwest::{Method, Response, StatusCode};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use crate::support::TestDb;
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub db: TestDb,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    let db = TestDb::new().await;
+    let cli = Cli::try_parse_from([
+        "ai-secretary",
+        "--database-url",
+        &db.url,
+        "--bind",
+        "127.0.0.1:0",
+        "--database-max-connections",
+        "5",
+        "--environment",
+        "development",
+    ])
+    .expect("test configuration parses");
+    let app = Application::build(&cli.config)
+        .await
+        .expect("the application builds");
+    let address = format!("http://{}", app.local_addr().unwrap());
+    let (shutdown, stop) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async {
+        let _ = stop.await;
+    }));
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        db,
+        shutdown: Some(shutdown),
+        server: Some(server),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    /// A JSON request with an optional bearer token.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Response {
+        let mut request = self.client.request(method, self.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.send().await.expect("the request is sent")
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> Response {
+        self.send(
+            Method::POST,
+            &format!("/api/v1{path}"),
+            Some(token),
+            Some(body),
+        )
+        .await
+    }
+
+    /// Register a user and return their access token.
+    pub async fn signed_up(&self, email: &str) -> String {
+        let response = self
+            .send(
+                Method::POST,
+                "/api/v1/users",
+                None,
+                Some(json!({ "email": email, "password": "correct horse battery", "display_name": "Test" })),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let token: Value = self
+            .send(
+                Method::POST,
+                "/api/v1/auth/token",
+                None,
+                Some(json!({ "email": email, "password": "correct horse battery" })),
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+        token["access_token"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn assistant(&self, token: &str, name: &str) -> Value {
+        let response = self
+            .post("/assistants", token, json!({ "name": name }))
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        response.json().await.unwrap()
+    }
+
+    pub async fn conversation(&self, token: &str, assistant_id: &Value) -> Value {
+        let response = self
+            .post(
+                "/conversations",
+                token,
+                json!({ "assistant_id": assistant_id }),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        response.json().await.unwrap()
+    }
+
+    /// `(stream_type, version, event_type)` of every event, in commit order.
+    pub async fn events(&self) -> Vec<(String, i64, String)> {
+        sqlx::query_as(
+            "SELECT stream_type, version, event_type FROM events
+             ORDER BY transaction_id, global_position",
+        )
+        .fetch_all(&self.db.pool)
+        .await
+        .unwrap()
+    }
+
+    pub async fn event_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap()
+    }
+}
+
+/// Stop the server gracefully and wait for it, so its pool is closed before the
+/// database is dropped.
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+/// Assert a problem+json answer and return its body.
+pub async fn problem(response: Response, status: StatusCode) -> Value {
+    assert_eq!(response.status(), status, "wrong status");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], status.as_u16());
+    assert!(
+        body["title"].is_string() && body["detail"].is_string(),
+        "{body}"
+    );
+    body
+}
