@@ -1,1 +1,637 @@
-fn main() {}
+//! Append-path benchmark: the event store's coalescing `append` against raw
+//! one-transaction-per-append INSERTs, on a real Postgres.
+//!
+//! Three scenarios — 1 writer × 1 event per append, 16 writers × 1 event, and
+//! 16 writers × 10 events — each measured on two paths against the same, freshly
+//! created database, every writer on its own stream with versions 1, 2, 3, …:
+//!
+//! - **raw**: each writer owns one Postgres connection and loops one autocommit
+//!   `INSERT INTO events (...) VALUES (...), ...` holding that append's rows (bound
+//!   parameters; one statement, one transaction, one commit per append);
+//! - **store**: each writer loops `PgEventStore::append` through one shared store,
+//!   whose flusher tasks coalesce whatever appends are queued into one statement.
+//!
+//! Each measurement starts its writers, lets them run through a warm-up that is
+//! not counted, then counts the appends that complete in a fixed wall-time window
+//! and keeps each one's latency. It prints (stdout, markdown) appends/s, events/s,
+//! p50 and p99 latency, events per commit, and the store ÷ raw ratio of events/s.
+//!
+//! Run it with a Postgres whose user may create and drop databases:
+//!
+//! ```text
+//! cargo bench --bench append
+//! BENCH_SECONDS=10 BENCH_FLUSHERS=4 BENCH_MAX_BATCH=64 cargo bench --bench append
+//! ```
+//!
+//! Environment:
+//! - `BENCH_DATABASE_URL`: server to use (default `postgres://postgres@127.0.0.1:5432/`);
+//!   its database part is ignored;
+//! - `BENCH_SECONDS`: measured seconds per scenario and path (default 5);
+//! - `BENCH_WARMUP_SECONDS`: uncounted seconds before that (default 1);
+//! - `BENCH_FLUSHERS`, `BENCH_MAX_BATCH`: the store's `CoalescingConfig`
+//!   (defaults: `CoalescingConfig::default()`);
+//! - `BENCH_POOL`: the store's pool size (default 20, at least flushers + 1);
+//! - `BENCH_ROUNDS`: rounds per scenario, raw and store alternating; the median
+//!   round of each path is reported (default 3).
+//!
+//! Without a `--bench` argument (as under `cargo test --all-targets`) it does
+//! nothing. The database, `ai_secretary_bench_<random hex>`, is dropped at the end with
+//! `DROP DATABASE ... WITH (FORCE)`, also after an error or Ctrl-C.
+
+use std::{
+    env,
+    fmt::Display,
+    str::FromStr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use ai_secretary::store::{
+    AppendRequest, EventMetadata, EventStore, NewEvent,
+    postgres::{self, CoalescingConfig, PgEventStore},
+};
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::json;
+use sqlx::{
+    AssertSqlSafe, Connection, Executor, PgConnection, PgPool, Row, postgres::PgConnectOptions,
+};
+use uuid::Uuid;
+
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/";
+const STREAM_TYPE: &str = "bench";
+const EVENT_TYPE: &str = "BenchTaskNoted";
+/// Columns the raw INSERT writes, in bind order.
+const COLUMNS: usize = 8;
+
+struct Scenario {
+    name: &'static str,
+    writers: usize,
+    events_per_append: usize,
+    /// The store ÷ raw events/s ratio the store must reach.
+    target: f64,
+}
+
+const SCENARIOS: [Scenario; 3] = [
+    Scenario {
+        name: "1 writer × 1 event",
+        writers: 1,
+        events_per_append: 1,
+        target: 0.9,
+    },
+    Scenario {
+        name: "16 writers × 1 event",
+        writers: 16,
+        events_per_append: 1,
+        target: 1.5,
+    },
+    Scenario {
+        name: "16 writers × 10 events",
+        writers: 16,
+        events_per_append: 10,
+        target: 0.9,
+    },
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Raw,
+    Store,
+}
+
+impl Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Path::Raw => "raw",
+            Path::Store => "store",
+        })
+    }
+}
+
+struct Settings {
+    base_url: String,
+    measured: Duration,
+    warmup: Duration,
+    coalescing: CoalescingConfig,
+    pool_size: u32,
+    rounds: usize,
+}
+
+impl Settings {
+    fn from_env() -> Result<Self> {
+        let base_url = env::var("BENCH_DATABASE_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+        let measured: f64 = env_or("BENCH_SECONDS", 5.0)?;
+        let warmup: f64 = env_or("BENCH_WARMUP_SECONDS", 1.0)?;
+        if !(measured > 0.0 && warmup >= 0.0) {
+            bail!("BENCH_SECONDS must be > 0 and BENCH_WARMUP_SECONDS >= 0");
+        }
+        let defaults = CoalescingConfig::default();
+        let coalescing = CoalescingConfig {
+            max_batch: env_or("BENCH_MAX_BATCH", defaults.max_batch)?,
+            flushers: env_or("BENCH_FLUSHERS", defaults.flushers)?,
+        };
+        if coalescing.max_batch == 0 || coalescing.flushers == 0 {
+            bail!("BENCH_MAX_BATCH and BENCH_FLUSHERS must be at least 1");
+        }
+        let pool_size: u32 = env_or("BENCH_POOL", 20)?;
+        let pool_size = pool_size.max(coalescing.flushers as u32 + 1);
+        let rounds: usize = env_or("BENCH_ROUNDS", 3)?;
+        Ok(Self {
+            rounds: rounds.max(1),
+            base_url,
+            measured: Duration::from_secs_f64(measured),
+            warmup: Duration::from_secs_f64(warmup),
+            coalescing,
+            pool_size,
+        })
+    }
+}
+
+/// An environment variable parsed as `T`, or `default` if it is unset.
+fn env_or<T>(name: &str, default: T) -> Result<T>
+where
+    T: FromStr,
+    T::Err: Display,
+{
+    match env::var(name) {
+        Ok(raw) => raw
+            .trim()
+            .parse()
+            .map_err(|e| anyhow!("{name}={raw:?} is not valid: {e}")),
+        Err(env::VarError::NotPresent) => Ok(default),
+        Err(e) => Err(anyhow!("{name}: {e}")),
+    }
+}
+
+/// `url` with its database (path) replaced by `database`; query parameters kept.
+fn with_database(url: &str, database: &str) -> Result<String> {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_start = base
+        .find("://")
+        .map(|i| i + 3)
+        .ok_or_else(|| anyhow!("BENCH_DATABASE_URL must look like postgres://user@host:port/"))?;
+    let authority_end = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |i| authority_start + i);
+    let mut out = format!("{}/{database}", &base[..authority_end]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    Ok(out)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary
+    // without it, and should not spend half a minute on a database.
+    if !env::args().any(|a| a == "--bench") {
+        eprintln!("append bench: skipped (run it with `cargo bench --bench append`)");
+        return Ok(());
+    }
+    let settings = Settings::from_env()?;
+    let db_name = format!("ai_secretary_bench_{}", Uuid::new_v4().simple());
+    let db_url = with_database(&settings.base_url, &db_name)?;
+    let admin_url = with_database(&settings.base_url, "postgres")?;
+
+    let outcome = tokio::select! {
+        outcome = run(&settings, &db_url, &db_name) => outcome,
+        Ok(()) = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+    };
+    let dropped = drop_database(&admin_url, &db_name).await;
+    match (outcome, dropped) {
+        (Ok(()), dropped) => dropped,
+        (Err(e), Ok(())) => Err(e),
+        (Err(e), Err(drop_error)) => {
+            eprintln!("also failed to drop database {db_name}: {drop_error:#}");
+            Err(e)
+        }
+    }
+}
+
+async fn drop_database(admin_url: &str, name: &str) -> Result<()> {
+    let mut conn = PgConnection::connect(admin_url)
+        .await
+        .with_context(|| format!("connecting to the postgres database to drop {name}"))?;
+    conn.execute(AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .await
+    .with_context(|| format!("dropping database {name}"))?;
+    conn.close().await.ok();
+    eprintln!("dropped database {name}");
+    Ok(())
+}
+
+async fn run(settings: &Settings, db_url: &str, db_name: &str) -> Result<()> {
+    eprintln!("creating database {db_name}");
+    let pool = postgres::connect(db_url, settings.pool_size)
+        .await
+        .with_context(|| format!("creating and migrating database {db_name}"))?;
+    let raw_options: PgConnectOptions = db_url
+        .parse()
+        .context("BENCH_DATABASE_URL is not a Postgres URL")?;
+    let raw_options = raw_options.application_name("ai-secretary-bench-raw");
+
+    let server = describe_server(&pool).await?;
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let sample = Writer::new(Uuid::nil(), 1).events()?;
+    let data_bytes = serde_json::to_vec(&sample[0].data)?.len();
+    let metadata_bytes = serde_json::to_vec(&sample[0].metadata)?.len();
+
+    let store = PgEventStore::new(pool.clone(), settings.coalescing);
+    let mut rows = Vec::new();
+    let mut round_ratios = Vec::new();
+    for scenario in &SCENARIOS {
+        // Alternate the paths over several rounds and keep each path's median
+        // round: one quiet or noisy stretch of the machine cannot decide the ratio.
+        let (mut raws, mut stores) = (Vec::new(), Vec::new());
+        for _ in 0..settings.rounds {
+            raws.push(measure(settings, scenario, Path::Raw, &raw_options, &store).await?);
+            stores.push(measure(settings, scenario, Path::Store, &raw_options, &store).await?);
+        }
+        let ratios: Vec<String> = raws
+            .iter()
+            .zip(&stores)
+            .map(|(r, s)| format!("{:.2}", s.events_per_sec() / r.events_per_sec()))
+            .collect();
+        round_ratios.push((scenario.name, ratios.join(", ")));
+        rows.push((scenario, median(raws), median(stores)));
+    }
+    drop(store);
+    pool.close().await;
+
+    println!();
+    println!("Server: {server}; client machine: {cores} logical CPUs");
+    println!(
+        "Each run: {:.1} s warm-up (not counted) + {:.1} s measured; event data {data_bytes} B, metadata {metadata_bytes} B",
+        settings.warmup.as_secs_f64(),
+        settings.measured.as_secs_f64()
+    );
+    println!(
+        "{} rounds per scenario, raw and store alternating; each path's median round is shown",
+        settings.rounds
+    );
+    println!(
+        "Store: CoalescingConfig {{ max_batch: {}, flushers: {} }}, pool of {} connections; raw: one connection per writer",
+        settings.coalescing.max_batch, settings.coalescing.flushers, settings.pool_size
+    );
+    println!();
+    println!(
+        "| scenario | path | appends/s | events/s | p50 ms | p99 ms | events/commit | store ÷ raw |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    for (scenario, raw, stored) in &rows {
+        for m in [raw, stored] {
+            let ratio = if m.path == Path::Store {
+                format!("**{:.2}×**", stored.events_per_sec() / raw.events_per_sec())
+            } else {
+                String::new()
+            };
+            println!(
+                "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} | {ratio} |",
+                scenario.name,
+                m.path,
+                m.appends_per_sec(),
+                m.events_per_sec(),
+                ms(m.percentile(0.50)),
+                ms(m.percentile(0.99)),
+                m.events_per_commit,
+            );
+        }
+    }
+    println!();
+    for (name, ratios) in &round_ratios {
+        println!("- {name}: store ÷ raw by round: {ratios}");
+    }
+    println!();
+    println!("| scenario | store ÷ raw | target | met |");
+    println!("|---|---:|---:|---|");
+    for (scenario, raw, stored) in &rows {
+        let ratio = stored.events_per_sec() / raw.events_per_sec();
+        println!(
+            "| {} | {ratio:.2}× | ≥ {:.1}× | {} |",
+            scenario.name,
+            scenario.target,
+            if ratio >= scenario.target {
+                "yes"
+            } else {
+                "no"
+            }
+        );
+    }
+    println!();
+    Ok(())
+}
+
+/// The measurement with the median events/s.
+fn median(mut runs: Vec<Measurement>) -> Measurement {
+    runs.sort_by(|a, b| a.events_per_sec().total_cmp(&b.events_per_sec()));
+    runs.swap_remove(runs.len() / 2)
+}
+
+async fn describe_server(pool: &PgPool) -> Result<String> {
+    let row = sqlx::query(
+        "SELECT current_setting('server_version') AS version,
+                current_setting('fsync') AS fsync,
+                current_setting('synchronous_commit') AS synchronous_commit,
+                current_setting('wal_sync_method') AS wal_sync_method",
+    )
+    .fetch_one(pool)
+    .await
+    .context("reading server settings")?;
+    Ok(format!(
+        "PostgreSQL {}, fsync={}, synchronous_commit={}, wal_sync_method={}",
+        row.try_get::<String, _>("version")?,
+        row.try_get::<String, _>("fsync")?,
+        row.try_get::<String, _>("synchronous_commit")?,
+        row.try_get::<String, _>("wal_sync_method")?,
+    ))
+}
+
+/// One writer's stream and the shape of what it appends.
+struct Writer {
+    stream_id: Uuid,
+    user_id: Uuid,
+    assistant_id: Uuid,
+    events_per_append: usize,
+}
+
+impl Writer {
+    fn new(stream_id: Uuid, events_per_append: usize) -> Self {
+        Self {
+            stream_id,
+            user_id: Uuid::now_v7(),
+            assistant_id: Uuid::now_v7(),
+            events_per_append,
+        }
+    }
+
+    /// One append's events: a ~200-byte data object and the metadata the service
+    /// writes (a correlation id per command, the acting user).
+    fn events(&self) -> Result<Vec<NewEvent>> {
+        let metadata = serde_json::to_value(EventMetadata {
+            correlation_id: Uuid::new_v4().to_string(),
+            causation_id: None,
+            user_id: Some(self.user_id),
+            idempotency_key: None,
+        })?;
+        Ok((0..self.events_per_append)
+            .map(|_| NewEvent {
+                event_id: Uuid::now_v7(),
+                event_type: EVENT_TYPE.to_owned(),
+                schema_version: 1,
+                data: json!({
+                    "task_id": Uuid::now_v7(),
+                    "assistant_id": self.assistant_id,
+                    "title": "Prepare the quarterly board pack",
+                    "due_at": "2026-12-01T09:00:00Z",
+                    "priority": "high",
+                }),
+                metadata: metadata.clone(),
+            })
+            .collect())
+    }
+}
+
+/// The wall-time window of one measurement.
+#[derive(Clone, Copy)]
+struct Window {
+    /// Appends completing before this are warm-up.
+    counted_from: Instant,
+    /// No append starts at or after this; completions after it are not counted.
+    until: Instant,
+}
+
+impl Window {
+    fn record(&self, latencies: &mut Vec<Duration>, started: Instant) {
+        let finished = Instant::now();
+        if finished >= self.counted_from && finished < self.until {
+            latencies.push(finished - started);
+        }
+    }
+}
+
+struct Measurement {
+    path: Path,
+    events_per_append: usize,
+    measured: Duration,
+    /// Sorted latencies of the appends that completed in the window.
+    latencies: Vec<Duration>,
+    /// Events per distinct transaction over the whole run, warm-up included.
+    events_per_commit: f64,
+}
+
+impl Measurement {
+    fn appends_per_sec(&self) -> f64 {
+        self.latencies.len() as f64 / self.measured.as_secs_f64()
+    }
+
+    fn events_per_sec(&self) -> f64 {
+        self.appends_per_sec() * self.events_per_append as f64
+    }
+
+    /// Nearest-rank percentile.
+    fn percentile(&self, p: f64) -> Duration {
+        let n = self.latencies.len();
+        let rank = ((p * n as f64).ceil() as usize).clamp(1, n);
+        self.latencies[rank - 1]
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn measure(
+    settings: &Settings,
+    scenario: &Scenario,
+    path: Path,
+    raw_options: &PgConnectOptions,
+    store: &PgEventStore,
+) -> Result<Measurement> {
+    eprintln!("measuring {} / {path}", scenario.name);
+    let pool = store.pool();
+    // Start every measurement from a clean checkpoint so that neither path pays
+    // for the other's dirty buffers. Needs superuser or pg_checkpoint; optional.
+    if let Err(e) = sqlx::query("CHECKPOINT").execute(pool).await {
+        eprintln!("  (CHECKPOINT skipped: {e})");
+    }
+
+    let writers: Vec<Writer> = (0..scenario.writers)
+        .map(|_| Writer::new(Uuid::now_v7(), scenario.events_per_append))
+        .collect();
+    let streams: Vec<Uuid> = writers.iter().map(|w| w.stream_id).collect();
+    // Connect before the clock starts.
+    let mut connections = Vec::new();
+    if path == Path::Raw {
+        for _ in 0..scenario.writers {
+            connections.push(
+                PgConnection::connect_with(raw_options)
+                    .await
+                    .context("opening a raw writer's connection")?,
+            );
+        }
+    }
+
+    let start = Instant::now();
+    let window = Window {
+        counted_from: start + settings.warmup,
+        until: start + settings.warmup + settings.measured,
+    };
+    let mut tasks = Vec::new();
+    let mut connections = connections.into_iter();
+    for writer in writers {
+        tasks.push(match path {
+            Path::Raw => {
+                let conn = connections
+                    .next()
+                    .context("a raw writer has no connection")?;
+                tokio::spawn(raw_writer(conn, writer, window))
+            }
+            Path::Store => tokio::spawn(store_writer(store.clone(), writer, window)),
+        });
+    }
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.context("a writer task panicked")??);
+    }
+    if latencies.is_empty() {
+        bail!(
+            "{} / {path}: no append completed in the measured window",
+            scenario.name
+        );
+    }
+    latencies.sort_unstable();
+
+    let row = sqlx::query(
+        "SELECT count(*) AS events, count(DISTINCT transaction_id) AS commits
+         FROM events WHERE stream_id = ANY($1)",
+    )
+    .bind(&streams)
+    .fetch_one(pool)
+    .await
+    .context("counting the run's commits")?;
+    let events: i64 = row.try_get("events")?;
+    let commits: i64 = row.try_get("commits")?;
+
+    Ok(Measurement {
+        path,
+        events_per_append: scenario.events_per_append,
+        measured: settings.measured,
+        latencies,
+        events_per_commit: events as f64 / commits.max(1) as f64,
+    })
+}
+
+/// `INSERT INTO events ... VALUES (...), ...` for `rows` events.
+fn insert_sql(rows: usize) -> String {
+    let values: Vec<String> = (0..rows)
+        .map(|r| {
+            let params: Vec<String> = (1..=COLUMNS)
+                .map(|c| format!("${}", r * COLUMNS + c))
+                .collect();
+            format!("({})", params.join(", "))
+        })
+        .collect();
+    format!(
+        "INSERT INTO events (event_id, stream_id, stream_type, version, event_type, \
+         schema_version, data, metadata) VALUES {}",
+        values.join(", ")
+    )
+}
+
+/// Loop one autocommit INSERT per append on the writer's own connection.
+async fn raw_writer(
+    mut conn: PgConnection,
+    writer: Writer,
+    window: Window,
+) -> Result<Vec<Duration>> {
+    let sql: Arc<str> = insert_sql(writer.events_per_append).into();
+    let per_append = writer.events_per_append as i64;
+    let mut version = 0_i64;
+    let mut latencies = Vec::new();
+    loop {
+        let events = writer.events()?;
+        let started = Instant::now();
+        if started >= window.until {
+            break;
+        }
+        let mut query = sqlx::query(AssertSqlSafe(sql.clone()));
+        for (j, event) in events.iter().enumerate() {
+            query = query
+                .bind(event.event_id)
+                .bind(writer.stream_id)
+                .bind(STREAM_TYPE)
+                .bind(version + 1 + j as i64)
+                .bind(event.event_type.as_str())
+                .bind(event.schema_version)
+                .bind(&event.data)
+                .bind(&event.metadata);
+        }
+        let done = query.execute(&mut conn).await.with_context(|| {
+            format!(
+                "raw INSERT on stream {} after version {version}",
+                writer.stream_id
+            )
+        })?;
+        if done.rows_affected() != per_append as u64 {
+            bail!(
+                "raw INSERT on stream {} wrote {} rows, not {per_append}",
+                writer.stream_id,
+                done.rows_affected()
+            );
+        }
+        version += per_append;
+        window.record(&mut latencies, started);
+    }
+    conn.close().await.ok();
+    Ok(latencies)
+}
+
+/// Loop `PgEventStore::append` on the writer's own stream.
+async fn store_writer(
+    store: PgEventStore,
+    writer: Writer,
+    window: Window,
+) -> Result<Vec<Duration>> {
+    let per_append = writer.events_per_append as i64;
+    let mut version = 0_i64;
+    let mut latencies = Vec::new();
+    loop {
+        let events = writer.events()?;
+        let started = Instant::now();
+        if started >= window.until {
+            break;
+        }
+        let appended = store
+            .append(AppendRequest {
+                stream_id: writer.stream_id,
+                stream_type: STREAM_TYPE,
+                expected_version: version,
+                events,
+                reservation: None,
+                idempotency: None,
+            })
+            .await
+            .with_context(|| {
+                format!(
+                    "store append on stream {} at expected version {version}",
+                    writer.stream_id
+                )
+            })?;
+        if appended.version != version + per_append {
+            bail!(
+                "store append on stream {} answered version {}, not {}",
+                writer.stream_id,
+                appended.version,
+                version + per_append
+            );
+        }
+        version = appended.version;
+        window.record(&mut latencies, started);
+    }
+    Ok(latencies)
+}

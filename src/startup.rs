@@ -61,8 +61,8 @@ impl Application {
         axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await?;
-        // Requests are done; nothing is waiting on an append any more.
-        self.store.pool().close().await;
+        // Requests are done: let the appends they queued finish, then disconnect.
+        self.store.close().await;
         tracing::info!("api stopped");
         Ok(())
     }

@@ -165,6 +165,9 @@ pub enum AppendError {
 pub enum StoreError {
     #[error("event store: {0}")]
     Sqlx(#[from] sqlx::Error),
+    /// One database error met by every append of a batch.
+    #[error("event store: {0}")]
+    Shared(std::sync::Arc<sqlx::Error>),
     #[error("event store is shutting down")]
     Closed,
 }

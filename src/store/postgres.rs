@@ -13,11 +13,12 @@ use std::{collections::HashMap, sync::Arc};
 
 use serde_json::Value;
 use sqlx::{
-    PgPool, Postgres, Row,
+    Connection, PgConnection, PgPool, Postgres, Row,
     migrate::MigrateDatabase,
+    pool::PoolConnection,
     postgres::{PgConnectOptions, PgPoolOptions, PgRow},
 };
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
@@ -48,11 +49,19 @@ struct Job {
     reply: oneshot::Sender<Result<Appended, AppendError>>,
 }
 
-/// Postgres event store. Cheap to clone; the flushers stop when the last clone drops.
+/// Postgres event store. Cheap to clone; the flushers stop when the last clone
+/// drops (or is [closed](PgEventStore::close)).
 #[derive(Clone)]
 pub struct PgEventStore {
     pool: PgPool,
     queue: mpsc::Sender<Job>,
+    /// One permit per transaction in flight, shared by the flushers and by callers
+    /// that find the queue empty and append directly.
+    in_flight: Arc<Semaphore>,
+    /// The connection kept for direct appends (returning a pooled connection after
+    /// every append cost a task hand-off of its own).
+    direct: Arc<Mutex<Option<PoolConnection<Postgres>>>>,
+    flushers: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 /// Create the database if it does not exist, connect, and apply migrations.
@@ -68,7 +77,17 @@ pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool,
     let options: PgConnectOptions = database_url.parse()?;
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
-        .connect_with(options.application_name("ai-secretary"))
+        // No ping before every checkout: that is one more round trip per append. A
+        // dead connection fails its statement instead, and the batch is retried.
+        .test_before_acquire(false)
+        .connect_with(
+            options
+                .application_name("ai-secretary")
+                // Our statements are short and keyed; re-planning the append's unnest
+                // on every execution cost more than the insert (a custom plan is never
+                // judged worse, so Postgres never settles on the generic one).
+                .options([("plan_cache_mode", "force_generic_plan")]),
+        )
         .await?;
     migrate(&pool).await?;
     Ok(pool)
@@ -86,14 +105,46 @@ impl PgEventStore {
     pub fn new(pool: PgPool, config: CoalescingConfig) -> Self {
         let (queue, receiver) = mpsc::channel(config.max_batch * config.flushers.max(1) * 4);
         let receiver = Arc::new(Mutex::new(receiver));
-        for _ in 0..config.flushers.max(1) {
-            tokio::spawn(flush_loop(
-                pool.clone(),
-                receiver.clone(),
-                config.max_batch.max(1),
-            ));
+        let in_flight = Arc::new(Semaphore::new(config.flushers.max(1)));
+        let flushers = (0..config.flushers.max(1))
+            .map(|_| {
+                tokio::spawn(flush_loop(
+                    pool.clone(),
+                    receiver.clone(),
+                    in_flight.clone(),
+                    config.max_batch.max(1),
+                ))
+            })
+            .collect();
+        Self {
+            pool,
+            queue,
+            in_flight,
+            direct: Arc::new(Mutex::new(None)),
+            flushers: Arc::new(std::sync::Mutex::new(flushers)),
         }
-        Self { pool, queue }
+    }
+
+    /// Let the flushers commit what is queued, wait for them, then close the pool.
+    /// Other clones must be gone first (the server's state is dropped when it stops);
+    /// if one lingers, the flushers are left to end with it after a short wait.
+    pub async fn close(self) {
+        let flushers =
+            std::mem::take(&mut *self.flushers.lock().unwrap_or_else(|p| p.into_inner()));
+        let pool = self.pool.clone();
+        // Give back the direct connection, or closing the pool would wait for it.
+        self.direct.lock().await.take();
+        drop(self);
+        let drained = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            for flusher in flushers {
+                let _ = flusher.await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("event store flushers still busy at shutdown");
+        }
+        pool.close().await;
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -101,15 +152,26 @@ impl PgEventStore {
     }
 }
 
-async fn flush_loop(pool: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Job>>>, max_batch: usize) {
+async fn flush_loop(
+    pool: PgPool,
+    receiver: Arc<Mutex<mpsc::Receiver<Job>>>,
+    in_flight: Arc<Semaphore>,
+    max_batch: usize,
+) {
     loop {
         let mut jobs = Vec::new();
+        let permit;
         {
             let mut receiver = receiver.lock().await;
             match receiver.recv().await {
                 Some(job) => jobs.push(job),
                 None => return,
             }
+            // Wait for a transaction slot; what queues meanwhile joins this batch.
+            permit = match in_flight.clone().acquire_owned().await {
+                Ok(permit) => permit,
+                Err(_) => return,
+            };
             while jobs.len() < max_batch {
                 match receiver.try_recv() {
                     Ok(job) => jobs.push(job),
@@ -118,7 +180,17 @@ async fn flush_loop(pool: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Job>>>, max
             }
         }
         let requests: Vec<&AppendRequest> = jobs.iter().map(|j| &j.request).collect();
-        let outcomes = append_batch(&pool, &requests).await;
+        let outcomes = match pool.acquire().await {
+            Ok(mut conn) => append_batch(&mut conn, &requests).await,
+            Err(e) => {
+                let e = Arc::new(e);
+                requests
+                    .iter()
+                    .map(|_| Err(StoreError::Shared(e.clone()).into()))
+                    .collect()
+            }
+        };
+        drop(permit);
         for (job, outcome) in jobs.into_iter().zip(outcomes) {
             // The caller may have gone (request cancelled); its events are durable anyway.
             let _ = job.reply.send(outcome);
@@ -128,7 +200,7 @@ async fn flush_loop(pool: PgPool, receiver: Arc<Mutex<mpsc::Receiver<Job>>>, max
 
 /// Append several commands, in as few transactions as their claims allow.
 async fn append_batch(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     requests: &[&AppendRequest],
 ) -> Vec<Result<Appended, AppendError>> {
     let mut outcomes: Vec<Option<Result<Appended, AppendError>>> =
@@ -146,7 +218,7 @@ async fn append_batch(
             break;
         }
         let batch: Vec<&AppendRequest> = pending.iter().map(|&i| requests[i]).collect();
-        match try_append(pool, &batch).await {
+        match try_append(conn, &batch).await {
             Ok(Attempt::Committed(results)) => {
                 for (&i, result) in pending.iter().zip(results) {
                     outcomes[i] = Some(result);
@@ -162,7 +234,7 @@ async fn append_batch(
             Err(e) if pending.len() > 1 => {
                 tracing::warn!(error = %e, commands = pending.len(), "batch append failed; retrying commands one by one");
                 for &i in &pending {
-                    outcomes[i] = Some(match try_append(pool, &[requests[i]]).await {
+                    outcomes[i] = Some(match try_append(conn, &[requests[i]]).await {
                         Ok(Attempt::Committed(mut r)) => r.remove(0),
                         Ok(Attempt::ClaimsLost(mut l)) => Err(l.remove(0).1),
                         Err(e) => Err(StoreError::from(e).into()),
@@ -185,16 +257,22 @@ enum Attempt {
     ClaimsLost(Vec<(usize, AppendError)>),
 }
 
-async fn try_append(pool: &PgPool, batch: &[&AppendRequest]) -> Result<Attempt, sqlx::Error> {
+async fn try_append(
+    conn: &mut PgConnection,
+    batch: &[&AppendRequest],
+) -> Result<Attempt, sqlx::Error> {
     let claims = batch
         .iter()
         .any(|r| r.reservation.is_some() || r.idempotency.is_some());
     if !claims {
         // The common case: one statement, committed on its own.
-        let appended = insert_events(pool, batch).await?;
+        let appended = match batch {
+            [single] => vec![insert_command(conn, single).await?],
+            _ => insert_events(&mut *conn, batch).await?,
+        };
         return Ok(Attempt::Committed(outcomes(batch, appended)));
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = conn.begin().await?;
     let appended = insert_events(&mut *tx, batch).await?;
     let mut losers = claim_reservations(&mut tx, batch, &appended).await?;
     losers.extend(claim_idempotency_keys(&mut tx, batch, &appended).await?);
@@ -220,6 +298,110 @@ fn outcomes(
             })
         })
         .collect()
+}
+
+/// Insert one command's events with a plain statement: nothing else shares the
+/// transaction, so a conflict may fail it whole. `None` if the stream is not at
+/// the expected version.
+async fn insert_command(
+    conn: &mut PgConnection,
+    request: &AppendRequest,
+) -> Result<Option<Appended>, sqlx::Error> {
+    if let [event] = request.events.as_slice() {
+        return insert_one_event(conn, request, event).await;
+    }
+    let n = request.events.len();
+    let versions: Vec<i64> = (1..=n as i64)
+        .map(|i| request.expected_version + i)
+        .collect();
+    let event_ids: Vec<Uuid> = request.events.iter().map(|e| e.event_id).collect();
+    let types: Vec<&str> = request
+        .events
+        .iter()
+        .map(|e| e.event_type.as_str())
+        .collect();
+    let schemas: Vec<i32> = request.events.iter().map(|e| e.schema_version).collect();
+    let data: Vec<&Value> = request.events.iter().map(|e| &e.data).collect();
+    let metadata: Vec<&Value> = request.events.iter().map(|e| &e.metadata).collect();
+    // The EXISTS refuses a gap (expected version beyond the head); the unique key
+    // refuses a stale expected version, failing the whole statement.
+    let inserted = sqlx::query(
+        r#"
+        INSERT INTO events (event_id, stream_id, stream_type, version, event_type,
+                            schema_version, data, metadata)
+        SELECT t.event_id, $2, $3, t.version, t.event_type, t.schema_version, t.data, t.metadata
+        FROM unnest($1::uuid[], $4::int8[], $5::text[], $6::int4[], $7::jsonb[], $8::jsonb[])
+            AS t(event_id, version, event_type, schema_version, data, metadata)
+        WHERE $9::int8 = 0 OR EXISTS (
+            SELECT 1 FROM events e WHERE e.stream_id = $2 AND e.version = $9::int8)
+        ORDER BY t.version
+        RETURNING version, global_position, transaction_id::text::int8 AS transaction_id
+        "#,
+    )
+    .bind(&event_ids)
+    .bind(request.stream_id)
+    .bind(request.stream_type)
+    .bind(&versions)
+    .bind(&types)
+    .bind(&schemas)
+    .bind(&data)
+    .bind(&metadata)
+    .bind(request.expected_version)
+    .fetch_all(&mut *conn)
+    .await;
+    appended_or_conflict(inserted.map(|rows| rows.into_iter().last()))
+}
+
+/// The commonest append of all, one event, with scalar binds: no arrays to
+/// build and unnest.
+async fn insert_one_event(
+    conn: &mut PgConnection,
+    request: &AppendRequest,
+    event: &super::NewEvent,
+) -> Result<Option<Appended>, sqlx::Error> {
+    let inserted = sqlx::query(
+        r#"
+        INSERT INTO events (event_id, stream_id, stream_type, version, event_type,
+                            schema_version, data, metadata)
+        SELECT $1, $2, $3, $4::int8 + 1, $5, $6, $7, $8
+        WHERE $4::int8 = 0 OR EXISTS (
+            SELECT 1 FROM events e WHERE e.stream_id = $2 AND e.version = $4::int8)
+        RETURNING version, global_position, transaction_id::text::int8 AS transaction_id
+        "#,
+    )
+    .bind(event.event_id)
+    .bind(request.stream_id)
+    .bind(request.stream_type)
+    .bind(request.expected_version)
+    .bind(&event.event_type)
+    .bind(event.schema_version)
+    .bind(&event.data)
+    .bind(&event.metadata)
+    .fetch_optional(&mut *conn)
+    .await;
+    appended_or_conflict(inserted)
+}
+
+/// A plain insert's outcome: the last row's place, or a conflict when the unique
+/// key refused it or the gap check let nothing through.
+fn appended_or_conflict(
+    inserted: Result<Option<PgRow>, sqlx::Error>,
+) -> Result<Option<Appended>, sqlx::Error> {
+    let last = match inserted {
+        Ok(Some(row)) => row,
+        Ok(None) => return Ok(None),
+        Err(sqlx::Error::Database(e)) if e.constraint() == Some("events_stream_version_key") => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(Some(Appended {
+        version: last.try_get("version")?,
+        position: Position {
+            transaction_id: last.try_get("transaction_id")?,
+            global_position: last.try_get("global_position")?,
+        },
+    }))
 }
 
 /// Insert every command's events in one statement; `None` for a command that lost
@@ -476,6 +658,27 @@ fn recorded_event(row: PgRow) -> Result<RecordedEvent, sqlx::Error> {
 #[async_trait::async_trait]
 impl EventStore for PgEventStore {
     async fn append(&self, request: AppendRequest) -> Result<Appended, AppendError> {
+        // Nobody to coalesce with and a free slot: append directly, sparing the
+        // hand-off to a flusher. (Only this caller's append is at stake if the
+        // caller is cancelled mid-way; queued appends never ride on it.)
+        if self.queue.capacity() == self.queue.max_capacity()
+            && let Ok(_permit) = self.in_flight.try_acquire()
+            && let Ok(mut slot) = self.direct.try_lock()
+        {
+            let conn = match slot.as_mut() {
+                Some(conn) => conn,
+                None => slot.insert(self.pool.acquire().await.map_err(StoreError::from)?),
+            };
+            let outcome = append_batch(conn, &[&request])
+                .await
+                .pop()
+                .unwrap_or(Err(AppendError::Empty));
+            if matches!(outcome, Err(AppendError::Database(_))) {
+                // The connection may be broken: take a fresh one next time.
+                *slot = None;
+            }
+            return outcome;
+        }
         let (reply, answer) = oneshot::channel();
         self.queue
             .send(Job { request, reply })
