@@ -4,7 +4,6 @@
 
 use axum::{
     Router,
-    extract::State,
     http::StatusCode,
     response::Response,
     routing::{patch, post},
@@ -16,10 +15,9 @@ use uuid::Uuid;
 
 use super::{
     AppState,
-    command::Invocation,
+    command::{Caller, OnResource},
     error::ApiError,
-    extract::{ApiJson, AuthUser, CorrelationId, IdPath, IfMatch},
-    idempotency::IdempotencyKey,
+    extract::ApiJson,
     reply::Reply,
 };
 use crate::{
@@ -88,94 +86,63 @@ fn render(status: StatusCode) -> impl Fn(&AssistantState, i64) -> Reply + Sync {
 }
 
 async fn create(
-    State(state): State<AppState>,
-    AuthUser(user): AuthUser,
-    CorrelationId(cid): CorrelationId,
-    key: IdempotencyKey,
+    caller: Caller,
     ApiJson(body): ApiJson<AssistantBody>,
 ) -> Result<Response, ApiError> {
     let id = Uuid::now_v7();
     let command = AssistantCommand::Create {
         assistant_id: id,
-        owner_id: user,
+        owner_id: caller.user,
         fields: body.into(),
         at: Utc::now(),
     };
     let location = format!("/api/v1/assistants/{id}");
     let render =
         move |s: &AssistantState, v| render(StatusCode::CREATED)(s, v).location(location.clone());
-    Invocation::by_owner(&state, user, cid, &key)
-        .execute::<AssistantDecider>(id, Expected::Exactly(0), command, None, render)
+    caller
+        .execute::<AssistantDecider>(id, Expected::Exactly(0), command, render)
         .await
 }
 
 async fn update(
-    State(state): State<AppState>,
-    AuthUser(user): AuthUser,
-    CorrelationId(cid): CorrelationId,
-    IdPath(id): IdPath,
-    IfMatch(expected): IfMatch,
-    key: IdempotencyKey,
+    target: OnResource,
     ApiJson(body): ApiJson<AssistantBody>,
 ) -> Result<Response, ApiError> {
     let command = AssistantCommand::Update {
-        actor: user,
+        actor: target.user(),
         fields: body.into(),
         at: Utc::now(),
     };
-    Invocation::by_owner(&state, user, cid, &key)
-        .execute::<AssistantDecider>(id, expected, command, None, render(StatusCode::OK))
+    target
+        .execute::<AssistantDecider>(command, render(StatusCode::OK))
         .await
 }
 
-async fn archive(
-    State(state): State<AppState>,
-    AuthUser(user): AuthUser,
-    CorrelationId(cid): CorrelationId,
-    IdPath(id): IdPath,
-    IfMatch(expected): IfMatch,
-    key: IdempotencyKey,
-) -> Result<Response, ApiError> {
+async fn archive(target: OnResource) -> Result<Response, ApiError> {
     let command = AssistantCommand::Archive {
-        actor: user,
+        actor: target.user(),
         at: Utc::now(),
     };
-    Invocation::by_owner(&state, user, cid, &key)
-        .execute::<AssistantDecider>(id, expected, command, None, render(StatusCode::OK))
+    target
+        .execute::<AssistantDecider>(command, render(StatusCode::OK))
         .await
 }
 
-async fn restore(
-    State(state): State<AppState>,
-    AuthUser(user): AuthUser,
-    CorrelationId(cid): CorrelationId,
-    IdPath(id): IdPath,
-    IfMatch(expected): IfMatch,
-    key: IdempotencyKey,
-) -> Result<Response, ApiError> {
+async fn restore(target: OnResource) -> Result<Response, ApiError> {
     let command = AssistantCommand::Restore {
-        actor: user,
+        actor: target.user(),
         at: Utc::now(),
     };
-    Invocation::by_owner(&state, user, cid, &key)
-        .execute::<AssistantDecider>(id, expected, command, None, render(StatusCode::OK))
+    target
+        .execute::<AssistantDecider>(command, render(StatusCode::OK))
         .await
 }
 
-async fn delete(
-    State(state): State<AppState>,
-    AuthUser(user): AuthUser,
-    CorrelationId(cid): CorrelationId,
-    IdPath(id): IdPath,
-    IfMatch(expected): IfMatch,
-    key: IdempotencyKey,
-) -> Result<Response, ApiError> {
+async fn delete(target: OnResource) -> Result<Response, ApiError> {
     let command = AssistantCommand::Delete {
-        actor: user,
+        actor: target.user(),
         at: Utc::now(),
     };
     let render = |_: &AssistantState, _| Reply::no_content();
-    Invocation::by_owner(&state, user, cid, &key)
-        .execute::<AssistantDecider>(id, expected, command, None, render)
-        .await
+    target.execute::<AssistantDecider>(command, render).await
 }

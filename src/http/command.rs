@@ -2,10 +2,20 @@
 //! become event metadata, the Idempotency-Key protocol wraps the execution, and
 //! the resulting state is rendered once for the reply and for idempotent replay.
 
-use axum::response::{IntoResponse, Response};
+use axum::{
+    extract::FromRequestParts,
+    http::request::Parts,
+    response::{IntoResponse, Response},
+};
 use uuid::Uuid;
 
-use super::{AppState, error::ApiError, idempotency::IdempotencyKey, reply::Reply};
+use super::{
+    AppState,
+    error::ApiError,
+    extract::{AuthUser, CorrelationId, IdPath, IfMatch},
+    idempotency::IdempotencyKey,
+    reply::Reply,
+};
 use crate::{
     app::{CommandContext, Expected},
     domain::Decider,
@@ -79,5 +89,88 @@ impl<'a> Invocation<'a> {
                 .into_response())
         })
         .await
+    }
+}
+
+/// A signed-in caller about to run a command: state, identity, correlation id and
+/// idempotency key, taken from the request in one extractor.
+pub struct Caller {
+    state: AppState,
+    pub user: Uuid,
+    correlation_id: String,
+    key: IdempotencyKey,
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let AuthUser(user) = AuthUser::from_request_parts(parts, state).await?;
+        let CorrelationId(correlation_id) = CorrelationId::from_request_parts(parts, state).await?;
+        let key = IdempotencyKey::from_request_parts(parts, state).await?;
+        Ok(Caller {
+            state: state.clone(),
+            user,
+            correlation_id,
+            key,
+        })
+    }
+}
+
+impl Caller {
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Run `command` on stream `stream_id` as the caller, answering with `render`.
+    pub async fn execute<D: Decider>(
+        self,
+        stream_id: Uuid,
+        expected: Expected,
+        command: D::Command,
+        render: impl Fn(&D::State, i64) -> Reply + Sync,
+    ) -> Result<Response, ApiError> {
+        Invocation::by_owner(&self.state, self.user, self.correlation_id, &self.key)
+            .execute::<D>(stream_id, expected, command, None, render)
+            .await
+    }
+}
+
+/// A caller's command on the resource named by the path's `{id}`, with the
+/// version `If-Match` expects.
+pub struct OnResource {
+    caller: Caller,
+    pub id: Uuid,
+    expected: Expected,
+}
+
+impl FromRequestParts<AppState> for OnResource {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        let IdPath(id) = IdPath::from_request_parts(parts, state).await?;
+        let IfMatch(expected) = IfMatch::from_request_parts(parts, state).await?;
+        Ok(OnResource {
+            caller,
+            id,
+            expected,
+        })
+    }
+}
+
+impl OnResource {
+    pub fn user(&self) -> Uuid {
+        self.caller.user
+    }
+
+    pub async fn execute<D: Decider>(
+        self,
+        command: D::Command,
+        render: impl Fn(&D::State, i64) -> Reply + Sync,
+    ) -> Result<Response, ApiError> {
+        self.caller
+            .execute::<D>(self.id, self.expected, command, render)
+            .await
     }
 }

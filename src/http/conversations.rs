@@ -3,7 +3,6 @@
 
 use axum::{
     Router,
-    extract::State,
     http::StatusCode,
     response::Response,
     routing::{patch, post},
@@ -15,10 +14,9 @@ use uuid::Uuid;
 
 use super::{
     AppState,
-    command::Invocation,
+    command::{Caller, OnResource},
     error::ApiError,
-    extract::{ApiJson, AuthUser, CorrelationId, IdPath, IfMatch},
-    idempotency::IdempotencyKey,
+    extract::ApiJson,
     reply::Reply,
 };
 use crate::{
@@ -67,19 +65,14 @@ struct StartBody {
     title: Option<String>,
 }
 
-async fn start(
-    State(state): State<AppState>,
-    AuthUser(user): AuthUser,
-    CorrelationId(cid): CorrelationId,
-    key: IdempotencyKey,
-    ApiJson(body): ApiJson<StartBody>,
-) -> Result<Response, ApiError> {
+async fn start(caller: Caller, ApiJson(body): ApiJson<StartBody>) -> Result<Response, ApiError> {
     let assistant_id = body
         .assistant_id
         .ok_or_else(|| ApiError::invalid_field("/assistant_id", "is required"))?;
     // The assistant's own stream is the authority on whether it may take a new
     // conversation; the decider checks ownership and status.
-    let assistant = state
+    let assistant = caller
+        .state()
         .commands
         .load::<AssistantDecider>(assistant_id)
         .await?
@@ -87,7 +80,7 @@ async fn start(
     let id = Uuid::now_v7();
     let command = ConversationCommand::Start {
         conversation_id: id,
-        actor: user,
+        actor: caller.user,
         assistant,
         title: body.title,
         at: Utc::now(),
@@ -96,8 +89,8 @@ async fn start(
     let render = move |s: &ConversationState, v| {
         render(StatusCode::CREATED)(s, v).location(location.clone())
     };
-    Invocation::by_owner(&state, user, cid, &key)
-        .execute::<ConversationDecider>(id, Expected::Exactly(0), command, None, render)
+    caller
+        .execute::<ConversationDecider>(id, Expected::Exactly(0), command, render)
         .await
 }
 
@@ -108,41 +101,29 @@ struct RenameBody {
 }
 
 async fn rename(
-    State(state): State<AppState>,
-    AuthUser(user): AuthUser,
-    CorrelationId(cid): CorrelationId,
-    IdPath(id): IdPath,
-    IfMatch(expected): IfMatch,
-    key: IdempotencyKey,
+    target: OnResource,
     ApiJson(body): ApiJson<RenameBody>,
 ) -> Result<Response, ApiError> {
     let title = body
         .title
         .ok_or_else(|| ApiError::invalid_field("/title", "is required"))?;
     let command = ConversationCommand::Rename {
-        actor: user,
+        actor: target.user(),
         title,
         at: Utc::now(),
     };
-    Invocation::by_owner(&state, user, cid, &key)
-        .execute::<ConversationDecider>(id, expected, command, None, render(StatusCode::OK))
+    target
+        .execute::<ConversationDecider>(command, render(StatusCode::OK))
         .await
 }
 
-async fn archive(
-    State(state): State<AppState>,
-    AuthUser(user): AuthUser,
-    CorrelationId(cid): CorrelationId,
-    IdPath(id): IdPath,
-    IfMatch(expected): IfMatch,
-    key: IdempotencyKey,
-) -> Result<Response, ApiError> {
+async fn archive(target: OnResource) -> Result<Response, ApiError> {
     let command = ConversationCommand::Archive {
-        actor: user,
+        actor: target.user(),
         at: Utc::now(),
     };
-    Invocation::by_owner(&state, user, cid, &key)
-        .execute::<ConversationDecider>(id, expected, command, None, render(StatusCode::OK))
+    target
+        .execute::<ConversationDecider>(command, render(StatusCode::OK))
         .await
 }
 
@@ -155,17 +136,12 @@ struct MessageBody {
 
 /// 202: the message is recorded and the reply is queued for the replier.
 async fn post_message(
-    State(state): State<AppState>,
-    AuthUser(user): AuthUser,
-    CorrelationId(cid): CorrelationId,
-    IdPath(id): IdPath,
-    IfMatch(expected): IfMatch,
-    key: IdempotencyKey,
+    target: OnResource,
     ApiJson(body): ApiJson<MessageBody>,
 ) -> Result<Response, ApiError> {
-    let (message_id, reply_id, at) = (Uuid::now_v7(), Uuid::now_v7(), Utc::now());
+    let (id, message_id, reply_id, at) = (target.id, Uuid::now_v7(), Uuid::now_v7(), Utc::now());
     let command = ConversationCommand::PostMessage {
-        actor: user,
+        actor: target.user(),
         message_id,
         reply_id,
         content: body.content.clone(),
@@ -195,7 +171,5 @@ async fn post_message(
         });
         Reply::new(StatusCode::ACCEPTED, body).version(v)
     };
-    Invocation::by_owner(&state, user, cid, &key)
-        .execute::<ConversationDecider>(id, expected, command, None, render)
-        .await
+    target.execute::<ConversationDecider>(command, render).await
 }
