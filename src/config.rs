@@ -137,6 +137,14 @@ pub struct Config {
     #[arg(long, env = "LOG_DIR")]
     pub log_dir: Option<PathBuf>,
 
+    /// Lifetime of cached resources in Redis, in seconds.
+    #[arg(long, env = "CACHE_TTL_SECONDS", default_value_t = 3600)]
+    pub cache_ttl_seconds: u64,
+
+    /// Longest a query carrying X-Consistency-Token waits for the read side, in ms.
+    #[arg(long, env = "CONSISTENCY_TIMEOUT_MS", default_value_t = 5000)]
+    pub consistency_timeout_ms: u64,
+
     /// Most commands coalesced into one append transaction.
     #[arg(long, env = "APPEND_MAX_BATCH", default_value_t = 256)]
     pub append_max_batch: usize,

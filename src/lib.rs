@@ -6,10 +6,12 @@
 
 pub mod app;
 pub mod auth;
+pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod progress;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use ai_secretary::{
     cli::{Cli, Command},
-    startup::{Application, shutdown_signal},
+    startup::{Application, Roles, shutdown_signal},
     store::postgres,
     telemetry,
 };
@@ -33,35 +33,30 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = cli.config;
-    match cli.command {
-        // The read side, relay and replier are not built yet: the all-in-one
-        // process is the API (the write side) until they are.
-        None | Some(Command::Serve) => {
-            Application::build(&config)
-                .await?
-                .run_until(shutdown_signal())
-                .await?;
-        }
+    let roles = match cli.command {
+        None => Roles::all(),
+        Some(Command::Serve) => Roles::only_api(),
+        Some(Command::Relay) => Roles::only_relay(),
+        Some(Command::Project { names }) => Roles::only_projections(names)?,
         Some(Command::Migrate) => {
             config.validate()?;
             postgres::connect(config.database_url.expose(), 1).await?;
             tracing::info!("migrations applied");
+            return Ok(ExitCode::SUCCESS);
         }
-        Some(
-            command @ (Command::Relay
-            | Command::Project { .. }
-            | Command::Reply
-            | Command::Replay { .. }
-            | Command::Verify { .. }),
-        ) => {
+        Some(command @ (Command::Reply | Command::Replay { .. } | Command::Verify { .. })) => {
             eprintln!(
-                "`{}` is not built yet: it comes with the read side (relay, projections, \
-                 replay, verify) and AI replies work. Today the service runs the API only.",
+                "`{}` is not built yet: it comes with the AI replies (reply) and recovery \
+                 (replay, verify) work.",
                 subcommand_name(&command)
             );
             return Ok(ExitCode::from(2));
         }
-    }
+    };
+    Application::build(&config, roles)
+        .await?
+        .run_until(shutdown_signal())
+        .await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,30 +1,96 @@
 //! Building the service apart from running it (zero2prod's split): `build`
-//! connects, migrates and binds (port 0 works, for tests); `run_until` serves until
-//! the shutdown future resolves, then lets in-flight requests finish.
+//! connects, migrates, binds (port 0 works, for tests) and starts the background
+//! roles; `run_until` serves until the shutdown future resolves, lets in-flight
+//! requests finish, then stops and joins every background task.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::net::TcpListener;
+use ai_secretary_projections::{cache::Cache, worker};
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     app::Commands,
     auth::Tokens,
+    bus::{self, BusConfig, relay::Relay},
     config::Config,
-    http::{self, AppState},
+    http::{self, AppState, read::ReadSide},
+    progress::Progress,
     store::{
         PgEventStore,
         postgres::{self, CoalescingConfig},
     },
 };
 
+/// Which parts of the service this process runs.
+#[derive(Debug, Clone)]
+pub struct Roles {
+    pub api: bool,
+    pub relay: bool,
+    /// Projections to run (by name); empty for none.
+    pub projections: Vec<String>,
+}
+
+impl Roles {
+    /// Everything in one process: the default.
+    pub fn all() -> Roles {
+        Roles {
+            api: true,
+            relay: true,
+            projections: projection_names(),
+        }
+    }
+
+    pub fn only_api() -> Roles {
+        Roles {
+            api: true,
+            relay: false,
+            projections: vec![],
+        }
+    }
+
+    pub fn only_relay() -> Roles {
+        Roles {
+            api: false,
+            relay: true,
+            projections: vec![],
+        }
+    }
+
+    /// The named projections, or all of them.
+    pub fn only_projections(names: Vec<String>) -> anyhow::Result<Roles> {
+        let known = projection_names();
+        if let Some(unknown) = names.iter().find(|n| !known.contains(n)) {
+            anyhow::bail!(
+                "no projection named {unknown:?}; known: {}",
+                known.join(", ")
+            );
+        }
+        Ok(Roles {
+            api: false,
+            relay: false,
+            projections: if names.is_empty() { known } else { names },
+        })
+    }
+}
+
+/// Names of every projection.
+pub fn projection_names() -> Vec<String> {
+    ai_secretary_projections::all(Cache::new("redis://unused", "", Duration::ZERO))
+        .iter()
+        .map(|p| p.name().to_owned())
+        .collect()
+}
+
 pub struct Application {
-    listener: TcpListener,
-    router: axum::Router,
+    api: Option<(TcpListener, axum::Router)>,
     store: PgEventStore,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Application {
-    pub async fn build(config: &Config) -> anyhow::Result<Self> {
+    pub async fn build(config: &Config, roles: Roles) -> anyhow::Result<Self> {
         config.validate()?;
         let pool = postgres::connect(
             config.database_url.expose(),
@@ -32,39 +98,154 @@ impl Application {
         )
         .await?;
         let store = PgEventStore::new(
-            pool,
+            pool.clone(),
             CoalescingConfig {
                 max_batch: config.append_max_batch,
                 flushers: config.append_flushers,
             },
         );
-        let commands = Commands::new(Arc::new(store.clone()));
-        let tokens = Tokens::new(config.jwt_secret_key.expose(), config.access_token_ttl());
-        let router = http::router(AppState::new(commands, tokens), &config.cors_origins);
-        let listener = TcpListener::bind(config.bind).await?;
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let bus = BusConfig {
+            url: config.nats_url.clone(),
+            stream: config.nats_stream.clone(),
+            subject_prefix: config.nats_subject_prefix.clone(),
+        };
+        let cache = Cache::new(
+            &config.redis_url,
+            &config.redis_key_prefix,
+            Duration::from_secs(config.cache_ttl_seconds),
+        );
+
+        if roles.relay || !roles.projections.is_empty() {
+            let jetstream = async_nats::jetstream::new(bus::connect(&bus.url).await?);
+            if roles.relay {
+                let relay = Arc::new(Relay {
+                    pool: pool.clone(),
+                    store: Arc::new(store.clone()),
+                    jetstream: jetstream.clone(),
+                    bus: bus.clone(),
+                });
+                let stop = stop.clone();
+                tasks.push(tokio::spawn(supervise("relay", stop.clone(), move || {
+                    let (relay, stop) = (relay.clone(), stop.clone());
+                    async move { relay.run(&stop).await }
+                })));
+            }
+            let source = worker::Source {
+                stream: bus.stream.clone(),
+                subject_prefix: bus.subject_prefix.clone(),
+            };
+            for projection in ai_secretary_projections::all(cache.clone())
+                .into_iter()
+                .filter(|p| roles.projections.iter().any(|n| n == p.name()))
+            {
+                let (pool, jetstream, source, bus, stop) = (
+                    pool.clone(),
+                    jetstream.clone(),
+                    source.clone(),
+                    bus.clone(),
+                    stop.clone(),
+                );
+                tasks.push(tokio::spawn(supervise(
+                    projection.name(),
+                    stop.clone(),
+                    move || {
+                        let (pool, jetstream, source, bus, stop, projection) = (
+                            pool.clone(),
+                            jetstream.clone(),
+                            source.clone(),
+                            bus.clone(),
+                            stop.clone(),
+                            projection.clone(),
+                        );
+                        async move {
+                            // The relay usually creates the stream; a worker may start first.
+                            bus::ensure_stream(&jetstream, &bus).await?;
+                            Ok(worker::run(pool, jetstream, source, projection, stop).await?)
+                        }
+                    },
+                )));
+            }
+        }
+
+        let api = if roles.api {
+            let (progress, follower) = Progress::start(pool.clone(), stop.clone());
+            tasks.push(follower);
+            let read = ReadSide {
+                pool: pool.clone(),
+                cache,
+                progress,
+                wait_limit: Duration::from_millis(config.consistency_timeout_ms),
+            };
+            let commands = Commands::new(Arc::new(store.clone()));
+            let tokens = Tokens::new(config.jwt_secret_key.expose(), config.access_token_ttl());
+            let router = http::router(AppState::new(commands, tokens, read), &config.cors_origins);
+            Some((TcpListener::bind(config.bind).await?, router))
+        } else {
+            None
+        };
         Ok(Self {
-            listener,
-            router,
+            api,
             store,
+            stop,
+            tasks,
         })
     }
 
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+    /// The API's address, if this process serves it.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        tracing::info!(addr = %self.listener.local_addr()?, "api listening");
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await?;
-        // Requests are done: let the appends they queued finish, then disconnect.
+        match self.api {
+            Some((listener, router)) => {
+                tracing::info!(addr = %listener.local_addr()?, "api listening");
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(shutdown)
+                    .await?;
+            }
+            None => shutdown.await,
+        }
+        // Requests are done: stop the background roles, which finish their batch
+        // (committed batches are acked; an unfinished one is simply read again).
+        self.stop.cancel();
+        for task in self.tasks {
+            if tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("a background task did not stop within 10 s");
+            }
+        }
         self.store.close().await;
-        tracing::info!("api stopped");
+        tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Run a background role until `stop`, restarting it a second after a failure.
+async fn supervise<F, Fut>(name: &'static str, stop: CancellationToken, mut run: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    while !stop.is_cancelled() {
+        if let Err(e) = run().await {
+            tracing::warn!(
+                role = name,
+                error = format!("{e:#}"),
+                "stopped on an error; restarting in 1 s"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = stop.cancelled() => {}
+            }
+        }
     }
 }
 
@@ -94,5 +275,5 @@ pub async fn shutdown_signal() {
         () = ctrl_c => {},
         () = terminate => {},
     }
-    tracing::info!("shutdown signal received; finishing in-flight requests");
+    tracing::info!("shutdown signal received; finishing in-flight work");
 }

@@ -2,11 +2,16 @@
 //! Command responses carry the write model's view; conversation and message
 //! counts come from the read side's GET.
 
+use ai_secretary_projections::{
+    cache::Kind,
+    read::{self, AssistantView, List},
+};
 use axum::{
-    Router,
+    Json, Router,
+    extract::State,
     http::StatusCode,
     response::Response,
-    routing::{patch, post},
+    routing::{get, post},
 };
 use chrono::Utc;
 use serde::Deserialize;
@@ -17,7 +22,8 @@ use super::{
     AppState,
     command::{Caller, OnResource},
     error::ApiError,
-    extract::ApiJson,
+    extract::{ApiJson, AuthUser, IdPath},
+    read::{ConsistencyToken, ListParams},
     reply::Reply,
 };
 use crate::{
@@ -29,8 +35,8 @@ use crate::{
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/assistants", post(create))
-        .route("/assistants/{id}", patch(update).delete(delete))
+        .route("/assistants", post(create).get(list))
+        .route("/assistants/{id}", get(one).patch(update).delete(delete))
         .route("/assistants/{id}/archive", post(archive))
         .route("/assistants/{id}/restore", post(restore))
 }
@@ -145,4 +151,39 @@ async fn delete(target: OnResource) -> Result<Response, ApiError> {
     };
     let render = |_: &AssistantState, _| Reply::no_content();
     target.execute::<AssistantDecider>(command, render).await
+}
+
+/// The caller's assistants with their activity, newest first by default.
+async fn list(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    token: ConsistencyToken,
+    ListParams(page): ListParams,
+) -> Result<Json<List<AssistantView>>, ApiError> {
+    state.read.catch_up(&token, &["assistants"]).await?;
+    Ok(Json(
+        read::assistants_of(&state.read.pool, user, page).await?,
+    ))
+}
+
+/// One assistant with its activity, through the cache.
+async fn one(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    IdPath(id): IdPath,
+    token: ConsistencyToken,
+) -> Result<Reply, ApiError> {
+    state
+        .read
+        .catch_up(&token, &["assistants", "cache"])
+        .await?;
+    let pool = &state.read.pool;
+    let json = state
+        .read
+        .cached(Kind::Assistant, id, user, async || {
+            Ok(read::assistant_of(pool, user, id).await?)
+        })
+        .await?
+        .ok_or(ApiError::NotFound("assistant"))?;
+    Ok(Reply::found(json))
 }

@@ -1,11 +1,16 @@
 //! Conversations: start one with an assistant, rename, archive, and post messages
 //! (each post records the user's message and requests the assistant's reply).
 
+use ai_secretary_projections::{
+    cache::Kind,
+    read::{self, ConversationFilter, ConversationView, List, MessageView},
+};
 use axum::{
-    Router,
+    Json, Router,
+    extract::State,
     http::StatusCode,
     response::Response,
-    routing::{patch, post},
+    routing::{get, post},
 };
 use chrono::Utc;
 use serde::Deserialize;
@@ -16,7 +21,8 @@ use super::{
     AppState,
     command::{Caller, OnResource},
     error::ApiError,
-    extract::ApiJson,
+    extract::{ApiJson, AuthUser, IdPath},
+    read::{ConsistencyToken, ListParams, RawQuery},
     reply::Reply,
 };
 use crate::{
@@ -29,10 +35,13 @@ use crate::{
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/conversations", post(start))
-        .route("/conversations/{id}", patch(rename))
+        .route("/conversations", post(start).get(list))
+        .route("/conversations/{id}", get(one).patch(rename))
         .route("/conversations/{id}/archive", post(archive))
-        .route("/conversations/{id}/messages", post(post_message))
+        .route(
+            "/conversations/{id}/messages",
+            post(post_message).get(messages),
+        )
 }
 
 fn conversation_json(state: &ConversationState, version: i64) -> Value {
@@ -172,4 +181,77 @@ async fn post_message(
         Reply::new(StatusCode::ACCEPTED, body).version(v)
     };
     target.execute::<ConversationDecider>(command, render).await
+}
+
+/// The caller's conversations, newest first by default; `?assistant_id` and
+/// `?status` filter.
+async fn list(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    token: ConsistencyToken,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<List<ConversationView>>, ApiError> {
+    let ListParams(page) = ListParams::parse(&raw, true)?;
+    let filter = ConversationFilter {
+        assistant_id: raw
+            .get("assistant_id")
+            .map(|v| {
+                v.parse().map_err(|_| {
+                    ApiError::invalid_field("/assistant_id", "must be an assistant id")
+                })
+            })
+            .transpose()?,
+        status: match raw.get("status").map(String::as_str) {
+            None => None,
+            Some(s @ ("active" | "archived")) => Some(s.to_owned()),
+            Some(_) => {
+                return Err(ApiError::invalid_field(
+                    "/status",
+                    "must be active or archived",
+                ));
+            }
+        },
+    };
+    state.read.catch_up(&token, &["conversations"]).await?;
+    Ok(Json(
+        read::conversations_of(&state.read.pool, user, &filter, page).await?,
+    ))
+}
+
+/// One conversation, through the cache.
+async fn one(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    IdPath(id): IdPath,
+    token: ConsistencyToken,
+) -> Result<Reply, ApiError> {
+    state
+        .read
+        .catch_up(&token, &["conversations", "cache"])
+        .await?;
+    let pool = &state.read.pool;
+    let json = state
+        .read
+        .cached(Kind::Conversation, id, user, async || {
+            Ok(read::conversation_of(pool, user, id).await?)
+        })
+        .await?
+        .ok_or(ApiError::NotFound("conversation"))?;
+    Ok(Reply::found(json))
+}
+
+/// A conversation's user messages and replies, oldest first by default.
+async fn messages(
+    State(state): State<AppState>,
+    AuthUser(user): AuthUser,
+    IdPath(id): IdPath,
+    token: ConsistencyToken,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<List<MessageView>>, ApiError> {
+    let ListParams(page) = ListParams::parse(&raw, false)?;
+    state.read.catch_up(&token, &["messages"]).await?;
+    read::messages_of(&state.read.pool, user, id, page)
+        .await?
+        .map(Json)
+        .ok_or(ApiError::NotFound("conversation"))
 }

@@ -1,6 +1,7 @@
 //! The REST API of DESIGN.md. Each resource owns its `router()`; this module only
 //! merges them and wraps them in the layers every request passes through.
 
+mod admin;
 mod assistants;
 mod command;
 mod conversations;
@@ -8,7 +9,9 @@ pub mod error;
 mod extract;
 mod health;
 mod idempotency;
+pub mod read;
 mod reply;
+mod stats;
 mod users;
 
 use std::time::Duration;
@@ -43,14 +46,16 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub struct AppState {
     pub commands: Commands,
     pub tokens: Tokens,
+    pub read: read::ReadSide,
     in_flight: idempotency::InFlight,
 }
 
 impl AppState {
-    pub fn new(commands: Commands, tokens: Tokens) -> Self {
+    pub fn new(commands: Commands, tokens: Tokens, read: read::ReadSide) -> Self {
         Self {
             commands,
             tokens,
+            read,
             in_flight: Default::default(),
         }
     }
@@ -61,7 +66,9 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Router {
     let api = Router::new()
         .merge(users::router())
         .merge(assistants::router())
-        .merge(conversations::router());
+        .merge(conversations::router())
+        .merge(stats::router())
+        .merge(admin::router());
     Router::new()
         .nest("/api/v1", api)
         .merge(health::router())

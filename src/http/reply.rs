@@ -33,6 +33,14 @@ impl Reply {
         }
     }
 
+    /// A query's answer: 200 with the resource, its `version` as the ETag.
+    pub fn found(body: Value) -> Self {
+        let version = body.get("version").and_then(Value::as_i64);
+        let mut reply = Self::new(StatusCode::OK, body);
+        reply.etag = version;
+        reply
+    }
+
     pub fn no_content() -> Self {
         Self {
             status: StatusCode::NO_CONTENT,

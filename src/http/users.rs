@@ -1,5 +1,6 @@
 //! Accounts: register, exchange credentials for a bearer token, read one's profile.
 
+use ai_secretary_projections::cache::Kind;
 use axum::{
     Json, Router,
     extract::State,
@@ -156,14 +157,22 @@ async fn token(
     })))
 }
 
-/// The caller's profile, from their own stream (always current).
+/// The caller's profile: from the cache, else from their own stream (always
+/// current, so no consistency token is needed).
 async fn me(State(state): State<AppState>, AuthUser(user_id): AuthUser) -> Result<Reply, ApiError> {
+    let cache = &state.read.cache;
+    if let Some(json) = cache.get(Kind::User, user_id, user_id).await {
+        return Ok(Reply::found(json));
+    }
     let loaded = state.commands.load::<UserDecider>(user_id).await?;
     if matches!(loaded.state, UserState::Unregistered) {
         return Err(ApiError::Unauthorized("the token's account does not exist"));
     }
-    Ok(
-        Reply::new(StatusCode::OK, user_json(&loaded.state, loaded.version))
-            .version(loaded.version),
-    )
+    let json = user_json(&loaded.state, loaded.version);
+    if let Some(at) = loaded.position {
+        cache
+            .fill(Kind::User, user_id, user_id, at.into(), &json)
+            .await;
+    }
+    Ok(Reply::found(json))
 }

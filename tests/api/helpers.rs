@@ -1,37 +1,58 @@
 //! `spawn_app()`: the service built as `main` builds it, bound to port 0, with a
 //! database of its own; and the few calls every test makes.
 
-use ai_secretary::{cli::Cli, startup::Application};
+use ai_secretary::{
+    cli::Cli,
+    startup::{Application, Roles},
+};
 use clap::Parser;
 use reqwest::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use crate::support::TestDb;
+use crate::support::{BusNames, TestDb};
 
 pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub db: TestDb,
+    /// This test's names on the shared NATS and Redis.
+    /// Held so the stream and keys are removed when the test ends.
+    _names: BusNames,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
+/// The service, all in one process (API, relay, projections), on its own database,
+/// JetStream stream, subject prefix and Redis key prefix.
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// `spawn_app` with extra command-line options (e.g. a private server's URL).
+pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
     let db = TestDb::new().await;
-    let cli = Cli::try_parse_from([
+    let names = BusNames::new();
+    let mut args = vec![
         "ai-secretary",
         "--database-url",
         &db.url,
         "--bind",
         "127.0.0.1:0",
         "--database-max-connections",
-        "5",
+        "12",
         "--environment",
         "development",
-    ])
-    .expect("test configuration parses");
-    let app = Application::build(&cli.config)
+        "--nats-stream",
+        &names.stream,
+        "--nats-subject-prefix",
+        &names.subject_prefix,
+        "--redis-key-prefix",
+        &names.redis_prefix,
+    ];
+    args.extend_from_slice(extra);
+    let cli = Cli::try_parse_from(args).expect("test configuration parses");
+    let app = Application::build(&cli.config, Roles::all())
         .await
         .expect("the application builds");
     let address = format!("http://{}", app.local_addr().unwrap());
@@ -43,6 +64,7 @@ pub async fn spawn_app() -> TestApp {
         address,
         client: reqwest::Client::new(),
         db,
+        _names: names,
         shutdown: Some(shutdown),
         server: Some(server),
     }

@@ -1,3 +1,4 @@
+#![allow(dead_code)] // each test binary uses a different part of this module
 //! Shared by the integration test binaries: a fresh Postgres database per test,
 //! dropped when the test ends (pass or fail).
 
@@ -52,5 +53,67 @@ impl Drop for TestDb {
         if !matches!(dropped, Ok(Some(_))) {
             eprintln!("warning: could not drop test database {}", self.name);
         }
+    }
+}
+
+/// A test's own names on the shared NATS server and Redis; the stream and the
+/// keys are removed on `Drop`.
+pub struct BusNames {
+    pub stream: String,
+    pub subject_prefix: String,
+    pub redis_prefix: String,
+    pub nats_url: String,
+    pub redis_url: String,
+}
+
+impl BusNames {
+    pub fn new() -> BusNames {
+        let id = Uuid::new_v4().simple().to_string();
+        BusNames {
+            stream: format!("TEST_{id}"),
+            subject_prefix: format!("test_{id}.events"),
+            redis_prefix: format!("test_{id}"),
+            nats_url: "nats://127.0.0.1:4222".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+        }
+    }
+}
+
+impl Drop for BusNames {
+    fn drop(&mut self) {
+        let (stream, prefix) = (self.stream.clone(), self.redis_prefix.clone());
+        let (nats_url, redis_url) = (self.nats_url.clone(), self.redis_url.clone());
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let cleanup = async {
+                    if let Ok(client) = async_nats::connect(&nats_url).await {
+                        let _ = async_nats::jetstream::new(client)
+                            .delete_stream(&stream)
+                            .await;
+                    }
+                    if let Ok(client) = redis::Client::open(redis_url.as_str())
+                        && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                    {
+                        let keys: Vec<String> = redis::cmd("KEYS")
+                            .arg(format!("{prefix}:*"))
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap_or_default();
+                        if !keys.is_empty() {
+                            let _: redis::RedisResult<()> =
+                                redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+                        }
+                    }
+                };
+                tokio::time::timeout(std::time::Duration::from_secs(5), cleanup)
+                    .await
+                    .ok()
+            })
+        })
+        .join();
     }
 }

@@ -1,0 +1,251 @@
+//! The wire contract: one event as the relay publishes it, and the payloads the
+//! read side understands, decoded from `event_type` + `data` (docs/events.md).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// One event as published: its place in the store and its payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventEnvelope {
+    pub event_id: Uuid,
+    pub stream_id: Uuid,
+    pub stream_type: String,
+    /// Position in its stream, from 1.
+    pub version: i64,
+    pub event_type: String,
+    pub schema_version: i32,
+    /// Commit order: `(transaction_id, global_position)` orders all events.
+    pub transaction_id: i64,
+    pub global_position: i64,
+    pub recorded_at: DateTime<Utc>,
+    pub data: Value,
+    pub metadata: Value,
+}
+
+/// A place in commit order (the projections' checkpoints and cache stamps).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Position {
+    pub transaction_id: i64,
+    pub global_position: i64,
+}
+
+impl EventEnvelope {
+    pub fn position(&self) -> Position {
+        Position {
+            transaction_id: self.transaction_id,
+            global_position: self.global_position,
+        }
+    }
+
+    /// The payload, decoded; an event the read side knows but cannot read is poison.
+    pub fn decode(&self) -> Result<Event, String> {
+        fn data<T: DeserializeOwned>(e: &EventEnvelope) -> Result<T, String> {
+            serde_json::from_value(e.data.clone())
+                .map_err(|err| format!("{} v{}: {err}", e.event_type, e.schema_version))
+        }
+        Ok(match self.event_type.as_str() {
+            "UserRegistered" => Event::UserRegistered,
+            "AssistantCreated" => Event::AssistantCreated(data(self)?),
+            "AssistantUpdated" => Event::AssistantUpdated(data(self)?),
+            "AssistantArchived" => Event::AssistantStatus {
+                status: "archived",
+                at: data::<At>(self)?.at,
+            },
+            "AssistantRestored" => Event::AssistantStatus {
+                status: "active",
+                at: data::<At>(self)?.at,
+            },
+            "AssistantDeleted" => Event::AssistantDeleted,
+            "ConversationStarted" => Event::ConversationStarted(data(self)?),
+            "ConversationRenamed" => Event::ConversationRenamed(data(self)?),
+            "ConversationArchived" => Event::ConversationArchived {
+                at: data::<At>(self)?.at,
+            },
+            "MessagePosted" => Event::MessagePosted(data(self)?),
+            "ReplyRequested" => Event::ReplyRequested(data(self)?),
+            "ReplyCompleted" => Event::ReplyCompleted(data(self)?),
+            "ReplyFailed" => Event::ReplyFailed(data(self)?),
+            _ => Event::Unknown,
+        })
+    }
+}
+
+/// The timestamp of a lifecycle event, whatever its field is called.
+#[derive(Deserialize)]
+struct At {
+    #[serde(
+        alias = "archived_at",
+        alias = "restored_at",
+        alias = "deleted_at",
+        alias = "renamed_at"
+    )]
+    at: DateTime<Utc>,
+}
+
+/// The events the read side acts on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    UserRegistered,
+    AssistantCreated(AssistantCreated),
+    AssistantUpdated(AssistantUpdated),
+    AssistantStatus {
+        status: &'static str,
+        at: DateTime<Utc>,
+    },
+    AssistantDeleted,
+    ConversationStarted(ConversationStarted),
+    ConversationRenamed(ConversationRenamed),
+    ConversationArchived {
+        at: DateTime<Utc>,
+    },
+    MessagePosted(MessagePosted),
+    ReplyRequested(ReplyRequested),
+    ReplyCompleted(ReplyCompleted),
+    ReplyFailed(ReplyFailed),
+    /// A type this version does not know: skipped, so a newer writer cannot stall it.
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct AssistantCreated {
+    pub owner_id: Uuid,
+    pub name: String,
+    pub role: String,
+    pub instructions: String,
+    pub model: String,
+    pub temperature: f64,
+    pub metadata: Value,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct AssistantUpdated {
+    pub name: Option<String>,
+    pub role: Option<String>,
+    pub instructions: Option<String>,
+    pub model: Option<String>,
+    pub temperature: Option<f64>,
+    pub metadata: Option<Value>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ConversationStarted {
+    pub owner_id: Uuid,
+    pub assistant_id: Uuid,
+    pub title: String,
+    pub started_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ConversationRenamed {
+    pub title: String,
+    pub renamed_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct MessagePosted {
+    pub message_id: Uuid,
+    pub content: String,
+    pub posted_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ReplyRequested {
+    pub reply_id: Uuid,
+    pub reply_to: Uuid,
+    pub assistant_id: Uuid,
+    pub requested_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ReplyCompleted {
+    pub reply_id: Uuid,
+    pub content: String,
+    pub model: String,
+    pub finish_reason: String,
+    pub usage: Usage,
+    pub completed_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ReplyFailed {
+    pub reply_id: Uuid,
+    pub error: String,
+    pub failed_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(event_type: &str, data: Value) -> EventEnvelope {
+        EventEnvelope {
+            event_id: Uuid::nil(),
+            stream_id: Uuid::nil(),
+            stream_type: "conversation".into(),
+            version: 2,
+            event_type: event_type.into(),
+            schema_version: 1,
+            transaction_id: 734,
+            global_position: 4,
+            recorded_at: "2026-11-29T16:58:58Z".parse().unwrap(),
+            data,
+            metadata: serde_json::json!({}),
+        }
+    }
+
+    #[test]
+    fn an_envelope_reads_from_its_documented_json() {
+        let json = r#"{
+            "event_id": "01a2283e-dd68-7136-b818-38152beae53d",
+            "stream_id": "01a2283e-dcf3-7482-a9df-49d370ed5128",
+            "stream_type": "conversation",
+            "version": 2,
+            "event_type": "MessagePosted",
+            "schema_version": 1,
+            "transaction_id": 734,
+            "global_position": 4,
+            "recorded_at": "2026-11-29T16:58:58.280348Z",
+            "data": {"message_id": "01a2283e-dd68-7136-b818-38152beae53d", "content": "hi", "posted_at": "2026-11-29T16:58:58.280348Z"},
+            "metadata": {"correlation_id": "c-1"}
+        }"#;
+        let envelope: EventEnvelope = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            envelope.position(),
+            Position {
+                transaction_id: 734,
+                global_position: 4
+            }
+        );
+        assert!(matches!(envelope.decode(), Ok(Event::MessagePosted(m)) if m.content == "hi"));
+    }
+
+    #[test]
+    fn unknown_types_are_skipped_and_broken_payloads_are_poison() {
+        let unknown = envelope("SomethingNew", serde_json::json!({}));
+        assert_eq!(unknown.decode(), Ok(Event::Unknown));
+        let broken = envelope("MessagePosted", serde_json::json!({ "content": 5 }));
+        assert!(broken.decode().unwrap_err().contains("MessagePosted"));
+        let archived = envelope(
+            "AssistantArchived",
+            serde_json::json!({ "archived_at": "2026-01-01T00:00:00Z" }),
+        );
+        assert!(matches!(
+            archived.decode(),
+            Ok(Event::AssistantStatus {
+                status: "archived",
+                ..
+            })
+        ));
+    }
+}

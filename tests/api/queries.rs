@@ -1,0 +1,266 @@
+//! The read side through the API: commands → relay → JetStream → projections →
+//! queries, with read-your-writes on X-Consistency-Token.
+
+use reqwest::{Method, Response, StatusCode};
+use serde_json::{Value, json};
+
+use crate::helpers::{TestApp, problem, spawn_app};
+
+/// GET with a bearer token and, if given, a consistency token.
+async fn get(app: &TestApp, path: &str, token: &str, consistency: Option<&str>) -> Response {
+    let mut request = app
+        .client
+        .get(app.url(&format!("/api/v1{path}")))
+        .bearer_auth(token);
+    if let Some(c) = consistency {
+        request = request.header("x-consistency-token", c);
+    }
+    request.send().await.unwrap()
+}
+
+fn consistency(response: &Response) -> String {
+    response.headers()["x-consistency-token"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
+    let app = spawn_app().await;
+    let token = app.signed_up("reader@example.com").await;
+    let assistant = app.assistant(&token, "Mika").await;
+    let conversation = app.conversation(&token, &assistant["id"]).await;
+    let id = conversation["id"].as_str().unwrap();
+    let posted = app
+        .post(
+            &format!("/conversations/{id}/messages"),
+            &token,
+            json!({ "content": "Book a table for two at 7pm" }),
+        )
+        .await;
+    let at = consistency(&posted);
+    let posted: Value = posted.json().await.unwrap();
+
+    // The messages, in order, right after the post.
+    let messages = get(
+        &app,
+        &format!("/conversations/{id}/messages"),
+        &token,
+        Some(&at),
+    )
+    .await;
+    assert_eq!(messages.status(), StatusCode::OK);
+    let messages: Value = messages.json().await.unwrap();
+    assert_eq!(messages["object"], "list");
+    let data = messages["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    assert_eq!(data[0]["id"], posted["message"]["id"]);
+    assert_eq!(data[0]["role"], "user");
+    assert_eq!(data[0]["content"], "Book a table for two at 7pm");
+    assert_eq!(data[1]["id"], posted["reply"]["id"]);
+    assert_eq!(data[1]["status"], "queued");
+    assert_eq!(messages["has_more"], false);
+
+    // The assistant with its activity, listed and alone (through the cache, twice).
+    let list: Value = get(&app, "/assistants", &token, Some(&at))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["data"][0]["id"], assistant["id"]);
+    assert_eq!(list["data"][0]["conversation_count"], 1);
+    assert_eq!(list["data"][0]["message_count"], 2);
+    let path = format!("/assistants/{}", assistant["id"].as_str().unwrap());
+    let one = get(&app, &path, &token, Some(&at)).await;
+    assert_eq!(one.status(), StatusCode::OK);
+    assert_eq!(one.headers()["etag"], "\"1\"");
+    let one: Value = one.json().await.unwrap();
+    assert_eq!(one, list["data"][0]);
+    let cached: Value = get(&app, &path, &token, None).await.json().await.unwrap();
+    assert_eq!(cached, one);
+
+    // The conversation, filtered lists, and usage (no reply yet: zero).
+    let conversation: Value = get(&app, &format!("/conversations/{id}"), &token, Some(&at))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(conversation["message_count"], 2);
+    assert_eq!(conversation["usage"]["total_tokens"], 0);
+    let filtered: Value = get(
+        &app,
+        &format!(
+            "/conversations?assistant_id={}&status=active",
+            assistant["id"].as_str().unwrap()
+        ),
+        &token,
+        Some(&at),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(filtered["data"].as_array().unwrap().len(), 1);
+    let archived: Value = get(&app, "/conversations?status=archived", &token, Some(&at))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(archived["data"].as_array().unwrap().len(), 0);
+    let usage: Value = get(&app, "/stats/usage?group_by=model", &token, Some(&at))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usage["object"], "usage");
+    assert_eq!(usage["total"]["messages"], 0);
+
+    // A change shows through the cache at once with its token.
+    let renamed = app
+        .send(
+            Method::PATCH,
+            &format!("/api/v1{path}"),
+            Some(&token),
+            Some(json!({ "name": "Mika II" })),
+        )
+        .await;
+    let at = consistency(&renamed);
+    let after: Value = get(&app, &path, &token, Some(&at))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(after["name"], "Mika II");
+    assert_eq!(after["version"], 2);
+
+    // Projections report no lag once caught up.
+    let status: Value = get(&app, "/admin/projections", &token, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = status["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "assistants",
+        "cache",
+        "conversations",
+        "messages",
+        "relay",
+        "usage_daily",
+    ] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+}
+
+#[tokio::test]
+async fn queries_are_scoped_to_their_owner() {
+    let app = spawn_app().await;
+    let alice = app.signed_up("alice@example.com").await;
+    let mallory = app.signed_up("mallory@example.com").await;
+    let assistant = app.assistant(&alice, "Private").await;
+    let response = app
+        .post(
+            "/conversations",
+            &alice,
+            json!({ "assistant_id": assistant["id"] }),
+        )
+        .await;
+    let at = consistency(&response);
+    let conversation: Value = response.json().await.unwrap();
+    let (a, c) = (
+        assistant["id"].as_str().unwrap(),
+        conversation["id"].as_str().unwrap(),
+    );
+    // Alice sees it (so the read side has it); Mallory gets 404s and empty lists.
+    assert_eq!(
+        get(&app, &format!("/conversations/{c}"), &alice, Some(&at))
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    for path in [
+        format!("/assistants/{a}"),
+        format!("/conversations/{c}"),
+        format!("/conversations/{c}/messages"),
+    ] {
+        problem(
+            get(&app, &path, &mallory, Some(&at)).await,
+            StatusCode::NOT_FOUND,
+        )
+        .await;
+    }
+    for path in ["/assistants", "/conversations"] {
+        let list: Value = get(&app, path, &mallory, Some(&at))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(list["data"], json!([]), "{path}");
+    }
+}
+
+#[tokio::test]
+async fn pages_stay_stable_while_new_rows_arrive() {
+    let app = spawn_app().await;
+    let token = app.signed_up("pager@example.com").await;
+    let mut created = Vec::new();
+    for i in 0..7 {
+        created.push(app.assistant(&token, &format!("A{i}")).await["id"].clone());
+    }
+    let last = app
+        .post("/assistants", &token, json!({ "name": "A7" }))
+        .await;
+    let mut at = consistency(&last);
+    created.push(last.json::<Value>().await.unwrap()["id"].clone());
+
+    // Newest first, three at a time, while more are created between pages.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let path = match &after {
+            Some(a) => format!("/assistants?limit=3&after={a}"),
+            None => "/assistants?limit=3".to_owned(),
+        };
+        let page: Value = get(&app, &path, &token, Some(&at))
+            .await
+            .json()
+            .await
+            .unwrap();
+        seen.extend(
+            page["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["id"].clone()),
+        );
+        let newer = app
+            .post("/assistants", &token, json!({ "name": "late" }))
+            .await;
+        at = consistency(&newer);
+        if page["has_more"] == false {
+            break;
+        }
+        after = Some(page["last_id"].as_str().unwrap().to_owned());
+    }
+    created.reverse();
+    assert_eq!(
+        seen, created,
+        "every original once, newest first, none of the late ones"
+    );
+
+    // And back: `before` the first page's first id is empty; asc order reverses.
+    let asc: Value = get(&app, "/assistants?order=asc&limit=2", &token, Some(&at))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(asc["data"][0]["id"], created[created.len() - 1]);
+    let bad = get(&app, "/assistants?limit=0", &token, None).await;
+    problem(bad, StatusCode::UNPROCESSABLE_ENTITY).await;
+}
