@@ -6,8 +6,8 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use ai_secretary_projections::{cache::Cache, worker};
-use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 use crate::{
     app::Commands,
@@ -86,7 +86,8 @@ pub struct Application {
     api: Option<(TcpListener, axum::Router)>,
     store: PgEventStore,
     stop: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    /// Background roles; dropped unjoined (the process is going away), they abort.
+    tasks: Vec<AbortOnDropHandle<()>>,
 }
 
 impl Application {
@@ -117,8 +118,10 @@ impl Application {
             Duration::from_secs(config.cache_ttl_seconds),
         );
 
+        // Connecting does not wait for the server: NATS may come up later.
+        let nats = bus::connect(&bus.url).await?;
         if roles.relay || !roles.projections.is_empty() {
-            let jetstream = async_nats::jetstream::new(bus::connect(&bus.url).await?);
+            let jetstream = async_nats::jetstream::new(nats.clone());
             if roles.relay {
                 let relay = Arc::new(Relay {
                     pool: pool.clone(),
@@ -127,7 +130,7 @@ impl Application {
                     bus: bus.clone(),
                 });
                 let stop = stop.clone();
-                tasks.push(tokio::spawn(supervise("relay", stop.clone(), move || {
+                tasks.push(spawn(supervise("relay", stop.clone(), move || {
                     let (relay, stop) = (relay.clone(), stop.clone());
                     async move { relay.run(&stop).await }
                 })));
@@ -147,7 +150,7 @@ impl Application {
                     bus.clone(),
                     stop.clone(),
                 );
-                tasks.push(tokio::spawn(supervise(
+                tasks.push(spawn(supervise(
                     projection.name(),
                     stop.clone(),
                     move || {
@@ -171,12 +174,14 @@ impl Application {
 
         let api = if roles.api {
             let (progress, follower) = Progress::start(pool.clone(), stop.clone());
-            tasks.push(follower);
+            tasks.push(AbortOnDropHandle::new(follower));
             let read = ReadSide {
                 pool: pool.clone(),
                 cache,
                 progress,
                 wait_limit: Duration::from_millis(config.consistency_timeout_ms),
+                nats,
+                subject_prefix: bus.subject_prefix.clone(),
             };
             let commands = Commands::new(Arc::new(store.clone()));
             let tokens = Tokens::new(config.jwt_secret_key.expose(), config.access_token_ttl());
@@ -226,6 +231,10 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+fn spawn(task: impl Future<Output = ()> + Send + 'static) -> AbortOnDropHandle<()> {
+    AbortOnDropHandle::new(tokio::spawn(task))
 }
 
 /// Run a background role until `stop`, restarting it a second after a failure.

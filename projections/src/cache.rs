@@ -140,6 +140,17 @@ impl Cache {
         Ok(manager)
     }
 
+    /// Ask Redis whether it answers (for readiness checks).
+    pub async fn ping(&self) -> bool {
+        let Some(mut redis) = self.note(self.redis().await).await else {
+            return false;
+        };
+        let pong: Option<String> = self
+            .note(redis::cmd("PING").query_async(&mut redis).await)
+            .await;
+        pong.is_some()
+    }
+
     /// Whether the last Redis call succeeded.
     pub fn available(&self) -> bool {
         self.available.load(Ordering::Relaxed)

@@ -71,19 +71,7 @@ impl Relay {
     async fn publish(&self, events: &[RecordedEvent]) -> anyhow::Result<()> {
         let mut acks = Vec::with_capacity(events.len());
         for e in events {
-            let envelope = EventEnvelope {
-                event_id: e.event_id,
-                stream_id: e.stream_id,
-                stream_type: e.stream_type.clone(),
-                version: e.version,
-                event_type: e.event_type.clone(),
-                schema_version: e.schema_version,
-                transaction_id: e.position.transaction_id,
-                global_position: e.position.global_position,
-                recorded_at: e.recorded_at,
-                data: e.data.clone(),
-                metadata: e.metadata.clone(),
-            };
+            let envelope = EventEnvelope::from(e);
             let message = PublishMessage::build()
                 .payload(serde_json::to_vec(&envelope)?.into())
                 .message_id(e.event_id.to_string());

@@ -16,22 +16,33 @@ async fn health() -> Json<Value> {
     Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
 }
 
+/// 503 only when Postgres (the source of truth) is unreachable; a missing Redis
+/// or NATS degrades the service (no cache, read side paused) but commands and
+/// queries still work, so it stays ready and says so.
 async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let postgres = state.commands.store().ping().await;
+    let (postgres, redis) = tokio::join!(state.commands.store().ping(), state.read.cache.ping());
     if let Err(e) = &postgres {
         tracing::warn!(error = %e, "readiness: postgres unreachable");
     }
-    let status = if postgres.is_ok() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let nats = matches!(
+        state.read.nats.connection_state(),
+        async_nats::connection::State::Connected
+    );
     let check = |ok: bool| if ok { "ok" } else { "unavailable" };
+    let (status, summary) = match (postgres.is_ok(), redis && nats) {
+        (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        (true, false) => (StatusCode::OK, "degraded"),
+        (true, true) => (StatusCode::OK, "ready"),
+    };
     (
         status,
         Json(json!({
-            "status": if status.is_success() { "ready" } else { "unavailable" },
-            "checks": { "postgres": check(postgres.is_ok()) },
+            "status": summary,
+            "checks": {
+                "postgres": check(postgres.is_ok()),
+                "redis": check(redis),
+                "nats": check(nats),
+            },
         })),
     )
 }

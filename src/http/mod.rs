@@ -12,6 +12,7 @@ mod idempotency;
 pub mod read;
 mod reply;
 mod stats;
+mod stream;
 mod users;
 
 use std::time::Duration;
@@ -67,6 +68,7 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Router {
         .merge(users::router())
         .merge(assistants::router())
         .merge(conversations::router())
+        .merge(stream::router())
         .merge(stats::router())
         .merge(admin::router());
     Router::new()

@@ -27,6 +27,9 @@ pub struct ReadSide {
     pub progress: Progress,
     /// Longest a query waits for its consistency token.
     pub wait_limit: Duration,
+    /// For live updates (SSE): core NATS subscriptions on the event subjects.
+    pub nats: async_nats::Client,
+    pub subject_prefix: String,
 }
 
 impl ReadSide {

@@ -208,3 +208,22 @@ pub trait EventStore: Send + Sync + 'static {
     /// Can the store be reached?
     async fn ping(&self) -> Result<(), StoreError>;
 }
+
+/// An event as the bus carries it (the projections crate's wire contract).
+impl From<&RecordedEvent> for ai_secretary_projections::EventEnvelope {
+    fn from(e: &RecordedEvent) -> Self {
+        ai_secretary_projections::EventEnvelope {
+            event_id: e.event_id,
+            stream_id: e.stream_id,
+            stream_type: e.stream_type.clone(),
+            version: e.version,
+            event_type: e.event_type.clone(),
+            schema_version: e.schema_version,
+            transaction_id: e.position.transaction_id,
+            global_position: e.position.global_position,
+            recorded_at: e.recorded_at,
+            data: e.data.clone(),
+            metadata: e.metadata.clone(),
+        }
+    }
+}

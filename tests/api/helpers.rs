@@ -16,9 +16,9 @@ pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub db: TestDb,
-    /// This test's names on the shared NATS and Redis.
-    /// Held so the stream and keys are removed when the test ends.
-    _names: BusNames,
+    /// This test's names on NATS and Redis; the stream and keys go when it drops.
+    #[allow(dead_code)] // read by the resilience tests
+    pub names: BusNames,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -31,8 +31,12 @@ pub async fn spawn_app() -> TestApp {
 
 /// `spawn_app` with extra command-line options (e.g. a private server's URL).
 pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
-    let db = TestDb::new().await;
-    let names = BusNames::new();
+    spawn_app_on(TestDb::new().await, BusNames::new(), extra, Roles::all()).await
+}
+
+/// The service with the given roles on an existing database and bus names, so a
+/// test can stop one instance and start another on the same data.
+pub async fn spawn_app_on(db: TestDb, names: BusNames, extra: &[&str], roles: Roles) -> TestApp {
     let mut args = vec![
         "ai-secretary",
         "--database-url",
@@ -52,10 +56,12 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
     ];
     args.extend_from_slice(extra);
     let cli = Cli::try_parse_from(args).expect("test configuration parses");
-    let app = Application::build(&cli.config, Roles::all())
+    let app = Application::build(&cli.config, roles)
         .await
         .expect("the application builds");
-    let address = format!("http://{}", app.local_addr().unwrap());
+    let address = app
+        .local_addr()
+        .map_or_else(String::new, |a| format!("http://{a}"));
     let (shutdown, stop) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async {
         let _ = stop.await;
@@ -64,7 +70,7 @@ pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
         address,
         client: reqwest::Client::new(),
         db,
-        _names: names,
+        names,
         shutdown: Some(shutdown),
         server: Some(server),
     }
@@ -167,8 +173,22 @@ impl TestApp {
     }
 }
 
-/// Stop the server gracefully and wait for it, so its pool is closed before the
-/// database is dropped.
+impl TestApp {
+    /// Stop this instance abruptly (like a crash: nothing is flushed or acked) and
+    /// hand back its database and bus names for the next instance.
+    #[allow(dead_code)] // used by the resilience tests
+    pub fn crash(mut self) -> (TestDb, BusNames) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+        self.shutdown.take();
+        let db = std::mem::replace(&mut self.db, TestDb::detached());
+        let names = std::mem::replace(&mut self.names, BusNames::detached());
+        (db, names)
+    }
+}
+
+/// Stop the server when the test ends.
 impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {

@@ -11,4 +11,6 @@ mod health;
 mod helpers;
 mod idempotency;
 mod queries;
+mod resilience;
+mod stream;
 mod users;

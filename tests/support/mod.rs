@@ -29,8 +29,24 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// A placeholder that owns nothing (dropping it drops no database).
+    pub fn detached() -> TestDb {
+        TestDb {
+            name: String::new(),
+            url: String::new(),
+            pool: sqlx::postgres::PgPoolOptions::new()
+                .connect_lazy(&format!("{}/postgres", server_url()))
+                .expect("a lazy pool needs no server"),
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
+        if self.name.is_empty() {
+            return;
+        }
         let name = self.name.clone();
         let admin = format!("{}/postgres", server_url());
         // Drop runs outside async; a short-lived runtime on its own thread does the SQL.
@@ -79,8 +95,24 @@ impl BusNames {
     }
 }
 
+impl BusNames {
+    /// A placeholder that owns nothing (dropping it removes nothing).
+    pub fn detached() -> BusNames {
+        BusNames {
+            stream: String::new(),
+            subject_prefix: String::new(),
+            redis_prefix: String::new(),
+            nats_url: String::new(),
+            redis_url: String::new(),
+        }
+    }
+}
+
 impl Drop for BusNames {
     fn drop(&mut self) {
+        if self.stream.is_empty() {
+            return;
+        }
         let (stream, prefix) = (self.stream.clone(), self.redis_prefix.clone());
         let (nats_url, redis_url) = (self.nats_url.clone(), self.redis_url.clone());
         let _ = std::thread::spawn(move || {
