@@ -9,12 +9,9 @@ use crate::envelope::Position;
 /// Channel on which every checkpoint move is announced (payload `name tx.gp`).
 pub const CHANNEL: &str = "ai_secretary_checkpoints";
 
-/// Read (and lock, inside a transaction) a checkpoint; a new name starts at zero.
+/// Read and lock a checkpoint inside the batch's transaction (the row exists:
+/// the worker creates it before consuming).
 pub async fn lock(conn: &mut PgConnection, name: &str) -> Result<Position, sqlx::Error> {
-    sqlx::query("INSERT INTO checkpoints (name) VALUES ($1) ON CONFLICT (name) DO NOTHING")
-        .bind(name)
-        .execute(&mut *conn)
-        .await?;
     let row = sqlx::query(
         "SELECT transaction_id, global_position FROM checkpoints WHERE name = $1 FOR UPDATE",
     )
@@ -27,32 +24,32 @@ pub async fn lock(conn: &mut PgConnection, name: &str) -> Result<Position, sqlx:
     })
 }
 
-/// Move a checkpoint forward by `applied` events and announce it on commit.
+/// Move a checkpoint forward by `applied` events (and to the JetStream message
+/// `stream_sequence`, if known), announcing it on commit. One statement.
 pub async fn save(
     conn: &mut PgConnection,
     name: &str,
     position: Position,
     applied: i64,
+    stream_sequence: Option<i64>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE checkpoints
-         SET transaction_id = $2, global_position = $3, events = events + $4, updated_at = now()
-         WHERE name = $1",
+        "WITH moved AS (
+             UPDATE checkpoints
+             SET transaction_id = $2, global_position = $3, events = events + $4,
+                 stream_sequence = COALESCE($5, stream_sequence), updated_at = now()
+             WHERE name = $1
+             RETURNING name)
+         SELECT pg_notify($6, name || ' ' || $2 || '.' || $3) FROM moved",
     )
     .bind(name)
     .bind(position.transaction_id)
     .bind(position.global_position)
     .bind(applied)
+    .bind(stream_sequence)
+    .bind(CHANNEL)
     .execute(&mut *conn)
     .await?;
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(CHANNEL)
-        .bind(format!(
-            "{name} {}.{}",
-            position.transaction_id, position.global_position
-        ))
-        .execute(&mut *conn)
-        .await?;
     Ok(())
 }
 

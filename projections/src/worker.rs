@@ -204,14 +204,14 @@ async fn apply(
         checkpoint = envelope.position();
         applied += 1;
     }
-    checkpoint::save(&mut tx, name, checkpoint, applied).await?;
-    if let Some(sequence) = sequence {
-        sqlx::query("UPDATE checkpoints SET stream_sequence = $2 WHERE name = $1")
-            .bind(name)
-            .bind(sequence as i64)
-            .execute(&mut *tx)
-            .await?;
-    }
+    checkpoint::save(
+        &mut tx,
+        name,
+        checkpoint,
+        applied,
+        sequence.map(|s| s as i64),
+    )
+    .await?;
     tx.commit().await?;
     Ok(())
 }

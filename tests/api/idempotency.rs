@@ -1,5 +1,6 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection};
 
 use crate::helpers::{TestApp, problem, spawn_app};
 
@@ -57,50 +58,67 @@ async fn a_refused_command_is_not_remembered() {
     problem(again, StatusCode::UNPROCESSABLE_ENTITY).await;
 }
 
-/// Concurrent duplicates: one creates, the others answer 409 while it runs or
-/// replay it after; never two assistants. Registration hashes a password, which
-/// keeps the first request in flight long enough for the others to meet it.
-#[tokio::test]
+/// A retry while the first request is still running gets 409, and once the first
+/// has answered, the retry gets its response. The first is held in flight
+/// deterministically: the test holds an uncommitted claim on the same email, so
+/// the registration's own claim waits on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_while_the_first_runs_is_409() {
     let app = spawn_app().await;
-    let mut saw_409 = false;
-    for round in 0..5 {
-        let email = format!("race{round}@example.com");
-        let key = format!("register-{round}");
-        let body = json!({ "email": email, "password": "correct horse", "display_name": "R" });
-        let requests = (0..4).map(|_| {
-            app.client
-                .post(app.url("/api/v1/users"))
-                .header("idempotency-key", &key)
-                .json(&body)
-                .send()
-        });
-        let mut ids = Vec::new();
-        for response in futures::future::join_all(requests).await {
-            let response = response.unwrap();
-            match response.status() {
-                StatusCode::CREATED => {
-                    let user: Value = response.json().await.unwrap();
-                    ids.push(user["id"].clone());
-                }
-                StatusCode::CONFLICT => {
-                    saw_409 = true;
-                    problem(response, StatusCode::CONFLICT).await;
-                }
-                other => panic!("unexpected {other}"),
-            }
-        }
-        ids.dedup();
-        assert_eq!(ids.len(), 1, "one user, answered the same to every 201");
-        if saw_409 {
+    let body =
+        json!({ "email": "slow@example.com", "password": "correct horse", "display_name": "S" });
+    let mut blocker = PgConnection::connect(&app.db.url).await.unwrap();
+    let mut claim = blocker.begin().await.unwrap();
+    sqlx::query("INSERT INTO reservations (scope, value, stream_id) VALUES ('user_email', $1, $2)")
+        .bind("slow@example.com")
+        .bind(uuid::Uuid::now_v7())
+        .execute(&mut *claim)
+        .await
+        .unwrap();
+
+    let register = || {
+        app.client
+            .post(app.url("/api/v1/users"))
+            .header("idempotency-key", "register-slow")
+            .json(&body)
+            .send()
+    };
+    let first = tokio::spawn(register());
+    // Wait until the first request is blocked on the test's claim.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
+        )
+        .bind(&app.db.name)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
             break;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first request never blocked"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    assert!(saw_409, "no duplicate ever met the first one in flight");
+    let duplicate = register().await.unwrap();
+    problem(duplicate, StatusCode::CONFLICT).await;
+
+    // Let the first one through: it answers 201, and a retry now replays it.
+    claim.rollback().await.unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first: Value = first.json().await.unwrap();
+    let retry = register().await.unwrap();
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(retry.json::<Value>().await.unwrap()["id"], first["id"]);
     let users: i64 =
         sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'UserRegistered'")
             .fetch_one(&app.db.pool)
             .await
             .unwrap();
-    assert!(users >= 1);
+    assert_eq!(users, 1);
 }
