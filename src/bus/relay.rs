@@ -24,6 +24,10 @@ pub const CHECKPOINT: &str = "relay";
 const BATCH: i64 = 1000;
 /// Look for new events this often even without a notification.
 const POLL: Duration = Duration::from_millis(500);
+/// After a notification that found nothing readable yet: look again this often,
+/// this many times.
+const RECHECK: Duration = Duration::from_millis(2);
+const RECHECKS: u32 = 100;
 
 pub struct Relay {
     pub pool: PgPool,
@@ -47,18 +51,29 @@ impl Relay {
         listener.listen("ai_secretary_events").await?;
         let mut checkpoint = self.checkpoint().await?;
         tracing::info!(%checkpoint, stream = %self.bus.stream, "relay active");
+        // A notified commit can still be above the read horizon (an older
+        // transaction was open): look again shortly rather than at the next poll.
+        let mut recheck = 0;
         loop {
             let events = self.store.read_all(checkpoint, BATCH).await?;
             if let Some(last) = events.last() {
                 self.publish(&events).await?;
                 checkpoint = last.position;
                 self.save(checkpoint).await?;
+                recheck = 0;
                 continue;
+            }
+            if recheck > 0 {
+                recheck -= 1;
+                tokio::select! {
+                    () = tokio::time::sleep(RECHECK) => continue,
+                    () = shutdown.cancelled() => break,
+                }
             }
             // Caught up: wait for a commit, the poll, or shutdown; make sure the lock
             // is still ours (its connection alive) before going on.
             tokio::select! {
-                notified = listener.recv() => { notified?; }
+                notified = listener.recv() => { notified?; recheck = RECHECKS; }
                 () = tokio::time::sleep(POLL) => {}
                 () = shutdown.cancelled() => break,
             }
