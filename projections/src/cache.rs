@@ -142,7 +142,7 @@ impl Cache {
 
     /// Ask Redis whether it answers (for readiness checks).
     pub async fn ping(&self) -> bool {
-        let Some(mut redis) = self.note(self.redis().await).await else {
+        let Some(mut redis) = self.connection_or_none().await else {
             return false;
         };
         let pong: Option<String> = self
@@ -160,6 +160,20 @@ impl Cache {
         format!("{}:{}:{id}", self.prefix, kind.as_str())
     }
 
+    /// The connection, or `None` while Redis is unreachable. Skipping a call here
+    /// does not extend the fail-fast window: only a real failure does, so Redis is
+    /// tried again at most a few seconds after it failed, however busy the cache.
+    async fn connection_or_none(&self) -> Option<ConnectionManager> {
+        match self.redis().await {
+            Ok(redis) => Some(redis),
+            Err(_) => {
+                self.available.store(false, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// The outcome of a call made to Redis: a failure starts the fail-fast window.
     async fn note<T>(&self, result: redis::RedisResult<T>) -> Option<T> {
         match result {
             Ok(v) => {
@@ -178,7 +192,7 @@ impl Cache {
 
     /// The cached JSON of a resource, if present and owned by `owner`.
     pub async fn get(&self, kind: Kind, id: Uuid, owner: Uuid) -> Option<Value> {
-        let mut redis = self.note(self.redis().await).await?;
+        let mut redis = self.connection_or_none().await?;
         let (json, cached_owner): (Option<String>, Option<String>) = self
             .note(
                 redis::cmd("HMGET")
@@ -197,7 +211,7 @@ impl Cache {
 
     /// Keep `json` (read from Postgres as of `at`) unless the key is stamped newer.
     pub async fn fill(&self, kind: Kind, id: Uuid, owner: Uuid, at: Position, json: &Value) {
-        let Some(mut redis) = self.note(self.redis().await).await else {
+        let Some(mut redis) = self.connection_or_none().await else {
             return;
         };
         let result: redis::RedisResult<i64> = self

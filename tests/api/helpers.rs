@@ -17,7 +17,6 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub db: TestDb,
     /// This test's names on NATS and Redis; the stream and keys go when it drops.
-    #[allow(dead_code)] // read by the resilience tests
     pub names: BusNames,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -176,7 +175,6 @@ impl TestApp {
 impl TestApp {
     /// Stop this instance abruptly (like a crash: nothing is flushed or acked) and
     /// hand back its database and bus names for the next instance.
-    #[allow(dead_code)] // used by the resilience tests
     pub fn crash(mut self) -> (TestDb, BusNames) {
         if let Some(server) = self.server.take() {
             server.abort();

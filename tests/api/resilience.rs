@@ -1,2 +1,1076 @@
-//! The read side when parts of it fail: NATS or Redis down, a relay or a
-//! projector killed mid-way. (Tests to be written.)
+//! The read side when parts of it fail: NATS down while commands keep coming,
+//! Redis down while queries keep coming, a relay that republishes what it had
+//! already published, and projectors killed in the middle of a backlog.
+//!
+//! A test that stops a server runs its own private `nats-server` or
+//! `redis-server` on a free port, with a data directory of its own, kills it and
+//! restarts it on the same port (and, for NATS, the same JetStream store), and
+//! always kills it at the end (a `Drop` guard). The shared servers other tests
+//! use are never stopped; on them each test only touches its own database,
+//! stream, subjects and Redis keys, so these tests run in parallel with the rest.
+//! Nothing here waits a fixed time for an outcome: every expectation is polled
+//! for with a deadline, and fails with what was last seen.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs::OpenOptions,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use ai_secretary::startup::{Roles, projection_names};
+use futures::StreamExt;
+use reqwest::{Method, Response, StatusCode};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::{
+    helpers::{TestApp, problem, spawn_app, spawn_app_on, spawn_app_with},
+    support::{BusNames, TestDb},
+};
+
+/// Longest any expected state may take to show up.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------
+// Private servers
+
+/// A `nats-server` or `redis-server` of this test's own, killed (and its data
+/// directory removed) on `Drop`.
+struct PrivateServer {
+    program: &'static str,
+    scheme: &'static str,
+    args: Vec<String>,
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateServer {
+    /// NATS with JetStream, its store in a directory of its own.
+    async fn nats() -> PrivateServer {
+        let program = if std::path::Path::new("/usr/sbin/nats-server").exists() {
+            "/usr/sbin/nats-server"
+        } else {
+            "nats-server"
+        };
+        let (port, dir) = (free_port(), scratch_dir("nats"));
+        let args = vec![
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-js".into(),
+            "-sd".into(),
+            dir.display().to_string(),
+        ];
+        Self::launch(program, "nats", args, port, dir).await
+    }
+
+    /// Redis with an append-only file synced on every write, so what it held
+    /// survives a kill: a restarted Redis still has the copies it had cached.
+    async fn redis() -> PrivateServer {
+        let (port, dir) = (free_port(), scratch_dir("redis"));
+        let args = vec![
+            "--port".into(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--save".into(),
+            String::new(),
+            "--appendonly".into(),
+            "yes".into(),
+            "--appendfsync".into(),
+            "always".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+        ];
+        Self::launch("redis-server", "redis", args, port, dir).await
+    }
+
+    async fn launch(
+        program: &'static str,
+        scheme: &'static str,
+        args: Vec<String>,
+        port: u16,
+        dir: PathBuf,
+    ) -> PrivateServer {
+        let mut server = PrivateServer {
+            program,
+            scheme,
+            args,
+            port,
+            dir,
+            child: None,
+        };
+        server.start().await;
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
+    }
+
+    /// Start (or restart, on the same port and data) and wait until it answers.
+    async fn start(&mut self) {
+        assert!(self.child.is_none(), "{} is already running", self.program);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .expect("open the server log");
+        let child = Command::new(self.program)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone the log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.program));
+        self.child = Some(child);
+        let what = format!("{} on port {} answers", self.program, self.port);
+        eventually(&what, async || {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("{} exited with {status}:\n{}", self.program, self.log());
+            }
+            self.ping().await
+        })
+        .await;
+    }
+
+    async fn ping(&self) -> Result<(), String> {
+        let url = self.url();
+        let ping = async {
+            if self.scheme == "nats" {
+                let client = async_nats::connect(&url).await.map_err(|e| e.to_string())?;
+                client.flush().await.map_err(|e| e.to_string())
+            } else {
+                let client = redis::Client::open(url.as_str()).map_err(|e| e.to_string())?;
+                let mut conn = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(2), ping)
+            .await
+            .map_err(|_| "no answer within 2 s".to_owned())?
+    }
+
+    /// SIGKILL: no goodbye to the clients, nothing flushed on the way out.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- last lines of {} (port {}) ---",
+                self.program, self.port
+            );
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn scratch_dir(kind: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "ai-secretary-test-{kind}-{}",
+        Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).expect("create a scratch directory");
+    dir
+}
+
+// ---------------------------------------------------------------------------
+// Polling and the read side's state
+
+/// Try `attempt` until it succeeds, for at most `DEADLINE`; then fail with the
+/// last thing it saw.
+async fn eventually<T>(what: &str, attempt: impl AsyncFnMut() -> Result<T, String>) -> T {
+    eventually_every(Duration::from_millis(50), what, attempt).await
+}
+
+/// `eventually`, trying every `interval`.
+async fn eventually_every<T>(
+    interval: Duration,
+    what: &str,
+    mut attempt: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        match attempt().await {
+            Ok(value) => return value,
+            Err(last) if start.elapsed() > DEADLINE => {
+                panic!("{what}: not within {DEADLINE:?}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(interval).await,
+        }
+    }
+}
+
+/// A consumer of the log: how far it has got and how many events it applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Checkpoint {
+    position: (i64, i64),
+    events: i64,
+}
+
+async fn checkpoints(pool: &PgPool) -> BTreeMap<String, Checkpoint> {
+    let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT name, transaction_id, global_position, events FROM checkpoints ORDER BY name",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter()
+        .map(|(name, tx, gp, events)| {
+            (
+                name,
+                Checkpoint {
+                    position: (tx, gp),
+                    events,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The position of the last event in commit order ((0, 0) for none).
+async fn head(pool: &PgPool) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT transaction_id::text::int8, global_position FROM events
+         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+    .unwrap_or((0, 0))
+}
+
+async fn event_count(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// Every projection and the relay, by name.
+fn consumers() -> Vec<String> {
+    let mut names = projection_names();
+    names.push("relay".into());
+    names
+}
+
+/// Wait until every one of `names` has reached the store's head.
+async fn caught_up(pool: &PgPool, names: &[String]) -> BTreeMap<String, Checkpoint> {
+    eventually("every consumer reaches the head of the store", async || {
+        let head = head(pool).await;
+        let all = checkpoints(pool).await;
+        let behind: Vec<&String> = names
+            .iter()
+            .filter(|n| all.get(*n).is_none_or(|c| c.position < head))
+            .collect();
+        if behind.is_empty() {
+            Ok(all)
+        } else {
+            Err(format!(
+                "head {head:?}; behind: {behind:?}; checkpoints {all:?}"
+            ))
+        }
+    })
+    .await
+}
+
+/// Exactly once: each projection applied every event of the store one time, and
+/// none went to `dead_letters`.
+async fn assert_each_event_applied_once(pool: &PgPool) {
+    let events = event_count(pool).await;
+    let all = checkpoints(pool).await;
+    for name in projection_names() {
+        assert_eq!(
+            all[&name].events, events,
+            "projection {name} applied {} events; the store has {events}",
+            all[&name].events
+        );
+    }
+    let dead: Vec<(String, String)> =
+        sqlx::query_as("SELECT projection, reason FROM dead_letters ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert!(dead.is_empty(), "dead letters: {dead:?}");
+}
+
+/// How many messages a JetStream stream holds.
+async fn stream_messages(nats_url: &str, stream: &str) -> u64 {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let jetstream = async_nats::jetstream::new(client);
+    let mut stream = jetstream.get_stream(stream).await.unwrap();
+    stream.info().await.unwrap().state.messages
+}
+
+/// The JSON a Redis cache key holds, if any (read straight from the server).
+async fn cached_json(redis_url: &str, key: &str) -> Result<Option<String>, String> {
+    let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| e.to_string())?;
+    redis::cmd("HGET")
+        .arg(key)
+        .arg("json")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+// ---------------------------------------------------------------------------
+// HTTP
+
+/// GET `/api/v1{path}` with a bearer token and, if given, a consistency token.
+async fn get(app: &TestApp, path: &str, token: &str, consistency: Option<&str>) -> Response {
+    let mut request = app
+        .client
+        .get(app.url(&format!("/api/v1{path}")))
+        .bearer_auth(token);
+    if let Some(c) = consistency {
+        request = request.header("x-consistency-token", c);
+    }
+    request.send().await.unwrap()
+}
+
+/// GET that must answer 200; its JSON body.
+async fn get_ok(app: &TestApp, path: &str, token: &str, consistency: Option<&str>) -> Value {
+    let response = get(app, path, token, consistency).await;
+    let status = response.status();
+    let body = response.text().await.unwrap();
+    assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Poll a GET carrying a consistency token until it answers 200 (a 503 means
+/// the read side has not caught up yet).
+async fn get_when_consistent(app: &TestApp, path: &str, token: &str, at: &str) -> Value {
+    eventually(
+        &format!("GET {path} with token {at} answers 200"),
+        async || {
+            let response = get(app, path, token, Some(at)).await;
+            match response.status() {
+                StatusCode::OK => Ok(response.json().await.unwrap()),
+                StatusCode::SERVICE_UNAVAILABLE => Err("503".to_owned()),
+                other => panic!("GET {path}: {other}: {}", response.text().await.unwrap()),
+            }
+        },
+    )
+    .await
+}
+
+/// `/ready`, which must answer 200 with Postgres up whatever else is missing.
+async fn readiness(app: &TestApp) -> Value {
+    let response = app.send(Method::GET, "/ready", None, None).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let ready: Value = response.json().await.unwrap();
+    assert_eq!(ready["checks"]["postgres"], "ok", "{ready}");
+    ready
+}
+
+fn consistency(response: &Response) -> String {
+    response.headers()["x-consistency-token"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn id(resource: &Value) -> String {
+    resource["id"].as_str().expect("an id").to_owned()
+}
+
+/// A command that must answer 2xx; its consistency token and body.
+async fn command(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    token: &str,
+    body: Value,
+) -> (String, Value) {
+    let response = app
+        .send(
+            method.clone(),
+            &format!("/api/v1{path}"),
+            Some(token),
+            Some(body),
+        )
+        .await;
+    let status = response.status();
+    assert!(
+        status.is_success(),
+        "{method} {path}: {status}: {}",
+        response.text().await.unwrap()
+    );
+    let at = consistency(&response);
+    (at, response.json().await.unwrap())
+}
+
+async fn post_message(app: &TestApp, token: &str, conversation: &str, content: &str) -> String {
+    let (at, body) = command(
+        app,
+        Method::POST,
+        &format!("/conversations/{conversation}/messages"),
+        token,
+        json!({ "content": content }),
+    )
+    .await;
+    assert_eq!(body["reply"]["status"], "queued");
+    at
+}
+
+/// The user messages of a conversation's list, in order; every id in it unique.
+fn user_contents(messages: &Value) -> Vec<String> {
+    let data = messages["data"].as_array().unwrap();
+    let ids: HashSet<&str> = data.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(
+        ids.len(),
+        data.len(),
+        "a message is listed twice: {messages}"
+    );
+    data.iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["content"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_succeed_while_nats_is_down_and_projections_catch_up() {
+    let mut nats = PrivateServer::nats().await;
+    let nats_url = nats.url();
+    let app = spawn_app_with(&["--nats-url", &nats_url, "--consistency-timeout-ms", "1000"]).await;
+    let token = app.signed_up("nats-outage@example.com").await;
+    let first = app.assistant(&token, "Before").await;
+    let conversation = app.conversation(&token, &first["id"]).await;
+    let (a1, c1) = (id(&first), id(&conversation));
+    let at = post_message(&app, &token, &c1, "hello").await;
+    // The pipeline runs through the private server before it goes away.
+    let messages =
+        get_when_consistent(&app, &format!("/conversations/{c1}/messages"), &token, &at).await;
+    assert_eq!(user_contents(&messages), ["hello"]);
+    caught_up(&app.db.pool, &consumers()).await;
+
+    nats.kill();
+
+    // Every command answers, without waiting for the bus.
+    let started = Instant::now();
+    let other = app.signed_up("nats-outage-2@example.com").await;
+    let second = app.assistant(&token, "Second").await;
+    let a2 = id(&second);
+    command(
+        &app,
+        Method::PATCH,
+        &format!("/assistants/{a1}"),
+        &token,
+        json!({ "name": "After" }),
+    )
+    .await;
+    let c2 = id(&app.conversation(&token, &second["id"]).await);
+    for content in ["one", "two", "three"] {
+        post_message(&app, &token, &c1, content).await;
+    }
+    for content in ["uno", "dos"] {
+        post_message(&app, &token, &c2, content).await;
+    }
+    let (last, _) = command(
+        &app,
+        Method::PATCH,
+        &format!("/conversations/{c2}"),
+        &token,
+        json!({ "title": "Renamed while the bus was down" }),
+    )
+    .await;
+    let commands_took = started.elapsed();
+    assert!(
+        commands_took < Duration::from_secs(10),
+        "commands waited for the bus: {commands_took:?}"
+    );
+
+    // Queries answer from what the read side had (it cannot move without the bus).
+    let list = get_ok(&app, "/assistants", &token, None).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["data"][0]["name"], "Before");
+    let one = get_ok(&app, &format!("/assistants/{a1}"), &token, None).await;
+    assert_eq!(one["id"], first["id"]);
+    let me = get_ok(&app, "/users/me", &token, None).await;
+    assert_eq!(me["email"], "nats-outage@example.com");
+    // Still ready (Postgres answers), and saying what is missing.
+    let ready = readiness(&app).await;
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    assert_eq!(ready["checks"]["nats"], "unavailable", "{ready}");
+    // A query that must see the last command cannot yet: a bounded wait, then 503.
+    let waited = Instant::now();
+    let stale = get(
+        &app,
+        &format!("/conversations/{c1}/messages"),
+        &token,
+        Some(&last),
+    )
+    .await;
+    assert_eq!(
+        stale.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the read side moved on without the bus"
+    );
+    assert_eq!(stale.headers()["retry-after"], "1");
+    problem(stale, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert!(waited.elapsed() >= Duration::from_millis(900));
+
+    // Back on the same port with the same store: everything arrives, once.
+    nats.start().await;
+    let messages = get_when_consistent(
+        &app,
+        &format!("/conversations/{c1}/messages"),
+        &token,
+        &last,
+    )
+    .await;
+    assert_eq!(user_contents(&messages), ["hello", "one", "two", "three"]);
+    assert_eq!(messages["data"].as_array().unwrap().len(), 8);
+    let messages = get_ok(
+        &app,
+        &format!("/conversations/{c2}/messages"),
+        &token,
+        Some(&last),
+    )
+    .await;
+    assert_eq!(user_contents(&messages), ["uno", "dos"]);
+    assert_eq!(messages["data"].as_array().unwrap().len(), 4);
+
+    let list = get_ok(&app, "/assistants?order=asc", &token, Some(&last)).await;
+    let list = list["data"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    let (l1, l2) = (&list[0], &list[1]);
+    assert_eq!(
+        (l1["id"].as_str(), l2["id"].as_str()),
+        (Some(&*a1), Some(&*a2))
+    );
+    assert_eq!(l1["name"], "After");
+    assert_eq!(l1["version"], 2);
+    assert_eq!(l1["conversation_count"], 1);
+    assert_eq!(l1["message_count"], 8);
+    assert_eq!(l2["name"], "Second");
+    assert_eq!(l2["conversation_count"], 1);
+    assert_eq!(l2["message_count"], 4);
+    let one = get_when_consistent(&app, &format!("/assistants/{a1}"), &token, &last).await;
+    assert_eq!(one["name"], "After");
+    assert_eq!(one["message_count"], 8);
+    let renamed = get_when_consistent(&app, &format!("/conversations/{c2}"), &token, &last).await;
+    assert_eq!(renamed["title"], "Renamed while the bus was down");
+    assert_eq!(renamed["message_count"], 4);
+    let conversations = get_ok(&app, "/conversations", &token, Some(&last)).await;
+    assert_eq!(conversations["data"].as_array().unwrap().len(), 2);
+    let others = get_ok(&app, "/assistants", &other, Some(&last)).await;
+    assert_eq!(others["data"].as_array().unwrap().len(), 0);
+
+    let pool = &app.db.pool;
+    caught_up(pool, &consumers()).await;
+    assert_each_event_applied_once(pool).await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 12);
+    eventually("/ready says ready again", async || {
+        let ready = readiness(&app).await;
+        (ready["status"] == "ready")
+            .then_some(())
+            .ok_or(ready.to_string())
+    })
+    .await;
+    // The relay may have re-sent what it had in flight; the stream holds each event once.
+    assert_eq!(
+        stream_messages(&nats_url, &app.names.stream).await,
+        event_count(pool).await as u64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_answer_while_redis_is_down() {
+    let mut redis_server = PrivateServer::redis().await;
+    let redis_url = redis_server.url();
+    let app = spawn_app_with(&[
+        "--redis-url",
+        &redis_url,
+        "--consistency-timeout-ms",
+        "1000",
+    ])
+    .await;
+    let token = app.signed_up("redis-outage@example.com").await;
+    let created = app.assistant(&token, "Before").await;
+    let a = id(&created);
+    let conversation = app.conversation(&token, &created["id"]).await;
+    let c = id(&conversation);
+    let at = post_message(&app, &token, &c, "hello").await;
+    // Read once through the cache (which fills it), and the profile too.
+    let one = get_when_consistent(&app, &format!("/assistants/{a}"), &token, &at).await;
+    assert_eq!(one["name"], "Before");
+    assert_eq!(one["message_count"], 2);
+    let me = get_ok(&app, "/users/me", &token, None).await;
+    assert_eq!(me["email"], "redis-outage@example.com");
+    let key = format!("{}:assistant:{a}", app.names.redis_prefix);
+    let cached = eventually("the assistant is cached", async || {
+        cached_json(&redis_url, &key)
+            .await?
+            .ok_or_else(|| "no json yet".to_owned())
+    })
+    .await;
+    assert!(cached.contains("\"Before\""), "{cached}");
+
+    redis_server.kill();
+
+    // Queries answer from Postgres, with the right data.
+    let one = get_ok(&app, &format!("/assistants/{a}"), &token, None).await;
+    assert_eq!(one["name"], "Before");
+    assert_eq!(one["message_count"], 2);
+    let me = get_ok(&app, "/users/me", &token, None).await;
+    assert_eq!(me["email"], "redis-outage@example.com");
+    let list = get_ok(&app, "/assistants", &token, None).await;
+    assert_eq!(list["data"][0]["id"], created["id"]);
+    let list = get_ok(&app, "/conversations", &token, None).await;
+    assert_eq!(list["data"][0]["id"], conversation["id"]);
+    let one = get_ok(&app, &format!("/conversations/{c}"), &token, None).await;
+    assert_eq!(one["message_count"], 2);
+    // Still ready (Postgres answers), and saying what is missing.
+    let ready = readiness(&app).await;
+    assert_eq!(ready["status"], "degraded", "{ready}");
+    assert_eq!(ready["checks"]["redis"], "unavailable", "{ready}");
+
+    // Commands go on; the Postgres read models follow them.
+    let (changed, body) = command(
+        &app,
+        Method::PATCH,
+        &format!("/assistants/{a}"),
+        &token,
+        json!({ "name": "After" }),
+    )
+    .await;
+    assert_eq!(body["name"], "After");
+    let list = get_ok(&app, "/assistants", &token, Some(&changed)).await;
+    assert_eq!(list["data"][0]["name"], "After");
+    // Without a token, one assistant is read from Postgres: already the new name.
+    let one = get_ok(&app, &format!("/assistants/{a}"), &token, None).await;
+    assert_eq!(one["name"], "After");
+    assert_eq!(one["version"], 2);
+    // With the token, it waits for the `cache` projection, which cannot
+    // invalidate while Redis is down and so does not move on (a stale copy must
+    // never outlive the outage): the bounded wait ends in 503 with Retry-After.
+    let waiting = get(&app, &format!("/assistants/{a}"), &token, Some(&changed)).await;
+    assert_eq!(
+        waiting.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a read through the cache did not wait for the stalled cache projection"
+    );
+    assert_eq!(waiting.headers()["retry-after"], "1");
+    problem(waiting, StatusCode::SERVICE_UNAVAILABLE).await;
+    let stalled = checkpoints(&app.db.pool).await["cache"];
+    let behind = checkpoints(&app.db.pool).await["assistants"];
+    assert!(
+        stalled.position < behind.position,
+        "cache {stalled:?} vs assistants {behind:?}"
+    );
+
+    // Back on the same port, with the old copy still in its append-only file:
+    // the projection tombstones it, and the token is honoured with the new data.
+    redis_server.start().await;
+    let one = get_when_consistent(&app, &format!("/assistants/{a}"), &token, &changed).await;
+    assert_eq!(one["name"], "After");
+    assert_eq!(one["version"], 2);
+    // From now on no read may see the old copy, and reads fill the new one in.
+    let cached = eventually("the cache holds the new copy", async || {
+        let read = get_ok(&app, &format!("/assistants/{a}"), &token, None).await;
+        assert_eq!(read, one, "the copy cached before the outage was served");
+        match cached_json(&redis_url, &key).await? {
+            Some(json) if json.contains("\"After\"") => Ok(json),
+            other => Err(format!("cached: {other:?}")),
+        }
+    })
+    .await;
+    assert!(!cached.contains("\"Before\""), "{cached}");
+    let again = get_ok(&app, &format!("/assistants/{a}"), &token, None).await;
+    assert_eq!(again, one);
+    let pool = &app.db.pool;
+    caught_up(pool, &consumers()).await;
+    assert_each_event_applied_once(pool).await;
+    eventually("/ready says ready again", async || {
+        let ready = readiness(&app).await;
+        (ready["status"] == "ready")
+            .then_some(())
+            .ok_or(ready.to_string())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Reads more often than the fail-fast window must not keep the cache off after
+/// Redis comes back (they once did: each skipped call extended the window).
+async fn the_cache_comes_back_under_steady_read_traffic() {
+    let mut redis_server = PrivateServer::redis().await;
+    let redis_url = redis_server.url();
+    let app = spawn_app_with(&[
+        "--redis-url",
+        &redis_url,
+        "--consistency-timeout-ms",
+        "1000",
+    ])
+    .await;
+    let token = app.signed_up("steady-reader@example.com").await;
+    let (created, body) = command(
+        &app,
+        Method::POST,
+        "/assistants",
+        &token,
+        json!({ "name": "Before" }),
+    )
+    .await;
+    let path = format!("/assistants/{}", id(&body));
+    let one = get_when_consistent(&app, &path, &token, &created).await;
+    assert_eq!(one["name"], "Before");
+
+    redis_server.kill();
+    let (changed, _) = command(
+        &app,
+        Method::PATCH,
+        &path,
+        &token,
+        json!({ "name": "After" }),
+    )
+    .await;
+    redis_server.start().await;
+
+    // A dashboard keeps reading the assistant a few times a second.
+    let reader = {
+        let (client, url, token) = (
+            app.client.clone(),
+            app.url(&format!("/api/v1{path}")),
+            token.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let _ = client.get(&url).bearer_auth(&token).send().await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let (tx, gp) = changed.split_once('.').unwrap();
+    let target: (i64, i64) = (tx.parse().unwrap(), gp.parse().unwrap());
+    eventually("the cache projection gets past the outage", async || {
+        let cache = checkpoints(&app.db.pool).await["cache"];
+        if cache.position >= target {
+            Ok(())
+        } else {
+            Err(format!("cache at {cache:?}, the change at {target:?}"))
+        }
+    })
+    .await;
+    let one = get_ok(&app, &path, &token, Some(&changed)).await;
+    assert_eq!(one["name"], "After");
+    reader.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_republishes_changes_nothing() {
+    let app = spawn_app().await;
+    let token = app.signed_up("republish@example.com").await;
+    let assistant = app.assistant(&token, "Echo").await;
+    let a = id(&assistant);
+    let c = id(&app.conversation(&token, &assistant["id"]).await);
+    for n in 0..4 {
+        post_message(&app, &token, &c, &format!("message {n}")).await;
+    }
+    let (at, _) = command(
+        &app,
+        Method::PATCH,
+        &format!("/assistants/{a}"),
+        &token,
+        json!({ "instructions": "Answer twice as fast." }),
+    )
+    .await;
+    get_when_consistent(&app, &format!("/assistants/{a}"), &token, &at).await;
+    caught_up(&app.db.pool, &consumers()).await;
+    let published = stream_messages(&app.names.nats_url, &app.names.stream).await;
+    assert_eq!(published, event_count(&app.db.pool).await as u64);
+
+    // The relay dies after publishing and before its checkpoint is saved: as if
+    // it had saved nothing at all, the next one publishes everything again.
+    let (db, names) = app.crash();
+    let reset = sqlx::query(
+        "UPDATE checkpoints SET transaction_id = 0, global_position = 0 WHERE name = 'relay'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(reset.rows_affected(), 1);
+    let app = spawn_app_on(db, names, &[], Roles::all()).await;
+    let last = post_message(&app, &token, &c, "after the restart").await;
+    let messages =
+        get_when_consistent(&app, &format!("/conversations/{c}/messages"), &token, &last).await;
+    assert_eq!(
+        user_contents(&messages),
+        [
+            "message 0",
+            "message 1",
+            "message 2",
+            "message 3",
+            "after the restart"
+        ]
+    );
+    assert_eq!(messages["data"].as_array().unwrap().len(), 10);
+
+    let pool = &app.db.pool;
+    // The relay went through every event again (its checkpoint is back at the head)...
+    caught_up(pool, &consumers()).await;
+    // ...and JetStream dropped the repeats by Nats-Msg-Id.
+    assert_eq!(
+        stream_messages(&app.names.nats_url, &app.names.stream).await,
+        event_count(pool).await as u64
+    );
+    // Every effect, once.
+    let one = get_when_consistent(&app, &format!("/assistants/{a}"), &token, &last).await;
+    assert_eq!(one["conversation_count"], 1);
+    assert_eq!(one["message_count"], 10);
+    assert_eq!(one["instructions"], "Answer twice as fast.");
+    let conversation =
+        get_when_consistent(&app, &format!("/conversations/{c}"), &token, &last).await;
+    assert_eq!(conversation["message_count"], 10);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 10);
+    assert_each_event_applied_once(pool).await;
+}
+
+/// Rows of a table as JSON, in primary-key order.
+async fn rows_of(pool: &PgPool, table: &str, order: &str) -> Vec<Value> {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT to_jsonb(t) FROM {table} t ORDER BY {order}"
+    )))
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Read-model tables and their primary keys.
+const READ_MODELS: [(&str, &str); 8] = [
+    ("assistants", "id"),
+    ("conversations", "id"),
+    ("messages", "id"),
+    ("usage_daily", "owner_id, day, assistant_id, model"),
+    ("assistants_conversations", "conversation_id"),
+    ("messages_conversations", "conversation_id"),
+    ("usage_conversations", "conversation_id"),
+    ("cache_conversations", "conversation_id"),
+];
+
+/// Commands from two users, many at once: a backlog of a few hundred events.
+async fn make_backlog(app: &TestApp) {
+    let tokens = futures::future::join_all(
+        ["backlog-a@example.com", "backlog-b@example.com"].map(|e| app.signed_up(e)),
+    )
+    .await;
+    // Per user: 4 assistants, 3 conversations each, 6 messages in each.
+    let (mut conversations, mut retired) = (Vec::new(), Vec::new());
+    let names: Vec<String> = (0..4).map(|n| format!("A{n}")).collect();
+    for token in &tokens {
+        let assistants =
+            futures::future::join_all(names.iter().map(|n| app.assistant(token, n))).await;
+        for assistant in &assistants {
+            let started = futures::future::join_all(
+                (0..3).map(|_| app.conversation(token, &assistant["id"])),
+            )
+            .await;
+            conversations.extend(started.iter().map(|c| (token.clone(), id(c))));
+        }
+        for (n, assistant) in assistants.iter().enumerate() {
+            command(
+                app,
+                Method::PATCH,
+                &format!("/assistants/{}", id(assistant)),
+                token,
+                json!({ "name": format!("A{n} renamed"), "temperature": 0.5 }),
+            )
+            .await;
+        }
+        retired.push((token.clone(), id(&assistants[3])));
+    }
+    futures::stream::iter(conversations.iter().enumerate())
+        .for_each_concurrent(12, |(n, (token, c))| async move {
+            for m in 0..6 {
+                post_message(app, token, c, &format!("message {m} in {n}")).await;
+            }
+            let (method, path, body) = if n % 3 == 0 {
+                (
+                    Method::POST,
+                    format!("/conversations/{c}/archive"),
+                    json!({}),
+                )
+            } else {
+                (
+                    Method::PATCH,
+                    format!("/conversations/{c}"),
+                    json!({ "title": format!("conversation {n}") }),
+                )
+            };
+            command(app, method, &path, token, body).await;
+        })
+        .await;
+    for (token, assistant) in &retired {
+        let path = format!("/assistants/{assistant}/archive");
+        command(app, Method::POST, &path, token, json!({})).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projector_killed_mid_batch_resumes_to_the_same_read_model() {
+    // A backlog in the store and on the bus, no projection run yet.
+    let writer = spawn_app_on(
+        TestDb::new().await,
+        BusNames::new(),
+        &[],
+        Roles {
+            api: true,
+            relay: true,
+            projections: vec![],
+        },
+    )
+    .await;
+    make_backlog(&writer).await;
+    let events = event_count(&writer.db.pool).await;
+    assert!(events > 300, "only {events} events");
+    caught_up(&writer.db.pool, &["relay".to_owned()]).await;
+    let (db, names) = writer.crash();
+    let backlog_head = head(&db.pool).await;
+
+    // The projectors start on the backlog and die as soon as one is part-way.
+    let projectors = spawn_app_on(db, names, &[], Roles::only_projections(vec![]).unwrap()).await;
+    let what = "a projection is part-way through the backlog";
+    let part_way = eventually_every(Duration::from_millis(5), what, async || {
+        let all = checkpoints(&projectors.db.pool).await;
+        let moving: Vec<(&String, &Checkpoint)> = all
+            .iter()
+            .filter(|(n, c)| *n != "relay" && c.position > (0, 0) && c.position < backlog_head)
+            .collect();
+        if !moving.is_empty() {
+            return Ok(format!("{moving:?}"));
+        }
+        if projection_names()
+            .iter()
+            .all(|n| all.get(n).is_some_and(|c| c.position >= backlog_head))
+        {
+            panic!("every projection finished the backlog before one was seen part-way: {all:?}");
+        }
+        Err(format!("{all:?}"))
+    })
+    .await;
+    let (db, names) = projectors.crash();
+    eprintln!("crashed the projectors with {part_way} (head {backlog_head:?})");
+
+    // A full instance picks up where they left off.
+    let resumed = spawn_app_on(db, names, &[], Roles::all()).await;
+    caught_up(&resumed.db.pool, &consumers()).await;
+    assert_each_event_applied_once(&resumed.db.pool).await;
+    let names = &resumed.names;
+    assert_eq!(
+        stream_messages(&names.nats_url, &names.stream).await,
+        events as u64
+    );
+
+    // A fresh fold of the same events, on a database and stream of its own.
+    let fresh = TestDb::new().await;
+    let copied = sqlx::query(
+        "INSERT INTO events OVERRIDING SYSTEM VALUE
+         SELECT * FROM jsonb_populate_recordset(NULL::events, $1)",
+    )
+    .bind(
+        sqlx::query_scalar::<_, Value>(
+            "SELECT jsonb_agg(to_jsonb(e) ORDER BY global_position) FROM events e",
+        )
+        .fetch_one(&resumed.db.pool)
+        .await
+        .unwrap(),
+    )
+    .execute(&fresh.pool)
+    .await
+    .unwrap();
+    assert_eq!(copied.rows_affected() as i64, events);
+    assert_eq!(head(&fresh.pool).await, backlog_head);
+    let fold = spawn_app_on(
+        fresh,
+        BusNames::new(),
+        &[],
+        Roles {
+            relay: true,
+            ..Roles::only_projections(vec![]).unwrap()
+        },
+    )
+    .await;
+    caught_up(&fold.db.pool, &consumers()).await;
+    assert_each_event_applied_once(&fold.db.pool).await;
+    let names = &fold.names;
+    assert_eq!(
+        stream_messages(&names.nats_url, &names.stream).await,
+        events as u64
+    );
+
+    for (table, order) in READ_MODELS {
+        let live = rows_of(&resumed.db.pool, table, order).await;
+        let folded = rows_of(&fold.db.pool, table, order).await;
+        assert_eq!(
+            live.len(),
+            folded.len(),
+            "{table}: {} rows live, {} in a fresh fold",
+            live.len(),
+            folded.len()
+        );
+        for (l, f) in live.iter().zip(&folded) {
+            assert_eq!(l, f, "{table} differs from a fresh fold");
+        }
+    }
+    let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
+        .fetch_one(&resumed.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(messages, 2 * 4 * 3 * 6 * 2);
+}
