@@ -93,6 +93,7 @@ pub struct Application {
 impl Application {
     pub async fn build(config: &Config, roles: Roles) -> anyhow::Result<Self> {
         config.validate()?;
+        crate::telemetry::metrics();
         let pool = postgres::connect(
             config.database_url.expose(),
             config.database_max_connections,

@@ -1,5 +1,6 @@
 //! Logging through `tracing`: JSON or pretty on stdout, and daily-rotated files
-//! (30 kept) when a log directory is given. Filter with `RUST_LOG`.
+//! (30 kept) when a log directory is given. Filter with `RUST_LOG`. Metrics go
+//! through the `metrics` facade to a Prometheus recorder rendered at `/metrics`.
 
 use std::path::Path;
 
@@ -40,4 +41,21 @@ pub fn init(format: LogFormat, dir: Option<&Path>) -> anyhow::Result<Option<Work
         .with(file)
         .try_init()?;
     Ok(guard)
+}
+
+/// The process's Prometheus recorder, installed on first use.
+pub fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        // Only one recorder per process: if another was installed first, this
+        // handle renders nothing, which is better than failing to start.
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+        }
+        handle
+    })
 }

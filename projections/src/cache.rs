@@ -167,17 +167,22 @@ impl Cache {
         match self.redis().await {
             Ok(redis) => Some(redis),
             Err(_) => {
-                self.available.store(false, Ordering::Relaxed);
+                self.set_available(false);
                 None
             }
         }
+    }
+
+    fn set_available(&self, up: bool) {
+        self.available.store(up, Ordering::Relaxed);
+        metrics::gauge!("cache_available").set(if up { 1.0 } else { 0.0 });
     }
 
     /// The outcome of a call made to Redis: a failure starts the fail-fast window.
     async fn note<T>(&self, result: redis::RedisResult<T>) -> Option<T> {
         match result {
             Ok(v) => {
-                self.available.store(true, Ordering::Relaxed);
+                self.set_available(true);
                 Some(v)
             }
             Err(e) => {
@@ -185,6 +190,7 @@ impl Cache {
                 if self.available.swap(false, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "redis call failed; answering from Postgres");
                 }
+                metrics::gauge!("cache_available").set(0.0);
                 None
             }
         }
@@ -203,10 +209,13 @@ impl Cache {
                     .await,
             )
             .await?;
-        if cached_owner? != owner.to_string() {
-            return None;
-        }
-        serde_json::from_str(&json?).ok()
+        let hit = cached_owner
+            .is_some_and(|o| o == owner.to_string())
+            .then(|| json.and_then(|j| serde_json::from_str(&j).ok()))
+            .flatten();
+        let result = if hit.is_some() { "hit" } else { "miss" };
+        metrics::counter!("cache_requests_total", "result" => result).increment(1);
+        hit
     }
 
     /// Keep `json` (read from Postgres as of `at`) unless the key is stamped newer.
@@ -233,7 +242,7 @@ impl Cache {
         let mut redis = match self.redis().await {
             Ok(redis) => redis,
             Err(e) => {
-                self.available.store(false, Ordering::Relaxed);
+                self.set_available(false);
                 return Err(e);
             }
         };
@@ -252,7 +261,7 @@ impl Cache {
             }
             Err(e) => {
                 self.connection.lock().await.last_failure = Some(tokio::time::Instant::now());
-                self.available.store(false, Ordering::Relaxed);
+                self.set_available(false);
                 Err(e)
             }
         }

@@ -74,6 +74,7 @@ pub async fn run(
         match consume(&pool, &jetstream, &source, projection.as_ref(), &shutdown).await {
             Ok(()) => {}
             Err(e) => {
+                metrics::counter!("projection_failures_total", "projection" => name).increment(1);
                 tracing::warn!(projection = name, error = %e, "projection batch failed; resuming from the checkpoint");
                 tokio::select! {
                     () = tokio::time::sleep(RETRY_AFTER) => {}
@@ -213,6 +214,9 @@ async fn apply(
     )
     .await?;
     tx.commit().await?;
+    metrics::counter!("projection_events_total", "projection" => name).increment(applied as u64);
+    metrics::gauge!("projection_position", "projection" => name)
+        .set(checkpoint.global_position as f64);
     Ok(())
 }
 
@@ -224,6 +228,8 @@ async fn dead_letter(
     reason: &str,
 ) -> Result<(), sqlx::Error> {
     tracing::error!(projection, subject = %message.subject, reason, "poison event sent to dead_letters");
+    metrics::counter!("projection_dead_letters_total", "projection" => projection.to_owned())
+        .increment(1);
     sqlx::query(
         "INSERT INTO dead_letters (projection, event_id, transaction_id, global_position,
              subject, reason, payload)

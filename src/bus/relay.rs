@@ -60,6 +60,10 @@ impl Relay {
                 self.publish(&events).await?;
                 checkpoint = last.position;
                 self.save(checkpoint).await?;
+                metrics::counter!("relay_published_total").increment(events.len() as u64);
+                metrics::gauge!("relay_position").set(checkpoint.global_position as f64);
+                let lag = (chrono::Utc::now() - last.recorded_at).num_milliseconds();
+                metrics::gauge!("relay_lag_seconds").set(lag.max(0) as f64 / 1000.0);
                 recheck = 0;
                 continue;
             }

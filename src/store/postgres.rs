@@ -244,6 +244,14 @@ async fn append_batch(
             Err(e) => outcomes[pending[0]] = Some(Err(StoreError::from(e).into())),
         }
     }
+    let appended: usize = requests
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, o)| matches!(o, Some(Ok(_))))
+        .map(|(r, _)| r.events.len())
+        .sum();
+    metrics::counter!("events_appended_total").increment(appended as u64);
+    metrics::histogram!("append_batch_size").record(requests.len() as f64);
     outcomes
         .into_iter()
         .map(|o| o.unwrap_or(Err(AppendError::Empty)))

@@ -13,3 +13,36 @@ async fn health_and_ready_answer() {
         assert_eq!(body["status"], status, "{path}");
     }
 }
+
+#[tokio::test]
+async fn metrics_are_exposed_in_prometheus_format() {
+    let app = spawn_app().await;
+    let token = app.signed_up("metrics@example.com").await;
+    let assistant = app.assistant(&token, "Counted").await;
+    // Read it with the create's effect awaited, so the read side has run.
+    let response = app
+        .send(
+            Method::GET,
+            &format!("/api/v1/assistants/{}", assistant["id"].as_str().unwrap()),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert!(response.status().is_success() || response.status() == StatusCode::NOT_FOUND);
+    let response = app.send(Method::GET, "/metrics", None, None).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = response.text().await.unwrap();
+    for name in [
+        "events_appended_total",
+        "append_batch_size",
+        "cache_requests_total",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+}
