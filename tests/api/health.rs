@@ -6,11 +6,24 @@ use crate::helpers::spawn_app;
 #[tokio::test]
 async fn health_and_ready_answer() {
     let app = spawn_app().await;
-    for (path, status) in [("/health", "ok"), ("/ready", "ready")] {
-        let response = app.send(Method::GET, path, None, None).await;
-        assert_eq!(response.status(), StatusCode::OK, "{path}");
+    let health = app.send(Method::GET, "/health", None, None).await;
+    assert_eq!(health.status(), StatusCode::OK);
+    assert_eq!(health.json::<Value>().await.unwrap()["status"], "ok");
+    // NATS connects in the background: "degraded" until it has, then "ready".
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let response = app.send(Method::GET, "/ready", None, None).await;
+        assert_eq!(response.status(), StatusCode::OK);
         let body: Value = response.json().await.unwrap();
-        assert_eq!(body["status"], status, "{path}");
+        assert_eq!(body["checks"]["postgres"], "ok");
+        if body["status"] == "ready" {
+            assert_eq!(body["checks"]["redis"], "ok");
+            assert_eq!(body["checks"]["nats"], "ok");
+            break;
+        }
+        assert_eq!(body["status"], "degraded", "{body}");
+        assert!(std::time::Instant::now() < deadline, "never ready: {body}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 
