@@ -173,17 +173,12 @@ async fn one(
     IdPath(id): IdPath,
     token: ConsistencyToken,
 ) -> Result<Reply, ApiError> {
+    let pool = &state.read.pool;
+    let kind = (Kind::Assistant, "assistants", "assistant");
     state
         .read
-        .catch_up(&token, &["assistants", "cache"])
-        .await?;
-    let pool = &state.read.pool;
-    let json = state
-        .read
-        .cached(Kind::Assistant, id, user, async || {
-            Ok(read::assistant_of(pool, user, id).await?)
+        .one(&token, kind, id, user, async || {
+            read::assistant_of(pool, user, id).await
         })
-        .await?
-        .ok_or(ApiError::NotFound("assistant"))?;
-    Ok(Reply::found(json))
+        .await
 }

@@ -225,19 +225,14 @@ async fn one(
     IdPath(id): IdPath,
     token: ConsistencyToken,
 ) -> Result<Reply, ApiError> {
+    let pool = &state.read.pool;
+    let kind = (Kind::Conversation, "conversations", "conversation");
     state
         .read
-        .catch_up(&token, &["conversations", "cache"])
-        .await?;
-    let pool = &state.read.pool;
-    let json = state
-        .read
-        .cached(Kind::Conversation, id, user, async || {
-            Ok(read::conversation_of(pool, user, id).await?)
+        .one(&token, kind, id, user, async || {
+            read::conversation_of(pool, user, id).await
         })
-        .await?
-        .ok_or(ApiError::NotFound("conversation"))?;
-    Ok(Reply::found(json))
+        .await
 }
 
 /// A conversation's user messages and replies, oldest first by default.

@@ -13,11 +13,10 @@ use axum::{
     http::request::Parts,
 };
 use serde::Serialize;
-use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{CONSISTENCY_TOKEN, error::ApiError};
+use super::{CONSISTENCY_TOKEN, error::ApiError, reply::Reply};
 use crate::{progress::Progress, store::Position};
 
 #[derive(Clone)]
@@ -52,28 +51,30 @@ impl ReadSide {
         }
     }
 
-    /// A single resource through the cache: a hit is served as cached; a miss is
-    /// read by `load` and kept, unless a newer change has been announced since.
-    pub async fn cached<T, F>(
+    /// One of the owner's resources through the cache, after waiting for the
+    /// projection that serves it (and the cache's) to pass `token`. A hit is served
+    /// as cached; a miss is read by `load` and kept, unless a newer change has been
+    /// announced since; nothing is 404.
+    pub async fn one<T, F>(
         &self,
-        kind: Kind,
+        token: &ConsistencyToken,
+        (kind, projection, what): (Kind, &str, &'static str),
         id: Uuid,
         owner: Uuid,
         load: F,
-    ) -> Result<Option<Value>, ApiError>
+    ) -> Result<Reply, ApiError>
     where
         T: Serialize + Stamped,
-        F: AsyncFnOnce() -> Result<Option<T>, ApiError>,
+        F: AsyncFnOnce() -> Result<Option<T>, sqlx::Error>,
     {
+        self.catch_up(token, &[projection, "cache"]).await?;
         if let Some(json) = self.cache.get(kind, id, owner).await {
-            return Ok(Some(json));
+            return Ok(Reply::found(json));
         }
-        let Some(view) = load().await? else {
-            return Ok(None);
-        };
+        let view = load().await?.ok_or(ApiError::NotFound(what))?;
         let json = serde_json::to_value(&view).map_err(anyhow::Error::from)?;
         self.cache.fill(kind, id, owner, view.stamp(), &json).await;
-        Ok(Some(json))
+        Ok(Reply::found(json))
     }
 }
 
