@@ -38,10 +38,14 @@
 //! nothing. The database, `ai_secretary_bench_<random hex>`, is dropped at the end with
 //! `DROP DATABASE ... WITH (FORCE)`, also after an error or Ctrl-C.
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{describe_server, env_or, with_database};
+
 use std::{
     env,
     fmt::Display,
-    str::FromStr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -52,9 +56,7 @@ use ai_secretary::store::{
 };
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
-use sqlx::{
-    AssertSqlSafe, Connection, Executor, PgConnection, PgPool, Row, postgres::PgConnectOptions,
-};
+use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, Row, postgres::PgConnectOptions};
 use uuid::Uuid;
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/";
@@ -144,43 +146,6 @@ impl Settings {
             pool_size,
         })
     }
-}
-
-/// An environment variable parsed as `T`, or `default` if it is unset.
-fn env_or<T>(name: &str, default: T) -> Result<T>
-where
-    T: FromStr,
-    T::Err: Display,
-{
-    match env::var(name) {
-        Ok(raw) => raw
-            .trim()
-            .parse()
-            .map_err(|e| anyhow!("{name}={raw:?} is not valid: {e}")),
-        Err(env::VarError::NotPresent) => Ok(default),
-        Err(e) => Err(anyhow!("{name}: {e}")),
-    }
-}
-
-/// `url` with its database (path) replaced by `database`; query parameters kept.
-fn with_database(url: &str, database: &str) -> Result<String> {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority_start = base
-        .find("://")
-        .map(|i| i + 3)
-        .ok_or_else(|| anyhow!("BENCH_DATABASE_URL must look like postgres://user@host:port/"))?;
-    let authority_end = base[authority_start..]
-        .find('/')
-        .map_or(base.len(), |i| authority_start + i);
-    let mut out = format!("{}/{database}", &base[..authority_end]);
-    if let Some(query) = query {
-        out.push('?');
-        out.push_str(query);
-    }
-    Ok(out)
 }
 
 #[tokio::main]
@@ -330,25 +295,6 @@ async fn run(settings: &Settings, db_url: &str, db_name: &str) -> Result<()> {
 fn median(mut runs: Vec<Measurement>) -> Measurement {
     runs.sort_by(|a, b| a.events_per_sec().total_cmp(&b.events_per_sec()));
     runs.swap_remove(runs.len() / 2)
-}
-
-async fn describe_server(pool: &PgPool) -> Result<String> {
-    let row = sqlx::query(
-        "SELECT current_setting('server_version') AS version,
-                current_setting('fsync') AS fsync,
-                current_setting('synchronous_commit') AS synchronous_commit,
-                current_setting('wal_sync_method') AS wal_sync_method",
-    )
-    .fetch_one(pool)
-    .await
-    .context("reading server settings")?;
-    Ok(format!(
-        "PostgreSQL {}, fsync={}, synchronous_commit={}, wal_sync_method={}",
-        row.try_get::<String, _>("version")?,
-        row.try_get::<String, _>("fsync")?,
-        row.try_get::<String, _>("synchronous_commit")?,
-        row.try_get::<String, _>("wal_sync_method")?,
-    ))
 }
 
 /// One writer's stream and the shape of what it appends.

@@ -84,11 +84,14 @@
 //! `_p`) and the Redis keys (`bench_<hex>_f:*`, `_p:*`) are removed at the end,
 //! also after an error or Ctrl-C.
 
+#[path = "common/mod.rs"]
+mod common;
+
+use common::{describe_server, env_or, with_database};
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     env,
-    fmt::Display,
-    str::FromStr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -115,7 +118,7 @@ use clap::Parser;
 use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};
-use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, PgPool, Row, postgres::PgListener};
+use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, PgPool, postgres::PgListener};
 use tokio::{
     sync::{mpsc, oneshot},
     task::{JoinHandle, JoinSet},
@@ -210,43 +213,6 @@ impl Settings {
         }
         Ok(settings)
     }
-}
-
-/// An environment variable parsed as `T`, or `default` if it is unset.
-fn env_or<T>(name: &str, default: T) -> Result<T>
-where
-    T: FromStr,
-    T::Err: Display,
-{
-    match env::var(name) {
-        Ok(raw) => raw
-            .trim()
-            .parse()
-            .map_err(|e| anyhow!("{name}={raw:?} is not valid: {e}")),
-        Err(env::VarError::NotPresent) => Ok(default),
-        Err(e) => Err(anyhow!("{name}: {e}")),
-    }
-}
-
-/// `url` with its database (path) replaced by `database`; query parameters kept.
-fn with_database(url: &str, database: &str) -> Result<String> {
-    let (base, query) = match url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (url, None),
-    };
-    let authority_start = base
-        .find("://")
-        .map(|i| i + 3)
-        .ok_or_else(|| anyhow!("BENCH_DATABASE_URL must look like postgres://user@host:port/"))?;
-    let authority_end = base[authority_start..]
-        .find('/')
-        .map_or(base.len(), |i| authority_start + i);
-    let mut out = format!("{}/{database}", &base[..authority_end]);
-    if let Some(query) = query {
-        out.push('?');
-        out.push_str(query);
-    }
-    Ok(out)
 }
 
 /// One part's private names: database, JetStream stream and subjects, Redis keys.
@@ -1476,23 +1442,6 @@ impl Tracer {
             _tasks: vec![AbortOnDrop(on_nats), AbortOnDrop(on_commit)],
         })
     }
-}
-
-async fn describe_server(pool: &PgPool) -> Result<String> {
-    let row = sqlx::query(
-        "SELECT current_setting('server_version') AS version,
-                current_setting('fsync') AS fsync,
-                current_setting('synchronous_commit') AS synchronous_commit",
-    )
-    .fetch_one(pool)
-    .await
-    .context("reading server settings")?;
-    Ok(format!(
-        "PostgreSQL {}, fsync={}, synchronous_commit={}",
-        row.try_get::<String, _>("version")?,
-        row.try_get::<String, _>("fsync")?,
-        row.try_get::<String, _>("synchronous_commit")?,
-    ))
 }
 
 // ---------------------------------------------------------------------------

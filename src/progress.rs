@@ -60,11 +60,6 @@ impl Progress {
         (Progress { positions }, task)
     }
 
-    /// The current checkpoint of each projection.
-    pub fn snapshot(&self) -> HashMap<String, Position> {
-        self.positions.borrow().clone()
-    }
-
     /// Wait until every one of `names` is at or past `at`; false on timeout.
     pub async fn wait(&self, names: &[&str], at: Position, timeout: Duration) -> bool {
         let mut positions = self.positions.clone();

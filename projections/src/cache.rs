@@ -8,7 +8,7 @@
 //! from Postgres and filled only if the row is at least as new as the stamp. So a
 //! query that read a row just before a projection moved it can never put the old
 //! copy back, whatever order the two race in. With Redis down, every read is a
-//! miss and queries answer from Postgres; `available()` says so.
+//! miss and queries answer from Postgres; `ping()` and the `cache_available` gauge say so.
 
 use std::{
     sync::{
@@ -149,11 +149,6 @@ impl Cache {
             .note(redis::cmd("PING").query_async(&mut redis).await)
             .await;
         pong.is_some()
-    }
-
-    /// Whether the last Redis call succeeded.
-    pub fn available(&self) -> bool {
-        self.available.load(Ordering::Relaxed)
     }
 
     pub fn key(&self, kind: Kind, id: Uuid) -> String {
