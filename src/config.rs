@@ -106,6 +106,35 @@ pub struct Config {
     )]
     pub gemini_base_url: String,
 
+    /// Longest one LLM request may take, in seconds.
+    #[arg(long, env = "LLM_REQUEST_TIMEOUT_SECONDS", default_value_t = 30.0)]
+    pub llm_request_timeout_seconds: f64,
+
+    /// Longest all attempts at one reply may take together, in seconds.
+    #[arg(long, env = "LLM_DEADLINE_SECONDS", default_value_t = 90.0)]
+    pub llm_deadline_seconds: f64,
+
+    /// Most LLM requests for one reply (the first and its retries).
+    #[arg(long, env = "LLM_MAX_ATTEMPTS", default_value_t = 4)]
+    pub llm_max_attempts: u32,
+
+    /// First retry backoff in ms; doubled each retry, with full jitter.
+    #[arg(long, env = "LLM_BACKOFF_MS", default_value_t = 500)]
+    pub llm_backoff_ms: u64,
+
+    /// Conversation history sent with a message, in characters (oldest dropped first).
+    #[arg(long, env = "LLM_HISTORY_CHARS", default_value_t = 24_000)]
+    pub llm_history_chars: usize,
+
+    /// Replies the replier works on at once.
+    #[arg(long, env = "REPLIER_CONCURRENCY", default_value_t = 8)]
+    pub replier_concurrency: usize,
+
+    /// Seconds before JetStream hands an unacked reply request to a replier again
+    /// (how soon a reply abandoned by a crash is picked up).
+    #[arg(long, env = "REPLIER_ACK_WAIT_SECONDS", default_value_t = 60.0)]
+    pub replier_ack_wait_seconds: f64,
+
     /// HS256 signing key of access tokens.
     #[arg(long, env = "JWT_SECRET_KEY", default_value = DEV_JWT_SECRET, hide_env_values = true, hide_default_value = true)]
     pub jwt_secret_key: Secret,
@@ -176,6 +205,18 @@ impl Config {
                 );
             }
         }
+        for (name, seconds) in [
+            (
+                "LLM_REQUEST_TIMEOUT_SECONDS",
+                self.llm_request_timeout_seconds,
+            ),
+            ("LLM_DEADLINE_SECONDS", self.llm_deadline_seconds),
+            ("REPLIER_ACK_WAIT_SECONDS", self.replier_ack_wait_seconds),
+        ] {
+            if !(seconds.is_finite() && seconds > 0.0 && seconds < 86_400.0) {
+                anyhow::bail!("{name} must be a positive number of seconds below a day");
+            }
+        }
         if self.llm_provider == LlmProvider::Gemini && self.gemini_api_key.is_none() {
             anyhow::bail!("LLM_PROVIDER=gemini needs GEMINI_API_KEY");
         }
@@ -187,6 +228,17 @@ impl Config {
             Environment::Production => LogFormat::Json,
             _ => LogFormat::Pretty,
         })
+    }
+
+    /// How the replier asks the model: attempts, timeouts and backoff.
+    pub fn retry_policy(&self) -> crate::llm::RetryPolicy {
+        crate::llm::RetryPolicy {
+            max_attempts: self.llm_max_attempts.max(1),
+            request_timeout: Duration::from_secs_f64(self.llm_request_timeout_seconds),
+            deadline: Duration::from_secs_f64(self.llm_deadline_seconds),
+            base_backoff: Duration::from_millis(self.llm_backoff_ms),
+            ..crate::llm::RetryPolicy::default()
+        }
     }
 
     pub fn access_token_ttl(&self) -> Duration {

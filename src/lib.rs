@@ -1,8 +1,9 @@
 //! ai-secretary: an event-sourced CQRS backend for a team of AI secretaries.
 //!
 //! `domain` decides, `store` remembers, `app` joins the two for every caller,
-//! `http` speaks the REST contract of DESIGN.md, and `startup` wires them into a
-//! process that `cli` names.
+//! `http` speaks the REST contract of DESIGN.md, `replier` answers messages
+//! through an `llm` provider, and `startup` wires them into a process that `cli`
+//! names.
 
 pub mod app;
 pub mod auth;
@@ -11,7 +12,9 @@ pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod http;
+pub mod llm;
 pub mod progress;
+pub mod replier;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -38,16 +38,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Serve) => Roles::only_api(),
         Some(Command::Relay) => Roles::only_relay(),
         Some(Command::Project { names }) => Roles::only_projections(names)?,
+        Some(Command::Reply) => Roles::only_replier(),
         Some(Command::Migrate) => {
             config.validate()?;
             postgres::connect(config.database_url.expose(), 1).await?;
             tracing::info!("migrations applied");
             return Ok(ExitCode::SUCCESS);
         }
-        Some(command @ (Command::Reply | Command::Replay { .. } | Command::Verify { .. })) => {
+        Some(command @ (Command::Replay { .. } | Command::Verify { .. })) => {
             eprintln!(
-                "`{}` is not built yet: it comes with the AI replies (reply) and recovery \
-                 (replay, verify) work.",
+                "`{}` is not built yet: it comes with the recovery (replay, verify) work.",
                 subcommand_name(&command)
             );
             return Ok(ExitCode::from(2));

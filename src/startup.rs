@@ -13,9 +13,11 @@ use crate::{
     app::Commands,
     auth::Tokens,
     bus::{self, BusConfig, relay::Relay},
-    config::Config,
+    config::{Config, LlmProvider},
     http::{self, AppState, read::ReadSide},
+    llm::{Provider, gemini::Gemini, offline::Offline},
     progress::Progress,
+    replier::Replier,
     store::{
         PgEventStore,
         postgres::{self, CoalescingConfig},
@@ -29,6 +31,8 @@ pub struct Roles {
     pub relay: bool,
     /// Projections to run (by name); empty for none.
     pub projections: Vec<String>,
+    /// The LLM replier.
+    pub replier: bool,
 }
 
 impl Roles {
@@ -38,6 +42,7 @@ impl Roles {
             api: true,
             relay: true,
             projections: projection_names(),
+            replier: true,
         }
     }
 
@@ -46,6 +51,7 @@ impl Roles {
             api: true,
             relay: false,
             projections: vec![],
+            replier: false,
         }
     }
 
@@ -54,6 +60,16 @@ impl Roles {
             api: false,
             relay: true,
             projections: vec![],
+            replier: false,
+        }
+    }
+
+    pub fn only_replier() -> Roles {
+        Roles {
+            api: false,
+            relay: false,
+            projections: vec![],
+            replier: true,
         }
     }
 
@@ -70,6 +86,7 @@ impl Roles {
             api: false,
             relay: false,
             projections: if names.is_empty() { known } else { names },
+            replier: false,
         })
     }
 }
@@ -121,6 +138,23 @@ impl Application {
 
         // Connecting does not wait for the server: NATS may come up later.
         let nats = bus::connect(&bus.url).await?;
+        if roles.replier {
+            let replier = Replier {
+                commands: Commands::new(Arc::new(store.clone())),
+                provider: provider(config)?,
+                policy: config.retry_policy(),
+                history_chars: config.llm_history_chars,
+                concurrency: config.replier_concurrency,
+                ack_wait: Duration::from_secs_f64(config.replier_ack_wait_seconds),
+                jetstream: async_nats::jetstream::new(nats.clone()),
+                bus: bus.clone(),
+            };
+            let stop = stop.clone();
+            tasks.push(spawn(supervise("replier", stop.clone(), move || {
+                let (replier, stop) = (replier.clone(), stop.clone());
+                async move { replier.run(&stop).await }
+            })));
+        }
         if roles.relay || !roles.projections.is_empty() {
             let jetstream = async_nats::jetstream::new(nats.clone());
             if roles.relay {
@@ -232,6 +266,20 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// The LLM provider `LLM_PROVIDER` names.
+fn provider(config: &Config) -> anyhow::Result<Arc<dyn Provider>> {
+    Ok(match config.llm_provider {
+        LlmProvider::Offline => Arc::new(Offline),
+        LlmProvider::Gemini => {
+            let key = config
+                .gemini_api_key
+                .as_ref()
+                .ok_or_else(|| anyhow::anyhow!("LLM_PROVIDER=gemini needs GEMINI_API_KEY"))?;
+            Arc::new(Gemini::new(&config.gemini_base_url, key)?)
+        }
+    })
 }
 
 fn spawn(task: impl Future<Output = ()> + Send + 'static) -> AbortOnDropHandle<()> {

@@ -55,6 +55,7 @@ impl Projection for Conversations {
                 Some(r.usage),
                 r.completed_at,
             ),
+            Event::ReplyStarted(r) => (None, None, 0, None, None, r.started_at),
             Event::ReplyFailed(f) => (None, None, 0, None, None, f.failed_at),
             _ => return Ok(()),
         };

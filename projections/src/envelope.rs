@@ -65,6 +65,7 @@ impl EventEnvelope {
             },
             "MessagePosted" => Event::MessagePosted(data(self)?),
             "ReplyRequested" => Event::ReplyRequested(data(self)?),
+            "ReplyStarted" => Event::ReplyStarted(data(self)?),
             "ReplyCompleted" => Event::ReplyCompleted(data(self)?),
             "ReplyFailed" => Event::ReplyFailed(data(self)?),
             _ => Event::Unknown,
@@ -102,6 +103,7 @@ pub enum Event {
     },
     MessagePosted(MessagePosted),
     ReplyRequested(ReplyRequested),
+    ReplyStarted(ReplyStarted),
     ReplyCompleted(ReplyCompleted),
     ReplyFailed(ReplyFailed),
     /// A type this version does not know: skipped, so a newer writer cannot stall it.
@@ -158,6 +160,13 @@ pub struct ReplyRequested {
     pub reply_to: Uuid,
     pub assistant_id: Uuid,
     pub requested_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ReplyStarted {
+    pub reply_id: Uuid,
+    pub attempt: u32,
+    pub started_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]

@@ -72,6 +72,18 @@ impl Projection for Messages {
                 .execute(&mut *tx)
                 .await?;
             }
+            Event::ReplyStarted(r) => {
+                // Only a reply still waiting moves to in_progress: a late or repeated
+                // start never reopens one that ended.
+                sqlx::query(
+                    "UPDATE messages SET status = 'in_progress', updated_at = $2
+                     WHERE id = $1 AND status IN ('queued', 'in_progress')",
+                )
+                .bind(r.reply_id)
+                .bind(r.started_at)
+                .execute(&mut *tx)
+                .await?;
+            }
             Event::ReplyCompleted(r) => {
                 sqlx::query(
                     "UPDATE messages SET content = $2, status = 'completed', model = $3,

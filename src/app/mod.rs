@@ -1,5 +1,5 @@
 //! Command handling: load a stream, fold it, decide, append. The one place where
-//! the domain meets the store, shared by the HTTP API and (later) the replier.
+//! the domain meets the store, shared by the HTTP API and the replier.
 
 use std::sync::Arc;
 
@@ -23,6 +23,8 @@ const CONFLICT_ATTEMPTS: u32 = 10;
 #[derive(Debug, Clone, Default)]
 pub struct CommandContext {
     pub correlation_id: String,
+    /// The event this command answers (the replier's ReplyRequested).
+    pub causation_id: Option<Uuid>,
     pub user_id: Option<Uuid>,
     pub idempotency_key: Option<String>,
 }
@@ -122,7 +124,7 @@ impl Commands {
     ) -> Result<Decided<D::State>, AppError> {
         let metadata = EventMetadata {
             correlation_id: context.correlation_id.clone(),
-            causation_id: None,
+            causation_id: context.causation_id,
             user_id: context.user_id,
             idempotency_key: context.idempotency_key.clone(),
         };

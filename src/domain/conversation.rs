@@ -45,6 +45,30 @@ pub enum ConversationCommand {
         content: String,
         at: DateTime<Utc>,
     },
+    /// The replier begins (or, after a crash or redelivery, begins again) a reply.
+    StartReply {
+        reply_id: Uuid,
+        attempt: u32,
+        at: DateTime<Utc>,
+    },
+    /// The replier's answer. Refused once the reply has ended: one ending per reply.
+    CompleteReply {
+        reply_id: Uuid,
+        content: String,
+        model: String,
+        finish_reason: String,
+        usage: Usage,
+        latency_ms: u64,
+        at: DateTime<Utc>,
+    },
+    /// The replier gave up. Refused once the reply has ended, like `CompleteReply`.
+    FailReply {
+        reply_id: Uuid,
+        error: String,
+        retryable: bool,
+        attempts: u32,
+        at: DateTime<Utc>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -82,7 +106,12 @@ pub enum ConversationEvent {
         assistant_id: Uuid,
         requested_at: DateTime<Utc>,
     },
-    /// Reserved for the replier (its commands come with the replies work).
+    /// The replier took the reply up (`attempt` counts deliveries, from 1).
+    ReplyStarted {
+        reply_id: Uuid,
+        attempt: u32,
+        started_at: DateTime<Utc>,
+    },
     ReplyCompleted {
         reply_id: Uuid,
         content: String,
@@ -92,7 +121,6 @@ pub enum ConversationEvent {
         latency_ms: u64,
         completed_at: DateTime<Utc>,
     },
-    /// Reserved for the replier (its commands come with the replies work).
     ReplyFailed {
         reply_id: Uuid,
         error: String,
@@ -129,6 +157,8 @@ pub struct Conversation {
     pub usage: Usage,
     /// Replies requested and not yet completed or failed.
     pub pending_replies: BTreeSet<Uuid>,
+    /// Replies that completed or failed: a second ending is refused.
+    pub ended_replies: BTreeSet<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -139,6 +169,28 @@ impl ConversationState {
             ConversationState::Live(c) if c.owner_id == actor => Ok(c),
             _ => Err(DomainError::NotFound("conversation")),
         }
+    }
+
+    /// The replier's commands act on a requested reply that has not ended. They
+    /// come from the system, not a user: no owner check.
+    fn pending_reply(&self, reply_id: Uuid) -> Result<&Conversation, DomainError> {
+        let ConversationState::Live(c) = self else {
+            return Err(DomainError::NotFound("conversation"));
+        };
+        if c.ended_replies.contains(&reply_id) {
+            return Err(DomainError::Conflict(format!(
+                "reply {reply_id} has already ended"
+            )));
+        }
+        if !c.pending_replies.contains(&reply_id) {
+            return Err(DomainError::NotFound("reply"));
+        }
+        Ok(c)
+    }
+
+    /// Whether a reply completed or failed (the replier's "already done").
+    pub fn reply_ended(&self, reply_id: Uuid) -> bool {
+        matches!(self, ConversationState::Live(c) if c.ended_replies.contains(&reply_id))
     }
 }
 
@@ -235,6 +287,54 @@ impl Decider for ConversationDecider {
                     },
                 ])
             }
+            C::StartReply {
+                reply_id,
+                attempt,
+                at,
+            } => {
+                state.pending_reply(*reply_id)?;
+                Ok(vec![E::ReplyStarted {
+                    reply_id: *reply_id,
+                    attempt: *attempt,
+                    started_at: *at,
+                }])
+            }
+            C::CompleteReply {
+                reply_id,
+                content,
+                model,
+                finish_reason,
+                usage,
+                latency_ms,
+                at,
+            } => {
+                state.pending_reply(*reply_id)?;
+                Ok(vec![E::ReplyCompleted {
+                    reply_id: *reply_id,
+                    content: content.clone(),
+                    model: model.clone(),
+                    finish_reason: finish_reason.clone(),
+                    usage: *usage,
+                    latency_ms: *latency_ms,
+                    completed_at: *at,
+                }])
+            }
+            C::FailReply {
+                reply_id,
+                error,
+                retryable,
+                attempts,
+                at,
+            } => {
+                state.pending_reply(*reply_id)?;
+                Ok(vec![E::ReplyFailed {
+                    reply_id: *reply_id,
+                    error: error.clone(),
+                    retryable: *retryable,
+                    attempts: *attempts,
+                    failed_at: *at,
+                }])
+            }
         }
     }
 
@@ -261,6 +361,7 @@ impl Decider for ConversationDecider {
                     last_message_at: None,
                     usage: Usage::default(),
                     pending_replies: BTreeSet::new(),
+                    ended_replies: BTreeSet::new(),
                     created_at: *started_at,
                     updated_at: *started_at,
                 });
@@ -300,6 +401,7 @@ impl Decider for ConversationDecider {
                 ..
             } => {
                 c.pending_replies.remove(reply_id);
+                c.ended_replies.insert(*reply_id);
                 c.usage.prompt_tokens += usage.prompt_tokens;
                 c.usage.completion_tokens += usage.completion_tokens;
                 c.usage.total_tokens += usage.total_tokens;
@@ -312,8 +414,11 @@ impl Decider for ConversationDecider {
                 ..
             } => {
                 c.pending_replies.remove(reply_id);
+                c.ended_replies.insert(*reply_id);
                 c.updated_at = *failed_at;
             }
+            // Being worked on changes nothing the rules look at.
+            E::ReplyStarted { .. } => {}
         }
         ConversationState::Live(c)
     }
@@ -539,5 +644,110 @@ mod tests {
         };
         assert!(c.pending_replies.is_empty());
         assert_eq!(c.usage.total_tokens, 5);
+    }
+
+    fn requested() -> ConversationEvent {
+        ConversationEvent::ReplyRequested {
+            reply_id: REPLY,
+            reply_to: MESSAGE,
+            assistant_id: ASSISTANT,
+            requested_at: at(),
+        }
+    }
+
+    fn complete() -> ConversationCommand {
+        ConversationCommand::CompleteReply {
+            reply_id: REPLY,
+            content: "Done".into(),
+            model: "m".into(),
+            finish_reason: "STOP".into(),
+            usage: Usage::default(),
+            latency_ms: 1,
+            at: at(),
+        }
+    }
+
+    fn fail() -> ConversationCommand {
+        ConversationCommand::FailReply {
+            reply_id: REPLY,
+            error: "rate limited".into(),
+            retryable: true,
+            attempts: 3,
+            at: at(),
+        }
+    }
+
+    #[test]
+    fn a_requested_reply_can_start_again_and_again_until_it_ends() {
+        let start = |attempt| ConversationCommand::StartReply {
+            reply_id: REPLY,
+            attempt,
+            at: at(),
+        };
+        let first = given_when::<ConversationDecider>(&[started(), requested()], &start(1));
+        assert_eq!(
+            first,
+            Ok(vec![ConversationEvent::ReplyStarted {
+                reply_id: REPLY,
+                attempt: 1,
+                started_at: at(),
+            }])
+        );
+        // A crash after starting: the redelivery starts it again.
+        let mut given = vec![started(), requested()];
+        given.extend(first.unwrap());
+        assert!(given_when::<ConversationDecider>(&given, &start(2)).is_ok());
+        assert!(given_when::<ConversationDecider>(&given, &complete()).is_ok());
+    }
+
+    #[test]
+    fn a_reply_ends_once_whether_completed_or_failed() {
+        let completed = given_when::<ConversationDecider>(&[started(), requested()], &complete())
+            .unwrap()
+            .remove(0);
+        let failed = given_when::<ConversationDecider>(&[started(), requested()], &fail())
+            .unwrap()
+            .remove(0);
+        assert!(matches!(
+            failed,
+            ConversationEvent::ReplyFailed { attempts: 3, .. }
+        ));
+        for ending in [completed, failed] {
+            let given = [started(), requested(), ending];
+            assert!(ConversationDecider::fold(&given).reply_ended(REPLY));
+            for again in [complete(), fail()] {
+                assert!(matches!(
+                    given_when::<ConversationDecider>(&given, &again),
+                    Err(DomainError::Conflict(m)) if m.contains("already ended")
+                ));
+            }
+            let restart = ConversationCommand::StartReply {
+                reply_id: REPLY,
+                attempt: 9,
+                at: at(),
+            };
+            assert!(given_when::<ConversationDecider>(&given, &restart).is_err());
+        }
+    }
+
+    #[test]
+    fn a_reply_never_requested_is_not_found() {
+        assert_eq!(
+            given_when::<ConversationDecider>(&[started()], &complete()),
+            Err(DomainError::NotFound("reply"))
+        );
+        assert_eq!(
+            given_when::<ConversationDecider>(&[], &fail()),
+            Err(DomainError::NotFound("conversation"))
+        );
+    }
+
+    #[test]
+    fn a_reply_still_ends_after_the_conversation_is_archived() {
+        let archived = ConversationEvent::ConversationArchived { archived_at: at() };
+        assert!(
+            given_when::<ConversationDecider>(&[started(), requested(), archived], &complete())
+                .is_ok()
+        );
     }
 }

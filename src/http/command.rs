@@ -69,6 +69,7 @@ impl<'a> Invocation<'a> {
         key.run(state, owner, async || {
             let context = CommandContext {
                 correlation_id,
+                causation_id: None,
                 user_id: Some(user_id),
                 idempotency_key: key.key().map(Into::into),
             };

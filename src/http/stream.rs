@@ -145,6 +145,11 @@ fn sse_of(e: &EventEnvelope) -> Option<(&'static str, serde_json::Value)> {
                     "role": "assistant", "content": null, "status": "queued", "reply_to": r.reply_to,
                     "created_at": r.requested_at }),
         ),
+        Fact::ReplyStarted(r) => (
+            "message.updated",
+            json!({ "id": r.reply_id, "object": "message", "conversation_id": conversation_id,
+                    "role": "assistant", "status": "in_progress", "updated_at": r.started_at }),
+        ),
         Fact::ReplyCompleted(r) => (
             "message.completed",
             json!({ "id": r.reply_id, "object": "message", "conversation_id": conversation_id,

@@ -8,6 +8,8 @@ use ai_secretary::{
 use clap::Parser;
 use reqwest::{Method, Response, StatusCode};
 use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
 use tokio::sync::oneshot;
 
 use crate::support::{BusNames, TestDb};
@@ -31,6 +33,26 @@ pub async fn spawn_app() -> TestApp {
 /// `spawn_app` with extra command-line options (e.g. a private server's URL).
 pub async fn spawn_app_with(extra: &[&str]) -> TestApp {
     spawn_app_on(TestDb::new().await, BusNames::new(), extra, Roles::all()).await
+}
+
+/// `spawn_app_with` minus the replier: replies stay `queued`, for tests of the read
+/// side that must not see answers (and their cache invalidations) arrive under them.
+pub async fn spawn_app_without_replier(extra: &[&str]) -> TestApp {
+    spawn_app_on(
+        TestDb::new().await,
+        BusNames::new(),
+        extra,
+        without_replier(),
+    )
+    .await
+}
+
+/// Every role but the replier.
+pub fn without_replier() -> Roles {
+    Roles {
+        replier: false,
+        ..Roles::all()
+    }
 }
 
 /// The service with the given roles on an existing database and bus names, so a
@@ -212,4 +234,31 @@ pub async fn problem(response: Response, status: StatusCode) -> Value {
         "{body}"
     );
     body
+}
+
+/// How long `eventually` waits for the read side (or anything else) to get there.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Try `attempt` until it succeeds, for at most `DEADLINE`; then fail with the
+/// last thing it saw.
+pub async fn eventually<T>(what: &str, attempt: impl AsyncFnMut() -> Result<T, String>) -> T {
+    eventually_every(Duration::from_millis(50), what, attempt).await
+}
+
+/// `eventually`, trying every `interval`.
+pub async fn eventually_every<T>(
+    interval: Duration,
+    what: &str,
+    mut attempt: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        match attempt().await {
+            Ok(value) => return value,
+            Err(last) if start.elapsed() > DEADLINE => {
+                panic!("{what}: not within {DEADLINE:?}; last seen: {last}")
+            }
+            Err(_) => tokio::time::sleep(interval).await,
+        }
+    }
 }

@@ -27,12 +27,12 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::{
-    helpers::{TestApp, problem, spawn_app, spawn_app_on, spawn_app_with},
+    helpers::{
+        TestApp, eventually, eventually_every, problem, spawn_app, spawn_app_on, spawn_app_with,
+        spawn_app_without_replier, without_replier,
+    },
     support::{BusNames, TestDb},
 };
-
-/// Longest any expected state may take to show up.
-const DEADLINE: Duration = Duration::from_secs(20);
 
 // ---------------------------------------------------------------------------
 // Private servers
@@ -216,30 +216,6 @@ fn scratch_dir(kind: &str) -> PathBuf {
 
 // ---------------------------------------------------------------------------
 // Polling and the read side's state
-
-/// Try `attempt` until it succeeds, for at most `DEADLINE`; then fail with the
-/// last thing it saw.
-async fn eventually<T>(what: &str, attempt: impl AsyncFnMut() -> Result<T, String>) -> T {
-    eventually_every(Duration::from_millis(50), what, attempt).await
-}
-
-/// `eventually`, trying every `interval`.
-async fn eventually_every<T>(
-    interval: Duration,
-    what: &str,
-    mut attempt: impl AsyncFnMut() -> Result<T, String>,
-) -> T {
-    let start = Instant::now();
-    loop {
-        match attempt().await {
-            Ok(value) => return value,
-            Err(last) if start.elapsed() > DEADLINE => {
-                panic!("{what}: not within {DEADLINE:?}; last seen: {last}")
-            }
-            Err(_) => tokio::time::sleep(interval).await,
-        }
-    }
-}
 
 /// A consumer of the log: how far it has got and how many events it applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -630,7 +606,8 @@ async fn commands_succeed_while_nats_is_down_and_projections_catch_up() {
 async fn queries_answer_while_redis_is_down() {
     let mut redis_server = PrivateServer::redis().await;
     let redis_url = redis_server.url();
-    let app = spawn_app_with(&[
+    // Without the replier, whose answers would invalidate what the test caches.
+    let app = spawn_app_without_replier(&[
         "--redis-url",
         &redis_url,
         "--consistency-timeout-ms",
@@ -973,6 +950,7 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_read_model() {
             api: true,
             relay: true,
             projections: vec![],
+            replier: false,
         },
     )
     .await;
@@ -1008,7 +986,7 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_read_model() {
     eprintln!("crashed the projectors with {part_way} (head {backlog_head:?})");
 
     // A full instance picks up where they left off.
-    let resumed = spawn_app_on(db, names, &[], Roles::all()).await;
+    let resumed = spawn_app_on(db, names, &[], without_replier()).await;
     caught_up(&resumed.db.pool, &consumers()).await;
     assert_each_event_applied_once(&resumed.db.pool).await;
     let names = &resumed.names;

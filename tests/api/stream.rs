@@ -1,19 +1,12 @@
-//! Live updates over SSE, and a reply's completion flowing to every read model.
+//! Live updates over SSE, and the replier's answer flowing to every read model.
 
 use std::time::Duration;
 
-use ai_secretary::{
-    domain::conversation::{ConversationEvent, Usage},
-    store::{
-        AppendRequest, EventMetadata, EventStore, PgEventStore, codec, postgres::CoalescingConfig,
-    },
-};
 use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use uuid::Uuid;
 
-use crate::helpers::{TestApp, problem, spawn_app};
+use crate::helpers::{TestApp, eventually, problem, spawn_app};
 
 /// One server-sent event.
 #[derive(Debug)]
@@ -84,37 +77,6 @@ async fn next(events: &mut tokio::sync::mpsc::Receiver<Sse>) -> Sse {
         .expect("the stream stays open")
 }
 
-/// Append a reply's completion as the replier will (through the same store).
-async fn complete_reply(app: &TestApp, conversation: Uuid, reply: Uuid) -> String {
-    let store = PgEventStore::new(app.db.pool.clone(), CoalescingConfig::default());
-    let version = store.read_stream(conversation).await.unwrap().len() as i64;
-    let event = ConversationEvent::ReplyCompleted {
-        reply_id: reply,
-        content: "Booked: table for two at 7pm.".into(),
-        model: "gemini-2.5-flash".into(),
-        finish_reason: "STOP".into(),
-        usage: Usage {
-            prompt_tokens: 12,
-            completion_tokens: 8,
-            total_tokens: 20,
-        },
-        latency_ms: 42,
-        completed_at: chrono::Utc::now(),
-    };
-    let appended = store
-        .append(AppendRequest {
-            stream_id: conversation,
-            stream_type: "conversation",
-            expected_version: version,
-            events: vec![codec::encode(&event, &EventMetadata::default()).unwrap()],
-            reservation: None,
-            idempotency: None,
-        })
-        .await
-        .unwrap();
-    appended.position.to_string()
-}
-
 #[tokio::test]
 async fn sse_delivers_what_happens_after_subscribing_and_resumes() {
     let app = spawn_app().await;
@@ -146,53 +108,75 @@ async fn sse_delivers_what_happens_after_subscribing_and_resumes() {
     );
     assert_eq!(reply.data["status"], "queued");
 
-    let reply_id: Uuid = posted["reply"]["id"].as_str().unwrap().parse().unwrap();
-    let at = complete_reply(&app, id.parse().unwrap(), reply_id).await;
+    // The replier (offline provider) takes the reply up, then answers it.
+    let started = next(&mut live).await;
+    assert_eq!(
+        (started.event.as_str(), started.id.as_str()),
+        ("message.updated", "4")
+    );
+    assert_eq!(started.data["status"], "in_progress");
     let completed = next(&mut live).await;
-    assert_eq!(completed.event, "message.completed");
-    assert_eq!(completed.data["usage"]["total_tokens"], 20);
+    assert_eq!(
+        (completed.event.as_str(), completed.id.as_str()),
+        ("message.completed", "5")
+    );
+    assert_eq!(completed.data["id"], posted["reply"]["id"]);
+    let content = completed.data["content"].as_str().unwrap().to_owned();
+    assert!(content.contains("Dinner for two at 7pm"), "{content}");
+    let usage = completed.data["usage"].clone();
+    let total = usage["total_tokens"].as_i64().unwrap();
+    assert!(total > 0);
 
-    // Reconnecting after event 2 replays 3 and 4 from the store.
+    // Reconnecting after event 2 replays 3, 4 and 5 from the store.
     let mut resumed = subscribe(&app, &token, &id, Some("2")).await;
-    let ids = [next(&mut resumed).await.id, next(&mut resumed).await.id];
-    assert_eq!(ids, ["3", "4"]);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(next(&mut resumed).await.id);
+    }
+    assert_eq!(ids, ["3", "4", "5"]);
 
-    // The completion reached the messages, the conversation and usage.
-    let get = |path: String| {
+    // The completion reaches the messages, the conversation and usage.
+    let get = async |path: String| -> Value {
         app.client
             .get(app.url(&format!("/api/v1{path}")))
             .bearer_auth(&token)
-            .header("x-consistency-token", &at)
             .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     };
-    let messages: Value = get(format!("/conversations/{id}/messages"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(messages["data"][1]["status"], "completed");
+    let messages = eventually("the reply is listed as completed", async || {
+        let messages = get(format!("/conversations/{id}/messages")).await;
+        (messages["data"][1]["status"] == "completed")
+            .then(|| messages.clone())
+            .ok_or(messages.to_string())
+    })
+    .await;
+    assert_eq!(messages["data"][1]["content"], content.as_str());
+    assert_eq!(messages["data"][1]["usage"], usage);
+    let conversation = eventually("the conversation counts the tokens", async || {
+        let c = get(format!("/conversations/{id}")).await;
+        (c["usage"]["total_tokens"] == total)
+            .then(|| c.clone())
+            .ok_or(c.to_string())
+    })
+    .await;
+    assert_eq!(conversation["usage"], usage);
+    let usage_stats = eventually("usage_daily counts the tokens", async || {
+        let u = get("/stats/usage?group_by=assistant".into()).await;
+        (u["total"]["total_tokens"] == total)
+            .then(|| u.clone())
+            .ok_or(u.to_string())
+    })
+    .await;
+    assert_eq!(usage_stats["data"][0]["assistant_id"], assistant["id"]);
+    assert_eq!(usage_stats["data"][0]["messages"], 1);
     assert_eq!(
-        messages["data"][1]["content"],
-        "Booked: table for two at 7pm."
+        usage_stats["total"]["prompt_tokens"],
+        usage["prompt_tokens"]
     );
-    assert_eq!(messages["data"][1]["usage"]["total_tokens"], 20);
-    let conversation: Value = get(format!("/conversations/{id}"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(conversation["usage"]["total_tokens"], 20);
-    let usage: Value = get("/stats/usage?group_by=assistant".into())
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(usage["data"][0]["assistant_id"], assistant["id"]);
-    assert_eq!(usage["data"][0]["messages"], 1);
-    assert_eq!(usage["total"]["prompt_tokens"], 12);
 }
 
 #[tokio::test]

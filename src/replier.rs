@@ -1,0 +1,351 @@
+//! The replier: answers every ReplyRequested with exactly one ReplyCompleted or
+//! ReplyFailed, appended to the conversation through its decider.
+//!
+//! It is a durable JetStream consumer of the conversation subjects. A message is
+//! acked only once its reply has ended in the store, so a crash anywhere (before
+//! the model answered, or after it answered but before the append) leaves the
+//! message unacked, and JetStream hands it out again after `ack_wait`. Exactly one
+//! ending per reply comes from the decider, which refuses a second one: a redelivery,
+//! a restart or a second replier that finds the reply ended acks and moves on.
+
+use std::{sync::Arc, time::Duration};
+
+use ai_secretary_projections::envelope::{Event as Fact, EventEnvelope};
+use async_nats::jetstream::{
+    self, AckKind,
+    consumer::{AckPolicy, DeliverPolicy, pull},
+};
+use chrono::Utc;
+use futures_util::StreamExt;
+use tokio::{sync::Semaphore, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    app::{AppError, CommandContext, Commands, Expected},
+    bus::{self, BusConfig},
+    domain::{
+        Decider, DomainError,
+        assistant::{AssistantDecider, AssistantState},
+        conversation::{ConversationCommand, ConversationDecider, ConversationEvent},
+    },
+    llm::{self, Prompt, Provider, RetryPolicy},
+    store::codec,
+};
+
+/// The durable consumer's name on the events stream.
+pub const CONSUMER: &str = "replier";
+
+#[derive(Clone)]
+pub struct Replier {
+    pub commands: Commands,
+    pub provider: Arc<dyn Provider>,
+    pub policy: RetryPolicy,
+    pub history_chars: usize,
+    pub concurrency: usize,
+    /// How long JetStream waits for an ack before handing a message out again:
+    /// how soon a reply abandoned by a crash is picked up.
+    pub ack_wait: Duration,
+    pub jetstream: jetstream::Context,
+    pub bus: BusConfig,
+}
+
+/// What became of one delivered message.
+#[derive(Debug, PartialEq)]
+enum Handled {
+    /// Done with it (answered, already answered, or nothing to answer): ack.
+    Done,
+    /// Shutting down mid-reply: leave it unacked for the next replier.
+    Abandoned,
+}
+
+impl Replier {
+    /// Answer requests until `stop`; in-flight replies are abandoned (not acked)
+    /// on shutdown and answered after the restart.
+    pub async fn run(&self, stop: &CancellationToken) -> anyhow::Result<()> {
+        bus::ensure_stream(&self.jetstream, &self.bus).await?;
+        let stream = self.jetstream.get_stream(&self.bus.stream).await?;
+        let consumer = stream
+            .get_or_create_consumer(
+                CONSUMER,
+                pull::Config {
+                    durable_name: Some(CONSUMER.to_owned()),
+                    // One filter subject: plural filters are ignored by NATS 2.9.
+                    filter_subject: format!("{}.conversation.>", self.bus.subject_prefix),
+                    // From the start: a request never answered is answered now.
+                    deliver_policy: DeliverPolicy::All,
+                    ack_policy: AckPolicy::Explicit,
+                    ack_wait: self.ack_wait,
+                    max_ack_pending: (self.concurrency * 4) as i64,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let mut messages = consumer.messages().await?;
+        let slots = Arc::new(Semaphore::new(self.concurrency.max(1)));
+        let mut working = JoinSet::new();
+        tracing::info!(provider = self.provider.name(), "replier active");
+        let result = loop {
+            // Reap finished replies so the set does not grow.
+            while working.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                permit = slots.clone().acquire_owned() => permit?,
+                () = stop.cancelled() => break Ok(()),
+            };
+            let message = tokio::select! {
+                next = messages.next() => next,
+                () = stop.cancelled() => break Ok(()),
+            };
+            let message = match message {
+                Some(Ok(message)) => message,
+                Some(Err(e)) => break Err(anyhow::anyhow!("replier consumer: {e}")),
+                None => break Err(anyhow::anyhow!("the replier's message stream ended")),
+            };
+            let (this, stop) = (self.clone(), stop.clone());
+            working.spawn(async move {
+                let _permit = permit;
+                this.deliver(message, &stop).await;
+            });
+        };
+        // Replies in flight see `stop` and leave their messages unacked.
+        while working.join_next().await.is_some() {}
+        result
+    }
+
+    /// Handle one message and ack it when done; log what could not be.
+    async fn deliver(&self, message: jetstream::Message, stop: &CancellationToken) {
+        let keepalive = async {
+            // Tell JetStream we are still on it, so a slow model is not redelivered.
+            let mut tick = tokio::time::interval(self.ack_wait / 3);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        };
+        let attempt = message.info().map_or(1, |i| i.delivered.max(1) as u32);
+        let handled = tokio::select! {
+            handled = self.handle(&message.payload, attempt) => handled,
+            () = keepalive => unreachable!("the keepalive never ends"),
+            () = stop.cancelled() => Ok(Handled::Abandoned),
+        };
+        match handled {
+            Ok(Handled::Done) => {
+                if let Err(e) = message.double_ack().await {
+                    tracing::warn!(error = %e, "could not ack a reply request; it will come again");
+                }
+            }
+            Ok(Handled::Abandoned) => {}
+            Err(e) => {
+                // Store trouble: try again a little later, from the start.
+                tracing::warn!(error = format!("{e:#}"), "reply failed to record; retrying");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+        }
+    }
+
+    async fn handle(&self, payload: &[u8], attempt: u32) -> anyhow::Result<Handled> {
+        let envelope: EventEnvelope = match serde_json::from_slice(payload) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                tracing::error!(error = %e, "not an event envelope; skipped by the replier");
+                return Ok(Handled::Done);
+            }
+        };
+        let Ok(Fact::ReplyRequested(request)) = envelope.decode() else {
+            return Ok(Handled::Done);
+        };
+        let conversation_id = envelope.stream_id;
+        let span = tracing::info_span!(
+            "reply",
+            %conversation_id,
+            reply_id = %request.reply_id,
+            correlation_id = envelope.metadata.get("correlation_id").and_then(|c| c.as_str()).unwrap_or(""),
+            attempt,
+        );
+        let context = CommandContext {
+            correlation_id: envelope
+                .metadata
+                .get("correlation_id")
+                .and_then(|c| c.as_str())
+                .unwrap_or_default()
+                .to_owned(),
+            causation_id: Some(envelope.event_id),
+            user_id: None,
+            idempotency_key: None,
+        };
+        let reply = Reply {
+            replier: self,
+            conversation_id,
+            reply_id: request.reply_id,
+            context,
+        };
+        tracing::Instrument::instrument(
+            reply.answer(
+                request.reply_to,
+                request.assistant_id,
+                envelope.version,
+                attempt,
+            ),
+            span,
+        )
+        .await
+    }
+}
+
+/// One reply being worked on.
+struct Reply<'a> {
+    replier: &'a Replier,
+    conversation_id: Uuid,
+    reply_id: Uuid,
+    context: CommandContext,
+}
+
+impl Reply<'_> {
+    async fn answer(
+        &self,
+        reply_to: Uuid,
+        assistant_id: Uuid,
+        requested_at_version: i64,
+        attempt: u32,
+    ) -> anyhow::Result<Handled> {
+        let commands = &self.replier.commands;
+        // The history as the store has it: the source of truth, not a projection.
+        let recorded = commands.store().read_stream(self.conversation_id).await?;
+        let history = recorded
+            .iter()
+            .map(codec::decode::<ConversationEvent>)
+            .collect::<Result<Vec<_>, _>>()?;
+        let state = ConversationDecider::fold(&history);
+        if state.reply_ended(self.reply_id) {
+            tracing::debug!("already answered");
+            return Ok(Handled::Done);
+        }
+        let started = self
+            .record(ConversationCommand::StartReply {
+                reply_id: self.reply_id,
+                attempt,
+                at: Utc::now(),
+            })
+            .await?;
+        if !started {
+            return Ok(Handled::Done);
+        }
+        let earlier: Vec<ConversationEvent> = recorded
+            .iter()
+            .zip(history)
+            .take_while(|(r, _)| r.version < requested_at_version)
+            .map(|(_, e)| e)
+            .collect();
+        let assistant = match commands.load::<AssistantDecider>(assistant_id).await?.state {
+            AssistantState::Live(assistant) => assistant,
+            _ => {
+                self.record(ConversationCommand::FailReply {
+                    reply_id: self.reply_id,
+                    error: "the assistant no longer exists".into(),
+                    retryable: false,
+                    attempts: 0,
+                    at: Utc::now(),
+                })
+                .await?;
+                return Ok(Handled::Done);
+            }
+        };
+        let prompt = Prompt::build(&assistant, &earlier, reply_to, self.replier.history_chars);
+        let asked = std::time::Instant::now();
+        let _in_flight = InFlight::start();
+        let outcome = llm::complete(
+            self.replier.provider.as_ref(),
+            &prompt,
+            &self.replier.policy,
+        )
+        .await;
+        let latency_ms = asked.elapsed().as_millis() as u64;
+        let command = match outcome {
+            Ok((completion, attempts)) => {
+                tracing::info!(
+                    attempts,
+                    latency_ms,
+                    total_tokens = completion.usage.total_tokens,
+                    "reply completed"
+                );
+                metrics::counter!("replies_total", "outcome" => "completed").increment(1);
+                ConversationCommand::CompleteReply {
+                    reply_id: self.reply_id,
+                    content: completion.content,
+                    model: completion.model,
+                    finish_reason: completion.finish_reason,
+                    usage: completion.usage,
+                    latency_ms,
+                    at: Utc::now(),
+                }
+            }
+            Err(failure) => {
+                tracing::warn!(
+                    attempts = failure.attempts,
+                    reason = %failure.last.reason,
+                    error = %failure.last.message,
+                    "reply failed"
+                );
+                metrics::counter!("replies_total", "outcome" => "failed").increment(1);
+                ConversationCommand::FailReply {
+                    reply_id: self.reply_id,
+                    error: failure.last.to_string(),
+                    retryable: failure.retryable,
+                    attempts: failure.attempts,
+                    at: Utc::now(),
+                }
+            }
+        };
+        self.record(command).await?;
+        Ok(Handled::Done)
+    }
+
+    /// Append a reply command. `Ok(false)` when the reply has already ended (a
+    /// redelivery or another replier got there first): that is success too.
+    async fn record(&self, command: ConversationCommand) -> anyhow::Result<bool> {
+        match self
+            .replier
+            .commands
+            .execute::<ConversationDecider>(
+                self.conversation_id,
+                Expected::Any,
+                &command,
+                &self.context,
+                None,
+                None,
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(AppError::Domain(DomainError::Conflict(reason))) => {
+                tracing::info!(reason, "reply already ended elsewhere; nothing to add");
+                Ok(false)
+            }
+            Err(AppError::Domain(DomainError::NotFound(what))) => {
+                // The store no longer has the request (a restore from an older backup).
+                tracing::warn!(what, "reply request not in the store; skipped");
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// `llm_replies_in_flight` up while a reply is being worked on.
+struct InFlight;
+
+impl InFlight {
+    fn start() -> Self {
+        metrics::gauge!("llm_replies_in_flight").increment(1.0);
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("llm_replies_in_flight").decrement(1.0);
+    }
+}
