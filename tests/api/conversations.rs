@@ -1,11 +1,12 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{problem, spawn_app};
+use crate::helpers::{problem, spawn_app, spawn_app_without_replier};
 
 #[tokio::test]
 async fn start_rename_post_and_archive() {
-    let app = spawn_app().await;
+    // Without the replier: its events would interleave with the ones checked here.
+    let app = spawn_app_without_replier(&[]).await;
     let token = app.signed_up("talker@example.com").await;
     let assistant = app.assistant(&token, "Mika").await;
 
