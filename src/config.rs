@@ -122,6 +122,11 @@ pub struct Config {
     #[arg(long, env = "LLM_BACKOFF_MS", default_value_t = 500)]
     pub llm_backoff_ms: u64,
 
+    /// Stream replies: the model's text goes to the conversation's SSE as
+    /// `message.delta` while it is written (the stored reply is still one event).
+    #[arg(long, env = "LLM_STREAM", default_value_t = true, action = clap::ArgAction::Set)]
+    pub llm_stream: bool,
+
     /// Conversation history sent with a message, in characters (oldest dropped first).
     #[arg(long, env = "LLM_HISTORY_CHARS", default_value_t = 24_000)]
     pub llm_history_chars: usize,

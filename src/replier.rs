@@ -47,6 +47,9 @@ pub struct Replier {
     /// how soon a reply abandoned by a crash is picked up.
     pub ack_wait: Duration,
     pub jetstream: jetstream::Context,
+    /// Where streamed reply text goes (core NATS, not stored), when `stream` is on.
+    pub nats: async_nats::Client,
+    pub stream: bool,
     pub bus: BusConfig,
 }
 
@@ -256,12 +259,31 @@ impl Reply<'_> {
         let prompt = Prompt::build(&assistant, &earlier, reply_to, self.replier.history_chars);
         let asked = std::time::Instant::now();
         let _in_flight = InFlight::start();
-        let outcome = llm::complete(
-            self.replier.provider.as_ref(),
-            &prompt,
-            &self.replier.policy,
-        )
-        .await;
+        let outcome = if self.replier.stream {
+            let (sink, forwarding) = self.forward_deltas();
+            let send = move |attempt: u32, piece: &str| {
+                let _ = sink.send((attempt, piece.to_owned()));
+            };
+            let outcome = llm::complete(
+                self.replier.provider.as_ref(),
+                &prompt,
+                &self.replier.policy,
+                Some(&send),
+            )
+            .await;
+            drop(send);
+            // Every delta is out before the ending is appended (and then relayed).
+            let _ = forwarding.await;
+            outcome
+        } else {
+            llm::complete(
+                self.replier.provider.as_ref(),
+                &prompt,
+                &self.replier.policy,
+                None,
+            )
+            .await
+        };
         let latency_ms = asked.elapsed().as_millis() as u64;
         let command = match outcome {
             Ok((completion, attempts)) => {
@@ -301,6 +323,40 @@ impl Reply<'_> {
         };
         self.record(command).await?;
         Ok(Handled::Done)
+    }
+
+    /// A channel whose pieces of text are published, in order, as `message.delta`
+    /// updates on the conversation's live subject; the task ends when it closes.
+    fn forward_deltas(
+        &self,
+    ) -> (
+        tokio::sync::mpsc::UnboundedSender<(u32, String)>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (sink, mut pieces) = tokio::sync::mpsc::unbounded_channel::<(u32, String)>();
+        let nats = self.replier.nats.clone();
+        let subject = bus::live_subject(&self.replier.bus.subject_prefix, self.conversation_id);
+        let (reply_id, conversation_id) = (self.reply_id, self.conversation_id);
+        let forwarding = tokio::spawn(async move {
+            let mut index = 0u64;
+            let mut current = 0;
+            while let Some((attempt, delta)) = pieces.recv().await {
+                if attempt != current {
+                    (current, index) = (attempt, 0);
+                }
+                let update = serde_json::json!({
+                    "id": reply_id, "object": "message.delta", "conversation_id": conversation_id,
+                    "attempt": attempt, "index": index, "delta": delta,
+                });
+                index += 1;
+                // Best effort: a missed delta is repaired by the stored completion.
+                let _ = nats
+                    .publish(subject.clone(), update.to_string().into())
+                    .await;
+            }
+            let _ = nats.flush().await;
+        });
+        (sink, forwarding)
     }
 
     /// Append a reply command. `Ok(false)` when the reply has already ended (a

@@ -47,6 +47,12 @@ pub async fn ensure_stream(
         .map(|_| ())
 }
 
+/// The subject of a conversation's live, unstored updates (a reply's text as the
+/// model streams it). Outside `<prefix>.>`, so the events stream never keeps them.
+pub fn live_subject(prefix: &str, conversation_id: uuid::Uuid) -> String {
+    format!("{prefix}_live.conversation.{conversation_id}")
+}
+
 /// The subject of one event.
 pub fn subject(prefix: &str, stream_type: &str, stream_id: uuid::Uuid) -> String {
     format!("{prefix}.{stream_type}.{stream_id}")

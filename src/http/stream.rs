@@ -7,6 +7,9 @@
 //! is opened before the store is read, and versions already sent are skipped, so
 //! nothing falls between the two; a gap in the live feed (a slow consumer) is
 //! filled from the store too. Comments keep idle connections alive.
+//!
+//! While the replier streams a reply, its text arrives as `message.delta` events
+//! (no id: they are not stored, and the `message.completed` that follows is).
 
 use std::{convert::Infallible, time::Duration};
 
@@ -29,7 +32,7 @@ use super::{
     extract::{AuthUser, IdPath},
 };
 use crate::{
-    bus::subject,
+    bus::{live_subject, subject},
     domain::conversation::{ConversationDecider, ConversationState},
     store::EventStore,
 };
@@ -58,10 +61,14 @@ async fn stream(
         .and_then(|v| v.trim().parse().ok());
     let nats = state.read.nats.clone();
     let topic = subject(&state.read.subject_prefix, "conversation", id);
-    let subscription = nats
-        .subscribe(topic)
+    let unavailable = |e: async_nats::SubscribeError| {
+        ApiError::Unavailable(format!("live updates are unavailable: {e}"))
+    };
+    let subscription = nats.subscribe(topic).await.map_err(unavailable)?;
+    let mut deltas = nats
+        .subscribe(live_subject(&state.read.subject_prefix, id))
         .await
-        .map_err(|e| ApiError::Unavailable(format!("live updates are unavailable: {e}")))?;
+        .map_err(unavailable)?;
 
     let (events, mut receiver) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
@@ -73,7 +80,20 @@ async fn stream(
         {
             return;
         }
-        while let Some(message) = subscription.next().await {
+        loop {
+            let message = tokio::select! {
+                message = subscription.next() => message,
+                Some(delta) = deltas.next() => {
+                    // Text of a reply being written: passed on as is, without an id
+                    // (it is not stored; the completion that follows is).
+                    let Ok(data) = std::str::from_utf8(&delta.payload) else { continue };
+                    if events.send(Event::default().event("message.delta").data(data)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let Some(message) = message else { break };
             let Ok(envelope) = serde_json::from_slice::<EventEnvelope>(&message.payload) else {
                 continue;
             };

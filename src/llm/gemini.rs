@@ -14,7 +14,9 @@ use reqwest::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{AttemptError, Completion, FailureReason, Prompt, Provider, Role};
+use futures_util::StreamExt;
+
+use super::{AttemptError, Completion, Deltas, FailureReason, Prompt, Provider, Role};
 use crate::{config::Secret, domain::conversation::Usage};
 
 pub struct Gemini {
@@ -47,8 +49,50 @@ impl Provider for Gemini {
     }
 
     async fn attempt(&self, prompt: &Prompt) -> Result<Completion, AttemptError> {
+        let (response, model) = self.post(prompt, "generateContent").await?;
+        let body = response.bytes().await.map_err(transport)?;
+        let response: GenerateContentResponse = serde_json::from_slice(&body).map_err(malformed)?;
+        let mut answer = Answer::default();
+        answer.absorb(response, None);
+        answer.finish(model)
+    }
+
+    /// `streamGenerateContent?alt=sse`: each server-sent event is a partial
+    /// `GenerateContentResponse`; the last carries the finish reason and usage.
+    async fn attempt_streaming(
+        &self,
+        prompt: &Prompt,
+        deltas: Deltas<'_>,
+    ) -> Result<Completion, AttemptError> {
+        let (response, model) = self.post(prompt, "streamGenerateContent?alt=sse").await?;
+        let mut body = response.bytes_stream();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut answer = Answer::default();
+        while let Some(chunk) = body.next().await {
+            pending.extend_from_slice(&chunk.map_err(transport)?);
+            while let Some(event) = next_sse_event(&mut pending) {
+                if event.is_empty() {
+                    continue;
+                }
+                let response: GenerateContentResponse =
+                    serde_json::from_str(&event).map_err(malformed)?;
+                answer.absorb(response, Some(deltas));
+            }
+        }
+        answer.finish(model)
+    }
+}
+
+impl Gemini {
+    /// POST the prompt to `models/{model}:{method}`; an HTTP error becomes the
+    /// attempt's error. Returns the response and the model asked.
+    async fn post<'p>(
+        &self,
+        prompt: &'p Prompt,
+        method: &str,
+    ) -> Result<(reqwest::Response, &'p str), AttemptError> {
         let model = prompt.model.trim_start_matches("models/");
-        let url = format!("{}/v1beta/models/{model}:generateContent", self.base_url);
+        let url = format!("{}/v1beta/models/{model}:{method}", self.base_url);
         let response = self
             .http
             .post(&url)
@@ -56,30 +100,57 @@ impl Provider for Gemini {
             .json(&request_body(prompt))
             .send()
             .await
-            .map_err(|e| {
-                // Without the URL: it names the model, and a proxy could add more.
-                AttemptError::new(FailureReason::Transport, e.without_url().to_string())
-            })?;
+            .map_err(transport)?;
         let status = response.status();
+        if status.is_success() {
+            return Ok((response, model));
+        }
         let retry_after = response
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let body = response.bytes().await.map_err(|e| {
-            AttemptError::new(FailureReason::Transport, e.without_url().to_string())
-        })?;
-        if !status.is_success() {
-            let mut error = AttemptError::new(classify(status), describe_error(status, &body));
-            error.retry_after = retry_after;
-            return Err(error);
-        }
-        let response: GenerateContentResponse = serde_json::from_slice(&body).map_err(|e| {
-            AttemptError::new(FailureReason::Malformed, format!("unreadable answer: {e}"))
-        })?;
-        read_answer(response, model)
+        let body = response.bytes().await.map_err(transport)?;
+        let mut error = AttemptError::new(classify(status), describe_error(status, &body));
+        error.retry_after = retry_after;
+        Err(error)
     }
+}
+
+fn transport(e: reqwest::Error) -> AttemptError {
+    // Without the URL: it names the model, and a proxy could add more.
+    AttemptError::new(FailureReason::Transport, e.without_url().to_string())
+}
+
+fn malformed(e: serde_json::Error) -> AttemptError {
+    AttemptError::new(FailureReason::Malformed, format!("unreadable answer: {e}"))
+}
+
+/// Take the next complete server-sent event off `pending`: its `data:` lines
+/// joined. `None` until a blank line ends one.
+fn next_sse_event(pending: &mut Vec<u8>) -> Option<String> {
+    let end = pending
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| (i, 2));
+    let end_crlf = pending
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, 4));
+    let (at, len) = match (end, end_crlf) {
+        (Some(a), Some(b)) => a.min(b),
+        (a, b) => a.or(b)?,
+    };
+    let raw: Vec<u8> = pending.drain(..at + len).collect();
+    let text = String::from_utf8_lossy(&raw[..at]);
+    Some(
+        text.lines()
+            .filter_map(|line| line.strip_prefix("data:"))
+            .map(str::trim_start)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
 }
 
 fn classify(status: StatusCode) -> FailureReason {
@@ -174,7 +245,7 @@ struct PromptFeedback {
     block_reason: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct UsageMetadata {
     #[serde(default)]
@@ -185,53 +256,101 @@ struct UsageMetadata {
     total_token_count: u64,
 }
 
-/// The first candidate's text, or why there is none.
+/// An answer put together from one response, or from a stream of partial ones.
+#[derive(Default)]
+struct Answer {
+    text: String,
+    candidates: usize,
+    finish_reason: Option<String>,
+    block_reason: Option<String>,
+    usage: Option<UsageMetadata>,
+    model_version: Option<String>,
+}
+
+impl Answer {
+    /// Add one (partial) response; its text also goes to `deltas`.
+    fn absorb(&mut self, response: GenerateContentResponse, deltas: Option<Deltas<'_>>) {
+        if let Some(reason) = response.prompt_feedback.and_then(|f| f.block_reason) {
+            self.block_reason = Some(reason);
+        }
+        if let Some(candidate) = response.candidates.into_iter().next() {
+            self.candidates += 1;
+            for text in candidate
+                .content
+                .into_iter()
+                .flat_map(|c| c.parts)
+                .filter_map(|p| p.text)
+            {
+                if let Some(deltas) = deltas {
+                    deltas(&text);
+                }
+                self.text.push_str(&text);
+            }
+            if candidate.finish_reason.is_some() {
+                self.finish_reason = candidate.finish_reason;
+            }
+        }
+        // Usage is cumulative: the last report counts.
+        if response.usage_metadata.is_some() {
+            self.usage = response.usage_metadata;
+        }
+        if response.model_version.is_some() {
+            self.model_version = response.model_version;
+        }
+    }
+
+    /// The completion, or why there is none.
+    fn finish(self, model: &str) -> Result<Completion, AttemptError> {
+        if let Some(reason) = self.block_reason {
+            return Err(AttemptError::new(
+                FailureReason::Safety,
+                format!("the prompt was blocked ({reason})"),
+            ));
+        }
+        if self.candidates == 0 {
+            return Err(AttemptError::new(
+                FailureReason::Empty,
+                "the answer had no candidate",
+            ));
+        }
+        let finish_reason = self
+            .finish_reason
+            .unwrap_or_else(|| "FINISH_REASON_UNSPECIFIED".into());
+        if matches!(
+            finish_reason.as_str(),
+            "SAFETY" | "PROHIBITED_CONTENT" | "BLOCKLIST" | "SPII" | "RECITATION"
+        ) {
+            return Err(AttemptError::new(
+                FailureReason::Safety,
+                format!("the answer was withheld (finish reason {finish_reason})"),
+            ));
+        }
+        if self.text.trim().is_empty() {
+            return Err(AttemptError::new(
+                FailureReason::Empty,
+                format!("the answer had no text (finish reason {finish_reason})"),
+            ));
+        }
+        let usage = self.usage.unwrap_or_default();
+        Ok(Completion {
+            content: self.text,
+            model: self.model_version.unwrap_or_else(|| model.to_owned()),
+            finish_reason,
+            usage: Usage {
+                prompt_tokens: usage.prompt_token_count,
+                completion_tokens: usage.candidates_token_count,
+                total_tokens: usage.total_token_count,
+            },
+        })
+    }
+}
+
+/// One whole response read as an answer.
+#[cfg(test)]
 fn read_answer(response: GenerateContentResponse, model: &str) -> Result<Completion, AttemptError> {
-    if let Some(reason) = response.prompt_feedback.and_then(|f| f.block_reason) {
-        return Err(AttemptError::new(
-            FailureReason::Safety,
-            format!("the prompt was blocked ({reason})"),
-        ));
-    }
-    let Some(candidate) = response.candidates.into_iter().next() else {
-        return Err(AttemptError::new(
-            FailureReason::Empty,
-            "the answer had no candidate",
-        ));
-    };
-    let finish_reason = candidate
-        .finish_reason
-        .unwrap_or_else(|| "FINISH_REASON_UNSPECIFIED".into());
-    let text: String = candidate
-        .content
-        .map(|c| c.parts.into_iter().filter_map(|p| p.text).collect())
-        .unwrap_or_default();
-    if matches!(
-        finish_reason.as_str(),
-        "SAFETY" | "PROHIBITED_CONTENT" | "BLOCKLIST" | "SPII" | "RECITATION"
-    ) {
-        return Err(AttemptError::new(
-            FailureReason::Safety,
-            format!("the answer was withheld (finish reason {finish_reason})"),
-        ));
-    }
-    if text.trim().is_empty() {
-        return Err(AttemptError::new(
-            FailureReason::Empty,
-            format!("the answer had no text (finish reason {finish_reason})"),
-        ));
-    }
-    let usage = response.usage_metadata.unwrap_or_default();
-    Ok(Completion {
-        content: text,
-        model: response.model_version.unwrap_or_else(|| model.to_owned()),
-        finish_reason,
-        usage: Usage {
-            prompt_tokens: usage.prompt_token_count,
-            completion_tokens: usage.candidates_token_count,
-            total_tokens: usage.total_token_count,
-        },
-    })
+    let mut answer = Answer::default();
+    answer.absorb(response, None);
+    answer.finish(model)
 }
 
 #[cfg(test)]
@@ -318,6 +437,16 @@ mod tests {
             read_answer(blocked, "m").unwrap_err().reason,
             FailureReason::Safety
         );
+    }
+
+    #[test]
+    fn server_sent_events_are_cut_at_blank_lines() {
+        let mut pending = b"data: {\"a\":1}\r\n\r\ndata: {\"b\":".to_vec();
+        assert_eq!(next_sse_event(&mut pending).as_deref(), Some("{\"a\":1}"));
+        assert_eq!(next_sse_event(&mut pending), None);
+        pending.extend_from_slice(b"2}\n\n");
+        assert_eq!(next_sse_event(&mut pending).as_deref(), Some("{\"b\":2}"));
+        assert!(pending.is_empty());
     }
 
     #[test]

@@ -100,6 +100,9 @@ impl std::fmt::Display for FailureReason {
     }
 }
 
+/// Where a streaming attempt sends each piece of text as it arrives.
+pub type Deltas<'a> = &'a (dyn Fn(&str) + Send + Sync);
+
 /// A language model: one attempt at answering a prompt. Retries, deadlines and
 /// metrics are [`retry::complete`]'s, the same for every provider.
 #[async_trait::async_trait]
@@ -108,4 +111,16 @@ pub trait Provider: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     async fn attempt(&self, prompt: &Prompt) -> Result<Completion, AttemptError>;
+
+    /// The same answer, its text also handed to `deltas` piece by piece as the
+    /// model produces it. Without a streaming API: the whole text in one piece.
+    async fn attempt_streaming(
+        &self,
+        prompt: &Prompt,
+        deltas: Deltas<'_>,
+    ) -> Result<Completion, AttemptError> {
+        let completion = self.attempt(prompt).await?;
+        deltas(&completion.content);
+        Ok(completion)
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 
-use super::{AttemptError, Completion, Prompt, Provider};
+use super::{AttemptError, Completion, Deltas, Prompt, Provider};
 use crate::domain::conversation::Usage;
 
 pub struct Offline;
@@ -28,6 +28,42 @@ impl Provider for Offline {
     async fn attempt(&self, prompt: &Prompt) -> Result<Completion, AttemptError> {
         Ok(answer(prompt))
     }
+
+    /// The same answer, a few words at a time, as a streaming model sends it.
+    async fn attempt_streaming(
+        &self,
+        prompt: &Prompt,
+        deltas: Deltas<'_>,
+    ) -> Result<Completion, AttemptError> {
+        let completion = answer(prompt);
+        for piece in pieces(&completion.content) {
+            deltas(piece);
+        }
+        Ok(completion)
+    }
+}
+
+/// Words per streamed piece.
+const WORDS_PER_PIECE: usize = 4;
+
+/// The text cut after every few words; the pieces concatenate back to it.
+fn pieces(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut words) = (0, 0);
+    for (i, c) in text.char_indices() {
+        if c.is_whitespace() {
+            words += 1;
+            if words == WORDS_PER_PIECE {
+                let end = i + c.len_utf8();
+                out.push(&text[start..end]);
+                (start, words) = (end, 0);
+            }
+        }
+    }
+    if start < text.len() {
+        out.push(&text[start..]);
+    }
+    out
 }
 
 /// The whole answer, a pure function of the prompt.
@@ -229,6 +265,18 @@ mod tests {
         assert_eq!(count_tokens(""), 0);
         assert_eq!(count_tokens("a bb ccccc"), 1 + 1 + 2);
         assert_eq!(count_tokens("予約ok"), 3);
+    }
+
+    #[test]
+    fn streamed_pieces_concatenate_to_the_answer() {
+        let c = answer(&prompt(
+            "Call the plumber tomorrow at 9am about the leaking sink.",
+        ));
+        let pieces = pieces(&c.content);
+        assert!(pieces.len() > 3);
+        assert_eq!(pieces.concat(), c.content);
+        let japanese = answer(&prompt("明日の午前9時に電話してください"));
+        assert_eq!(super::pieces(&japanese.content).concat(), japanese.content);
     }
 
     #[test]

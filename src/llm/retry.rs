@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 
 use super::{AttemptError, Completion, FailureReason, Prompt, Provider};
 
+/// Receives the text of a streaming answer as it comes: `(attempt, piece)`. A
+/// retry starts again from its first piece, under the next attempt number.
+pub type DeltaSink<'a> = &'a (dyn Fn(u32, &str) + Send + Sync);
+
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     /// Most attempts for one reply.
@@ -43,10 +47,12 @@ pub struct Failure {
 }
 
 /// One completion of `prompt`, or the reason there is none.
+/// With `deltas`, the provider is asked to stream and each piece is passed on.
 pub async fn complete(
     provider: &dyn Provider,
     prompt: &Prompt,
     policy: &RetryPolicy,
+    deltas: Option<DeltaSink<'_>>,
 ) -> Result<(Completion, u32), Failure> {
     let started = Instant::now();
     let labels = [("provider", provider.name())];
@@ -56,7 +62,17 @@ pub async fn complete(
         let remaining = policy.deadline.saturating_sub(started.elapsed());
         let timeout = policy.request_timeout.min(remaining);
         let asked = Instant::now();
-        let result = match tokio::time::timeout(timeout, provider.attempt(prompt)).await {
+        let asking = async {
+            match deltas {
+                Some(sink) => {
+                    let this_attempt = attempt;
+                    let forward = move |piece: &str| sink(this_attempt, piece);
+                    provider.attempt_streaming(prompt, &forward).await
+                }
+                None => provider.attempt(prompt).await,
+            }
+        };
+        let result = match tokio::time::timeout(timeout, asking).await {
             Ok(result) => result,
             Err(_) => Err(AttemptError::new(
                 FailureReason::Timeout,
@@ -165,14 +181,16 @@ mod tests {
             err(FailureReason::Unavailable),
             ok(),
         ]));
-        let (_, attempts) = complete(&provider, &prompt(), &fast()).await.unwrap();
+        let (_, attempts) = complete(&provider, &prompt(), &fast(), None).await.unwrap();
         assert_eq!(attempts, 3);
     }
 
     #[tokio::test]
     async fn a_rejection_is_final_at_once() {
         let provider = Scripted(Mutex::new(vec![err(FailureReason::Rejected), ok()]));
-        let failure = complete(&provider, &prompt(), &fast()).await.unwrap_err();
+        let failure = complete(&provider, &prompt(), &fast(), None)
+            .await
+            .unwrap_err();
         assert_eq!((failure.attempts, failure.retryable), (1, false));
     }
 
@@ -185,7 +203,9 @@ mod tests {
             err(FailureReason::Unavailable),
             ok(),
         ]));
-        let failure = complete(&provider, &prompt(), &fast()).await.unwrap_err();
+        let failure = complete(&provider, &prompt(), &fast(), None)
+            .await
+            .unwrap_err();
         assert_eq!(failure.attempts, 4);
         assert!(failure.retryable);
     }
@@ -196,7 +216,9 @@ mod tests {
         limited.retry_after = Some(Duration::from_secs(3600));
         let provider = Scripted(Mutex::new(vec![Err(limited), ok()]));
         let started = Instant::now();
-        let failure = complete(&provider, &prompt(), &fast()).await.unwrap_err();
+        let failure = complete(&provider, &prompt(), &fast(), None)
+            .await
+            .unwrap_err();
         assert_eq!(failure.attempts, 1);
         assert!(started.elapsed() < Duration::from_secs(1));
     }

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use crate::helpers::{
     TestApp, eventually, eventually_every, spawn_app, spawn_app_on, spawn_app_with,
 };
+use crate::stream::{streamed_text, subscribe, until_completed};
 use ai_secretary::startup::Roles;
 
 const API_KEY: &str = "fake-key-0123456789";
@@ -47,6 +48,7 @@ enum Script {
 struct Seen {
     at: Instant,
     model: String,
+    streaming: bool,
     api_key: Option<String>,
     body: Value,
 }
@@ -118,14 +120,19 @@ async fn generate(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> AxumResponse {
-    let Some(model) = call.strip_suffix(":generateContent") else {
-        return (AxumStatus::NOT_FOUND, "unknown method").into_response();
+    // `:generateContent` answers in one JSON body; `:streamGenerateContent?alt=sse`
+    // in server-sent events, each a partial response.
+    let (model, streaming) = match call.split_once(':') {
+        Some((model, "generateContent")) => (model, false),
+        Some((model, "streamGenerateContent")) => (model, true),
+        _ => return (AxumStatus::NOT_FOUND, "unknown method").into_response(),
     };
     let n = {
         let mut seen = fake.seen.lock().unwrap();
         seen.push(Seen {
             at: Instant::now(),
             model: model.to_owned(),
+            streaming,
             api_key: headers
                 .get("x-goog-api-key")
                 .and_then(|v| v.to_str().ok())
@@ -170,12 +177,14 @@ async fn generate(
             );
         }
         Script::EmptyCandidate => {
-            return Json(json!({
-                "candidates": [{ "content": { "role": "model", "parts": [] }, "finishReason": "STOP", "index": 0 }],
-                "usageMetadata": { "promptTokenCount": 9, "totalTokenCount": 9 },
-                "modelVersion": model,
-            }))
-            .into_response();
+            return answer(
+                streaming,
+                vec![json!({
+                    "candidates": [{ "content": { "role": "model", "parts": [] }, "finishReason": "STOP", "index": 0 }],
+                    "usageMetadata": { "promptTokenCount": 9, "totalTokenCount": 9 },
+                    "modelVersion": model,
+                })],
+            );
         }
         Script::Slow(wait) => tokio::time::sleep(wait).await,
         Script::SlowFirst(wait) if n == 0 => tokio::time::sleep(wait).await,
@@ -188,17 +197,44 @@ async fn generate(
         .and_then(|t| t["parts"][0]["text"].as_str())
         .unwrap_or_default()
         .to_owned();
-    Json(json!({
-        "candidates": [{
-            "content": { "role": "model", "parts": [{ "text": "Certainly. " }, { "text": format!("Done: {asked}") }] },
-            "finishReason": "STOP",
-            "index": 0,
-            "safetyRatings": []
-        }],
-        "usageMetadata": { "promptTokenCount": 21, "candidatesTokenCount": 7, "totalTokenCount": 28 },
-        "modelVersion": format!("{model}-001"),
-    }))
-    .into_response()
+    let usage = json!({ "promptTokenCount": 21, "candidatesTokenCount": 7, "totalTokenCount": 28 });
+    let version = format!("{model}-001");
+    if streaming {
+        // As Gemini streams: text in pieces, the finish reason and usage at the end.
+        return answer(
+            true,
+            vec![
+                json!({ "candidates": [{ "content": { "role": "model", "parts": [{ "text": "Certainly. " }] }, "index": 0 }],
+                        "usageMetadata": { "promptTokenCount": 21, "totalTokenCount": 21 }, "modelVersion": version }),
+                json!({ "candidates": [{ "content": { "role": "model", "parts": [{ "text": "Done: " }] }, "index": 0 }],
+                        "modelVersion": version }),
+                json!({ "candidates": [{ "content": { "role": "model", "parts": [{ "text": asked }] }, "finishReason": "STOP", "index": 0 }],
+                        "usageMetadata": usage, "modelVersion": version }),
+            ],
+        );
+    }
+    answer(
+        false,
+        vec![json!({
+            "candidates": [{
+                "content": { "role": "model", "parts": [{ "text": "Certainly. " }, { "text": format!("Done: {asked}") }] },
+                "finishReason": "STOP",
+                "index": 0,
+                "safetyRatings": []
+            }],
+            "usageMetadata": usage,
+            "modelVersion": version,
+        })],
+    )
+}
+
+/// One JSON body, or server-sent events of each part (`\r\n\r\n`-separated, as Google sends them).
+fn answer(streaming: bool, parts: Vec<Value>) -> AxumResponse {
+    if !streaming {
+        return Json(parts.into_iter().next().unwrap()).into_response();
+    }
+    let body: String = parts.iter().map(|p| format!("data: {p}\r\n\r\n")).collect();
+    ([("content-type", "text/event-stream")], body).into_response()
 }
 
 /// A user with an assistant and a conversation, who posts `content`; returns the
@@ -361,6 +397,7 @@ async fn gemini_gets_the_real_request_and_its_answer_is_recorded() {
     assert_eq!(seen.len(), 1);
     let request = &seen[0];
     assert_eq!(request.model, "gemini-2.5-flash");
+    assert!(request.streaming);
     assert_eq!(request.api_key.as_deref(), Some(API_KEY));
     assert_eq!(
         request.body["systemInstruction"]["parts"][0]["text"],
@@ -414,14 +451,52 @@ async fn gemini_gets_the_real_request_and_its_answer_is_recorded() {
 }
 
 #[tokio::test]
+async fn gemini_streams_the_reply_text_to_sse_before_the_completion() {
+    let gemini = FakeGemini::start(Script::Answer).await;
+    let app = spawn_app_with(&gemini.args(&[])).await;
+    let token = app.signed_up("streaming@example.com").await;
+    let assistant = app.assistant(&token, "Mika").await;
+    let conversation = app.conversation(&token, &assistant["id"]).await;
+    let id = conversation["id"].as_str().unwrap();
+    let mut live = subscribe(&app, &token, id, None).await;
+    let posted: Value = app
+        .post(
+            &format!("/conversations/{id}/messages"),
+            &token,
+            json!({ "content": "Reserve the 8:15 train" }),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let (updates, completed) = until_completed(&mut live).await;
+    assert_eq!(
+        completed.data["content"],
+        "Certainly. Done: Reserve the 8:15 train"
+    );
+    assert_eq!(
+        streamed_text(&updates, &posted["reply"]["id"]),
+        "Certainly. Done: Reserve the 8:15 train"
+    );
+    let pieces = updates
+        .iter()
+        .filter(|u| u.event == "message.delta")
+        .count();
+    assert_eq!(pieces, 3, "one delta per streamed chunk");
+    assert_eq!(completed.data["usage"]["total_tokens"], 28);
+}
+
+#[tokio::test]
 async fn a_rate_limit_is_waited_out_as_retry_after_asks() {
     let gemini = FakeGemini::start(Script::RateLimitedOnce).await;
-    let app = spawn_app_with(&gemini.args(&[])).await;
+    // Unary generateContent here; the other tests stream.
+    let app = spawn_app_with(&gemini.args(&["--llm-stream", "false"])).await;
     let (token, conversation, reply) = ask(&app, "limited@example.com", "Summarise my week").await;
     let answered = ended_reply(&app, &token, &conversation, &reply).await;
     assert_eq!(answered["status"], "completed");
     let seen = gemini.seen();
     assert_eq!(seen.len(), 2);
+    assert!(!seen[0].streaming);
     let waited = seen[1].at - seen[0].at;
     assert!(
         waited >= Duration::from_millis(950),
@@ -433,7 +508,7 @@ async fn a_rate_limit_is_waited_out_as_retry_after_asks() {
 #[tokio::test]
 async fn an_invalid_key_fails_at_once_without_retrying() {
     let gemini = FakeGemini::start(Script::InvalidKey).await;
-    let app = spawn_app_with(&gemini.args(&[])).await;
+    let app = spawn_app_with(&gemini.args(&["--llm-stream", "false"])).await;
     let (token, conversation, reply) = ask(&app, "badkey@example.com", "Hello").await;
     let failed = ended_reply(&app, &token, &conversation, &reply).await;
     assert_eq!(failed["status"], "failed");

@@ -10,14 +10,51 @@ use crate::helpers::{TestApp, eventually, problem, spawn_app};
 
 /// One server-sent event.
 #[derive(Debug)]
-struct Sse {
-    id: String,
-    event: String,
-    data: Value,
+pub struct Sse {
+    pub id: String,
+    pub event: String,
+    pub data: Value,
+}
+
+/// Every event up to a `message.completed`, and that one.
+pub async fn until_completed(events: &mut tokio::sync::mpsc::Receiver<Sse>) -> (Vec<Sse>, Sse) {
+    let mut before = Vec::new();
+    loop {
+        let event = next(events).await;
+        if event.event == "message.completed" {
+            return (before, event);
+        }
+        before.push(event);
+    }
+}
+
+/// The text of `reply` as its `message.delta` events carried it (the last attempt's).
+pub fn streamed_text(updates: &[Sse], reply: &Value) -> String {
+    let deltas: Vec<&Sse> = updates
+        .iter()
+        .filter(|u| u.event == "message.delta" && &u.data["id"] == reply)
+        .collect();
+    assert!(!deltas.is_empty(), "no message.delta in {updates:?}");
+    let last_attempt = deltas
+        .iter()
+        .map(|d| d.data["attempt"].as_u64())
+        .max()
+        .flatten();
+    let mut text = String::new();
+    for (i, d) in deltas
+        .iter()
+        .filter(|d| d.data["attempt"].as_u64() == last_attempt)
+        .enumerate()
+    {
+        assert_eq!(d.data["index"], i as u64, "deltas in order");
+        assert_eq!(d.id, "", "a delta carries no SSE id");
+        text.push_str(d.data["delta"].as_str().unwrap());
+    }
+    text
 }
 
 /// Open the conversation's stream and return a receiver of its events.
-async fn subscribe(
+pub async fn subscribe(
     app: &TestApp,
     token: &str,
     conversation: &str,
@@ -41,11 +78,13 @@ async fn subscribe(
     let (sender, receiver) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         let mut body = response.bytes_stream();
-        let mut buffer = String::new();
+        // Bytes until a whole event is in: a chunk may end inside a character.
+        let mut buffer: Vec<u8> = Vec::new();
         while let Some(Ok(chunk)) = body.next().await {
-            buffer.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buffer.find("\n\n") {
-                let block: String = buffer.drain(..end + 2).collect();
+            buffer.extend_from_slice(&chunk);
+            while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+                let raw: Vec<u8> = buffer.drain(..end + 2).collect();
+                let block = String::from_utf8(raw).expect("events are UTF-8");
                 let mut sse = Sse {
                     id: String::new(),
                     event: String::new(),
@@ -70,7 +109,7 @@ async fn subscribe(
     receiver
 }
 
-async fn next(events: &mut tokio::sync::mpsc::Receiver<Sse>) -> Sse {
+pub async fn next(events: &mut tokio::sync::mpsc::Receiver<Sse>) -> Sse {
     tokio::time::timeout(Duration::from_secs(10), events.recv())
         .await
         .expect("an event within 10 s")
@@ -108,21 +147,23 @@ async fn sse_delivers_what_happens_after_subscribing_and_resumes() {
     );
     assert_eq!(reply.data["status"], "queued");
 
-    // The replier (offline provider) takes the reply up, then answers it.
-    let started = next(&mut live).await;
-    assert_eq!(
-        (started.event.as_str(), started.id.as_str()),
-        ("message.updated", "4")
-    );
-    assert_eq!(started.data["status"], "in_progress");
-    let completed = next(&mut live).await;
-    assert_eq!(
-        (completed.event.as_str(), completed.id.as_str()),
-        ("message.completed", "5")
-    );
+    // The replier (offline provider) takes the reply up and streams its text,
+    // then the completion arrives.
+    let (updates, completed) = until_completed(&mut live).await;
+    assert_eq!(completed.id, "5");
     assert_eq!(completed.data["id"], posted["reply"]["id"]);
     let content = completed.data["content"].as_str().unwrap().to_owned();
     assert!(content.contains("Dinner for two at 7pm"), "{content}");
+    let started: Vec<&Sse> = updates
+        .iter()
+        .filter(|u| u.event == "message.updated")
+        .collect();
+    assert_eq!(started.len(), 1);
+    assert_eq!(
+        (started[0].id.as_str(), &started[0].data["status"]),
+        ("4", &json!("in_progress"))
+    );
+    assert_eq!(streamed_text(&updates, &posted["reply"]["id"]), content);
     let usage = completed.data["usage"].clone();
     let total = usage["total_tokens"].as_i64().unwrap();
     assert!(total > 0);
