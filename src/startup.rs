@@ -108,6 +108,20 @@ impl Application {
         );
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
+        tasks.push(spawn(crate::sampler::pool(pool.clone(), stop.clone())));
+        // Lag of the checkpoints this process moves (none in an API-only process,
+        // so replicas do not report the same series twice).
+        let mut checkpoints = roles.projections.clone();
+        if roles.relay {
+            checkpoints.push(crate::bus::relay::CHECKPOINT.to_owned());
+        }
+        if !checkpoints.is_empty() {
+            tasks.push(spawn(crate::sampler::lag(
+                pool.clone(),
+                checkpoints,
+                stop.clone(),
+            )));
+        }
         let bus = BusConfig {
             url: config.nats_url.clone(),
             stream: config.nats_stream.clone(),
