@@ -83,6 +83,7 @@ pub fn projection_names() -> Vec<String> {
 }
 
 pub struct Application {
+    /// The listener and what it serves (the API, or a worker's ops endpoints).
     api: Option<(TcpListener, axum::Router)>,
     store: PgEventStore,
     stop: CancellationToken,
@@ -203,7 +204,9 @@ impl Application {
             let router = http::router(AppState::new(commands, tokens, read), &config.cors_origins);
             Some((TcpListener::bind(config.bind).await?, router))
         } else {
-            None
+            // Workers have no API but still answer /health and /metrics on BIND,
+            // so Prometheus scrapes them and Docker health-checks them.
+            Some((TcpListener::bind(config.bind).await?, http::ops_router()))
         };
         Ok(Self {
             api,
@@ -213,7 +216,7 @@ impl Application {
         })
     }
 
-    /// The API's address, if this process serves it.
+    /// The address this process listens on: the API, or a worker's /health and /metrics.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.api.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
@@ -224,7 +227,7 @@ impl Application {
     ) -> anyhow::Result<()> {
         match self.api {
             Some((listener, router)) => {
-                tracing::info!(addr = %listener.local_addr()?, "api listening");
+                tracing::info!(addr = %listener.local_addr()?, "listening");
                 axum::serve(listener, router)
                     .with_graceful_shutdown(shutdown)
                     .await?;

@@ -14,7 +14,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Prometheus text format (scraped by Prometheus; not to be exposed publicly).
-async fn metrics() -> impl axum::response::IntoResponse {
+pub(super) async fn metrics() -> impl axum::response::IntoResponse {
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -24,7 +24,7 @@ async fn metrics() -> impl axum::response::IntoResponse {
     )
 }
 
-async fn health() -> Json<Value> {
+pub(super) async fn health() -> Json<Value> {
     Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
 }
 

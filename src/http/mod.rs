@@ -118,6 +118,16 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Router {
         .with_state(state)
 }
 
+/// What a worker process (relay, projector, replier: no API) serves on BIND:
+/// `/health` for the container's health check and `/metrics` for Prometheus.
+pub fn ops_router() -> Router {
+    Router::new()
+        .route("/health", axum::routing::get(health::health))
+        .route("/metrics", axum::routing::get(health::metrics))
+        .fallback(|| async { ApiError::NotFound("route") })
+        .layer(middleware::from_fn(metrics::track))
+}
+
 /// The correlation id: the client's `X-Request-Id` if it is sane, else the one
 /// the request-id layer generated.
 pub(crate) fn request_id(headers: &HeaderMap) -> String {

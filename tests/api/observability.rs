@@ -152,3 +152,73 @@ async fn metrics_pass_promtool_and_are_labelled_by_route() {
     );
     assert!(!text.contains("a message the metrics must not carry"));
 }
+
+/// Every metric a dashboard panel or an alert queries is one the service
+/// exports (exporters' `pg_*`/`redis_*`, `up` and recording rules aside).
+#[tokio::test]
+async fn dashboards_and_alerts_query_only_exported_metrics() {
+    let app = spawn_app().await;
+    let names = promql::exposed_names(&drive_a_flow(&app).await);
+    let mut queries = promql::alert_exprs();
+    for (file, dashboard) in promql::dashboards() {
+        for (title, expr) in promql::dashboard_exprs(&dashboard) {
+            queries.push((format!("{file}: {title}"), expr));
+        }
+    }
+    assert!(queries.len() >= 10, "too few queries found: {queries:?}");
+    let mut unknown = Vec::new();
+    for (origin, expr) in &queries {
+        let used = promql::metric_names(expr);
+        assert!(!used.is_empty(), "{origin}: no metric in {expr:?}");
+        for name in used {
+            if !promql::not_exported_by_the_service(&name) && !names.contains(&name) {
+                unknown.push(format!("{origin}: {name} (in {expr})"));
+            }
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "queried but not exported:\n{}",
+        unknown.join("\n")
+    );
+}
+
+/// A worker process (no API) still answers /health and /metrics on its BIND,
+/// for Docker's health check and Prometheus; the API is not there.
+#[tokio::test]
+async fn a_worker_serves_health_and_metrics_but_not_the_api() {
+    use ai_secretary::startup::Roles;
+
+    use crate::{
+        helpers::spawn_app_on,
+        support::{BusNames, TestDb},
+    };
+    let relay = spawn_app_on(
+        TestDb::new().await,
+        BusNames::new(),
+        &[],
+        Roles::only_relay(),
+    )
+    .await;
+    let health = relay.send(Method::GET, "/health", None, None).await;
+    assert_eq!(health.status(), StatusCode::OK);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let names = promql::exposed_names(&scrape(&relay).await);
+        if ["relay_lag_events", "relay_lag_seconds", "db_pool_size"]
+            .iter()
+            .all(|n| names.contains(*n))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no relay gauges: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let api = relay
+        .send(Method::GET, "/api/v1/assistants", None, None)
+        .await;
+    assert_eq!(api.status(), StatusCode::NOT_FOUND);
+}
