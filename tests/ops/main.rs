@@ -12,6 +12,7 @@
 mod promql;
 
 mod monitoring;
+mod nginx;
 
 use std::{
     path::Path,
