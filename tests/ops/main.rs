@@ -14,6 +14,7 @@ mod promql;
 mod compose;
 mod monitoring;
 mod nginx;
+mod scripts;
 
 use std::{
     path::Path,
