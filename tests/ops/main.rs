@@ -11,6 +11,7 @@
 #[path = "../support/promql.rs"]
 mod promql;
 
+mod ci;
 mod compose;
 mod monitoring;
 mod nginx;
