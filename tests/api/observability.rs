@@ -222,3 +222,177 @@ async fn a_worker_serves_health_and_metrics_but_not_the_api() {
         .await;
     assert_eq!(api.status(), StatusCode::NOT_FOUND);
 }
+
+/// The real binary with JSON logs to stdout and to a daily file in LOG_DIR:
+/// every line is JSON, the request's lines carry the correlation id and the
+/// user id, and no secret, password, token, email or message content appears.
+#[tokio::test]
+async fn logs_are_json_with_correlation_and_user_and_no_secrets() {
+    use crate::support::{BusNames, TestDb};
+
+    let db = TestDb::new().await;
+    let names = BusNames::new();
+    let logs = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let jwt_secret = format!("jwt-secret-{}", uuid::Uuid::new_v4().simple());
+    let encryption_key = "5a".repeat(32);
+    // stdout to a file: a pipe nobody reads until the end could fill and block it.
+    let console = tempfile::NamedTempFile::new().unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ai-secretary"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db.url)
+        .env("BIND", format!("127.0.0.1:{port}"))
+        .env("NATS_STREAM", &names.stream)
+        .env("NATS_SUBJECT_PREFIX", &names.subject_prefix)
+        .env("REDIS_KEY_PREFIX", &names.redis_prefix)
+        .env("JWT_SECRET_KEY", &jwt_secret)
+        .env("ENCRYPTION_KEY", &encryption_key)
+        .env("LOG_FORMAT", "json")
+        .env("LOG_DIR", logs.path())
+        // Debug for our crates and the HTTP layer: more lines that could leak.
+        .env(
+            "RUST_LOG",
+            "info,ai_secretary=debug,ai_secretary_projections=debug,tower_http=debug",
+        )
+        .stdout(console.reopen().unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    /// Kills the binary if the test fails before stopping it.
+    struct Running(Option<std::process::Child>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if let Some(mut child) = self.0.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    let mut running = Running(Some(child));
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client.get(format!("{base}/health")).send().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the binary did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let email = format!("log-{}@example.com", uuid::Uuid::new_v4().simple());
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let content = format!("content-{}", uuid::Uuid::new_v4().simple());
+    let correlation = format!("corr-{}", uuid::Uuid::new_v4().simple());
+    let user: serde_json::Value = client
+        .post(format!("{base}/api/v1/users"))
+        .json(&json!({ "email": email, "password": password, "display_name": "Logged" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let user_id = user["id"].as_str().expect("a user id").to_owned();
+    let token: serde_json::Value = client
+        .post(format!("{base}/api/v1/auth/token"))
+        .json(&json!({ "email": email, "password": password }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = token["access_token"].as_str().unwrap().to_owned();
+    let assistant: serde_json::Value = client
+        .post(format!("{base}/api/v1/assistants"))
+        .bearer_auth(&token)
+        .json(&json!({ "name": "Logger", "instructions": "Be brief." }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let conversation: serde_json::Value = client
+        .post(format!("{base}/api/v1/conversations"))
+        .bearer_auth(&token)
+        .json(&json!({ "assistant_id": assistant["id"] }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let posted = client
+        .post(format!(
+            "{base}/api/v1/conversations/{}/messages",
+            conversation["id"].as_str().unwrap()
+        ))
+        .bearer_auth(&token)
+        .header("x-request-id", &correlation)
+        .json(&json!({ "content": content }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), StatusCode::ACCEPTED);
+    // Let the relay and projections handle it (they log at debug too).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // SIGTERM: a graceful stop flushes the file writer.
+    let mut child = running.0.take().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit {status:?}");
+    let stdout = std::fs::read_to_string(console.path()).unwrap();
+    let files: Vec<_> = std::fs::read_dir(logs.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "one daily file: {files:?}");
+    let name = files[0].file_name().unwrap().to_str().unwrap().to_owned();
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(name, format!("ai-secretary.{today}.log"));
+    let file = std::fs::read_to_string(&files[0]).unwrap();
+
+    for (origin, text) in [("stdout", &stdout), ("LOG_DIR file", &file)] {
+        assert!(text.lines().count() > 5, "{origin}: too few lines:\n{text}");
+        for line in text.lines() {
+            let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+            assert!(parsed.is_ok(), "{origin}: not JSON: {line}");
+        }
+        // The request's last line (the response) is logged after the bearer
+        // token was verified, so it names the caller too.
+        let request_line = text
+            .lines()
+            .find(|l| l.contains(&correlation) && l.contains("finished processing request"))
+            .unwrap_or_else(|| {
+                panic!("{origin}: no response line with the correlation id:\n{text}")
+            });
+        assert!(
+            request_line.contains(&format!(r#""user_id":"{user_id}""#)),
+            "{origin}: the request's line lacks the user id: {request_line}"
+        );
+        for (what, secret) in [
+            ("the password", password.as_str()),
+            ("the message content", content.as_str()),
+            ("the email", email.as_str()),
+            ("the access token", token.as_str()),
+            ("JWT_SECRET_KEY", jwt_secret.as_str()),
+            ("ENCRYPTION_KEY", encryption_key.as_str()),
+        ] {
+            assert!(!text.contains(secret), "{origin} contains {what}");
+        }
+    }
+}
