@@ -67,8 +67,8 @@ pub async fn lag(pool: PgPool, names: Vec<String>, stop: CancellationToken) {
 }
 
 /// Events past `name`'s checkpoint (a checkpoint not created yet is at the
-/// start) and the age in seconds of the oldest of them.
-async fn measure(pool: &PgPool, name: &str) -> Result<(i64, f64), sqlx::Error> {
+/// start), counted up to 100,000, and the age in seconds of the oldest of them.
+pub async fn measure(pool: &PgPool, name: &str) -> Result<(i64, f64), sqlx::Error> {
     let (transaction_id, global_position): (i64, i64) = sqlx::query_as(
         "SELECT coalesce(max(transaction_id), 0), coalesce(max(global_position), 0)
          FROM checkpoints WHERE name = $1",

@@ -396,3 +396,42 @@ async fn logs_are_json_with_correlation_and_user_and_no_secrets() {
         }
     }
 }
+
+/// With NATS unreachable the relay cannot publish: its lag, measured against
+/// the store, counts every event and keeps ageing (what RelayLagging needs),
+/// and so do the projections' behind it.
+#[tokio::test]
+async fn lag_is_measured_against_the_store_so_a_stuck_relay_shows_it() {
+    use ai_secretary::sampler::measure;
+
+    let app = crate::helpers::spawn_app_with(&["--nats-url", "nats://127.0.0.1:1"]).await;
+    let token = app.signed_up("stuck@example.com").await;
+    app.assistant(&token, "Waiting").await;
+    let events = app.event_count().await;
+    assert!(events >= 2);
+
+    let (lag, first_age) = measure(&app.db.pool, "relay").await.unwrap();
+    assert_eq!(lag, events, "every event is unpublished");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (lag, age) = measure(&app.db.pool, "relay").await.unwrap();
+    assert_eq!(lag, events);
+    assert!(
+        age >= first_age + 1.0,
+        "the lag does not age: {first_age} then {age}"
+    );
+    let (lag, _) = measure(&app.db.pool, "assistants").await.unwrap();
+    assert_eq!(lag, events, "the projection is behind too");
+
+    // Once the checkpoint is at the head, there is no lag.
+    sqlx::query(
+        "INSERT INTO checkpoints (name, transaction_id, global_position)
+         SELECT 'relay', transaction_id::text::int8, global_position FROM events
+         ORDER BY transaction_id DESC, global_position DESC LIMIT 1
+         ON CONFLICT (name) DO UPDATE
+         SET transaction_id = excluded.transaction_id, global_position = excluded.global_position",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(measure(&app.db.pool, "relay").await.unwrap(), (0, 0.0));
+}
