@@ -15,6 +15,7 @@ pub mod http;
 pub mod llm;
 pub mod progress;
 pub mod replier;
+pub mod sampler;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

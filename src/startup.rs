@@ -100,6 +100,7 @@ pub fn projection_names() -> Vec<String> {
 }
 
 pub struct Application {
+    /// The listener and what it serves (the API, or a worker's ops endpoints).
     api: Option<(TcpListener, axum::Router)>,
     store: PgEventStore,
     stop: CancellationToken,
@@ -125,6 +126,20 @@ impl Application {
         );
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
+        tasks.push(spawn(crate::sampler::pool(pool.clone(), stop.clone())));
+        // Lag of the checkpoints this process moves (none in an API-only process,
+        // so replicas do not report the same series twice).
+        let mut checkpoints = roles.projections.clone();
+        if roles.relay {
+            checkpoints.push(crate::bus::relay::CHECKPOINT.to_owned());
+        }
+        if !checkpoints.is_empty() {
+            tasks.push(spawn(crate::sampler::lag(
+                pool.clone(),
+                checkpoints,
+                stop.clone(),
+            )));
+        }
         let bus = BusConfig {
             url: config.nats_url.clone(),
             stream: config.nats_stream.clone(),
@@ -225,7 +240,9 @@ impl Application {
             let router = http::router(AppState::new(commands, tokens, read), &config.cors_origins);
             Some((TcpListener::bind(config.bind).await?, router))
         } else {
-            None
+            // Workers have no API but still answer /health and /metrics on BIND,
+            // so Prometheus scrapes them and Docker health-checks them.
+            Some((TcpListener::bind(config.bind).await?, http::ops_router()))
         };
         Ok(Self {
             api,
@@ -235,7 +252,7 @@ impl Application {
         })
     }
 
-    /// The API's address, if this process serves it.
+    /// The address this process listens on: the API, or a worker's /health and /metrics.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.api.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
@@ -246,7 +263,7 @@ impl Application {
     ) -> anyhow::Result<()> {
         match self.api {
             Some((listener, router)) => {
-                tracing::info!(addr = %listener.local_addr()?, "api listening");
+                tracing::info!(addr = %listener.local_addr()?, "listening");
                 axum::serve(listener, router)
                     .with_graceful_shutdown(shutdown)
                     .await?;

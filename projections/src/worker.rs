@@ -70,6 +70,14 @@ pub async fn run(
         () = shutdown.cancelled() => return Ok(()),
     }
     tracing::info!(projection = name, "projection worker active");
+    // Zeroed series, so a projection that never failed still shows 0 failures.
+    for counter in [
+        "projection_events_total",
+        "projection_failures_total",
+        "projection_dead_letters_total",
+    ] {
+        metrics::counter!(counter, "projection" => name).increment(0);
+    }
     while !shutdown.is_cancelled() {
         match consume(&pool, &jetstream, &source, projection.as_ref(), &shutdown).await {
             Ok(()) => {}

@@ -107,11 +107,13 @@ impl FromRequestParts<AppState> for AuthUser {
             .ok_or(ApiError::Unauthorized(
                 "the Authorization header must be Bearer <token>",
             ))?;
-        state
+        let user = state
             .tokens
             .verify(token.trim())
-            .map(AuthUser)
-            .ok_or(ApiError::Unauthorized("the token is invalid or expired"))
+            .ok_or(ApiError::Unauthorized("the token is invalid or expired"))?;
+        // On the request span, so every log line of this request names the caller.
+        tracing::Span::current().record("user_id", tracing::field::display(user));
+        Ok(AuthUser(user))
     }
 }
 

@@ -14,17 +14,17 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Prometheus text format (scraped by Prometheus; not to be exposed publicly).
-async fn metrics() -> impl axum::response::IntoResponse {
+pub(super) async fn metrics() -> impl axum::response::IntoResponse {
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        crate::telemetry::metrics().render(),
+        crate::telemetry::render(),
     )
 }
 
-async fn health() -> Json<Value> {
+pub(super) async fn health() -> Json<Value> {
     Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
 }
 

@@ -9,6 +9,7 @@ pub mod error;
 mod extract;
 mod health;
 mod idempotency;
+mod metrics;
 pub mod read;
 mod reply;
 mod stats;
@@ -91,11 +92,14 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Router {
                         .extensions()
                         .get::<MatchedPath>()
                         .map_or(request.uri().path(), MatchedPath::as_str);
+                    // `user_id` is filled in by the `AuthUser` extractor once the
+                    // bearer token is verified; headers and bodies are never logged.
                     tracing::info_span!(
                         "request",
                         method = %request.method(),
                         route,
                         correlation_id = %request_id(request.headers()),
+                        user_id = tracing::field::Empty,
                     )
                 })
                 .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
@@ -108,7 +112,20 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Router {
                 "handler panicked"
             )))
         }))
+        // Outermost, so timeouts (408) and panics (500) are counted too; a layer
+        // added with `Router::layer` still sees the route's `MatchedPath`.
+        .layer(middleware::from_fn(metrics::track))
         .with_state(state)
+}
+
+/// What a worker process (relay, projector, replier: no API) serves on BIND:
+/// `/health` for the container's health check and `/metrics` for Prometheus.
+pub fn ops_router() -> Router {
+    Router::new()
+        .route("/health", axum::routing::get(health::health))
+        .route("/metrics", axum::routing::get(health::metrics))
+        .fallback(|| async { ApiError::NotFound("route") })
+        .layer(middleware::from_fn(metrics::track))
 }
 
 /// The correlation id: the client's `X-Request-Id` if it is sane, else the one

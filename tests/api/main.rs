@@ -10,6 +10,7 @@ mod errors;
 mod health;
 mod helpers;
 mod idempotency;
+mod observability;
 mod queries;
 mod replies;
 mod resilience;

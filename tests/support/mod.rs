@@ -2,6 +2,8 @@
 //! Shared by the integration test binaries: a fresh Postgres database per test,
 //! dropped when the test ends (pass or fail).
 
+pub mod promql;
+
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 

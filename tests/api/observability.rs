@@ -1,0 +1,437 @@
+//! `/metrics` as Prometheus sees it: valid exposition (`promtool check metrics`),
+//! labelled by matched route, and carrying every name the dashboards and alerts
+//! in `monitoring/` query.
+
+use std::{io::Write, process::Stdio, time::Duration};
+
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+use crate::{
+    helpers::{TestApp, spawn_app},
+    support::promql,
+};
+
+/// What the service must export (histograms by their `_bucket` series).
+const REQUIRED: &[&str] = &[
+    "http_requests_total",
+    "http_request_duration_seconds_bucket",
+    "events_appended_total",
+    "append_batch_size_bucket",
+    "relay_published_total",
+    "relay_position",
+    "relay_lag_events",
+    "relay_lag_seconds",
+    "projection_events_total",
+    "projection_position",
+    "projection_lag_events",
+    "projection_lag_seconds",
+    "projection_failures_total",
+    "projection_dead_letters_total",
+    "cache_available",
+    "cache_requests_total",
+    "llm_request_duration_seconds_bucket",
+    "llm_tokens_total",
+    "llm_replies_in_flight",
+    "db_pool_size",
+    "db_pool_max",
+    "db_pool_connections",
+    "db_pool_acquire_seconds_bucket",
+];
+
+async fn scrape(app: &TestApp) -> String {
+    let response = app.send(Method::GET, "/metrics", None, None).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    response.text().await.unwrap()
+}
+
+/// Register, create an assistant and a conversation, post a message, read the
+/// assistant back, and ask for a route that does not exist; then wait until the
+/// relay and the projections have applied it and sampled their lag.
+async fn drive_a_flow(app: &TestApp) -> String {
+    let token = app.signed_up("observed@example.com").await;
+    let assistant = app.assistant(&token, "Observed").await;
+    let conversation = app.conversation(&token, &assistant["id"]).await;
+    let id = conversation["id"].as_str().unwrap();
+    let posted = app
+        .post(
+            &format!("/conversations/{id}/messages"),
+            &token,
+            json!({ "content": "a message the metrics must not carry" }),
+        )
+        .await;
+    assert_eq!(posted.status(), StatusCode::ACCEPTED);
+    let token_header = posted.headers()["x-consistency-token"].clone();
+    let assistant_id = assistant["id"].as_str().unwrap();
+    let read = app
+        .client
+        .get(app.url(&format!("/api/v1/assistants/{assistant_id}")))
+        .bearer_auth(&token)
+        .header("x-consistency-token", token_header)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), StatusCode::OK);
+    let missing = app
+        .send(Method::GET, "/api/v1/no/such/route", None, None)
+        .await;
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+
+    // The samplers run every few seconds; the projections apply asynchronously.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = scrape(app).await;
+        let names = promql::exposed_names(&text);
+        let missing: Vec<_> = REQUIRED.iter().filter(|n| !names.contains(**n)).collect();
+        if missing.is_empty() {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never exported {missing:?}; /metrics was:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool_and_are_labelled_by_route() {
+    let app = spawn_app().await;
+    let text = drive_a_flow(&app).await;
+
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian package `prometheus`; .ci/run installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Labelled by the route that matched, never by the raw path.
+    let requests: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("http_requests_total{"))
+        .collect();
+    assert!(
+        requests
+            .iter()
+            .any(|l| l.contains(r#"path="/api/v1/assistants/{id}""#)
+                && l.contains(r#"method="GET""#)
+                && l.contains(r#"status="200""#)),
+        "no GET /api/v1/assistants/{{id}} 200 series in {requests:#?}"
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|l| l.contains(r#"path="unmatched""#) && l.contains(r#"status="404""#)),
+        "an unknown route is not labelled unmatched: {requests:#?}"
+    );
+    assert!(
+        !text.contains("/no/such/route"),
+        "a raw path leaked into labels"
+    );
+    assert!(
+        text.lines()
+            .filter(|l| l.starts_with("events_appended_total"))
+            .all(|l| l.starts_with("events_appended_total{event_type=\"")),
+        "events_appended_total without its event_type label"
+    );
+    assert!(!text.contains("a message the metrics must not carry"));
+}
+
+/// Every metric a dashboard panel or an alert queries is one the service
+/// exports (exporters' `pg_*`/`redis_*`, `up` and recording rules aside).
+#[tokio::test]
+async fn dashboards_and_alerts_query_only_exported_metrics() {
+    let app = spawn_app().await;
+    let names = promql::exposed_names(&drive_a_flow(&app).await);
+    let mut queries = promql::alert_exprs();
+    for (file, dashboard) in promql::dashboards() {
+        for (title, expr) in promql::dashboard_exprs(&dashboard) {
+            queries.push((format!("{file}: {title}"), expr));
+        }
+    }
+    assert!(queries.len() >= 10, "too few queries found: {queries:?}");
+    let mut unknown = Vec::new();
+    for (origin, expr) in &queries {
+        let used = promql::metric_names(expr);
+        assert!(!used.is_empty(), "{origin}: no metric in {expr:?}");
+        for name in used {
+            if !promql::not_exported_by_the_service(&name) && !names.contains(&name) {
+                unknown.push(format!("{origin}: {name} (in {expr})"));
+            }
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "queried but not exported:\n{}",
+        unknown.join("\n")
+    );
+}
+
+/// A worker process (no API) still answers /health and /metrics on its BIND,
+/// for Docker's health check and Prometheus; the API is not there.
+#[tokio::test]
+async fn a_worker_serves_health_and_metrics_but_not_the_api() {
+    use ai_secretary::startup::Roles;
+
+    use crate::{
+        helpers::spawn_app_on,
+        support::{BusNames, TestDb},
+    };
+    let relay = spawn_app_on(
+        TestDb::new().await,
+        BusNames::new(),
+        &[],
+        Roles::only_relay(),
+    )
+    .await;
+    let health = relay.send(Method::GET, "/health", None, None).await;
+    assert_eq!(health.status(), StatusCode::OK);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let names = promql::exposed_names(&scrape(&relay).await);
+        if ["relay_lag_events", "relay_lag_seconds", "db_pool_size"]
+            .iter()
+            .all(|n| names.contains(*n))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no relay gauges: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let api = relay
+        .send(Method::GET, "/api/v1/assistants", None, None)
+        .await;
+    assert_eq!(api.status(), StatusCode::NOT_FOUND);
+}
+
+/// The real binary with JSON logs to stdout and to a daily file in LOG_DIR:
+/// every line is JSON, the request's lines carry the correlation id and the
+/// user id, and no secret, password, token, email or message content appears.
+#[tokio::test]
+async fn logs_are_json_with_correlation_and_user_and_no_secrets() {
+    use crate::support::{BusNames, TestDb};
+
+    let db = TestDb::new().await;
+    let names = BusNames::new();
+    let logs = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let jwt_secret = format!("jwt-secret-{}", uuid::Uuid::new_v4().simple());
+    let encryption_key = "5a".repeat(32);
+    // stdout to a file: a pipe nobody reads until the end could fill and block it.
+    let console = tempfile::NamedTempFile::new().unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ai-secretary"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &db.url)
+        .env("BIND", format!("127.0.0.1:{port}"))
+        .env("NATS_STREAM", &names.stream)
+        .env("NATS_SUBJECT_PREFIX", &names.subject_prefix)
+        .env("REDIS_KEY_PREFIX", &names.redis_prefix)
+        .env("JWT_SECRET_KEY", &jwt_secret)
+        .env("ENCRYPTION_KEY", &encryption_key)
+        .env("LOG_FORMAT", "json")
+        .env("LOG_DIR", logs.path())
+        // Debug for our crates and the HTTP layer: more lines that could leak.
+        .env(
+            "RUST_LOG",
+            "info,ai_secretary=debug,ai_secretary_projections=debug,tower_http=debug",
+        )
+        .stdout(console.reopen().unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    /// Kills the binary if the test fails before stopping it.
+    struct Running(Option<std::process::Child>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if let Some(mut child) = self.0.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    let mut running = Running(Some(child));
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while client.get(format!("{base}/health")).send().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the binary did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let email = format!("log-{}@example.com", uuid::Uuid::new_v4().simple());
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let content = format!("content-{}", uuid::Uuid::new_v4().simple());
+    let correlation = format!("corr-{}", uuid::Uuid::new_v4().simple());
+    let user: serde_json::Value = client
+        .post(format!("{base}/api/v1/users"))
+        .json(&json!({ "email": email, "password": password, "display_name": "Logged" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let user_id = user["id"].as_str().expect("a user id").to_owned();
+    let token: serde_json::Value = client
+        .post(format!("{base}/api/v1/auth/token"))
+        .json(&json!({ "email": email, "password": password }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = token["access_token"].as_str().unwrap().to_owned();
+    let assistant: serde_json::Value = client
+        .post(format!("{base}/api/v1/assistants"))
+        .bearer_auth(&token)
+        .json(&json!({ "name": "Logger", "instructions": "Be brief." }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let conversation: serde_json::Value = client
+        .post(format!("{base}/api/v1/conversations"))
+        .bearer_auth(&token)
+        .json(&json!({ "assistant_id": assistant["id"] }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let posted = client
+        .post(format!(
+            "{base}/api/v1/conversations/{}/messages",
+            conversation["id"].as_str().unwrap()
+        ))
+        .bearer_auth(&token)
+        .header("x-request-id", &correlation)
+        .json(&json!({ "content": content }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), StatusCode::ACCEPTED);
+    // Let the relay and projections handle it (they log at debug too).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // SIGTERM: a graceful stop flushes the file writer.
+    let mut child = running.0.take().unwrap();
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit {status:?}");
+    let stdout = std::fs::read_to_string(console.path()).unwrap();
+    let files: Vec<_> = std::fs::read_dir(logs.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "one daily file: {files:?}");
+    let name = files[0].file_name().unwrap().to_str().unwrap().to_owned();
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(name, format!("ai-secretary.{today}.log"));
+    let file = std::fs::read_to_string(&files[0]).unwrap();
+
+    for (origin, text) in [("stdout", &stdout), ("LOG_DIR file", &file)] {
+        assert!(text.lines().count() > 5, "{origin}: too few lines:\n{text}");
+        for line in text.lines() {
+            let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+            assert!(parsed.is_ok(), "{origin}: not JSON: {line}");
+        }
+        // The request's last line (the response) is logged after the bearer
+        // token was verified, so it names the caller too.
+        let request_line = text
+            .lines()
+            .find(|l| l.contains(&correlation) && l.contains("finished processing request"))
+            .unwrap_or_else(|| {
+                panic!("{origin}: no response line with the correlation id:\n{text}")
+            });
+        assert!(
+            request_line.contains(&format!(r#""user_id":"{user_id}""#)),
+            "{origin}: the request's line lacks the user id: {request_line}"
+        );
+        for (what, secret) in [
+            ("the password", password.as_str()),
+            ("the message content", content.as_str()),
+            ("the email", email.as_str()),
+            ("the access token", token.as_str()),
+            ("JWT_SECRET_KEY", jwt_secret.as_str()),
+            ("ENCRYPTION_KEY", encryption_key.as_str()),
+        ] {
+            assert!(!text.contains(secret), "{origin} contains {what}");
+        }
+    }
+}
+
+/// With NATS unreachable the relay cannot publish: its lag, measured against
+/// the store, counts every event and keeps ageing (what RelayLagging needs),
+/// and so do the projections' behind it.
+#[tokio::test]
+async fn lag_is_measured_against_the_store_so_a_stuck_relay_shows_it() {
+    use ai_secretary::sampler::measure;
+
+    let app = crate::helpers::spawn_app_with(&["--nats-url", "nats://127.0.0.1:1"]).await;
+    let token = app.signed_up("stuck@example.com").await;
+    app.assistant(&token, "Waiting").await;
+    let events = app.event_count().await;
+    assert!(events >= 2);
+
+    let (lag, first_age) = measure(&app.db.pool, "relay").await.unwrap();
+    assert_eq!(lag, events, "every event is unpublished");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (lag, age) = measure(&app.db.pool, "relay").await.unwrap();
+    assert_eq!(lag, events);
+    assert!(
+        age >= first_age + 1.0,
+        "the lag does not age: {first_age} then {age}"
+    );
+    let (lag, _) = measure(&app.db.pool, "assistants").await.unwrap();
+    assert_eq!(lag, events, "the projection is behind too");
+
+    // Once the checkpoint is at the head, there is no lag.
+    sqlx::query(
+        "INSERT INTO checkpoints (name, transaction_id, global_position)
+         SELECT 'relay', transaction_id::text::int8, global_position FROM events
+         ORDER BY transaction_id DESC, global_position DESC LIMIT 1
+         ON CONFLICT (name) DO UPDATE
+         SET transaction_id = excluded.transaction_id, global_position = excluded.global_position",
+    )
+    .execute(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(measure(&app.db.pool, "relay").await.unwrap(), (0, 0.0));
+}
