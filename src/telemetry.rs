@@ -200,7 +200,12 @@ pub fn describe_metrics() {
     describe_counter!(
         "llm_failures_total",
         Unit::Count,
-        "LLM calls that failed, by reason"
+        "LLM attempts that failed, by reason (retried ones included)"
+    );
+    describe_counter!(
+        "replies_total",
+        Unit::Count,
+        "Replies ended by this process, by outcome (completed or failed)"
     );
     describe_gauge!(
         "llm_replies_in_flight",
@@ -236,6 +241,9 @@ pub fn describe_metrics() {
         metrics::counter!("llm_tokens_total", "kind" => kind).increment(0);
     }
     metrics::gauge!("llm_replies_in_flight").set(0.0);
+    for outcome in ["completed", "failed"] {
+        metrics::counter!("replies_total", "outcome" => outcome).increment(0);
+    }
     metrics::counter!("relay_published_total").increment(0);
     // A registered histogram renders with zero observations (empty buckets):
     // true, and it keeps `histogram_quantile` panels from saying "no data".

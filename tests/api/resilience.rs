@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 use crate::{
     helpers::{
-        TestApp, eventually, eventually_every, problem, spawn_app, spawn_app_on, spawn_app_with,
+        TestApp, eventually, eventually_every, problem, spawn_app_on, spawn_app_with,
         spawn_app_without_replier, without_replier,
     },
     support::{BusNames, TestDb},
@@ -455,7 +455,10 @@ fn user_contents(messages: &Value) -> Vec<String> {
 async fn commands_succeed_while_nats_is_down_and_projections_catch_up() {
     let mut nats = PrivateServer::nats().await;
     let nats_url = nats.url();
-    let app = spawn_app_with(&["--nats-url", &nats_url, "--consistency-timeout-ms", "1000"]).await;
+    // Without the replier: the test counts every event the log holds.
+    let app =
+        spawn_app_without_replier(&["--nats-url", &nats_url, "--consistency-timeout-ms", "1000"])
+            .await;
     let token = app.signed_up("nats-outage@example.com").await;
     let first = app.assistant(&token, "Before").await;
     let conversation = app.conversation(&token, &first["id"]).await;
@@ -788,7 +791,8 @@ async fn the_cache_comes_back_under_steady_read_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_republishes_changes_nothing() {
-    let app = spawn_app().await;
+    // Without the replier, so the log only grows by what the test does.
+    let app = spawn_app_without_replier(&[]).await;
     let token = app.signed_up("republish@example.com").await;
     let assistant = app.assistant(&token, "Echo").await;
     let a = id(&assistant);
@@ -819,7 +823,7 @@ async fn a_relay_that_republishes_changes_nothing() {
     .await
     .unwrap();
     assert_eq!(reset.rows_affected(), 1);
-    let app = spawn_app_on(db, names, &[], Roles::all()).await;
+    let app = spawn_app_on(db, names, &[], without_replier()).await;
     let last = post_message(&app, &token, &c, "after the restart").await;
     let messages =
         get_when_consistent(&app, &format!("/conversations/{c}/messages"), &token, &last).await;
