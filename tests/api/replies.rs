@@ -685,3 +685,47 @@ async fn every_request_delivered_again_adds_no_second_reply() {
             .unwrap();
     assert_eq!(completed, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_repliers_share_the_work_and_each_message_gets_one_reply() {
+    let app = spawn_app().await;
+    // A second process with only the replier, on the same store and bus; JetStream
+    // hands each request to one of the two pullers of the shared consumer.
+    let second = spawn_app_on(
+        app.db.borrowed(),
+        app.names.borrowed(),
+        &[],
+        Roles::only_replier(),
+    )
+    .await;
+    let token = app.signed_up("busy@example.com").await;
+    let assistant = app.assistant(&token, "Mika").await;
+    let mut replies = Vec::new();
+    for c in 0..4 {
+        let conversation = app.conversation(&token, &assistant["id"]).await;
+        let id = conversation["id"].as_str().unwrap().to_owned();
+        let path = format!("/conversations/{id}/messages");
+        let posts =
+            (0..5).map(|m| app.post(&path, &token, json!({ "content": format!("Task {c}.{m}") })));
+        for posted in futures::future::join_all(posts).await {
+            let posted: Value = posted.json().await.unwrap();
+            replies.push((
+                id.clone(),
+                posted["reply"]["id"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    for (conversation, reply) in &replies {
+        let ended = ended_reply(&app, &token, conversation, reply).await;
+        assert_eq!(ended["status"], "completed");
+    }
+    let (endings, distinct): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT data->>'reply_id') FROM events
+         WHERE event_type IN ('ReplyCompleted', 'ReplyFailed')",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((endings, distinct), (20, 20));
+    drop(second);
+}

@@ -44,6 +44,17 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// The same database for a second instance; dropping it drops nothing.
+    pub fn borrowed(&self) -> TestDb {
+        TestDb {
+            name: String::new(),
+            url: self.url.clone(),
+            pool: self.pool.clone(),
+        }
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         if self.name.is_empty() {
@@ -82,6 +93,8 @@ pub struct BusNames {
     pub redis_prefix: String,
     pub nats_url: String,
     pub redis_url: String,
+    /// Whether dropping these names removes the stream and keys.
+    pub owned: bool,
 }
 
 impl BusNames {
@@ -93,6 +106,7 @@ impl BusNames {
             redis_prefix: format!("test_{id}"),
             nats_url: "nats://127.0.0.1:4222".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
+            owned: true,
         }
     }
 }
@@ -106,13 +120,26 @@ impl BusNames {
             redis_prefix: String::new(),
             nats_url: String::new(),
             redis_url: String::new(),
+            owned: false,
+        }
+    }
+
+    /// The same names for a second instance; dropping them removes nothing.
+    pub fn borrowed(&self) -> BusNames {
+        BusNames {
+            stream: self.stream.clone(),
+            subject_prefix: self.subject_prefix.clone(),
+            redis_prefix: self.redis_prefix.clone(),
+            nats_url: self.nats_url.clone(),
+            redis_url: self.redis_url.clone(),
+            owned: false,
         }
     }
 }
 
 impl Drop for BusNames {
     fn drop(&mut self) {
-        if self.stream.is_empty() {
+        if !self.owned {
             return;
         }
         let (stream, prefix) = (self.stream.clone(), self.redis_prefix.clone());
