@@ -12,6 +12,7 @@ pub mod config;
 pub mod domain;
 pub mod http;
 pub mod progress;
+pub mod recovery;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
