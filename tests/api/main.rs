@@ -11,6 +11,7 @@ mod health;
 mod helpers;
 mod idempotency;
 mod queries;
+mod recovery;
 mod resilience;
 mod stream;
 mod users;

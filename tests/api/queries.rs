@@ -4,7 +4,7 @@
 use reqwest::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, problem, spawn_app};
+use crate::helpers::{TestApp, problem, spawn_app, spawn_app_with};
 
 /// GET with a bearer token and, if given, a consistency token.
 async fn get(app: &TestApp, path: &str, token: &str, consistency: Option<&str>) -> Response {
@@ -27,7 +27,8 @@ fn consistency(response: &Response) -> String {
 
 #[tokio::test]
 async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
-    let app = spawn_app().await;
+    // An administrator, so that the projections' status can be read at the end.
+    let app = spawn_app_with(&["--admin-emails", "reader@example.com"]).await;
     let token = app.signed_up("reader@example.com").await;
     let assistant = app.assistant(&token, "Mika").await;
     let conversation = app.conversation(&token, &assistant["id"]).await;
