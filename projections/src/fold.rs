@@ -558,11 +558,15 @@ impl Fold {
     }
 }
 
-/// Fold one event into each fold whose limit it does not pass. Undecodable
-/// events are skipped, as the worker skips them (into `dead_letters`). Returns
-/// false for such an event.
-pub fn apply_all(folds: &mut [(Fold, Position)], envelope: &EventEnvelope) -> bool {
-    let Ok(event) = envelope.decode() else {
+/// Fold one event (its envelope and its decoded payload) into each fold whose
+/// limit it does not pass. Undecodable events are skipped, as the worker skips
+/// them (into `dead_letters`). Returns false for such an event.
+pub fn apply_all(
+    folds: &mut [(Fold, Position)],
+    envelope: &EventEnvelope,
+    event: Result<Event, String>,
+) -> bool {
+    let Ok(event) = event else {
         return false;
     };
     let at = envelope.position();
@@ -666,7 +670,7 @@ mod tests {
             })
             .collect();
         for e in &events {
-            assert!(apply_all(&mut folds, e));
+            assert!(apply_all(&mut folds, e, e.decode()));
         }
         let Fold::Conversations(c) = &folds[1].0 else {
             panic!()
@@ -723,9 +727,9 @@ mod tests {
             json!({"name": "B", "updated_at": "2026-11-29T10:05:00Z"}),
         );
         let mut folds = vec![(Fold::new("assistants").unwrap(), created.position())];
-        apply_all(&mut folds, &created);
+        apply_all(&mut folds, &created, created.decode());
         folds[0].0.track_changes();
-        apply_all(&mut folds, &renamed);
+        apply_all(&mut folds, &renamed, renamed.decode());
         let Fold::Assistants(a) = &mut folds[0].0 else {
             panic!()
         };

@@ -27,7 +27,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
 use crate::{
     cache::Cache,
     checkpoint,
-    envelope::{EventEnvelope, Position},
+    envelope::{self, EventEnvelope, Position},
     fold::{self, Fold},
     tables::{self, Table},
 };
@@ -202,7 +202,7 @@ pub async fn fold_store(
     let mut rows = sqlx::query(
         "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
                 transaction_id::text::int8 AS transaction_id, global_position, recorded_at,
-                data, metadata
+                data::text AS data
          FROM events
          WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
            AND (transaction_id, global_position) <= ($3::int8::text::xid8, $4)
@@ -215,6 +215,8 @@ pub async fn fold_store(
     .fetch(&mut *conn);
     let mut read = 0u64;
     while let Some(row) = rows.try_next().await? {
+        // The payload is decoded from its text, straight into the event's type.
+        let data: &str = row.try_get(9)?;
         let envelope = EventEnvelope {
             event_id: row.try_get(0)?,
             stream_id: row.try_get(1)?,
@@ -225,10 +227,11 @@ pub async fn fold_store(
             transaction_id: row.try_get(6)?,
             global_position: row.try_get(7)?,
             recorded_at: row.try_get(8)?,
-            data: row.try_get(9)?,
+            data: serde_json::Value::Null, // decoded below, from `data`
             metadata: serde_json::Value::Null, // no rule reads it
         };
-        fold::apply_all(folds, &envelope);
+        let event = envelope::decode(&envelope.event_type, envelope.schema_version, data);
+        fold::apply_all(folds, &envelope, event);
         read += 1;
         if read.is_multiple_of(REPORT_EVERY) {
             on_step(Step::Folded { events: read });
