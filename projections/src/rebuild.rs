@@ -21,7 +21,7 @@
 
 use std::time::Instant;
 
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
 
 use crate::{
@@ -135,14 +135,21 @@ pub async fn rebuild(
         events: total as u64,
     });
     let mut limited: Vec<(Fold, Position)> = folds.into_iter().map(|f| (f, head)).collect();
-    let events = fold_store(&mut conn, &mut limited, Position::default(), head, on_step).await?;
+    let events =
+        fold_store_pipelined(pool, &mut limited, Position::default(), head, on_step).await?;
 
+    // Two projections written at a time, each on a connection of its own (the
+    // machine this was measured on has two cores; Postgres uses one per session).
+    let writes: Vec<_> = limited
+        .iter()
+        .map(|(fold, _)| write_next_on(pool, fold, on_step))
+        .collect();
+    futures_util::stream::iter(writes)
+        .buffer_unordered(2)
+        .try_collect::<Vec<()>>()
+        .await?;
     let mut swapped = Vec::new();
     for (fold, _) in &mut limited {
-        on_step(Step::Writing {
-            projection: fold.name(),
-        });
-        write_next(&mut conn, fold).await?;
         fold.track_changes();
     }
     for (fold, _) in &mut limited {
@@ -189,8 +196,52 @@ pub async fn head(conn: &mut PgConnection) -> Result<Position, sqlx::Error> {
 /// How often (in events) the fold reports progress.
 const REPORT_EVERY: u64 = 50_000;
 
+/// The events in `(after, upto]` in commit order; the commit-order index serves
+/// this range scan, and `upto` is at or below the head.
+const RANGE: &str = "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
+        transaction_id::text::int8 AS transaction_id, global_position, recorded_at,
+        data::text AS data
+ FROM events
+ WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
+   AND (transaction_id, global_position) <= ($3::int8::text::xid8, $4)
+ ORDER BY transaction_id, global_position";
+
+fn range(
+    after: Position,
+    upto: Position,
+) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(RANGE)
+        .bind(after.transaction_id)
+        .bind(after.global_position)
+        .bind(upto.transaction_id)
+        .bind(upto.global_position)
+}
+
+/// An envelope without its payload (no rule reads `metadata`; `data` comes
+/// separately as text, to be decoded straight into the event's type).
+fn envelope_of(row: &sqlx::postgres::PgRow) -> Result<EventEnvelope, sqlx::Error> {
+    Ok(EventEnvelope {
+        event_id: row.try_get(0)?,
+        stream_id: row.try_get(1)?,
+        stream_type: row.try_get(2)?,
+        version: row.try_get(3)?,
+        event_type: row.try_get(4)?,
+        schema_version: row.try_get(5)?,
+        transaction_id: row.try_get(6)?,
+        global_position: row.try_get(7)?,
+        recorded_at: row.try_get(8)?,
+        data: serde_json::Value::Null,
+        metadata: serde_json::Value::Null,
+    })
+}
+
+fn fold_one(folds: &mut [(Fold, Position)], envelope: &EventEnvelope, data: &str) {
+    let event = envelope::decode(&envelope.event_type, envelope.schema_version, data);
+    fold::apply_all(folds, envelope, event);
+}
+
 /// Fold the events in `(after, upto]`, in commit order, into each fold up to its
-/// own limit, streaming them from one query. Returns how many were read.
+/// own limit, streaming them from one query on `conn`. Returns how many were read.
 pub async fn fold_store(
     conn: &mut PgConnection,
     folds: &mut [(Fold, Position)],
@@ -198,40 +249,10 @@ pub async fn fold_store(
     upto: Position,
     on_step: &(dyn Fn(Step) + Sync),
 ) -> Result<u64, sqlx::Error> {
-    // The commit-order index serves this range scan; `upto` is at or below the head.
-    let mut rows = sqlx::query(
-        "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
-                transaction_id::text::int8 AS transaction_id, global_position, recorded_at,
-                data::text AS data
-         FROM events
-         WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
-           AND (transaction_id, global_position) <= ($3::int8::text::xid8, $4)
-         ORDER BY transaction_id, global_position",
-    )
-    .bind(after.transaction_id)
-    .bind(after.global_position)
-    .bind(upto.transaction_id)
-    .bind(upto.global_position)
-    .fetch(&mut *conn);
+    let mut rows = range(after, upto).fetch(&mut *conn);
     let mut read = 0u64;
     while let Some(row) = rows.try_next().await? {
-        // The payload is decoded from its text, straight into the event's type.
-        let data: &str = row.try_get(9)?;
-        let envelope = EventEnvelope {
-            event_id: row.try_get(0)?,
-            stream_id: row.try_get(1)?,
-            stream_type: row.try_get(2)?,
-            version: row.try_get(3)?,
-            event_type: row.try_get(4)?,
-            schema_version: row.try_get(5)?,
-            transaction_id: row.try_get(6)?,
-            global_position: row.try_get(7)?,
-            recorded_at: row.try_get(8)?,
-            data: serde_json::Value::Null, // decoded below, from `data`
-            metadata: serde_json::Value::Null, // no rule reads it
-        };
-        let event = envelope::decode(&envelope.event_type, envelope.schema_version, data);
-        fold::apply_all(folds, &envelope, event);
+        fold_one(folds, &envelope_of(&row)?, row.try_get(9)?);
         read += 1;
         if read.is_multiple_of(REPORT_EVERY) {
             on_step(Step::Folded { events: read });
@@ -239,6 +260,70 @@ pub async fn fold_store(
     }
     on_step(Step::Folded { events: read });
     Ok(read)
+}
+
+/// Events handed from the reader to the fold at a time.
+const HANDOFF: usize = 2_000;
+
+/// `fold_store` for the bulk of a rebuild: a task of its own reads and parses
+/// the rows (on another worker thread) while this one decodes and folds them.
+async fn fold_store_pipelined(
+    pool: &PgPool,
+    folds: &mut [(Fold, Position)],
+    after: Position,
+    upto: Position,
+    on_step: &(dyn Fn(Step) + Sync),
+) -> Result<u64, sqlx::Error> {
+    let (sender, mut batches) = tokio::sync::mpsc::channel::<Vec<(EventEnvelope, String)>>(16);
+    let pool = pool.clone();
+    let reader = tokio::spawn(async move {
+        let mut conn = pool.acquire().await?;
+        let mut rows = range(after, upto).fetch(&mut *conn);
+        let mut batch = Vec::with_capacity(HANDOFF);
+        while let Some(row) = rows.try_next().await? {
+            batch.push((envelope_of(&row)?, row.try_get::<String, _>(9)?));
+            if batch.len() == HANDOFF
+                && sender
+                    .send(std::mem::replace(&mut batch, Vec::with_capacity(HANDOFF)))
+                    .await
+                    .is_err()
+            {
+                return Ok(()); // the fold stopped (it failed or was dropped)
+            }
+        }
+        let _ = sender.send(batch).await;
+        Ok::<(), sqlx::Error>(())
+    });
+    // Dropping this future (a cancelled rebuild) aborts the reader too.
+    let reader = tokio_util::task::AbortOnDropHandle::new(reader);
+    let mut read = 0u64;
+    while let Some(batch) = batches.recv().await {
+        for (envelope, data) in &batch {
+            fold_one(folds, envelope, data);
+            read += 1;
+            if read.is_multiple_of(REPORT_EVERY) {
+                on_step(Step::Folded { events: read });
+            }
+        }
+    }
+    reader
+        .await
+        .map_err(|e| sqlx::Error::Protocol(format!("the event reader stopped: {e}")))??;
+    on_step(Step::Folded { events: read });
+    Ok(read)
+}
+
+/// `write_next` on a pooled connection of its own.
+async fn write_next_on(
+    pool: &PgPool,
+    fold: &Fold,
+    on_step: &(dyn Fn(Step) + Sync),
+) -> Result<(), sqlx::Error> {
+    on_step(Step::Writing {
+        projection: fold.name(),
+    });
+    let mut conn = pool.acquire().await?;
+    write_next(&mut conn, fold).await
 }
 
 /// Create `<table>__next` for each table of the fold (dropping a leftover of an
