@@ -1,6 +1,7 @@
 //! Writing folded rows to Postgres in bulk: one multi-row `INSERT … SELECT FROM
 //! unnest(…)` per chunk of rows (every column bound as one array, encoded by
-//! sqlx exactly as the incremental path binds it), and the key-wise rewrite of
+//! sqlx exactly as the incremental path binds it), binary `COPY` for the biggest
+//! table (`messages`), and the key-wise rewrite of
 //! the few rows a tail changed. The target table is named by the caller: the
 //! live one, a rebuild's `<table>__next`, or verify's temporary scratch copy.
 
@@ -336,41 +337,124 @@ async fn insert_conversations(
     Ok(())
 }
 
+/// Messages are most of the rows: they go in with `COPY … (FORMAT binary)`,
+/// each value encoded as Postgres' binary input expects it (and as sqlx binds
+/// it on the incremental path), in buffers of a few MB.
 async fn insert_messages(
     conn: &mut PgConnection,
     table: &str,
     rows: &[(&Uuid, &MessageRow)],
 ) -> Result<(), sqlx::Error> {
-    for chunk in rows.chunks(CHUNK) {
-        let sql = format!(
-            "INSERT INTO {table} (id, conversation_id, owner_id, seq, role, content, status,
-                 reply_to, model, finish_reason, prompt_tokens, completion_tokens, total_tokens,
-                 error, created_at, updated_at)
-             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::int8[], $5::text[],
-                 $6::text[], $7::text[], $8::uuid[], $9::text[], $10::text[], $11::int8[],
-                 $12::int8[], $13::int8[], $14::text[], $15::timestamptz[], $16::timestamptz[])"
-        );
-        sqlx::query(AssertSqlSafe(sql))
-            .bind(chunk.iter().map(|(k, _)| **k).collect::<Vec<_>>())
-            .bind(column!(chunk, |r| r.conversation_id))
-            .bind(column!(chunk, |r| r.owner_id))
-            .bind(column!(chunk, |r| r.seq))
-            .bind(column!(chunk, |r| r.role))
-            .bind(column!(chunk, |r| r.content.as_deref()))
-            .bind(column!(chunk, |r| r.status))
-            .bind(column!(chunk, |r| r.reply_to))
-            .bind(column!(chunk, |r| r.model.as_deref()))
-            .bind(column!(chunk, |r| r.finish_reason.as_deref()))
-            .bind(column!(chunk, |r| r.prompt_tokens))
-            .bind(column!(chunk, |r| r.completion_tokens))
-            .bind(column!(chunk, |r| r.total_tokens))
-            .bind(column!(chunk, |r| r.error.as_deref()))
-            .bind(column!(chunk, |r| r.created_at))
-            .bind(column!(chunk, |r| r.updated_at))
-            .execute(&mut *conn)
-            .await?;
+    if rows.is_empty() {
+        return Ok(());
     }
+    let mut copy = conn
+        .copy_in_raw(&format!(
+            "COPY {table} (id, conversation_id, owner_id, seq, role, content, status, reply_to,
+                 model, finish_reason, prompt_tokens, completion_tokens, total_tokens, error,
+                 created_at, updated_at) FROM STDIN (FORMAT binary)"
+        ))
+        .await?;
+    let mut out = CopyBinary::new();
+    for (id, r) in rows {
+        out.row(16);
+        out.uuid(id);
+        out.uuid(&r.conversation_id);
+        out.uuid(&r.owner_id);
+        out.int8(Some(r.seq));
+        out.text(Some(r.role));
+        out.text(r.content.as_deref());
+        out.text(Some(r.status));
+        match &r.reply_to {
+            Some(u) => out.uuid(u),
+            None => out.null(),
+        }
+        out.text(r.model.as_deref());
+        out.text(r.finish_reason.as_deref());
+        out.int8(r.prompt_tokens);
+        out.int8(r.completion_tokens);
+        out.int8(r.total_tokens);
+        out.text(r.error.as_deref());
+        out.timestamptz(&r.created_at);
+        out.timestamptz(&r.updated_at);
+        if out.buf.len() >= COPY_BUFFER
+            && let Err(e) = copy.send(std::mem::take(&mut out.buf)).await
+        {
+            let _ = copy.abort(e.to_string()).await;
+            return Err(e);
+        }
+    }
+    out.trailer();
+    copy.send(out.buf).await?;
+    copy.finish().await?;
     Ok(())
+}
+
+/// Bytes buffered before they are sent to a COPY.
+const COPY_BUFFER: usize = 4 << 20;
+
+/// Rows in the binary format of `COPY` (header, then per row a field count and
+/// each field as length + bytes, -1 for NULL; a -1 field count ends the data).
+struct CopyBinary {
+    buf: Vec<u8>,
+}
+
+impl CopyBinary {
+    fn new() -> CopyBinary {
+        let mut buf = Vec::with_capacity(COPY_BUFFER + (64 << 10));
+        buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        buf.extend_from_slice(&0i32.to_be_bytes()); // flags
+        buf.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+        CopyBinary { buf }
+    }
+
+    fn row(&mut self, fields: i16) {
+        self.buf.extend_from_slice(&fields.to_be_bytes());
+    }
+
+    fn null(&mut self) {
+        self.buf.extend_from_slice(&(-1i32).to_be_bytes());
+    }
+
+    fn field(&mut self, bytes: &[u8]) {
+        self.buf
+            .extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+        self.buf.extend_from_slice(bytes);
+    }
+
+    fn uuid(&mut self, id: &Uuid) {
+        self.field(id.as_bytes());
+    }
+
+    fn int8(&mut self, v: Option<i64>) {
+        match v {
+            Some(v) => self.field(&v.to_be_bytes()),
+            None => self.null(),
+        }
+    }
+
+    fn text(&mut self, v: Option<&str>) {
+        match v {
+            Some(v) => self.field(v.as_bytes()),
+            None => self.null(),
+        }
+    }
+
+    /// Microseconds since 2000-01-01 UTC, truncated as sqlx truncates them.
+    fn timestamptz(&mut self, at: &chrono::DateTime<chrono::Utc>) {
+        let epoch = chrono::NaiveDate::from_ymd_opt(2000, 1, 1)
+            .and_then(|d| d.and_hms_opt(0, 0, 0))
+            .expect("a valid date")
+            .and_utc();
+        let micros = (*at - epoch)
+            .num_microseconds()
+            .expect("timestamps of this era fit");
+        self.field(&micros.to_be_bytes());
+    }
+
+    fn trailer(&mut self) {
+        self.buf.extend_from_slice(&(-1i16).to_be_bytes());
+    }
 }
 
 async fn insert_usage(
