@@ -47,6 +47,8 @@ echo "restore: restoring ${FILE} into the database (--clean --if-exists)"
 pg_restore --dbname="$DATABASE_URL" --clean --if-exists --no-owner --exit-on-error "$FILE"
 events="$(psql "$DATABASE_URL" --no-psqlrc --tuples-only --no-align --command 'SELECT count(*) FROM events')"
 echo "restore: restored; the event store holds ${events} events"
+echo "restore: if events were appended after this backup was taken, purge the NATS"
+echo "restore: stream before starting the service (docs/operations.md, Restore)"
 
 echo "restore: verifying read models against the event store"
 if "$BIN" verify; then
