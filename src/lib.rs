@@ -14,6 +14,7 @@ pub mod domain;
 pub mod http;
 pub mod llm;
 pub mod progress;
+pub mod recovery;
 pub mod replier;
 pub mod sampler;
 pub mod startup;

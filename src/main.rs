@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use ai_secretary::{
     cli::{Cli, Command},
+    recovery,
     startup::{Application, Roles, shutdown_signal},
     store::postgres,
     telemetry,
@@ -45,12 +46,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tracing::info!("migrations applied");
             return Ok(ExitCode::SUCCESS);
         }
-        Some(command @ (Command::Replay { .. } | Command::Verify { .. })) => {
-            eprintln!(
-                "`{}` is not built yet: it comes with the recovery (replay, verify) work.",
-                subcommand_name(&command)
-            );
-            return Ok(ExitCode::from(2));
+        Some(Command::Replay { name, all }) => {
+            config.validate()?;
+            let names: Vec<&str> = match (&name, all) {
+                (Some(name), false) => vec![name.as_str()],
+                (None, true) => ai_secretary_projections::fold::NAMES.to_vec(),
+                _ => anyhow::bail!("name a projection, or pass --all"),
+            };
+            recovery::replay(&config, &names).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Command::Verify { name }) => {
+            config.validate()?;
+            let names: Vec<&str> = name.iter().map(String::as_str).collect();
+            let clean = recovery::verify(&config, &names).await?;
+            return Ok(if clean {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
         }
     };
     Application::build(&config, roles)
@@ -58,16 +72,4 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .run_until(shutdown_signal())
         .await?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn subcommand_name(command: &Command) -> &'static str {
-    match command {
-        Command::Serve => "serve",
-        Command::Relay => "relay",
-        Command::Project { .. } => "project",
-        Command::Reply => "reply",
-        Command::Replay { .. } => "replay",
-        Command::Verify { .. } => "verify",
-        Command::Migrate => "migrate",
-    }
 }

@@ -17,6 +17,7 @@ use crate::{
     http::{self, AppState, read::ReadSide},
     llm::{Provider, gemini::Gemini, offline::Offline},
     progress::Progress,
+    recovery::Rebuilds,
     replier::Replier,
     store::{
         PgEventStore,
@@ -106,6 +107,8 @@ pub struct Application {
     stop: CancellationToken,
     /// Background roles; dropped unjoined (the process is going away), they abort.
     tasks: Vec<AbortOnDropHandle<()>>,
+    /// Rebuilds started through the admin API, joined on shutdown.
+    recovery: Option<Rebuilds>,
 }
 
 impl Application {
@@ -224,8 +227,10 @@ impl Application {
             }
         }
 
+        let mut recovery = None;
         let api = if roles.api {
             let (progress, follower) = Progress::start(pool.clone(), stop.clone());
+            let rebuilds = Rebuilds::new(pool.clone(), cache.clone(), stop.clone());
             tasks.push(AbortOnDropHandle::new(follower));
             let read = ReadSide {
                 pool: pool.clone(),
@@ -237,7 +242,10 @@ impl Application {
             };
             let commands = Commands::new(Arc::new(store.clone()));
             let tokens = Tokens::new(config.jwt_secret_key.expose(), config.access_token_ttl());
-            let router = http::router(AppState::new(commands, tokens, read), &config.cors_origins);
+            let state = AppState::new(commands, tokens, read)
+                .with_recovery(rebuilds.clone(), &config.admin_emails);
+            recovery = Some(rebuilds);
+            let router = http::router(state, &config.cors_origins);
             Some((TcpListener::bind(config.bind).await?, router))
         } else {
             // Workers have no API but still answer /health and /metrics on BIND,
@@ -249,6 +257,7 @@ impl Application {
             store,
             stop,
             tasks,
+            recovery,
         })
     }
 
@@ -280,6 +289,13 @@ impl Application {
             {
                 tracing::warn!("a background task did not stop within 10 s");
             }
+        }
+        if let Some(rebuilds) = &self.recovery
+            && tokio::time::timeout(Duration::from_secs(10), rebuilds.join())
+                .await
+                .is_err()
+        {
+            tracing::warn!("a rebuild did not stop within 10 s");
         }
         self.store.close().await;
         tracing::info!("stopped");

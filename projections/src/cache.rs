@@ -263,6 +263,39 @@ impl Cache {
     }
 }
 
+impl Cache {
+    /// Drop every key under this instance's prefix (after a rebuild swapped read
+    /// models in: their rows may differ from what was cached). Queries fill the
+    /// keys again through `fill`. Fails when Redis is unreachable.
+    pub async fn forget_all(&self) -> redis::RedisResult<u64> {
+        let mut redis = self.redis().await?;
+        let pattern = format!("{}:*", self.prefix);
+        let mut cursor: u64 = 0;
+        let mut dropped = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut redis)
+                .await?;
+            if !keys.is_empty() {
+                dropped += keys.len() as u64;
+                let _: i64 = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut redis)
+                    .await?;
+            }
+            if next == 0 {
+                return Ok(dropped);
+            }
+            cursor = next;
+        }
+    }
+}
+
 /// Projection `cache`: tombstones the keys each event touches.
 pub struct CacheInvalidation {
     pub cache: Cache,

@@ -41,35 +41,79 @@ impl EventEnvelope {
 
     /// The payload, decoded; an event the read side knows but cannot read is poison.
     pub fn decode(&self) -> Result<Event, String> {
-        fn data<T: DeserializeOwned>(e: &EventEnvelope) -> Result<T, String> {
-            serde_json::from_value(e.data.clone())
-                .map_err(|err| format!("{} v{}: {err}", e.event_type, e.schema_version))
-        }
-        Ok(match self.event_type.as_str() {
-            "UserRegistered" => Event::UserRegistered,
-            "AssistantCreated" => Event::AssistantCreated(data(self)?),
-            "AssistantUpdated" => Event::AssistantUpdated(data(self)?),
-            "AssistantArchived" => Event::AssistantStatus {
-                status: "archived",
-                at: data::<At>(self)?.at,
-            },
-            "AssistantRestored" => Event::AssistantStatus {
-                status: "active",
-                at: data::<At>(self)?.at,
-            },
-            "AssistantDeleted" => Event::AssistantDeleted,
-            "ConversationStarted" => Event::ConversationStarted(data(self)?),
-            "ConversationRenamed" => Event::ConversationRenamed(data(self)?),
-            "ConversationArchived" => Event::ConversationArchived {
-                at: data::<At>(self)?.at,
-            },
-            "MessagePosted" => Event::MessagePosted(data(self)?),
-            "ReplyRequested" => Event::ReplyRequested(data(self)?),
-            "ReplyStarted" => Event::ReplyStarted(data(self)?),
-            "ReplyCompleted" => Event::ReplyCompleted(data(self)?),
-            "ReplyFailed" => Event::ReplyFailed(data(self)?),
-            _ => Event::Unknown,
-        })
+        decode(&self.event_type, self.schema_version, &self.data)
+    }
+}
+
+/// Where a payload is decoded from: the envelope's JSON value (from the bus) or
+/// the text of the store's `data` column (a rebuild's bulk read, which so skips
+/// building a `Value` per event).
+pub trait Payload {
+    fn parse<T: DeserializeOwned>(&self) -> serde_json::Result<T>;
+}
+
+impl Payload for Value {
+    fn parse<T: DeserializeOwned>(&self) -> serde_json::Result<T> {
+        T::deserialize(self)
+    }
+}
+
+impl Payload for str {
+    fn parse<T: DeserializeOwned>(&self) -> serde_json::Result<T> {
+        serde_json::from_str(self)
+    }
+}
+
+/// Decode a payload by its `event_type`; an event the read side knows but
+/// cannot read is poison, one it does not know is `Unknown`.
+pub fn decode<P: Payload + ?Sized>(
+    event_type: &str,
+    schema_version: i32,
+    payload: &P,
+) -> Result<Event, String> {
+    let d = Decoding {
+        event_type,
+        schema_version,
+        payload,
+    };
+    Ok(match event_type {
+        "UserRegistered" => Event::UserRegistered,
+        "AssistantCreated" => Event::AssistantCreated(d.data()?),
+        "AssistantUpdated" => Event::AssistantUpdated(d.data()?),
+        "AssistantArchived" => Event::AssistantStatus {
+            status: "archived",
+            at: d.data::<At>()?.at,
+        },
+        "AssistantRestored" => Event::AssistantStatus {
+            status: "active",
+            at: d.data::<At>()?.at,
+        },
+        "AssistantDeleted" => Event::AssistantDeleted,
+        "ConversationStarted" => Event::ConversationStarted(d.data()?),
+        "ConversationRenamed" => Event::ConversationRenamed(d.data()?),
+        "ConversationArchived" => Event::ConversationArchived {
+            at: d.data::<At>()?.at,
+        },
+        "MessagePosted" => Event::MessagePosted(d.data()?),
+        "ReplyRequested" => Event::ReplyRequested(d.data()?),
+        "ReplyStarted" => Event::ReplyStarted(d.data()?),
+        "ReplyCompleted" => Event::ReplyCompleted(d.data()?),
+        "ReplyFailed" => Event::ReplyFailed(d.data()?),
+        _ => Event::Unknown,
+    })
+}
+
+struct Decoding<'a, P: ?Sized> {
+    event_type: &'a str,
+    schema_version: i32,
+    payload: &'a P,
+}
+
+impl<P: Payload + ?Sized> Decoding<'_, P> {
+    fn data<T: DeserializeOwned>(&self) -> Result<T, String> {
+        self.payload
+            .parse()
+            .map_err(|err| format!("{} v{}: {err}", self.event_type, self.schema_version))
     }
 }
 

@@ -10,10 +10,14 @@ pub mod cache;
 pub mod checkpoint;
 pub mod conversations;
 pub mod envelope;
+pub mod fold;
 pub mod messages;
 pub mod projection;
 pub mod read;
+pub mod rebuild;
+pub mod tables;
 pub mod usage;
+pub mod verify;
 pub mod worker;
 
 use std::sync::Arc;

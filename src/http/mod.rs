@@ -14,7 +14,7 @@ pub mod read;
 mod reply;
 mod stats;
 mod stream;
-mod users;
+pub(crate) mod users;
 
 use std::time::Duration;
 
@@ -50,6 +50,9 @@ pub struct AppState {
     pub tokens: Tokens,
     pub read: read::ReadSide,
     in_flight: idempotency::InFlight,
+    /// Rebuilds started through the admin API, and who may start them.
+    pub recovery: Option<crate::recovery::Rebuilds>,
+    pub admin_emails: std::sync::Arc<[String]>,
 }
 
 impl AppState {
@@ -59,7 +62,20 @@ impl AppState {
             tokens,
             read,
             in_flight: Default::default(),
+            recovery: None,
+            admin_emails: std::sync::Arc::new([]),
         }
+    }
+
+    /// With rebuilds run in this process, and the administrators' emails.
+    pub fn with_recovery(mut self, rebuilds: crate::recovery::Rebuilds, admins: &[String]) -> Self {
+        self.recovery = Some(rebuilds);
+        self.admin_emails = admins
+            .iter()
+            .map(|e| crate::domain::user::normalize_email(e))
+            .filter(|e| !e.is_empty())
+            .collect();
+        self
     }
 }
 

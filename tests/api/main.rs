@@ -12,6 +12,7 @@ mod helpers;
 mod idempotency;
 mod observability;
 mod queries;
+mod recovery;
 mod replies;
 mod resilience;
 mod stream;

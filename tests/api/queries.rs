@@ -27,8 +27,9 @@ fn consistency(response: &Response) -> String {
 
 #[tokio::test]
 async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
-    // Without the replier: the reply must still be queued when it is read.
-    let app = spawn_app_without_replier(&[]).await;
+    // Without the replier (the reply must still be queued when it is read), and
+    // as an administrator, so that the projections' status can be read at the end.
+    let app = spawn_app_without_replier(&["--admin-emails", "reader@example.com"]).await;
     let token = app.signed_up("reader@example.com").await;
     let assistant = app.assistant(&token, "Mika").await;
     let conversation = app.conversation(&token, &assistant["id"]).await;

@@ -1050,6 +1050,11 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_read_model() {
             assert_eq!(l, f, "{table} differs from a fresh fold");
         }
     }
+    // And the batch fold of `verify` (the rebuild's rules) agrees with both.
+    let (report, clean) = ai_secretary::recovery::verify_report(&resumed.db.pool, &[])
+        .await
+        .unwrap();
+    assert!(clean, "verify found drift after the crash:\n{report}");
     let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
         .fetch_one(&resumed.db.pool)
         .await

@@ -1,0 +1,474 @@
+//! Blue-green rebuild of read models from the event store (never from NATS,
+//! whose retention may be shorter than the store's history).
+//!
+//! 1. Fold the store up to its current head `H` (only below the oldest open
+//!    transaction, so nothing committed later can land behind it) in memory.
+//! 2. Write the rows into fresh tables `<table>__next` (multi-row inserts, then
+//!    the live tables' indexes and constraints, named `<name>__next`). The live
+//!    tables keep serving and the live worker keeps consuming meanwhile.
+//! 3. Swap, per projection, in ONE transaction: lock the projection's checkpoint
+//!    row (waits for the worker's batch in flight and holds off the next), lock
+//!    its live tables, fold the tail of events the worker applied past `H` (if
+//!    any) into the new tables, drop the live tables, rename the new ones (and
+//!    their indexes) to the live names, and move the checkpoint to `H` only if
+//!    it was behind. The JetStream sequence in the checkpoint is kept, so the
+//!    worker resumes where it was and skips, by position, what the rebuild has
+//!    already folded: no event is lost or applied twice.
+//!
+//! Nothing but `__next` tables is written before the swap; leftovers of an
+//! interrupted run are dropped when the next one starts. One rebuild per
+//! projection at a time (a session advisory lock, released if the process dies).
+
+use std::time::Instant;
+
+use futures_util::{StreamExt, TryStreamExt};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
+
+use crate::{
+    cache::Cache,
+    checkpoint,
+    envelope::{self, EventEnvelope, Position},
+    fold::{self, Fold},
+    tables::{self, Table},
+};
+
+/// Suffix of the tables a rebuild writes before the swap.
+pub const NEXT: &str = "__next";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    #[error("no projection named {0:?}; known: {known}", known = fold::NAMES.join(", "))]
+    Unknown(String),
+    #[error("a rebuild of {0} is already running")]
+    AlreadyRunning(String),
+    #[error("redis: {0}")]
+    Cache(#[from] redis::RedisError),
+}
+
+/// What a rebuild reports as it goes (for a progress bar, logs or a status row).
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// The head it folds up to, and how many events lie below it.
+    Started { head: Position, events: u64 },
+    /// Events folded so far.
+    Folded { events: u64 },
+    /// Writing the fresh tables of a projection.
+    Writing { projection: &'static str },
+    /// A projection swapped in: its position, and events folded under the lock.
+    Swapped {
+        projection: &'static str,
+        position: Position,
+        tail: u64,
+    },
+}
+
+/// What a finished rebuild did.
+#[derive(Debug, Clone)]
+pub struct Rebuilt {
+    pub head: Position,
+    pub events: u64,
+    pub seconds: f64,
+    /// Per projection: its checkpoint after the swap and the tail folded under lock.
+    pub swapped: Vec<(&'static str, Position, u64)>,
+}
+
+/// The advisory lock that lets one rebuild per projection run.
+fn lock_key(name: &str) -> String {
+    format!("ai_secretary.rebuild.{name}")
+}
+
+/// Whether a rebuild of `name` is running anywhere (its lock is taken).
+pub async fn is_running(pool: &PgPool, name: &str) -> Result<bool, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+        .bind(lock_key(name))
+        .fetch_one(&mut *conn)
+        .await?;
+    if free {
+        sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
+            .bind(lock_key(name))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(!free)
+}
+
+/// Rebuild the named projections (blue-green, see the module header). With a
+/// `cache`, its keys are dropped after the swaps: queries fill them again.
+pub async fn rebuild(
+    pool: &PgPool,
+    names: &[&str],
+    cache: Option<&Cache>,
+    on_step: &(dyn Fn(Step) + Sync),
+) -> Result<Rebuilt, RebuildError> {
+    let started = Instant::now();
+    let mut folds = Vec::new();
+    for name in names {
+        let fold = Fold::new(name).ok_or_else(|| RebuildError::Unknown((*name).to_owned()))?;
+        folds.push(fold);
+    }
+    // Held on a connection of its own for the whole run; closing it releases the locks.
+    let mut lock = PgConnection::connect_with(&pool.connect_options()).await?;
+    for fold in &folds {
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+            .bind(lock_key(fold.name()))
+            .fetch_one(&mut lock)
+            .await?;
+        if !locked {
+            return Err(RebuildError::AlreadyRunning(fold.name().to_owned()));
+        }
+    }
+
+    let mut conn = pool.acquire().await?;
+    let head = head(&mut conn).await?;
+    let total: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE (transaction_id, global_position) <= ($1::int8::text::xid8, $2)",
+    )
+    .bind(head.transaction_id)
+    .bind(head.global_position)
+    .fetch_one(&mut *conn)
+    .await?;
+    on_step(Step::Started {
+        head,
+        events: total as u64,
+    });
+    let mut limited: Vec<(Fold, Position)> = folds.into_iter().map(|f| (f, head)).collect();
+    let events =
+        fold_store_pipelined(pool, &mut limited, Position::default(), head, on_step).await?;
+
+    // Two projections written at a time, each on a connection of its own (the
+    // machine this was measured on has two cores; Postgres uses one per session).
+    let writes: Vec<_> = limited
+        .iter()
+        .map(|(fold, _)| write_next_on(pool, fold, on_step))
+        .collect();
+    futures_util::stream::iter(writes)
+        .buffer_unordered(2)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let mut swapped = Vec::new();
+    for (fold, _) in &mut limited {
+        fold.track_changes();
+    }
+    for (fold, _) in &mut limited {
+        let (position, tail) = swap(&mut conn, fold, head).await?;
+        on_step(Step::Swapped {
+            projection: fold.name(),
+            position,
+            tail,
+        });
+        swapped.push((fold.name(), position, tail));
+    }
+    if let Some(cache) = cache {
+        cache.forget_all().await?;
+    }
+    let _ = lock.close().await;
+    Ok(Rebuilt {
+        head,
+        events,
+        seconds: started.elapsed().as_secs_f64(),
+        swapped,
+    })
+}
+
+/// The last event below the oldest open transaction: everything at or below it
+/// is committed and visible, and nothing can commit behind it later.
+pub async fn head(conn: &mut PgConnection) -> Result<Position, sqlx::Error> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT transaction_id::text::int8, global_position FROM events
+         WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(
+        row.map_or(Position::default(), |(transaction_id, global_position)| {
+            Position {
+                transaction_id,
+                global_position,
+            }
+        }),
+    )
+}
+
+/// How often (in events) the fold reports progress.
+const REPORT_EVERY: u64 = 50_000;
+
+/// The events in `(after, upto]` in commit order; the commit-order index serves
+/// this range scan, and `upto` is at or below the head.
+const RANGE: &str = "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
+        transaction_id::text::int8 AS transaction_id, global_position, recorded_at,
+        data::text AS data
+ FROM events
+ WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
+   AND (transaction_id, global_position) <= ($3::int8::text::xid8, $4)
+ ORDER BY transaction_id, global_position";
+
+fn range(
+    after: Position,
+    upto: Position,
+) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(RANGE)
+        .bind(after.transaction_id)
+        .bind(after.global_position)
+        .bind(upto.transaction_id)
+        .bind(upto.global_position)
+}
+
+/// An envelope without its payload (no rule reads `metadata`; `data` comes
+/// separately as text, to be decoded straight into the event's type).
+fn envelope_of(row: &sqlx::postgres::PgRow) -> Result<EventEnvelope, sqlx::Error> {
+    Ok(EventEnvelope {
+        event_id: row.try_get(0)?,
+        stream_id: row.try_get(1)?,
+        stream_type: row.try_get(2)?,
+        version: row.try_get(3)?,
+        event_type: row.try_get(4)?,
+        schema_version: row.try_get(5)?,
+        transaction_id: row.try_get(6)?,
+        global_position: row.try_get(7)?,
+        recorded_at: row.try_get(8)?,
+        data: serde_json::Value::Null,
+        metadata: serde_json::Value::Null,
+    })
+}
+
+fn fold_one(folds: &mut [(Fold, Position)], envelope: &EventEnvelope, data: &str) {
+    let event = envelope::decode(&envelope.event_type, envelope.schema_version, data);
+    fold::apply_all(folds, envelope, event);
+}
+
+/// Fold the events in `(after, upto]`, in commit order, into each fold up to its
+/// own limit, streaming them from one query on `conn`. Returns how many were read.
+pub async fn fold_store(
+    conn: &mut PgConnection,
+    folds: &mut [(Fold, Position)],
+    after: Position,
+    upto: Position,
+    on_step: &(dyn Fn(Step) + Sync),
+) -> Result<u64, sqlx::Error> {
+    let mut rows = range(after, upto).fetch(&mut *conn);
+    let mut read = 0u64;
+    while let Some(row) = rows.try_next().await? {
+        fold_one(folds, &envelope_of(&row)?, row.try_get(9)?);
+        read += 1;
+        if read.is_multiple_of(REPORT_EVERY) {
+            on_step(Step::Folded { events: read });
+        }
+    }
+    on_step(Step::Folded { events: read });
+    Ok(read)
+}
+
+/// Events handed from the reader to the fold at a time.
+const HANDOFF: usize = 2_000;
+
+/// `fold_store` for the bulk of a rebuild: a task of its own reads and parses
+/// the rows (on another worker thread) while this one decodes and folds them.
+async fn fold_store_pipelined(
+    pool: &PgPool,
+    folds: &mut [(Fold, Position)],
+    after: Position,
+    upto: Position,
+    on_step: &(dyn Fn(Step) + Sync),
+) -> Result<u64, sqlx::Error> {
+    let (sender, mut batches) = tokio::sync::mpsc::channel::<Vec<(EventEnvelope, String)>>(16);
+    let pool = pool.clone();
+    let reader = tokio::spawn(async move {
+        let mut conn = pool.acquire().await?;
+        let mut rows = range(after, upto).fetch(&mut *conn);
+        let mut batch = Vec::with_capacity(HANDOFF);
+        while let Some(row) = rows.try_next().await? {
+            batch.push((envelope_of(&row)?, row.try_get::<String, _>(9)?));
+            if batch.len() == HANDOFF
+                && sender
+                    .send(std::mem::replace(&mut batch, Vec::with_capacity(HANDOFF)))
+                    .await
+                    .is_err()
+            {
+                return Ok(()); // the fold stopped (it failed or was dropped)
+            }
+        }
+        let _ = sender.send(batch).await;
+        Ok::<(), sqlx::Error>(())
+    });
+    // Dropping this future (a cancelled rebuild) aborts the reader too.
+    let reader = tokio_util::task::AbortOnDropHandle::new(reader);
+    let mut read = 0u64;
+    while let Some(batch) = batches.recv().await {
+        for (envelope, data) in &batch {
+            fold_one(folds, envelope, data);
+            read += 1;
+            if read.is_multiple_of(REPORT_EVERY) {
+                on_step(Step::Folded { events: read });
+            }
+        }
+    }
+    reader
+        .await
+        .map_err(|e| sqlx::Error::Protocol(format!("the event reader stopped: {e}")))??;
+    on_step(Step::Folded { events: read });
+    Ok(read)
+}
+
+/// `write_next` on a pooled connection of its own.
+async fn write_next_on(
+    pool: &PgPool,
+    fold: &Fold,
+    on_step: &(dyn Fn(Step) + Sync),
+) -> Result<(), sqlx::Error> {
+    on_step(Step::Writing {
+        projection: fold.name(),
+    });
+    let mut conn = pool.acquire().await?;
+    write_next(&mut conn, fold).await
+}
+
+/// Create `<table>__next` for each table of the fold (dropping a leftover of an
+/// interrupted run), fill it, then give it the live table's indexes and
+/// constraints under `<name>__next` names.
+async fn write_next(conn: &mut PgConnection, fold: &Fold) -> Result<(), sqlx::Error> {
+    for table in tables::tables_of(fold.name()) {
+        let next = format!("{}{NEXT}", table.name);
+        sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS {next}")))
+            .execute(&mut *conn)
+            .await?;
+        // Columns, NOT NULL and defaults; indexes come after the bulk load (faster).
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE TABLE {next} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)",
+            table.name
+        )))
+        .execute(&mut *conn)
+        .await?;
+    }
+    tables::write_all(conn, fold, NEXT).await?;
+    for table in tables::tables_of(fold.name()) {
+        copy_indexes(conn, table).await?;
+        sqlx::query(AssertSqlSafe(format!("ANALYZE {}{NEXT}", table.name)))
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The live table's indexes, as (index name, constraint name if it backs one,
+/// constraint definition, index definition).
+async fn indexes_of(
+    conn: &mut PgConnection,
+    table: &str,
+) -> Result<Vec<(String, Option<String>, Option<String>, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT i.relname::text, c.conname::text, pg_get_constraintdef(c.oid),
+                pg_get_indexdef(x.indexrelid)
+         FROM pg_index x
+         JOIN pg_class i ON i.oid = x.indexrelid
+         LEFT JOIN pg_constraint c ON c.conindid = x.indexrelid AND c.conrelid = x.indrelid
+         WHERE x.indrelid = to_regclass($1)
+         ORDER BY i.relname",
+    )
+    .bind(table)
+    .fetch_all(&mut *conn)
+    .await
+}
+
+async fn copy_indexes(conn: &mut PgConnection, table: &Table) -> Result<(), sqlx::Error> {
+    let next = format!("{}{NEXT}", table.name);
+    for (index, constraint, constraint_def, index_def) in indexes_of(conn, table.name).await? {
+        let sql = match (constraint, constraint_def) {
+            // e.g. `PRIMARY KEY (id)`: the constraint makes its index, same name.
+            (Some(name), Some(def)) => {
+                format!("ALTER TABLE {next} ADD CONSTRAINT {name}{NEXT} {def}")
+            }
+            // `CREATE [UNIQUE] INDEX name ON public.table USING btree (…)`
+            _ => {
+                let (_, method_and_columns) = index_def
+                    .split_once(" USING ")
+                    .expect("pg_get_indexdef always names the access method");
+                let unique = if index_def.starts_with("CREATE UNIQUE") {
+                    "UNIQUE "
+                } else {
+                    ""
+                };
+                format!("CREATE {unique}INDEX {index}{NEXT} ON {next} USING {method_and_columns}")
+            }
+        };
+        sqlx::query(AssertSqlSafe(sql)).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Swap a projection's fresh tables in (see the module header). Returns its
+/// checkpoint afterwards and how many tail events were folded under the lock.
+async fn swap(
+    conn: &mut PgConnection,
+    fold: &mut Fold,
+    head: Position,
+) -> Result<(Position, u64), sqlx::Error> {
+    let name = fold.name();
+    let tables = tables::tables_of(name);
+    let mut tx = conn.begin().await?;
+    // Waiting for the worker's batch is fine; waiting forever on a stuck reader is not.
+    sqlx::query("SET LOCAL lock_timeout = '60s'")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO checkpoints (name) VALUES ($1) ON CONFLICT (name) DO NOTHING")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    // The checkpoint row first (the worker's batch takes it first too: no deadlock).
+    let live = checkpoint::lock(&mut tx, name).await?;
+    let names: Vec<&str> = tables.iter().map(|t| t.name).collect();
+    sqlx::query(AssertSqlSafe(format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        names.join(", ")
+    )))
+    .execute(&mut *tx)
+    .await?;
+    let mut tail = 0;
+    if live > head {
+        // The worker applied events past the rebuild's head: fold them in too.
+        let mut one = [(
+            std::mem::replace(fold, Fold::new(name).expect("known")),
+            live,
+        )];
+        tail = fold_store(&mut tx, &mut one, head, live, &|_| {}).await?;
+        let [(folded, _)] = one;
+        *fold = folded;
+        tables::write_changed(&mut tx, fold, NEXT).await?;
+    }
+    for table in tables {
+        let indexes = indexes_of(&mut tx, &format!("{}{NEXT}", table.name)).await?;
+        sqlx::query(AssertSqlSafe(format!("DROP TABLE {}", table.name)))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "ALTER TABLE {}{NEXT} RENAME TO {}",
+            table.name, table.name
+        )))
+        .execute(&mut *tx)
+        .await?;
+        for (index, constraint, ..) in indexes {
+            let live_name = index.trim_end_matches(NEXT);
+            let sql = match constraint {
+                // Renaming an index-backed constraint renames its index too.
+                Some(c) => format!(
+                    "ALTER TABLE {} RENAME CONSTRAINT {c} TO {}",
+                    table.name,
+                    c.trim_end_matches(NEXT)
+                ),
+                None => format!("ALTER INDEX {index} RENAME TO {live_name}"),
+            };
+            sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
+        }
+    }
+    let position = live.max(head);
+    if head > live {
+        // The rebuild is ahead of the worker: it resumes at its JetStream sequence
+        // and skips, by position, the events folded here.
+        checkpoint::save(&mut tx, name, head, 0, None).await?;
+    }
+    tx.commit().await?;
+    Ok((position, tail))
+}

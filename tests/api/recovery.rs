@@ -1,0 +1,680 @@
+//! Recovery (issue #5): read models rebuilt from the store while the service
+//! serves and consumes, `verify` finding drift, deterministic replays, the
+//! admin API's rebuilds, and backup → drop → restore with the scripts.
+
+use std::{collections::HashMap, path::PathBuf, process::Command, time::Duration};
+
+use ai_secretary::{recovery::verify_report, startup::Roles};
+use ai_secretary_projections::{fold, rebuild};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sqlx::{Connection, PgPool};
+
+use crate::{
+    helpers::{TestApp, problem, spawn_app_on, spawn_app_with},
+    support::TestDb,
+};
+
+const ADMIN: &str = "admin@example.com";
+
+fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_ai-secretary")
+}
+
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name)
+}
+
+/// An instance whose `ADMIN` user may use the admin API.
+async fn spawn_with_admin() -> TestApp {
+    spawn_app_with(&["--admin-emails", ADMIN]).await
+}
+
+/// `(transaction_id, global_position)` of the last event.
+async fn head(pool: &PgPool) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT transaction_id::text::int8, global_position FROM events
+         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+    .unwrap_or((0, 0))
+}
+
+/// Wait until every projection's checkpoint has reached the head of the store.
+async fn caught_up(pool: &PgPool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let head = head(pool).await;
+        let behind: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT name, transaction_id, global_position FROM checkpoints
+             WHERE name = ANY($1) AND (transaction_id, global_position) < ($2, $3)",
+        )
+        .bind(fold::NAMES.to_vec())
+        .bind(head.0)
+        .bind(head.1)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        let present: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM checkpoints WHERE name = ANY($1)")
+                .bind(fold::NAMES.to_vec())
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        if behind.is_empty() && present == fold::NAMES.len() as i64 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "projections did not reach {head:?}: {behind:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A user with two assistants, three conversations and a few messages each.
+async fn some_history(app: &TestApp, email: &str) -> (String, Vec<String>, Vec<String>) {
+    let token = app.signed_up(email).await;
+    let mut assistants = vec![];
+    let mut conversations = vec![];
+    for name in ["Mika", "Ren"] {
+        assistants.push(
+            app.assistant(&token, name).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    for (i, assistant) in [&assistants[0], &assistants[0], &assistants[1]]
+        .into_iter()
+        .enumerate()
+    {
+        let conversation = app.conversation(&token, &json!(assistant)).await;
+        let id = conversation["id"].as_str().unwrap().to_owned();
+        for n in 0..3 {
+            let posted = app
+                .post(
+                    &format!("/conversations/{id}/messages"),
+                    &token,
+                    json!({ "content": format!("message {n} in {i}") }),
+                )
+                .await;
+            assert_eq!(posted.status(), StatusCode::ACCEPTED);
+        }
+        conversations.push(id);
+    }
+    let renamed = app
+        .send(
+            Method::PATCH,
+            &format!("/api/v1/conversations/{}", conversations[2]),
+            Some(&token),
+            Some(json!({ "title": "renamed" })),
+        )
+        .await;
+    assert_eq!(renamed.status(), StatusCode::OK);
+    (token, assistants, conversations)
+}
+
+/// A checksum of every read-model table, rows in key order.
+async fn checksum(pool: &PgPool) -> String {
+    let mut all = String::new();
+    for name in fold::NAMES {
+        for table in ai_secretary_projections::tables::tables_of(name) {
+            let sum: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT md5(string_agg(to_jsonb(t)::text, ',' ORDER BY {}))
+                 FROM {} t",
+                table.key.join(", "),
+                table.name
+            )))
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            all.push_str(&format!("{}={} ", table.name, sum.unwrap_or_default()));
+        }
+    }
+    all
+}
+
+async fn rebuild_all(pool: &PgPool) -> rebuild::Rebuilt {
+    rebuild::rebuild(pool, &fold::NAMES, None, &|_| {})
+        .await
+        .expect("the rebuild succeeds")
+}
+
+async fn get_json(app: &TestApp, path: &str, token: &str) -> (StatusCode, Value) {
+    let response = app
+        .send(Method::GET, &format!("/api/v1{path}"), Some(token), None)
+        .await;
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it() {
+    let app = spawn_with_admin().await;
+    let (token, assistants, _) = some_history(&app, "drift@example.com").await;
+    caught_up(&app.db.pool).await;
+    let (report, clean) = verify_report(&app.db.pool, &[]).await.unwrap();
+    assert!(clean, "{report}");
+
+    // Corrupt one column of one row, and lose one message.
+    sqlx::query("UPDATE assistants SET name = 'corrupted', message_count = 99 WHERE id = $1::uuid")
+        .bind(&assistants[0])
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM messages WHERE id = (SELECT id FROM messages ORDER BY id LIMIT 1)")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+
+    // The binary, as cron or CI runs it: exit 1 and a readable diff.
+    let output = Command::new(binary())
+        .args(["--database-url", &app.db.url, "verify"])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{printed}");
+    assert!(
+        printed.contains(&format!(
+            "assistants [id=\"{}\"] name: live \"corrupted\" ≠ expected \"Mika\"",
+            assistants[0]
+        )),
+        "{printed}"
+    );
+    assert!(printed.contains("message_count: live 99"), "{printed}");
+    assert!(printed.contains("messages [id="), "{printed}");
+    assert!(printed.contains("(row): live (no row)"), "{printed}");
+    assert!(
+        printed.contains("ok    conversations/conversations"),
+        "{printed}"
+    );
+    // Only the named projection is checked when one is named.
+    let output = Command::new(binary())
+        .args(["--database-url", &app.db.url, "verify", "conversations"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+
+    // A replay of the two projections repairs them; verify is clean again.
+    let output = Command::new(binary())
+        .args([
+            "--database-url",
+            &app.db.url,
+            "--redis-key-prefix",
+            &app.names.redis_prefix,
+            "replay",
+            "assistants",
+        ])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{printed}");
+    assert!(printed.contains("assistants: swapped in at"), "{printed}");
+    rebuild::rebuild(&app.db.pool, &["messages"], None, &|_| {})
+        .await
+        .unwrap();
+    let (report, clean) = verify_report(&app.db.pool, &[]).await.unwrap();
+    assert!(clean, "{report}");
+    let (status, assistant) =
+        get_json(&app, &format!("/assistants/{}", assistants[0]), &token).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(assistant["name"], "Mika");
+    assert_eq!(assistant["message_count"], 12, "{assistant}");
+}
+
+#[tokio::test]
+async fn a_replay_is_deterministic_and_cleans_up_an_interrupted_one() {
+    let app = spawn_with_admin().await;
+    some_history(&app, "twice@example.com").await;
+    caught_up(&app.db.pool).await;
+    let incremental = checksum(&app.db.pool).await;
+
+    // What an interrupted run leaves behind: a half-filled fresh table.
+    sqlx::query("CREATE TABLE assistants__next (LIKE assistants)")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO assistants__next SELECT * FROM assistants LIMIT 1")
+        .execute(&app.db.pool)
+        .await
+        .unwrap();
+
+    let first = rebuild_all(&app.db.pool).await;
+    let once = checksum(&app.db.pool).await;
+    let second = rebuild_all(&app.db.pool).await;
+    let twice = checksum(&app.db.pool).await;
+    assert_eq!(first.head, second.head, "no traffic in between");
+    assert_eq!(once, twice, "two replays differ");
+    assert_eq!(
+        once, incremental,
+        "a replay differs from the incremental path"
+    );
+    let leftovers: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_class WHERE relname LIKE '%\\_\\_next%'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(leftovers, 0, "fresh tables or indexes left behind");
+    let (report, clean) = verify_report(&app.db.pool, &[]).await.unwrap();
+    assert!(clean, "{report}");
+}
+
+#[tokio::test]
+async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
+    let app = spawn_with_admin().await;
+    let admin = app.signed_up(ADMIN).await;
+    let (token, assistants, conversations) = some_history(&app, "live@example.com").await;
+    caught_up(&app.db.pool).await;
+
+    // Non-admins get 403 on the admin API; unknown projections 404.
+    let other = app.signed_up("someone@example.com").await;
+    for (method, path) in [
+        (Method::GET, "/api/v1/admin/projections"),
+        (Method::POST, "/api/v1/admin/projections/assistants/rebuild"),
+    ] {
+        problem(
+            app.send(method, path, Some(&other), None).await,
+            StatusCode::FORBIDDEN,
+        )
+        .await;
+    }
+    problem(
+        app.send(
+            Method::POST,
+            "/api/v1/admin/projections/nope/rebuild",
+            Some(&admin),
+            None,
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+
+    // Writers keep posting while readers check that counts never go backwards
+    // and every assistant is always there.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let (client, base, token, conversations, stop) = (
+            app.client.clone(),
+            app.url("/api/v1"),
+            token.clone(),
+            conversations.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let mut posted = 0;
+            while !stop.is_cancelled() {
+                let c = &conversations[posted % conversations.len()];
+                let response = client
+                    .post(format!("{base}/conversations/{c}/messages"))
+                    .bearer_auth(&token)
+                    .json(&json!({ "content": format!("live {posted}") }))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), StatusCode::ACCEPTED);
+                posted += 1;
+            }
+            posted
+        })
+    };
+    let reader = {
+        let (client, base, token, stop) = (
+            app.client.clone(),
+            app.url("/api/v1"),
+            token.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            let mut seen: HashMap<String, (i64, i64)> = HashMap::new();
+            let mut reads = 0;
+            while !stop.is_cancelled() {
+                let response = client
+                    .get(format!("{base}/assistants"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    response.status(),
+                    StatusCode::OK,
+                    "a query failed mid-rebuild"
+                );
+                let list: Value = response.json().await.unwrap();
+                let data = list["data"].as_array().unwrap();
+                assert_eq!(data.len(), 2, "assistants missing: {list}");
+                for a in data {
+                    let counts = (
+                        a["conversation_count"].as_i64().unwrap(),
+                        a["message_count"].as_i64().unwrap(),
+                    );
+                    let id = a["id"].as_str().unwrap().to_owned();
+                    let before = seen.insert(id, counts).unwrap_or((0, 0));
+                    assert!(
+                        counts.0 >= before.0 && counts.1 >= before.1 && counts.0 > 0,
+                        "counts went from {before:?} to {counts:?}: a half-built model was served"
+                    );
+                }
+                reads += 1;
+            }
+            reads
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A rebuild through the API: 202 with a status URL, shown in progress.
+    let started = app
+        .send(
+            Method::POST,
+            "/api/v1/admin/projections/assistants/rebuild",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(started.status(), StatusCode::ACCEPTED);
+    let location = started.headers()["location"].to_str().unwrap().to_owned();
+    let body: Value = started.json().await.unwrap();
+    assert_eq!(body["status_url"], location.as_str());
+    assert_eq!(body["projection"], "assistants");
+    let listed: Value = app
+        .send(Method::GET, "/api/v1/admin/projections", Some(&admin), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let entry = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "assistants")
+        .unwrap();
+    assert_eq!(entry["rebuild"]["id"], body["id"], "{listed}");
+    // And every projection from the command line at the same time as the traffic.
+    let cli = rebuild::rebuild(
+        &app.db.pool,
+        &["conversations", "messages", "usage_daily", "cache"],
+        None,
+        &|_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(cli.swapped.len(), 4);
+    let finished = {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let status: Value = app
+                .send(Method::GET, &location, Some(&admin), None)
+                .await
+                .json()
+                .await
+                .unwrap();
+            if status["state"] != "running" {
+                break status;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{status}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert_eq!(finished["state"], "succeeded", "{finished}");
+    assert!(finished["events"].as_i64().unwrap() > 0, "{finished}");
+    // Another, over the same stretch of traffic.
+    let again = app
+        .send(
+            Method::POST,
+            "/api/v1/admin/projections/assistants/rebuild",
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(again.status(), StatusCode::ACCEPTED);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    stop.cancel();
+    let posted = writer.await.unwrap();
+    let reads = reader.await.unwrap();
+    assert!(posted > 5 && reads > 5, "posted {posted}, read {reads}");
+
+    // A rebuild of the same projection while one runs: 409.
+    let mut holder = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(hashtext('ai_secretary.rebuild.messages'))")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    problem(
+        app.send(
+            Method::POST,
+            "/api/v1/admin/projections/messages/rebuild",
+            Some(&admin),
+            None,
+        )
+        .await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    drop(holder);
+
+    // The live workers kept applying on the swapped-in tables (their prepared
+    // statements were re-planned): a new message is counted, then all is clean.
+    let posted = app
+        .post(
+            &format!("/conversations/{}/messages", conversations[0]),
+            &token,
+            json!({ "content": "after the swap" }),
+        )
+        .await;
+    let at = posted.headers()["x-consistency-token"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let conversation: Value = app
+        .client
+        .get(app.url(&format!("/api/v1/conversations/{}", conversations[0])))
+        .bearer_auth(&token)
+        .header("x-consistency-token", at)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let messages: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE stream_id = $1::uuid AND event_type IN ('MessagePosted', 'ReplyRequested')",
+    )
+    .bind(&conversations[0])
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(conversation["message_count"], messages);
+    caught_up(&app.db.pool).await;
+    let (report, clean) = verify_report(&app.db.pool, &[]).await.unwrap();
+    assert!(clean, "{report}");
+    let (_, assistant) = get_json(&app, &format!("/assistants/{}", assistants[0]), &token).await;
+    assert!(
+        assistant["message_count"].as_i64().unwrap() > 12,
+        "{assistant}"
+    );
+}
+
+#[tokio::test]
+async fn backup_then_drop_then_restore_serves_the_same_data_and_verifies_clean() {
+    let app = spawn_with_admin().await;
+    let (token, assistants, conversations) = some_history(&app, "backup@example.com").await;
+    caught_up(&app.db.pool).await;
+    let before = checksum(&app.db.pool).await;
+    let backups = tempdir("backups");
+
+    let output = Command::new(script("backup.sh"))
+        .env("DATABASE_URL", &app.db.url)
+        .env("BACKUP_DIR", &backups)
+        .env_remove("S3_BUCKET")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(printed.contains("verified"), "{printed}");
+    let file = std::fs::read_dir(&backups)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "dump"))
+        .expect("a .dump file");
+
+    // The database is lost.
+    let (mut db, names) = app.crash();
+    let url = db.url.clone();
+    db.pool.close().await;
+    // The restored database gets a TestDb of its own (which drops it at the end).
+    let name = std::mem::take(&mut db.name);
+    let mut admin =
+        sqlx::PgConnection::connect(&format!("{}/postgres", crate::support::server_url()))
+            .await
+            .unwrap();
+    for sql in [
+        format!("DROP DATABASE \"{name}\" WITH (FORCE)"),
+        format!("CREATE DATABASE \"{name}\""),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+    }
+
+    let output = Command::new(script("restore.sh"))
+        .arg(&file)
+        .env("DATABASE_URL", &url)
+        .env("AI_SECRETARY_BIN", binary())
+        .env("REDIS_KEY_PREFIX", &names.redis_prefix)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(printed.contains("verify: no drift"), "{printed}");
+
+    // The restored data is served by the API.
+    let pool = PgPool::connect(&url).await.unwrap();
+    assert_eq!(checksum(&pool).await, before);
+    let db = TestDb {
+        name,
+        url: url.clone(),
+        pool,
+    };
+    let restored = spawn_app_on(db, names, &["--admin-emails", ADMIN], Roles::all()).await;
+    let (status, assistant) =
+        get_json(&restored, &format!("/assistants/{}", assistants[0]), &token).await;
+    assert_eq!(status, StatusCode::OK, "{assistant}");
+    assert_eq!(assistant["conversation_count"], 2);
+    let (status, messages) = get_json(
+        &restored,
+        &format!("/conversations/{}/messages", conversations[0]),
+        &token,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(messages["data"].as_array().unwrap().len(), 6, "{messages}");
+    // And keeps working on it.
+    let posted = restored
+        .post(
+            &format!("/conversations/{}/messages", conversations[0]),
+            &token,
+            json!({ "content": "after the restore" }),
+        )
+        .await;
+    assert_eq!(posted.status(), StatusCode::ACCEPTED);
+    caught_up(&restored.db.pool).await;
+    let (report, clean) = verify_report(&restored.db.pool, &[]).await.unwrap();
+    assert!(clean, "{report}");
+    let _ = std::fs::remove_dir_all(&backups);
+}
+
+#[tokio::test]
+async fn the_health_scripts_report_up_and_down_and_log_recovery_attempts() {
+    let app = spawn_with_admin().await;
+    // Ready once its background connections are up (degraded until then).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let up =
+            output(Command::new(script("health-check.sh")).env("BASE_URL", &app.address)).await;
+        if up.status.success() {
+            break;
+        }
+        let printed = String::from_utf8_lossy(&up.stdout);
+        assert!(tokio::time::Instant::now() < deadline, "{printed}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Nothing listens there: down, and a restart that does not help is logged.
+    let dead = "http://127.0.0.1:9";
+    let down = output(Command::new(script("health-check.sh")).env("BASE_URL", dead)).await;
+    assert!(!down.status.success());
+    let logs = tempdir("recovery-log");
+    let log = logs.join("auto-recovery.log");
+    let marker = logs.join("restarted");
+    let recovery = output(
+        Command::new(script("auto-recovery.sh"))
+            .env("BASE_URL", dead)
+            .env("RESTART_COMMAND", format!("touch {}", marker.display()))
+            .env("RECOVERY_WAIT_SECONDS", "1")
+            .env("LOG_FILE", &log),
+    )
+    .await;
+    assert!(!recovery.status.success());
+    assert!(marker.exists(), "the restart command ran");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("still down"), "{logged}");
+
+    // Healthy: nothing is restarted.
+    std::fs::remove_file(&marker).unwrap();
+    let fine = output(
+        Command::new(script("auto-recovery.sh"))
+            .env("BASE_URL", &app.address)
+            .env("RESTART_COMMAND", format!("touch {}", marker.display()))
+            .env("LOG_FILE", &log),
+    )
+    .await;
+    assert!(fine.status.success());
+    assert!(!marker.exists());
+    let _ = std::fs::remove_dir_all(&logs);
+    // Every script explains itself.
+    for name in [
+        "backup.sh",
+        "restore.sh",
+        "health-check.sh",
+        "auto-recovery.sh",
+    ] {
+        let help = output(Command::new(script(name)).arg("--help")).await;
+        assert!(help.status.success(), "{name} --help");
+        assert!(
+            String::from_utf8_lossy(&help.stdout).contains("Usage"),
+            "{name}"
+        );
+    }
+}
+
+/// Run a command off the test's runtime, so the service on it keeps answering.
+async fn output(command: &mut Command) -> std::process::Output {
+    let mut command = std::mem::replace(command, Command::new("true"));
+    tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn tempdir(kind: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "ai-secretary-{kind}-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
