@@ -68,12 +68,10 @@ ssl/cert.pem:
 	chmod 600 ssl/key.pem
 
 backup: ## a database backup into ./backups (scripts/backup.sh)
-	@if [[ -x scripts/backup.sh ]]; then scripts/backup.sh; \
-	else echo "scripts/backup.sh is not here yet (it comes with the recovery work)" >&2; exit 1; fi
+	scripts/backup.sh
 
 restore: ## restore a backup: make restore FILE=backups/...
-	@if [[ -x scripts/restore.sh ]]; then scripts/restore.sh "$(FILE)"; \
-	else echo "scripts/restore.sh is not here yet (it comes with the recovery work)" >&2; exit 1; fi
+	scripts/restore.sh "$(FILE)"
 
 deploy: ## blue-green deploy: make deploy VERSION=1.4.0 [DRY_RUN=1]
 	scripts/deploy.sh $(if $(DRY_RUN),--dry-run) "$(VERSION)"
