@@ -109,11 +109,18 @@ async fn run(url: &str, events: i64) -> Result<()> {
     pool.execute("CHECKPOINT").await?;
     let started = Instant::now();
     let rebuilt = rebuild::rebuild(&pool, &fold::NAMES, None, &|step| {
-        if let rebuild::Step::Writing { projection } = step {
-            eprintln!(
-                "  {:>6.1} s: writing {projection}",
-                started.elapsed().as_secs_f64()
-            );
+        let at = started.elapsed().as_secs_f64();
+        match step {
+            rebuild::Step::Started { events, .. } => {
+                eprintln!("  {at:>6.1} s: reading {events} events");
+            }
+            rebuild::Step::Folded { events } if events % 250_000 == 0 => {
+                eprintln!("  {at:>6.1} s: {events} folded");
+            }
+            rebuild::Step::Writing { projection } => {
+                eprintln!("  {at:>6.1} s: writing {projection}");
+            }
+            _ => {}
         }
     })
     .await?;

@@ -50,7 +50,8 @@ pub enum RebuildError {
 /// What a rebuild reports as it goes (for a progress bar, logs or a status row).
 #[derive(Debug, Clone)]
 pub enum Step {
-    /// The head it folds up to, and how many events lie below it.
+    /// The head it folds up to, and about how many events lie below it (an
+    /// estimate from the head's `global_position`; `Rebuilt::events` is exact).
     Started { head: Position, events: u64 },
     /// Events folded so far.
     Folded { events: u64 },
@@ -123,16 +124,12 @@ pub async fn rebuild(
 
     let mut conn = pool.acquire().await?;
     let head = head(&mut conn).await?;
-    let total: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM events WHERE (transaction_id, global_position) <= ($1::int8::text::xid8, $2)",
-    )
-    .bind(head.transaction_id)
-    .bind(head.global_position)
-    .fetch_one(&mut *conn)
-    .await?;
+    // For the progress bar, the identity of the head estimates the events below
+    // it (exact but for the numbers of rolled-back appends): counting them would
+    // cost a scan of the whole log, as long as a fifth of the rebuild.
     on_step(Step::Started {
         head,
-        events: total as u64,
+        events: head.global_position.max(0) as u64,
     });
     let mut limited: Vec<(Fold, Position)> = folds.into_iter().map(|f| (f, head)).collect();
     let events =
@@ -206,6 +203,19 @@ const RANGE: &str = "SELECT event_id, stream_id, stream_type, version, event_typ
    AND (transaction_id, global_position) <= ($3::int8::text::xid8, $4)
  ORDER BY transaction_id, global_position";
 
+/// Plan the range read with its actual bounds, for the rest of the transaction.
+/// The service's pools force generic plans (the append path gains from them),
+/// and the generic plan of this query sorts the whole range before its first row
+/// (a bitmap scan, then a sort): measured on 1M events, 2.5 s before anything
+/// came out. With the bounds known, Postgres walks the commit-order index and
+/// rows stream at once. `SET LOCAL` needs a transaction; it ends with it.
+async fn plan_range_with_its_bounds(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 fn range(
     after: Position,
     upto: Position,
@@ -241,7 +251,8 @@ fn fold_one(folds: &mut [(Fold, Position)], envelope: &EventEnvelope, data: &str
 }
 
 /// Fold the events in `(after, upto]`, in commit order, into each fold up to its
-/// own limit, streaming them from one query on `conn`. Returns how many were read.
+/// own limit, streaming them from one query on `conn` (inside a transaction).
+/// Returns how many were read.
 pub async fn fold_store(
     conn: &mut PgConnection,
     folds: &mut [(Fold, Position)],
@@ -249,6 +260,7 @@ pub async fn fold_store(
     upto: Position,
     on_step: &(dyn Fn(Step) + Sync),
 ) -> Result<u64, sqlx::Error> {
+    plan_range_with_its_bounds(&mut *conn).await?;
     let mut rows = range(after, upto).fetch(&mut *conn);
     let mut read = 0u64;
     while let Some(row) = rows.try_next().await? {
@@ -277,7 +289,8 @@ async fn fold_store_pipelined(
     let (sender, mut batches) = tokio::sync::mpsc::channel::<Vec<(EventEnvelope, String)>>(16);
     let pool = pool.clone();
     let reader = tokio::spawn(async move {
-        let mut conn = pool.acquire().await?;
+        let mut conn = pool.begin().await?;
+        plan_range_with_its_bounds(&mut conn).await?;
         let mut rows = range(after, upto).fetch(&mut *conn);
         let mut batch = Vec::with_capacity(HANDOFF);
         while let Some(row) = rows.try_next().await? {
