@@ -240,6 +240,13 @@ async fn logs_are_json_with_correlation_and_user_and_no_secrets() {
         .port();
     let jwt_secret = format!("jwt-secret-{}", uuid::Uuid::new_v4().simple());
     let encryption_key = "5a".repeat(32);
+    let gemini_key = format!("gemini-key-{}", uuid::Uuid::new_v4().simple());
+    // Gemini on a port where nothing listens: the replier fails, and logs it.
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     // stdout to a file: a pipe nobody reads until the end could fill and block it.
     let console = tempfile::NamedTempFile::new().unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_ai-secretary"))
@@ -252,6 +259,11 @@ async fn logs_are_json_with_correlation_and_user_and_no_secrets() {
         .env("REDIS_KEY_PREFIX", &names.redis_prefix)
         .env("JWT_SECRET_KEY", &jwt_secret)
         .env("ENCRYPTION_KEY", &encryption_key)
+        .env("LLM_PROVIDER", "gemini")
+        .env("GEMINI_API_KEY", &gemini_key)
+        .env("GEMINI_BASE_URL", format!("http://127.0.0.1:{closed_port}"))
+        .env("LLM_MAX_ATTEMPTS", "2")
+        .env("LLM_BACKOFF_MS", "10")
         .env("LOG_FORMAT", "json")
         .env("LOG_DIR", logs.path())
         // Debug for our crates and the HTTP layer: more lines that could leak.
@@ -341,8 +353,32 @@ async fn logs_are_json_with_correlation_and_user_and_no_secrets() {
         .await
         .unwrap();
     assert_eq!(posted.status(), StatusCode::ACCEPTED);
-    // Let the relay and projections handle it (they log at debug too).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The relay, projections and replier handle it (logging at debug too) until
+    // the reply has failed against the unreachable Gemini.
+    let messages = format!(
+        "{base}/api/v1/conversations/{}/messages",
+        conversation["id"].as_str().unwrap()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed: serde_json::Value = client
+            .get(&messages)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if listed["data"][1]["status"] == "failed" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reply did not fail: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // SIGTERM: a graceful stop flushes the file writer.
     let mut child = running.0.take().unwrap();
@@ -384,6 +420,11 @@ async fn logs_are_json_with_correlation_and_user_and_no_secrets() {
             request_line.contains(&format!(r#""user_id":"{user_id}""#)),
             "{origin}: the request's line lacks the user id: {request_line}"
         );
+        assert!(
+            text.lines()
+                .any(|l| l.contains("reply failed") && l.contains("transport")),
+            "{origin}: the replier's failure is not logged"
+        );
         for (what, secret) in [
             ("the password", password.as_str()),
             ("the message content", content.as_str()),
@@ -391,6 +432,7 @@ async fn logs_are_json_with_correlation_and_user_and_no_secrets() {
             ("the access token", token.as_str()),
             ("JWT_SECRET_KEY", jwt_secret.as_str()),
             ("ENCRYPTION_KEY", encryption_key.as_str()),
+            ("GEMINI_API_KEY", gemini_key.as_str()),
         ] {
             assert!(!text.contains(secret), "{origin} contains {what}");
         }
