@@ -1,6 +1,7 @@
 //! Projection `assistants`: each assistant with its settings and its activity
 //! (conversations, messages, last activity), for `GET /assistants`.
 
+use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use crate::{
@@ -9,6 +10,18 @@ use crate::{
 };
 
 pub struct Assistants;
+
+/// What a conversation event adds to its assistant: messages counted (user
+/// messages and requested replies) and the time of the activity. The rule both
+/// the live projection and the rebuild's fold (`fold.rs`) apply.
+pub(crate) fn activity(event: &Event) -> Option<(i64, DateTime<Utc>)> {
+    Some(match event {
+        Event::MessagePosted(m) => (1, m.posted_at),
+        Event::ReplyRequested(r) => (1, r.requested_at),
+        Event::ReplyCompleted(r) => (0, r.completed_at),
+        _ => return None,
+    })
+}
 
 #[async_trait::async_trait]
 impl Projection for Assistants {
@@ -112,12 +125,9 @@ impl Projection for Assistants {
                 .execute(&mut *tx)
                 .await?;
             }
-            Event::MessagePosted(_) | Event::ReplyRequested(_) | Event::ReplyCompleted(_) => {
-                let (counted, at) = match event {
-                    Event::MessagePosted(m) => (1, m.posted_at),
-                    Event::ReplyRequested(r) => (1, r.requested_at),
-                    Event::ReplyCompleted(r) => (0, r.completed_at),
-                    _ => unreachable!("matched above"),
+            _ => {
+                let Some((counted, at)) = activity(event) else {
+                    return Ok(());
                 };
                 sqlx::query(
                     "UPDATE assistants a SET message_count = a.message_count + $2,
@@ -126,14 +136,13 @@ impl Projection for Assistants {
                      WHERE c.conversation_id = $1 AND a.id = c.assistant_id",
                 )
                 .bind(e.stream_id)
-                .bind(counted as i64)
+                .bind(counted)
                 .bind(at)
                 .bind(stx)
                 .bind(sgp)
                 .execute(&mut *tx)
                 .await?;
             }
-            _ => {}
         }
         Ok(())
     }

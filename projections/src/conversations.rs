@@ -1,6 +1,7 @@
 //! Projection `conversations`: title, status, message count, last message and
 //! token totals of each conversation, for `GET /conversations`.
 
+use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
 use crate::{
@@ -9,6 +10,49 @@ use crate::{
 };
 
 pub struct Conversations;
+
+/// What an event after the start changes in its conversation's row: the one
+/// rule that both the live projection and the rebuild's fold (`fold.rs`) apply.
+pub(crate) struct Change<'e> {
+    pub title: Option<&'e str>,
+    pub status: Option<&'static str>,
+    /// Messages added (user messages and requested replies).
+    pub counted: i64,
+    pub last_message_at: Option<DateTime<Utc>>,
+    pub usage: Usage,
+    pub at: DateTime<Utc>,
+}
+
+/// The change `event` makes, or `None` for one that changes nothing here.
+pub(crate) fn change(event: &Event) -> Option<Change<'_>> {
+    let change = |counted, last_message_at, at| Change {
+        title: None,
+        status: None,
+        counted,
+        last_message_at,
+        usage: Usage::default(),
+        at,
+    };
+    Some(match event {
+        Event::ConversationRenamed(r) => Change {
+            title: Some(&r.title),
+            ..change(0, None, r.renamed_at)
+        },
+        Event::ConversationArchived { at } => Change {
+            status: Some("archived"),
+            ..change(0, None, *at)
+        },
+        Event::MessagePosted(m) => change(1, Some(m.posted_at), m.posted_at),
+        Event::ReplyRequested(r) => change(1, None, r.requested_at),
+        Event::ReplyStarted(r) => change(0, None, r.started_at),
+        Event::ReplyCompleted(r) => Change {
+            usage: r.usage,
+            ..change(0, Some(r.completed_at), r.completed_at)
+        },
+        Event::ReplyFailed(f) => change(0, None, f.failed_at),
+        _ => return None,
+    })
+}
 
 #[async_trait::async_trait]
 impl Projection for Conversations {
@@ -42,24 +86,17 @@ impl Projection for Conversations {
             return Ok(());
         }
         // Every other conversation event changes some of these; NULL keeps a value.
-        let (title, status, counted, last_message_at, usage, at) = match event {
-            Event::ConversationRenamed(r) => (Some(&r.title), None, 0, None, None, r.renamed_at),
-            Event::ConversationArchived { at } => (None, Some("archived"), 0, None, None, *at),
-            Event::MessagePosted(m) => (None, None, 1, Some(m.posted_at), None, m.posted_at),
-            Event::ReplyRequested(r) => (None, None, 1, None, None, r.requested_at),
-            Event::ReplyCompleted(r) => (
-                None,
-                None,
-                0,
-                Some(r.completed_at),
-                Some(r.usage),
-                r.completed_at,
-            ),
-            Event::ReplyStarted(r) => (None, None, 0, None, None, r.started_at),
-            Event::ReplyFailed(f) => (None, None, 0, None, None, f.failed_at),
-            _ => return Ok(()),
+        let Some(Change {
+            title,
+            status,
+            counted,
+            last_message_at,
+            usage,
+            at,
+        }) = change(event)
+        else {
+            return Ok(());
         };
-        let usage = usage.unwrap_or(Usage::default());
         sqlx::query(
             "UPDATE conversations SET
                  title = COALESCE($2, title), status = COALESCE($3, status),
@@ -73,7 +110,7 @@ impl Projection for Conversations {
         .bind(e.stream_id)
         .bind(title)
         .bind(status)
-        .bind(counted as i64)
+        .bind(counted)
         .bind(last_message_at)
         .bind(usage.prompt_tokens)
         .bind(usage.completion_tokens)

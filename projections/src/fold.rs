@@ -17,7 +17,11 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::envelope::{Event, EventEnvelope, Position, Usage};
+use crate::{
+    assistants, conversations,
+    envelope::{Event, EventEnvelope, Position},
+    messages,
+};
 
 /// Rows by key, remembering (once `track_changes` is on) which keys changed, so
 /// the small tail folded after a bulk write is written row by row.
@@ -210,12 +214,9 @@ impl AssistantsFold {
                     (row.last_tx, row.last_gp) = (last_tx, last_gp);
                 }
             }
-            Event::MessagePosted(_) | Event::ReplyRequested(_) | Event::ReplyCompleted(_) => {
-                let (counted, at) = match event {
-                    Event::MessagePosted(m) => (1, m.posted_at),
-                    Event::ReplyRequested(r) => (1, r.requested_at),
-                    Event::ReplyCompleted(r) => (0, r.completed_at),
-                    _ => unreachable!("matched above"),
+            _ => {
+                let Some((counted, at)) = assistants::activity(event) else {
+                    return;
                 };
                 let Some(assistant) = self.conversations.get(&e.stream_id).copied() else {
                     return;
@@ -226,7 +227,6 @@ impl AssistantsFold {
                     (row.last_tx, row.last_gp) = (last_tx, last_gp);
                 }
             }
-            _ => {}
         }
     }
 }
@@ -280,27 +280,20 @@ impl ConversationsFold {
                 });
             return;
         }
-        let (title, status, counted, last_message_at, usage, at) = match event {
-            Event::ConversationRenamed(r) => (Some(&r.title), None, 0, None, None, r.renamed_at),
-            Event::ConversationArchived { at } => (None, Some("archived"), 0, None, None, *at),
-            Event::MessagePosted(m) => (None, None, 1, Some(m.posted_at), None, m.posted_at),
-            Event::ReplyRequested(r) => (None, None, 1, None, None, r.requested_at),
-            Event::ReplyCompleted(r) => (
-                None,
-                None,
-                0,
-                Some(r.completed_at),
-                Some(r.usage),
-                r.completed_at,
-            ),
-            Event::ReplyStarted(r) => (None, None, 0, None, None, r.started_at),
-            Event::ReplyFailed(f) => (None, None, 0, None, None, f.failed_at),
-            _ => return,
+        let Some(conversations::Change {
+            title,
+            status,
+            counted,
+            last_message_at,
+            usage,
+            at,
+        }) = conversations::change(event)
+        else {
+            return;
         };
-        let usage = usage.unwrap_or(Usage::default());
         if let Some(row) = self.conversations.get_mut(&e.stream_id) {
             if let Some(title) = title {
-                row.title.clone_from(title);
+                title.clone_into(&mut row.title);
             }
             if let Some(status) = status {
                 row.status = status.into();
@@ -353,47 +346,6 @@ impl MessagesFold {
                 self.conversations
                     .insert_if_absent(e.stream_id, || c.owner_id);
             }
-            Event::MessagePosted(_) | Event::ReplyRequested(_) => {
-                let (id, role, content, status, reply_to, at) = match event {
-                    Event::MessagePosted(m) => (
-                        m.message_id,
-                        "user",
-                        Some(&m.content),
-                        "completed",
-                        None,
-                        m.posted_at,
-                    ),
-                    Event::ReplyRequested(r) => (
-                        r.reply_id,
-                        "assistant",
-                        None,
-                        "queued",
-                        Some(r.reply_to),
-                        r.requested_at,
-                    ),
-                    _ => unreachable!("matched above"),
-                };
-                let Some(owner_id) = self.conversations.get(&e.stream_id).copied() else {
-                    return;
-                };
-                self.messages.insert_if_absent(id, || MessageRow {
-                    conversation_id: e.stream_id,
-                    owner_id,
-                    seq: e.version,
-                    role,
-                    content: content.cloned(),
-                    status,
-                    reply_to,
-                    model: None,
-                    finish_reason: None,
-                    prompt_tokens: None,
-                    completion_tokens: None,
-                    total_tokens: None,
-                    error: None,
-                    created_at: at,
-                    updated_at: at,
-                });
-            }
             Event::ReplyStarted(r) => {
                 // As the live projection: only a reply still waiting moves.
                 if let Some(row) = self.messages.get_mut(&r.reply_id)
@@ -422,7 +374,39 @@ impl MessagesFold {
                     row.updated_at = f.failed_at;
                 }
             }
-            _ => {}
+            _ => {
+                let Some(messages::NewMessage {
+                    id,
+                    role,
+                    content,
+                    status,
+                    reply_to,
+                    at,
+                }) = messages::new_message(event)
+                else {
+                    return;
+                };
+                let Some(owner_id) = self.conversations.get(&e.stream_id).copied() else {
+                    return;
+                };
+                self.messages.insert_if_absent(id, || MessageRow {
+                    conversation_id: e.stream_id,
+                    owner_id,
+                    seq: e.version,
+                    role,
+                    content: content.cloned(),
+                    status,
+                    reply_to,
+                    model: None,
+                    finish_reason: None,
+                    prompt_tokens: None,
+                    completion_tokens: None,
+                    total_tokens: None,
+                    error: None,
+                    created_at: at,
+                    updated_at: at,
+                });
+            }
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Projection `messages`: a conversation's user messages and replies in order,
 //! each reply listed as soon as it is requested and updated as it ends.
 
+use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
+use uuid::Uuid;
 
 use crate::{
     envelope::{Event, EventEnvelope},
@@ -9,6 +11,41 @@ use crate::{
 };
 
 pub struct Messages;
+
+/// A message an event adds to its conversation's list: the rule both the live
+/// projection and the rebuild's fold (`fold.rs`) apply.
+pub(crate) struct NewMessage<'e> {
+    pub id: Uuid,
+    pub role: &'static str,
+    pub content: Option<&'e String>,
+    pub status: &'static str,
+    pub reply_to: Option<Uuid>,
+    pub at: DateTime<Utc>,
+}
+
+/// The user message a `MessagePosted` adds, or the queued reply a
+/// `ReplyRequested` adds; `None` for any other event.
+pub(crate) fn new_message(event: &Event) -> Option<NewMessage<'_>> {
+    Some(match event {
+        Event::MessagePosted(m) => NewMessage {
+            id: m.message_id,
+            role: "user",
+            content: Some(&m.content),
+            status: "completed",
+            reply_to: None,
+            at: m.posted_at,
+        },
+        Event::ReplyRequested(r) => NewMessage {
+            id: r.reply_id,
+            role: "assistant",
+            content: None,
+            status: "queued",
+            reply_to: Some(r.reply_to),
+            at: r.requested_at,
+        },
+        _ => return None,
+    })
+}
 
 #[async_trait::async_trait]
 impl Projection for Messages {
@@ -30,45 +67,6 @@ impl Projection for Messages {
                 )
                 .bind(e.stream_id)
                 .bind(c.owner_id)
-                .execute(&mut *tx)
-                .await?;
-            }
-            Event::MessagePosted(_) | Event::ReplyRequested(_) => {
-                let (id, role, content, status, reply_to, at) = match event {
-                    Event::MessagePosted(m) => (
-                        m.message_id,
-                        "user",
-                        Some(&m.content),
-                        "completed",
-                        None,
-                        m.posted_at,
-                    ),
-                    Event::ReplyRequested(r) => (
-                        r.reply_id,
-                        "assistant",
-                        None,
-                        "queued",
-                        Some(r.reply_to),
-                        r.requested_at,
-                    ),
-                    _ => unreachable!("matched above"),
-                };
-                // seq is the event's version in the conversation stream: list order.
-                sqlx::query(
-                    "INSERT INTO messages (id, conversation_id, owner_id, seq, role, content,
-                         status, reply_to, created_at, updated_at)
-                     SELECT $1, $2, c.owner_id, $3, $4, $5, $6, $7, $8, $8
-                     FROM messages_conversations c WHERE c.conversation_id = $2
-                     ON CONFLICT (id) DO NOTHING",
-                )
-                .bind(id)
-                .bind(e.stream_id)
-                .bind(e.version)
-                .bind(role)
-                .bind(content)
-                .bind(status)
-                .bind(reply_to)
-                .bind(at)
                 .execute(&mut *tx)
                 .await?;
             }
@@ -112,7 +110,37 @@ impl Projection for Messages {
                 .execute(&mut *tx)
                 .await?;
             }
-            _ => {}
+            _ => {
+                let Some(NewMessage {
+                    id,
+                    role,
+                    content,
+                    status,
+                    reply_to,
+                    at,
+                }) = new_message(event)
+                else {
+                    return Ok(());
+                };
+                // seq is the event's version in the conversation stream: list order.
+                sqlx::query(
+                    "INSERT INTO messages (id, conversation_id, owner_id, seq, role, content,
+                         status, reply_to, created_at, updated_at)
+                     SELECT $1, $2, c.owner_id, $3, $4, $5, $6, $7, $8, $8
+                     FROM messages_conversations c WHERE c.conversation_id = $2
+                     ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(id)
+                .bind(e.stream_id)
+                .bind(e.version)
+                .bind(role)
+                .bind(content)
+                .bind(status)
+                .bind(reply_to)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         Ok(())
     }
