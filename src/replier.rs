@@ -46,8 +46,8 @@ pub struct Replier {
     /// How long JetStream waits for an ack before handing a message out again:
     /// how soon a reply abandoned by a crash is picked up.
     pub ack_wait: Duration,
-    pub jetstream: jetstream::Context,
-    /// Where streamed reply text goes (core NATS, not stored), when `stream` is on.
+    /// The bus: JetStream for the requests, and core NATS for streamed reply
+    /// text (not stored), when `stream` is on.
     pub nats: async_nats::Client,
     pub stream: bool,
     pub bus: BusConfig,
@@ -66,8 +66,9 @@ impl Replier {
     /// Answer requests until `stop`; in-flight replies are abandoned (not acked)
     /// on shutdown and answered after the restart.
     pub async fn run(&self, stop: &CancellationToken) -> anyhow::Result<()> {
-        bus::ensure_stream(&self.jetstream, &self.bus).await?;
-        let stream = self.jetstream.get_stream(&self.bus.stream).await?;
+        let jetstream = jetstream::new(self.nats.clone());
+        bus::ensure_stream(&jetstream, &self.bus).await?;
+        let stream = jetstream.get_stream(&self.bus.stream).await?;
         let consumer = stream
             .get_or_create_consumer(
                 CONSUMER,
@@ -161,20 +162,21 @@ impl Replier {
             return Ok(Handled::Done);
         };
         let conversation_id = envelope.stream_id;
+        // The request's correlation id carries on into the reply's events.
+        let correlation_id = envelope
+            .metadata
+            .get("correlation_id")
+            .and_then(|c| c.as_str())
+            .unwrap_or_default();
         let span = tracing::info_span!(
             "reply",
             %conversation_id,
             reply_id = %request.reply_id,
-            correlation_id = envelope.metadata.get("correlation_id").and_then(|c| c.as_str()).unwrap_or(""),
+            correlation_id,
             attempt,
         );
         let context = CommandContext {
-            correlation_id: envelope
-                .metadata
-                .get("correlation_id")
-                .and_then(|c| c.as_str())
-                .unwrap_or_default()
-                .to_owned(),
+            correlation_id: correlation_id.to_owned(),
             causation_id: Some(envelope.event_id),
             user_id: None,
             idempotency_key: None,

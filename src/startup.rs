@@ -164,7 +164,6 @@ impl Application {
                 history_chars: config.llm_history_chars,
                 concurrency: config.replier_concurrency,
                 ack_wait: Duration::from_secs_f64(config.replier_ack_wait_seconds),
-                jetstream: async_nats::jetstream::new(nats.clone()),
                 nats: nats.clone(),
                 stream: config.llm_stream,
                 bus: bus.clone(),

@@ -443,7 +443,7 @@ async fn swap(
     if live > head {
         // The worker applied events past the rebuild's head: fold them in too.
         let mut one = [(
-            std::mem::replace(fold, Fold::new(name).expect("known")),
+            std::mem::replace(fold, Fold::new(name).expect("a fold's own name is known")),
             live,
         )];
         tail = fold_store(&mut tx, &mut one, head, live, &|_| {}).await?;

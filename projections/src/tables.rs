@@ -448,7 +448,8 @@ impl CopyBinary {
             .and_utc();
         let micros = (*at - epoch)
             .num_microseconds()
-            .expect("timestamps of this era fit");
+            // chrono's range (±262,000 years) is inside i64 microseconds (±292,000).
+            .expect("every chrono timestamp fits in i64 microseconds");
         self.field(&micros.to_be_bytes());
     }
 

@@ -191,8 +191,9 @@ fn is_cjk(c: char) -> bool {
     )
 }
 
+/// Kana or kanji anywhere: answer in Japanese.
 fn is_japanese(text: &str) -> bool {
-    text.chars().any(|c| matches!(c as u32, 0x3040..=0x30FF)) || text.chars().any(is_cjk)
+    text.chars().any(is_cjk)
 }
 
 #[cfg(test)]
