@@ -86,9 +86,9 @@ async fn follow(
         // Listening first, then reading: nothing announced in between is lost.
         let all = checkpoint::all(pool).await?;
         sender.send_modify(|map| {
-            for (name, position, ..) in all {
-                let entry = map.entry(name).or_default();
-                *entry = (*entry).max(position.into());
+            for checkpoint in all {
+                let entry = map.entry(checkpoint.name).or_default();
+                *entry = (*entry).max(checkpoint.position.into());
             }
         });
         let deadline = tokio::time::sleep(RESYNC);

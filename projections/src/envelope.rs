@@ -22,13 +22,27 @@ pub struct EventEnvelope {
     pub recorded_at: DateTime<Utc>,
     pub data: Value,
     pub metadata: Value,
+    /// The event just before this one in commit order (set by the relay): a
+    /// reader whose checkpoint is not this has missed something in between.
+    /// Absent from envelopes built outside the relay and from older relays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Position>,
 }
 
 /// A place in commit order (the projections' checkpoints and cache stamps).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Position {
     pub transaction_id: i64,
     pub global_position: i64,
+}
+
+/// `<transaction_id>.<global_position>`, as in logs and consistency tokens.
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.transaction_id, self.global_position)
+    }
 }
 
 impl EventEnvelope {
@@ -254,6 +268,7 @@ mod tests {
             recorded_at: "2026-11-29T16:58:58Z".parse().unwrap(),
             data,
             metadata: serde_json::json!({}),
+            previous: None,
         }
     }
 

@@ -607,6 +607,7 @@ mod tests {
             recorded_at: "2026-11-29T10:00:00Z".parse().unwrap(),
             data,
             metadata: json!({}),
+            previous: None,
         }
     }
 

@@ -11,6 +11,8 @@ pub mod checkpoint;
 pub mod conversations;
 pub mod envelope;
 pub mod fold;
+pub mod lease;
+pub mod log;
 pub mod messages;
 pub mod projection;
 pub mod read;

@@ -29,6 +29,7 @@ use crate::{
     checkpoint,
     envelope::{self, EventEnvelope, Position},
     fold::{self, Fold},
+    log::{envelope_of, plan_range_with_its_bounds, range},
     tables::{self, Table},
 };
 
@@ -110,20 +111,25 @@ pub async fn rebuild(
         let fold = Fold::new(name).ok_or_else(|| RebuildError::Unknown((*name).to_owned()))?;
         folds.push(fold);
     }
-    // Held on a connection of its own for the whole run; closing it releases the locks.
-    let mut lock = PgConnection::connect_with(&pool.connect_options()).await?;
+    // Each projection's lock is held on a connection of its own for the whole run,
+    // and every write of that projection's rebuild (its fresh tables, its swap)
+    // goes through that same session: a rebuild whose lock connection died cannot
+    // write another row, so a second rebuild that took the lock over never shares
+    // its tables with a deposed one. Closing the connections releases the locks.
+    let mut leases = Vec::new();
     for fold in &folds {
+        let mut lease = PgConnection::connect_with(&pool.connect_options()).await?;
         let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
             .bind(lock_key(fold.name()))
-            .fetch_one(&mut lock)
+            .fetch_one(&mut lease)
             .await?;
         if !locked {
             return Err(RebuildError::AlreadyRunning(fold.name().to_owned()));
         }
+        leases.push(lease);
     }
 
-    let mut conn = pool.acquire().await?;
-    let head = head(&mut conn).await?;
+    let head = head(&mut *pool.acquire().await?).await?;
     // For the progress bar, the identity of the head estimates the events below
     // it (exact but for the numbers of rolled-back appends): counting them would
     // cost a scan of the whole log, as long as a fifth of the rebuild.
@@ -135,11 +141,12 @@ pub async fn rebuild(
     let events =
         fold_store_pipelined(pool, &mut limited, Position::default(), head, on_step).await?;
 
-    // Two projections written at a time, each on a connection of its own (the
+    // Two projections written at a time, each on its own lease's session (the
     // machine this was measured on has two cores; Postgres uses one per session).
     let writes: Vec<_> = limited
         .iter()
-        .map(|(fold, _)| write_next_on(pool, fold, on_step))
+        .zip(&mut leases)
+        .map(|((fold, _), lease)| write_next_on(lease, fold, on_step))
         .collect();
     futures_util::stream::iter(writes)
         .buffer_unordered(2)
@@ -149,8 +156,8 @@ pub async fn rebuild(
     for (fold, _) in &mut limited {
         fold.track_changes();
     }
-    for (fold, _) in &mut limited {
-        let (position, tail) = swap(&mut conn, fold, head).await?;
+    for ((fold, _), lease) in limited.iter_mut().zip(&mut leases) {
+        let (position, tail) = swap(lease, fold, head).await?;
         on_step(Step::Swapped {
             projection: fold.name(),
             position,
@@ -161,7 +168,9 @@ pub async fn rebuild(
     if let Some(cache) = cache {
         cache.forget_all().await?;
     }
-    let _ = lock.close().await;
+    for lease in leases {
+        let _ = lease.close().await;
+    }
     Ok(Rebuilt {
         head,
         events,
@@ -192,58 +201,6 @@ pub async fn head(conn: &mut PgConnection) -> Result<Position, sqlx::Error> {
 
 /// How often (in events) the fold reports progress.
 const REPORT_EVERY: u64 = 50_000;
-
-/// The events in `(after, upto]` in commit order; the commit-order index serves
-/// this range scan, and `upto` is at or below the head.
-const RANGE: &str = "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
-        transaction_id::text::int8 AS transaction_id, global_position, recorded_at,
-        data::text AS data
- FROM events
- WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
-   AND (transaction_id, global_position) <= ($3::int8::text::xid8, $4)
- ORDER BY transaction_id, global_position";
-
-/// Plan the range read with its actual bounds, for the rest of the transaction.
-/// The service's pools force generic plans (the append path gains from them),
-/// and the generic plan of this query sorts the whole range before its first row
-/// (a bitmap scan, then a sort): measured on 1M events, 2.5 s before anything
-/// came out. With the bounds known, Postgres walks the commit-order index and
-/// rows stream at once. `SET LOCAL` needs a transaction; it ends with it.
-async fn plan_range_with_its_bounds(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-fn range(
-    after: Position,
-    upto: Position,
-) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
-    sqlx::query(RANGE)
-        .bind(after.transaction_id)
-        .bind(after.global_position)
-        .bind(upto.transaction_id)
-        .bind(upto.global_position)
-}
-
-/// An envelope without its payload (no rule reads `metadata`; `data` comes
-/// separately as text, to be decoded straight into the event's type).
-fn envelope_of(row: &sqlx::postgres::PgRow) -> Result<EventEnvelope, sqlx::Error> {
-    Ok(EventEnvelope {
-        event_id: row.try_get(0)?,
-        stream_id: row.try_get(1)?,
-        stream_type: row.try_get(2)?,
-        version: row.try_get(3)?,
-        event_type: row.try_get(4)?,
-        schema_version: row.try_get(5)?,
-        transaction_id: row.try_get(6)?,
-        global_position: row.try_get(7)?,
-        recorded_at: row.try_get(8)?,
-        data: serde_json::Value::Null,
-        metadata: serde_json::Value::Null,
-    })
-}
 
 fn fold_one(folds: &mut [(Fold, Position)], envelope: &EventEnvelope, data: &str) {
     let event = envelope::decode(&envelope.event_type, envelope.schema_version, data);
@@ -326,17 +283,16 @@ async fn fold_store_pipelined(
     Ok(read)
 }
 
-/// `write_next` on a pooled connection of its own.
+/// `write_next` on the session that holds the projection's rebuild lock.
 async fn write_next_on(
-    pool: &PgPool,
+    lease: &mut PgConnection,
     fold: &Fold,
     on_step: &(dyn Fn(Step) + Sync),
 ) -> Result<(), sqlx::Error> {
     on_step(Step::Writing {
         projection: fold.name(),
     });
-    let mut conn = pool.acquire().await?;
-    write_next(&mut conn, fold).await
+    write_next(lease, fold).await
 }
 
 /// Create `<table>__next` for each table of the fold (dropping a leftover of an
@@ -431,7 +387,7 @@ async fn swap(
         .execute(&mut *tx)
         .await?;
     // The checkpoint row first (the worker's batch takes it first too: no deadlock).
-    let live = checkpoint::lock(&mut tx, name).await?;
+    let live = checkpoint::lock(&mut tx, name).await?.position;
     let names: Vec<&str> = tables.iter().map(|t| t.name).collect();
     sqlx::query(AssertSqlSafe(format!(
         "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
@@ -480,7 +436,7 @@ async fn swap(
     if head > live {
         // The rebuild is ahead of the worker: it resumes at its JetStream sequence
         // and skips, by position, the events folded here.
-        checkpoint::save(&mut tx, name, head, 0, None).await?;
+        checkpoint::advance(&mut tx, name, head).await?;
     }
     tx.commit().await?;
     Ok((position, tail))

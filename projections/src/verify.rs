@@ -118,8 +118,8 @@ pub async fn verify(
         // A projection that never ran has applied nothing.
         let at = checkpoints
             .iter()
-            .find(|c| c.0 == fold.name())
-            .map_or(Position::default(), |c| c.1);
+            .find(|c| c.name == fold.name())
+            .map_or(Position::default(), |c| c.position);
         limited.push((fold, at));
     }
     let upto = limited.iter().map(|f| f.1).max().unwrap_or_default();

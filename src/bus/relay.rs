@@ -5,14 +5,21 @@
 //! (see `EventStore::read_all`), publishes a batch without waiting between
 //! messages, awaits all the acks, and only then saves the checkpoint. A crash in
 //! between republishes the batch; `Nats-Msg-Id = event_id` lets JetStream drop
-//! the repeats. One relay per database is active (a Postgres advisory lock held
-//! on its own connection); another waits for that lock and takes over.
+//! the repeats. One relay per database is active: it holds the `relay` lease
+//! (`ai_secretary_projections::lease`), a standby waits for it, and every
+//! checkpoint move is fenced by the lease's epoch, so a relay that was deposed
+//! stops at its next save.
+//!
+//! Each envelope names the event before it in commit order (`previous`), so a
+//! reader can tell a gap on the bus (a republish that landed out of order, two
+//! relays overlapping during a takeover) from the next event, and fill it from
+//! the store instead of skipping it.
 
 use std::{sync::Arc, time::Duration};
 
-use ai_secretary_projections::EventEnvelope;
+use ai_secretary_projections::{EventEnvelope, checkpoint, lease::Lease};
 use async_nats::jetstream::{self, message::PublishMessage};
-use sqlx::{Connection, PgConnection, PgPool, postgres::PgListener};
+use sqlx::{PgPool, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
 
 use super::{BusConfig, subject};
@@ -20,6 +27,9 @@ use crate::store::{EventStore, Position, RecordedEvent};
 
 /// The relay's row in `checkpoints`.
 pub const CHECKPOINT: &str = "relay";
+/// The advisory lock of the relay's lease (as in earlier versions, so an old and
+/// a new relay exclude each other during a deploy).
+const LOCK_KEY: &str = "ai_secretary.relay";
 /// Events published per round trip of acks.
 const BATCH: i64 = 1000;
 /// Look for new events this often even without a notification.
@@ -37,29 +47,48 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Relay until `shutdown` is cancelled; an error ends the run (the caller
-    /// restarts it), leaving the checkpoint at the last acknowledged batch.
+    /// Relay until `shutdown` is cancelled, taking the lease over whenever it is
+    /// free. An error ends the run (the caller restarts it), leaving the
+    /// checkpoint at the last acknowledged batch.
     pub async fn run(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let mut lock = PgConnection::connect_with(&self.pool.connect_options()).await?;
-        tokio::select! {
-            locked = sqlx::query("SELECT pg_advisory_lock(hashtext('ai_secretary.relay'))")
-                .execute(&mut lock) => { locked?; }
-            () = shutdown.cancelled() => return Ok(()),
+        while !shutdown.is_cancelled() {
+            let Some(lease) = Lease::acquire(&self.pool, LOCK_KEY, CHECKPOINT, shutdown).await?
+            else {
+                break;
+            };
+            self.serve(&lease).await?;
+            if !shutdown.is_cancelled() {
+                tracing::warn!("relay lease lost; contending again");
+            }
         }
+        Ok(())
+    }
+
+    /// Publish everything committed while `lease` is held.
+    async fn serve(&self, lease: &Lease) -> anyhow::Result<()> {
         super::ensure_stream(&self.jetstream, &self.bus).await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen("ai_secretary_events").await?;
-        let mut checkpoint = self.checkpoint().await?;
+        let mut checkpoint = checkpoint::ensure(&self.pool, CHECKPOINT)
+            .await?
+            .position
+            .into();
         tracing::info!(%checkpoint, stream = %self.bus.stream, "relay active");
         // A notified commit can still be above the read horizon (an older
         // transaction was open): look again shortly rather than at the next poll.
         let mut recheck = 0;
-        loop {
+        while !lease.lost().is_cancelled() {
             let events = self.store.read_all(checkpoint, BATCH).await?;
             if let Some(last) = events.last() {
-                self.publish(&events).await?;
+                self.publish(checkpoint, &events).await?;
+                if !self
+                    .save(lease, checkpoint, last.position, events.len())
+                    .await?
+                {
+                    lease.fenced();
+                    break;
+                }
                 checkpoint = last.position;
-                self.save(checkpoint).await?;
                 metrics::counter!("relay_published_total").increment(events.len() as u64);
                 metrics::gauge!("relay_position").set(checkpoint.global_position as f64);
                 // relay_lag_* are sampled against the store (crate::sampler), so
@@ -71,26 +100,28 @@ impl Relay {
                 recheck -= 1;
                 tokio::select! {
                     () = tokio::time::sleep(RECHECK) => continue,
-                    () = shutdown.cancelled() => break,
+                    () = lease.lost().cancelled() => break,
                 }
             }
-            // Caught up: wait for a commit, the poll, or shutdown; make sure the lock
-            // is still ours (its connection alive) before going on.
+            // Caught up: wait for a commit, the poll, or the end of the lease.
             tokio::select! {
                 notified = listener.recv() => { notified?; recheck = RECHECKS; }
                 () = tokio::time::sleep(POLL) => {}
-                () = shutdown.cancelled() => break,
+                () = lease.lost().cancelled() => break,
             }
-            sqlx::query("SELECT 1").execute(&mut lock).await?;
         }
-        let _ = lock.close().await;
         Ok(())
     }
 
-    async fn publish(&self, events: &[RecordedEvent]) -> anyhow::Result<()> {
+    /// Publish `events` (the ones right after `checkpoint` in commit order)
+    /// without waiting in between, then await every ack.
+    async fn publish(&self, checkpoint: Position, events: &[RecordedEvent]) -> anyhow::Result<()> {
         let mut acks = Vec::with_capacity(events.len());
+        let mut previous = checkpoint;
         for e in events {
-            let envelope = EventEnvelope::from(e);
+            let mut envelope = EventEnvelope::from(e);
+            envelope.previous = Some(previous.into());
+            previous = e.position;
             let message = PublishMessage::build()
                 .payload(serde_json::to_vec(&envelope)?.into())
                 .message_id(e.event_id.to_string());
@@ -103,31 +134,24 @@ impl Relay {
         Ok(())
     }
 
-    async fn checkpoint(&self) -> Result<Position, sqlx::Error> {
-        let (transaction_id, global_position): (i64, i64) = sqlx::query_as(
-            "INSERT INTO checkpoints (name) VALUES ($1)
-             ON CONFLICT (name) DO UPDATE SET name = excluded.name
-             RETURNING transaction_id, global_position",
+    /// Move the checkpoint from `from` to `to`, fenced by the lease: false if
+    /// another relay took over.
+    async fn save(
+        &self,
+        lease: &Lease,
+        from: Position,
+        to: Position,
+        published: usize,
+    ) -> Result<bool, sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        checkpoint::save(
+            &mut conn,
+            CHECKPOINT,
+            lease.fence(from.into()),
+            to.into(),
+            published as i64,
+            None,
         )
-        .bind(CHECKPOINT)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(Position {
-            transaction_id,
-            global_position,
-        })
-    }
-
-    async fn save(&self, at: Position) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "UPDATE checkpoints SET transaction_id = $2, global_position = $3, updated_at = now()
-             WHERE name = $1",
-        )
-        .bind(CHECKPOINT)
-        .bind(at.transaction_id)
-        .bind(at.global_position)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await
     }
 }

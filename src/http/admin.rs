@@ -136,7 +136,8 @@ async fn projections(
     .fetch_optional(pool)
     .await?;
     let mut data = Vec::new();
-    for (name, at, events, updated_at) in checkpoint::all(pool).await? {
+    for checkpoint in checkpoint::all(pool).await? {
+        let (name, at) = (&checkpoint.name, checkpoint.position);
         // How many events are past this checkpoint, and since when the oldest waits.
         let (lag_events, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
             "SELECT count(*), min(recorded_at) FROM (
@@ -156,13 +157,17 @@ async fn projections(
             "name": name,
             "object": "projection",
             "kind": if name == crate::bus::relay::CHECKPOINT { "relay" } else { "projection" },
-            "checkpoint": format!("{}.{}", at.transaction_id, at.global_position),
-            "events_applied": events,
+            "checkpoint": at.to_string(),
+            "events_applied": checkpoint.events,
             "lag_events": lag_events,
             "lag_seconds": lag_seconds,
-            "updated_at": updated_at,
+            "updated_at": checkpoint.updated_at,
+            // The active worker's lease: takeovers so far, its holder and since when.
+            "epoch": checkpoint.epoch,
+            "owner": checkpoint.owner,
+            "owner_since": checkpoint.owner_since,
             // The latest rebuild of this projection (running or finished), if any.
-            "rebuild": latest.iter().find(|r| r.projection == name).map(|r| rebuild_json(r, None)),
+            "rebuild": latest.iter().find(|r| &r.projection == name).map(|r| rebuild_json(r, None)),
         }));
     }
     Ok(Json(json!({

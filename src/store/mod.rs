@@ -224,6 +224,7 @@ impl From<&RecordedEvent> for ai_secretary_projections::EventEnvelope {
             recorded_at: e.recorded_at,
             data: e.data.clone(),
             metadata: e.metadata.clone(),
+            previous: None,
         }
     }
 }

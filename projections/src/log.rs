@@ -1,0 +1,83 @@
+//! Reading the event log directly, in commit order: the rebuild's bulk read,
+//! and the worker's gap fill (events the bus did not deliver in order are read
+//! here instead, never skipped).
+
+use sqlx::{PgConnection, Row};
+
+use crate::envelope::{EventEnvelope, Position};
+
+/// The events in `(after, upto]` in commit order; the commit-order index serves
+/// this range scan, and `upto` is at or below the head.
+pub(crate) const RANGE: &str =
+    "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
+        transaction_id::text::int8 AS transaction_id, global_position, recorded_at,
+        data::text AS data
+ FROM events
+ WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
+   AND (transaction_id, global_position) <= ($3::int8::text::xid8, $4)
+ ORDER BY transaction_id, global_position";
+
+/// Plan the range read with its actual bounds, for the rest of the transaction.
+/// The service's pools force generic plans (the append path gains from them),
+/// and the generic plan of this query sorts the whole range before its first row
+/// (a bitmap scan, then a sort): measured on 1M events, 2.5 s before anything
+/// came out. With the bounds known, Postgres walks the commit-order index and
+/// rows stream at once. `SET LOCAL` needs a transaction; it ends with it.
+pub(crate) async fn plan_range_with_its_bounds(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+pub(crate) fn range(
+    after: Position,
+    upto: Position,
+) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(RANGE)
+        .bind(after.transaction_id)
+        .bind(after.global_position)
+        .bind(upto.transaction_id)
+        .bind(upto.global_position)
+}
+
+/// An envelope without its payload (no rule reads `metadata`; `data` comes
+/// separately as text, to be decoded straight into the event's type).
+pub(crate) fn envelope_of(row: &sqlx::postgres::PgRow) -> Result<EventEnvelope, sqlx::Error> {
+    Ok(EventEnvelope {
+        event_id: row.try_get(0)?,
+        stream_id: row.try_get(1)?,
+        stream_type: row.try_get(2)?,
+        version: row.try_get(3)?,
+        event_type: row.try_get(4)?,
+        schema_version: row.try_get(5)?,
+        transaction_id: row.try_get(6)?,
+        global_position: row.try_get(7)?,
+        recorded_at: row.try_get(8)?,
+        data: serde_json::Value::Null,
+        metadata: serde_json::Value::Null,
+        previous: None,
+    })
+}
+
+/// At most `limit` events in `(after, upto]`, each with its payload as JSON
+/// text. `upto` must be at or below the read horizon: here it is the position of
+/// an event the relay already read, so everything below it is committed.
+pub async fn read(
+    conn: &mut PgConnection,
+    after: Position,
+    upto: Position,
+    limit: i64,
+) -> Result<Vec<(EventEnvelope, String)>, sqlx::Error> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{RANGE} LIMIT $5")))
+        .bind(after.transaction_id)
+        .bind(after.global_position)
+        .bind(upto.transaction_id)
+        .bind(upto.global_position)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|row| Ok((envelope_of(row)?, row.try_get::<String, _>(9)?)))
+        .collect()
+}
