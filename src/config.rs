@@ -175,6 +175,11 @@ pub struct Config {
     #[arg(long, env = "CACHE_TTL_SECONDS", default_value_t = 3600)]
     pub cache_ttl_seconds: u64,
 
+    /// Longest a query waits for Redis, in ms, before reading Postgres instead
+    /// (Redis answers in well under a millisecond when it is well).
+    #[arg(long, env = "CACHE_TIMEOUT_MS", default_value_t = 50)]
+    pub cache_timeout_ms: u64,
+
     /// Comma-separated emails of the administrators (the /admin API; 403 for others).
     #[arg(long, env = "ADMIN_EMAILS", value_delimiter = ',', default_value = "")]
     pub admin_emails: Vec<String>,
@@ -193,6 +198,16 @@ pub struct Config {
 }
 
 impl Config {
+    /// The Redis cache as this configuration describes it.
+    pub fn cache(&self) -> ai_secretary_projections::cache::Cache {
+        ai_secretary_projections::cache::Cache::new(
+            &self.redis_url,
+            &self.redis_key_prefix,
+            std::time::Duration::from_secs(self.cache_ttl_seconds),
+            std::time::Duration::from_millis(self.cache_timeout_ms),
+        )
+    }
+
     /// Refuse what must not run: malformed keys anywhere, default secrets in production.
     pub fn validate(&self) -> anyhow::Result<()> {
         let key = self.encryption_key.expose();

@@ -60,6 +60,20 @@ impl Progress {
         (Progress { positions }, task)
     }
 
+    /// Whether every one of `names` is at or past `at` right now.
+    pub fn reached(&self, names: &[&str], at: Position) -> bool {
+        let map = self.positions.borrow();
+        names
+            .iter()
+            .all(|name| map.get(*name).is_some_and(|p| *p >= at))
+    }
+
+    /// Whether checkpoint `a` is at or past checkpoint `b` right now.
+    pub fn at_least(&self, a: &str, b: &str) -> bool {
+        let map = self.positions.borrow();
+        map.get(a).copied().unwrap_or_default() >= map.get(b).copied().unwrap_or_default()
+    }
+
     /// Wait until every one of `names` is at or past `at`; false on timeout.
     pub async fn wait(&self, names: &[&str], at: Position, timeout: Duration) -> bool {
         let mut positions = self.positions.clone();

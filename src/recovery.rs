@@ -52,11 +52,7 @@ impl Counter {
 /// bar (events/s, ETA) on a terminal; a log line every few seconds otherwise.
 pub async fn replay(config: &Config, names: &[&str]) -> anyhow::Result<()> {
     let pool = crate::store::postgres::connect(config.database_url.expose(), 4).await?;
-    let cache = Cache::new(
-        &config.redis_url,
-        &config.redis_key_prefix,
-        Duration::from_secs(config.cache_ttl_seconds),
-    );
+    let cache = config.cache();
     let bar = if std::io::stderr().is_terminal() {
         ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr())
     } else {

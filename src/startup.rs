@@ -94,10 +94,15 @@ impl Roles {
 
 /// Names of every projection.
 pub fn projection_names() -> Vec<String> {
-    ai_secretary_projections::all(Cache::new("redis://unused", "", Duration::ZERO))
-        .iter()
-        .map(|p| p.name().to_owned())
-        .collect()
+    ai_secretary_projections::all(Cache::new(
+        "redis://unused",
+        "",
+        Duration::ZERO,
+        Duration::ZERO,
+    ))
+    .iter()
+    .map(|p| p.name().to_owned())
+    .collect()
 }
 
 pub struct Application {
@@ -148,11 +153,7 @@ impl Application {
             stream: config.nats_stream.clone(),
             subject_prefix: config.nats_subject_prefix.clone(),
         };
-        let cache = Cache::new(
-            &config.redis_url,
-            &config.redis_key_prefix,
-            Duration::from_secs(config.cache_ttl_seconds),
-        );
+        let cache = config.cache();
 
         // Connecting does not wait for the server: NATS may come up later.
         let nats = bus::connect(&bus.url).await?;

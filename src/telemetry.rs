@@ -175,11 +175,31 @@ pub fn describe_metrics() {
         Unit::Count,
         "Poison events a projection parked in dead_letters"
     );
+    describe_counter!(
+        "projection_gap_fills_total",
+        Unit::Count,
+        "Gaps in the bus (an event whose predecessor was not the checkpoint) a projection filled from the event store"
+    );
+    describe_counter!(
+        "leader_changes_total",
+        Unit::Count,
+        "Leases this process took over, by role (relay or a projection's name)"
+    );
+    describe_counter!(
+        "fenced_writes_total",
+        Unit::Count,
+        "Checkpoint writes refused because another owner had taken the lease over, by role"
+    );
 
     describe_gauge!(
         "cache_available",
         Unit::Count,
         "1 while Redis answers, 0 while queries fall back to Postgres"
+    );
+    describe_gauge!(
+        "cache_breaker_state",
+        Unit::Count,
+        "Circuit breaker of the queries' Redis calls: 0 closed (queries use the cache), 1 half-open (one probe), 2 open (queries read Postgres)"
     );
     describe_counter!(
         "cache_requests_total",
@@ -241,6 +261,7 @@ pub fn describe_metrics() {
         metrics::counter!("llm_tokens_total", "kind" => kind).increment(0);
     }
     metrics::gauge!("llm_replies_in_flight").set(0.0);
+    metrics::gauge!("cache_breaker_state").set(0.0);
     for outcome in ["completed", "failed"] {
         metrics::counter!("replies_total", "outcome" => outcome).increment(0);
     }

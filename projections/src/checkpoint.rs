@@ -53,9 +53,26 @@ fn checkpoint_of(row: &sqlx::postgres::PgRow) -> Result<Checkpoint, sqlx::Error>
     })
 }
 
-/// Read and lock a checkpoint inside the batch's transaction (the row exists:
-/// the worker creates it before consuming). Holding the row lock until commit
-/// also holds off a takeover's epoch bump, which waits for the batch to finish.
+/// Read a checkpoint as it is now (the row exists: the worker creates it before
+/// consuming). No lock: the owner's write is a compare-and-set against what it
+/// read here, so nothing can slip in between unseen.
+pub async fn current<'e>(
+    executor: impl PgExecutor<'e>,
+    name: &str,
+) -> Result<Checkpoint, sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT transaction_id, global_position, epoch, stream_sequence
+         FROM checkpoints WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_one(executor)
+    .await?;
+    checkpoint_of(&row)
+}
+
+/// Read and lock a checkpoint inside a transaction (a rebuild's swap; the row
+/// exists). Holding the row lock until commit holds off the owner's next
+/// checkpoint write, which then finds what moved and is refused.
 pub async fn lock(conn: &mut PgConnection, name: &str) -> Result<Checkpoint, sqlx::Error> {
     let row = sqlx::query(
         "SELECT transaction_id, global_position, epoch, stream_sequence

@@ -32,6 +32,14 @@ pub struct Lease {
     _watcher: AbortOnDropHandle<()>,
 }
 
+/// Start the role's lease series at zero, so a standby (or an owner never
+/// deposed) shows 0 rather than no data.
+pub fn zero_metrics(name: &str) {
+    for counter in ["leader_changes_total", "fenced_writes_total"] {
+        metrics::counter!(counter, "role" => name.to_owned()).increment(0);
+    }
+}
+
 impl Lease {
     /// Wait for the lease of checkpoint `name` (advisory lock `lock_key`), take
     /// it over, and watch it. `None` if `shutdown` came first.
@@ -41,7 +49,13 @@ impl Lease {
         name: &str,
         shutdown: &CancellationToken,
     ) -> Result<Option<Lease>, sqlx::Error> {
-        let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
+        // Named, so operators (and tests) can tell lease connections apart.
+        let options = pool
+            .connect_options()
+            .as_ref()
+            .clone()
+            .application_name(&format!("ai-secretary lease {name}"));
+        let mut conn = PgConnection::connect_with(&options).await?;
         tokio::select! {
             locked = sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
                 .bind(lock_key)

@@ -1,9 +1,16 @@
 //! What a projection is: a name and a way to apply one event inside the
 //! transaction that also moves its checkpoint.
 
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 
 use crate::envelope::{Event, EventEnvelope};
+
+/// An event of a batch with its payload decoded.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub envelope: EventEnvelope,
+    pub event: Event,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
@@ -19,6 +26,14 @@ pub enum ProjectionError {
 pub trait Projection: Send + Sync + 'static {
     /// Its checkpoint row and durable consumer name.
     fn name(&self) -> &'static str;
+
+    /// Work for a batch that is not a write to Postgres (the cache's Redis
+    /// calls), done before the batch's transaction opens so that nothing slow
+    /// holds it open. It must be safe to repeat: a batch that then fails to
+    /// commit is prepared again.
+    async fn prepare(&self, _pool: &PgPool, _batch: &[&Decoded]) -> Result<(), ProjectionError> {
+        Ok(())
+    }
 
     /// Apply one decoded event. `tx` is the batch's transaction: what it writes
     /// commits together with the checkpoint, or not at all.

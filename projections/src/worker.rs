@@ -33,9 +33,9 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     checkpoint,
     envelope::{self, EventEnvelope, Position},
-    lease::Lease,
+    lease::{self, Lease},
     log,
-    projection::{Projection, ProjectionError},
+    projection::{Decoded, Projection, ProjectionError},
 };
 
 /// Where the events are on the bus.
@@ -63,6 +63,10 @@ pub enum WorkerError {
     /// Another worker took the projection over: this one must stop writing.
     #[error("deposed: another worker holds the lease")]
     Deposed,
+    /// The checkpoint moved under the batch, by the same lease (a rebuild's
+    /// swap): the batch is dropped and the next one resolves from there.
+    #[error("the checkpoint moved under the batch (a rebuild swapped it)")]
+    Moved,
 }
 
 fn nats(e: impl std::fmt::Display) -> WorkerError {
@@ -90,9 +94,11 @@ pub async fn run(
         "projection_events_total",
         "projection_failures_total",
         "projection_dead_letters_total",
+        "projection_gap_fills_total",
     ] {
         metrics::counter!(counter, "projection" => name).increment(0);
     }
+    lease::zero_metrics(name);
     while !shutdown.is_cancelled() {
         let Some(lease) = Lease::acquire(&pool, &lock_key(name), name, &shutdown).await? else {
             break;
@@ -118,6 +124,12 @@ async fn serve(
         match consume(pool, jetstream, source, projection, lease).await {
             Ok(()) => {}
             Err(WorkerError::Deposed) => return,
+            Err(WorkerError::Moved) => {
+                tracing::info!(
+                    projection = name,
+                    "checkpoint moved by a rebuild; resuming from it"
+                );
+            }
             Err(e) => {
                 metrics::counter!("projection_failures_total", "projection" => name).increment(1);
                 tracing::warn!(projection = name, error = %e, "projection batch failed; resuming from the checkpoint");
@@ -196,7 +208,15 @@ async fn position_consumer(
         .map_err(nats)
 }
 
-/// Apply a batch in one transaction with the checkpoint, fenced by the lease.
+/// Apply a batch: resolve it against the checkpoint (duplicates dropped, gaps
+/// filled from the store, payloads decoded), let the projection do its work
+/// outside Postgres (`Projection::prepare`), then write the read-model changes
+/// and move the checkpoint in one short transaction, fenced by the lease.
+///
+/// The transaction is kept short on purpose: from its first write it holds a
+/// transaction id, and the relay reads nothing committed after that id until it
+/// ends (the read horizon, `EventStore::read_all`). Nothing slow (a Redis call,
+/// a read of the store) happens inside it.
 async fn apply(
     pool: &PgPool,
     projection: &dyn Projection,
@@ -204,126 +224,207 @@ async fn apply(
     batch: &[jetstream::Message],
 ) -> Result<(), WorkerError> {
     let name = projection.name();
-    let mut tx = pool.begin().await?;
-    let start = checkpoint::lock(&mut tx, name).await?;
+    let start = checkpoint::current(pool, name).await?;
     if start.epoch != lease.epoch {
         lease.fenced();
         return Err(WorkerError::Deposed);
     }
-    let mut at = start.position;
-    let mut applied = 0;
-    let mut sequence = None;
-    for message in batch {
-        if let Ok(info) = message.info() {
-            sequence = Some(info.stream_sequence);
+    let resolved = resolve(pool, name, batch, start.position).await?;
+    let decoded: Vec<&Decoded> = resolved
+        .steps
+        .iter()
+        .filter_map(|s| s.as_ref().ok())
+        .collect();
+    projection.prepare(pool, &decoded).await?;
+
+    let mut tx = pool.begin().await?;
+    for step in &resolved.steps {
+        match step {
+            Ok(Decoded { envelope, event }) => projection.apply(&mut tx, envelope, event).await?,
+            Err(poison) => poison.record(&mut tx, name).await?,
         }
-        let envelope: EventEnvelope = match serde_json::from_slice(&message.payload) {
-            Ok(envelope) => envelope,
-            Err(e) => {
-                // Nothing to place it by: the next event's `previous` will show
-                // the gap, and the store's copy is applied then.
-                let reason = format!("not an event envelope: {e}");
-                let payload = String::from_utf8_lossy(&message.payload);
-                dead_letter(&mut tx, name, None, &message.subject, &reason, &payload).await?;
-                continue;
-            }
-        };
-        if envelope.position() <= at {
-            continue; // applied before: a redelivery or a republish
-        }
-        if envelope.previous != Some(at) {
-            let (filled, reached) = fill_gap(&mut tx, projection, at, envelope.position()).await?;
-            metrics::counter!("projection_gap_fills_total", "projection" => name).increment(1);
-            if reached == envelope.position() {
-                tracing::info!(projection = name, from = %at, to = %reached, filled,
-                    "gap in the bus filled from the event store");
-            } else {
-                // The bus holds an event the store does not (restored to an older
-                // point without purging the stream, docs/operations.md): never
-                // apply what the log does not have.
-                tracing::error!(projection = name, event_id = %envelope.event_id, at = %reached,
-                    "event on the bus is not in the event store; not applied");
-            }
-            applied += filled;
-            at = reached;
-            continue;
-        }
-        match envelope.decode() {
-            Ok(event) => projection.apply(&mut tx, &envelope, &event).await?,
-            Err(reason) => {
-                let payload = String::from_utf8_lossy(&message.payload);
-                dead_letter(
-                    &mut tx,
-                    name,
-                    Some(&envelope),
-                    &message.subject,
-                    &reason,
-                    &payload,
-                )
-                .await?;
-            }
-        }
-        at = envelope.position();
-        applied += 1;
     }
+    let applied = resolved.applied;
     let moved = checkpoint::save(
         &mut tx,
         name,
         lease.fence(start.position),
-        at,
+        resolved.at,
         applied,
-        sequence.map(|s| s as i64),
+        resolved.sequence.map(|s| s as i64),
     )
     .await?;
     if !moved {
+        // Nothing of the batch is written. Deposed since it began, or a rebuild
+        // moved the checkpoint under it (the epoch says which).
+        drop(tx);
+        if checkpoint::current(pool, name).await?.epoch == lease.epoch {
+            return Err(WorkerError::Moved);
+        }
         lease.fenced();
         return Err(WorkerError::Deposed);
     }
     tx.commit().await?;
     metrics::counter!("projection_events_total", "projection" => name).increment(applied as u64);
-    metrics::gauge!("projection_position", "projection" => name).set(at.global_position as f64);
+    metrics::gauge!("projection_position", "projection" => name)
+        .set(resolved.at.global_position as f64);
     Ok(())
 }
 
-/// Apply the events in `(after, upto]` from the event store (the log the relay
-/// reads; `upto` was published, so all of it is committed). Returns how many,
-/// and the position of the last one (`upto`, unless the store lacks it).
+/// A batch checked against the checkpoint.
+struct Resolved {
+    /// What to do, in commit order: apply an event, or park a poison one.
+    steps: Vec<Result<Decoded, Poison>>,
+    /// Events the checkpoint moves past (applied or parked).
+    applied: i64,
+    /// Where the checkpoint moves to.
+    at: Position,
+    /// The JetStream sequence of the batch's last message.
+    sequence: Option<u64>,
+}
+
+/// An event that cannot be read, with why, for `dead_letters`.
+struct Poison {
+    envelope: Option<EventEnvelope>,
+    subject: String,
+    reason: String,
+    payload: String,
+}
+
+/// Drop what is at or below `from`, fill gaps from the event store, decode.
+async fn resolve(
+    pool: &PgPool,
+    name: &str,
+    batch: &[jetstream::Message],
+    from: Position,
+) -> Result<Resolved, WorkerError> {
+    let mut resolved = Resolved {
+        steps: Vec::with_capacity(batch.len()),
+        applied: 0,
+        at: from,
+        sequence: None,
+    };
+    for message in batch {
+        if let Ok(info) = message.info() {
+            resolved.sequence = Some(info.stream_sequence);
+        }
+        let payload = || String::from_utf8_lossy(&message.payload).into_owned();
+        let envelope: EventEnvelope = match serde_json::from_slice(&message.payload) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                // Nothing to place it by: the next event's `previous` will show
+                // the gap, and the store's copy is applied then.
+                resolved.steps.push(Err(Poison {
+                    envelope: None,
+                    subject: message.subject.to_string(),
+                    reason: format!("not an event envelope: {e}"),
+                    payload: payload(),
+                }));
+                continue;
+            }
+        };
+        let at = resolved.at;
+        if envelope.position() <= at {
+            continue; // applied before: a redelivery or a republish
+        }
+        if envelope.previous != Some(at) {
+            let filled = fill_gap(pool, at, envelope.position(), &mut resolved).await?;
+            metrics::counter!("projection_gap_fills_total", "projection" => name.to_owned())
+                .increment(1);
+            if resolved.at == envelope.position() {
+                tracing::info!(projection = name, from = %at, to = %resolved.at, filled,
+                    "gap in the bus filled from the event store");
+            } else {
+                // The bus holds an event the store does not (restored to an older
+                // point without purging the stream, docs/operations.md): never
+                // apply what the log does not have.
+                tracing::error!(projection = name, event_id = %envelope.event_id, at = %resolved.at,
+                    "event on the bus is not in the event store; not applied");
+            }
+            continue;
+        }
+        let step = match envelope.decode() {
+            Ok(event) => Ok(Decoded { envelope, event }),
+            Err(reason) => Err(Poison {
+                subject: message.subject.to_string(),
+                reason,
+                payload: payload(),
+                envelope: Some(envelope),
+            }),
+        };
+        resolved.push(step);
+    }
+    Ok(resolved)
+}
+
+impl Resolved {
+    /// One more event the checkpoint moves past.
+    fn push(&mut self, step: Result<Decoded, Poison>) {
+        if let Some(envelope) = match &step {
+            Ok(d) => Some(&d.envelope),
+            Err(p) => p.envelope.as_ref(),
+        } {
+            self.at = envelope.position();
+        }
+        self.applied += 1;
+        self.steps.push(step);
+    }
+}
+
+/// Add the events in `(after, upto]` from the event store (the log the relay
+/// reads; `upto` was published, so all of it is committed). Returns how many;
+/// `resolved.at` ends at `upto`, unless the store lacks it.
 async fn fill_gap(
-    tx: &mut PgConnection,
-    projection: &dyn Projection,
+    pool: &PgPool,
     after: Position,
     upto: Position,
-) -> Result<(i64, Position), WorkerError> {
-    log::plan_range_with_its_bounds(&mut *tx).await?;
-    let name = projection.name();
+    resolved: &mut Resolved,
+) -> Result<i64, WorkerError> {
+    // A read-only transaction (it takes no transaction id), for the range plan.
+    let mut read = pool.begin().await?;
+    log::plan_range_with_its_bounds(&mut read).await?;
     let mut at = after;
-    let mut applied = 0;
+    let mut filled = 0;
     while at < upto {
-        let events = log::read(&mut *tx, at, upto, FILL_CHUNK).await?;
+        let events = log::read(&mut read, at, upto, FILL_CHUNK).await?;
         let Some((last, _)) = events.last() else {
             break; // not in the store (a restore older than the bus): nothing to apply
         };
-        let last = last.position();
-        for (envelope, data) in &events {
-            match envelope::decode(&envelope.event_type, envelope.schema_version, data.as_str()) {
-                Ok(event) => projection.apply(&mut *tx, envelope, &event).await?,
-                Err(reason) => {
-                    dead_letter(
-                        &mut *tx,
-                        name,
-                        Some(envelope),
-                        "(event store)",
-                        &reason,
-                        data,
-                    )
-                    .await?
-                }
-            }
-            applied += 1;
+        at = last.position();
+        for (envelope, data) in events {
+            let step = match envelope::decode(
+                &envelope.event_type,
+                envelope.schema_version,
+                data.as_str(),
+            ) {
+                Ok(event) => Ok(Decoded { envelope, event }),
+                Err(reason) => Err(Poison {
+                    subject: "(event store)".into(),
+                    reason,
+                    payload: data,
+                    envelope: Some(envelope),
+                }),
+            };
+            resolved.push(step);
+            filled += 1;
         }
-        at = last;
     }
-    Ok((applied, at))
+    read.rollback().await?;
+    Ok(filled)
+}
+
+impl Poison {
+    async fn record(&self, tx: &mut PgConnection, projection: &str) -> Result<(), sqlx::Error> {
+        dead_letter(
+            tx,
+            projection,
+            self.envelope.as_ref(),
+            &self.subject,
+            &self.reason,
+            &self.payload,
+        )
+        .await
+    }
 }
 
 async fn dead_letter(

@@ -17,7 +17,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use ai_secretary_projections::{EventEnvelope, checkpoint, lease::Lease};
+use ai_secretary_projections::{
+    EventEnvelope, checkpoint,
+    lease::{self, Lease},
+};
 use async_nats::jetstream::{self, message::PublishMessage};
 use sqlx::{PgPool, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
@@ -51,6 +54,7 @@ impl Relay {
     /// free. An error ends the run (the caller restarts it), leaving the
     /// checkpoint at the last acknowledged batch.
     pub async fn run(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        lease::zero_metrics(CHECKPOINT);
         while !shutdown.is_cancelled() {
             let Some(lease) = Lease::acquire(&self.pool, LOCK_KEY, CHECKPOINT, shutdown).await?
             else {

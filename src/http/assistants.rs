@@ -162,7 +162,10 @@ async fn list(
 ) -> Result<Json<List<AssistantView>>, ApiError> {
     state.read.catch_up(&token, &["assistants"]).await?;
     Ok(Json(
-        read::assistants_of(&state.read.pool, user, page).await?,
+        state
+            .read
+            .query(|pool| read::assistants_of(pool, user, page))
+            .await?,
     ))
 }
 
@@ -173,12 +176,11 @@ async fn one(
     IdPath(id): IdPath,
     token: ConsistencyToken,
 ) -> Result<Reply, ApiError> {
-    let pool = &state.read.pool;
     let kind = (Kind::Assistant, "assistants", "assistant");
     state
         .read
-        .one(&token, kind, id, user, async || {
-            read::assistant_of(pool, user, id).await
+        .one(&token, kind, id, user, |pool| {
+            read::assistant_of(pool, user, id)
         })
         .await
 }

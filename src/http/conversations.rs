@@ -214,7 +214,10 @@ async fn list(
     };
     state.read.catch_up(&token, &["conversations"]).await?;
     Ok(Json(
-        read::conversations_of(&state.read.pool, user, &filter, page).await?,
+        state
+            .read
+            .query(|pool| read::conversations_of(pool, user, &filter, page))
+            .await?,
     ))
 }
 
@@ -225,12 +228,11 @@ async fn one(
     IdPath(id): IdPath,
     token: ConsistencyToken,
 ) -> Result<Reply, ApiError> {
-    let pool = &state.read.pool;
     let kind = (Kind::Conversation, "conversations", "conversation");
     state
         .read
-        .one(&token, kind, id, user, async || {
-            read::conversation_of(pool, user, id).await
+        .one(&token, kind, id, user, |pool| {
+            read::conversation_of(pool, user, id)
         })
         .await
 }
@@ -245,7 +247,9 @@ async fn messages(
 ) -> Result<Json<List<MessageView>>, ApiError> {
     let ListParams(page) = ListParams::parse(&raw, false)?;
     state.read.catch_up(&token, &["messages"]).await?;
-    read::messages_of(&state.read.pool, user, id, page)
+    state
+        .read
+        .query(|pool| read::messages_of(pool, user, id, page))
         .await?
         .map(Json)
         .ok_or(ApiError::NotFound("conversation"))

@@ -170,9 +170,11 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Closed => ApiError::Unavailable("the service is shutting down".into()),
-            StoreError::Sqlx(sqlx::Error::PoolTimedOut) => {
-                tracing::warn!("database pool timed out");
-                ApiError::Unavailable("the database is busy; try again".into())
+            e if e.is_transient() => {
+                tracing::warn!(error = %e, "database unavailable for this request; answered 503");
+                ApiError::Unavailable(
+                    "the database connection was interrupted or is busy; try again".into(),
+                )
             }
             e => ApiError::Internal(e.into()),
         }

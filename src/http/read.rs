@@ -17,7 +17,10 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{CONSISTENCY_TOKEN, error::ApiError, reply::Reply};
-use crate::{progress::Progress, store::Position};
+use crate::{
+    progress::Progress,
+    store::{Position, retrying},
+};
 
 #[derive(Clone)]
 pub struct ReadSide {
@@ -52,29 +55,56 @@ impl ReadSide {
     }
 
     /// One of the owner's resources through the cache, after waiting for the
-    /// projection that serves it (and the cache's) to pass `token`. A hit is served
-    /// as cached; a miss is read by `load` and kept, unless a newer change has been
-    /// announced since; nothing is 404.
-    pub async fn one<T, F>(
-        &self,
+    /// projection that serves it to pass `token`.
+    ///
+    /// The cache is read only when its invalidations are as current as the read
+    /// model: past the token if there is one, else at least where the projection
+    /// is. It is never waited for, so a Redis that is down or stalled (or back
+    /// with copies from before an outage, not yet tombstoned) costs a query
+    /// nothing but the Postgres read. A hit is served as cached; a miss is read
+    /// by `load` and kept, unless a newer change has been announced since;
+    /// nothing is 404.
+    pub async fn one<'a, T, Fut>(
+        &'a self,
         token: &ConsistencyToken,
         (kind, projection, what): (Kind, &str, &'static str),
         id: Uuid,
         owner: Uuid,
-        load: F,
+        load: impl Fn(&'a PgPool) -> Fut,
     ) -> Result<Reply, ApiError>
     where
         T: Serialize + Stamped,
-        F: AsyncFnOnce() -> Result<Option<T>, sqlx::Error>,
+        Fut: Future<Output = Result<Option<T>, sqlx::Error>>,
     {
-        self.catch_up(token, &[projection, "cache"]).await?;
-        if let Some(json) = self.cache.get(kind, id, owner).await {
+        self.catch_up(token, &[projection]).await?;
+        let cache_current = match token.0 {
+            Some(at) => self.progress.reached(&["cache"], at),
+            None => self.progress.at_least("cache", projection),
+        };
+        if cache_current && let Some(json) = self.cache.get(kind, id, owner).await {
             return Ok(Reply::found(json));
         }
-        let view = load().await?.ok_or(ApiError::NotFound(what))?;
+        let view = self.query(load).await?.ok_or(ApiError::NotFound(what))?;
         let json = serde_json::to_value(&view).map_err(anyhow::Error::from)?;
         self.cache.fill(kind, id, owner, view.stamp(), &json).await;
         Ok(Reply::found(json))
+    }
+}
+
+impl ReadSide {
+    /// Run a read-model query, again while its connection fails under it (a
+    /// restart, a failover, a killed backend), as often as the pool can hold
+    /// dead connections; then 503 with `Retry-After` (`ApiError` from a
+    /// transient error). Queries are reads: repeating one is always safe.
+    pub async fn query<'a, T, Fut>(
+        &'a self,
+        read: impl Fn(&'a PgPool) -> Fut,
+    ) -> Result<T, ApiError>
+    where
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        let attempts = self.pool.options().get_max_connections() + 1;
+        Ok(retrying(attempts, || read(&self.pool)).await?)
     }
 }
 

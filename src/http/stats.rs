@@ -59,7 +59,10 @@ async fn usage(
         }
     };
     state.read.catch_up(&token, &["usage_daily"]).await?;
-    let rows = read::usage_of(&state.read.pool, user, from, to, group_by).await?;
+    let rows = state
+        .read
+        .query(|pool| read::usage_of(pool, user, from, to, group_by))
+        .await?;
     let total = rows.iter().fold([0i64; 4], |t, r| {
         [
             t[0] + r.messages,

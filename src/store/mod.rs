@@ -172,6 +172,91 @@ pub enum StoreError {
     Closed,
 }
 
+impl StoreError {
+    /// Whether the same statement could well succeed if tried again: the
+    /// connection was lost or refused (a restart, a failover, an idle-connection
+    /// killer, `pg_terminate_backend`), the pool had none to give in time, or the
+    /// transaction lost a serialization race. Such errors are the database's
+    /// weather, not the request's fault: callers retry them where that is safe
+    /// and otherwise answer 503 with `Retry-After`, never 500.
+    pub fn is_transient(&self) -> bool {
+        let error = match self {
+            StoreError::Sqlx(e) => e,
+            StoreError::Shared(e) => e.as_ref(),
+            StoreError::Closed => return false,
+        };
+        transient(error)
+    }
+}
+
+/// An error that can say whether trying again could help.
+pub trait Transient {
+    fn is_transient(&self) -> bool;
+}
+
+impl Transient for StoreError {
+    fn is_transient(&self) -> bool {
+        StoreError::is_transient(self)
+    }
+}
+
+impl Transient for sqlx::Error {
+    fn is_transient(&self) -> bool {
+        transient(self)
+    }
+}
+
+/// Run a read again while it fails on a transient error, at most `attempts`
+/// times, pausing a little longer each time (10, 20, 40… ms, at most 100).
+///
+/// Only for what is safe to repeat: reads, and nothing whose first attempt may
+/// have committed. Each attempt takes another pooled connection, and after a
+/// restart or a mass `pg_terminate_backend` every idle connection of the pool is
+/// dead at once (each is found out, and dropped, by the attempt that meets it):
+/// size `attempts` to the pool.
+pub async fn retrying<T, E, F, Fut>(attempts: u32, mut read: F) -> Result<T, E>
+where
+    E: Transient + fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut attempt = 1;
+    loop {
+        match read().await {
+            Err(e) if e.is_transient() && attempt < attempts => {
+                tracing::debug!(attempt, error = %e, "read interrupted; trying again");
+                let pause = (10u64 << attempt.min(4)).min(100);
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                attempt += 1;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
+/// See [`StoreError::is_transient`].
+pub fn transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(e) => e.code().is_some_and(|code| {
+            // Class 08: connection exceptions. 57P01–57P03: the server is
+            // shutting down, crashed or not yet accepting connections (what a
+            // terminated backend reports). 40001/40P01: serialization failure,
+            // deadlock. 53300: too many connections.
+            code.starts_with("08")
+                || matches!(
+                    code.as_ref(),
+                    "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "53300"
+                )
+        }),
+        _ => false,
+    }
+}
+
 /// The event store as the rest of the service uses it.
 #[async_trait::async_trait]
 pub trait EventStore: Send + Sync + 'static {

@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use super::{
     AppendError, AppendRequest, Appended, EventStore, IdempotencyRecord, Position, RecordedEvent,
-    StoreError, StoredResponse,
+    StoreError, StoredResponse, retrying,
 };
 
 /// Tuning of the coalescer.
@@ -45,7 +45,7 @@ impl Default for CoalescingConfig {
 }
 
 struct Job {
-    request: AppendRequest,
+    request: Arc<AppendRequest>,
     reply: oneshot::Sender<Result<Appended, AppendError>>,
 }
 
@@ -150,6 +150,12 @@ impl PgEventStore {
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
+
+    /// How often a read is tried when connections fail under it: one more than
+    /// the pool can hold dead connections (see `store::retrying`).
+    fn read_attempts(&self) -> u32 {
+        self.pool.options().get_max_connections() + 1
+    }
 }
 
 async fn flush_loop(
@@ -179,7 +185,7 @@ async fn flush_loop(
                 }
             }
         }
-        let requests: Vec<&AppendRequest> = jobs.iter().map(|j| &j.request).collect();
+        let requests: Vec<&AppendRequest> = jobs.iter().map(|j| j.request.as_ref()).collect();
         let waited = std::time::Instant::now();
         let connection = pool.acquire().await;
         metrics::histogram!("db_pool_acquire_seconds").record(waited.elapsed().as_secs_f64());
@@ -674,9 +680,83 @@ fn recorded_event(row: PgRow) -> Result<RecordedEvent, sqlx::Error> {
     })
 }
 
-#[async_trait::async_trait]
-impl EventStore for PgEventStore {
-    async fn append(&self, request: AppendRequest) -> Result<Appended, AppendError> {
+/// Attempts at one command's append when the database connection fails under it.
+/// Each attempt takes another pooled connection, and every idle connection of
+/// the pool may have been cut at once (a restart, `pg_terminate_backend`), so a
+/// few attempts are worth it; past them the caller answers 503.
+const APPEND_ATTEMPTS: u32 = 5;
+
+impl PgEventStore {
+    /// Append, riding out dropped connections without ever appending twice.
+    ///
+    /// When an attempt fails on a transient error (`StoreError::is_transient`),
+    /// the commit may or may not have happened before the connection went. The
+    /// next attempt first looks for the command's own events by id: found, the
+    /// append succeeded and that is the answer; absent, nothing of it committed
+    /// and it is appended again. A lookup that fails too is asked again before
+    /// anything is re-appended. A re-append that meets a version conflict looks
+    /// once more, in case the first attempt's commit landed late.
+    async fn append_riding_out_failures(
+        &self,
+        request: AppendRequest,
+    ) -> Result<Appended, AppendError> {
+        let request = Arc::new(request);
+        let mut last = None;
+        for attempt in 0..APPEND_ATTEMPTS {
+            if attempt > 0 {
+                match self.find_appended(&request).await {
+                    Ok(Some(appended)) => return Ok(appended),
+                    Ok(None) => {}
+                    Err(e) if e.is_transient() => {
+                        last = Some(e);
+                        backoff(attempt).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            match self.append_once(request.clone()).await {
+                Err(AppendError::Database(e)) if e.is_transient() => {
+                    tracing::warn!(attempt, error = %e, "append interrupted; checking whether it committed");
+                    last = Some(e);
+                    backoff(attempt).await;
+                }
+                Err(conflict @ AppendError::VersionConflict { .. }) if attempt > 0 => {
+                    return match self.find_appended(&request).await {
+                        Ok(Some(appended)) => Ok(appended),
+                        _ => Err(conflict),
+                    };
+                }
+                outcome => return outcome,
+            }
+        }
+        Err(AppendError::Database(last.unwrap_or(StoreError::Closed)))
+    }
+
+    /// Where the command's events are, if they were committed (a command's
+    /// events go in all or none, so one found means all).
+    async fn find_appended(&self, request: &AppendRequest) -> Result<Option<Appended>, StoreError> {
+        let ids: Vec<Uuid> = request.events.iter().map(|e| e.event_id).collect();
+        let found: Option<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT version, global_position, transaction_id::text::int8 FROM events
+             WHERE event_id = ANY($1) ORDER BY version DESC LIMIT 1",
+        )
+        .bind(&ids)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(
+            found.map(|(version, global_position, transaction_id)| Appended {
+                version,
+                position: Position {
+                    transaction_id,
+                    global_position,
+                },
+            }),
+        )
+    }
+
+    /// One attempt: directly, or through a flusher.
+    async fn append_once(&self, request: Arc<AppendRequest>) -> Result<Appended, AppendError> {
         // Nobody to coalesce with and a free slot: append directly, sparing the
         // hand-off to a flusher. (Only this caller's append is at stake if the
         // caller is cancelled mid-way; queued appends never ride on it.)
@@ -688,7 +768,7 @@ impl EventStore for PgEventStore {
                 Some(conn) => conn,
                 None => slot.insert(self.pool.acquire().await.map_err(StoreError::from)?),
             };
-            let outcome = append_batch(conn, &[&request])
+            let outcome = append_batch(conn, &[request.as_ref()])
                 .await
                 .pop()
                 .unwrap_or(Err(AppendError::Empty));
@@ -705,14 +785,29 @@ impl EventStore for PgEventStore {
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
+}
+
+/// A short pause between attempts that grows with them (10, 20, 40… ms).
+async fn backoff(attempt: u32) {
+    tokio::time::sleep(std::time::Duration::from_millis(10 << attempt.min(6))).await;
+}
+
+#[async_trait::async_trait]
+impl EventStore for PgEventStore {
+    async fn append(&self, request: AppendRequest) -> Result<Appended, AppendError> {
+        self.append_riding_out_failures(request).await
+    }
 
     async fn read_stream(&self, stream_id: Uuid) -> Result<Vec<RecordedEvent>, StoreError> {
         let sql =
             format!("SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY version");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(stream_id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = retrying(self.read_attempts(), || async {
+            sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+                .bind(stream_id)
+                .fetch_all(&self.pool)
+                .await
+        })
+        .await?;
         Ok(rows
             .into_iter()
             .map(recorded_event)
@@ -734,12 +829,15 @@ impl EventStore for PgEventStore {
              ORDER BY transaction_id, global_position
              LIMIT $3"
         );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(after.transaction_id)
-            .bind(after.global_position)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = retrying(self.read_attempts(), || async {
+            sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+                .bind(after.transaction_id)
+                .bind(after.global_position)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+        })
+        .await?;
         Ok(rows
             .into_iter()
             .map(recorded_event)
@@ -751,15 +849,14 @@ impl EventStore for PgEventStore {
         scope: &'static str,
         value: &str,
     ) -> Result<Option<Uuid>, StoreError> {
-        Ok(
-            sqlx::query_scalar(
-                "SELECT stream_id FROM reservations WHERE scope = $1 AND value = $2",
-            )
-            .bind(scope)
-            .bind(value)
-            .fetch_optional(&self.pool)
-            .await?,
-        )
+        Ok(retrying(self.read_attempts(), || async {
+            sqlx::query_scalar("SELECT stream_id FROM reservations WHERE scope = $1 AND value = $2")
+                .bind(scope)
+                .bind(value)
+                .fetch_optional(&self.pool)
+                .await
+        })
+        .await?)
     }
 
     async fn find_idempotency(
@@ -767,14 +864,17 @@ impl EventStore for PgEventStore {
         owner_id: Uuid,
         key: &str,
     ) -> Result<Option<(Vec<u8>, StoredResponse)>, StoreError> {
-        let Some(row) = sqlx::query(
-            "SELECT request_hash, response_status, response_headers, response_body,
-                    transaction_id, global_position
-             FROM idempotency_keys WHERE owner_id = $1 AND key = $2",
-        )
-        .bind(owner_id)
-        .bind(key)
-        .fetch_optional(&self.pool)
+        let Some(row) = retrying(self.read_attempts(), || async {
+            sqlx::query(
+                "SELECT request_hash, response_status, response_headers, response_body,
+                        transaction_id, global_position
+                 FROM idempotency_keys WHERE owner_id = $1 AND key = $2",
+            )
+            .bind(owner_id)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+        })
         .await?
         else {
             return Ok(None);

@@ -1,0 +1,391 @@
+//! Redis caches of single resources (`<prefix>:user:<id>`, `:assistant:<id>`,
+//! `:conversation:<id>`), each a hash holding the JSON a query returns (`json`),
+//! its owner, and a stamp: the commit position it is current as of.
+//!
+//! The `cache` projection does not write values: on each event it stamps the
+//! keys the event touches with the event's position and drops their JSON (a
+//! tombstone). Queries read through: a hit is served; a miss or tombstone is read
+//! from Postgres and filled only if the row is at least as new as the stamp. So a
+//! query that read a row just before a projection moved it can never put the old
+//! copy back, whatever order the two race in. With Redis down, every read is a
+//! miss and queries answer from Postgres; `ping()` and the `cache_available` gauge say so.
+//! Queries give Redis only a short timeout and stay away from it while the
+//! circuit breaker (`breaker`) is open, so a stalled Redis costs them little.
+
+mod breaker;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use std::collections::HashMap;
+
+use redis::{Script, aio::ConnectionManager};
+use serde_json::Value;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use self::breaker::Breaker;
+use crate::{
+    envelope::{Event, EventEnvelope, Position},
+    projection::{Decoded, Projection, ProjectionError},
+};
+
+/// Which kind of resource a key caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    User,
+    Assistant,
+    Conversation,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::User => "user",
+            Kind::Assistant => "assistant",
+            Kind::Conversation => "conversation",
+        }
+    }
+}
+
+/// Stamp a key with a position and drop its value, unless it is already newer.
+const INVALIDATE: &str = r#"
+local tx, gp = tonumber(redis.call('HGET', KEYS[1], 'tx') or '-1'), tonumber(redis.call('HGET', KEYS[1], 'gp') or '-1')
+local ntx, ngp = tonumber(ARGV[1]), tonumber(ARGV[2])
+if tx > ntx or (tx == ntx and gp >= ngp) then return 0 end
+redis.call('HDEL', KEYS[1], 'json', 'owner')
+redis.call('HSET', KEYS[1], 'tx', ARGV[1], 'gp', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"#;
+
+/// Store a value read at a position, unless the key is stamped newer.
+const FILL: &str = r#"
+local tx, gp = tonumber(redis.call('HGET', KEYS[1], 'tx') or '-1'), tonumber(redis.call('HGET', KEYS[1], 'gp') or '-1')
+local ntx, ngp = tonumber(ARGV[1]), tonumber(ARGV[2])
+if tx > ntx or (tx == ntx and gp > ngp) then return 0 end
+redis.call('HSET', KEYS[1], 'tx', ARGV[1], 'gp', ARGV[2], 'json', ARGV[3], 'owner', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"#;
+
+/// The cache as queries and the projection use it. Cheap to clone.
+#[derive(Clone)]
+pub struct Cache {
+    client: Option<redis::Client>,
+    /// The live connection, made on first use (it reconnects by itself).
+    connection: Arc<tokio::sync::Mutex<Option<ConnectionManager>>>,
+    prefix: String,
+    ttl: Duration,
+    /// Longest a query waits for Redis before reading Postgres instead.
+    query_timeout: Duration,
+    /// Whether queries ask Redis at all right now (see `breaker`).
+    breaker: Arc<Breaker>,
+    available: Arc<AtomicBool>,
+    invalidate: Arc<Script>,
+    fill: Arc<Script>,
+}
+
+/// Longest the projection (which must not skip an invalidation, and is not on a
+/// request's path) waits for one Redis call, and for a connection.
+const PROJECTION_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl Cache {
+    /// A cache on `url`. Connecting happens on first use, so an unreachable
+    /// Redis never stops the service from starting. Queries give Redis at most
+    /// `query_timeout` per call.
+    pub fn new(url: &str, prefix: &str, ttl: Duration, query_timeout: Duration) -> Cache {
+        let client = redis::Client::open(url)
+            .inspect_err(
+                |e| tracing::warn!(error = %e, "REDIS_URL is not usable; caching disabled"),
+            )
+            .ok();
+        Cache {
+            client,
+            connection: Default::default(),
+            prefix: prefix.to_owned(),
+            ttl,
+            query_timeout,
+            breaker: Default::default(),
+            available: Arc::new(AtomicBool::new(false)),
+            invalidate: Arc::new(Script::new(INVALIDATE)),
+            fill: Arc::new(Script::new(FILL)),
+        }
+    }
+
+    /// The connection, made now if there is none yet.
+    async fn redis(&self) -> redis::RedisResult<ConnectionManager> {
+        let client = self.client.clone().ok_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::Io, "REDIS_URL is not usable"))
+        })?;
+        let mut connection = self.connection.lock().await;
+        if let Some(manager) = &*connection {
+            return Ok(manager.clone());
+        }
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(PROJECTION_TIMEOUT))
+            .set_response_timeout(Some(PROJECTION_TIMEOUT))
+            .set_number_of_retries(1);
+        let manager = ConnectionManager::new_with_config(client, config).await?;
+        *connection = Some(manager.clone());
+        Ok(manager)
+    }
+
+    /// Run a query's call to Redis, unless the breaker keeps queries away from
+    /// it; at most `query_timeout`. `None` when skipped, failed or too slow.
+    async fn query<T>(
+        &self,
+        call: impl AsyncFnOnce(ConnectionManager) -> redis::RedisResult<T>,
+    ) -> Option<T> {
+        if !self.breaker.allow() {
+            return None;
+        }
+        let outcome = tokio::time::timeout(self.query_timeout, async {
+            let redis = self.redis().await?;
+            call(redis).await
+        })
+        .await;
+        match outcome {
+            Ok(Ok(value)) => {
+                self.succeeded();
+                Some(value)
+            }
+            Ok(Err(e)) => {
+                self.failed(&e.to_string());
+                None
+            }
+            Err(_) => {
+                self.failed("no answer within the query timeout");
+                None
+            }
+        }
+    }
+
+    fn succeeded(&self) {
+        self.breaker.succeeded();
+        if !self.available.swap(true, Ordering::Relaxed) {
+            tracing::info!("redis answers again; queries read through the cache");
+        }
+        metrics::gauge!("cache_available").set(1.0);
+    }
+
+    fn failed(&self, error: &str) {
+        self.breaker.failed();
+        if self.available.swap(false, Ordering::Relaxed) {
+            tracing::warn!(error, "redis call failed; answering from Postgres");
+        }
+        metrics::gauge!("cache_available").set(0.0);
+    }
+
+    /// Ask Redis whether it answers (for readiness checks).
+    pub async fn ping(&self) -> bool {
+        let pong: Option<String> = self
+            .query(async |mut redis| redis::cmd("PING").query_async(&mut redis).await)
+            .await;
+        pong.is_some()
+    }
+
+    pub fn key(&self, kind: Kind, id: Uuid) -> String {
+        format!("{}:{}:{id}", self.prefix, kind.as_str())
+    }
+
+    /// The cached JSON of a resource, if present and owned by `owner`.
+    pub async fn get(&self, kind: Kind, id: Uuid, owner: Uuid) -> Option<Value> {
+        let key = self.key(kind, id);
+        let (json, cached_owner): (Option<String>, Option<String>) = self
+            .query(async |mut redis| {
+                redis::cmd("HMGET")
+                    .arg(&key)
+                    .arg("json")
+                    .arg("owner")
+                    .query_async(&mut redis)
+                    .await
+            })
+            .await?;
+        let hit = cached_owner
+            .is_some_and(|o| o == owner.to_string())
+            .then(|| json.and_then(|j| serde_json::from_str(&j).ok()))
+            .flatten();
+        let result = if hit.is_some() { "hit" } else { "miss" };
+        metrics::counter!("cache_requests_total", "result" => result).increment(1);
+        hit
+    }
+
+    /// Keep `json` (read from Postgres as of `at`) unless the key is stamped newer.
+    pub async fn fill(&self, kind: Kind, id: Uuid, owner: Uuid, at: Position, json: &Value) {
+        let key = self.key(kind, id);
+        let _: Option<i64> = self
+            .query(async |mut redis| {
+                self.fill
+                    .key(&key)
+                    .arg(at.transaction_id)
+                    .arg(at.global_position)
+                    .arg(json.to_string())
+                    .arg(owner.to_string())
+                    .arg(self.ttl.as_secs())
+                    .invoke_async(&mut redis)
+                    .await
+            })
+            .await;
+    }
+
+    /// Stamp a key with an event's position, dropping the value it held. Fails
+    /// when Redis is unreachable: an invalidation must never be skipped. Not
+    /// held back by the breaker (the projection's retries are its probes).
+    pub async fn invalidate(&self, kind: Kind, id: Uuid, at: Position) -> redis::RedisResult<()> {
+        let result: redis::RedisResult<i64> = async {
+            let mut redis = self.redis().await?;
+            self.invalidate
+                .key(self.key(kind, id))
+                .arg(at.transaction_id)
+                .arg(at.global_position)
+                .arg(self.ttl.as_secs())
+                .invoke_async(&mut redis)
+                .await
+        }
+        .await;
+        match result {
+            Ok(_) => {
+                self.succeeded();
+                Ok(())
+            }
+            Err(e) => {
+                self.failed(&e.to_string());
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Cache {
+    /// Drop every key under this instance's prefix (after a rebuild swapped read
+    /// models in: their rows may differ from what was cached). Queries fill the
+    /// keys again through `fill`. Fails when Redis is unreachable.
+    pub async fn forget_all(&self) -> redis::RedisResult<u64> {
+        let mut redis = self.redis().await?;
+        let pattern = format!("{}:*", self.prefix);
+        let mut cursor: u64 = 0;
+        let mut dropped = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut redis)
+                .await?;
+            if !keys.is_empty() {
+                dropped += keys.len() as u64;
+                let _: i64 = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut redis)
+                    .await?;
+            }
+            if next == 0 {
+                return Ok(dropped);
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// Projection `cache`: tombstones the keys each event touches.
+///
+/// The Redis calls are made in `prepare`, before the batch's transaction opens
+/// (a stalled Redis must not hold a transaction, and with it the relay's read
+/// horizon, open); they are stamped, so a batch prepared twice changes nothing
+/// the second time. `apply` only keeps the conversation → assistant lookup.
+pub struct CacheInvalidation {
+    pub cache: Cache,
+}
+
+/// Events after which a conversation's assistant is no longer as cached: its
+/// conversation and message counts and its last activity moved.
+fn moves_its_assistant(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::ConversationStarted(_)
+            | Event::MessagePosted(_)
+            | Event::ReplyRequested(_)
+            | Event::ReplyCompleted(_)
+    )
+}
+
+#[async_trait::async_trait]
+impl Projection for CacheInvalidation {
+    fn name(&self) -> &'static str {
+        "cache"
+    }
+
+    async fn prepare(&self, pool: &PgPool, batch: &[&Decoded]) -> Result<(), ProjectionError> {
+        // Each conversation's assistant: from the batch's own starts, else from
+        // the lookup the earlier batches kept (one query for the batch).
+        let mut assistant_of: HashMap<Uuid, Uuid> = batch
+            .iter()
+            .filter_map(|d| match &d.event {
+                Event::ConversationStarted(c) => Some((d.envelope.stream_id, c.assistant_id)),
+                _ => None,
+            })
+            .collect();
+        let unknown: Vec<Uuid> = batch
+            .iter()
+            .filter(|d| d.envelope.stream_type == "conversation" && moves_its_assistant(&d.event))
+            .map(|d| d.envelope.stream_id)
+            .filter(|id| !assistant_of.contains_key(id))
+            .collect();
+        if !unknown.is_empty() {
+            let known: Vec<(Uuid, Uuid)> = sqlx::query_as(
+                "SELECT conversation_id, assistant_id FROM cache_conversations
+                 WHERE conversation_id = ANY($1)",
+            )
+            .bind(&unknown)
+            .fetch_all(pool)
+            .await?;
+            assistant_of.extend(known);
+        }
+        for Decoded { envelope: e, event } in batch.iter().copied() {
+            let at = e.position();
+            let kind = match e.stream_type.as_str() {
+                "user" => Kind::User,
+                "assistant" => Kind::Assistant,
+                "conversation" => Kind::Conversation,
+                _ => continue,
+            };
+            self.cache.invalidate(kind, e.stream_id, at).await?;
+            if kind == Kind::Conversation
+                && moves_its_assistant(event)
+                && let Some(assistant) = assistant_of.get(&e.stream_id)
+            {
+                self.cache
+                    .invalidate(Kind::Assistant, *assistant, at)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        e: &EventEnvelope,
+        event: &Event,
+    ) -> Result<(), ProjectionError> {
+        if let Event::ConversationStarted(c) = event {
+            sqlx::query(
+                "INSERT INTO cache_conversations (conversation_id, assistant_id)
+                 VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(e.stream_id)
+            .bind(c.assistant_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok(())
+    }
+}
