@@ -311,7 +311,8 @@ fn provider(config: &Config) -> anyhow::Result<Arc<dyn Provider>> {
                 .gemini_api_key
                 .as_ref()
                 .ok_or_else(|| anyhow::anyhow!("LLM_PROVIDER=gemini needs GEMINI_API_KEY"))?;
-            Arc::new(Gemini::new(&config.gemini_base_url, key)?)
+            let idle_timeout = Duration::from_secs_f64(config.llm_idle_timeout_seconds);
+            Arc::new(Gemini::new(&config.gemini_base_url, key, idle_timeout)?)
         }
     })
 }
