@@ -578,6 +578,26 @@ async fn ended_reply(app: &TestApp, token: &str, conversation: &str, reply: &str
     .await
 }
 
+/// `GET /stats/usage?group_by=model` once `usage_daily` totals `total_tokens`.
+async fn usage_by_model_once(app: &TestApp, token: &str, total_tokens: &Value) -> Value {
+    eventually("usage_daily has the reply's tokens", async || {
+        let stats: Value = app
+            .client
+            .get(app.url("/api/v1/stats/usage?group_by=model"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (&stats["total"]["total_tokens"] == total_tokens)
+            .then(|| stats.clone())
+            .ok_or(stats.to_string())
+    })
+    .await
+}
+
 /// The payload of each event of `event_type` for `reply`, from the store.
 async fn reply_events(app: &TestApp, event_type: &str, reply: &str) -> Vec<Value> {
     sqlx::query_scalar(
@@ -625,22 +645,7 @@ async fn with_the_defaults_a_message_is_answered_offline_with_usage() {
     assert_eq!(reply_events(&app, "ReplyCompleted", &reply).await.len(), 1);
 
     // The tokens reach usage_daily.
-    let stats = eventually("usage_daily has the reply's tokens", async || {
-        let stats: Value = app
-            .client
-            .get(app.url("/api/v1/stats/usage?group_by=model"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        (stats["total"]["total_tokens"] == usage["total_tokens"])
-            .then(|| stats.clone())
-            .ok_or(stats.to_string())
-    })
-    .await;
+    let stats = usage_by_model_once(&app, &token, &usage["total_tokens"]).await;
     assert_eq!(stats["data"][0]["model"], "gemini-2.5-flash+offline");
     assert_eq!(stats["total"]["prompt_tokens"], usage["prompt_tokens"]);
 
@@ -797,9 +802,17 @@ async fn a_rate_limit_is_waited_out_as_its_retry_info_asks() {
     assert_eq!(reply_events(&app, "ReplyFailed", &reply).await.len(), 0);
 }
 
-/// Ask once through a fake Gemini with `script`; the reply, ended, and its
-/// ReplyFailed events.
-async fn failed_through(script: Script, extra: &[&str], email: &str) -> (Value, Vec<Value>, usize) {
+/// A reply that failed: its one ReplyFailed, and how often the model was asked.
+#[derive(Debug, PartialEq)]
+struct Failed {
+    error: String,
+    retryable: bool,
+    attempts: u64,
+    asked: usize,
+}
+
+/// Ask once through a fake Gemini with `script`, and wait for the reply to fail.
+async fn failed_through(script: Script, extra: &[&str], email: &str) -> Failed {
     let gemini = FakeGemini::start(script).await;
     let app = spawn_app_with(&gemini.args(extra)).await;
     let (token, conversation, reply) = ask(&app, email, "How do I get past the gate?").await;
@@ -808,58 +821,57 @@ async fn failed_through(script: Script, extra: &[&str], email: &str) -> (Value, 
     assert_eq!(reply_events(&app, "ReplyCompleted", &reply).await.len(), 0);
     let failed = reply_events(&app, "ReplyFailed", &reply).await;
     assert_eq!(failed.len(), 1);
-    (ended, failed, gemini.seen().len())
+    assert_eq!(
+        ended["error"], failed[0]["error"],
+        "the list shows the stored error"
+    );
+    Failed {
+        error: failed[0]["error"].as_str().unwrap().to_owned(),
+        retryable: failed[0]["retryable"].as_bool().unwrap(),
+        attempts: failed[0]["attempts"].as_u64().unwrap(),
+        asked: gemini.seen().len(),
+    }
 }
 
 #[tokio::test]
 async fn a_daily_quota_fails_the_reply_at_once_saying_so() {
-    let (ended, failed, asked) = failed_through(Script::DailyQuota, &[], "daily@example.com").await;
-    let error = failed[0]["error"].as_str().unwrap();
+    let failed = failed_through(Script::DailyQuota, &[], "daily@example.com").await;
     assert!(
-        error.starts_with("rate_limited: quota: the daily quota is spent; gemini 429 RESOURCE_EXHAUSTED: You exceeded your current quota"),
-        "{error}"
+        failed.error.starts_with("rate_limited: quota: the daily quota is spent; gemini 429 RESOURCE_EXHAUSTED: You exceeded your current quota"),
+        "{failed:?}"
     );
     assert!(
-        error.contains("GenerateRequestsPerDayPerProjectPerModel-FreeTier"),
-        "{error}"
+        failed
+            .error
+            .contains("GenerateRequestsPerDayPerProjectPerModel-FreeTier")
     );
-    assert_eq!(ended["error"], failed[0]["error"]);
-    // Retryable later (tomorrow), but not waited for now: one request, not the five
-    // seconds RetryInfo suggested and a retry.
+    // Retryable later (tomorrow), but not waited for now: one request, not the
+    // five seconds RetryInfo suggested and a retry.
     assert_eq!(
-        (
-            failed[0]["retryable"].clone(),
-            failed[0]["attempts"].clone()
-        ),
-        (json!(true), json!(1))
+        (failed.retryable, failed.attempts, failed.asked),
+        (true, 1, 1)
     );
-    assert_eq!(asked, 1);
 }
 
 #[tokio::test]
 async fn a_quota_wait_past_the_deadline_fails_at_once_saying_so() {
     let started = Instant::now();
-    let (_, failed, asked) = failed_through(
+    let failed = failed_through(
         Script::RateLimitedOnce("47s"),
         &["--llm-deadline-seconds", "20"],
         "patient@example.com",
     )
     .await;
-    let error = failed[0]["error"].as_str().unwrap();
     assert!(
-        error.starts_with(
+        failed.error.starts_with(
             "rate_limited: quota: the wait asked for (47 s) is past the reply's deadline"
         ),
-        "{error}"
+        "{failed:?}"
     );
     assert_eq!(
-        (
-            failed[0]["retryable"].clone(),
-            failed[0]["attempts"].clone()
-        ),
-        (json!(true), json!(1))
+        (failed.retryable, failed.attempts, failed.asked),
+        (true, 1, 1)
     );
-    assert_eq!(asked, 1);
     assert!(
         started.elapsed() < Duration::from_secs(15),
         "failed fast, not at the deadline"
@@ -867,44 +879,53 @@ async fn a_quota_wait_past_the_deadline_fails_at_once_saying_so() {
 }
 
 #[tokio::test]
-async fn a_blocked_prompt_fails_as_safety_without_retrying() {
-    let (_, failed, asked) =
-        failed_through(Script::PromptBlocked, &[], "blocked@example.com").await;
-    assert_eq!(
-        failed[0]["error"],
-        "safety: the prompt was blocked (SAFETY)"
-    );
-    assert_eq!((failed[0]["retryable"].clone(), asked), (json!(false), 1));
-}
-
-#[tokio::test]
-async fn a_safety_finish_without_content_fails_as_safety() {
-    let (_, failed, asked) = failed_through(Script::Withheld, &[], "withheld@example.com").await;
-    assert_eq!(
-        failed[0]["error"],
-        "safety: the answer was withheld (finish reason SAFETY)"
-    );
-    assert_eq!((failed[0]["retryable"].clone(), asked), (json!(false), 1));
-}
-
-#[tokio::test]
-async fn an_allowance_spent_on_thinking_fails_as_empty_saying_so() {
-    let (_, failed, _) = failed_through(Script::ThoughtOut, &[], "thoughtful@example.com").await;
-    assert_eq!(
-        failed[0]["error"],
-        "empty: the answer had no text (finish reason MAX_TOKENS, after 1280 tokens of thinking)"
-    );
-    assert_eq!(failed[0]["retryable"], false);
+async fn answers_that_cannot_succeed_fail_at_once_with_their_reason() {
+    let shapes = [
+        (
+            Script::PromptBlocked,
+            "safety: the prompt was blocked (SAFETY)",
+        ),
+        (
+            Script::Withheld,
+            "safety: the answer was withheld (finish reason SAFETY)",
+        ),
+        (
+            Script::ThoughtOut,
+            "empty: the answer had no text (finish reason MAX_TOKENS, after 1280 tokens of thinking)",
+        ),
+        (
+            Script::EmptyCandidate,
+            "empty: the answer had no text (finish reason STOP)",
+        ),
+    ];
+    for (i, (script, error)) in shapes.into_iter().enumerate() {
+        let email = format!("refused{i}@example.com");
+        let failed = failed_through(script, &[], &email).await;
+        // The same request would get the same answer: not retried.
+        let at_once = Failed {
+            error: error.into(),
+            retryable: false,
+            attempts: 1,
+            asked: 1,
+        };
+        assert_eq!(failed, at_once, "{script:?}");
+    }
 }
 
 #[tokio::test]
 async fn a_safety_finish_after_streamed_text_fails_the_reply_the_stream_showed() {
-    let gemini = FakeGemini::start(Script::WithheldMidway).await;
-    let app = spawn_app_with(&gemini.args(&[])).await;
-    let (token, conversation) =
-        with_assistant(&app, "midway@example.com", "gemini-2.5-flash").await;
-    let mut live = subscribe(&app, &token, &conversation, None).await;
-    let reply = post_message(&app, &token, &conversation, "How do I get past the gate?").await;
+    let Watched {
+        gemini,
+        app,
+        reply,
+        mut live,
+        ..
+    } = watched_through(
+        Script::WithheldMidway,
+        "gemini-2.5-flash",
+        "How do I get past the gate?",
+    )
+    .await;
     let (updates, failed) = until_event(&mut live, "message.failed").await;
     assert_eq!(failed.data["id"], reply.as_str());
     assert_eq!(
@@ -920,6 +941,34 @@ async fn a_safety_finish_after_streamed_text_fails_the_reply_the_stream_showed()
     assert_eq!(gemini.seen().len(), 1);
 }
 
+/// A conversation watched over SSE while its message is answered through a fake Gemini.
+struct Watched {
+    gemini: FakeGemini,
+    app: TestApp,
+    token: String,
+    conversation: String,
+    reply: String,
+    live: tokio::sync::mpsc::Receiver<Sse>,
+}
+
+/// A user with an assistant of `model` subscribes to the conversation's stream,
+/// then posts `content`, answered through a fake Gemini with `script`.
+async fn watched_through(script: Script, model: &str, content: &str) -> Watched {
+    let gemini = FakeGemini::start(script).await;
+    let app = spawn_app_with(&gemini.args(&[])).await;
+    let (token, conversation) = with_assistant(&app, "watcher@example.com", model).await;
+    let live = subscribe(&app, &token, &conversation, None).await;
+    let reply = post_message(&app, &token, &conversation, content).await;
+    Watched {
+        gemini,
+        app,
+        token,
+        conversation,
+        reply,
+        live,
+    }
+}
+
 /// The `message.delta`s of `reply`.
 fn deltas_of<'a>(updates: &'a [Sse], reply: &str) -> Vec<&'a Sse> {
     updates
@@ -930,11 +979,14 @@ fn deltas_of<'a>(updates: &'a [Sse], reply: &str) -> Vec<&'a Sse> {
 
 #[tokio::test]
 async fn a_thinking_answer_shows_no_thought_and_its_usage_adds_up() {
-    let gemini = FakeGemini::start(Script::Thinking).await;
-    let app = spawn_app_with(&gemini.args(&[])).await;
-    let (token, conversation) = with_assistant(&app, "thinker@example.com", "gemini-2.5-pro").await;
-    let mut live = subscribe(&app, &token, &conversation, None).await;
-    let reply = post_message(&app, &token, &conversation, "Book the 9:40 to Kyoto").await;
+    let Watched {
+        gemini,
+        app,
+        token,
+        conversation,
+        reply,
+        mut live,
+    } = watched_through(Script::Thinking, "gemini-2.5-pro", "Book the 9:40 to Kyoto").await;
     let (updates, completed) = until_completed(&mut live).await;
     let answer = "Certainly. Done: Book the 9:40 to Kyoto";
     assert_eq!(completed.data["content"], answer);
@@ -957,22 +1009,7 @@ async fn a_thinking_answer_shows_no_thought_and_its_usage_adds_up() {
         json!({ "prompt_tokens": 21, "completion_tokens": 127, "total_tokens": 148,
                 "thoughts_tokens": 120, "cached_tokens": 16 })
     );
-    let stats = eventually("usage_daily has the thinking reply", async || {
-        let stats: Value = app
-            .client
-            .get(app.url("/api/v1/stats/usage?group_by=model"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        (stats["total"]["total_tokens"] == 148)
-            .then(|| stats.clone())
-            .ok_or(stats.to_string())
-    })
-    .await;
+    let stats = usage_by_model_once(&app, &token, &json!(148)).await;
     assert_eq!(stats["total"]["prompt_tokens"], 21);
     assert_eq!(stats["total"]["completion_tokens"], 127);
     assert_eq!(stats["data"][0]["model"], "gemini-2.5-pro-001");
@@ -987,12 +1024,13 @@ async fn a_thinking_answer_shows_no_thought_and_its_usage_adds_up() {
 
 #[tokio::test]
 async fn an_error_inside_the_stream_fails_the_attempt_and_the_next_one_answers() {
-    let gemini = FakeGemini::start(Script::ErrorEventOnce).await;
-    let app = spawn_app_with(&gemini.args(&[])).await;
-    let (token, conversation) =
-        with_assistant(&app, "midstream@example.com", "gemini-2.5-flash").await;
-    let mut live = subscribe(&app, &token, &conversation, None).await;
-    let reply = post_message(&app, &token, &conversation, "Move my 3 pm").await;
+    let Watched {
+        gemini,
+        app,
+        reply,
+        mut live,
+        ..
+    } = watched_through(Script::ErrorEventOnce, "gemini-2.5-flash", "Move my 3 pm").await;
     let (updates, completed) = until_completed(&mut live).await;
     assert_eq!(completed.data["content"], "Certainly. Done: Move my 3 pm");
     let first: Vec<&Sse> = deltas_of(&updates, &reply)
@@ -1044,7 +1082,7 @@ async fn a_tuned_model_is_asked_by_its_own_name() {
 }
 
 #[tokio::test]
-async fn an_answer_that_keeps_coming_is_not_cut_but_silence_is() {
+async fn an_answer_that_keeps_coming_is_not_cut_by_the_idle_timeout() {
     // Three pieces 400 ms apart: 1.2 s in all, past the 1 s idle timeout, never silent that long.
     let gemini = FakeGemini::start(Script::Trickle(Duration::from_millis(400))).await;
     let app = spawn_app_with(&gemini.args(&["--llm-idle-timeout-seconds", "1"])).await;
@@ -1052,31 +1090,6 @@ async fn an_answer_that_keeps_coming_is_not_cut_but_silence_is() {
     let answered = ended_reply(&app, &token, &conversation, &reply).await;
     assert_eq!(answered["status"], "completed", "{answered}");
     assert_eq!(gemini.seen().len(), 1);
-
-    // One piece, then silence past the idle timeout: the attempt fails, and so does its retry.
-    let gemini = FakeGemini::start(Script::StallAfterFirst(Duration::from_secs(5))).await;
-    let app = spawn_app_with(&gemini.args(&[
-        "--llm-idle-timeout-seconds",
-        "1",
-        "--llm-max-attempts",
-        "2",
-    ]))
-    .await;
-    let (token, conversation, reply) = ask(&app, "stalled@example.com", "Plan Monday").await;
-    let failed = ended_reply(&app, &token, &conversation, &reply).await;
-    assert_eq!(failed["status"], "failed");
-    let events = reply_events(&app, "ReplyFailed", &reply).await;
-    assert_eq!(
-        events[0]["error"],
-        "timeout: the answer stopped coming: Gemini was silent for 1000 ms"
-    );
-    assert_eq!(
-        (
-            events[0]["retryable"].clone(),
-            events[0]["attempts"].clone()
-        ),
-        (json!(true), json!(2))
-    );
 }
 
 #[tokio::test]
@@ -1131,48 +1144,35 @@ async fn an_unavailable_model_is_retried_until_the_deadline() {
 }
 
 #[tokio::test]
-async fn an_answer_without_text_is_a_failure_with_its_reason() {
-    let gemini = FakeGemini::start(Script::EmptyCandidate).await;
-    let app = spawn_app_with(&gemini.args(&[])).await;
-    let (token, conversation, reply) = ask(&app, "empty@example.com", "Hello").await;
-    let failed = ended_reply(&app, &token, &conversation, &reply).await;
-    assert_eq!(failed["status"], "failed");
-    assert!(
-        failed["error"].as_str().unwrap().contains("no text"),
-        "{failed}"
-    );
-    let events = reply_events(&app, "ReplyFailed", &reply).await;
-    assert_eq!(
+async fn silence_past_the_idle_timeout_fails_as_a_timeout() {
+    let silences = [
+        // Before the response head...
         (
-            events[0]["retryable"].clone(),
-            events[0]["attempts"].clone()
+            Script::Slow(Duration::from_secs(3)),
+            "timeout: no response: Gemini was silent for 300 ms",
         ),
-        (json!(false), json!(1))
-    );
-}
-
-#[tokio::test]
-async fn a_slow_answer_past_the_timeout_fails_as_a_timeout() {
-    let gemini = FakeGemini::start(Script::Slow(Duration::from_secs(3))).await;
-    let app = spawn_app_with(&gemini.args(&[
-        "--llm-idle-timeout-seconds",
-        "0.3",
-        "--llm-max-attempts",
-        "2",
-    ]))
-    .await;
-    let (token, conversation, reply) = ask(&app, "slow@example.com", "Hello").await;
-    let failed = ended_reply(&app, &token, &conversation, &reply).await;
-    assert_eq!(failed["status"], "failed");
-    let events = reply_events(&app, "ReplyFailed", &reply).await;
-    assert_eq!(events[0]["attempts"], 2);
-    assert_eq!(events[0]["retryable"], true);
-    assert!(
-        events[0]["error"].as_str().unwrap().starts_with("timeout"),
-        "{}",
-        events[0]
-    );
-    assert_eq!(gemini.seen().len(), 2);
+        // ...and between two pieces of a streamed answer.
+        (
+            Script::StallAfterFirst(Duration::from_secs(3)),
+            "timeout: the answer stopped coming: Gemini was silent for 300 ms",
+        ),
+    ];
+    for (i, (script, error)) in silences.into_iter().enumerate() {
+        let idle = [
+            "--llm-idle-timeout-seconds",
+            "0.3",
+            "--llm-max-attempts",
+            "2",
+        ];
+        let failed = failed_through(script, &idle, &format!("silent{i}@example.com")).await;
+        let each_attempt_timed_out = Failed {
+            error: error.into(),
+            retryable: true,
+            attempts: 2,
+            asked: 2,
+        };
+        assert_eq!(failed, each_attempt_timed_out, "{script:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
