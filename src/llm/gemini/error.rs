@@ -139,10 +139,14 @@ fn quota_window(quota_ids: &[&str]) -> Option<Quota> {
 }
 
 /// A protobuf `Duration` in its JSON form: seconds with up to nine decimals and
-/// an `s` (`"22s"`, `"1.5s"`).
+/// an `s` (`"22s"`, `"1.5s"`). One too long to represent is as long as can be:
+/// a wait no deadline allows, not a wait to ignore.
 fn protobuf_duration(text: &str) -> Option<Duration> {
     let seconds: f64 = text.trim().strip_suffix('s')?.parse().ok()?;
-    Duration::try_from_secs_f64(seconds).ok()
+    if seconds.is_nan() || seconds < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX))
 }
 
 /// `Retry-After` in either of its forms: seconds, or an HTTP date.
@@ -249,6 +253,8 @@ mod tests {
         );
         assert_eq!(protobuf_duration("22"), None);
         assert_eq!(protobuf_duration("-1s"), None);
+        assert_eq!(protobuf_duration("NaNs"), None);
+        assert_eq!(protobuf_duration("1e30s"), Some(Duration::MAX));
     }
 
     #[test]

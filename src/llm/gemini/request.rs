@@ -81,12 +81,16 @@ impl Thinking {
 /// (2.5 Flash-Lite does not, and earlier models cannot). Gemini 3 prefers a
 /// `thinkingLevel` but accepts a budget "for backwards compatibility"
 /// (ai.google.dev/gemini-api/docs/thinking). A name this does not know (a tuned
-/// model, an alias such as `gemini-flash-latest`) gets no default.
+/// model, an alias such as `gemini-flash-latest`) gets no default, and neither
+/// do the image, speech and live variants, which are not text models that think.
 fn thinks_by_default(model: &str) -> bool {
     let id = model.strip_prefix("models/").unwrap_or(model);
     let gemini_2_5 = id.starts_with("gemini-2.5-pro")
         || (id.starts_with("gemini-2.5-flash") && !id.starts_with("gemini-2.5-flash-lite"));
-    gemini_2_5 || id.starts_with("gemini-3")
+    let not_text = ["image", "tts", "audio", "live"]
+        .iter()
+        .any(|variant| id.contains(variant));
+    (gemini_2_5 || id.starts_with("gemini-3")) && !not_text
 }
 
 #[cfg(test)]
@@ -163,6 +167,7 @@ mod tests {
         // Models that do not think by default, or that we do not know, get no config.
         for model in [
             "gemini-2.5-flash-lite",
+            "gemini-2.5-flash-image",
             "gemini-2.0-flash",
             "tunedModels/mika-1",
         ] {
