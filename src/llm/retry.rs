@@ -96,13 +96,16 @@ pub async fn complete(
             attempts: attempt,
             retryable,
         };
-        if !retryable || attempt >= policy.max_attempts {
+        if !retryable {
             return Err(give_up(error));
         }
         let provider_name = provider.name();
         if error.quota == Some(Quota::PerDay) {
             record_quota(provider_name, "daily", None);
             return Err(give_up(quota_spent(error, "the daily quota is spent")));
+        }
+        if attempt >= policy.max_attempts {
+            return Err(give_up(error));
         }
         let wait = backoff(policy, attempt).max(error.retry_after.unwrap_or_default());
         let remaining = policy.deadline.saturating_sub(started.elapsed());
@@ -340,6 +343,24 @@ mod tests {
                 .starts_with("quota: the daily quota is spent; "),
             "{}",
             failure.last
+        );
+        // Said so even when no retry was allowed anyway.
+        let provider = Scripted(Mutex::new(vec![quota_spent(
+            Some(Quota::PerDay),
+            Duration::from_secs(5),
+        )]));
+        let one_attempt = RetryPolicy {
+            max_attempts: 1,
+            ..fast()
+        };
+        let failure = complete(&provider, &prompt(), &one_attempt, None)
+            .await
+            .unwrap_err();
+        assert!(
+            failure
+                .last
+                .message
+                .starts_with("quota: the daily quota is spent; ")
         );
     }
 
