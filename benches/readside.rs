@@ -1902,6 +1902,7 @@ async fn conversation_writer(store: PgEventStore, mine: Vec<(Uuid, Uuid, Uuid)>)
                         prompt_tokens: 350,
                         completion_tokens: completion,
                         total_tokens: 350 + completion,
+                        ..Usage::default()
                     },
                     latency_ms: 850,
                     completed_at: Utc::now(),

@@ -106,9 +106,11 @@ pub struct Config {
     )]
     pub gemini_base_url: String,
 
-    /// Longest one LLM request may take, in seconds.
-    #[arg(long, env = "LLM_REQUEST_TIMEOUT_SECONDS", default_value_t = 30.0)]
-    pub llm_request_timeout_seconds: f64,
+    /// Longest the model may stay silent, in seconds: before its response
+    /// starts, and between two pieces of a streamed answer (an answer that keeps
+    /// coming is not cut).
+    #[arg(long, env = "LLM_IDLE_TIMEOUT_SECONDS", default_value_t = 30.0)]
+    pub llm_idle_timeout_seconds: f64,
 
     /// Longest all attempts at one reply may take together, in seconds.
     #[arg(long, env = "LLM_DEADLINE_SECONDS", default_value_t = 90.0)]
@@ -230,10 +232,7 @@ impl Config {
             }
         }
         for (name, seconds) in [
-            (
-                "LLM_REQUEST_TIMEOUT_SECONDS",
-                self.llm_request_timeout_seconds,
-            ),
+            ("LLM_IDLE_TIMEOUT_SECONDS", self.llm_idle_timeout_seconds),
             ("LLM_DEADLINE_SECONDS", self.llm_deadline_seconds),
             ("REPLIER_ACK_WAIT_SECONDS", self.replier_ack_wait_seconds),
         ] {
@@ -254,11 +253,10 @@ impl Config {
         })
     }
 
-    /// How the replier asks the model: attempts, timeouts and backoff.
+    /// How the replier asks the model: attempts, deadline and backoff.
     pub fn retry_policy(&self) -> crate::llm::RetryPolicy {
         crate::llm::RetryPolicy {
             max_attempts: self.llm_max_attempts.max(1),
-            request_timeout: Duration::from_secs_f64(self.llm_request_timeout_seconds),
             deadline: Duration::from_secs_f64(self.llm_deadline_seconds),
             base_backoff: Duration::from_millis(self.llm_backoff_ms),
             ..crate::llm::RetryPolicy::default()

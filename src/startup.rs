@@ -312,7 +312,13 @@ fn provider(config: &Config) -> anyhow::Result<Arc<dyn Provider>> {
                 .gemini_api_key
                 .as_ref()
                 .ok_or_else(|| anyhow::anyhow!("LLM_PROVIDER=gemini needs GEMINI_API_KEY"))?;
-            Arc::new(Gemini::new(&config.gemini_base_url, key)?)
+            if std::env::var_os("LLM_REQUEST_TIMEOUT_SECONDS").is_some() {
+                tracing::warn!(
+                    "LLM_REQUEST_TIMEOUT_SECONDS is no longer read: LLM_IDLE_TIMEOUT_SECONDS bounds the model's silences"
+                );
+            }
+            let idle_timeout = Duration::from_secs_f64(config.llm_idle_timeout_seconds);
+            Arc::new(Gemini::new(&config.gemini_base_url, key, idle_timeout)?)
         }
     })
 }

@@ -65,6 +65,7 @@ pub fn metrics() -> &'static metrics_exporter_prometheus::PrometheusHandle {
             ("http_request_duration_seconds", LATENCY_BUCKETS),
             ("db_pool_acquire_seconds", LATENCY_BUCKETS),
             ("llm_request_duration_seconds", LLM_BUCKETS),
+            ("llm_quota_wait_seconds", LLM_BUCKETS),
             ("append_batch_size", BATCH_BUCKETS),
         ]
         .into_iter()
@@ -215,12 +216,22 @@ pub fn describe_metrics() {
     describe_counter!(
         "llm_tokens_total",
         Unit::Count,
-        "LLM tokens used, by kind (prompt or completion)"
+        "LLM tokens of completed replies, by kind: prompt (not from cache), cached, completion (the answer), thoughts (thinking, billed as output); the kinds add up to the total billed"
     );
     describe_counter!(
         "llm_failures_total",
         Unit::Count,
         "LLM attempts that failed, by reason (retried ones included)"
+    );
+    describe_counter!(
+        "llm_quota_waits_total",
+        Unit::Count,
+        "Spent provider quotas (rate limits saying how long to wait), by outcome: waited, past_deadline (the wait would pass the reply's deadline), daily (a per-day quota)"
+    );
+    describe_histogram!(
+        "llm_quota_wait_seconds",
+        Unit::Seconds,
+        "Time waited before a retry because the provider's quota asked for it, by provider"
     );
     describe_counter!(
         "replies_total",
@@ -257,7 +268,7 @@ pub fn describe_metrics() {
     for result in ["hit", "miss"] {
         metrics::counter!("cache_requests_total", "result" => result).increment(0);
     }
-    for kind in ["prompt", "completion"] {
+    for kind in ["prompt", "cached", "completion", "thoughts"] {
         metrics::counter!("llm_tokens_total", "kind" => kind).increment(0);
     }
     metrics::gauge!("llm_replies_in_flight").set(0.0);
@@ -271,6 +282,11 @@ pub fn describe_metrics() {
     for provider in ["offline", "gemini"] {
         let _ = metrics::histogram!("llm_request_duration_seconds", "provider" => provider);
     }
+    for outcome in ["waited", "past_deadline", "daily"] {
+        metrics::counter!("llm_quota_waits_total", "provider" => "gemini", "outcome" => outcome)
+            .increment(0);
+    }
+    let _ = metrics::histogram!("llm_quota_wait_seconds", "provider" => "gemini");
     let _ = metrics::histogram!("db_pool_acquire_seconds");
     let _ = metrics::histogram!("append_batch_size");
 }

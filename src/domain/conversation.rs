@@ -71,11 +71,24 @@ pub enum ConversationCommand {
     },
 }
 
+/// Tokens of one reply, as the provider bills them: `prompt_tokens +
+/// completion_tokens = total_tokens`. The two details are parts of those, not
+/// additions: thinking is billed as output, cached prompt tokens are still prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// Of `completion_tokens`, those the model spent thinking before it answered.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub thoughts_tokens: u64,
+    /// Of `prompt_tokens`, those served from the provider's context cache.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cached_tokens: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,7 +154,8 @@ pub enum ConversationStatus {
 pub enum ConversationState {
     #[default]
     Absent,
-    Live(Conversation),
+    /// Boxed: a conversation is large beside `Absent`.
+    Live(Box<Conversation>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -351,7 +365,7 @@ impl Decider for ConversationDecider {
                     started_at,
                 },
             ) => {
-                return ConversationState::Live(Conversation {
+                return ConversationState::Live(Box::new(Conversation {
                     id: *conversation_id,
                     owner_id: *owner_id,
                     assistant_id: *assistant_id,
@@ -364,7 +378,7 @@ impl Decider for ConversationDecider {
                     ended_replies: BTreeSet::new(),
                     created_at: *started_at,
                     updated_at: *started_at,
-                });
+                }));
             }
             (ConversationState::Live(c), _) => c,
             // Nothing but a start can open a conversation.
@@ -634,6 +648,7 @@ mod tests {
                     prompt_tokens: 3,
                     completion_tokens: 2,
                     total_tokens: 5,
+                    ..Usage::default()
                 },
                 latency_ms: 12,
                 completed_at: at(),

@@ -38,6 +38,9 @@ pub struct AttemptError {
     pub message: String,
     /// The provider asked us to wait this long before trying again.
     pub retry_after: Option<Duration>,
+    /// The provider's quota that ran out, when a rate limit says which: a
+    /// per-day quota is not worth waiting for within one reply.
+    pub quota: Option<Quota>,
 }
 
 impl AttemptError {
@@ -46,8 +49,18 @@ impl AttemptError {
             reason,
             message: message.into(),
             retry_after: None,
+            quota: None,
         }
     }
+}
+
+/// The window of a quota the provider says is spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quota {
+    /// Requests or tokens per minute: refilled within the minute.
+    PerMinute,
+    /// Requests per day: refilled at the provider's midnight.
+    PerDay,
 }
 
 /// Failure kinds: the `reason` label of `llm_failures_total`.
@@ -57,9 +70,10 @@ pub enum FailureReason {
     RateLimited,
     /// 5xx: the provider's trouble.
     Unavailable,
-    /// No answer within the request timeout.
+    /// The provider went quiet for longer than the idle timeout, or the
+    /// reply's deadline passed during the attempt.
     Timeout,
-    /// The connection failed before an HTTP answer.
+    /// The connection failed, or a streamed answer ended before its finish reason.
     Transport,
     /// 400/401/403/404: the request, the key or the model is wrong.
     Rejected,

@@ -107,6 +107,7 @@ pub fn answer(prompt: &Prompt) -> Completion {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens + completion_tokens,
+            ..Usage::default()
         },
     }
 }
@@ -212,6 +213,7 @@ mod tests {
             temperature: 0.7,
             top_p: None,
             max_output_tokens: None,
+            thinking: None,
             assistant_name: "Mika".into(),
             assistant_role: "secretary".into(),
         }

@@ -6,11 +6,19 @@
 
 use uuid::Uuid;
 
-use crate::domain::{assistant::Assistant, conversation::ConversationEvent};
+use crate::domain::{
+    assistant::{Assistant, Metadata},
+    conversation::ConversationEvent,
+};
 
 /// Metadata keys of an assistant that tune generation beyond `temperature`.
 pub const TOP_P_KEY: &str = "top_p";
 pub const MAX_OUTPUT_TOKENS_KEY: &str = "max_output_tokens";
+/// Tokens the model may think before answering: `-1` lets it decide, `0` turns
+/// thinking off (where the model allows it).
+pub const THINKING_BUDGET_KEY: &str = "thinking_budget";
+/// Gemini 3's coarser control: `minimal`, `low`, `medium` or `high`.
+pub const THINKING_LEVEL_KEY: &str = "thinking_level";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -24,6 +32,32 @@ pub struct Turn {
     pub text: String,
 }
 
+/// An assistant's thinking setting. The two are exclusive (Gemini refuses a
+/// request with both); a level, when valid, wins over a budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Thinking {
+    /// At most this many thinking tokens; `-1` is the model's choice, `0` none.
+    Budget(i32),
+    /// Gemini 3's thinking level, in the API's spelling (`LOW`…).
+    Level(&'static str),
+}
+
+impl Thinking {
+    /// From an assistant's metadata; an invalid value is ignored, as for `top_p`.
+    fn from_metadata(metadata: &Metadata) -> Option<Thinking> {
+        let level = metadata.get(THINKING_LEVEL_KEY).and_then(|v| {
+            ["MINIMAL", "LOW", "MEDIUM", "HIGH"]
+                .into_iter()
+                .find(|l| l.eq_ignore_ascii_case(v.trim()))
+        });
+        let budget = metadata
+            .get(THINKING_BUDGET_KEY)
+            .and_then(|v| v.trim().parse::<i32>().ok())
+            .filter(|b| *b >= -1);
+        level.map(Thinking::Level).or(budget.map(Thinking::Budget))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prompt {
     pub model: String,
@@ -33,7 +67,11 @@ pub struct Prompt {
     pub turns: Vec<Turn>,
     pub temperature: f64,
     pub top_p: Option<f64>,
+    /// The longest answer, in tokens, thinking not included.
     pub max_output_tokens: Option<u32>,
+    /// How much the model may think, when the assistant says; `None` leaves it
+    /// to the provider's defaults.
+    pub thinking: Option<Thinking>,
     /// The assistant's name and role, for providers that speak as it.
     pub assistant_name: String,
     pub assistant_role: String,
@@ -104,6 +142,7 @@ impl Prompt {
                 .get(MAX_OUTPUT_TOKENS_KEY)
                 .and_then(|v| v.parse().ok())
                 .filter(|n: &u32| *n > 0),
+            thinking: Thinking::from_metadata(&assistant.metadata),
             assistant_name: assistant.name.clone(),
             assistant_role: assistant.role.clone(),
         }
@@ -207,6 +246,42 @@ mod tests {
         );
         assert_eq!(prompt.top_p, Some(0.9));
         assert_eq!(prompt.max_output_tokens, None);
+    }
+
+    #[test]
+    fn thinking_comes_from_metadata_and_invalid_values_are_ignored() {
+        let thinking = |pairs: &[(&str, &str)]| {
+            let mut mika = assistant();
+            mika.metadata = pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            Prompt::build(&mika, &[posted(1, "hi")], Uuid::from_u128(1), 100).thinking
+        };
+        assert_eq!(thinking(&[]), None);
+        assert_eq!(
+            thinking(&[("thinking_budget", "512")]),
+            Some(Thinking::Budget(512))
+        );
+        assert_eq!(
+            thinking(&[("thinking_budget", "-1")]),
+            Some(Thinking::Budget(-1))
+        );
+        assert_eq!(
+            thinking(&[("thinking_budget", "0")]),
+            Some(Thinking::Budget(0))
+        );
+        assert_eq!(thinking(&[("thinking_budget", "-2")]), None);
+        assert_eq!(thinking(&[("thinking_budget", "lots")]), None);
+        assert_eq!(
+            thinking(&[("thinking_level", " Low ")]),
+            Some(Thinking::Level("LOW"))
+        );
+        assert_eq!(thinking(&[("thinking_level", "extreme")]), None);
+        assert_eq!(
+            thinking(&[("thinking_level", "high"), ("thinking_budget", "512")]),
+            Some(Thinking::Level("HIGH"))
+        );
     }
 
     #[test]

@@ -32,6 +32,8 @@ const REQUIRED: &[&str] = &[
     "cache_requests_total",
     "llm_request_duration_seconds_bucket",
     "llm_tokens_total",
+    "llm_quota_waits_total",
+    "llm_quota_wait_seconds_bucket",
     "llm_replies_in_flight",
     "db_pool_size",
     "db_pool_max",

@@ -18,10 +18,18 @@ pub struct Sse {
 
 /// Every event up to a `message.completed`, and that one.
 pub async fn until_completed(events: &mut tokio::sync::mpsc::Receiver<Sse>) -> (Vec<Sse>, Sse) {
+    until_event(events, "message.completed").await
+}
+
+/// Every event up to the first of type `name`, and that one.
+pub async fn until_event(
+    events: &mut tokio::sync::mpsc::Receiver<Sse>,
+    name: &str,
+) -> (Vec<Sse>, Sse) {
     let mut before = Vec::new();
     loop {
         let event = next(events).await;
-        if event.event == "message.completed" {
+        if event.event == name {
             return (before, event);
         }
         before.push(event);
