@@ -4,7 +4,10 @@
 
 use std::{collections::HashMap, path::PathBuf, process::Command, time::Duration};
 
-use ai_secretary::{recovery::verify_report, startup::Roles};
+use ai_secretary::{
+    recovery::verify_report,
+    startup::{Roles, projection_names},
+};
 use ai_secretary_projections::{fold, rebuild};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -12,6 +15,7 @@ use sqlx::{Connection, PgPool};
 
 use crate::{
     helpers::{TestApp, problem, spawn_app_on, spawn_app_with},
+    progress,
     support::TestDb,
 };
 
@@ -32,48 +36,9 @@ async fn spawn_with_admin() -> TestApp {
     spawn_app_with(&["--admin-emails", ADMIN]).await
 }
 
-/// `(transaction_id, global_position)` of the last event.
-async fn head(pool: &PgPool) -> (i64, i64) {
-    sqlx::query_as(
-        "SELECT transaction_id::text::int8, global_position FROM events
-         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
-    )
-    .fetch_optional(pool)
-    .await
-    .unwrap()
-    .unwrap_or((0, 0))
-}
-
 /// Wait until every projection's checkpoint has reached the head of the store.
 async fn caught_up(pool: &PgPool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let head = head(pool).await;
-        let behind: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT name, transaction_id, global_position FROM checkpoints
-             WHERE name = ANY($1) AND (transaction_id, global_position) < ($2, $3)",
-        )
-        .bind(fold::NAMES.to_vec())
-        .bind(head.0)
-        .bind(head.1)
-        .fetch_all(pool)
-        .await
-        .unwrap();
-        let present: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM checkpoints WHERE name = ANY($1)")
-                .bind(fold::NAMES.to_vec())
-                .fetch_one(pool)
-                .await
-                .unwrap();
-        if behind.is_empty() && present == fold::NAMES.len() as i64 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "projections did not reach {head:?}: {behind:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    progress::caught_up(pool, &projection_names()).await;
 }
 
 /// A user with two assistants, three conversations and a few messages each.
