@@ -1,9 +1,42 @@
-//! .github/workflows/ci.yml runs what .ci/run runs (the same cargo commands,
-//! with the same servers), and builds the image on main only.
+//! .github/workflows/ci.yml follows GitHub's schema, runs what .ci/run runs
+//! (the same cargo commands, with the same servers and tools), and builds the
+//! image on main only.
 
 use serde_json::Value;
 
-use crate::read;
+use crate::{pypi_tool, read, run_ok, run_refused};
+
+/// The workflow against GitHub's workflow schema (vendored in
+/// `check-jsonschema`): keys, triggers, job and step forms.
+#[test]
+fn the_workflow_follows_githubs_schema() {
+    run_ok(
+        &pypi_tool("check-jsonschema"),
+        &[
+            "--builtin-schema",
+            "vendor.github-workflows",
+            ".github/workflows/ci.yml",
+        ],
+        None,
+    );
+    // And the check can fail: a misspelled key is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("ci.yml");
+    std::fs::write(
+        &broken,
+        "on: push\njobs:\n  test:\n    runs_on: ubuntu-24.04\n    steps:\n      - run: cargo test\n",
+    )
+    .unwrap();
+    run_refused(
+        "a misspelled workflow key",
+        &pypi_tool("check-jsonschema"),
+        &[
+            "--builtin-schema",
+            "vendor.github-workflows",
+            broken.to_str().unwrap(),
+        ],
+    );
+}
 
 #[test]
 fn the_workflow_runs_the_same_checks_as_ci_run() {
@@ -30,6 +63,12 @@ fn the_workflow_runs_the_same_checks_as_ci_run() {
         );
     }
     assert!(cargo.contains(&"cargo clippy --all-targets -- -D warnings"));
+    assert!(
+        local
+            .lines()
+            .any(|l| l.trim() == "make --no-print-directory ops-tools"),
+        ".ci/run does not install the PyPI tools"
+    );
     // The servers the tests use.
     assert!(
         test["services"]["postgres"]["image"]
@@ -45,6 +84,7 @@ fn the_workflow_runs_the_same_checks_as_ci_run() {
         "prometheus",
         "nginx",
         "shellcheck",
+        "make ops-tools",
     ] {
         assert!(
             setup.contains(needle),
