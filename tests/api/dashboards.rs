@@ -72,20 +72,7 @@ impl Service {
             _db: db,
             _names: names,
         };
-        let health = format!("http://{}/health", service.address);
-        eventually("the service answers /health", async || {
-            let response = service
-                .client
-                .get(&health)
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            match response.status() {
-                StatusCode::OK => Ok(()),
-                status => Err(status.to_string()),
-            }
-        })
-        .await;
+        until_ok(&format!("http://{}/health", service.address)).await;
         service
     }
 
@@ -122,6 +109,19 @@ impl Drop for Service {
         }
         print_tail_if_failing("the service", self.log.path());
     }
+}
+
+/// Wait until a starting server answers `url` with 200.
+async fn until_ok(url: &str) {
+    let client = reqwest::Client::new();
+    eventually(&format!("{url} answers 200"), async || {
+        let response = client.get(url).send().await.map_err(|e| e.to_string())?;
+        match response.status() {
+            StatusCode::OK => Ok(()),
+            status => Err(status.to_string()),
+        }
+    })
+    .await;
 }
 
 /// When the test is failing, the last lines of a server's log go to its output.
@@ -172,19 +172,7 @@ impl PrivatePrometheus {
             dir,
             url: format!("http://127.0.0.1:{port}"),
         };
-        let client = reqwest::Client::new();
-        eventually("Prometheus is ready", async || {
-            let ready = client
-                .get(format!("{}/-/ready", prometheus.url))
-                .send()
-                .await
-                .map_err(|e| e.to_string())?;
-            match ready.status() {
-                StatusCode::OK => Ok(()),
-                status => Err(status.to_string()),
-            }
-        })
-        .await;
+        until_ok(&format!("{}/-/ready", prometheus.url)).await;
         prometheus
     }
 

@@ -4,37 +4,21 @@
 
 use serde_json::Value;
 
-use crate::{pypi_tool, read, run_ok, run_refused};
+use crate::{Broken, passes_and_refuses, pypi_tool, read};
 
 /// The workflow against GitHub's workflow schema (vendored in
 /// `check-jsonschema`): keys, triggers, job and step forms.
 #[test]
 fn the_workflow_follows_githubs_schema() {
-    run_ok(
+    passes_and_refuses(
         &pypi_tool("check-jsonschema"),
-        &[
-            "--builtin-schema",
-            "vendor.github-workflows",
-            ".github/workflows/ci.yml",
-        ],
-        None,
-    );
-    // And the check can fail: a misspelled key is refused.
-    let dir = tempfile::tempdir().unwrap();
-    let broken = dir.path().join("ci.yml");
-    std::fs::write(
-        &broken,
-        "on: push\njobs:\n  test:\n    runs_on: ubuntu-24.04\n    steps:\n      - run: cargo test\n",
-    )
-    .unwrap();
-    run_refused(
-        "a misspelled workflow key",
-        &pypi_tool("check-jsonschema"),
-        &[
-            "--builtin-schema",
-            "vendor.github-workflows",
-            broken.to_str().unwrap(),
-        ],
+        &["--builtin-schema", "vendor.github-workflows"],
+        &[".github/workflows/ci.yml"],
+        Broken {
+            what: "a misspelled workflow key",
+            name: "ci.yml",
+            text: "on: push\njobs:\n  test:\n    runs_on: ubuntu-24.04\n    steps:\n      - run: cargo test\n",
+        },
     );
 }
 

@@ -11,7 +11,7 @@ use std::{collections::BTreeSet, path::Path};
 
 use serde_json::Value;
 
-use crate::{promql, pypi_tool, read, run_ok, run_refused};
+use crate::{Broken, passes_and_refuses, promql, pypi_tool, read};
 
 /// A compose file as JSON, with `<<` merge keys applied (as compose does).
 fn load(file: &str) -> Value {
@@ -337,32 +337,15 @@ fn prometheus_configs_scrape_the_services_of_their_compose_file() {
 /// `docker compose config` would check, without a Docker engine.
 #[test]
 fn compose_files_follow_the_compose_specification() {
-    run_ok(
+    passes_and_refuses(
         &pypi_tool("check-jsonschema"),
-        &[
-            "--builtin-schema",
-            "vendor.compose-spec",
-            "docker-compose.yml",
-            "docker-compose.production.yml",
-        ],
-        None,
-    );
-    // And the check can fail: a misspelled key is refused.
-    let dir = tempfile::tempdir().unwrap();
-    let broken = dir.path().join("compose.yml");
-    std::fs::write(
-        &broken,
-        "services:\n  app:\n    image: ai-secretary:dev\n    depend_on: [postgres]\n",
-    )
-    .unwrap();
-    run_refused(
-        "a misspelled compose key",
-        &pypi_tool("check-jsonschema"),
-        &[
-            "--builtin-schema",
-            "vendor.compose-spec",
-            broken.to_str().unwrap(),
-        ],
+        &["--builtin-schema", "vendor.compose-spec"],
+        &["docker-compose.yml", "docker-compose.production.yml"],
+        Broken {
+            what: "a misspelled compose key",
+            name: "compose.yml",
+            text: "services:\n  app:\n    image: ai-secretary:dev\n    depend_on: [postgres]\n",
+        },
     );
 }
 
@@ -403,35 +386,21 @@ fn compose_config_validates_with_docker_compose() {
 /// ignored only with its reason, in .hadolint.yaml or beside the line.
 #[test]
 fn hadolint_finds_nothing_in_the_dockerfile() {
-    run_ok(
+    passes_and_refuses(
         &pypi_tool("hadolint"),
-        &["--no-color", "--config", ".hadolint.yaml", "Dockerfile"],
-        None,
+        &["--no-color", "--config", ".hadolint.yaml"],
+        &["Dockerfile"],
+        Broken {
+            what: "a shell-form CMD",
+            name: "Dockerfile",
+            text: "FROM debian:bookworm-slim\nUSER 10001:10001\nCMD /usr/local/bin/ai-secretary serve\n",
+        },
     );
-    let pragma = |line: &str| line.contains("hadolint ignore=");
-    assert_ignores_have_reasons("Dockerfile", pragma);
+    assert_ignores_have_reasons("Dockerfile", |line| line.contains("hadolint ignore="));
     assert_ignores_have_reasons(".hadolint.yaml", |line| {
         let line = line.trim_start();
         line.starts_with("- DL") || line.starts_with("- SC")
     });
-    // And the check can fail: a shell-form CMD is refused.
-    let dir = tempfile::tempdir().unwrap();
-    let broken = dir.path().join("Dockerfile");
-    std::fs::write(
-        &broken,
-        "FROM debian:bookworm-slim\nUSER 10001:10001\nCMD /usr/local/bin/ai-secretary serve\n",
-    )
-    .unwrap();
-    run_refused(
-        "a shell-form CMD",
-        &pypi_tool("hadolint"),
-        &[
-            "--no-color",
-            "--config",
-            ".hadolint.yaml",
-            broken.to_str().unwrap(),
-        ],
-    );
 }
 
 /// Every line of `file` that ignores a rule has its reason: a comment of its

@@ -41,13 +41,28 @@ pub fn run_ok(program: &str, args: &[&str], dir: Option<&Path>) -> Output {
     out
 }
 
-/// Run `program` with `args` in the repository; panic if it succeeds. The
-/// negative control of a check: `what` (a broken file) must not pass it.
-pub fn run_refused(what: &str, program: &str, args: &[&str]) {
-    let out = run(program, args, None);
+/// A file a check must refuse: `what` it gets wrong, its file name, its text.
+pub struct Broken {
+    pub what: &'static str,
+    pub name: &'static str,
+    pub text: &'static str,
+}
+
+/// `program` with `options` passes the repository's `files`, and refuses the
+/// `broken` one: the negative control, so a check that stopped checking fails.
+pub fn passes_and_refuses(program: &str, options: &[&str], files: &[&str], broken: Broken) {
+    let args: Vec<&str> = options.iter().chain(files).copied().collect();
+    run_ok(program, &args, None);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(broken.name);
+    std::fs::write(&path, broken.text).unwrap();
+    let mut args = options.to_vec();
+    args.push(path.to_str().unwrap());
+    let out = run(program, &args, None);
     assert!(
         !out.status.success(),
-        "{what} passed `{program} {}`:\n{}{}",
+        "{} passed `{program} {}`:\n{}{}",
+        broken.what,
         args.join(" "),
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
