@@ -465,7 +465,7 @@ fn stream_through_nginx(framing: Framing) {
                 Err(_) => {
                     let _ = client.kill();
                     panic!(
-                        "{framing:?}: event {n} did not reach the client within 5 s while the upstream held the next one back: the stream is buffered"
+                        "{framing:?}: event {n} did not reach the client within 5 s while the upstream held the next one back (is the stream buffered?)"
                     );
                 }
             }
