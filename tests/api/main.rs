@@ -6,6 +6,7 @@ mod support;
 
 mod assistants;
 mod conversations;
+mod dashboards;
 mod errors;
 mod failover;
 mod health;

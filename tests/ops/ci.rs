@@ -1,9 +1,26 @@
-//! .github/workflows/ci.yml runs what .ci/run runs (the same cargo commands,
-//! with the same servers), and builds the image on main only.
+//! .github/workflows/ci.yml follows GitHub's schema, runs what .ci/run runs
+//! (the same cargo commands, with the same servers and tools), and builds the
+//! image on main only.
 
 use serde_json::Value;
 
-use crate::read;
+use crate::{Broken, passes_and_refuses, pypi_tool, read};
+
+/// The workflow against GitHub's workflow schema (vendored in
+/// `check-jsonschema`): keys, triggers, job and step forms.
+#[test]
+fn the_workflow_follows_githubs_schema() {
+    passes_and_refuses(
+        &pypi_tool("check-jsonschema"),
+        &["--builtin-schema", "vendor.github-workflows"],
+        &[".github/workflows/ci.yml"],
+        Broken {
+            what: "a misspelled workflow key",
+            name: "ci.yml",
+            text: "on: push\njobs:\n  test:\n    runs_on: ubuntu-24.04\n    steps:\n      - run: cargo test\n",
+        },
+    );
+}
 
 #[test]
 fn the_workflow_runs_the_same_checks_as_ci_run() {
@@ -30,6 +47,12 @@ fn the_workflow_runs_the_same_checks_as_ci_run() {
         );
     }
     assert!(cargo.contains(&"cargo clippy --all-targets -- -D warnings"));
+    assert!(
+        local
+            .lines()
+            .any(|l| l.trim() == "make --no-print-directory ops-tools"),
+        ".ci/run does not install the PyPI tools"
+    );
     // The servers the tests use.
     assert!(
         test["services"]["postgres"]["image"]
@@ -45,6 +68,7 @@ fn the_workflow_runs_the_same_checks_as_ci_run() {
         "prometheus",
         "nginx",
         "shellcheck",
+        "make ops-tools",
     ] {
         assert!(
             setup.contains(needle),

@@ -1,14 +1,17 @@
-//! The compose files and the Dockerfile. `docker compose config` validates the
-//! compose files where the docker CLI has the compose plugin; everywhere, they
-//! are parsed as YAML (merge keys applied) and held to what the other files
-//! expect: the services and commands of DESIGN.md, the mounts that exist, the
-//! volumes declared, the Prometheus targets that name real services.
+//! The compose files and the Dockerfile. The compose files are validated
+//! against the Compose Specification's schema and the Dockerfile by hadolint;
+//! then, for what no schema can see, the compose files are parsed as YAML
+//! (merge keys applied) and held to what the other files expect: the services
+//! and commands of DESIGN.md, dependencies on services that exist, the mounts
+//! that exist, the volumes declared, and Prometheus scraping every service on
+//! the port it listens on. `docker compose config` runs only on request
+//! (ignored test): no machine here has the compose plugin.
 
 use std::{collections::BTreeSet, path::Path};
 
 use serde_json::Value;
 
-use crate::{promql, read};
+use crate::{Broken, passes_and_refuses, promql, pypi_tool, read};
 
 /// A compose file as JSON, with `<<` merge keys applied (as compose does).
 fn load(file: &str) -> Value {
@@ -129,8 +132,6 @@ fn development_compose_has_the_stack_of_the_issue() {
         read("nginx/upstream-dev.conf").contains("server app:8000;"),
         "nginx does not point at the app service"
     );
-    let prometheus = read("monitoring/prometheus.dev.yml");
-    assert!(prometheus.contains("'app:8000'"));
 }
 
 #[test]
@@ -219,57 +220,142 @@ fn production_compose_follows_the_seed_with_the_roles_split() {
     );
 }
 
-/// Every Prometheus target is a service of the production compose file.
-#[test]
-fn prometheus_targets_are_compose_services() {
-    let compose = load("docker-compose.production.yml");
-    let s = services(&compose);
-    let config: Value = serde_norway::from_str(&read("monitoring/prometheus.yml")).unwrap();
-    let mut hosts = Vec::new();
-    for job in config["scrape_configs"].as_array().unwrap() {
+/// `(host, port)` of every target a Prometheus config scrapes (static and DNS).
+fn scrape_targets(config: &Value) -> Vec<(String, String)> {
+    let mut targets = Vec::new();
+    for job in config["scrape_configs"].as_array().expect("scrape_configs") {
         for sd in job["static_configs"].as_array().into_iter().flatten() {
-            hosts.extend(
-                strings(&sd["targets"])
-                    .into_iter()
-                    .map(|t| t.split(':').next().unwrap().to_owned()),
-            );
+            for target in strings(&sd["targets"]) {
+                let (host, port) = target
+                    .rsplit_once(':')
+                    .unwrap_or_else(|| panic!("target {target} has no port"));
+                targets.push((host.to_owned(), port.to_owned()));
+            }
         }
         for sd in job["dns_sd_configs"].as_array().into_iter().flatten() {
-            hosts.extend(strings(&sd["names"]));
+            let port = sd["port"].as_u64().expect("a dns_sd_config has a port");
+            for name in strings(&sd["names"]) {
+                targets.push((name, port.to_string()));
+            }
         }
     }
-    assert!(hosts.len() >= 6, "{hosts:?}");
-    for host in hosts.iter().filter(|h| *h != "localhost") {
+    targets
+}
+
+/// A service running this repository's image (built here, or pulled by name).
+fn runs_ai_secretary(service: &Value) -> bool {
+    service["image"]
+        .as_str()
+        .is_some_and(|image| image.contains("ai-secretary"))
+}
+
+/// The port an ai-secretary container listens on: its `BIND`, else the image's.
+fn listen_port(service: &Value) -> String {
+    let dockerfile = read("Dockerfile");
+    let image_bind = dockerfile
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("BIND="))
+        .expect("the Dockerfile sets BIND");
+    let bind = service["environment"]["BIND"]
+        .as_str()
+        .unwrap_or(image_bind);
+    bind.rsplit_once(':')
+        .expect("BIND is host:port")
+        .1
+        .to_owned()
+}
+
+/// Each Prometheus config scrapes what its compose file runs: every target is a
+/// service of that file (on the port an ai-secretary container listens on),
+/// every ai-secretary service is scraped, and the compose file's Prometheus
+/// mounts this config and the rule files it names beside it.
+#[test]
+fn prometheus_configs_scrape_the_services_of_their_compose_file() {
+    for (config_file, compose_file, at_least) in [
+        (
+            "monitoring/prometheus.yml",
+            "docker-compose.production.yml",
+            6,
+        ),
+        ("monitoring/prometheus.dev.yml", "docker-compose.yml", 1),
+    ] {
+        let compose = load(compose_file);
+        let s = services(&compose);
+        let config: Value = serde_norway::from_str(&read(config_file)).unwrap();
+        let targets = scrape_targets(&config);
         assert!(
-            s.contains_key(host),
-            "Prometheus scrapes {host}, which is no service"
+            targets.len() >= at_least,
+            "{config_file}: too few targets: {targets:?}"
         );
-    }
-    // And every ai-secretary service is scraped.
-    for (name, service) in s {
-        if service["command"].is_array()
-            && service["image"]
-                .as_str()
-                .unwrap_or("")
-                .contains("ai-secretary")
-        {
-            assert!(hosts.contains(name), "{name} is not scraped");
+        for (host, port) in targets.iter().filter(|(h, _)| h != "localhost") {
+            let service = s.get(host).unwrap_or_else(|| {
+                panic!("{config_file} scrapes {host}, which is no service of {compose_file}")
+            });
+            if runs_ai_secretary(service) {
+                assert_eq!(
+                    *port,
+                    listen_port(service),
+                    "{config_file}: {host} is scraped on another port than it listens on"
+                );
+            }
+        }
+        for (name, service) in s {
+            if runs_ai_secretary(service) {
+                assert!(
+                    targets.iter().any(|(host, _)| host == name),
+                    "{config_file}: {name} of {compose_file} is not scraped"
+                );
+            }
+        }
+        // The config Prometheus reads in that stack is this one, and the rule
+        // files it names (relative to it) are mounted beside it.
+        let prometheus = &s["prometheus"];
+        assert!(
+            strings(&prometheus["command"])
+                .contains(&"--config.file=/etc/prometheus/prometheus.yml".to_owned()),
+            "{compose_file}: Prometheus reads another config"
+        );
+        let mounts = strings(&prometheus["volumes"]);
+        let mounted = |from: &str, to: &str| {
+            assert!(
+                mounts.contains(&format!("./{from}:{to}:ro")),
+                "{compose_file}: Prometheus does not mount ./{from} at {to}: {mounts:?}"
+            );
+        };
+        mounted(config_file, "/etc/prometheus/prometheus.yml");
+        for rules in strings(&config["rule_files"]) {
+            mounted(
+                &format!("monitoring/{rules}"),
+                &format!("/etc/prometheus/{rules}"),
+            );
         }
     }
 }
 
+/// Both compose files against the Compose Specification's JSON schema, which
+/// `check-jsonschema` vendors: every key, type and value form that
+/// `docker compose config` would check, without a Docker engine.
 #[test]
-fn compose_config_validates_where_docker_compose_exists() {
-    let has_compose = std::process::Command::new("docker")
-        .args(["compose", "version"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_compose {
-        eprintln!(
-            "docker compose is not available: the YAML checks above stand in for `docker compose config`"
-        );
-        return;
-    }
+fn compose_files_follow_the_compose_specification() {
+    passes_and_refuses(
+        &pypi_tool("check-jsonschema"),
+        &["--builtin-schema", "vendor.compose-spec"],
+        &["docker-compose.yml", "docker-compose.production.yml"],
+        Broken {
+            what: "a misspelled compose key",
+            name: "compose.yml",
+            text: "services:\n  app:\n    image: ai-secretary:dev\n    depend_on: [postgres]\n",
+        },
+    );
+}
+
+/// `docker compose config` itself: it also interpolates the variables and
+/// applies the merges. No machine of this project has the compose plugin, so
+/// this runs only when asked (`cargo test --test ops -- --ignored`), and fails
+/// there if docker compose is missing; the schema check above runs everywhere.
+#[test]
+#[ignore = "needs docker compose"]
+fn compose_config_validates_with_docker_compose() {
     for file in ["docker-compose.yml", "docker-compose.production.yml"] {
         let out = std::process::Command::new("docker")
             .args([
@@ -287,11 +373,54 @@ fn compose_config_validates_where_docker_compose_exists() {
             .env("ENCRYPTION_KEY", "ab".repeat(32))
             .env("GRAFANA_ADMIN_PASSWORD", "x")
             .output()
-            .unwrap();
+            .expect("docker is installed");
         assert!(
             out.status.success(),
             "{file}: {}",
             String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// hadolint, with the repository's settings (every finding fails); a rule is
+/// ignored only with its reason, in .hadolint.yaml or beside the line.
+#[test]
+fn hadolint_finds_nothing_in_the_dockerfile() {
+    passes_and_refuses(
+        &pypi_tool("hadolint"),
+        &["--no-color", "--config", ".hadolint.yaml"],
+        &["Dockerfile"],
+        Broken {
+            what: "a shell-form CMD",
+            name: "Dockerfile",
+            text: "FROM debian:bookworm-slim\nUSER 10001:10001\nCMD /usr/local/bin/ai-secretary serve\n",
+        },
+    );
+    assert_ignores_have_reasons("Dockerfile", |line| line.contains("hadolint ignore="));
+    assert_ignores_have_reasons(".hadolint.yaml", |line| {
+        let line = line.trim_start();
+        line.starts_with("- DL") || line.starts_with("- SC")
+    });
+}
+
+/// Every line of `file` that ignores a rule has its reason: a comment of its
+/// own on the line above (not another pragma), or after it on the same line.
+fn assert_ignores_have_reasons(file: &str, ignores: impl Fn(&str) -> bool) {
+    let text = read(file);
+    let lines: Vec<&str> = text.lines().collect();
+    for (n, line) in lines.iter().enumerate() {
+        if !ignores(line) {
+            continue;
+        }
+        let trailing = !line.trim_start().starts_with('#') && line.contains(" #");
+        let above = n
+            .checked_sub(1)
+            .map(|p| lines[p].trim_start())
+            .is_some_and(|p| p.starts_with('#') && !ignores(p));
+        assert!(
+            trailing || above,
+            "{file}:{}: a rule is ignored without a reason: {line}",
+            n + 1
         );
     }
 }

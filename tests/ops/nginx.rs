@@ -1,13 +1,18 @@
 //! nginx.conf: `nginx -t` accepts it (with a self-signed certificate made for
 //! the test), and a real nginx started from it on free ports redirects HTTP,
-//! proxies /health and /api/ to an upstream, hides /metrics, sets the
-//! security headers, and refuses large bodies.
+//! proxies /health and /api/ to an upstream, streams SSE event by event, hides
+//! /metrics, sets the security headers, and refuses large bodies.
 
 use std::{
-    io::{Read, Write},
-    net::TcpListener,
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
     time::Duration,
 };
 
@@ -157,49 +162,131 @@ fn nginx_rejects_a_broken_config() {
     assert!(!out.status.success());
 }
 
-/// A one-thread HTTP upstream that answers every request with 200 and the path.
-fn upstream() -> (
-    u16,
-    std::thread::JoinHandle<()>,
-    std::sync::Arc<std::sync::atomic::AtomicBool>,
-) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stopping = stop.clone();
-    let handle = std::thread::spawn(move || {
-        while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((mut stream, _)) => {
-                    stream.set_nonblocking(false).unwrap();
-                    stream
-                        .set_read_timeout(Some(Duration::from_secs(2)))
-                        .unwrap();
-                    let mut buf = [0u8; 8192];
-                    let n = stream.read(&mut buf).unwrap_or(0);
-                    let head = String::from_utf8_lossy(&buf[..n]).to_string();
-                    let line = head.lines().next().unwrap_or("").to_owned();
-                    let request_id = head
-                        .lines()
-                        .find_map(|l| {
-                            l.strip_prefix("X-Request-Id: ")
-                                .or_else(|| l.strip_prefix("x-request-id: "))
-                        })
-                        .unwrap_or("")
-                        .to_owned();
-                    let body = format!("upstream saw: {line} id={request_id}\n");
-                    let _ = write!(
-                        stream,
-                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
+/// A one-thread HTTP upstream on a free port: each connection's request head
+/// goes to `answer`, which writes the response. Stopped and joined on drop.
+struct Upstream {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Upstream {
+    fn start(mut answer: impl FnMut(TcpStream, &str) + Send + 'static) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopping.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        stream.set_nonblocking(false).unwrap();
+                        stream
+                            .set_read_timeout(Some(Duration::from_secs(2)))
+                            .unwrap();
+                        let mut buf = [0u8; 8192];
+                        let n = stream.read(&mut buf).unwrap_or(0);
+                        let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                        answer(stream, &head);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
+        });
+        Upstream {
+            port,
+            stop,
+            thread: Some(thread),
         }
-    });
-    (port, handle, stop)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The plain answer: 200 with the request line and the X-Request-Id it got.
+fn echo(mut stream: TcpStream, head: &str) {
+    let line = head.lines().next().unwrap_or("");
+    let request_id = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("X-Request-Id: ")
+                .or_else(|| l.strip_prefix("x-request-id: "))
+        })
+        .unwrap_or("");
+    let body = format!("upstream saw: {line} id={request_id}\n");
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// A real nginx started from nginx.conf on free ports in front of `upstream`,
+/// in the foreground as a child of the test, so it is stopped and reaped on drop.
+struct RunningNginx {
+    prepared: Prepared,
+    child: std::process::Child,
+    http: u16,
+    https: u16,
+}
+
+impl RunningNginx {
+    fn start(upstream: &Upstream) -> RunningNginx {
+        let (http, https) = (free_port(), free_port());
+        let prepared = prepare(
+            "nginx/upstream/api.conf",
+            &format!("127.0.0.1:{}", upstream.port),
+            Some((http, https)),
+        );
+        let d = prepared.dir.path();
+        let daemon_off = format!("daemon off; {}", globals(d));
+        let child = Command::new("nginx")
+            .args([
+                "-p",
+                d.to_str().unwrap(),
+                "-c",
+                prepared.conf.to_str().unwrap(),
+                "-g",
+                &daemon_off,
+            ])
+            .spawn()
+            .expect("nginx is installed");
+        let nginx = RunningNginx {
+            prepared,
+            child,
+            http,
+            https,
+        };
+        // Wait until nginx answers.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while curl(&[&nginx.https_url("/health")]).0 == 0 {
+            assert!(std::time::Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        nginx
+    }
+
+    fn https_url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.https)
+    }
+}
+
+impl Drop for RunningNginx {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its workers, then exits.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
 }
 
 fn free_port() -> u16 {
@@ -234,45 +321,9 @@ fn curl(args: &[&str]) -> (u16, String) {
 
 #[test]
 fn nginx_redirects_proxies_and_hides_metrics() {
-    let (upstream_port, upstream_thread, stop) = upstream();
-    let (http, https) = (free_port(), free_port());
-    let prepared = prepare(
-        "nginx/upstream/api.conf",
-        &format!("127.0.0.1:{upstream_port}"),
-        Some((http, https)),
-    );
-    let d = prepared.dir.path();
-    // In the foreground, as a child of this test, so it is stopped and reaped here.
-    let daemon_off = format!("daemon off; {}", globals(d));
-    let child = Command::new("nginx")
-        .args([
-            "-p",
-            d.to_str().unwrap(),
-            "-c",
-            prepared.conf.to_str().unwrap(),
-            "-g",
-            &daemon_off,
-        ])
-        .spawn()
-        .expect("nginx is installed");
-    struct Nginx(std::process::Child);
-    impl Drop for Nginx {
-        fn drop(&mut self) {
-            // SIGTERM: the master stops its workers, then exits.
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.0.id().to_string()])
-                .status();
-            let _ = self.0.wait();
-        }
-    }
-    let _nginx = Nginx(child);
-    let https_url = |path: &str| format!("https://127.0.0.1:{https}{path}");
-    // Wait until nginx answers.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while curl(&[&https_url("/health")]).0 == 0 {
-        assert!(std::time::Instant::now() < deadline, "nginx did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let upstream = Upstream::start(echo);
+    let nginx = RunningNginx::start(&upstream);
+    let (http, https_url) = (nginx.http, |path: &str| nginx.https_url(path));
 
     let (status, text) = curl(&[&format!("http://127.0.0.1:{http}/api/v1/assistants?x=1")]);
     assert_eq!(status, 301, "{text}");
@@ -301,18 +352,11 @@ fn nginx_redirects_proxies_and_hides_metrics() {
         "nginx version disclosed: {text}"
     );
 
-    let (status, text) = curl(&[&https_url("/api/v1/conversations/abc/stream")]);
-    assert_eq!(status, 200, "{text}");
-    assert!(
-        text.contains("upstream saw: GET /api/v1/conversations/abc/stream"),
-        "{text}"
-    );
-
     let (status, text) = curl(&[&https_url("/metrics")]);
     assert_eq!(status, 404, "/metrics must not be public: {text}");
     assert!(!text.contains("upstream saw"), "{text}");
 
-    let big = d.join("big.json");
+    let big = nginx.prepared.dir.path().join("big.json");
     std::fs::write(&big, vec![b'x'; 2 * 1024 * 1024]).unwrap();
     let (status, _) = curl(&[
         "-X",
@@ -334,7 +378,101 @@ fn nginx_redirects_proxies_and_hides_metrics() {
         args.push(&url);
         assert_eq!(curl(&args).0, 200, "{version:?} not served");
     }
+}
 
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    upstream_thread.join().unwrap();
+/// How the upstream frames the stream's body.
+#[derive(Debug, Clone, Copy)]
+enum Framing {
+    /// As the service sends it (hyper, to nginx's HTTP/1.1): each event a chunk.
+    /// With `proxy_buffering on`, whether nginx holds a chunk back depends on
+    /// how the bytes happen to arrive (both were seen), hence the framing below.
+    Chunked,
+    /// Until the connection closes: a buffering nginx keeps these bytes until
+    /// its buffer fills or the body ends, every time.
+    UntilClose,
+}
+
+/// The SSE route passes each event on as it comes: the upstream sends an event
+/// only once the client has received the one before, so a proxy that held the
+/// first one back (waiting for more) would never deliver it. Both framings:
+/// the service's, and the one under which `proxy_buffering on` is seen.
+#[test]
+fn nginx_streams_sse_event_by_event() {
+    for framing in [Framing::Chunked, Framing::UntilClose] {
+        stream_through_nginx(framing);
+    }
+}
+
+fn stream_through_nginx(framing: Framing) {
+    const EVENTS: usize = 3;
+    // The test tells the upstream that the client has the last event.
+    let (received, wait_for_client) = mpsc::channel::<()>();
+    let upstream = Upstream::start(move |mut stream, head| {
+        if !head.starts_with("GET /api/v1/conversations/abc/stream ") {
+            return echo(stream, head);
+        }
+        let framing_header = match framing {
+            Framing::Chunked => "transfer-encoding: chunked",
+            Framing::UntilClose => "connection: close",
+        };
+        let _ = write!(
+            stream,
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n{framing_header}\r\n\r\n"
+        );
+        for n in 1..=EVENTS {
+            let event = format!("id: {n}\ndata: event {n}\n\n");
+            let _ = match framing {
+                Framing::Chunked => write!(stream, "{:x}\r\n{event}\r\n", event.len()),
+                Framing::UntilClose => write!(stream, "{event}"),
+            };
+            let _ = stream.flush();
+            // Not delivered (or the test gave up): end here, nothing more is sent.
+            if wait_for_client
+                .recv_timeout(Duration::from_secs(10))
+                .is_err()
+            {
+                return;
+            }
+        }
+        if let Framing::Chunked = framing {
+            let _ = write!(stream, "0\r\n\r\n");
+        }
+    });
+    let nginx = RunningNginx::start(&upstream);
+
+    // curl -N writes each piece as it arrives; a thread hands its lines over.
+    let mut client = Command::new("curl")
+        .args(["-sSkN", "--max-time", "30"])
+        .arg(nginx.https_url("/api/v1/conversations/abc/stream"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl is installed");
+    let stdout = client.stdout.take().unwrap();
+    let (line_tx, lines) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    for n in 1..=EVENTS {
+        let expected = format!("data: event {n}");
+        loop {
+            match lines.recv_timeout(Duration::from_secs(5)) {
+                Ok(line) if line == expected => break,
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = client.kill();
+                    panic!(
+                        "{framing:?}: event {n} did not reach the client within 5 s while the upstream held the next one back (is the stream buffered?)"
+                    );
+                }
+            }
+        }
+        received.send(()).unwrap();
+    }
+    let status = client.wait().unwrap();
+    assert!(status.success(), "{framing:?}: curl {status}");
+    reader.join().unwrap();
 }

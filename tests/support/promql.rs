@@ -202,10 +202,17 @@ pub fn alert_exprs() -> Vec<(String, String)> {
     out
 }
 
-/// Names of the alert rules' recording rules and the series Prometheus makes
-/// itself: those are not for the service to export.
+/// The exporters' metrics (postgres-exporter's `pg_*`, redis-exporter's
+/// `redis_*`): Prometheus scrapes them from the exporters of the production
+/// stack, not from the service.
+pub fn exported_by_an_exporter(name: &str) -> bool {
+    name.starts_with("pg_") || name.starts_with("redis_")
+}
+
+/// Names of the exporters' metrics, of the alert rules' recording rules and of
+/// the series Prometheus makes itself: those are not for the service to export.
 pub fn not_exported_by_the_service(name: &str) -> bool {
-    name == "up" || name.starts_with("pg_") || name.starts_with("redis_") || name.contains(':')
+    name == "up" || exported_by_an_exporter(name) || name.contains(':')
 }
 
 /// The metric names present in a Prometheus text exposition.

@@ -1,0 +1,356 @@
+//! Every Grafana panel query evaluated by a real Prometheus scraping the
+//! running service: each must return a series, or the panel says "No data"
+//! where it should show a number. `promtool` (tests/ops) only compiles the
+//! queries; a query that is valid but selects nothing on a quiet service (the
+//! Error Rate before any 5xx) is seen only here.
+//!
+//! The service is the real binary, all roles in one process, so that its
+//! `/metrics` holds its own traffic alone: the in-process apps of the other
+//! tests share this test binary's global metrics recorder, and their 5xx would
+//! show on the Error Rate. Prometheus is the Debian package's binary (`.ci/run`
+//! installs it), started privately on a free port with a one-second scrape
+//! interval and its own scratch directory. Both stop when the test ends.
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::{
+    helpers::eventually,
+    support::{BusNames, TestDb, promql},
+};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `ai-secretary` (every role, offline LLM) on a free port with a database,
+/// stream, subject prefix and Redis key prefix of its own; killed on drop,
+/// before those are removed.
+struct Service {
+    child: Option<Child>,
+    address: String,
+    client: reqwest::Client,
+    log: tempfile::NamedTempFile,
+    _db: TestDb,
+    _names: BusNames,
+}
+
+impl Service {
+    async fn start() -> Service {
+        let (db, names) = (TestDb::new().await, BusNames::new());
+        let address = format!("127.0.0.1:{}", free_port());
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ai-secretary"))
+            // Not the checkout: a developer's .env there would configure it.
+            .current_dir(std::env::temp_dir())
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &db.url)
+            .env("BIND", &address)
+            .env("NATS_STREAM", &names.stream)
+            .env("NATS_SUBJECT_PREFIX", &names.subject_prefix)
+            .env("REDIS_KEY_PREFIX", &names.redis_prefix)
+            .env("RUST_LOG", "warn")
+            .stdout(log.reopen().unwrap())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .expect("the service's binary starts");
+        let service = Service {
+            child: Some(child),
+            address,
+            client: reqwest::Client::new(),
+            log,
+            _db: db,
+            _names: names,
+        };
+        until_ok(&format!("http://{}/health", service.address)).await;
+        service
+    }
+
+    /// `(status, JSON body or Null)` of one request.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = self
+            .client
+            .request(method, format!("http://{}{path}", self.address));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("the request is sent");
+        (
+            response.status(),
+            response.json().await.unwrap_or(Value::Null),
+        )
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        print_tail_if_failing("the service", self.log.path());
+    }
+}
+
+/// Wait until a starting server answers `url` with 200.
+async fn until_ok(url: &str) {
+    let client = reqwest::Client::new();
+    eventually(&format!("{url} answers 200"), async || {
+        let response = client.get(url).send().await.map_err(|e| e.to_string())?;
+        match response.status() {
+            StatusCode::OK => Ok(()),
+            status => Err(status.to_string()),
+        }
+    })
+    .await;
+}
+
+/// When the test is failing, the last lines of a server's log go to its output.
+fn print_tail_if_failing(what: &str, log: &Path) {
+    if std::thread::panicking() {
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        eprintln!("--- last lines of {what} ---");
+        for line in tail.into_iter().rev() {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// A Prometheus of this test's own, scraping one target every second.
+struct PrivatePrometheus {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+impl PrivatePrometheus {
+    async fn scraping(target: &str) -> PrivatePrometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ai-secretary\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus is installed (Debian package `prometheus`; .ci/run installs it)");
+        let prometheus = PrivatePrometheus {
+            child: Some(child),
+            dir,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        until_ok(&format!("{}/-/ready", prometheus.url)).await;
+        prometheus
+    }
+
+    /// The instant vector `expr` evaluates to now: `(labels, value)` per series.
+    async fn query(&self, expr: &str) -> Result<Vec<(Value, f64)>, String> {
+        let response: Value = reqwest::Client::new()
+            .get(format!("{}/api/v1/query", self.url))
+            .query(&[("query", expr)])
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        if response["status"] != "success" {
+            return Err(format!("Prometheus refused {expr}: {response}"));
+        }
+        let result = &response["data"]["result"];
+        let series = result
+            .as_array()
+            .ok_or_else(|| format!("not a vector: {response}"))?;
+        series
+            .iter()
+            .map(|s| {
+                let value = s["value"][1]
+                    .as_str()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .ok_or_else(|| format!("no value in {s}"))?;
+                Ok((s["metric"].clone(), value))
+            })
+            .collect()
+    }
+}
+
+impl Drop for PrivatePrometheus {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        print_tail_if_failing(
+            "the private Prometheus",
+            &self.dir.path().join("prometheus.log"),
+        );
+    }
+}
+
+/// What a user does in a first session, while Prometheus watches: register,
+/// create an assistant and a conversation, send a message and wait for the
+/// reply (the LLM metrics), read the assistant back a few times (the cache).
+/// Nothing fails, so no request answers 5xx.
+async fn a_quiet_session(service: &Service) {
+    let credentials =
+        json!({ "email": "watched@example.com", "password": "correct horse battery" });
+    let mut user = credentials.clone();
+    user["display_name"] = json!("Watched");
+    let (status, _) = service
+        .call(Method::POST, "/api/v1/users", None, Some(user))
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, token) = service
+        .call(Method::POST, "/api/v1/auth/token", None, Some(credentials))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let token = token["access_token"].as_str().unwrap().to_owned();
+    let create = async |path: &str, body: Value| {
+        let (status, object) = service
+            .call(Method::POST, path, Some(&token), Some(body))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{path}: {object}");
+        object["id"].as_str().unwrap().to_owned()
+    };
+    let assistant = create("/api/v1/assistants", json!({ "name": "Watched" })).await;
+    let conversation = create(
+        "/api/v1/conversations",
+        json!({ "assistant_id": assistant }),
+    )
+    .await;
+    let messages = format!("/api/v1/conversations/{conversation}/messages");
+    let (status, _) = service
+        .call(
+            Method::POST,
+            &messages,
+            Some(&token),
+            Some(json!({ "content": "Hello" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    eventually("the reply is completed", async || {
+        let (_, listed) = service
+            .call(Method::GET, &messages, Some(&token), None)
+            .await;
+        match listed["data"][1]["status"].as_str() {
+            Some("completed") => Ok(()),
+            _ => Err(listed.to_string()),
+        }
+    })
+    .await;
+    for _ in 0..3 {
+        let (status, _) = service
+            .call(
+                Method::GET,
+                &format!("/api/v1/assistants/{assistant}"),
+                Some(&token),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+}
+
+/// Panels that read only what an exporter exports (postgres-exporter's `pg_*`,
+/// redis-exporter's `redis_*`): the production stack runs those exporters, this
+/// test scrapes the service alone, so those queries have nothing to select here.
+fn reads_only_exporters(expr: &str) -> bool {
+    promql::metric_names(expr)
+        .iter()
+        .all(|name| promql::exported_by_an_exporter(name))
+}
+
+#[tokio::test]
+async fn every_dashboard_query_returns_a_series_from_a_live_prometheus() {
+    let service = Service::start().await;
+    let prometheus = PrivatePrometheus::scraping(&service.address).await;
+    // The traffic comes after the first scrape, so every rate() sees it move.
+    eventually("Prometheus scrapes the service", async || {
+        if prometheus.query("up == 1").await?.is_empty() {
+            Err("not scraped yet".to_owned())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    a_quiet_session(&service).await;
+
+    let mut queries = Vec::new();
+    for (file, dashboard) in promql::dashboards() {
+        for (title, expr) in promql::dashboard_exprs(&dashboard) {
+            if !reads_only_exporters(&expr) {
+                queries.push((format!("{file}: {title}"), title, expr));
+            }
+        }
+    }
+    assert!(queries.len() >= 20, "too few queries: {queries:?}");
+    // Until a scrape after the session has landed, some rates may still be flat.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let results = loop {
+        let mut results = Vec::new();
+        let mut empty = Vec::new();
+        for (origin, title, expr) in &queries {
+            let series = prometheus.query(expr).await.unwrap();
+            // A series that is NaN (0/0, a quantile of nothing) draws nothing either.
+            if !series.iter().any(|(_, value)| value.is_finite()) {
+                empty.push(format!("{origin}: {expr} -> {series:?}"));
+            }
+            results.push((title.clone(), expr.clone(), series));
+        }
+        if empty.is_empty() {
+            break results;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "panels with no data on a live service:\n{}",
+            empty.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+
+    // Nothing failed, and the Error Rate panel says so: 0, not "No data".
+    let error_rate: Vec<_> = results
+        .iter()
+        .filter(|(title, _, _)| title == "Error Rate")
+        .collect();
+    assert_eq!(error_rate.len(), 2, "{error_rate:?}");
+    for (_, expr, series) in error_rate {
+        assert!(
+            series.iter().all(|(_, value)| *value == 0.0),
+            "the Error Rate reads other than 0 with no 5xx: {expr} -> {series:?}"
+        );
+    }
+}
