@@ -704,35 +704,56 @@ mod tests {
         );
     }
 
+    /// A fold stops at its limit, and `track_changes` (what the swap's tail
+    /// write relies on: only the rows the tail touched are written) records
+    /// exactly the keys changed after it was turned on, once.
     #[test]
     fn a_limit_stops_a_fold_and_changes_are_tracked_only_when_asked() {
-        let (owner, assistant) = (id(), id());
-        let created = envelope(
-            assistant,
-            1,
-            1,
-            "AssistantCreated",
-            json!({"owner_id": owner, "name": "A", "role": "r", "instructions": "i", "model": "m", "temperature": 0.5, "metadata": {}, "created_at": "2026-11-29T10:00:00Z"}),
-        );
-        let renamed = envelope(
-            assistant,
-            2,
-            2,
-            "AssistantUpdated",
-            json!({"name": "B", "updated_at": "2026-11-29T10:05:00Z"}),
-        );
-        let mut folds = vec![(Fold::new("assistants").unwrap(), created.position())];
-        apply_all(&mut folds, &created, created.decode());
+        let owner = id();
+        let created = |assistant: Uuid, gp: i64| {
+            envelope(
+                assistant,
+                1,
+                gp,
+                "AssistantCreated",
+                json!({"owner_id": owner, "name": "A", "role": "r", "instructions": "i", "model": "m", "temperature": 0.5, "metadata": {}, "created_at": "2026-11-29T10:00:00Z"}),
+            )
+        };
+        let renamed = |assistant: Uuid, gp: i64, name: &str| {
+            envelope(
+                assistant,
+                2,
+                gp,
+                "AssistantUpdated",
+                json!({"name": name, "updated_at": "2026-11-29T10:05:00Z"}),
+            )
+        };
+        let (untouched, touched) = (id(), id());
+        let before = [created(untouched, 1), created(touched, 2)];
+        let tail = renamed(touched, 3, "B");
+        let past_the_limit = renamed(untouched, 4, "C");
+        let mut folds = vec![(Fold::new("assistants").unwrap(), tail.position())];
+        for e in &before {
+            assert!(apply_all(&mut folds, e, e.decode()));
+        }
         folds[0].0.track_changes();
-        apply_all(&mut folds, &renamed, renamed.decode());
+        for e in [&tail, &past_the_limit] {
+            assert!(apply_all(&mut folds, e, e.decode()));
+        }
         let Fold::Assistants(a) = &mut folds[0].0 else {
             panic!()
         };
+        assert_eq!(a.assistants.get(&touched).unwrap().name, "B");
         assert_eq!(
-            a.assistants.get(&assistant).unwrap().name,
+            a.assistants.get(&untouched).unwrap().name,
             "A",
-            "past its limit"
+            "an event past the fold's limit was applied"
         );
-        assert!(a.assistants.take_changed().is_empty());
+        assert_eq!(
+            a.assistants.take_changed(),
+            [touched],
+            "only the row changed after track_changes is tracked"
+        );
+        assert!(a.assistants.take_changed().is_empty(), "taken once");
     }
 }

@@ -1,7 +1,7 @@
 use reqwest::{Method, StatusCode};
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::helpers::spawn_app;
+use crate::{helpers::spawn_app, support::promql};
 
 #[tokio::test]
 async fn health_and_ready_answer() {
@@ -27,35 +27,68 @@ async fn health_and_ready_answer() {
     }
 }
 
+/// `/metrics` answers in the Prometheus text format, and what a request just
+/// did is in it: its route's counter, and the event its command appended.
+/// (`observability.rs` runs `promtool check metrics` on a full scrape.)
 #[tokio::test]
 async fn metrics_are_exposed_in_prometheus_format() {
     let app = spawn_app().await;
     let token = app.signed_up("metrics@example.com").await;
-    let assistant = app.assistant(&token, "Counted").await;
-    // Read it with the create's effect awaited, so the read side has run.
-    let response = app
-        .send(
-            Method::GET,
-            &format!("/api/v1/assistants/{}", assistant["id"].as_str().unwrap()),
-            Some(&token),
-            None,
-        )
+    let created = app
+        .post("/assistants", &token, json!({ "name": "Counted" }))
         .await;
-    assert!(response.status().is_success() || response.status() == StatusCode::NOT_FOUND);
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let at = created.headers()["x-consistency-token"].clone();
+    let assistant: Value = created.json().await.unwrap();
+    // Read it once the read side has it: a 200, counted under its route.
+    let response = app
+        .client
+        .get(app.url(&format!(
+            "/api/v1/assistants/{}",
+            assistant["id"].as_str().unwrap()
+        )))
+        .bearer_auth(&token)
+        .header("x-consistency-token", at)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
     let response = app.send(Method::GET, "/metrics", None, None).await;
     assert_eq!(response.status(), StatusCode::OK);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/plain")
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
     );
     let text = response.text().await.unwrap();
-    for name in [
-        "events_appended_total",
-        "append_batch_size",
-        "cache_requests_total",
+    for (name, kind) in [
+        ("http_requests_total", "counter"),
+        ("events_appended_total", "counter"),
+        ("append_batch_size", "histogram"),
+        ("cache_requests_total", "counter"),
     ] {
-        assert!(text.contains(name), "{name} missing from:\n{text}");
+        assert!(
+            text.lines().any(|l| l == format!("# TYPE {name} {kind}")),
+            "no `# TYPE {name} {kind}` in:\n{text}"
+        );
     }
+    let read = promql::sample(
+        &text,
+        "http_requests_total",
+        &[
+            ("method", "GET"),
+            ("path", "/api/v1/assistants/{id}"),
+            ("status", "200"),
+        ],
+    );
+    assert!(read >= Some(1.0), "the read is not counted: {read:?}");
+    let appended = promql::sample(
+        &text,
+        "events_appended_total",
+        &[("event_type", "AssistantCreated")],
+    );
+    assert!(
+        appended >= Some(1.0),
+        "the append is not counted: {appended:?}"
+    );
 }

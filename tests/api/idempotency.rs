@@ -47,15 +47,36 @@ async fn a_retry_returns_the_first_response_and_appends_nothing() {
     assert_ne!(theirs["id"], first["id"]);
 }
 
+/// docs/decisions.md: a refused command (4xx) is not remembered, so the client
+/// fixes the request and retries with the same key. Were the refusal kept, the
+/// fixed request would meet it: a replayed 422, or a 422 for "a different
+/// request" under the same key.
 #[tokio::test]
 async fn a_refused_command_is_not_remembered() {
     let app = spawn_app().await;
     let token = app.signed_up("fixit@example.com").await;
+    let events = app.event_count().await;
     let bad = keyed_post(&app, &token, "k", json!({ "name": "" })).await;
     problem(bad, StatusCode::UNPROCESSABLE_ENTITY).await;
-    // The same request decided again gets the same refusal, not a replay of nothing.
-    let again = keyed_post(&app, &token, "k", json!({ "name": "" })).await;
-    problem(again, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(app.event_count().await, events, "a refusal appends nothing");
+
+    // The fixed request under the same key is decided afresh: created, not replayed.
+    let fixed = keyed_post(&app, &token, "k", json!({ "name": "Fixed" })).await;
+    assert_eq!(fixed.status(), StatusCode::CREATED);
+    assert!(
+        fixed.headers().get("idempotent-replayed").is_none(),
+        "the fixed request was answered from a stored response"
+    );
+    let created: Value = fixed.json().await.unwrap();
+    assert_eq!(created["name"], "Fixed");
+    assert_eq!(app.event_count().await, events + 1);
+
+    // From now on the key holds that success: a retry replays it.
+    let retry = keyed_post(&app, &token, "k", json!({ "name": "Fixed" })).await;
+    assert_eq!(retry.status(), StatusCode::CREATED);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(retry.json::<Value>().await.unwrap()["id"], created["id"]);
+    assert_eq!(app.event_count().await, events + 1);
 }
 
 /// A retry while the first request is still running gets 409, and once the first

@@ -4,7 +4,10 @@
 use reqwest::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, problem, spawn_app, spawn_app_without_replier};
+use crate::{
+    helpers::{TestApp, problem, spawn_app, spawn_app_without_replier},
+    progress,
+};
 
 /// GET with a bearer token and, if given, a consistency token.
 async fn get(app: &TestApp, path: &str, token: &str, consistency: Option<&str>) -> Response {
@@ -79,8 +82,42 @@ async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
     assert_eq!(one.headers()["etag"], "\"1\"");
     let one: Value = one.json().await.unwrap();
     assert_eq!(one, list["data"][0]);
+    // The read filled the cache with what it answered...
+    let key = format!(
+        "{}:assistant:{}",
+        app.names.redis_prefix,
+        assistant["id"].as_str().unwrap()
+    );
+    let mut redis = redis::Client::open(app.names.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let filled: Option<String> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("json")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let filled: Value = serde_json::from_str(&filled.expect("the read filled the cache")).unwrap();
+    assert_eq!(filled, one);
+    // ...and the next read is answered from it: a marked copy comes back. (A
+    // read without a token uses the cache once `cache` is where `assistants` is.)
+    progress::caught_up(&app.db.pool, &progress::consumers()).await;
+    let mut marked = filled.clone();
+    marked["name"] = json!("served from the cache");
+    let () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("json")
+        .arg(marked.to_string())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
     let cached: Value = get(&app, &path, &token, None).await.json().await.unwrap();
-    assert_eq!(cached, one);
+    assert_eq!(
+        cached, marked,
+        "the second read did not go through the cache"
+    );
 
     // The conversation, filtered lists, and usage (no reply yet: zero).
     let conversation: Value = get(&app, &format!("/conversations/{id}"), &token, Some(&at))
@@ -136,28 +173,34 @@ async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
     assert_eq!(after["name"], "Mika II");
     assert_eq!(after["version"], 2);
 
-    // Projections report no lag once caught up.
+    // Projections report no lag once caught up: every checkpoint at the head.
+    progress::caught_up(&app.db.pool, &progress::consumers()).await;
     let status: Value = get(&app, "/admin/projections", &token, None)
         .await
         .json()
         .await
         .unwrap();
-    let names: Vec<&str> = status["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["name"].as_str().unwrap())
-        .collect();
-    for name in [
-        "assistants",
-        "cache",
-        "conversations",
-        "messages",
-        "relay",
-        "usage_daily",
-    ] {
-        assert!(names.contains(&name), "{name} missing from {names:?}");
+    let head = status["head"].as_str().expect("a head");
+    let mut names = Vec::new();
+    for consumer in status["data"].as_array().unwrap() {
+        let name = consumer["name"].as_str().unwrap();
+        assert_eq!(consumer["checkpoint"], head, "{name}: {status}");
+        assert_eq!(consumer["lag_events"], 0, "{name}: {status}");
+        assert_eq!(consumer["lag_seconds"], 0.0, "{name}: {status}");
+        names.push(name);
     }
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "assistants",
+            "cache",
+            "conversations",
+            "messages",
+            "relay",
+            "usage_daily",
+        ]
+    );
 }
 
 #[tokio::test]
@@ -224,7 +267,9 @@ async fn pages_stay_stable_while_new_rows_arrive() {
     // Newest first, three at a time, while more are created between pages.
     let mut seen = Vec::new();
     let mut after: Option<String> = None;
+    let mut pages = 0;
     loop {
+        pages += 1;
         let path = match &after {
             Some(a) => format!("/assistants?limit=3&after={a}"),
             None => "/assistants?limit=3".to_owned(),
@@ -256,7 +301,41 @@ async fn pages_stay_stable_while_new_rows_arrive() {
         "every original once, newest first, none of the late ones"
     );
 
-    // And back: `before` the first page's first id is empty; asc order reverses.
+    // And back: `before` a page's first id is the page before it, in the
+    // list's order (the second page's first id gives the first page back)...
+    let page = async |query: String| -> Value {
+        get(&app, &format!("/assistants?{query}"), &token, Some(&at))
+            .await
+            .json()
+            .await
+            .unwrap()
+    };
+    let ids = |page: &Value| -> Vec<Value> {
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["id"].clone())
+            .collect()
+    };
+    let back = page(format!("limit=3&before={}", created[3].as_str().unwrap())).await;
+    assert_eq!(ids(&back), created[..3], "{back}");
+    assert_eq!(
+        back["has_more"], true,
+        "the late ones are before it: {back}"
+    );
+    // ...and before the newest original are only the late ones, newest first.
+    let late = page(format!("limit=100&before={}", created[0].as_str().unwrap())).await;
+    let late_names: Vec<&Value> = late["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| &a["name"])
+        .collect();
+    assert_eq!(late_names, vec![&json!("late"); pages], "{late}");
+    assert_eq!(late["has_more"], false);
+
+    // asc order reverses.
     let asc: Value = get(&app, "/assistants?order=asc&limit=2", &token, Some(&at))
         .await
         .json()

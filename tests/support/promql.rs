@@ -222,3 +222,49 @@ pub fn exposed_names(text: &str) -> BTreeSet<String> {
         .map(|l| l.split(['{', ' ']).next().unwrap_or("").to_owned())
         .collect()
 }
+
+/// The value of the series `name` whose labels include every pair of `labels`
+/// in a Prometheus text exposition, if there is one (the first, should several
+/// match). Label values are read with their escapes (`\"`, `\\`, `\n`).
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (series_name, series_labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, parse_labels(rest.strip_suffix('}')?)?),
+                None => (series, Vec::new()),
+            };
+            let wanted = series_name == name
+                && labels.iter().all(|(k, v)| {
+                    series_labels
+                        .iter()
+                        .any(|(key, value)| key == k && value == v)
+                });
+            wanted.then(|| value.parse().ok()).flatten()
+        })
+}
+
+/// `key="value",…` of an exposition line, unescaped; `None` if malformed.
+fn parse_labels(text: &str) -> Option<Vec<(String, String)>> {
+    let mut labels = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        labels.push((key.trim_start_matches(',').to_owned(), value));
+        rest = &after[end + 1..];
+    }
+    Some(labels)
+}
