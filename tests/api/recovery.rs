@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use sqlx::{Connection, PgPool};
 
 use crate::{
-    helpers::{TestApp, problem, spawn_app_on, spawn_app_with},
+    helpers::{TestApp, eventually, problem, spawn_app_on, spawn_app_with},
     progress,
     support::TestDb,
 };
@@ -110,12 +110,31 @@ async fn rebuild_all(pool: &PgPool) -> rebuild::Rebuilt {
         .expect("the rebuild succeeds")
 }
 
+/// `(status, JSON body)` of a GET; a body that is not JSON fails the test.
 async fn get_json(app: &TestApp, path: &str, token: &str) -> (StatusCode, Value) {
     let response = app
         .send(Method::GET, &format!("/api/v1{path}"), Some(token), None)
         .await;
     let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
+    let text = response.text().await.unwrap();
+    let body = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("GET {path} answered {status} with no JSON ({e}): {text}"));
+    (status, body)
+}
+
+/// Poll a rebuild's status URL until it is no longer running; its last status.
+async fn rebuild_finished(app: &TestApp, admin: &str, location: &str) -> Value {
+    eventually("the rebuild finishes", async || {
+        let response = app.send(Method::GET, location, Some(admin), None).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let status: Value = response.json().await.unwrap();
+        if status["state"] == "running" {
+            Err(status.to_string())
+        } else {
+            Ok(status)
+        }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -295,39 +314,69 @@ async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
             token.clone(),
             stop.clone(),
         );
+        let (assistants, conversations) = (assistants.clone(), conversations.clone());
         tokio::spawn(async move {
-            let mut seen: HashMap<String, (i64, i64)> = HashMap::new();
-            let mut reads = 0;
-            while !stop.is_cancelled() {
+            let read = async |path: &str| -> Value {
                 let response = client
-                    .get(format!("{base}/assistants"))
+                    .get(format!("{base}{path}"))
                     .bearer_auth(&token)
                     .send()
                     .await
                     .unwrap();
-                assert_eq!(
-                    response.status(),
-                    StatusCode::OK,
-                    "a query failed mid-rebuild"
+                let status = response.status();
+                let text = response.text().await.unwrap();
+                assert_eq!(status, StatusCode::OK, "{path} failed mid-rebuild: {text}");
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}"))
+            };
+            // Every count each model serves, by what it counts: none may shrink.
+            let mut seen: HashMap<String, i64> = HashMap::new();
+            let mut at_least = |what: String, count: Option<i64>| {
+                let count = count.unwrap_or_else(|| panic!("{what}: no count"));
+                let before = seen.insert(what.clone(), count).unwrap_or(1);
+                assert!(
+                    count >= before && count > 0,
+                    "{what} went from {before} to {count}: a half-built model was served"
                 );
-                let list: Value = response.json().await.unwrap();
+            };
+            let mut rounds = 0;
+            while !stop.is_cancelled() {
+                // assistants (listed) and cache (one by one, read through Redis)
+                let list = read("/assistants").await;
                 let data = list["data"].as_array().unwrap();
                 assert_eq!(data.len(), 2, "assistants missing: {list}");
-                for a in data {
-                    let counts = (
-                        a["conversation_count"].as_i64().unwrap(),
-                        a["message_count"].as_i64().unwrap(),
+                for a in data
+                    .iter()
+                    .chain([&read(&format!("/assistants/{}", assistants[0])).await])
+                {
+                    let id = a["id"].as_str().unwrap();
+                    at_least(
+                        format!("{id} conversations"),
+                        a["conversation_count"].as_i64(),
                     );
-                    let id = a["id"].as_str().unwrap().to_owned();
-                    let before = seen.insert(id, counts).unwrap_or((0, 0));
-                    assert!(
-                        counts.0 >= before.0 && counts.1 >= before.1 && counts.0 > 0,
-                        "counts went from {before:?} to {counts:?}: a half-built model was served"
+                    at_least(format!("{id} messages"), a["message_count"].as_i64());
+                }
+                // conversations (listed and one by one) and messages
+                let list = read("/conversations").await;
+                assert_eq!(
+                    list["data"].as_array().unwrap().len(),
+                    3,
+                    "conversations missing: {list}"
+                );
+                for id in &conversations {
+                    let one = read(&format!("/conversations/{id}")).await;
+                    at_least(format!("{id} message_count"), one["message_count"].as_i64());
+                    let page = read(&format!("/conversations/{id}/messages?limit=100")).await;
+                    at_least(
+                        format!("{id} listed"),
+                        page["data"].as_array().map(|d| d.len() as i64),
                     );
                 }
-                reads += 1;
+                // usage_daily: replies completed so far
+                let usage = read("/stats/usage?group_by=assistant").await;
+                at_least("usage messages".into(), usage["total"]["messages"].as_i64());
+                rounds += 1;
             }
-            reads
+            rounds
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -369,22 +418,7 @@ async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
     .await
     .unwrap();
     assert_eq!(cli.swapped.len(), 4);
-    let finished = {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let status: Value = app
-                .send(Method::GET, &location, Some(&admin), None)
-                .await
-                .json()
-                .await
-                .unwrap();
-            if status["state"] != "running" {
-                break status;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "{status}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let finished = rebuild_finished(&app, &admin, &location).await;
     assert_eq!(finished["state"], "succeeded", "{finished}");
     assert!(finished["events"].as_i64().unwrap() > 0, "{finished}");
     // Another, over the same stretch of traffic.
@@ -397,12 +431,17 @@ async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
         )
         .await;
     assert_eq!(again.status(), StatusCode::ACCEPTED);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = again.headers()["location"].to_str().unwrap().to_owned();
+    let finished = rebuild_finished(&app, &admin, &again).await;
+    assert_eq!(finished["state"], "succeeded", "{finished}");
 
     stop.cancel();
     let posted = writer.await.unwrap();
-    let reads = reader.await.unwrap();
-    assert!(posted > 5 && reads > 5, "posted {posted}, read {reads}");
+    let rounds = reader.await.unwrap();
+    assert!(
+        posted > 5 && rounds > 2,
+        "posted {posted}, read {rounds} rounds"
+    );
 
     // A rebuild of the same projection while one runs: 409.
     let mut holder = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
