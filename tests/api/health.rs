@@ -1,7 +1,12 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::{helpers::spawn_app, support::promql};
+use ai_secretary::startup::Roles;
+
+use crate::{
+    helpers::{eventually, spawn_app, spawn_app_on},
+    support::{BusNames, TestDb, cluster::PrivatePostgres, promql},
+};
 
 #[tokio::test]
 async fn health_and_ready_answer() {
@@ -91,4 +96,47 @@ async fn metrics_are_exposed_in_prometheus_format() {
         appended >= Some(1.0),
         "the append is not counted: {appended:?}"
     );
+}
+
+/// `/ready` answers 503 while Postgres (the source of truth) is down, and 200
+/// again once it is back; `/health` (the process answers) stays 200. Postgres
+/// is a cluster of the test's own: the shared server is never stopped.
+#[tokio::test]
+async fn ready_is_503_while_postgres_is_down() {
+    let mut cluster = PrivatePostgres::start().await;
+    let app = spawn_app_on(
+        TestDb::on(&cluster.url()).await,
+        BusNames::new(),
+        &[],
+        Roles::all(),
+    )
+    .await;
+    let ready = async || -> (StatusCode, Value) {
+        let response = app.send(Method::GET, "/ready", None, None).await;
+        (response.status(), response.json().await.unwrap())
+    };
+    let (status, body) = ready().await;
+    assert_eq!(
+        (status, &body["checks"]["postgres"]),
+        (StatusCode::OK, &json!("ok")),
+        "{body}"
+    );
+
+    cluster.stop().await;
+    let (status, body) = ready().await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["status"], "unavailable", "{body}");
+    assert_eq!(body["checks"]["postgres"], "unavailable", "{body}");
+    let health = app.send(Method::GET, "/health", None, None).await;
+    assert_eq!(health.status(), StatusCode::OK);
+
+    cluster.start_again().await;
+    eventually("/ready is 200 again", async || {
+        let (status, body) = ready().await;
+        match (status, &body["checks"]["postgres"]) {
+            (StatusCode::OK, v) if v == "ok" => Ok(()),
+            _ => Err(format!("{status}: {body}")),
+        }
+    })
+    .await;
 }

@@ -573,6 +573,7 @@ async fn backup_then_drop_then_restore_serves_the_same_data_and_verifies_clean()
         name,
         url: url.clone(),
         pool,
+        server: crate::support::server_url(),
     };
     let restored = spawn_app_on(db, names, &["--admin-emails", ADMIN], Roles::all()).await;
     let (status, assistant) =

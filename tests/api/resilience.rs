@@ -484,18 +484,31 @@ async fn the_cache_comes_back_under_steady_read_traffic() {
     .await;
     redis_server.start().await;
 
-    // A dashboard keeps reading the assistant a few times a second.
+    // A dashboard keeps reading the assistant a few times a second, and every
+    // read is answered (Redis or not).
+    let stop_reading = tokio_util::sync::CancellationToken::new();
     let reader = {
-        let (client, url, token) = (
+        let (client, url, token, stop) = (
             app.client.clone(),
             app.url(&format!("/api/v1{path}")),
             token.clone(),
+            stop_reading.clone(),
         );
         tokio::spawn(async move {
-            loop {
-                let _ = client.get(&url).bearer_auth(&token).send().await;
+            let mut reads = 0;
+            while !stop.is_cancelled() {
+                let response = client.get(&url).bearer_auth(&token).send().await.unwrap();
+                let status = response.status();
+                assert_eq!(
+                    status,
+                    StatusCode::OK,
+                    "a read failed: {}",
+                    response.text().await.unwrap()
+                );
+                reads += 1;
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            reads
         })
     };
     let (tx, gp) = changed.split_once('.').unwrap();
@@ -511,7 +524,9 @@ async fn the_cache_comes_back_under_steady_read_traffic() {
     .await;
     let one = get_ok(&app, &path, &token, Some(&changed)).await;
     assert_eq!(one["name"], "After");
-    reader.abort();
+    stop_reading.cancel();
+    let reads = reader.await.expect("every read was answered");
+    assert!(reads > 0, "the reader never read");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use ai_secretary::store::{
 use futures::future::join_all;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
-use support::TestDb;
+use support::{TestDb, cluster::PrivatePostgres};
 use uuid::Uuid;
 
 fn event(tag: &str) -> NewEvent {
@@ -36,22 +36,36 @@ fn append(stream_id: Uuid, expected_version: i64, tags: &[&str]) -> AppendReques
     }
 }
 
-/// `read_all` stops below the oldest open transaction of the whole Postgres
-/// cluster, and tests in other databases commit on their own schedule: wait until
-/// the horizon passes what this test committed.
-async fn read_all_settled(
-    store: &PgEventStore,
-    after: Position,
-    expect: usize,
-) -> Vec<RecordedEvent> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let seen = store.read_all(after, 100).await.unwrap();
-        if seen.len() >= expect || std::time::Instant::now() > deadline {
-            return seen;
+/// A database on a Postgres cluster of the test's own. `read_all` stops below
+/// the oldest open transaction of the whole cluster: on the shared server, any
+/// other test's open transaction would stop it too, and a reader that stopped
+/// for that reason would look as if it had stopped for the test's. Alone on its
+/// cluster, the test's own transaction is the only one that can hold it.
+struct Alone {
+    // Dropped in this order: the database, then its cluster.
+    db: TestDb,
+    _cluster: PrivatePostgres,
+}
+
+impl Alone {
+    async fn new() -> Alone {
+        let cluster = PrivatePostgres::start().await;
+        Alone {
+            db: TestDb::on(&cluster.url()).await,
+            _cluster: cluster,
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+async fn read_tags(store: &PgEventStore, after: Position) -> Vec<RecordedEvent> {
+    store.read_all(after, 100).await.unwrap()
+}
+
+fn tags_of(events: &[RecordedEvent]) -> Vec<&str> {
+    events
+        .iter()
+        .map(|e| e.data["tag"].as_str().unwrap())
+        .collect()
 }
 
 fn store(db: &TestDb) -> PgEventStore {
@@ -129,11 +143,17 @@ async fn an_expected_version_that_is_not_the_head_is_a_conflict() {
 }
 
 /// Identity order is not commit order. A holds a lower position open while B
-/// commits; a reader must not move past A, and must return A once it commits.
+/// commits; a reader must stop exactly at A (reading C, committed before A
+/// began, and not B), and must return A then B the moment A commits.
 #[tokio::test]
 async fn no_reader_skips_an_event_committed_out_of_order() {
-    let db = TestDb::new().await;
-    let store = store(&db);
+    let alone = Alone::new().await;
+    let db = &alone.db;
+    let store = store(db);
+    store
+        .append(append(Uuid::now_v7(), 0, &["C"]))
+        .await
+        .unwrap();
     let mut a = PgConnection::connect(&db.url).await.unwrap();
     let mut tx_a = a.begin().await.unwrap();
     let stream_a = Uuid::now_v7();
@@ -154,33 +174,31 @@ async fn no_reader_skips_an_event_committed_out_of_order() {
         "B took a higher identity than A but committed first"
     );
 
-    // A reader that comes after B's commit sees neither: A could still land below B.
-    let seen = store.read_all(Position::START, 100).await.unwrap();
-    assert!(seen.is_empty(), "read past an open transaction: {seen:?}");
+    // A reader that comes after B's commit stops at A: B could still land below it.
+    let seen = read_tags(&store, Position::START).await;
+    assert_eq!(tags_of(&seen), ["C"], "read past an open transaction");
 
     tx_a.commit().await.unwrap();
-    let seen = read_all_settled(&store, Position::START, 2).await;
-    let order: Vec<_> = seen.iter().map(|e| e.data["tag"].clone()).collect();
-    assert_eq!(order, [json!("A"), json!("B")]);
+    let seen = read_tags(&store, Position::START).await;
+    assert_eq!(tags_of(&seen), ["C", "A", "B"]);
 
     // Resuming from A's position returns B and only B; from B's, nothing.
-    let after_a = read_all_settled(&store, seen[0].position, 1).await;
-    assert_eq!(after_a.len(), 1);
+    let after_a = read_tags(&store, seen[1].position).await;
+    assert_eq!(tags_of(&after_a), ["B"]);
     assert_eq!(after_a[0].stream_id, stream_b);
-    assert!(
-        store
-            .read_all(seen[1].position, 100)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert!(read_tags(&store, seen[2].position).await.is_empty());
 }
 
 /// The same, with B's identity lower than A's: commit order, not identity, rules.
 #[tokio::test]
 async fn commit_order_wins_over_identity_order() {
-    let db = TestDb::new().await;
-    let store = store(&db);
+    let alone = Alone::new().await;
+    let db = &alone.db;
+    let store = store(db);
+    store
+        .append(append(Uuid::now_v7(), 0, &["C"]))
+        .await
+        .unwrap();
     let mut a = PgConnection::connect(&db.url).await.unwrap();
     let mut tx_a = a.begin().await.unwrap();
     // A's transaction id is taken first; its row is written after B's.
@@ -202,17 +220,11 @@ async fn commit_order_wins_over_identity_order() {
     .await
     .unwrap();
     assert!(position_a > b.position.global_position);
-    assert!(
-        store
-            .read_all(Position::START, 100)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    let seen = read_tags(&store, Position::START).await;
+    assert_eq!(tags_of(&seen), ["C"], "read past an open transaction");
     tx_a.commit().await.unwrap();
-    let seen = read_all_settled(&store, Position::START, 2).await;
-    let order: Vec<_> = seen.iter().map(|e| e.data["tag"].clone()).collect();
-    assert_eq!(order, [json!("A"), json!("B")]);
+    let seen = read_tags(&store, Position::START).await;
+    assert_eq!(tags_of(&seen), ["C", "A", "B"]);
 }
 
 #[tokio::test]

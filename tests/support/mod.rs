@@ -2,6 +2,7 @@
 //! Shared by the integration test binaries: a fresh Postgres database per test,
 //! dropped when the test ends (pass or fail).
 
+pub mod cluster;
 pub mod promql;
 
 use sqlx::{Connection, PgConnection, PgPool};
@@ -18,16 +19,29 @@ pub struct TestDb {
     pub name: String,
     pub url: String,
     pub pool: PgPool,
+    /// The server it is on (no database name), where `Drop` drops it.
+    pub server: String,
 }
 
 impl TestDb {
+    /// On the machine's Postgres.
     pub async fn new() -> TestDb {
+        TestDb::on(&server_url()).await
+    }
+
+    /// On the server at `server` (a URL without a database name).
+    pub async fn on(server: &str) -> TestDb {
         let name = format!("ai_secretary_test_{}", Uuid::new_v4().simple());
-        let url = format!("{}/{name}", server_url());
+        let url = format!("{server}/{name}");
         let pool = ai_secretary::store::postgres::connect(&url, 8)
             .await
             .expect("create and migrate the test database");
-        TestDb { name, url, pool }
+        TestDb {
+            name,
+            url,
+            pool,
+            server: server.to_owned(),
+        }
     }
 }
 
@@ -40,6 +54,7 @@ impl TestDb {
             pool: sqlx::postgres::PgPoolOptions::new()
                 .connect_lazy(&format!("{}/postgres", server_url()))
                 .expect("a lazy pool needs no server"),
+            server: String::new(),
         }
     }
 }
@@ -51,6 +66,7 @@ impl TestDb {
             name: String::new(),
             url: self.url.clone(),
             pool: self.pool.clone(),
+            server: self.server.clone(),
         }
     }
 }
@@ -61,7 +77,7 @@ impl Drop for TestDb {
             return;
         }
         let name = self.name.clone();
-        let admin = format!("{}/postgres", server_url());
+        let admin = format!("{}/postgres", self.server);
         // Drop runs outside async; a short-lived runtime on its own thread does the SQL.
         let dropped = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
