@@ -16,7 +16,7 @@ mod stats;
 mod stream;
 pub(crate) mod users;
 
-use std::time::Duration;
+use std::{any::Any, time::Duration};
 
 use axum::{
     Router,
@@ -88,19 +88,46 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Router {
         .merge(stream::router())
         .merge(stats::router())
         .merge(admin::router());
-    Router::new()
+    let routes = Router::new()
         .nest("/api/v1", api)
         .merge(health::router())
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("this method is not allowed on this route".into())
-        })
+        });
+    edge(routes, cors_origins).with_state(state)
+}
+
+/// The layers every API request passes through, innermost first: the
+/// Idempotency-Key fingerprint, the body limit (413), the timeout (408), a
+/// caught panic (500, its cause logged, never shown), the request's log span,
+/// the correlation id (a client's unusable `X-Request-Id` replaced, then set
+/// and echoed), CORS, and outermost the RED metrics, so 408s and 500s are
+/// counted too (a layer added with `Router::layer` still sees the route's
+/// `MatchedPath`). Public so that tests can put a route of their own behind
+/// exactly these layers.
+pub fn edge<S: Clone + Send + Sync + 'static>(
+    routes: Router<S>,
+    cors_origins: &[String],
+) -> Router<S> {
+    routes
         .layer(middleware::from_fn(idempotency::fingerprint))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
+        // Inside the span, so the panic's log line carries the correlation id.
+        .layer(CatchPanicLayer::custom(|panic: Box<dyn Any + Send>| {
+            let cause = panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("a panic without a message");
+            axum::response::IntoResponse::into_response(ApiError::Internal(anyhow::anyhow!(
+                "handler panicked: {cause}"
+            )))
+        }))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|request: &Request| {
@@ -122,16 +149,9 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Router {
         )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(middleware::map_request(drop_unusable_request_id))
         .layer(cors(cors_origins))
-        .layer(CatchPanicLayer::custom(|_| {
-            axum::response::IntoResponse::into_response(ApiError::Internal(anyhow::anyhow!(
-                "handler panicked"
-            )))
-        }))
-        // Outermost, so timeouts (408) and panics (500) are counted too; a layer
-        // added with `Router::layer` still sees the route's `MatchedPath`.
         .layer(middleware::from_fn(metrics::track))
-        .with_state(state)
 }
 
 /// What a worker process (relay, projector, replier: no API) serves on BIND:
@@ -144,20 +164,46 @@ pub fn ops_router() -> Router {
         .layer(middleware::from_fn(metrics::track))
 }
 
-/// The correlation id: the client's `X-Request-Id` if it is sane, else the one
-/// the request-id layer generated.
+/// Longest client `X-Request-Id` taken as the correlation id.
+const REQUEST_ID_MAX: usize = 128;
+
+/// The correlation id: the request's `X-Request-Id`, which [`edge`] makes
+/// sure is there and usable (the client's, or one it generated), so the log
+/// span, the events' metadata and the echoed header all carry the same id.
 pub(crate) fn request_id(headers: &HeaderMap) -> String {
     headers
         .get(REQUEST_ID)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+        .filter(|v| usable_request_id(v))
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
+}
+
+/// 1 to 128 visible ASCII characters: what goes into logs and event metadata.
+fn usable_request_id(id: &str) -> bool {
+    (1..=REQUEST_ID_MAX).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Drop a client's `X-Request-Id` that is not usable (too long, empty, not
+/// visible ASCII), so the request-id layer generates one instead: it is then
+/// replaced, not echoed.
+async fn drop_unusable_request_id(mut request: Request) -> Request {
+    let unusable = request
+        .headers()
+        .get(REQUEST_ID)
+        .is_some_and(|v| !v.to_str().is_ok_and(usable_request_id));
+    if unusable {
+        request.headers_mut().remove(REQUEST_ID);
+    }
+    request
 }
 
 fn cors(origins: &[String]) -> CorsLayer {
+    // `CORS_ORIGINS=https://a.example, https://b.example`: spaces are not part
+    // of an origin, and an empty entry names none.
     let origins: Vec<HeaderValue> = origins
         .iter()
+        .map(|o| o.trim())
+        .filter(|o| !o.is_empty())
         .filter_map(|o| HeaderValue::from_str(o).ok())
         .collect();
     CorsLayer::new()
