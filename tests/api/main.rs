@@ -7,6 +7,7 @@ mod support;
 mod assistants;
 mod conversations;
 mod dashboards;
+mod edges;
 mod errors;
 mod failover;
 mod health;
