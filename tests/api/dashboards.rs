@@ -12,7 +12,6 @@
 //! interval and its own scratch directory. Both stop when the test ends.
 
 use std::{
-    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -22,119 +21,10 @@ use serde_json::{Value, json};
 
 use crate::{
     helpers::eventually,
-    support::{BusNames, TestDb, promql},
+    process::{Service, print_tail_if_failing, until_ok},
+    servers::free_port,
+    support::promql,
 };
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// `ai-secretary` (every role, offline LLM) on a free port with a database,
-/// stream, subject prefix and Redis key prefix of its own; killed on drop,
-/// before those are removed.
-struct Service {
-    child: Option<Child>,
-    address: String,
-    client: reqwest::Client,
-    log: tempfile::NamedTempFile,
-    _db: TestDb,
-    _names: BusNames,
-}
-
-impl Service {
-    async fn start() -> Service {
-        let (db, names) = (TestDb::new().await, BusNames::new());
-        let address = format!("127.0.0.1:{}", free_port());
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ai-secretary"))
-            // Not the checkout: a developer's .env there would configure it.
-            .current_dir(std::env::temp_dir())
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("DATABASE_URL", &db.url)
-            .env("BIND", &address)
-            .env("NATS_STREAM", &names.stream)
-            .env("NATS_SUBJECT_PREFIX", &names.subject_prefix)
-            .env("REDIS_KEY_PREFIX", &names.redis_prefix)
-            .env("RUST_LOG", "warn")
-            .stdout(log.reopen().unwrap())
-            .stderr(log.reopen().unwrap())
-            .spawn()
-            .expect("the service's binary starts");
-        let service = Service {
-            child: Some(child),
-            address,
-            client: reqwest::Client::new(),
-            log,
-            _db: db,
-            _names: names,
-        };
-        until_ok(&format!("http://{}/health", service.address)).await;
-        service
-    }
-
-    /// `(status, JSON body or Null)` of one request.
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (StatusCode, Value) {
-        let mut request = self
-            .client
-            .request(method, format!("http://{}{path}", self.address));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.expect("the request is sent");
-        (
-            response.status(),
-            response.json().await.unwrap_or(Value::Null),
-        )
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        print_tail_if_failing("the service", self.log.path());
-    }
-}
-
-/// Wait until a starting server answers `url` with 200.
-async fn until_ok(url: &str) {
-    let client = reqwest::Client::new();
-    eventually(&format!("{url} answers 200"), async || {
-        let response = client.get(url).send().await.map_err(|e| e.to_string())?;
-        match response.status() {
-            StatusCode::OK => Ok(()),
-            status => Err(status.to_string()),
-        }
-    })
-    .await;
-}
-
-/// When the test is failing, the last lines of a server's log go to its output.
-fn print_tail_if_failing(what: &str, log: &Path) {
-    if std::thread::panicking() {
-        let log = std::fs::read_to_string(log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(20).collect();
-        eprintln!("--- last lines of {what} ---");
-        for line in tail.into_iter().rev() {
-            eprintln!("{line}");
-        }
-    }
-}
 
 /// A Prometheus of this test's own, scraping one target every second.
 struct PrivatePrometheus {
@@ -225,19 +115,7 @@ impl Drop for PrivatePrometheus {
 /// reply (the LLM metrics), read the assistant back a few times (the cache).
 /// Nothing fails, so no request answers 5xx.
 async fn a_quiet_session(service: &Service) {
-    let credentials =
-        json!({ "email": "watched@example.com", "password": "correct horse battery" });
-    let mut user = credentials.clone();
-    user["display_name"] = json!("Watched");
-    let (status, _) = service
-        .call(Method::POST, "/api/v1/users", None, Some(user))
-        .await;
-    assert_eq!(status, StatusCode::CREATED);
-    let (status, token) = service
-        .call(Method::POST, "/api/v1/auth/token", None, Some(credentials))
-        .await;
-    assert_eq!(status, StatusCode::OK);
-    let token = token["access_token"].as_str().unwrap().to_owned();
+    let token = service.signed_up("watched@example.com").await;
     let create = async |path: &str, body: Value| {
         let (status, object) = service
             .call(Method::POST, path, Some(&token), Some(body))

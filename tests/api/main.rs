@@ -5,6 +5,7 @@
 mod support;
 
 mod assistants;
+mod configuration;
 mod conversations;
 mod dashboards;
 mod edges;
@@ -14,6 +15,7 @@ mod health;
 mod helpers;
 mod idempotency;
 mod observability;
+mod process;
 mod progress;
 mod queries;
 mod recovery;

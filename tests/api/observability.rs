@@ -230,74 +230,41 @@ async fn a_worker_serves_health_and_metrics_but_not_the_api() {
 /// user id, and no secret, password, token, email or message content appears.
 #[tokio::test]
 async fn logs_are_json_with_correlation_and_user_and_no_secrets() {
-    use crate::support::{BusNames, TestDb};
+    use crate::{
+        process::Service,
+        servers::free_port,
+        support::{BusNames, TestDb},
+    };
 
-    let db = TestDb::new().await;
-    let names = BusNames::new();
     let logs = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
     let jwt_secret = format!("jwt-secret-{}", uuid::Uuid::new_v4().simple());
     let encryption_key = "5a".repeat(32);
     let gemini_key = format!("gemini-key-{}", uuid::Uuid::new_v4().simple());
     // Gemini on a port where nothing listens: the replier fails, and logs it.
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    // stdout to a file: a pipe nobody reads until the end could fill and block it.
-    let console = tempfile::NamedTempFile::new().unwrap();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ai-secretary"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATABASE_URL", &db.url)
-        .env("BIND", format!("127.0.0.1:{port}"))
-        .env("NATS_STREAM", &names.stream)
-        .env("NATS_SUBJECT_PREFIX", &names.subject_prefix)
-        .env("REDIS_KEY_PREFIX", &names.redis_prefix)
-        .env("JWT_SECRET_KEY", &jwt_secret)
-        .env("ENCRYPTION_KEY", &encryption_key)
-        .env("LLM_PROVIDER", "gemini")
-        .env("GEMINI_API_KEY", &gemini_key)
-        .env("GEMINI_BASE_URL", format!("http://127.0.0.1:{closed_port}"))
-        .env("LLM_MAX_ATTEMPTS", "2")
-        .env("LLM_BACKOFF_MS", "10")
-        .env("LOG_FORMAT", "json")
-        .env("LOG_DIR", logs.path())
-        // Debug for our crates and the HTTP layer: more lines that could leak.
-        .env(
-            "RUST_LOG",
-            "info,ai_secretary=debug,ai_secretary_projections=debug,tower_http=debug",
-        )
-        .stdout(console.reopen().unwrap())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    /// Kills the binary if the test fails before stopping it.
-    struct Running(Option<std::process::Child>);
-    impl Drop for Running {
-        fn drop(&mut self) {
-            if let Some(mut child) = self.0.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-    let mut running = Running(Some(child));
-    let base = format!("http://127.0.0.1:{port}");
+    let gemini = format!("http://127.0.0.1:{}", free_port());
+    let mut service = Service::start_on(
+        TestDb::new().await,
+        BusNames::new(),
+        &[
+            ("JWT_SECRET_KEY", &jwt_secret),
+            ("ENCRYPTION_KEY", &encryption_key),
+            ("LLM_PROVIDER", "gemini"),
+            ("GEMINI_API_KEY", &gemini_key),
+            ("GEMINI_BASE_URL", &gemini),
+            ("LLM_MAX_ATTEMPTS", "2"),
+            ("LLM_BACKOFF_MS", "10"),
+            ("LOG_FORMAT", "json"),
+            ("LOG_DIR", logs.path().to_str().unwrap()),
+            // Debug for our crates and the HTTP layer: more lines that could leak.
+            (
+                "RUST_LOG",
+                "info,ai_secretary=debug,ai_secretary_projections=debug,tower_http=debug",
+            ),
+        ],
+    )
+    .await;
+    let base = format!("http://{}", service.address);
     let client = reqwest::Client::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while client.get(format!("{base}/health")).send().await.is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the binary did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 
     let email = format!("log-{}@example.com", uuid::Uuid::new_v4().simple());
     let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
@@ -383,17 +350,9 @@ async fn logs_are_json_with_correlation_and_user_and_no_secrets() {
     }
 
     // SIGTERM: a graceful stop flushes the file writer.
-    let mut child = running.0.take().unwrap();
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = service.terminate().await;
     assert!(status.success(), "exit {status:?}");
-    let stdout = std::fs::read_to_string(console.path()).unwrap();
+    let stdout = service.stdout();
     let files: Vec<_> = std::fs::read_dir(logs.path())
         .unwrap()
         .map(|e| e.unwrap().path())

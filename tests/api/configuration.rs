@@ -1,0 +1,70 @@
+//! Configuration the binary refuses to start with: in production, a JWT secret
+//! under 32 characters, a non-hex `ENCRYPTION_KEY`, and the development
+//! secrets. Each exits non-zero before it connects to anything (the database
+//! named here does not answer), saying which setting is wrong, and never
+//! printing the value.
+
+use crate::{process::configured, servers::free_port};
+
+const GOOD_JWT: &str = "a-production-jwt-secret-of-40-characters";
+
+#[tokio::test]
+async fn production_refuses_weak_or_default_secrets() {
+    let good_key = "5a".repeat(32);
+    let non_hex = format!("{}zz", "5a".repeat(31));
+    let short_jwt = "x".repeat(31);
+    let nowhere = format!("postgres://postgres@127.0.0.1:{}/nowhere", free_port());
+    let cases: [(&str, Vec<(&str, &str)>, &str); 4] = [
+        (
+            "a JWT secret under 32 characters",
+            vec![
+                ("JWT_SECRET_KEY", &short_jwt),
+                ("ENCRYPTION_KEY", &good_key),
+            ],
+            "JWT_SECRET_KEY must be at least 32 characters in production",
+        ),
+        (
+            "a non-hex encryption key",
+            vec![("JWT_SECRET_KEY", GOOD_JWT), ("ENCRYPTION_KEY", &non_hex)],
+            "ENCRYPTION_KEY must be 32 bytes written as 64 hex characters",
+        ),
+        (
+            "the development JWT secret",
+            vec![("ENCRYPTION_KEY", &good_key)],
+            "JWT_SECRET_KEY must be set in production",
+        ),
+        (
+            "the development encryption key",
+            vec![("JWT_SECRET_KEY", GOOD_JWT)],
+            "ENCRYPTION_KEY must be set in production",
+        ),
+    ];
+    for (what, secrets, message) in cases {
+        let mut env = vec![
+            ("ENVIRONMENT", "production"),
+            ("DATABASE_URL", nowhere.as_str()),
+        ];
+        env.extend(secrets.iter().copied());
+        let mut command = configured(&env);
+        let output = tokio::task::spawn_blocking(move || command.output())
+            .await
+            .unwrap()
+            .unwrap();
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(!output.status.success(), "{what}: it started\n{printed}");
+        assert!(
+            printed.contains(message),
+            "{what}: no clear message\n{printed}"
+        );
+        for (name, value) in secrets {
+            assert!(
+                !printed.contains(value),
+                "{what}: the value of {name} was printed\n{printed}"
+            );
+        }
+    }
+}
