@@ -276,6 +276,9 @@ pub fn describe_metrics() {
     for outcome in ["completed", "failed"] {
         metrics::counter!("replies_total", "outcome" => outcome).increment(0);
     }
+    for reason in crate::llm::FailureReason::ALL {
+        metrics::counter!("llm_failures_total", "reason" => reason.as_str()).increment(0);
+    }
     metrics::counter!("relay_published_total").increment(0);
     // A registered histogram renders with zero observations (empty buckets):
     // true, and it keeps `histogram_quantile` panels from saying "no data".

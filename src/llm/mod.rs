@@ -86,6 +86,18 @@ pub enum FailureReason {
 }
 
 impl FailureReason {
+    /// Every reason, so `llm_failures_total` shows each at 0 before it happens.
+    pub const ALL: [FailureReason; 8] = [
+        Self::RateLimited,
+        Self::Unavailable,
+        Self::Timeout,
+        Self::Transport,
+        Self::Rejected,
+        Self::Safety,
+        Self::Empty,
+        Self::Malformed,
+    ];
+
     /// Whether trying again could help.
     pub fn retryable(self) -> bool {
         matches!(

@@ -8,7 +8,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 
 use crate::{
-    helpers::{TestApp, spawn_app},
+    helpers::{TestApp, eventually, spawn_app},
     support::promql,
 };
 
@@ -32,6 +32,8 @@ const REQUIRED: &[&str] = &[
     "cache_requests_total",
     "llm_request_duration_seconds_bucket",
     "llm_tokens_total",
+    "llm_failures_total",
+    "replies_total",
     "llm_quota_waits_total",
     "llm_quota_wait_seconds_bucket",
     "llm_replies_in_flight",
@@ -437,4 +439,111 @@ async fn lag_is_measured_against_the_store_so_a_stuck_relay_shows_it() {
     .await
     .unwrap();
     assert_eq!(measure(&app.db.pool, "relay").await.unwrap(), (0, 0.0));
+}
+
+/// Counters move with what a user does, exactly, read from the binary's own
+/// `/metrics` (the in-process apps share one recorder, so their counts mix):
+/// an assistant read through the cache counts one miss (the read that fills
+/// it) and then a hit per read; a reply whose model is unreachable counts each
+/// failed attempt and one failed reply.
+#[tokio::test]
+async fn cache_and_llm_counters_move_with_the_traffic() {
+    use crate::{
+        process::Service,
+        progress::{caught_up, consumers},
+        servers::free_port,
+        support::{BusNames, TestDb},
+    };
+
+    let gemini = format!("http://127.0.0.1:{}", free_port());
+    let service = Service::start_on(
+        TestDb::new().await,
+        BusNames::new(),
+        &[
+            ("LLM_PROVIDER", "gemini"),
+            ("GEMINI_API_KEY", "a-key"),
+            ("GEMINI_BASE_URL", &gemini),
+            ("LLM_MAX_ATTEMPTS", "2"),
+            ("LLM_BACKOFF_MS", "10"),
+        ],
+    )
+    .await;
+    let counter = |text: &str, name: &str, label: (&str, &str)| {
+        promql::sample(text, name, &[label]).unwrap_or_else(|| panic!("no {name}{label:?}"))
+    };
+    let token = service.signed_up("counted@example.com").await;
+    let (status, assistant) = service
+        .call(
+            Method::POST,
+            "/api/v1/assistants",
+            Some(&token),
+            Some(json!({ "name": "Counted" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    // Reads without a token use the cache once `cache` is where `assistants` is.
+    caught_up(&service.db.pool, &consumers()).await;
+    let before = service.metrics().await;
+    let path = format!("/api/v1/assistants/{}", assistant["id"].as_str().unwrap());
+    for _ in 0..3 {
+        let (status, _) = service.call(Method::GET, &path, Some(&token), None).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let after = service.metrics().await;
+    for (result, moved) in [("miss", 1.0), ("hit", 2.0)] {
+        let label = ("result", result);
+        assert_eq!(
+            counter(&after, "cache_requests_total", label)
+                - counter(&before, "cache_requests_total", label),
+            moved,
+            "cache {result}s"
+        );
+    }
+
+    let (_, conversation) = service
+        .call(
+            Method::POST,
+            "/api/v1/conversations",
+            Some(&token),
+            Some(json!({ "assistant_id": assistant["id"] })),
+        )
+        .await;
+    let messages = format!(
+        "/api/v1/conversations/{}/messages",
+        conversation["id"].as_str().unwrap()
+    );
+    let (status, _) = service
+        .call(
+            Method::POST,
+            &messages,
+            Some(&token),
+            Some(json!({ "content": "Is anyone there?" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    eventually("the reply fails", async || {
+        let (_, listed) = service
+            .call(Method::GET, &messages, Some(&token), None)
+            .await;
+        match listed["data"][1]["status"].as_str() {
+            Some("failed") => Ok(()),
+            _ => Err(listed.to_string()),
+        }
+    })
+    .await;
+    let after = service.metrics().await;
+    assert_eq!(
+        counter(&after, "llm_failures_total", ("reason", "transport")),
+        2.0,
+        "one failure per attempt"
+    );
+    assert_eq!(
+        counter(&after, "llm_failures_total", ("reason", "timeout")),
+        0.0
+    );
+    assert_eq!(counter(&after, "replies_total", ("outcome", "failed")), 1.0);
+    assert_eq!(
+        counter(&after, "replies_total", ("outcome", "completed")),
+        0.0
+    );
 }
