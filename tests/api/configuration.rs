@@ -8,13 +8,16 @@ use crate::{process::configured, servers::free_port};
 
 const GOOD_JWT: &str = "a-production-jwt-secret-of-40-characters";
 
+/// What is wrong, the secrets set, and the message that must name it.
+type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
+
 #[tokio::test]
 async fn production_refuses_weak_or_default_secrets() {
     let good_key = "5a".repeat(32);
     let non_hex = format!("{}zz", "5a".repeat(31));
     let short_jwt = "x".repeat(31);
     let nowhere = format!("postgres://postgres@127.0.0.1:{}/nowhere", free_port());
-    let cases: [(&str, Vec<(&str, &str)>, &str); 4] = [
+    let cases: [Case; 4] = [
         (
             "a JWT secret under 32 characters",
             vec![

@@ -15,6 +15,7 @@ mod health;
 mod helpers;
 mod idempotency;
 mod observability;
+mod poison;
 mod process;
 mod progress;
 mod queries;
