@@ -547,3 +547,89 @@ async fn cache_and_llm_counters_move_with_the_traffic() {
         0.0
     );
 }
+
+/// `LOG_DIR`: one JSON file per day, named `ai-secretary.<UTC date>.log`, and
+/// no more than 30 of them. The binary runs under libfaketime (Debian package
+/// `faketime`; `.ci/run` installs it) with its clock set a moment before a
+/// midnight, so the day turns while it runs; the directory already holds 35
+/// older days' files. At start the oldest are removed to make room for today's,
+/// at midnight one more for tomorrow's, and every file left is one of the 30
+/// newest days.
+#[tokio::test]
+async fn log_files_turn_over_at_midnight_and_30_are_kept() {
+    use crate::{
+        process::Service,
+        support::{BusNames, TestDb},
+    };
+
+    let logs = tempfile::tempdir().unwrap();
+    let day = |n: i64| {
+        (chrono::NaiveDate::from_ymd_opt(2026, 4, 10).unwrap() + chrono::Days::new(n as u64))
+            .format("%Y-%m-%d")
+            .to_string()
+    };
+    // The appender removes the files created first: made oldest first, a few
+    // milliseconds apart, so their creation times order them.
+    for n in 0..35 {
+        std::fs::write(
+            logs.path().join(format!("ai-secretary.{}.log", day(n))),
+            "{}\n",
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    let service = Service::start_under(
+        &["faketime", "2026-05-20 23:59:58"],
+        TestDb::new().await,
+        BusNames::new(),
+        &[
+            ("TZ", "UTC"),
+            // Timers keep the real clock; only the date the appender reads is faked.
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ("LOG_FORMAT", "json"),
+            ("LOG_DIR", logs.path().to_str().unwrap()),
+            ("RUST_LOG", "info"),
+        ],
+    )
+    .await;
+    let files = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(logs.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    // Each request logs a line; after midnight (faked) the next goes to a new file.
+    eventually("a line is logged in tomorrow's file", async || {
+        let (status, _) = service.call(Method::GET, "/health", None, None).await;
+        assert_eq!(status, StatusCode::OK);
+        let tomorrow = logs.path().join("ai-secretary.2026-05-21.log");
+        match std::fs::read_to_string(&tomorrow) {
+            Ok(text) if text.contains("finished processing request") => Ok(()),
+            _ => Err(format!("{:?}", files())),
+        }
+    })
+    .await;
+
+    let mut expected: Vec<String> = (7..35)
+        .map(|n| format!("ai-secretary.{}.log", day(n)))
+        .collect();
+    expected.push("ai-secretary.2026-05-20.log".into());
+    expected.push("ai-secretary.2026-05-21.log".into());
+    assert_eq!(files(), expected, "30 files, the newest days");
+    let today = std::fs::read_to_string(logs.path().join("ai-secretary.2026-05-20.log")).unwrap();
+    assert!(
+        today.contains("listening"),
+        "the start is not in the first day's file"
+    );
+    for name in ["ai-secretary.2026-05-20.log", "ai-secretary.2026-05-21.log"] {
+        let text = std::fs::read_to_string(logs.path().join(name)).unwrap();
+        for line in text.lines() {
+            assert!(
+                serde_json::from_str::<serde_json::Value>(line).is_ok(),
+                "{name}: not JSON: {line}"
+            );
+        }
+    }
+}

@@ -45,26 +45,38 @@ impl Service {
     /// The binary on `db` and `names`, with `env` added (and winning over the
     /// defaults), answering `/health`.
     pub async fn start_on(db: TestDb, names: BusNames, env: &[(&str, &str)]) -> Service {
+        Service::start_under(&[], db, names, env).await
+    }
+
+    /// `start_on`, run by `wrapper` (a program and its arguments, e.g.
+    /// `faketime` and a date) with the binary's path as its last argument.
+    pub async fn start_under(
+        wrapper: &[&str],
+        db: TestDb,
+        names: BusNames,
+        env: &[(&str, &str)],
+    ) -> Service {
         let address = format!("127.0.0.1:{}", free_port());
         let (stdout, stderr) = (
             tempfile::NamedTempFile::new().unwrap(),
             tempfile::NamedTempFile::new().unwrap(),
         );
-        let child = configured(&[
-            ("DATABASE_URL", db.url.as_str()),
-            ("BIND", &address),
-            ("NATS_URL", &names.nats_url),
-            ("REDIS_URL", &names.redis_url),
-            ("NATS_STREAM", &names.stream),
-            ("NATS_SUBJECT_PREFIX", &names.subject_prefix),
-            ("REDIS_KEY_PREFIX", &names.redis_prefix),
-            ("RUST_LOG", "warn"),
-        ])
-        .envs(env.iter().copied())
-        .stdout(stdout.reopen().unwrap())
-        .stderr(stderr.reopen().unwrap())
-        .spawn()
-        .expect("the service's binary starts");
+        let child = command(wrapper)
+            .envs([
+                ("DATABASE_URL", db.url.as_str()),
+                ("BIND", &address),
+                ("NATS_URL", &names.nats_url),
+                ("REDIS_URL", &names.redis_url),
+                ("NATS_STREAM", &names.stream),
+                ("NATS_SUBJECT_PREFIX", &names.subject_prefix),
+                ("REDIS_KEY_PREFIX", &names.redis_prefix),
+                ("RUST_LOG", "warn"),
+            ])
+            .envs(env.iter().copied())
+            .stdout(stdout.reopen().unwrap())
+            .stderr(stderr.reopen().unwrap())
+            .spawn()
+            .expect("the service's binary starts");
         let service = Service {
             child: Some(child),
             address,
@@ -163,12 +175,26 @@ impl Drop for Service {
 /// The binary with exactly `env` (and `PATH`), run from a scratch directory so
 /// a `.env` in the checkout cannot configure it.
 pub fn configured(env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(binary());
+    let mut command = command(&[]);
+    command.envs(env.iter().copied());
+    command
+}
+
+/// The binary (run by `wrapper`, if any) with an empty environment but `PATH`,
+/// in a scratch directory.
+fn command(wrapper: &[&str]) -> Command {
+    let mut command = match wrapper {
+        [] => Command::new(binary()),
+        [program, args @ ..] => {
+            let mut command = Command::new(program);
+            command.args(args).arg(binary());
+            command
+        }
+    };
     command
         .current_dir(std::env::temp_dir())
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().copied())
         .stdin(Stdio::null());
     command
 }

@@ -4,10 +4,7 @@
 //! to know that no other transaction on the cluster holds the read horizon
 //! (`pg_snapshot_xmin` is cluster-wide). Stopped and removed on `Drop`.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{path::PathBuf, process::Command};
 
 use uuid::Uuid;
 
@@ -145,12 +142,29 @@ fn postgres_command(program: &str) -> Command {
     }
 }
 
-/// Debian keeps `initdb` and `pg_ctl` off the PATH, in `pg_config --bindir`.
+/// Debian and Ubuntu keep `initdb` and `pg_ctl` off the PATH, in
+/// `pg_config --bindir` or else `/usr/lib/postgresql/<version>/bin` (the newest).
 fn server_bin_dir() -> Option<PathBuf> {
-    let output = Command::new("pg_config").arg("--bindir").output().ok()?;
-    let dir = String::from_utf8(output.stdout).ok()?;
-    let dir = Path::new(dir.trim());
-    dir.is_dir().then(|| dir.to_path_buf())
+    let configured = Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .map(|dir| PathBuf::from(dir.trim()))
+        .filter(|dir| dir.join("initdb").exists());
+    configured.or_else(|| {
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|entry| {
+                let entry = entry.ok()?;
+                let version = entry.file_name().to_str()?.parse().ok()?;
+                Some((version, entry.path().join("bin")))
+            })
+            .filter(|(_, bin)| bin.join("initdb").exists())
+            .collect();
+        versions.sort();
+        versions.pop().map(|(_, bin)| bin)
+    })
 }
 
 fn is_root() -> bool {
