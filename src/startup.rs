@@ -110,6 +110,10 @@ pub struct Application {
     api: Option<(TcpListener, axum::Router)>,
     store: PgEventStore,
     stop: CancellationToken,
+    /// Cancelled when the shutdown signal arrives, before in-flight requests are
+    /// waited for: live streams (SSE) end then, instead of holding the shutdown
+    /// open for as long as their clients stay.
+    draining: CancellationToken,
     /// Background roles; dropped unjoined (the process is going away), they abort.
     tasks: Vec<AbortOnDropHandle<()>>,
     /// Rebuilds started through the admin API, joined on shutdown.
@@ -133,6 +137,7 @@ impl Application {
             },
         );
         let stop = CancellationToken::new();
+        let draining = CancellationToken::new();
         let mut tasks = Vec::new();
         tasks.push(spawn(crate::sampler::pool(pool.clone(), stop.clone())));
         // Lag of the checkpoints this process moves (none in an API-only process,
@@ -239,6 +244,7 @@ impl Application {
                 wait_limit: Duration::from_millis(config.consistency_timeout_ms),
                 nats,
                 subject_prefix: bus.subject_prefix.clone(),
+                draining: draining.clone(),
             };
             let commands = Commands::new(Arc::new(store.clone()));
             let tokens = Tokens::new(config.jwt_secret_key.expose(), config.access_token_ttl());
@@ -256,6 +262,7 @@ impl Application {
             api,
             store,
             stop,
+            draining,
             tasks,
             recovery,
         })
@@ -270,6 +277,11 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
+        let draining = self.draining.clone();
+        let shutdown = async move {
+            shutdown.await;
+            draining.cancel();
+        };
         match self.api {
             Some((listener, router)) => {
                 tracing::info!(addr = %listener.local_addr()?, "listening");
@@ -327,14 +339,33 @@ fn spawn(task: impl Future<Output = ()> + Send + 'static) -> AbortOnDropHandle<(
     AbortOnDropHandle::new(tokio::spawn(task))
 }
 
+/// How long a role may take to stop by itself once the service stops (finish
+/// its batch, commit, return). One still busy then is waiting on something
+/// that does not answer (a NATS server that is down, a request that will only
+/// time out): it has nothing in flight worth the wait and is dropped, which
+/// rolls back whatever it had not committed.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// Run a background role until `stop`, restarting it a second after a failure.
 async fn supervise<F, Fut>(name: &'static str, stop: CancellationToken, mut run: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
+    let overdue = async {
+        stop.cancelled().await;
+        tokio::time::sleep(STOP_GRACE).await;
+    };
+    tokio::pin!(overdue);
     while !stop.is_cancelled() {
-        if let Err(e) = run().await {
+        let outcome = tokio::select! {
+            outcome = run() => outcome,
+            () = &mut overdue => {
+                tracing::warn!(role = name, "did not stop within {STOP_GRACE:?} of the shutdown; dropped");
+                return;
+            }
+        };
+        if let Err(e) = outcome {
             tracing::warn!(
                 role = name,
                 error = format!("{e:#}"),

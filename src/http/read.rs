@@ -32,6 +32,10 @@ pub struct ReadSide {
     /// For live updates (SSE): core NATS subscriptions on the event subjects.
     pub nats: async_nats::Client,
     pub subject_prefix: String,
+    /// Cancelled when the process begins to shut down: live streams end, so
+    /// that they do not hold the graceful shutdown open (clients reconnect,
+    /// with `Last-Event-ID`, to another instance).
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 impl ReadSide {

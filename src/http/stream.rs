@@ -82,6 +82,9 @@ async fn stream(
         }
         loop {
             let message = tokio::select! {
+                // The client went away (or the stream ended for a shutdown): stop
+                // now, not at the next event, which may never come.
+                () = events.closed() => return,
                 message = subscription.next() => message,
                 Some(delta) = deltas.next() => {
                     // Text of a reply being written: passed on as is, without an id
@@ -110,7 +113,10 @@ async fn stream(
             }
         }
     });
-    let stream = futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx)).map(Ok);
+    let stream = futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+        .map(Ok)
+        // Ends when the process begins to shut down (see `ReadSide::draining`).
+        .take_until(state.read.draining.clone().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
