@@ -10,19 +10,35 @@ use reqwest::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use crate::support::{BusNames, TestDb};
 
+/// The service of a test: it runs on a runtime and thread of its own, as a
+/// process would, so that it can be stopped the way a process stops whatever
+/// the test's own runtime is doing. Dropped, it shuts down gracefully (the
+/// path SIGTERM takes: requests finish, roles stop, the store closes), and a
+/// shutdown that fails or takes longer than [`SHUTDOWN_LIMIT`] fails the test;
+/// `crash` stops it abruptly instead.
 pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub db: TestDb,
     /// This test's names on NATS and Redis; the stream and keys go when it drops.
     pub names: BusNames,
-    shutdown: Option<oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    server: Option<Server>,
 }
+
+struct Server {
+    /// Cancelled: the graceful shutdown starts (`Application::run_until`'s signal).
+    shutdown: CancellationToken,
+    /// Cancelled: everything stops where it is, like a killed process.
+    crash: CancellationToken,
+    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Longest a graceful shutdown may take at the end of a test.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
 
 /// The service, all in one process (API, relay, projections), on its own database,
 /// JetStream stream, subject prefix and Redis key prefix.
@@ -77,23 +93,52 @@ pub async fn spawn_app_on(db: TestDb, names: BusNames, extra: &[&str], roles: Ro
     ];
     args.extend_from_slice(extra);
     let cli = Cli::try_parse_from(args).expect("test configuration parses");
-    let app = Application::build(&cli.config, roles)
+    let (shutdown, crash) = (CancellationToken::new(), CancellationToken::new());
+    let (built, address) = tokio::sync::oneshot::channel();
+    let thread = {
+        let (shutdown, crash) = (shutdown.clone(), crash.clone());
+        std::thread::spawn(move || {
+            // As `#[tokio::main]` on this two-core machine.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let served = runtime.block_on(async move {
+                let app = match Application::build(&cli.config, roles).await {
+                    Ok(app) => app,
+                    Err(e) => {
+                        let _ = built.send(Err(format!("{e:#}")));
+                        return Ok(());
+                    }
+                };
+                let _ = built.send(Ok(app
+                    .local_addr()
+                    .map_or_else(String::new, |a| format!("http://{a}"))));
+                tokio::select! {
+                    served = app.run_until(async move { shutdown.cancelled().await }) => served,
+                    // Dropping `run_until` drops (aborts) every role mid-step.
+                    () = crash.cancelled() => Ok(()),
+                }
+            });
+            // Whatever is left (a crash's) is dropped where it stands.
+            runtime.shutdown_background();
+            served
+        })
+    };
+    let address = address
         .await
-        .expect("the application builds");
-    let address = app
-        .local_addr()
-        .map_or_else(String::new, |a| format!("http://{a}"));
-    let (shutdown, stop) = oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until(async {
-        let _ = stop.await;
-    }));
+        .expect("the service's thread reports its start")
+        .unwrap_or_else(|e| panic!("the application builds: {e}"));
     TestApp {
         address,
         client: reqwest::Client::new(),
         db,
         names,
-        shutdown: Some(shutdown),
-        server: Some(server),
+        server: Some(Server {
+            shutdown,
+            crash,
+            thread,
+        }),
     }
 }
 
@@ -199,23 +244,42 @@ impl TestApp {
     /// hand back its database and bus names for the next instance.
     pub fn crash(mut self) -> (TestDb, BusNames) {
         if let Some(server) = self.server.take() {
-            server.abort();
+            server.crash.cancel();
+            if server.thread.join().is_err() {
+                panic!("the service's thread panicked");
+            }
         }
-        self.shutdown.take();
         let db = std::mem::replace(&mut self.db, TestDb::detached());
         let names = std::mem::replace(&mut self.names, BusNames::detached());
         (db, names)
     }
 }
 
-/// Stop the server when the test ends.
+/// Shut the service down gracefully when the test ends, as SIGTERM would, and
+/// fail the test if that fails or hangs (unless it is failing already).
 impl Drop for TestApp {
     fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+        let Some(server) = self.server.take() else {
+            return;
+        };
+        server.shutdown.cancel();
+        let started = Instant::now();
+        while !server.thread.is_finished() && started.elapsed() < SHUTDOWN_LIMIT {
+            std::thread::sleep(Duration::from_millis(10));
         }
-        if let Some(server) = self.server.take() {
-            server.abort();
+        let took = started.elapsed();
+        if !server.thread.is_finished() {
+            server.crash.cancel();
+        }
+        let stopped = server.thread.join();
+        if std::thread::panicking() {
+            return;
+        }
+        match stopped {
+            Ok(Ok(())) if took < SHUTDOWN_LIMIT => {}
+            Ok(Ok(())) => panic!("the graceful shutdown took longer than {SHUTDOWN_LIMIT:?}"),
+            Ok(Err(e)) => panic!("the graceful shutdown failed: {e:#}"),
+            Err(_) => panic!("the service's thread panicked"),
         }
     }
 }

@@ -23,5 +23,6 @@ mod recovery;
 mod replies;
 mod resilience;
 mod servers;
+mod shutdown;
 mod stream;
 mod users;

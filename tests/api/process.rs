@@ -144,11 +144,24 @@ impl Service {
         response.text().await.unwrap()
     }
 
-    /// SIGTERM, then wait for the process to exit (off the runtime, so a
-    /// server the test runs on it keeps answering meanwhile).
+    /// SIGTERM, then wait for the process to exit.
     pub async fn terminate(&mut self) -> ExitStatus {
+        self.sigterm();
+        self.exited().await
+    }
+
+    /// SIGTERM: the graceful shutdown starts.
+    pub fn sigterm(&self) {
+        signal(
+            self.child.as_ref().expect("the service is running"),
+            "-TERM",
+        );
+    }
+
+    /// Wait for the process to exit (off the runtime, so that what the test
+    /// runs on it keeps going meanwhile).
+    pub async fn exited(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("the service is running");
-        signal(&child, "-TERM");
         tokio::task::spawn_blocking(move || child.wait())
             .await
             .unwrap()
