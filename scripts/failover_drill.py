@@ -168,7 +168,7 @@ def main():
                                     "|| ' ' || count(*) FROM messages")
             ended, present = (int(x) for x in listed.split())
             behind = psql(database, "SELECT count(*) FROM checkpoints c WHERE (c.transaction_id, c.global_position) < "
-                                    "(SELECT (transaction_id::text::int8, global_position) FROM events "
+                                    "(SELECT transaction_id::text::int8, global_position FROM events "
                                     "ORDER BY transaction_id DESC, global_position DESC LIMIT 1)")
             if present >= len(ids) and ended >= len(ids) and behind == "0":
                 caught = time.monotonic()
