@@ -85,6 +85,8 @@ def main():
                NATS_SUBJECT_PREFIX=f"drill_{run}.events",
                REDIS_KEY_PREFIX=f"drill_{run}",
                RATE_LIMIT_COMMANDS_PER_MINUTE="0",
+               RATE_LIMIT_SIGNUPS_PER_HOUR="0",
+               RATE_LIMIT_LOGINS_PER_MINUTE="0",
                LOG_FORMAT="json",
                RUST_LOG="info,sqlx=warn,tower_http=warn")
     logs = os.path.join(ROOT, "target", f"drill-{run}")

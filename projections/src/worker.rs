@@ -213,10 +213,10 @@ async fn position_consumer(
 /// outside Postgres (`Projection::prepare`), then write the read-model changes
 /// and move the checkpoint in one short transaction, fenced by the lease.
 ///
-/// The transaction is kept short on purpose: from its first write it holds a
-/// transaction id, and the relay reads nothing committed after that id until it
-/// ends (the read horizon, `EventStore::read_all`). Nothing slow (a Redis call,
-/// a read of the store) happens inside it.
+/// The transaction is kept short on purpose: from its first lock or write it
+/// holds a transaction id, and the relay reads nothing committed after that id
+/// until it ends (the read horizon, `EventStore::read_all`). Nothing slow (a
+/// Redis call, a read of the store) happens inside it.
 async fn apply(
     pool: &PgPool,
     projection: &dyn Projection,
@@ -238,6 +238,16 @@ async fn apply(
     projection.prepare(pool, &decoded).await?;
 
     let mut tx = pool.begin().await?;
+    // The checkpoint row first, as a rebuild's swap takes it first too: whoever
+    // has it goes ahead, and the other waits (never a deadlock over the tables).
+    let locked = checkpoint::lock(&mut tx, name).await?;
+    if locked.epoch != lease.epoch {
+        lease.fenced();
+        return Err(WorkerError::Deposed);
+    }
+    if locked.position != start.position {
+        return Err(WorkerError::Moved);
+    }
     for step in &resolved.steps {
         match step {
             Ok(Decoded { envelope, event }) => projection.apply(&mut tx, envelope, event).await?,

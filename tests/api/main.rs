@@ -11,6 +11,7 @@ mod errors;
 mod failover;
 mod health;
 mod helpers;
+mod hostile;
 mod idempotency;
 mod observability;
 mod progress;
