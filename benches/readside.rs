@@ -397,6 +397,13 @@ impl Service {
             &names.redis_prefix,
             "--environment",
             "development",
+            // Load tests measure the service, not its abuse limits.
+            "--rate-limit-commands-per-minute",
+            "0",
+            "--rate-limit-signups-per-hour",
+            "0",
+            "--rate-limit-logins-per-minute",
+            "0",
         ])
         .context("the service's configuration")?;
         let app = Application::build(&cli.config, roles)

@@ -85,6 +85,8 @@ def main():
                NATS_SUBJECT_PREFIX=f"drill_{run}.events",
                REDIS_KEY_PREFIX=f"drill_{run}",
                RATE_LIMIT_COMMANDS_PER_MINUTE="0",
+               RATE_LIMIT_SIGNUPS_PER_HOUR="0",
+               RATE_LIMIT_LOGINS_PER_MINUTE="0",
                LOG_FORMAT="json",
                RUST_LOG="info,sqlx=warn,tower_http=warn")
     logs = os.path.join(ROOT, "target", f"drill-{run}")
@@ -168,7 +170,7 @@ def main():
                                     "|| ' ' || count(*) FROM messages")
             ended, present = (int(x) for x in listed.split())
             behind = psql(database, "SELECT count(*) FROM checkpoints c WHERE (c.transaction_id, c.global_position) < "
-                                    "(SELECT (transaction_id::text::int8, global_position) FROM events "
+                                    "(SELECT transaction_id::text::int8, global_position FROM events "
                                     "ORDER BY transaction_id DESC, global_position DESC LIMIT 1)")
             if present >= len(ids) and ended >= len(ids) and behind == "0":
                 caught = time.monotonic()

@@ -197,9 +197,58 @@ pub struct Config {
     /// Append transactions in flight at once.
     #[arg(long, env = "APPEND_FLUSHERS", default_value_t = 2)]
     pub append_flushers: usize,
+
+    /// Commands (POST, PATCH, DELETE) one user may send per minute, as a token
+    /// bucket (bursts of that size); 0 turns the limit off.
+    #[arg(long, env = "RATE_LIMIT_COMMANDS_PER_MINUTE", default_value_t = 300)]
+    pub rate_limit_commands_per_minute: u32,
+
+    /// Sign-ups from one client IP per hour (bursts of a tenth); 0 turns it off.
+    #[arg(long, env = "RATE_LIMIT_SIGNUPS_PER_HOUR", default_value_t = 30)]
+    pub rate_limit_signups_per_hour: u32,
+
+    /// Logins from one client IP per minute (bursts of that size); 0 turns it off.
+    #[arg(long, env = "RATE_LIMIT_LOGINS_PER_MINUTE", default_value_t = 30)]
+    pub rate_limit_logins_per_minute: u32,
+
+    /// Comma-separated addresses or CIDR ranges of the proxies whose `X-Real-IP`
+    /// is believed (nginx in front); the peer address is the client otherwise.
+    #[arg(
+        long,
+        env = "TRUSTED_PROXIES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Config {
+    /// `TRUSTED_PROXIES`, parsed (an address alone is a range of one).
+    pub fn trusted_proxies(&self) -> anyhow::Result<Vec<ipnet::IpNet>> {
+        self.trusted_proxies
+            .iter()
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.parse::<ipnet::IpNet>()
+                    .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        anyhow::anyhow!("TRUSTED_PROXIES: {p:?} is not an address or CIDR range")
+                    })
+            })
+            .collect()
+    }
+
+    /// The rate limits as this configuration sets them.
+    pub fn limit_settings(&self) -> anyhow::Result<crate::http::limits::LimitSettings> {
+        Ok(crate::http::limits::LimitSettings {
+            commands_per_minute: self.rate_limit_commands_per_minute,
+            signups_per_hour: self.rate_limit_signups_per_hour,
+            logins_per_minute: self.rate_limit_logins_per_minute,
+            trusted_proxies: self.trusted_proxies()?,
+        })
+    }
+
     /// The Redis cache as this configuration describes it.
     pub fn cache(&self) -> ai_secretary_projections::cache::Cache {
         ai_secretary_projections::cache::Cache::new(
@@ -240,6 +289,7 @@ impl Config {
                 anyhow::bail!("{name} must be a positive number of seconds below a day");
             }
         }
+        self.trusted_proxies()?;
         if self.llm_provider == LlmProvider::Gemini && self.gemini_api_key.is_none() {
             anyhow::bail!("LLM_PROVIDER=gemini needs GEMINI_API_KEY");
         }

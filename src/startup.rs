@@ -248,8 +248,11 @@ impl Application {
             };
             let commands = Commands::new(Arc::new(store.clone()));
             let tokens = Tokens::new(config.jwt_secret_key.expose(), config.access_token_ttl());
+            let limits = http::limits::Limits::new(&config.limit_settings()?);
+            tasks.push(spawn(forget_idle_buckets(limits.clone(), stop.clone())));
             let state = AppState::new(commands, tokens, read)
-                .with_recovery(rebuilds.clone(), &config.admin_emails);
+                .with_recovery(rebuilds.clone(), &config.admin_emails)
+                .with_limits(limits);
             recovery = Some(rebuilds);
             let router = http::router(state, &config.cors_origins);
             Some((TcpListener::bind(config.bind).await?, router))
@@ -285,7 +288,9 @@ impl Application {
         match self.api {
             Some((listener, router)) => {
                 tracing::info!(addr = %listener.local_addr()?, "listening");
-                axum::serve(listener, router)
+                // With each connection's peer address: the rate limits key by it.
+                let service = router.into_make_service_with_connect_info::<SocketAddr>();
+                axum::serve(listener, service)
                     .with_graceful_shutdown(shutdown)
                     .await?;
             }
@@ -333,6 +338,16 @@ fn provider(config: &Config) -> anyhow::Result<Arc<dyn Provider>> {
             Arc::new(Gemini::new(&config.gemini_base_url, key, idle_timeout)?)
         }
     })
+}
+
+/// Drop the rate limits' idle buckets every minute until `stop`.
+async fn forget_idle_buckets(limits: http::limits::Limits, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(http::limits::FORGET_EVERY) => limits.forget_idle(),
+            () = stop.cancelled() => return,
+        }
+    }
 }
 
 fn spawn(task: impl Future<Output = ()> + Send + 'static) -> AbortOnDropHandle<()> {

@@ -197,6 +197,11 @@ pub fn describe_metrics() {
         Unit::Count,
         "1 while Redis answers, 0 while queries fall back to Postgres"
     );
+    describe_counter!(
+        "rate_limited_total",
+        Unit::Count,
+        "Requests refused with 429 by a rate limit (commands, sign-ups, logins)"
+    );
     describe_gauge!(
         "cache_breaker_state",
         Unit::Count,
@@ -273,6 +278,9 @@ pub fn describe_metrics() {
     }
     metrics::gauge!("llm_replies_in_flight").set(0.0);
     metrics::gauge!("cache_breaker_state").set(0.0);
+    for limit in ["commands", "sign-ups", "logins"] {
+        metrics::counter!("rate_limited_total", "limit" => limit).increment(0);
+    }
     for outcome in ["completed", "failed"] {
         metrics::counter!("replies_total", "outcome" => outcome).increment(0);
     }

@@ -70,9 +70,9 @@ pub async fn current<'e>(
     checkpoint_of(&row)
 }
 
-/// Read and lock a checkpoint inside a transaction (a rebuild's swap; the row
-/// exists). Holding the row lock until commit holds off the owner's next
-/// checkpoint write, which then finds what moved and is refused.
+/// Read and lock a checkpoint inside a transaction (the row exists): the first
+/// statement of a projection's write transaction and of a rebuild's swap, so
+/// the two take their locks in the same order and one waits for the other.
 pub async fn lock(conn: &mut PgConnection, name: &str) -> Result<Checkpoint, sqlx::Error> {
     let row = sqlx::query(
         "SELECT transaction_id, global_position, epoch, stream_sequence

@@ -210,13 +210,13 @@ async fn position_consumer(
 
 /// Apply a batch: resolve it against the checkpoint (duplicates dropped, gaps
 /// filled from the store, payloads decoded), let the projection do its work
-/// outside Postgres (`Projection::prepare`), then move the checkpoint and write
-/// the read-model changes in one short transaction, fenced by the lease.
+/// outside Postgres (`Projection::prepare`), then write the read-model changes
+/// and move the checkpoint in one short transaction, fenced by the lease.
 ///
-/// The transaction is kept short on purpose: from its first write it holds a
-/// transaction id, and the relay reads nothing committed after that id until it
-/// ends (the read horizon, `EventStore::read_all`). Nothing slow (a Redis call,
-/// a read of the store) happens inside it.
+/// The transaction is kept short on purpose: from its first lock or write it
+/// holds a transaction id, and the relay reads nothing committed after that id
+/// until it ends (the read horizon, `EventStore::read_all`). Nothing slow (a
+/// Redis call, a read of the store) happens inside it.
 async fn apply(
     pool: &PgPool,
     projection: &dyn Projection,
@@ -237,10 +237,23 @@ async fn apply(
         .collect();
     projection.prepare(pool, &decoded).await?;
 
-    // The checkpoint moves first: its row lock is the first lock the batch
-    // takes, as in a rebuild's swap (checkpoint row, then the tables), so the
-    // two wait for each other in one order and never deadlock.
     let mut tx = pool.begin().await?;
+    // The checkpoint row first, as a rebuild's swap takes it first too: whoever
+    // has it goes ahead, and the other waits (never a deadlock over the tables).
+    let locked = checkpoint::lock(&mut tx, name).await?;
+    if locked.epoch != lease.epoch {
+        lease.fenced();
+        return Err(WorkerError::Deposed);
+    }
+    if locked.position != start.position {
+        return Err(WorkerError::Moved);
+    }
+    for step in &resolved.steps {
+        match step {
+            Ok(Decoded { envelope, event }) => projection.apply(&mut tx, envelope, event).await?,
+            Err(poison) => poison.record(&mut tx, name).await?,
+        }
+    }
     let applied = resolved.applied;
     let moved = checkpoint::save(
         &mut tx,
@@ -260,12 +273,6 @@ async fn apply(
         }
         lease.fenced();
         return Err(WorkerError::Deposed);
-    }
-    for step in &resolved.steps {
-        match step {
-            Ok(Decoded { envelope, event }) => projection.apply(&mut tx, envelope, event).await?,
-            Err(poison) => poison.record(&mut tx, name).await?,
-        }
     }
     tx.commit().await?;
     metrics::counter!("projection_events_total", "projection" => name).increment(applied as u64);

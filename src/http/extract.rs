@@ -13,7 +13,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::{AppState, error::ApiError};
-use crate::app::Expected;
+use crate::{app::Expected, auth::Tokens};
 
 /// A JSON body, checked in the order a client would fix it: media type, size,
 /// syntax, then shape (`errors[].pointer` names the offending field).
@@ -43,6 +43,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         })?;
         let value: Value = serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
+        refuse_control_characters(&value, &mut String::new())?;
         serde_path_to_error::deserialize(value)
             .map(ApiJson)
             .map_err(|e| {
@@ -56,6 +57,51 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 }
                 ApiError::invalid_field(&pointer, detail)
             })
+    }
+}
+
+/// Refuse (422, pointing at the field) any string or key in the body that holds
+/// a control character other than tab, line feed and carriage return: NUL and
+/// the rest of C0, and DEL. No field of this API has a use for them, Postgres
+/// cannot store NUL in text at all, and they make logs and terminals lie.
+/// Fields that must stay on one line refuse tab and line breaks too, in the
+/// domain's own validation.
+fn refuse_control_characters(value: &Value, pointer: &mut String) -> Result<(), ApiError> {
+    let forbidden = |s: &str| {
+        s.chars()
+            .any(|c| c.is_ascii_control() && !matches!(c, '\t' | '\n' | '\r'))
+    };
+    let refuse = |pointer: &str| {
+        ApiError::invalid_field(
+            pointer,
+            "must not contain control characters (NUL, other C0 characters or DEL)",
+        )
+    };
+    match value {
+        Value::String(s) if forbidden(s) => Err(refuse(pointer)),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let len = pointer.len();
+                pointer.push_str(&format!("/{i}"));
+                refuse_control_characters(item, pointer)?;
+                pointer.truncate(len);
+            }
+            Ok(())
+        }
+        Value::Object(fields) => {
+            for (key, item) in fields {
+                let len = pointer.len();
+                pointer.push('/');
+                pointer.push_str(&key.replace('~', "~0").replace('/', "~1"));
+                if forbidden(key) {
+                    return Err(refuse(pointer));
+                }
+                refuse_control_characters(item, pointer)?;
+                pointer.truncate(len);
+            }
+            Ok(())
+        }
+        _ => Ok(()),
     }
 }
 
@@ -96,25 +142,34 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or(ApiError::Unauthorized("a bearer token is required"))?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or(ApiError::Unauthorized(
-                "the Authorization header must be Bearer <token>",
-            ))?;
-        let user = state
-            .tokens
-            .verify(token.trim())
-            .ok_or(ApiError::Unauthorized("the token is invalid or expired"))?;
+        let user = bearer(&parts.headers, &state.tokens)?;
         // On the request span, so every log line of this request names the caller.
         tracing::Span::current().record("user_id", tracing::field::display(user));
         Ok(AuthUser(user))
     }
+}
+
+/// The user a request's bearer token names, or why there is none.
+fn bearer(headers: &axum::http::HeaderMap, tokens: &Tokens) -> Result<Uuid, ApiError> {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(ApiError::Unauthorized("a bearer token is required"))?;
+    let token = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .ok_or(ApiError::Unauthorized(
+            "the Authorization header must be Bearer <token>",
+        ))?;
+    tokens
+        .verify(token.trim())
+        .ok_or(ApiError::Unauthorized("the token is invalid or expired"))
+}
+
+/// The user a valid bearer token names, if any (for middleware that only
+/// needs to know who is asking, and leaves refusing to the handler).
+pub fn bearer_user(headers: &axum::http::HeaderMap, tokens: &Tokens) -> Option<Uuid> {
+    bearer(headers, tokens).ok()
 }
 
 /// `If-Match: "<version>"` as the version a command expects; absent or `*` is any.

@@ -9,6 +9,7 @@ pub mod error;
 mod extract;
 mod health;
 mod idempotency;
+pub mod limits;
 mod metrics;
 pub mod read;
 mod reply;
@@ -28,6 +29,7 @@ use tower_http::{
     catch_panic::CatchPanicLayer,
     cors::{AllowOrigin, CorsLayer},
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    set_header::SetResponseHeaderLayer,
     timeout::TimeoutLayer,
     trace::{DefaultOnResponse, TraceLayer},
 };
@@ -53,6 +55,8 @@ pub struct AppState {
     /// Rebuilds started through the admin API, and who may start them.
     pub recovery: Option<crate::recovery::Rebuilds>,
     pub admin_emails: std::sync::Arc<[String]>,
+    /// Rate limits of commands, sign-ups and logins (`limits`).
+    pub limits: limits::Limits,
 }
 
 impl AppState {
@@ -64,7 +68,14 @@ impl AppState {
             in_flight: Default::default(),
             recovery: None,
             admin_emails: std::sync::Arc::new([]),
+            limits: Default::default(),
         }
+    }
+
+    /// With these rate limits (none by default).
+    pub fn with_limits(mut self, limits: limits::Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// With rebuilds run in this process, and the administrators' emails.
@@ -87,7 +98,18 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Router {
         .merge(conversations::router())
         .merge(stream::router())
         .merge(stats::router())
-        .merge(admin::router());
+        .merge(admin::router())
+        // Before anything parses a body or hashes a password.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limits::enforce,
+        ))
+        // Every resource under /api/v1 is someone's own data (a token, a
+        // profile, messages): no cache along the way may keep a copy.
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ));
     let routes = Router::new()
         .nest("/api/v1", api)
         .merge(health::router())

@@ -13,7 +13,11 @@ use super::{
 };
 
 /// Longest range one request may ask for.
-const MAX_DAYS: u64 = 366;
+const MAX_DAYS: i64 = 366;
+/// The days a request may name: nothing was used before the Unix epoch, and
+/// four-digit years keep every date arithmetic (and Postgres) in range.
+const FIRST_DAY: NaiveDate = NaiveDate::from_ymd_opt(1970, 1, 1).expect("a valid date");
+const LAST_DAY: NaiveDate = NaiveDate::from_ymd_opt(9999, 12, 31).expect("a valid date");
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/stats/usage", get(usage))
@@ -30,18 +34,32 @@ async fn usage(
     let day = |name: &str| -> Result<Option<NaiveDate>, ApiError> {
         raw.get(name)
             .map(|v| {
-                v.parse().map_err(|_| {
-                    ApiError::invalid_field(&format!("/{name}"), "must be a date like 2026-05-31")
-                })
+                v.parse::<NaiveDate>()
+                    .ok()
+                    .filter(|d| (FIRST_DAY..=LAST_DAY).contains(d))
+                    .ok_or_else(|| {
+                        ApiError::invalid_field(
+                            &format!("/{name}"),
+                            format!(
+                                "must be a date like 2026-05-31, from {FIRST_DAY} to {LAST_DAY}"
+                            ),
+                        )
+                    })
             })
             .transpose()
     };
     let to = day("to")?.unwrap_or_else(|| Utc::now().date_naive());
-    let from = day("from")?.unwrap_or_else(|| to - Days::new(29));
+    let from = match day("from")? {
+        Some(from) => from,
+        None => to
+            .checked_sub_days(Days::new(29))
+            .unwrap_or(FIRST_DAY)
+            .max(FIRST_DAY),
+    };
     if from > to {
         return Err(ApiError::invalid_field("/from", "must not be after `to`"));
     }
-    if to - Days::new(MAX_DAYS) > from {
+    if (to - from).num_days() > MAX_DAYS {
         return Err(ApiError::invalid_field(
             "/from",
             format!("the range may span at most {MAX_DAYS} days"),

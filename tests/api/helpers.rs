@@ -91,6 +91,17 @@ pub async fn spawn_app_on(db: TestDb, names: BusNames, extra: &[&str], roles: Ro
         "--redis-key-prefix",
         &names.redis_prefix,
     ];
+    // Many tests sign up several users from one address and send commands in
+    // bursts: the rate limits are off unless a test sets one (tests/api/limits.rs).
+    for limit in [
+        "--rate-limit-commands-per-minute",
+        "--rate-limit-signups-per-hour",
+        "--rate-limit-logins-per-minute",
+    ] {
+        if !extra.contains(&limit) {
+            args.extend([limit, "0"]);
+        }
+    }
     args.extend_from_slice(extra);
     let cli = Cli::try_parse_from(args).expect("test configuration parses");
     let (shutdown, crash) = (CancellationToken::new(), CancellationToken::new());

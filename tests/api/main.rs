@@ -13,6 +13,7 @@ mod errors;
 mod failover;
 mod health;
 mod helpers;
+mod hostile;
 mod idempotency;
 mod observability;
 mod poison;

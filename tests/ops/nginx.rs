@@ -476,3 +476,47 @@ fn stream_through_nginx(framing: Framing) {
     assert!(status.success(), "{framing:?}: curl {status}");
     reader.join().unwrap();
 }
+
+/// The outer rate limit: sign-ups and logins from one address get a burst of
+/// 5 beyond the first, then 429 from nginx itself (the upstream never sees them);
+/// the rest of the API is limited much more loosely.
+#[test]
+fn nginx_limits_the_rate_of_sign_ups_and_logins_per_address() {
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = seen.clone();
+    let upstream = Upstream::start(move |stream, head| {
+        counted.fetch_add(1, Ordering::Relaxed);
+        echo(stream, head)
+    });
+    let nginx = RunningNginx::start(&upstream);
+    let login = nginx.https_url("/api/v1/auth/token");
+    let started = std::time::Instant::now();
+    let statuses: Vec<u16> = (0..12)
+        .map(|_| curl(&["-X", "POST", "--data", "{}", &login]).0)
+        .collect();
+    // At 1 request/s, a slow machine may earn a token back per second spent.
+    let refilled = started.elapsed().as_secs() as usize;
+    let passed = statuses.iter().filter(|s| **s == 200).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert!(
+        (6..=6 + refilled).contains(&passed) && passed + limited == statuses.len(),
+        "one plus a burst of five, then 429: {statuses:?}"
+    );
+    let before = seen.load(Ordering::Relaxed);
+    // Other API routes still pass (their own, looser zone).
+    assert_eq!(curl(&[&nginx.https_url("/api/v1/assistants")]).0, 200);
+    assert_eq!(seen.load(Ordering::Relaxed), before + 1);
+    // The wait on the sign-up route is its own zone's too: the same address
+    // has spent its auth tokens.
+    assert_eq!(
+        curl(&[
+            "-X",
+            "POST",
+            "--data",
+            "{}",
+            &nginx.https_url("/api/v1/users")
+        ])
+        .0,
+        429
+    );
+}
