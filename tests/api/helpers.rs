@@ -266,10 +266,19 @@ impl TestApp {
     }
 }
 
-/// Shut the service down gracefully when the test ends, as SIGTERM would, and
-/// fail the test if that fails or hangs (unless it is failing already).
-impl Drop for TestApp {
-    fn drop(&mut self) {
+impl TestApp {
+    /// Shut the service down gracefully, as SIGTERM would, and hand back its
+    /// database and bus names for the next instance.
+    pub fn stop(mut self) -> (TestDb, BusNames) {
+        self.shut_down();
+        let db = std::mem::replace(&mut self.db, TestDb::detached());
+        let names = std::mem::replace(&mut self.names, BusNames::detached());
+        (db, names)
+    }
+
+    /// The graceful shutdown, failing the test if it fails or hangs (unless
+    /// the test is failing already).
+    fn shut_down(&mut self) {
         let Some(server) = self.server.take() else {
             return;
         };
@@ -292,6 +301,13 @@ impl Drop for TestApp {
             Ok(Err(e)) => panic!("the graceful shutdown failed: {e:#}"),
             Err(_) => panic!("the service's thread panicked"),
         }
+    }
+}
+
+/// Shut the service down gracefully when the test ends, as SIGTERM would.
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shut_down();
     }
 }
 

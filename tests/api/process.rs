@@ -71,6 +71,10 @@ impl Service {
                 ("NATS_SUBJECT_PREFIX", &names.subject_prefix),
                 ("REDIS_KEY_PREFIX", &names.redis_prefix),
                 ("RUST_LOG", "warn"),
+                // As the in-process apps: limits off unless a test sets one.
+                ("RATE_LIMIT_COMMANDS_PER_MINUTE", "0"),
+                ("RATE_LIMIT_SIGNUPS_PER_HOUR", "0"),
+                ("RATE_LIMIT_LOGINS_PER_MINUTE", "0"),
             ])
             .envs(env.iter().copied())
             .stdout(stdout.reopen().unwrap())

@@ -603,6 +603,142 @@ async fn backup_then_drop_then_restore_serves_the_same_data_and_verifies_clean()
     let _ = std::fs::remove_dir_all(&backups);
 }
 
+/// docs/operations.md, "Restoring to an older point than NATS has seen": events
+/// appended after the backup are gone from the restored store but still in the
+/// JetStream stream (and their resources in Redis). Following the procedure
+/// (stop the service, `restore.sh`, purge the stream, start the service,
+/// `replay --all`), nothing of them is served, the service goes on from the
+/// restored point, and `verify` finds no drift.
+#[tokio::test]
+async fn a_restore_older_than_what_nats_has_seen_follows_the_procedure_to_a_clean_verify() {
+    let app = spawn_with_admin().await;
+    let (token, assistants, conversations) = some_history(&app, "older@example.com").await;
+    caught_up(&app.db.pool).await;
+    let backups = tempdir("backups-older");
+    let backed_up = output(
+        Command::new(script("backup.sh"))
+            .env("DATABASE_URL", &app.db.url)
+            .env("BACKUP_DIR", &backups)
+            .env_remove("S3_BUCKET"),
+    )
+    .await;
+    assert!(backed_up.status.success(), "{backed_up:?}");
+    let file = std::fs::read_dir(&backups)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "dump"))
+        .expect("a .dump file");
+
+    // After the backup: an assistant and messages that NATS (and Redis) see.
+    let lost = app.assistant(&token, "Lost in the restore").await;
+    let lost = lost["id"].as_str().unwrap().to_owned();
+    for n in 0..3 {
+        let posted = app
+            .post(
+                &format!("/conversations/{}/messages", conversations[0]),
+                &token,
+                json!({ "content": format!("lost {n}") }),
+            )
+            .await;
+        assert_eq!(posted.status(), StatusCode::ACCEPTED);
+    }
+    progress::caught_up(&app.db.pool, &progress::consumers()).await;
+    let (status, _) = get_json(&app, &format!("/assistants/{lost}"), &token).await;
+    assert_eq!(status, StatusCode::OK, "read once, so Redis holds a copy");
+
+    // 1. Stop the service. 2. Restore the backup (its own verify passes).
+    let (db, names) = app.stop();
+    let restored = output(
+        Command::new(script("restore.sh"))
+            .arg(&file)
+            .env("DATABASE_URL", &db.url)
+            .env("AI_SECRETARY_BIN", binary())
+            .env("REDIS_KEY_PREFIX", &names.redis_prefix),
+    )
+    .await;
+    let printed = String::from_utf8_lossy(&restored.stdout);
+    assert!(restored.status.success(), "{printed}{restored:?}");
+    assert!(printed.contains("purge the NATS"), "{printed}");
+    // 3. Purge the stream (`nats stream purge`).
+    let jetstream = async_nats::jetstream::new(async_nats::connect(&names.nats_url).await.unwrap());
+    let purged = jetstream
+        .get_stream(&names.stream)
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .unwrap();
+    assert!(purged.purged > 0, "the stream held the lost events");
+    // 4. Start the service; 5. once the relay has republished, replay --all.
+    let app = spawn_app_on(db, names, &["--admin-emails", ADMIN], Roles::all()).await;
+    caught_up(&app.db.pool).await;
+    let replayed = output(Command::new(binary()).args([
+        "--database-url",
+        &app.db.url,
+        "--redis-key-prefix",
+        &app.names.redis_prefix,
+        "replay",
+        "--all",
+    ]))
+    .await;
+    assert!(replayed.status.success(), "{replayed:?}");
+
+    // Nothing appended after the backup is served, from Postgres or Redis.
+    let (status, body) = get_json(&app, &format!("/assistants/{lost}"), &token).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (_, listed) = get_json(&app, "/assistants", &token).await;
+    let ids: Vec<&str> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{listed}");
+    assert!(
+        ids.iter().all(|id| assistants.iter().any(|a| a == id)),
+        "{listed}"
+    );
+    let (_, messages) = get_json(
+        &app,
+        &format!("/conversations/{}/messages", conversations[0]),
+        &token,
+    )
+    .await;
+    assert_eq!(messages["data"].as_array().unwrap().len(), 6, "{messages}");
+
+    // The service goes on from the restored point: new events are applied.
+    let posted = app
+        .post(
+            &format!("/conversations/{}/messages", conversations[0]),
+            &token,
+            json!({ "content": "after the restore" }),
+        )
+        .await;
+    assert_eq!(posted.status(), StatusCode::ACCEPTED);
+    let at = posted.headers()["x-consistency-token"].clone();
+    let conversation: Value = app
+        .client
+        .get(app.url(&format!("/api/v1/conversations/{}", conversations[0])))
+        .bearer_auth(&token)
+        .header("x-consistency-token", at)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(conversation["message_count"], 8, "{conversation}");
+    progress::caught_up(&app.db.pool, &progress::consumers()).await;
+    let (report, clean) = verify_report(&app.db.pool, &[]).await.unwrap();
+    assert!(clean, "{report}");
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0);
+    std::fs::remove_dir_all(&backups).unwrap();
+}
+
 #[tokio::test]
 async fn the_health_scripts_report_up_and_down_and_log_recovery_attempts() {
     let app = spawn_with_admin().await;
