@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 use ai_secretary::startup::Roles;
 
 use crate::{
-    helpers::{eventually, spawn_app, spawn_app_on},
+    helpers::{consistency, eventually, spawn_app, spawn_app_on},
     support::{BusNames, TestDb, cluster::PrivatePostgres, promql},
 };
 
@@ -43,20 +43,11 @@ async fn metrics_are_exposed_in_prometheus_format() {
         .post("/assistants", &token, json!({ "name": "Counted" }))
         .await;
     assert_eq!(created.status(), StatusCode::CREATED);
-    let at = created.headers()["x-consistency-token"].clone();
+    let at = consistency(&created);
     let assistant: Value = created.json().await.unwrap();
     // Read it once the read side has it: a 200, counted under its route.
-    let response = app
-        .client
-        .get(app.url(&format!(
-            "/api/v1/assistants/{}",
-            assistant["id"].as_str().unwrap()
-        )))
-        .bearer_auth(&token)
-        .header("x-consistency-token", at)
-        .send()
-        .await
-        .unwrap();
+    let path = format!("/assistants/{}", assistant["id"].as_str().unwrap());
+    let response = app.get(&path, &token, Some(&at)).await;
     assert_eq!(response.status(), StatusCode::OK);
 
     let response = app.send(Method::GET, "/metrics", None, None).await;

@@ -176,6 +176,19 @@ impl TestApp {
         request.send().await.expect("the request is sent")
     }
 
+    /// GET `/api/v1{path}` with a bearer token and, if given, an
+    /// `X-Consistency-Token` (the read then waits for the command it names).
+    pub async fn get(&self, path: &str, token: &str, consistency: Option<&str>) -> Response {
+        let mut request = self
+            .client
+            .get(self.url(&format!("/api/v1{path}")))
+            .bearer_auth(token);
+        if let Some(c) = consistency {
+            request = request.header("x-consistency-token", c);
+        }
+        request.send().await.expect("the request is sent")
+    }
+
     pub async fn post(&self, path: &str, token: &str, body: Value) -> Response {
         self.send(
             Method::POST,
@@ -309,6 +322,14 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         self.shut_down();
     }
+}
+
+/// A command's `X-Consistency-Token`.
+pub fn consistency(response: &Response) -> String {
+    response.headers()["x-consistency-token"]
+        .to_str()
+        .expect("a visible ASCII token")
+        .to_owned()
 }
 
 /// Assert a problem+json answer and return its body.

@@ -472,22 +472,15 @@ async fn cache_and_llm_counters_move_with_the_traffic() {
         promql::sample(text, name, &[label]).unwrap_or_else(|| panic!("no {name}{label:?}"))
     };
     let token = service.signed_up("counted@example.com").await;
-    let (status, assistant) = service
-        .call(
-            Method::POST,
-            "/api/v1/assistants",
-            Some(&token),
-            Some(json!({ "name": "Counted" })),
-        )
+    let assistant = service
+        .created("/assistants", &token, json!({ "name": "Counted" }))
         .await;
-    assert_eq!(status, StatusCode::CREATED);
     // Reads without a token use the cache once `cache` is where `assistants` is.
     caught_up(&service.db.pool, &consumers()).await;
     let before = service.metrics().await;
-    let path = format!("/api/v1/assistants/{}", assistant["id"].as_str().unwrap());
+    let path = format!("/assistants/{}", assistant["id"].as_str().unwrap());
     for _ in 0..3 {
-        let (status, _) = service.call(Method::GET, &path, Some(&token), None).await;
-        assert_eq!(status, StatusCode::OK);
+        service.read(&path, &token, None).await;
     }
     let after = service.metrics().await;
     for (result, moved) in [("miss", 1.0), ("hit", 2.0)] {
@@ -500,14 +493,7 @@ async fn cache_and_llm_counters_move_with_the_traffic() {
         );
     }
 
-    let (_, conversation) = service
-        .call(
-            Method::POST,
-            "/api/v1/conversations",
-            Some(&token),
-            Some(json!({ "assistant_id": assistant["id"] })),
-        )
-        .await;
+    let conversation = service.conversation(&token, &assistant).await;
     let messages = format!(
         "/api/v1/conversations/{}/messages",
         conversation["id"].as_str().unwrap()

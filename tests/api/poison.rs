@@ -1,8 +1,8 @@
 //! Poison: what a projection cannot read goes to `dead_letters` with its
 //! reason, is counted, and the projection goes on with the next event.
 
-use reqwest::{Method, StatusCode};
-use serde_json::{Value, json};
+use reqwest::StatusCode;
+use serde_json::json;
 use uuid::Uuid;
 
 use crate::{
@@ -24,15 +24,9 @@ use crate::{
 async fn a_poison_event_is_parked_and_counted_and_the_projection_goes_on() {
     let service = Service::start().await;
     let token = service.signed_up("poisoned@example.com").await;
-    let (status, assistant) = service
-        .call(
-            Method::POST,
-            "/api/v1/assistants",
-            Some(&token),
-            Some(json!({ "name": "Before" })),
-        )
+    let assistant = service
+        .created("/assistants", &token, json!({ "name": "Before" }))
         .await;
-    assert_eq!(status, StatusCode::CREATED);
     let pool = &service.db.pool;
     caught_up(pool, &consumers()).await;
 
@@ -74,18 +68,10 @@ async fn a_poison_event_is_parked_and_counted_and_the_projection_goes_on() {
         .await
         .unwrap();
     assert_eq!(renamed.status(), StatusCode::OK);
-    let at = renamed.headers()["x-consistency-token"].clone();
-    let read: Value = service
-        .client
-        .get(service.url(&format!("/api/v1/assistants/{id}")))
-        .bearer_auth(&token)
-        .header("x-consistency-token", at)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let at = crate::helpers::consistency(&renamed);
+    let read = service
+        .read(&format!("/assistants/{id}"), &token, Some(&at))
+        .await;
     assert_eq!(
         read["name"], "After",
         "the projection did not go on: {read}"

@@ -125,6 +125,47 @@ impl Service {
         (status, body)
     }
 
+    /// POST `/api/v1{path}` that must answer 201; the created resource.
+    pub async fn created(&self, path: &str, token: &str, body: Value) -> Value {
+        let (status, created) = self
+            .call(
+                Method::POST,
+                &format!("/api/v1{path}"),
+                Some(token),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "POST {path}: {created}");
+        created
+    }
+
+    /// A conversation with `assistant` (its JSON).
+    pub async fn conversation(&self, token: &str, assistant: &Value) -> Value {
+        self.created(
+            "/conversations",
+            token,
+            json!({ "assistant_id": assistant["id"] }),
+        )
+        .await
+    }
+
+    /// GET `/api/v1{path}` that must answer 200, after the command named by
+    /// `consistency` (an `X-Consistency-Token`) if given; its JSON body.
+    pub async fn read(&self, path: &str, token: &str, consistency: Option<&str>) -> Value {
+        let mut request = self
+            .client
+            .get(self.url(&format!("/api/v1{path}")))
+            .bearer_auth(token);
+        if let Some(at) = consistency {
+            request = request.header("x-consistency-token", at);
+        }
+        let response = request.send().await.expect("the request is sent");
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert_eq!(status, StatusCode::OK, "GET {path}: {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {path}: {e}: {text}"))
+    }
+
     /// Register `email` and return an access token.
     pub async fn signed_up(&self, email: &str) -> String {
         let credentials = json!({ "email": email, "password": "correct horse battery" });

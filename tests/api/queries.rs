@@ -1,32 +1,13 @@
 //! The read side through the API: commands → relay → JetStream → projections →
 //! queries, with read-your-writes on X-Consistency-Token.
 
-use reqwest::{Method, Response, StatusCode};
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::{
-    helpers::{TestApp, problem, spawn_app, spawn_app_without_replier},
+    helpers::{consistency, problem, spawn_app, spawn_app_without_replier},
     progress,
 };
-
-/// GET with a bearer token and, if given, a consistency token.
-async fn get(app: &TestApp, path: &str, token: &str, consistency: Option<&str>) -> Response {
-    let mut request = app
-        .client
-        .get(app.url(&format!("/api/v1{path}")))
-        .bearer_auth(token);
-    if let Some(c) = consistency {
-        request = request.header("x-consistency-token", c);
-    }
-    request.send().await.unwrap()
-}
-
-fn consistency(response: &Response) -> String {
-    response.headers()["x-consistency-token"]
-        .to_str()
-        .unwrap()
-        .to_owned()
-}
 
 #[tokio::test]
 async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
@@ -48,13 +29,9 @@ async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
     let posted: Value = posted.json().await.unwrap();
 
     // The messages, in order, right after the post.
-    let messages = get(
-        &app,
-        &format!("/conversations/{id}/messages"),
-        &token,
-        Some(&at),
-    )
-    .await;
+    let messages = app
+        .get(&format!("/conversations/{id}/messages"), &token, Some(&at))
+        .await;
     assert_eq!(messages.status(), StatusCode::OK);
     let messages: Value = messages.json().await.unwrap();
     assert_eq!(messages["object"], "list");
@@ -68,7 +45,8 @@ async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
     assert_eq!(messages["has_more"], false);
 
     // The assistant with its activity, listed and alone (through the cache, twice).
-    let list: Value = get(&app, "/assistants", &token, Some(&at))
+    let list: Value = app
+        .get("/assistants", &token, Some(&at))
         .await
         .json()
         .await
@@ -77,7 +55,7 @@ async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
     assert_eq!(list["data"][0]["conversation_count"], 1);
     assert_eq!(list["data"][0]["message_count"], 2);
     let path = format!("/assistants/{}", assistant["id"].as_str().unwrap());
-    let one = get(&app, &path, &token, Some(&at)).await;
+    let one = app.get(&path, &token, Some(&at)).await;
     assert_eq!(one.status(), StatusCode::OK);
     assert_eq!(one.headers()["etag"], "\"1\"");
     let one: Value = one.json().await.unwrap();
@@ -113,41 +91,44 @@ async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
         .query_async(&mut redis)
         .await
         .unwrap();
-    let cached: Value = get(&app, &path, &token, None).await.json().await.unwrap();
+    let cached: Value = app.get(&path, &token, None).await.json().await.unwrap();
     assert_eq!(
         cached, marked,
         "the second read did not go through the cache"
     );
 
     // The conversation, filtered lists, and usage (no reply yet: zero).
-    let conversation: Value = get(&app, &format!("/conversations/{id}"), &token, Some(&at))
+    let conversation: Value = app
+        .get(&format!("/conversations/{id}"), &token, Some(&at))
         .await
         .json()
         .await
         .unwrap();
     assert_eq!(conversation["message_count"], 2);
     assert_eq!(conversation["usage"]["total_tokens"], 0);
-    let filtered: Value = get(
-        &app,
-        &format!(
-            "/conversations?assistant_id={}&status=active",
-            assistant["id"].as_str().unwrap()
-        ),
-        &token,
-        Some(&at),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
+    let filtered: Value = app
+        .get(
+            &format!(
+                "/conversations?assistant_id={}&status=active",
+                assistant["id"].as_str().unwrap()
+            ),
+            &token,
+            Some(&at),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(filtered["data"].as_array().unwrap().len(), 1);
-    let archived: Value = get(&app, "/conversations?status=archived", &token, Some(&at))
+    let archived: Value = app
+        .get("/conversations?status=archived", &token, Some(&at))
         .await
         .json()
         .await
         .unwrap();
     assert_eq!(archived["data"].as_array().unwrap().len(), 0);
-    let usage: Value = get(&app, "/stats/usage?group_by=model", &token, Some(&at))
+    let usage: Value = app
+        .get("/stats/usage?group_by=model", &token, Some(&at))
         .await
         .json()
         .await
@@ -165,7 +146,8 @@ async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
         )
         .await;
     let at = consistency(&renamed);
-    let after: Value = get(&app, &path, &token, Some(&at))
+    let after: Value = app
+        .get(&path, &token, Some(&at))
         .await
         .json()
         .await
@@ -175,7 +157,8 @@ async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
 
     // Projections report no lag once caught up: every checkpoint at the head.
     progress::caught_up(&app.db.pool, &progress::consumers()).await;
-    let status: Value = get(&app, "/admin/projections", &token, None)
+    let status: Value = app
+        .get("/admin/projections", &token, None)
         .await
         .json()
         .await
@@ -224,7 +207,7 @@ async fn queries_are_scoped_to_their_owner() {
     );
     // Alice sees it (so the read side has it); Mallory gets 404s and empty lists.
     assert_eq!(
-        get(&app, &format!("/conversations/{c}"), &alice, Some(&at))
+        app.get(&format!("/conversations/{c}"), &alice, Some(&at))
             .await
             .status(),
         StatusCode::OK
@@ -235,13 +218,14 @@ async fn queries_are_scoped_to_their_owner() {
         format!("/conversations/{c}/messages"),
     ] {
         problem(
-            get(&app, &path, &mallory, Some(&at)).await,
+            app.get(&path, &mallory, Some(&at)).await,
             StatusCode::NOT_FOUND,
         )
         .await;
     }
     for path in ["/assistants", "/conversations"] {
-        let list: Value = get(&app, path, &mallory, Some(&at))
+        let list: Value = app
+            .get(path, &mallory, Some(&at))
             .await
             .json()
             .await
@@ -274,7 +258,8 @@ async fn pages_stay_stable_while_new_rows_arrive() {
             Some(a) => format!("/assistants?limit=3&after={a}"),
             None => "/assistants?limit=3".to_owned(),
         };
-        let page: Value = get(&app, &path, &token, Some(&at))
+        let page: Value = app
+            .get(&path, &token, Some(&at))
             .await
             .json()
             .await
@@ -304,7 +289,7 @@ async fn pages_stay_stable_while_new_rows_arrive() {
     // And back: `before` a page's first id is the page before it, in the
     // list's order (the second page's first id gives the first page back)...
     let page = async |query: String| -> Value {
-        get(&app, &format!("/assistants?{query}"), &token, Some(&at))
+        app.get(&format!("/assistants?{query}"), &token, Some(&at))
             .await
             .json()
             .await
@@ -336,12 +321,13 @@ async fn pages_stay_stable_while_new_rows_arrive() {
     assert_eq!(late["has_more"], false);
 
     // asc order reverses.
-    let asc: Value = get(&app, "/assistants?order=asc&limit=2", &token, Some(&at))
+    let asc: Value = app
+        .get("/assistants?order=asc&limit=2", &token, Some(&at))
         .await
         .json()
         .await
         .unwrap();
     assert_eq!(asc["data"][0]["id"], created[created.len() - 1]);
-    let bad = get(&app, "/assistants?limit=0", &token, None).await;
+    let bad = app.get("/assistants?limit=0", &token, None).await;
     problem(bad, StatusCode::UNPROCESSABLE_ENTITY).await;
 }

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use sqlx::{Connection, PgPool};
 
 use crate::{
-    helpers::{TestApp, eventually, problem, spawn_app_on, spawn_app_with},
+    helpers::{TestApp, consistency, eventually, problem, spawn_app_on, spawn_app_with},
     progress,
     support::TestDb,
 };
@@ -580,23 +580,7 @@ async fn backup_then_drop_then_restore_serves_the_same_data_and_verifies_clean()
         get_json(&restored, &format!("/assistants/{}", assistants[0]), &token).await;
     assert_eq!(status, StatusCode::OK, "{assistant}");
     assert_eq!(assistant["conversation_count"], 2);
-    let (status, messages) = get_json(
-        &restored,
-        &format!("/conversations/{}/messages", conversations[0]),
-        &token,
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(messages["data"].as_array().unwrap().len(), 6, "{messages}");
-    // And keeps working on it.
-    let posted = restored
-        .post(
-            &format!("/conversations/{}/messages", conversations[0]),
-            &token,
-            json!({ "content": "after the restore" }),
-        )
-        .await;
-    assert_eq!(posted.status(), StatusCode::ACCEPTED);
+    serves_the_backup_and_goes_on(&restored, &token, &conversations[0]).await;
     caught_up(&restored.db.pool).await;
     let (report, clean) = verify_report(&restored.db.pool, &[]).await.unwrap();
     assert!(clean, "{report}");
@@ -698,32 +682,15 @@ async fn a_restore_older_than_what_nats_has_seen_follows_the_procedure_to_a_clea
         ids.iter().all(|id| assistants.iter().any(|a| a == id)),
         "{listed}"
     );
-    let (_, messages) = get_json(
-        &app,
-        &format!("/conversations/{}/messages", conversations[0]),
-        &token,
-    )
-    .await;
-    assert_eq!(messages["data"].as_array().unwrap().len(), 6, "{messages}");
-
     // The service goes on from the restored point: new events are applied.
-    let posted = app
-        .post(
-            &format!("/conversations/{}/messages", conversations[0]),
-            &token,
-            json!({ "content": "after the restore" }),
-        )
-        .await;
-    assert_eq!(posted.status(), StatusCode::ACCEPTED);
-    let at = posted.headers()["x-consistency-token"].clone();
+    let posted = serves_the_backup_and_goes_on(&app, &token, &conversations[0]).await;
     let conversation: Value = app
-        .client
-        .get(app.url(&format!("/api/v1/conversations/{}", conversations[0])))
-        .bearer_auth(&token)
-        .header("x-consistency-token", at)
-        .send()
+        .get(
+            &format!("/conversations/{}", conversations[0]),
+            &token,
+            Some(&consistency(&posted)),
+        )
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -801,6 +768,24 @@ async fn the_health_scripts_report_up_and_down_and_log_recovery_attempts() {
             "{name}"
         );
     }
+}
+
+/// A restored conversation of `some_history` lists what it held at the backup
+/// (three messages and their replies), and takes a new message; its answer.
+async fn serves_the_backup_and_goes_on(
+    app: &TestApp,
+    token: &str,
+    conversation: &str,
+) -> reqwest::Response {
+    let path = format!("/conversations/{conversation}/messages");
+    let (status, messages) = get_json(app, &path, token).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(messages["data"].as_array().unwrap().len(), 6, "{messages}");
+    let posted = app
+        .post(&path, token, json!({ "content": "after the restore" }))
+        .await;
+    assert_eq!(posted.status(), StatusCode::ACCEPTED);
+    posted
 }
 
 /// Run a command off the test's runtime, so the service on it keeps answering.

@@ -18,13 +18,13 @@ use std::{
 
 use ai_secretary::startup::{Roles, projection_names};
 use futures::StreamExt;
-use reqwest::{Method, Response, StatusCode};
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
 use crate::{
     helpers::{
-        TestApp, eventually, eventually_every, problem, spawn_app_on, spawn_app_with,
+        TestApp, consistency, eventually, eventually_every, problem, spawn_app_on, spawn_app_with,
         spawn_app_without_replier, without_replier,
     },
     progress::{
@@ -64,21 +64,9 @@ async fn cached_json(redis_url: &str, key: &str) -> Result<Option<String>, Strin
 // ---------------------------------------------------------------------------
 // HTTP
 
-/// GET `/api/v1{path}` with a bearer token and, if given, a consistency token.
-async fn get(app: &TestApp, path: &str, token: &str, consistency: Option<&str>) -> Response {
-    let mut request = app
-        .client
-        .get(app.url(&format!("/api/v1{path}")))
-        .bearer_auth(token);
-    if let Some(c) = consistency {
-        request = request.header("x-consistency-token", c);
-    }
-    request.send().await.unwrap()
-}
-
 /// GET that must answer 200; its JSON body.
 async fn get_ok(app: &TestApp, path: &str, token: &str, consistency: Option<&str>) -> Value {
-    let response = get(app, path, token, consistency).await;
+    let response = app.get(path, token, consistency).await;
     let status = response.status();
     let body = response.text().await.unwrap();
     assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
@@ -91,7 +79,7 @@ async fn get_when_consistent(app: &TestApp, path: &str, token: &str, at: &str) -
     eventually(
         &format!("GET {path} with token {at} answers 200"),
         async || {
-            let response = get(app, path, token, Some(at)).await;
+            let response = app.get(path, token, Some(at)).await;
             match response.status() {
                 StatusCode::OK => Ok(response.json().await.unwrap()),
                 StatusCode::SERVICE_UNAVAILABLE => Err("503".to_owned()),
@@ -109,13 +97,6 @@ async fn readiness(app: &TestApp) -> Value {
     let ready: Value = response.json().await.unwrap();
     assert_eq!(ready["checks"]["postgres"], "ok", "{ready}");
     ready
-}
-
-fn consistency(response: &Response) -> String {
-    response.headers()["x-consistency-token"]
-        .to_str()
-        .unwrap()
-        .to_owned()
 }
 
 fn id(resource: &Value) -> String {
@@ -248,13 +229,13 @@ async fn commands_succeed_while_nats_is_down_and_projections_catch_up() {
     assert_eq!(ready["checks"]["nats"], "unavailable", "{ready}");
     // A query that must see the last command cannot yet: a bounded wait, then 503.
     let waited = Instant::now();
-    let stale = get(
-        &app,
-        &format!("/conversations/{c1}/messages"),
-        &token,
-        Some(&last),
-    )
-    .await;
+    let stale = app
+        .get(
+            &format!("/conversations/{c1}/messages"),
+            &token,
+            Some(&last),
+        )
+        .await;
     assert_eq!(
         stale.status(),
         StatusCode::SERVICE_UNAVAILABLE,

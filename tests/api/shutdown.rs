@@ -58,26 +58,13 @@ async fn sigterm_under_load_finishes_requests_and_interrupts_a_rebuild_cleanly()
     .await;
     let admin = service.signed_up(ADMIN).await;
     let token = service.signed_up("busy@example.com").await;
-    let (_, assistant) = service
-        .call(
-            Method::POST,
-            "/api/v1/assistants",
-            Some(&token),
-            Some(json!({ "name": "Busy" })),
-        )
+    let assistant = service
+        .created("/assistants", &token, json!({ "name": "Busy" }))
         .await;
     // One conversation per client: they do not contend for one stream.
     let mut conversations = Vec::new();
     for _ in 0..4 {
-        let (status, conversation) = service
-            .call(
-                Method::POST,
-                "/api/v1/conversations",
-                Some(&token),
-                Some(json!({ "assistant_id": assistant["id"] })),
-            )
-            .await;
-        assert_eq!(status, StatusCode::CREATED);
+        let conversation = service.conversation(&token, &assistant).await;
         conversations.push(service.url(&format!(
             "/api/v1/conversations/{}/messages",
             conversation["id"].as_str().unwrap()

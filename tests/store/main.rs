@@ -48,6 +48,17 @@ struct Alone {
 }
 
 impl Alone {
+    /// The store with event C committed before anything else is open, and a
+    /// connection of its own for the test's transaction A.
+    async fn c_committed(&self) -> (PgEventStore, PgConnection) {
+        let store = store(&self.db);
+        store
+            .append(append(Uuid::now_v7(), 0, &["C"]))
+            .await
+            .unwrap();
+        (store, PgConnection::connect(&self.db.url).await.unwrap())
+    }
+
     async fn new() -> Alone {
         let cluster = PrivatePostgres::start().await;
         Alone {
@@ -59,6 +70,20 @@ impl Alone {
 
 async fn read_tags(store: &PgEventStore, after: Position) -> Vec<RecordedEvent> {
     store.read_all(after, 100).await.unwrap()
+}
+
+/// Event A, written straight into the table inside the test's own open
+/// transaction; its global position.
+async fn insert_a(tx: &mut PgConnection, stream: Uuid) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO events (event_id, stream_id, stream_type, version, event_type, data)
+         VALUES ($1, $2, 'test', 1, 'Tested', '{\"tag\": \"A\"}') RETURNING global_position",
+    )
+    .bind(Uuid::now_v7())
+    .bind(stream)
+    .fetch_one(tx)
+    .await
+    .unwrap()
 }
 
 fn tags_of(events: &[RecordedEvent]) -> Vec<&str> {
@@ -148,24 +173,10 @@ async fn an_expected_version_that_is_not_the_head_is_a_conflict() {
 #[tokio::test]
 async fn no_reader_skips_an_event_committed_out_of_order() {
     let alone = Alone::new().await;
-    let db = &alone.db;
-    let store = store(db);
-    store
-        .append(append(Uuid::now_v7(), 0, &["C"]))
-        .await
-        .unwrap();
-    let mut a = PgConnection::connect(&db.url).await.unwrap();
+    let (store, mut a) = alone.c_committed().await;
     let mut tx_a = a.begin().await.unwrap();
     let stream_a = Uuid::now_v7();
-    let position_a: i64 = sqlx::query_scalar(
-        "INSERT INTO events (event_id, stream_id, stream_type, version, event_type, data)
-         VALUES ($1, $2, 'test', 1, 'Tested', '{\"tag\": \"A\"}') RETURNING global_position",
-    )
-    .bind(Uuid::now_v7())
-    .bind(stream_a)
-    .fetch_one(&mut *tx_a)
-    .await
-    .unwrap();
+    let position_a = insert_a(&mut tx_a, stream_a).await;
 
     let stream_b = Uuid::now_v7();
     let b = store.append(append(stream_b, 0, &["B"])).await.unwrap();
@@ -193,13 +204,7 @@ async fn no_reader_skips_an_event_committed_out_of_order() {
 #[tokio::test]
 async fn commit_order_wins_over_identity_order() {
     let alone = Alone::new().await;
-    let db = &alone.db;
-    let store = store(db);
-    store
-        .append(append(Uuid::now_v7(), 0, &["C"]))
-        .await
-        .unwrap();
-    let mut a = PgConnection::connect(&db.url).await.unwrap();
+    let (store, mut a) = alone.c_committed().await;
     let mut tx_a = a.begin().await.unwrap();
     // A's transaction id is taken first; its row is written after B's.
     sqlx::query("SELECT pg_current_xact_id()")
@@ -210,15 +215,7 @@ async fn commit_order_wins_over_identity_order() {
         .append(append(Uuid::now_v7(), 0, &["B"]))
         .await
         .unwrap();
-    let position_a: i64 = sqlx::query_scalar(
-        "INSERT INTO events (event_id, stream_id, stream_type, version, event_type, data)
-         VALUES ($1, $2, 'test', 1, 'Tested', '{\"tag\": \"A\"}') RETURNING global_position",
-    )
-    .bind(Uuid::now_v7())
-    .bind(Uuid::now_v7())
-    .fetch_one(&mut *tx_a)
-    .await
-    .unwrap();
+    let position_a = insert_a(&mut tx_a, Uuid::now_v7()).await;
     assert!(position_a > b.position.global_position);
     let seen = read_tags(&store, Position::START).await;
     assert_eq!(tags_of(&seen), ["C"], "read past an open transaction");
