@@ -552,6 +552,9 @@ async fn queries_are_served_from_postgres_while_redis_is_stopped_or_frozen() {
     for i in 0..40 {
         let title = format!("frozen {i}");
         let at = rename(&title).await;
+        // What is timed is the query, not the projection it waits for (a loaded
+        // machine makes that wait long whatever Redis does).
+        caught_up(&app.db.pool, &["conversations".to_owned()]).await;
         let (t, one) = read(&format!("/conversations/{c}"), Some(&at)).await;
         assert_eq!(one["title"], title.as_str(), "read with the token");
         took.push(t);
