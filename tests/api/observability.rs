@@ -535,9 +535,11 @@ async fn cache_and_llm_counters_move_with_the_traffic() {
 }
 
 /// `LOG_DIR`: one JSON file per day, named `ai-secretary.<UTC date>.log`, and
-/// no more than 30 of them. The binary runs under libfaketime (Debian package
-/// `faketime`; `.ci/run` installs it) with its clock set a moment before a
-/// midnight, so the day turns while it runs; the directory already holds 35
+/// no more than 30 of them. The binary runs with libfaketime preloaded (Debian
+/// package `faketime`; `.ci/run` installs it), its clock set a moment before a
+/// midnight, so the day turns while it runs (preloaded into the binary itself
+/// rather than through the `faketime` program, which forks: killing it would
+/// leave the service running); the directory already holds 35
 /// older days' files. At start the oldest are removed to make room for today's,
 /// at midnight one more for tomorrow's, and every file left is one of the 30
 /// newest days.
@@ -564,11 +566,18 @@ async fn log_files_turn_over_at_midnight_and_30_are_kept() {
         .unwrap();
         std::thread::sleep(Duration::from_millis(15));
     }
-    let service = Service::start_under(
-        &["faketime", "2026-05-20 23:59:58"],
+    let libfaketime = std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .map(|e| e.unwrap().path().join("faketime/libfaketime.so.1"))
+        .find(|lib| lib.exists())
+        .expect("libfaketime is installed (Debian package `faketime`; .ci/run installs it)");
+    let service = Service::start_on(
         TestDb::new().await,
         BusNames::new(),
         &[
+            ("LD_PRELOAD", libfaketime.to_str().unwrap()),
+            // Starts at that time, then runs at the real pace.
+            ("FAKETIME", "@2026-05-20 23:59:58"),
             ("TZ", "UTC"),
             // Timers keep the real clock; only the date the appender reads is faked.
             ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),

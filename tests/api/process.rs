@@ -45,23 +45,12 @@ impl Service {
     /// The binary on `db` and `names`, with `env` added (and winning over the
     /// defaults), answering `/health`.
     pub async fn start_on(db: TestDb, names: BusNames, env: &[(&str, &str)]) -> Service {
-        Service::start_under(&[], db, names, env).await
-    }
-
-    /// `start_on`, run by `wrapper` (a program and its arguments, e.g.
-    /// `faketime` and a date) with the binary's path as its last argument.
-    pub async fn start_under(
-        wrapper: &[&str],
-        db: TestDb,
-        names: BusNames,
-        env: &[(&str, &str)],
-    ) -> Service {
         let address = format!("127.0.0.1:{}", free_port());
         let (stdout, stderr) = (
             tempfile::NamedTempFile::new().unwrap(),
             tempfile::NamedTempFile::new().unwrap(),
         );
-        let child = command(wrapper)
+        let child = configured(&[])
             .envs([
                 ("DATABASE_URL", db.url.as_str()),
                 ("BIND", &address),
@@ -233,26 +222,12 @@ impl Drop for Service {
 /// The binary with exactly `env` (and `PATH`), run from a scratch directory so
 /// a `.env` in the checkout cannot configure it.
 pub fn configured(env: &[(&str, &str)]) -> Command {
-    let mut command = command(&[]);
-    command.envs(env.iter().copied());
-    command
-}
-
-/// The binary (run by `wrapper`, if any) with an empty environment but `PATH`,
-/// in a scratch directory.
-fn command(wrapper: &[&str]) -> Command {
-    let mut command = match wrapper {
-        [] => Command::new(binary()),
-        [program, args @ ..] => {
-            let mut command = Command::new(program);
-            command.args(args).arg(binary());
-            command
-        }
-    };
+    let mut command = Command::new(binary());
     command
         .current_dir(std::env::temp_dir())
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
         .stdin(Stdio::null());
     command
 }
