@@ -190,6 +190,11 @@ pub struct Config {
     /// Append transactions in flight at once.
     #[arg(long, env = "APPEND_FLUSHERS", default_value_t = 2)]
     pub append_flushers: usize,
+
+    /// Memory for folded aggregate states kept between commands, in MiB (0: none;
+    /// every command then folds its stream from the start).
+    #[arg(long, env = "STATE_CACHE_MB", default_value_t = 64)]
+    pub state_cache_mb: u64,
 }
 
 impl Config {
@@ -237,6 +242,11 @@ impl Config {
             Environment::Production => LogFormat::Json,
             _ => LogFormat::Pretty,
         })
+    }
+
+    /// The state cache's bound in bytes.
+    pub fn state_cache_bytes(&self) -> u64 {
+        self.state_cache_mb.saturating_mul(1024 * 1024)
     }
 
     /// How the replier asks the model: attempts, timeouts and backoff.

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 use crate::{
-    app::Commands,
+    app::{Commands, StateCache},
     auth::Tokens,
     bus::{self, BusConfig, relay::Relay},
     config::{Config, LlmProvider},
@@ -154,11 +154,13 @@ impl Application {
             Duration::from_secs(config.cache_ttl_seconds),
         );
 
+        // One cache of folded states per process, shared by the API and the replier.
+        let states = StateCache::new(config.state_cache_bytes());
         // Connecting does not wait for the server: NATS may come up later.
         let nats = bus::connect(&bus.url).await?;
         if roles.replier {
             let replier = Replier {
-                commands: Commands::new(Arc::new(store.clone())),
+                commands: Commands::new(Arc::new(store.clone()), states.clone()),
                 provider: provider(config)?,
                 policy: config.retry_policy(),
                 history_chars: config.llm_history_chars,
@@ -239,7 +241,7 @@ impl Application {
                 nats,
                 subject_prefix: bus.subject_prefix.clone(),
             };
-            let commands = Commands::new(Arc::new(store.clone()));
+            let commands = Commands::new(Arc::new(store.clone()), states);
             let tokens = Tokens::new(config.jwt_secret_key.expose(), config.access_token_ttl());
             let state = AppState::new(commands, tokens, read)
                 .with_recovery(rebuilds.clone(), &config.admin_emails);

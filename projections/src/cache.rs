@@ -321,9 +321,13 @@ impl Projection for CacheInvalidation {
                     .invalidate(Kind::Assistant, e.stream_id, at)
                     .await?
             }
-            "conversation" => {
+            // A reply's events (in streams of their own) change their conversation.
+            "conversation" | "reply" => {
+                let Some(conversation_id) = e.conversation_id(event) else {
+                    return Ok(());
+                };
                 self.cache
-                    .invalidate(Kind::Conversation, e.stream_id, at)
+                    .invalidate(Kind::Conversation, conversation_id, at)
                     .await?;
                 // The assistant's counts and last activity move with its conversations.
                 let assistant: Option<Uuid> = match event {
@@ -332,7 +336,7 @@ impl Projection for CacheInvalidation {
                             "INSERT INTO cache_conversations (conversation_id, assistant_id)
                              VALUES ($1, $2) ON CONFLICT DO NOTHING",
                         )
-                        .bind(e.stream_id)
+                        .bind(conversation_id)
                         .bind(c.assistant_id)
                         .execute(&mut *tx)
                         .await?;
@@ -343,7 +347,7 @@ impl Projection for CacheInvalidation {
                     | Event::ReplyCompleted(_) => sqlx::query_scalar(
                         "SELECT assistant_id FROM cache_conversations WHERE conversation_id = $1",
                     )
-                    .bind(e.stream_id)
+                    .bind(conversation_id)
                     .fetch_optional(&mut *tx)
                     .await?,
                     _ => None,

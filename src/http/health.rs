@@ -32,7 +32,7 @@ pub(super) async fn health() -> Json<Value> {
 /// or NATS degrades the service (no cache, read side paused) but commands and
 /// queries still work, so it stays ready and says so.
 async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let (postgres, redis) = tokio::join!(state.commands.store().ping(), state.read.cache.ping());
+    let (postgres, redis) = tokio::join!(state.commands.ping(), state.read.cache.ping());
     if let Err(e) = &postgres {
         tracing::warn!(error = %e, "readiness: postgres unreachable");
     }

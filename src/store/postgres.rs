@@ -11,6 +11,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{
     Connection, PgConnection, PgPool, Postgres, Row,
@@ -22,8 +23,8 @@ use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
-    AppendError, AppendRequest, Appended, EventStore, IdempotencyRecord, Position, RecordedEvent,
-    StoreError, StoredResponse,
+    AppendError, AppendRequest, Appended, Behind, EventStore, IdempotencyRecord, Position,
+    RecordedEvent, StoreError, StoredResponse,
 };
 
 /// Tuning of the coalescer.
@@ -674,6 +675,13 @@ fn recorded_event(row: PgRow) -> Result<RecordedEvent, sqlx::Error> {
     })
 }
 
+fn recorded_events(rows: Vec<PgRow>) -> Result<Vec<RecordedEvent>, StoreError> {
+    Ok(rows
+        .into_iter()
+        .map(recorded_event)
+        .collect::<Result<_, _>>()?)
+}
+
 #[async_trait::async_trait]
 impl EventStore for PgEventStore {
     async fn append(&self, request: AppendRequest) -> Result<Appended, AppendError> {
@@ -706,17 +714,122 @@ impl EventStore for PgEventStore {
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
-    async fn read_stream(&self, stream_id: Uuid) -> Result<Vec<RecordedEvent>, StoreError> {
-        let sql =
-            format!("SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY version");
+    async fn read_stream_from(
+        &self,
+        stream_id: Uuid,
+        after_version: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND version > $2 ORDER BY version"
+        );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(stream_id)
+            .bind(after_version)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(recorded_event)
-            .collect::<Result<_, _>>()?)
+        recorded_events(rows)
+    }
+
+    async fn read_stream_backwards(
+        &self,
+        stream_id: Uuid,
+        before_version: i64,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND version < $2
+             ORDER BY version DESC LIMIT $3"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(stream_id)
+            .bind(before_version)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        recorded_events(rows)
+    }
+
+    async fn read_streams(&self, stream_ids: &[Uuid]) -> Result<Vec<RecordedEvent>, StoreError> {
+        if stream_ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ANY($1) ORDER BY stream_id, version"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(stream_ids)
+            .fetch_all(&self.pool)
+            .await?;
+        recorded_events(rows)
+    }
+
+    async fn read_conversation_feed(
+        &self,
+        conversation_id: Uuid,
+        after: Position,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        // The conversation's own events after `after` start past the last version
+        // at or before it (found walking the stream's key backwards, so only what
+        // was missed is touched); its replies' events are found by the partial
+        // index on their payload's conversation_id. Both stop at the read horizon,
+        // as `read_all` does, so a later live event is never behind one sent here.
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM (
+                 SELECT * FROM events
+                 WHERE stream_id = $1 AND version > (
+                     SELECT coalesce(max(version), 0) FROM events
+                     WHERE stream_id = $1
+                       AND (transaction_id, global_position) <= ($2::int8::text::xid8, $3))
+                 UNION ALL
+                 SELECT * FROM events
+                 WHERE stream_type = 'reply' AND data->>'conversation_id' = $4
+                   AND (transaction_id, global_position) > ($2::int8::text::xid8, $3)
+             ) feed
+             WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+             ORDER BY transaction_id, global_position
+             LIMIT $5"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(conversation_id)
+            .bind(after.transaction_id)
+            .bind(after.global_position)
+            .bind(conversation_id.to_string())
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        recorded_events(rows)
+    }
+
+    async fn head(&self) -> Result<Option<Position>, StoreError> {
+        let head: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT transaction_id::text::int8, global_position FROM events
+             ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(head.map(|(transaction_id, global_position)| Position {
+            transaction_id,
+            global_position,
+        }))
+    }
+
+    async fn behind(&self, after: Position, limit: i64) -> Result<Behind, StoreError> {
+        let (events, oldest_recorded_at): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
+            "SELECT count(*), min(recorded_at) FROM (
+                 SELECT recorded_at FROM events
+                 WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
+                 LIMIT $3) behind",
+        )
+        .bind(after.transaction_id)
+        .bind(after.global_position)
+        .bind(limit)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Behind {
+            events,
+            oldest_recorded_at,
+        })
     }
 
     async fn read_all(
@@ -740,10 +853,7 @@ impl EventStore for PgEventStore {
             .bind(limit)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .into_iter()
-            .map(recorded_event)
-            .collect::<Result<_, _>>()?)
+        recorded_events(rows)
     }
 
     async fn find_reservation(

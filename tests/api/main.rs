@@ -10,6 +10,7 @@ mod errors;
 mod health;
 mod helpers;
 mod idempotency;
+mod long_conversations;
 mod observability;
 mod queries;
 mod recovery;
