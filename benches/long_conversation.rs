@@ -42,8 +42,11 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/names.rs"]
+mod names;
 
-use common::{describe_server, env_or, with_database};
+use common::{describe_server, env_or};
+use names::{Names, Servers, remove};
 
 use std::{
     env,
@@ -65,7 +68,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use chrono::Utc;
 use clap::Parser;
 use serde_json::{Value, json};
-use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio::{sync::oneshot, task::JoinHandle};
 use uuid::Uuid;
 
@@ -137,28 +140,6 @@ impl Settings {
     }
 }
 
-/// One part's private names: database, JetStream stream and subjects, Redis keys.
-struct Names {
-    database: String,
-    db_url: String,
-    stream: String,
-    subject_prefix: String,
-    redis_prefix: String,
-}
-
-impl Names {
-    fn new(settings: &Settings, run: &str, part: &str) -> Result<Self> {
-        let database = format!("ai_secretary_bench_{run}_{part}");
-        Ok(Names {
-            db_url: with_database(&settings.base_url, &database)?,
-            database,
-            stream: format!("BENCH_{run}_{}", part.to_uppercase()),
-            subject_prefix: format!("bench_{run}_{part}.events"),
-            redis_prefix: format!("bench_{run}_{part}"),
-        })
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     if !env::args().any(|a| a == "--bench") {
@@ -177,7 +158,7 @@ async fn main() -> Result<()> {
     let names: Vec<(String, Names)> = ["single", "many", "load"]
         .into_iter()
         .filter(|p| settings.runs(p))
-        .map(|p| Ok((p.to_owned(), Names::new(&settings, &run, &p[..1])?)))
+        .map(|p| Ok((p.to_owned(), Names::new(&settings.base_url, &run, &p[..1])?)))
         .collect::<Result<_>>()?;
     let outcome = tokio::select! {
         outcome = run_parts(&settings, &names) => outcome,
@@ -185,7 +166,12 @@ async fn main() -> Result<()> {
     };
     let mut cleanup = Ok(());
     for (_, n) in &names {
-        if let Err(e) = remove(&settings, n).await {
+        let servers = Servers {
+            base_url: &settings.base_url,
+            nats_url: &settings.nats_url,
+            redis_url: &settings.redis_url,
+        };
+        if let Err(e) = remove(&servers, n).await {
             eprintln!("cleaning up {}: {e:#}", n.database);
             cleanup = Err(e);
         }
@@ -208,36 +194,6 @@ async fn run_parts(settings: &Settings, names: &[(String, Names)]) -> Result<()>
     for section in report {
         println!();
         print!("{section}");
-    }
-    Ok(())
-}
-
-/// Drop a part's database, JetStream stream and Redis keys (whichever exist).
-async fn remove(settings: &Settings, names: &Names) -> Result<()> {
-    let admin_url = with_database(&settings.base_url, "postgres")?;
-    let mut conn = PgConnection::connect(&admin_url).await?;
-    conn.execute(AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-        names.database
-    )))
-    .await?;
-    conn.close().await.ok();
-    let nats = async_nats::connect(&settings.nats_url).await?;
-    let jetstream = async_nats::jetstream::new(nats);
-    if jetstream.get_stream(&names.stream).await.is_ok() {
-        jetstream
-            .delete_stream(&names.stream)
-            .await
-            .map_err(|e| anyhow!("deleting stream {}: {e}", names.stream))?;
-    }
-    let client = redis::Client::open(settings.redis_url.as_str())?;
-    let mut redis = client.get_multiplexed_async_connection().await?;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}:*", names.redis_prefix))
-        .query_async(&mut redis)
-        .await?;
-    if !keys.is_empty() {
-        let () = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await?;
     }
     Ok(())
 }

@@ -35,8 +35,9 @@
 //!
 //! **Part 2, projection throughput.** In a second fresh database a backlog of
 //! `BENCH_EVENTS` events is appended through `PgEventStore` (users, assistants,
-//! conversations with `MessagePosted` + `ReplyRequested` appends and their
-//! `ReplyCompleted`, encoded from the domain events by `store::codec`). An
+//! conversations with `MessagePosted` + `ReplyRequested` appends and, in each
+//! reply's own stream, `ReplyStarted` + `ReplyCompleted`, encoded from the domain
+//! events by `store::codec`). An
 //! instance with only the relay runs until the relay's checkpoint reaches the
 //! head, so the JetStream stream holds the backlog. Then, per round, raw, `messages`
 //! and all projections alternate:
@@ -86,8 +87,11 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/names.rs"]
+mod names;
 
-use common::{describe_server, env_or, with_database};
+use common::{describe_server, env_or};
+use names::{Names, Servers, delete_redis_keys, remove};
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -103,7 +107,8 @@ use ai_secretary::{
     cli::Cli,
     domain::{
         assistant::AssistantEvent,
-        conversation::{ConversationEvent, Usage},
+        conversation::ConversationEvent,
+        reply::{ReplyEvent, Usage},
         user::UserEvent,
     },
     startup::{Application, Roles},
@@ -139,7 +144,7 @@ const LEVELS: [f64; 3] = [0.25, 0.5, 1.0];
 const FRESHNESS_TARGET_MS: f64 = 25.0;
 /// Throughput target: projection ÷ raw.
 const THROUGHPUT_TARGET: f64 = 0.8;
-/// Posts per conversation in the backlog (each: 2 events, then a reply's 1).
+/// Posts per conversation in the backlog (each: 2 events, then the reply's 2).
 const POSTS_PER_CONVERSATION: usize = 16;
 const BACKLOG_USERS: usize = 20;
 const ASSISTANTS_PER_USER: usize = 3;
@@ -165,6 +170,14 @@ struct Settings {
 }
 
 impl Settings {
+    fn servers(&self) -> Servers<'_> {
+        Servers {
+            base_url: &self.base_url,
+            nats_url: &self.nats_url,
+            redis_url: &self.redis_url,
+        }
+    }
+
     fn from_env() -> Result<Self> {
         let parts = env::var("BENCH_PARTS").unwrap_or_else(|_| "freshness,throughput".into());
         let parts: Vec<&str> = parts.split(',').map(str::trim).collect();
@@ -215,29 +228,6 @@ impl Settings {
     }
 }
 
-/// One part's private names: database, JetStream stream and subjects, Redis keys.
-#[derive(Clone)]
-struct Names {
-    database: String,
-    db_url: String,
-    stream: String,
-    subject_prefix: String,
-    redis_prefix: String,
-}
-
-impl Names {
-    fn new(settings: &Settings, run: &str, part: &str) -> Result<Self> {
-        let database = format!("ai_secretary_bench_{run}_{part}");
-        Ok(Self {
-            db_url: with_database(&settings.base_url, &database)?,
-            database,
-            stream: format!("BENCH_{run}_{}", part.to_uppercase()),
-            subject_prefix: format!("bench_{run}_{part}.events"),
-            redis_prefix: format!("bench_{run}_{part}"),
-        })
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary
@@ -253,8 +243,8 @@ async fn main() -> Result<()> {
         .init();
     let settings = Settings::from_env()?;
     let run = Uuid::new_v4().simple().to_string();
-    let fresh = Names::new(&settings, &run, "f")?;
-    let proj = Names::new(&settings, &run, "p")?;
+    let fresh = Names::new(&settings.base_url, &run, "f")?;
+    let proj = Names::new(&settings.base_url, &run, "p")?;
 
     let outcome = tokio::select! {
         outcome = run_parts(&settings, &fresh, &proj) => outcome,
@@ -262,7 +252,7 @@ async fn main() -> Result<()> {
     };
     let mut cleanup_errors = Vec::new();
     for names in [&fresh, &proj] {
-        if let Err(e) = remove(&settings, names).await {
+        if let Err(e) = remove(&settings.servers(), names).await {
             cleanup_errors.push(e);
         }
     }
@@ -277,72 +267,6 @@ async fn main() -> Result<()> {
             }
             Err(e)
         }
-    }
-}
-
-/// Drop a part's database, JetStream stream and Redis keys (whichever exist).
-async fn remove(settings: &Settings, names: &Names) -> Result<()> {
-    let admin_url = with_database(&settings.base_url, "postgres")?;
-    let mut conn = PgConnection::connect(&admin_url)
-        .await
-        .with_context(|| format!("connecting to drop {}", names.database))?;
-    conn.execute(AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-        names.database
-    )))
-    .await
-    .with_context(|| format!("dropping database {}", names.database))?;
-    conn.close().await.ok();
-
-    let nats = async_nats::connect(&settings.nats_url)
-        .await
-        .context("connecting to NATS to delete the bench stream")?;
-    let jetstream = async_nats::jetstream::new(nats);
-    if jetstream.get_stream(&names.stream).await.is_ok() {
-        jetstream
-            .delete_stream(&names.stream)
-            .await
-            .with_context(|| format!("deleting stream {}", names.stream))?;
-    }
-    let deleted = delete_redis_keys(&settings.redis_url, &names.redis_prefix).await?;
-    eprintln!(
-        "removed database {}, stream {}, {deleted} Redis keys {}:*",
-        names.database, names.stream, names.redis_prefix
-    );
-    Ok(())
-}
-
-/// Delete every `<prefix>:*` key; how many there were.
-async fn delete_redis_keys(redis_url: &str, prefix: &str) -> Result<usize> {
-    let client = redis::Client::open(redis_url).context("REDIS_URL")?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .context("connecting to Redis")?;
-    let mut cursor: u64 = 0;
-    let mut deleted = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}:*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .context("scanning Redis keys")?;
-        if !keys.is_empty() {
-            deleted += keys.len();
-            let () = redis::cmd("DEL")
-                .arg(keys)
-                .query_async(&mut conn)
-                .await
-                .context("deleting Redis keys")?;
-        }
-        if next == 0 {
-            return Ok(deleted);
-        }
-        cursor = next;
     }
 }
 
@@ -1706,7 +1630,7 @@ async fn build_backlog(settings: &Settings, names: &Names, pool: &PgPool) -> Res
         .context("the backlog writers' pool")?;
     let store = PgEventStore::new(store_pool, CoalescingConfig::default());
     let fixed = BACKLOG_USERS * (1 + ASSISTANTS_PER_USER);
-    let per_conversation = 1 + 3 * POSTS_PER_CONVERSATION;
+    let per_conversation = 1 + 4 * POSTS_PER_CONVERSATION;
     let conversations = settings
         .events
         .saturating_sub(fixed)
@@ -1887,25 +1811,35 @@ async fn conversation_writer(store: PgEventStore, mine: Vec<(Uuid, Uuid, Uuid)>)
                 owner,
             )
             .await?;
+            // The reply's own stream, as the replier writes it: taken up, completed.
             let completion = 120 + (post * 7 + i) as u64 % 200;
-            versions[i] = append(
+            append(
                 &store,
-                id,
-                "conversation",
-                versions[i],
-                &[ConversationEvent::ReplyCompleted {
-                    reply_id,
-                    content: reply_content(post + i),
-                    model: "gemini-2.0-flash".into(),
-                    finish_reason: "stop".into(),
-                    usage: Usage {
-                        prompt_tokens: 350,
-                        completion_tokens: completion,
-                        total_tokens: 350 + completion,
+                reply_id,
+                "reply",
+                0,
+                &[
+                    ReplyEvent::ReplyStarted {
+                        reply_id,
+                        conversation_id: id,
+                        attempt: 1,
+                        started_at: at,
                     },
-                    latency_ms: 850,
-                    completed_at: Utc::now(),
-                }],
+                    ReplyEvent::ReplyCompleted {
+                        reply_id,
+                        conversation_id: id,
+                        content: reply_content(post + i),
+                        model: "gemini-2.0-flash".into(),
+                        finish_reason: "stop".into(),
+                        usage: Usage {
+                            prompt_tokens: 350,
+                            completion_tokens: completion,
+                            total_tokens: 350 + completion,
+                        },
+                        latency_ms: 850,
+                        completed_at: Utc::now(),
+                    },
+                ],
                 owner,
             )
             .await?;
@@ -2112,6 +2046,11 @@ async fn baseline_rows(pool: &PgPool) -> Result<Vec<RawRow>> {
     let mut replies: HashMap<Uuid, (i64, Uuid, DateTime<Utc>)> = HashMap::new();
     let mut rows = Vec::with_capacity(events.len());
     for (stream, version, event_type, data) in events {
+        // A reply's events are in its own stream and name their conversation.
+        let stream = match data.get("conversation_id") {
+            Some(conversation) if event_type.starts_with("Reply") => uuid(conversation)?,
+            _ => stream,
+        };
         let owner = |owners: &HashMap<Uuid, Uuid>| {
             owners
                 .get(&stream)

@@ -21,7 +21,7 @@ use crate::{
     domain::Decider,
     store::{
         AppendError, AppendRequest, Behind, EventMetadata, EventStore, IdempotencyRecord, Position,
-        RecordedEvent, Reservation, StoreError, StoredResponse,
+        Reservation, StoreError, StoredPayload, StoredResponse,
         codec::{self, CodecError},
     },
 };
@@ -139,7 +139,7 @@ impl Commands {
         let cached = self.states.get::<D::State>(stream_id).unwrap_or_default();
         let tail = self
             .store
-            .read_stream_from(stream_id, cached.version)
+            .read_payloads_from(stream_id, cached.version)
             .await?;
         if tail.is_empty() {
             return Ok(cached);
@@ -275,12 +275,12 @@ impl Commands {
 /// Fold stored events onto a state.
 fn fold<D: Decider>(
     mut loaded: Loaded<D::State>,
-    events: Vec<RecordedEvent>,
+    events: Vec<StoredPayload>,
 ) -> Result<Loaded<D::State>, CodecError> {
-    for recorded in events {
-        loaded.version = recorded.version;
-        loaded.position = Some(recorded.position);
-        loaded.state = D::evolve(loaded.state, &codec::decode_owned::<D::Event>(recorded)?);
+    for payload in events {
+        loaded.state = D::evolve(loaded.state, &codec::decode_payload::<D::Event>(&payload)?);
+        loaded.version = payload.version;
+        loaded.position = Some(payload.position);
     }
     Ok(loaded)
 }

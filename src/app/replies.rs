@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::{AppError, CommandContext, Commands, Expected, ReadError};
 use crate::{
     domain::{
-        conversation::ConversationEvent,
+        conversation::{ConversationDecider, ConversationEvent, ConversationState},
         reply::{ReplyCommand, ReplyDecider, ReplyError, ReplyEvent, ReplyState},
     },
     store::{Position, RecordedEvent, codec},
@@ -48,10 +48,10 @@ pub enum TakenUp {
 impl Commands {
     /// Record that attempt `attempt` at `request` begins, unless it has ended.
     ///
-    /// A reply untouched in its own stream may still be one requested before
-    /// replies had streams, whose ending was appended to the conversation: the
-    /// conversation's events after the request (the ones since, not its whole
-    /// history) are checked for it once.
+    /// A reply untouched in its own stream is first checked against the store:
+    /// its request must be there (one event read), and, only in a conversation
+    /// that holds reply events from before replies had streams, the events
+    /// after the request are searched for such an older ending.
     pub async fn take_up_reply(
         &self,
         request: &ReplyRequest,
@@ -60,18 +60,15 @@ impl Commands {
         context: &CommandContext,
     ) -> Result<TakenUp, AppError<ReplyError>> {
         if self.load::<ReplyDecider>(request.reply_id).await?.state == ReplyState::Untouched {
-            let since = self
+            let stored = self
                 .store
-                .read_stream_from(request.conversation_id, request.version - 1)
+                .read_stream_backwards(request.conversation_id, request.version + 1, 1)
                 .await?;
-            match since.first() {
+            match stored.first() {
                 Some(r) if r.version == request.version && names_reply(r, request.reply_id) => {}
                 _ => return Ok(TakenUp::NotInStore),
             }
-            if since
-                .iter()
-                .any(|r| is_legacy_ending(r) && names_reply(r, request.reply_id))
-            {
+            if self.ended_in_conversation(request).await? {
                 return Ok(TakenUp::AlreadyEnded);
             }
         }
@@ -88,6 +85,24 @@ impl Commands {
             true => Ok(TakenUp::Started),
             false => Ok(TakenUp::AlreadyEnded),
         }
+    }
+
+    /// Whether `request` ended in its conversation's stream, as replies did
+    /// before they had streams of their own. Only such conversations are
+    /// searched (their state says so), from the request on.
+    async fn ended_in_conversation(&self, request: &ReplyRequest) -> Result<bool, ReadError> {
+        let conversation = self
+            .load::<ConversationDecider>(request.conversation_id)
+            .await?;
+        if !matches!(&conversation.state, ConversationState::Live(c) if c.legacy_replies) {
+            return Ok(false);
+        }
+        Ok(self
+            .store
+            .read_stream_from(request.conversation_id, request.version)
+            .await?
+            .iter()
+            .any(|r| is_legacy_ending(r) && names_reply(r, request.reply_id)))
     }
 
     /// End a reply (`command` is `Complete` or `Fail`). `Ok(false)` when it had

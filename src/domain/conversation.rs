@@ -128,6 +128,9 @@ pub struct Conversation {
     pub status: ConversationStatus,
     /// User messages and replies alike (a reply counts once it is requested).
     pub message_count: u64,
+    /// Whether the stream holds reply events from before replies had streams
+    /// of their own (where a request may have ended; see `app::replies`).
+    pub legacy_replies: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -297,6 +300,7 @@ impl Decider for ConversationDecider {
                     title: title.clone(),
                     status: ConversationStatus::Active,
                     message_count: 0,
+                    legacy_replies: false,
                     created_at: *started_at,
                     updated_at: *started_at,
                 });
@@ -324,7 +328,9 @@ impl Decider for ConversationDecider {
                 c.updated_at = *requested_at;
             }
             // Legacy reply lifecycle: nothing the rules look at.
-            E::ReplyStarted { .. } | E::ReplyCompleted { .. } | E::ReplyFailed { .. } => {}
+            E::ReplyStarted { .. } | E::ReplyCompleted { .. } | E::ReplyFailed { .. } => {
+                c.legacy_replies = true;
+            }
         }
         ConversationState::Live(c)
     }
@@ -521,7 +527,8 @@ mod tests {
     }
 
     /// Reply events appended to conversations before replies had streams of
-    /// their own still read, and change nothing the rules look at.
+    /// their own still read, and change nothing the rules look at (the state
+    /// only notes that there are some).
     #[test]
     fn legacy_reply_events_still_fold() {
         let requested = ConversationEvent::ReplyRequested {
@@ -550,10 +557,20 @@ mod tests {
                 completed_at: at(),
             },
         ];
-        let before = ConversationDecider::fold(&[started(), requested.clone()]);
+        let ConversationState::Live(before) =
+            ConversationDecider::fold(&[started(), requested.clone()])
+        else {
+            panic!("live")
+        };
         let mut given = vec![started(), requested];
         given.extend(legacy);
-        assert_eq!(ConversationDecider::fold(&given), before);
+        assert_eq!(
+            ConversationDecider::fold(&given),
+            ConversationState::Live(Conversation {
+                legacy_replies: true,
+                ..before
+            })
+        );
         assert!(given_when::<ConversationDecider>(&given, &post(OWNER, "again")).is_ok());
     }
 }

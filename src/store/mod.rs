@@ -85,6 +85,17 @@ pub struct RecordedEvent {
     pub recorded_at: DateTime<Utc>,
 }
 
+/// An event as a fold reads it: its place, its type and its payload text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPayload {
+    pub version: i64,
+    pub position: Position,
+    pub event_type: String,
+    pub schema_version: i32,
+    /// The payload as JSON text.
+    pub data: String,
+}
+
 /// What travels with every event: who asked, in answer to what.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EventMetadata {
@@ -191,6 +202,15 @@ pub trait EventStore: Send + Sync + 'static {
         stream_id: Uuid,
         after_version: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// [`read_stream_from`](EventStore::read_stream_from) as a fold needs it:
+    /// each event's type, schema version and payload as JSON text, nothing else
+    /// (no metadata, no JSON tree built), so a cold load of a long stream stays fast.
+    async fn read_payloads_from(
+        &self,
+        stream_id: Uuid,
+        after_version: i64,
+    ) -> Result<Vec<StoredPayload>, StoreError>;
 
     /// At most `limit` events of a stream before `before_version`, newest first:
     /// recent history, read backwards only as far as the reader needs.

@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use super::{
     AppendError, AppendRequest, Appended, Behind, EventStore, IdempotencyRecord, Position,
-    RecordedEvent, StoreError, StoredResponse,
+    RecordedEvent, StoreError, StoredPayload, StoredResponse,
 };
 
 /// Tuning of the coalescer.
@@ -728,6 +728,37 @@ impl EventStore for PgEventStore {
             .fetch_all(&self.pool)
             .await?;
         recorded_events(rows)
+    }
+
+    async fn read_payloads_from(
+        &self,
+        stream_id: Uuid,
+        after_version: i64,
+    ) -> Result<Vec<StoredPayload>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT version, transaction_id::text::int8 AS transaction_id, global_position,
+                    event_type, schema_version, data::text AS data
+             FROM events WHERE stream_id = $1 AND version > $2 ORDER BY version",
+        )
+        .bind(stream_id)
+        .bind(after_version)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                Ok(StoredPayload {
+                    version: row.try_get("version")?,
+                    position: Position {
+                        transaction_id: row.try_get("transaction_id")?,
+                        global_position: row.try_get("global_position")?,
+                    },
+                    event_type: row.try_get("event_type")?,
+                    schema_version: row.try_get("schema_version")?,
+                    data: row.try_get("data")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?)
     }
 
     async fn read_stream_backwards(
