@@ -42,11 +42,11 @@
 
 #[path = "common/mod.rs"]
 mod common;
-#[path = "common/names.rs"]
-mod names;
+#[path = "common/service.rs"]
+mod service;
 
 use common::{describe_server, env_or};
-use names::{Names, Servers, remove};
+use service::{Names, Servers, Service, remove};
 
 use std::{
     env,
@@ -56,20 +56,17 @@ use std::{
 
 use ai_secretary::{
     app::{Commands, STATE_CACHE_DEFAULT_BYTES, StateCache},
-    cli::Cli,
     domain::conversation::{ConversationDecider, ConversationEvent},
-    startup::{Application, Roles},
+    startup::Roles,
     store::{
         AppendRequest, EventMetadata, EventStore, codec,
         postgres::{self, CoalescingConfig, PgEventStore},
     },
 };
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use chrono::Utc;
-use clap::Parser;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tokio::{sync::oneshot, task::JoinHandle};
 use uuid::Uuid;
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/";
@@ -135,6 +132,14 @@ impl Settings {
         Ok(settings)
     }
 
+    fn servers(&self) -> Servers<'_> {
+        Servers {
+            base_url: &self.base_url,
+            nats_url: &self.nats_url,
+            redis_url: &self.redis_url,
+        }
+    }
+
     fn runs(&self, part: &str) -> bool {
         self.parts.iter().any(|p| p == part)
     }
@@ -166,12 +171,7 @@ async fn main() -> Result<()> {
     };
     let mut cleanup = Ok(());
     for (_, n) in &names {
-        let servers = Servers {
-            base_url: &settings.base_url,
-            nats_url: &settings.nats_url,
-            redis_url: &settings.redis_url,
-        };
-        if let Err(e) = remove(&servers, n).await {
+        if let Err(e) = remove(&settings.servers(), n).await {
             eprintln!("cleaning up {}: {e:#}", n.database);
             cleanup = Err(e);
         }
@@ -202,58 +202,31 @@ async fn run_parts(settings: &Settings, names: &[(String, Names)]) -> Result<()>
 // The service in process, and a client of it
 // ---------------------------------------------------------------------------
 
-struct Service {
+/// The service with every role, and a pool of the bench's own on its database.
+struct Running {
+    service: Service,
     address: String,
     pool: PgPool,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<()>>,
 }
 
-impl Service {
-    async fn start(settings: &Settings, names: &Names) -> Result<Service> {
-        let cli = Cli::try_parse_from([
-            "ai-secretary",
-            "--database-url",
-            &names.db_url,
-            "--bind",
-            "127.0.0.1:0",
-            "--nats-url",
-            &settings.nats_url,
-            "--redis-url",
-            &settings.redis_url,
-            "--nats-stream",
-            &names.stream,
-            "--nats-subject-prefix",
-            &names.subject_prefix,
-            "--redis-key-prefix",
-            &names.redis_prefix,
-            "--environment",
-            "development",
-        ])
-        .context("the service's configuration")?;
-        let app = Application::build(&cli.config, Roles::all())
-            .await
-            .context("building the service")?;
-        let address = app
-            .local_addr()
-            .map(|a| format!("http://{a}"))
+impl Running {
+    async fn start(settings: &Settings, names: &Names) -> Result<Running> {
+        let servers = settings.servers();
+        let service = Service::start(&servers, names, Roles::all()).await?;
+        let address = service
+            .address
+            .clone()
             .ok_or_else(|| anyhow!("the service has no address"))?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(app.run_until(async {
-            let _ = stopped.await;
-        }));
         let pool = postgres::connect(&names.db_url, 4).await?;
-        Ok(Service {
+        Ok(Running {
+            service,
             address,
             pool,
-            stop,
-            task,
         })
     }
 
     async fn stop(self) -> Result<()> {
-        let _ = self.stop.send(());
-        self.task.await.context("the service task panicked")?
+        self.service.stop().await
     }
 
     /// Replies ended in the store: (endings, distinct replies ended).
@@ -441,7 +414,7 @@ fn verdict(ratio: f64) -> &'static str {
 // ---------------------------------------------------------------------------
 
 async fn single(settings: &Settings, names: &Names) -> Result<String> {
-    let service = Service::start(settings, names).await?;
+    let service = Running::start(settings, names).await?;
     let server = describe_server(&service.pool).await?;
     let user = User::sign_up(&service.address, "single").await?;
     let mut blocks: Vec<Vec<Duration>> = vec![Vec::new(); settings.messages / settings.block];
@@ -487,7 +460,7 @@ async fn single(settings: &Settings, names: &Names) -> Result<String> {
 }
 
 async fn many(settings: &Settings, names: &Names) -> Result<String> {
-    let service = Service::start(settings, names).await?;
+    let service = Running::start(settings, names).await?;
     let mut users = Vec::new();
     for u in 0..settings.users {
         users.push(User::sign_up(&service.address, &format!("many-{u}")).await?);

@@ -87,11 +87,11 @@
 
 #[path = "common/mod.rs"]
 mod common;
-#[path = "common/names.rs"]
-mod names;
+#[path = "common/service.rs"]
+mod service;
 
 use common::{describe_server, env_or};
-use names::{Names, Servers, delete_redis_keys, remove};
+use service::{Names, Servers, Service, delete_redis_keys, remove};
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -104,14 +104,13 @@ use std::{
 };
 
 use ai_secretary::{
-    cli::Cli,
     domain::{
         assistant::AssistantEvent,
         conversation::ConversationEvent,
         reply::{ReplyEvent, Usage},
         user::UserEvent,
     },
-    startup::{Application, Roles},
+    startup::Roles,
     store::{
         AppendRequest, EventMetadata, EventStore, NewEvent, codec,
         postgres::{self, CoalescingConfig, PgEventStore},
@@ -119,13 +118,12 @@ use ai_secretary::{
 };
 use anyhow::{Context, Result, anyhow, bail};
 use chrono::{DateTime, Utc};
-use clap::Parser;
 use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, PgPool, postgres::PgListener};
 use tokio::{
-    sync::{mpsc, oneshot},
+    sync::mpsc,
     task::{JoinHandle, JoinSet},
     time::sleep_until,
 };
@@ -294,55 +292,6 @@ async fn run_parts(settings: &Settings, fresh: &Names, proj: &Names) -> Result<(
 // ---------------------------------------------------------------------------
 // The service in-process
 // ---------------------------------------------------------------------------
-
-struct Service {
-    address: Option<String>,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<()>>,
-}
-
-impl Service {
-    async fn start(settings: &Settings, names: &Names, roles: Roles) -> Result<Service> {
-        let cli = Cli::try_parse_from([
-            "ai-secretary",
-            "--database-url",
-            &names.db_url,
-            "--bind",
-            "127.0.0.1:0",
-            "--nats-url",
-            &settings.nats_url,
-            "--redis-url",
-            &settings.redis_url,
-            "--nats-stream",
-            &names.stream,
-            "--nats-subject-prefix",
-            &names.subject_prefix,
-            "--redis-key-prefix",
-            &names.redis_prefix,
-            "--environment",
-            "development",
-        ])
-        .context("the service's configuration")?;
-        let app = Application::build(&cli.config, roles)
-            .await
-            .context("building the service")?;
-        let address = app.local_addr().map(|a| format!("http://{a}"));
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(app.run_until(async {
-            let _ = stopped.await;
-        }));
-        Ok(Service {
-            address,
-            stop,
-            task,
-        })
-    }
-
-    async fn stop(self) -> Result<()> {
-        let _ = self.stop.send(());
-        self.task.await.context("the service task panicked")?
-    }
-}
 
 /// Commit-order position: `(transaction_id, global_position)`.
 type Pos = (i64, i64);
@@ -565,7 +514,7 @@ async fn freshness(settings: &Settings, names: &Names) -> Result<String> {
         .await
         .with_context(|| format!("creating and migrating {}", names.database))?;
     let server = describe_server(&pool).await?;
-    let service = Service::start(settings, names, Roles::all()).await?;
+    let service = Service::start(&settings.servers(), names, Roles::all()).await?;
     let outcome = freshness_on(settings, names, &pool, &service).await;
     let stopped = service.stop().await;
     pool.close().await;
@@ -1719,7 +1668,7 @@ async fn build_backlog(settings: &Settings, names: &Names, pool: &PgPool) -> Res
     eprintln!("throughput: relaying {events} events to JetStream");
     let head = head(pool).await?;
     let started = Instant::now();
-    let relay = Service::start(settings, names, Roles::only_relay()).await?;
+    let relay = Service::start(&settings.servers(), names, Roles::only_relay()).await?;
     let waited = wait_for(pool, &["relay".to_owned()], head, Duration::from_secs(600)).await;
     let relay_time = started.elapsed();
     relay.stop().await.context("stopping the relay")?;
@@ -1902,7 +1851,7 @@ async fn projection_run(
     listener.listen(CHECKPOINT_CHANNEL).await?;
     let started = Instant::now();
     let service = Service::start(
-        settings,
+        &settings.servers(),
         names,
         Roles::only_projections(projections.clone())?,
     )
