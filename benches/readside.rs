@@ -35,8 +35,9 @@
 //!
 //! **Part 2, projection throughput.** In a second fresh database a backlog of
 //! `BENCH_EVENTS` events is appended through `PgEventStore` (users, assistants,
-//! conversations with `MessagePosted` + `ReplyRequested` appends and their
-//! `ReplyCompleted`, encoded from the domain events by `store::codec`). An
+//! conversations with `MessagePosted` + `ReplyRequested` appends and, in each
+//! reply's own stream, `ReplyStarted` + `ReplyCompleted`, encoded from the domain
+//! events by `store::codec`). An
 //! instance with only the relay runs until the relay's checkpoint reaches the
 //! head, so the JetStream stream holds the backlog. Then, per round, raw, `messages`
 //! and all projections alternate:
@@ -86,8 +87,11 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/service.rs"]
+mod service;
 
-use common::{describe_server, env_or, with_database};
+use common::{describe_server, env_or};
+use service::{Names, Servers, Service, delete_redis_keys, remove};
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -100,13 +104,13 @@ use std::{
 };
 
 use ai_secretary::{
-    cli::Cli,
     domain::{
         assistant::AssistantEvent,
-        conversation::{ConversationEvent, Usage},
+        conversation::ConversationEvent,
+        reply::{ReplyEvent, Usage},
         user::UserEvent,
     },
-    startup::{Application, Roles},
+    startup::Roles,
     store::{
         AppendRequest, EventMetadata, EventStore, NewEvent, codec,
         postgres::{self, CoalescingConfig, PgEventStore},
@@ -114,13 +118,12 @@ use ai_secretary::{
 };
 use anyhow::{Context, Result, anyhow, bail};
 use chrono::{DateTime, Utc};
-use clap::Parser;
 use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, PgPool, postgres::PgListener};
 use tokio::{
-    sync::{mpsc, oneshot},
+    sync::mpsc,
     task::{JoinHandle, JoinSet},
     time::sleep_until,
 };
@@ -139,7 +142,7 @@ const LEVELS: [f64; 3] = [0.25, 0.5, 1.0];
 const FRESHNESS_TARGET_MS: f64 = 25.0;
 /// Throughput target: projection ÷ raw.
 const THROUGHPUT_TARGET: f64 = 0.8;
-/// Posts per conversation in the backlog (each: 2 events, then a reply's 1).
+/// Posts per conversation in the backlog (each: 2 events, then the reply's 2).
 const POSTS_PER_CONVERSATION: usize = 16;
 const BACKLOG_USERS: usize = 20;
 const ASSISTANTS_PER_USER: usize = 3;
@@ -165,6 +168,14 @@ struct Settings {
 }
 
 impl Settings {
+    fn servers(&self) -> Servers<'_> {
+        Servers {
+            base_url: &self.base_url,
+            nats_url: &self.nats_url,
+            redis_url: &self.redis_url,
+        }
+    }
+
     fn from_env() -> Result<Self> {
         let parts = env::var("BENCH_PARTS").unwrap_or_else(|_| "freshness,throughput".into());
         let parts: Vec<&str> = parts.split(',').map(str::trim).collect();
@@ -215,29 +226,6 @@ impl Settings {
     }
 }
 
-/// One part's private names: database, JetStream stream and subjects, Redis keys.
-#[derive(Clone)]
-struct Names {
-    database: String,
-    db_url: String,
-    stream: String,
-    subject_prefix: String,
-    redis_prefix: String,
-}
-
-impl Names {
-    fn new(settings: &Settings, run: &str, part: &str) -> Result<Self> {
-        let database = format!("ai_secretary_bench_{run}_{part}");
-        Ok(Self {
-            db_url: with_database(&settings.base_url, &database)?,
-            database,
-            stream: format!("BENCH_{run}_{}", part.to_uppercase()),
-            subject_prefix: format!("bench_{run}_{part}.events"),
-            redis_prefix: format!("bench_{run}_{part}"),
-        })
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary
@@ -253,8 +241,8 @@ async fn main() -> Result<()> {
         .init();
     let settings = Settings::from_env()?;
     let run = Uuid::new_v4().simple().to_string();
-    let fresh = Names::new(&settings, &run, "f")?;
-    let proj = Names::new(&settings, &run, "p")?;
+    let fresh = Names::new(&settings.base_url, &run, "f")?;
+    let proj = Names::new(&settings.base_url, &run, "p")?;
 
     let outcome = tokio::select! {
         outcome = run_parts(&settings, &fresh, &proj) => outcome,
@@ -262,7 +250,7 @@ async fn main() -> Result<()> {
     };
     let mut cleanup_errors = Vec::new();
     for names in [&fresh, &proj] {
-        if let Err(e) = remove(&settings, names).await {
+        if let Err(e) = remove(&settings.servers(), names).await {
             cleanup_errors.push(e);
         }
     }
@@ -277,72 +265,6 @@ async fn main() -> Result<()> {
             }
             Err(e)
         }
-    }
-}
-
-/// Drop a part's database, JetStream stream and Redis keys (whichever exist).
-async fn remove(settings: &Settings, names: &Names) -> Result<()> {
-    let admin_url = with_database(&settings.base_url, "postgres")?;
-    let mut conn = PgConnection::connect(&admin_url)
-        .await
-        .with_context(|| format!("connecting to drop {}", names.database))?;
-    conn.execute(AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-        names.database
-    )))
-    .await
-    .with_context(|| format!("dropping database {}", names.database))?;
-    conn.close().await.ok();
-
-    let nats = async_nats::connect(&settings.nats_url)
-        .await
-        .context("connecting to NATS to delete the bench stream")?;
-    let jetstream = async_nats::jetstream::new(nats);
-    if jetstream.get_stream(&names.stream).await.is_ok() {
-        jetstream
-            .delete_stream(&names.stream)
-            .await
-            .with_context(|| format!("deleting stream {}", names.stream))?;
-    }
-    let deleted = delete_redis_keys(&settings.redis_url, &names.redis_prefix).await?;
-    eprintln!(
-        "removed database {}, stream {}, {deleted} Redis keys {}:*",
-        names.database, names.stream, names.redis_prefix
-    );
-    Ok(())
-}
-
-/// Delete every `<prefix>:*` key; how many there were.
-async fn delete_redis_keys(redis_url: &str, prefix: &str) -> Result<usize> {
-    let client = redis::Client::open(redis_url).context("REDIS_URL")?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .context("connecting to Redis")?;
-    let mut cursor: u64 = 0;
-    let mut deleted = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}:*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .context("scanning Redis keys")?;
-        if !keys.is_empty() {
-            deleted += keys.len();
-            let () = redis::cmd("DEL")
-                .arg(keys)
-                .query_async(&mut conn)
-                .await
-                .context("deleting Redis keys")?;
-        }
-        if next == 0 {
-            return Ok(deleted);
-        }
-        cursor = next;
     }
 }
 
@@ -370,62 +292,6 @@ async fn run_parts(settings: &Settings, fresh: &Names, proj: &Names) -> Result<(
 // ---------------------------------------------------------------------------
 // The service in-process
 // ---------------------------------------------------------------------------
-
-struct Service {
-    address: Option<String>,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<()>>,
-}
-
-impl Service {
-    async fn start(settings: &Settings, names: &Names, roles: Roles) -> Result<Service> {
-        let cli = Cli::try_parse_from([
-            "ai-secretary",
-            "--database-url",
-            &names.db_url,
-            "--bind",
-            "127.0.0.1:0",
-            "--nats-url",
-            &settings.nats_url,
-            "--redis-url",
-            &settings.redis_url,
-            "--nats-stream",
-            &names.stream,
-            "--nats-subject-prefix",
-            &names.subject_prefix,
-            "--redis-key-prefix",
-            &names.redis_prefix,
-            "--environment",
-            "development",
-            // Load tests measure the service, not its abuse limits.
-            "--rate-limit-commands-per-minute",
-            "0",
-            "--rate-limit-signups-per-hour",
-            "0",
-            "--rate-limit-logins-per-minute",
-            "0",
-        ])
-        .context("the service's configuration")?;
-        let app = Application::build(&cli.config, roles)
-            .await
-            .context("building the service")?;
-        let address = app.local_addr().map(|a| format!("http://{a}"));
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(app.run_until(async {
-            let _ = stopped.await;
-        }));
-        Ok(Service {
-            address,
-            stop,
-            task,
-        })
-    }
-
-    async fn stop(self) -> Result<()> {
-        let _ = self.stop.send(());
-        self.task.await.context("the service task panicked")?
-    }
-}
 
 /// Commit-order position: `(transaction_id, global_position)`.
 type Pos = (i64, i64);
@@ -648,7 +514,7 @@ async fn freshness(settings: &Settings, names: &Names) -> Result<String> {
         .await
         .with_context(|| format!("creating and migrating {}", names.database))?;
     let server = describe_server(&pool).await?;
-    let service = Service::start(settings, names, Roles::all()).await?;
+    let service = Service::start(&settings.servers(), names, Roles::all()).await?;
     let outcome = freshness_on(settings, names, &pool, &service).await;
     let stopped = service.stop().await;
     pool.close().await;
@@ -1713,7 +1579,7 @@ async fn build_backlog(settings: &Settings, names: &Names, pool: &PgPool) -> Res
         .context("the backlog writers' pool")?;
     let store = PgEventStore::new(store_pool, CoalescingConfig::default());
     let fixed = BACKLOG_USERS * (1 + ASSISTANTS_PER_USER);
-    let per_conversation = 1 + 3 * POSTS_PER_CONVERSATION;
+    let per_conversation = 1 + 4 * POSTS_PER_CONVERSATION;
     let conversations = settings
         .events
         .saturating_sub(fixed)
@@ -1802,7 +1668,7 @@ async fn build_backlog(settings: &Settings, names: &Names, pool: &PgPool) -> Res
     eprintln!("throughput: relaying {events} events to JetStream");
     let head = head(pool).await?;
     let started = Instant::now();
-    let relay = Service::start(settings, names, Roles::only_relay()).await?;
+    let relay = Service::start(&settings.servers(), names, Roles::only_relay()).await?;
     let waited = wait_for(pool, &["relay".to_owned()], head, Duration::from_secs(600)).await;
     let relay_time = started.elapsed();
     relay.stop().await.context("stopping the relay")?;
@@ -1894,26 +1760,36 @@ async fn conversation_writer(store: PgEventStore, mine: Vec<(Uuid, Uuid, Uuid)>)
                 owner,
             )
             .await?;
+            // The reply's own stream, as the replier writes it: taken up, completed.
             let completion = 120 + (post * 7 + i) as u64 % 200;
-            versions[i] = append(
+            append(
                 &store,
-                id,
-                "conversation",
-                versions[i],
-                &[ConversationEvent::ReplyCompleted {
-                    reply_id,
-                    content: reply_content(post + i),
-                    model: "gemini-2.0-flash".into(),
-                    finish_reason: "stop".into(),
-                    usage: Usage {
-                        prompt_tokens: 350,
-                        completion_tokens: completion,
-                        total_tokens: 350 + completion,
-                        ..Usage::default()
+                reply_id,
+                "reply",
+                0,
+                &[
+                    ReplyEvent::ReplyStarted {
+                        reply_id,
+                        conversation_id: id,
+                        attempt: 1,
+                        started_at: at,
                     },
-                    latency_ms: 850,
-                    completed_at: Utc::now(),
-                }],
+                    ReplyEvent::ReplyCompleted {
+                        reply_id,
+                        conversation_id: id,
+                        content: reply_content(post + i),
+                        model: "gemini-2.0-flash".into(),
+                        finish_reason: "stop".into(),
+                        usage: Usage {
+                            prompt_tokens: 350,
+                            completion_tokens: completion,
+                            total_tokens: 350 + completion,
+                            ..Usage::default()
+                        },
+                        latency_ms: 850,
+                        completed_at: Utc::now(),
+                    },
+                ],
                 owner,
             )
             .await?;
@@ -1976,7 +1852,7 @@ async fn projection_run(
     listener.listen(CHECKPOINT_CHANNEL).await?;
     let started = Instant::now();
     let service = Service::start(
-        settings,
+        &settings.servers(),
         names,
         Roles::only_projections(projections.clone())?,
     )
@@ -2120,6 +1996,11 @@ async fn baseline_rows(pool: &PgPool) -> Result<Vec<RawRow>> {
     let mut replies: HashMap<Uuid, (i64, Uuid, DateTime<Utc>)> = HashMap::new();
     let mut rows = Vec::with_capacity(events.len());
     for (stream, version, event_type, data) in events {
+        // A reply's events are in its own stream and name their conversation.
+        let stream = match data.get("conversation_id") {
+            Some(conversation) if event_type.starts_with("Reply") => uuid(conversation)?,
+            _ => stream,
+        };
         let owner = |owners: &HashMap<Uuid, Uuid>| {
             owners
                 .get(&stream)

@@ -220,6 +220,11 @@ pub struct Config {
         default_value = ""
     )]
     pub trusted_proxies: Vec<String>,
+
+    /// Memory for folded aggregate states kept between commands, in MiB (0: none;
+    /// every command then folds its stream from the start).
+    #[arg(long, env = "STATE_CACHE_MB", default_value_t = 64)]
+    pub state_cache_mb: u64,
 }
 
 impl Config {
@@ -303,7 +308,12 @@ impl Config {
         })
     }
 
-    /// How the replier asks the model: attempts, deadline and backoff.
+    /// The state cache's bound in bytes.
+    pub fn state_cache_bytes(&self) -> u64 {
+        self.state_cache_mb.saturating_mul(1024 * 1024)
+    }
+
+    /// How the replier asks the model: attempts, timeouts and backoff.
     pub fn retry_policy(&self) -> crate::llm::RetryPolicy {
         crate::llm::RetryPolicy {
             max_attempts: self.llm_max_attempts.max(1),

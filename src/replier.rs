@@ -1,5 +1,6 @@
 //! The replier: answers every ReplyRequested with exactly one ReplyCompleted or
-//! ReplyFailed, appended to the conversation through its decider.
+//! ReplyFailed, appended to the reply's own stream through its decider (so it
+//! never races the user for the conversation's next version).
 //!
 //! It is a durable JetStream consumer of the conversation subjects. A message is
 //! acked only once its reply has ended in the store, so a crash anywhere (before
@@ -7,6 +8,8 @@
 //! message unacked, and JetStream hands it out again after `ack_wait`. Exactly one
 //! ending per reply comes from the decider, which refuses a second one: a redelivery,
 //! a restart or a second replier that finds the reply ended acks and moves on.
+//! The prompt's history is read backwards from the request, only as far as
+//! `LLM_HISTORY_CHARS` needs (`app::replies`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -22,15 +25,16 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{
-    app::{AppError, CommandContext, Commands, Expected},
+    app::{
+        CommandContext, Commands,
+        replies::{ReplyRequest, TakenUp},
+    },
     bus::{self, BusConfig},
     domain::{
-        Decider, DomainError,
         assistant::{AssistantDecider, AssistantState},
-        conversation::{ConversationCommand, ConversationDecider, ConversationEvent},
+        reply::ReplyCommand,
     },
     llm::{self, Prompt, Provider, RetryPolicy},
-    store::codec,
 };
 
 /// The durable consumer's name on the events stream.
@@ -183,72 +187,48 @@ impl Replier {
         };
         let reply = Reply {
             replier: self,
-            conversation_id,
-            reply_id: request.reply_id,
+            request: ReplyRequest {
+                conversation_id,
+                version: envelope.version,
+                reply_id: request.reply_id,
+                reply_to: request.reply_to,
+            },
             context,
         };
-        tracing::Instrument::instrument(
-            reply.answer(
-                request.reply_to,
-                request.assistant_id,
-                envelope.version,
-                attempt,
-            ),
-            span,
-        )
-        .await
+        tracing::Instrument::instrument(reply.answer(request.assistant_id, attempt), span).await
     }
 }
 
 /// One reply being worked on.
 struct Reply<'a> {
     replier: &'a Replier,
-    conversation_id: Uuid,
-    reply_id: Uuid,
+    request: ReplyRequest,
     context: CommandContext,
 }
 
 impl Reply<'_> {
-    async fn answer(
-        &self,
-        reply_to: Uuid,
-        assistant_id: Uuid,
-        requested_at_version: i64,
-        attempt: u32,
-    ) -> anyhow::Result<Handled> {
+    async fn answer(&self, assistant_id: Uuid, attempt: u32) -> anyhow::Result<Handled> {
         let commands = &self.replier.commands;
-        // The history as the store has it: the source of truth, not a projection.
-        let recorded = commands.store().read_stream(self.conversation_id).await?;
-        let history = recorded
-            .iter()
-            .map(codec::decode::<ConversationEvent>)
-            .collect::<Result<Vec<_>, _>>()?;
-        let state = ConversationDecider::fold(&history);
-        if state.reply_ended(self.reply_id) {
-            tracing::debug!("already answered");
-            return Ok(Handled::Done);
+        match commands
+            .take_up_reply(&self.request, attempt, Utc::now(), &self.context)
+            .await?
+        {
+            TakenUp::Started => {}
+            TakenUp::AlreadyEnded => {
+                tracing::debug!("already answered");
+                return Ok(Handled::Done);
+            }
+            TakenUp::NotInStore => {
+                // A restore from an older backup: the bus still had the request.
+                tracing::warn!("reply request not in the store; skipped");
+                return Ok(Handled::Done);
+            }
         }
-        let started = self
-            .record(ConversationCommand::StartReply {
-                reply_id: self.reply_id,
-                attempt,
-                at: Utc::now(),
-            })
-            .await?;
-        if !started {
-            return Ok(Handled::Done);
-        }
-        let earlier: Vec<ConversationEvent> = recorded
-            .iter()
-            .zip(history)
-            .take_while(|(r, _)| r.version < requested_at_version)
-            .map(|(_, e)| e)
-            .collect();
         let assistant = match commands.load::<AssistantDecider>(assistant_id).await?.state {
             AssistantState::Live(assistant) => assistant,
             _ => {
-                self.record(ConversationCommand::FailReply {
-                    reply_id: self.reply_id,
+                self.end(ReplyCommand::Fail {
+                    reply_id: self.request.reply_id,
                     error: "the assistant no longer exists".into(),
                     retryable: false,
                     attempts: 0,
@@ -258,7 +238,15 @@ impl Reply<'_> {
                 return Ok(Handled::Done);
             }
         };
-        let prompt = Prompt::build(&assistant, &earlier, reply_to, self.replier.history_chars);
+        let history = commands
+            .reply_history(&self.request, self.replier.history_chars)
+            .await?;
+        let prompt = Prompt::build(
+            &assistant,
+            &history,
+            self.request.reply_to,
+            self.replier.history_chars,
+        );
         let asked = std::time::Instant::now();
         let _in_flight = InFlight::start();
         let outcome = if self.replier.stream {
@@ -296,8 +284,8 @@ impl Reply<'_> {
                     "reply completed"
                 );
                 metrics::counter!("replies_total", "outcome" => "completed").increment(1);
-                ConversationCommand::CompleteReply {
-                    reply_id: self.reply_id,
+                ReplyCommand::Complete {
+                    reply_id: self.request.reply_id,
                     content: completion.content,
                     model: completion.model,
                     finish_reason: completion.finish_reason,
@@ -314,8 +302,8 @@ impl Reply<'_> {
                     "reply failed"
                 );
                 metrics::counter!("replies_total", "outcome" => "failed").increment(1);
-                ConversationCommand::FailReply {
-                    reply_id: self.reply_id,
+                ReplyCommand::Fail {
+                    reply_id: self.request.reply_id,
                     error: failure.last.to_string(),
                     retryable: failure.retryable,
                     attempts: failure.attempts,
@@ -323,7 +311,7 @@ impl Reply<'_> {
                 }
             }
         };
-        self.record(command).await?;
+        self.end(command).await?;
         Ok(Handled::Done)
     }
 
@@ -337,8 +325,11 @@ impl Reply<'_> {
     ) {
         let (sink, mut pieces) = tokio::sync::mpsc::unbounded_channel::<(u32, String)>();
         let nats = self.replier.nats.clone();
-        let subject = bus::live_subject(&self.replier.bus.subject_prefix, self.conversation_id);
-        let (reply_id, conversation_id) = (self.reply_id, self.conversation_id);
+        let subject = bus::live_subject(
+            &self.replier.bus.subject_prefix,
+            self.request.conversation_id,
+        );
+        let (reply_id, conversation_id) = (self.request.reply_id, self.request.conversation_id);
         let forwarding = tokio::spawn(async move {
             let mut index = 0u64;
             let mut current = 0;
@@ -361,34 +352,17 @@ impl Reply<'_> {
         (sink, forwarding)
     }
 
-    /// Append a reply command. `Ok(false)` when the reply has already ended (a
-    /// redelivery or another replier got there first): that is success too.
-    async fn record(&self, command: ConversationCommand) -> anyhow::Result<bool> {
-        match self
-            .replier
-            .commands
-            .execute::<ConversationDecider>(
-                self.conversation_id,
-                Expected::Any,
-                &command,
-                &self.context,
-                None,
-                None,
-            )
-            .await
+    /// Append the reply's ending; one that finds it ended already (a redelivery
+    /// or another replier got there first) is success too.
+    async fn end(&self, command: ReplyCommand) -> anyhow::Result<()> {
+        let commands = &self.replier.commands;
+        if !commands
+            .end_reply(self.request.reply_id, &command, &self.context)
+            .await?
         {
-            Ok(_) => Ok(true),
-            Err(AppError::Domain(DomainError::Conflict(reason))) => {
-                tracing::info!(reason, "reply already ended elsewhere; nothing to add");
-                Ok(false)
-            }
-            Err(AppError::Domain(DomainError::NotFound(what))) => {
-                // The store no longer has the request (a restore from an older backup).
-                tracing::warn!(what, "reply request not in the store; skipped");
-                Ok(false)
-            }
-            Err(e) => Err(e.into()),
+            tracing::info!("reply already ended elsewhere; nothing to add");
         }
+        Ok(())
     }
 }
 

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 use crate::{
-    app::Commands,
+    app::{Commands, StateCache},
     auth::Tokens,
     bus::{self, BusConfig, relay::Relay},
     config::{Config, LlmProvider},
@@ -160,11 +160,13 @@ impl Application {
         };
         let cache = config.cache();
 
+        // One cache of folded states per process, shared by the API and the replier.
+        let states = StateCache::new(config.state_cache_bytes());
         // Connecting does not wait for the server: NATS may come up later.
         let nats = bus::connect(&bus.url).await?;
         if roles.replier {
             let replier = Replier {
-                commands: Commands::new(Arc::new(store.clone())),
+                commands: Commands::new(Arc::new(store.clone()), states.clone()),
                 provider: provider(config)?,
                 policy: config.retry_policy(),
                 history_chars: config.llm_history_chars,
@@ -246,7 +248,7 @@ impl Application {
                 subject_prefix: bus.subject_prefix.clone(),
                 draining: draining.clone(),
             };
-            let commands = Commands::new(Arc::new(store.clone()));
+            let commands = Commands::new(Arc::new(store.clone()), states);
             let tokens = Tokens::new(config.jwt_secret_key.expose(), config.access_token_ttl());
             let limits = http::limits::Limits::new(&config.limit_settings()?);
             tasks.push(spawn(forget_idle_buckets(limits.clone(), stop.clone())));

@@ -135,7 +135,7 @@ impl Projection for Assistants {
                      FROM assistants_conversations c
                      WHERE c.conversation_id = $1 AND a.id = c.assistant_id",
                 )
-                .bind(e.stream_id)
+                .bind(e.conversation_id(event))
                 .bind(counted)
                 .bind(at)
                 .bind(stx)

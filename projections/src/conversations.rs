@@ -86,6 +86,11 @@ impl Projection for Conversations {
             return Ok(());
         }
         // Every other conversation event changes some of these; NULL keeps a value.
+        // A reply's events (in streams of their own) change their conversation's
+        // row but not its version, which stays the conversation's own (ETag).
+        let Some(conversation_id) = e.conversation_id(event) else {
+            return Ok(());
+        };
         let Some(Change {
             title,
             status,
@@ -104,10 +109,10 @@ impl Projection for Conversations {
                  last_message_at = COALESCE($5, last_message_at),
                  prompt_tokens = prompt_tokens + $6, completion_tokens = completion_tokens + $7,
                  total_tokens = total_tokens + $8,
-                 updated_at = $9, version = $10, last_tx = $11, last_gp = $12
+                 updated_at = $9, version = COALESCE($10, version), last_tx = $11, last_gp = $12
              WHERE id = $1",
         )
-        .bind(e.stream_id)
+        .bind(conversation_id)
         .bind(title)
         .bind(status)
         .bind(counted)
@@ -116,7 +121,7 @@ impl Projection for Conversations {
         .bind(usage.completion_tokens)
         .bind(usage.total_tokens)
         .bind(at)
-        .bind(e.version)
+        .bind(e.conversation_version())
         .bind(e.transaction_id)
         .bind(e.global_position)
         .execute(&mut *tx)

@@ -57,7 +57,30 @@ impl EventEnvelope {
     pub fn decode(&self) -> Result<Event, String> {
         decode(&self.event_type, self.schema_version, &self.data)
     }
+
+    /// The conversation this event belongs to, if any: its own stream for a
+    /// conversation event, the one its payload names for a reply event (replies
+    /// have streams of their own; older reply events were appended to the
+    /// conversation, and name none).
+    pub fn conversation_id(&self, event: &Event) -> Option<uuid::Uuid> {
+        let named = match event {
+            Event::ReplyStarted(r) => r.conversation_id,
+            Event::ReplyCompleted(r) => r.conversation_id,
+            Event::ReplyFailed(r) => r.conversation_id,
+            _ => None,
+        };
+        named.or((self.stream_type == CONVERSATION).then_some(self.stream_id))
+    }
+
+    /// The conversation's own version at this event: `None` for an event of
+    /// another stream (a reply's), which leaves the conversation's version alone.
+    pub fn conversation_version(&self) -> Option<i64> {
+        (self.stream_type == CONVERSATION).then_some(self.version)
+    }
 }
+
+/// The `stream_type` of conversations.
+pub const CONVERSATION: &str = "conversation";
 
 /// Where a payload is decoded from: the envelope's JSON value (from the bus) or
 /// the text of the store's `data` column (a rebuild's bulk read, which so skips
@@ -223,6 +246,10 @@ pub struct ReplyRequested {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ReplyStarted {
     pub reply_id: Uuid,
+    /// Absent from reply events appended to their conversation (before replies
+    /// had streams of their own).
+    #[serde(default)]
+    pub conversation_id: Option<Uuid>,
     pub attempt: u32,
     pub started_at: DateTime<Utc>,
 }
@@ -237,6 +264,10 @@ pub struct Usage {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ReplyCompleted {
     pub reply_id: Uuid,
+    /// Absent from reply events appended to their conversation (before replies
+    /// had streams of their own).
+    #[serde(default)]
+    pub conversation_id: Option<Uuid>,
     pub content: String,
     pub model: String,
     pub finish_reason: String,
@@ -247,6 +278,10 @@ pub struct ReplyCompleted {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct ReplyFailed {
     pub reply_id: Uuid,
+    /// Absent from reply events appended to their conversation (before replies
+    /// had streams of their own).
+    #[serde(default)]
+    pub conversation_id: Option<Uuid>,
     pub error: String,
     pub failed_at: DateTime<Utc>,
 }

@@ -218,7 +218,10 @@ impl AssistantsFold {
                 let Some((counted, at)) = assistants::activity(event) else {
                     return;
                 };
-                let Some(assistant) = self.conversations.get(&e.stream_id).copied() else {
+                let Some(assistant) = e
+                    .conversation_id(event)
+                    .and_then(|c| self.conversations.get(&c).copied())
+                else {
                     return;
                 };
                 if let Some(row) = self.assistants.get_mut(&assistant) {
@@ -291,7 +294,10 @@ impl ConversationsFold {
         else {
             return;
         };
-        if let Some(row) = self.conversations.get_mut(&e.stream_id) {
+        let Some(conversation_id) = e.conversation_id(event) else {
+            return;
+        };
+        if let Some(row) = self.conversations.get_mut(&conversation_id) {
             if let Some(title) = title {
                 title.clone_into(&mut row.title);
             }
@@ -304,7 +310,8 @@ impl ConversationsFold {
             row.completion_tokens += usage.completion_tokens;
             row.total_tokens += usage.total_tokens;
             row.updated_at = at;
-            row.version = e.version;
+            // A reply's events leave the conversation's own version alone.
+            row.version = e.conversation_version().unwrap_or(row.version);
             (row.last_tx, row.last_gp) = (last_tx, last_gp);
         }
     }
@@ -440,7 +447,10 @@ impl UsageFold {
                     .insert_if_absent(e.stream_id, || (c.owner_id, c.assistant_id));
             }
             Event::ReplyCompleted(r) => {
-                let Some((owner, assistant)) = self.conversations.get(&e.stream_id).copied() else {
+                let Some((owner, assistant)) = e
+                    .conversation_id(event)
+                    .and_then(|c| self.conversations.get(&c).copied())
+                else {
                     return;
                 };
                 // `($2::timestamptz AT TIME ZONE 'UTC')::date`

@@ -47,7 +47,7 @@ impl Projection for UsageDaily {
                          completion_tokens = u.completion_tokens + excluded.completion_tokens,
                          total_tokens = u.total_tokens + excluded.total_tokens",
                 )
-                .bind(e.stream_id)
+                .bind(e.conversation_id(event))
                 .bind(r.completed_at)
                 .bind(&r.model)
                 .bind(r.usage.prompt_tokens)

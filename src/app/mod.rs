@@ -1,15 +1,27 @@
 //! Command handling: load a stream, fold it, decide, append. The one place where
-//! the domain meets the store, shared by the HTTP API and the replier.
+//! the domain meets the store, shared by the HTTP API and the replier, and the
+//! home of the use cases that need more than one command or a read of the
+//! store: [`users`], [`conversations`], [`replies`].
+//!
+//! A load costs what is new in the stream, not its length: folded states are
+//! kept in a [`StateCache`] and only the events after the cached version are read.
+
+pub mod conversations;
+pub mod replies;
+mod state_cache;
+pub mod users;
 
 use std::sync::Arc;
 
 use uuid::Uuid;
 
+pub use state_cache::{DEFAULT_BYTES as STATE_CACHE_DEFAULT_BYTES, StateCache, Weigh};
+
 use crate::{
-    domain::{Decider, DomainError},
+    domain::Decider,
     store::{
-        AppendError, AppendRequest, EventMetadata, EventStore, IdempotencyRecord, Position,
-        Reservation, StoreError,
+        AppendError, AppendRequest, Behind, EventMetadata, EventStore, IdempotencyRecord, Position,
+        Reservation, StoreError, StoredPayload, StoredResponse,
         codec::{self, CodecError},
     },
 };
@@ -36,31 +48,38 @@ pub enum Expected {
     Any,
     /// Exactly this version (`If-Match`): a mismatch is the caller's to resolve.
     Exactly(i64),
+    /// A stream id the server has just generated: there is nothing to load.
+    New,
 }
 
-/// A stream folded into its state.
-#[derive(Debug, Clone)]
+/// A stream folded into its state (also the result of a command: the state
+/// after its events).
+#[derive(Debug, Clone, Default)]
 pub struct Loaded<S> {
     pub state: S,
     pub version: i64,
-    /// Position of the stream's last event.
+    /// Position of the stream's last event: the one just appended, or the one
+    /// the decision was made on when the command changed nothing.
     pub position: Option<Position>,
 }
 
 /// The result of a command.
-#[derive(Debug, Clone)]
-pub struct Decided<S> {
-    pub state: S,
-    pub version: i64,
-    /// Position of the stream's last event: the one just appended, or the one the
-    /// decision was made on when the command changed nothing.
-    pub position: Option<Position>,
+pub type Decided<S> = Loaded<S>;
+
+/// Reading the store failed (it is down, or holds a payload that does not decode).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
 }
 
+/// Why a command did not go through: its decider's refusal `E`, or the store's.
 #[derive(Debug, thiserror::Error)]
-pub enum AppError {
+pub enum AppError<E> {
     #[error(transparent)]
-    Domain(#[from] DomainError),
+    Domain(E),
     #[error("the stream is at version {current}")]
     PreconditionFailed { current: i64 },
     #[error("too many concurrent changes; try again")]
@@ -70,9 +89,30 @@ pub enum AppError {
     #[error("idempotency key already used")]
     IdempotencyKeyTaken,
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error(transparent)]
-    Codec(#[from] CodecError),
+    Codec(CodecError),
+}
+
+impl<E> From<ReadError> for AppError<E> {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Store(e) => AppError::Store(e),
+            ReadError::Codec(e) => AppError::Codec(e),
+        }
+    }
+}
+
+impl<E> From<StoreError> for AppError<E> {
+    fn from(e: StoreError) -> Self {
+        AppError::Store(e)
+    }
+}
+
+impl<E> From<CodecError> for AppError<E> {
+    fn from(e: CodecError) -> Self {
+        AppError::Codec(e)
+    }
 }
 
 /// Builds the idempotency record of a command from the state it produced.
@@ -82,37 +122,40 @@ pub type Remember<'a, S> = &'a (dyn Fn(&S, i64) -> IdempotencyRecord + Send + Sy
 #[derive(Clone)]
 pub struct Commands {
     store: Arc<dyn EventStore>,
+    states: StateCache,
 }
 
 impl Commands {
-    pub fn new(store: Arc<dyn EventStore>) -> Self {
-        Self { store }
+    pub fn new(store: Arc<dyn EventStore>, states: StateCache) -> Self {
+        Self { store, states }
     }
 
-    pub fn store(&self) -> &Arc<dyn EventStore> {
-        &self.store
-    }
-
-    /// Read a stream and fold it into the decider's state.
-    pub async fn load<D: Decider>(&self, stream_id: Uuid) -> Result<Loaded<D::State>, AppError> {
-        let recorded = self.store.read_stream(stream_id).await?;
-        let mut state = D::State::default();
-        for r in &recorded {
-            state = D::evolve(state, &codec::decode::<D::Event>(r)?);
+    /// A stream folded into its decider's state: the cached state, if any, and
+    /// the events after it (usually none, or the one just appended elsewhere).
+    pub async fn load<D: Decider>(&self, stream_id: Uuid) -> Result<Loaded<D::State>, ReadError>
+    where
+        D::State: Weigh,
+    {
+        let cached = self.states.get::<D::State>(stream_id).unwrap_or_default();
+        let tail = self
+            .store
+            .read_payloads_from(stream_id, cached.version)
+            .await?;
+        if tail.is_empty() {
+            return Ok(cached);
         }
-        Ok(Loaded {
-            state,
-            version: recorded.last().map_or(0, |r| r.version),
-            position: recorded.last().map(|r| r.position),
-        })
+        let loaded = fold::<D>(cached, tail)?;
+        self.states.put(stream_id, &loaded);
+        Ok(loaded)
     }
 
     /// Decide `command` on the stream's current state and append what it decided.
     ///
     /// With [`Expected::Any`] a lost race is re-decided on the new state (the rules
-    /// are checked again); with [`Expected::Exactly`] it is a precondition failure.
-    /// `reservation` is claimed with the events; `remember` builds the response to
-    /// keep for an idempotency key, written in the same transaction.
+    /// are checked again, after reading only the events that won); with
+    /// [`Expected::Exactly`] it is a precondition failure. `reservation` is claimed
+    /// with the events; `remember` builds the response to keep for an idempotency
+    /// key, written in the same transaction.
     pub async fn execute<D: Decider>(
         &self,
         stream_id: Uuid,
@@ -121,7 +164,10 @@ impl Commands {
         context: &CommandContext,
         reservation: Option<Reservation>,
         remember: Option<Remember<'_, D::State>>,
-    ) -> Result<Decided<D::State>, AppError> {
+    ) -> Result<Decided<D::State>, AppError<D::Error>>
+    where
+        D::State: Weigh,
+    {
         let metadata = EventMetadata {
             correlation_id: context.correlation_id.clone(),
             causation_id: context.causation_id,
@@ -137,13 +183,16 @@ impl Commands {
                 state,
                 version,
                 position,
-            } = self.load::<D>(stream_id).await?;
+            } = match expected {
+                Expected::New if attempt == 0 => Loaded::default(),
+                _ => self.load::<D>(stream_id).await?,
+            };
             if let Expected::Exactly(v) = expected
                 && v != version
             {
                 return Err(AppError::PreconditionFailed { current: version });
             }
-            let events = D::decide(command, &state)?;
+            let events = D::decide(command, &state).map_err(AppError::Domain)?;
             let new_version = version + events.len() as i64;
             let new_state = events.iter().fold(state, |s, e| D::evolve(s, e));
             let record = remember.map(|f| f(&new_state, new_version));
@@ -172,15 +221,17 @@ impl Commands {
             };
             match self.store.append(request).await {
                 Ok(appended) => {
-                    return Ok(Decided {
+                    let decided = Decided {
                         state: new_state,
                         version: appended.version,
                         position: Some(appended.position),
-                    });
+                    };
+                    self.states.put(stream_id, &decided);
+                    return Ok(decided);
                 }
                 Err(AppendError::VersionConflict { .. }) => match expected {
                     Expected::Any => continue,
-                    Expected::Exactly(_) => {
+                    Expected::Exactly(_) | Expected::New => {
                         let current = self.load::<D>(stream_id).await?.version;
                         return Err(AppError::PreconditionFailed { current });
                     }
@@ -195,4 +246,41 @@ impl Commands {
         }
         Err(AppError::Contended)
     }
+
+    /// The first response stored for an idempotency key, with its request hash.
+    pub async fn find_idempotency(
+        &self,
+        owner: Uuid,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, StoredResponse)>, StoreError> {
+        self.store.find_idempotency(owner, key).await
+    }
+
+    /// Can the event store be reached?
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.store.ping().await
+    }
+
+    /// The last event in commit order, and how far a position is behind it (for
+    /// operators: the projections' lag).
+    pub async fn head(&self) -> Result<Option<Position>, StoreError> {
+        self.store.head().await
+    }
+
+    pub async fn behind(&self, after: Position, limit: i64) -> Result<Behind, StoreError> {
+        self.store.behind(after, limit).await
+    }
+}
+
+/// Fold stored events onto a state.
+fn fold<D: Decider>(
+    mut loaded: Loaded<D::State>,
+    events: Vec<StoredPayload>,
+) -> Result<Loaded<D::State>, CodecError> {
+    for payload in events {
+        loaded.state = D::evolve(loaded.state, &codec::decode_payload::<D::Event>(&payload)?);
+        loaded.version = payload.version;
+        loaded.position = Some(payload.position);
+    }
+    Ok(loaded)
 }

@@ -1,12 +1,18 @@
 //! The bus: NATS JetStream between the event store and the read side. The relay
 //! publishes every committed event, in commit order, to
-//! `<subject_prefix>.<stream_type>.<stream_id>` on one stream.
+//! `<subject_prefix>.<stream_type>.<stream_id>` on one stream; a reply's events
+//! go to their conversation's subject ([`subject_of`]).
 
 pub mod relay;
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
+
+use crate::{
+    domain::{Decider, conversation::ConversationDecider, reply::ReplyDecider},
+    store::RecordedEvent,
+};
 
 /// Names on the bus, so several instances (and parallel tests) share one server.
 #[derive(Debug, Clone)]
@@ -53,7 +59,21 @@ pub fn live_subject(prefix: &str, conversation_id: uuid::Uuid) -> String {
     format!("{prefix}_live.conversation.{conversation_id}")
 }
 
-/// The subject of one event.
+/// The subject of a stream's events.
 pub fn subject(prefix: &str, stream_type: &str, stream_id: uuid::Uuid) -> String {
     format!("{prefix}.{stream_type}.{stream_id}")
+}
+
+/// The subject an event is published on: its stream's, except for a reply's
+/// events (streams of their own), which go to the subject of the conversation
+/// their payload names. So a conversation's live feed (SSE) sees its replies
+/// in commit order with its own events, on one subscription.
+pub fn subject_of(prefix: &str, event: &RecordedEvent) -> String {
+    let conversation = (event.stream_type == ReplyDecider::STREAM_TYPE)
+        .then(|| event.data.get("conversation_id")?.as_str()?.parse().ok())
+        .flatten();
+    match conversation {
+        Some(conversation_id) => subject(prefix, ConversationDecider::STREAM_TYPE, conversation_id),
+        None => subject(prefix, &event.stream_type, event.stream_id),
+    }
 }

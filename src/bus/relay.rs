@@ -25,7 +25,7 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use sqlx::{PgPool, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
 
-use super::{BusConfig, subject};
+use super::{BusConfig, subject_of};
 use crate::store::{EventStore, Position, RecordedEvent};
 
 /// The relay's row in `checkpoints`.
@@ -129,7 +129,7 @@ impl Relay {
             let message = PublishMessage::build()
                 .payload(serde_json::to_vec(&envelope)?.into())
                 .message_id(e.event_id.to_string());
-            let subject = subject(&self.bus.subject_prefix, &e.stream_type, e.stream_id);
+            let subject = subject_of(&self.bus.subject_prefix, e);
             acks.push(self.jetstream.send_publish(subject, message).await?);
         }
         for ack in acks {

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{Decider, DomainError, validate::Violations};
+use super::{Decider, DomainError, ErrorKind, FieldError, validate::Violations};
 
 pub const DEFAULT_ROLE: &str = "secretary";
 pub const DEFAULT_MODEL: &str = "gemini-2.5-flash";
@@ -130,10 +130,39 @@ pub struct Assistant {
 
 impl AssistantState {
     /// The assistant if it exists, is not deleted, and belongs to `actor`.
-    pub fn owned_by(&self, actor: Uuid) -> Result<&Assistant, DomainError> {
+    pub fn owned_by(&self, actor: Uuid) -> Result<&Assistant, AssistantError> {
         match self {
             AssistantState::Live(a) if a.owner_id == actor => Ok(a),
-            _ => Err(DomainError::NotFound("assistant")),
+            _ => Err(AssistantError::NotFound),
+        }
+    }
+}
+
+/// Why an assistant command was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AssistantError {
+    #[error("the request has invalid fields")]
+    Invalid(Vec<FieldError>),
+    /// Absent, deleted, or someone else's: the same answer for all three.
+    #[error("assistant not found")]
+    NotFound,
+    #[error("assistant already exists")]
+    AlreadyExists,
+}
+
+impl DomainError for AssistantError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            AssistantError::Invalid(_) => ErrorKind::Invalid,
+            AssistantError::NotFound => ErrorKind::NotFound,
+            AssistantError::AlreadyExists => ErrorKind::Conflict,
+        }
+    }
+
+    fn field_errors(&self) -> &[FieldError] {
+        match self {
+            AssistantError::Invalid(errors) => errors,
+            _ => &[],
         }
     }
 }
@@ -144,12 +173,13 @@ impl Decider for AssistantDecider {
     type Command = AssistantCommand;
     type Event = AssistantEvent;
     type State = AssistantState;
+    type Error = AssistantError;
     const STREAM_TYPE: &'static str = "assistant";
 
     fn decide(
         command: &AssistantCommand,
         state: &AssistantState,
-    ) -> Result<Vec<AssistantEvent>, DomainError> {
+    ) -> Result<Vec<AssistantEvent>, AssistantError> {
         use AssistantCommand as C;
         use AssistantEvent as E;
         match command {
@@ -160,7 +190,7 @@ impl Decider for AssistantDecider {
                 at,
             } => {
                 if !matches!(state, AssistantState::Absent) {
-                    return Err(DomainError::Conflict("assistant already exists".into()));
+                    return Err(AssistantError::AlreadyExists);
                 }
                 let name = fields.name.as_deref().unwrap_or_default().trim().to_owned();
                 let role = fields.role.as_deref().unwrap_or(DEFAULT_ROLE).trim();
@@ -175,7 +205,7 @@ impl Decider for AssistantDecider {
                 v.model("/model", model);
                 v.temperature("/temperature", temperature);
                 v.metadata("/metadata", &metadata);
-                v.finish()?;
+                v.finish().map_err(AssistantError::Invalid)?;
                 Ok(vec![E::AssistantCreated {
                     assistant_id: *assistant_id,
                     owner_id: *owner_id,
@@ -211,7 +241,7 @@ impl Decider for AssistantDecider {
                 if let Some(m) = &fields.metadata {
                     v.metadata("/metadata", m);
                 }
-                v.finish()?;
+                v.finish().map_err(AssistantError::Invalid)?;
                 // Only what differs from the current settings becomes part of the fact.
                 fn changed<T: PartialEq + ?Sized + ToOwned>(
                     new: Option<&T>,
@@ -383,9 +413,9 @@ mod tests {
         }
     }
 
-    fn pointers(err: DomainError) -> Vec<String> {
+    fn pointers(err: AssistantError) -> Vec<String> {
         match err {
-            DomainError::Invalid(e) => e.into_iter().map(|e| e.pointer).collect(),
+            AssistantError::Invalid(e) => e.into_iter().map(|e| e.pointer).collect(),
             other => panic!("expected a validation error, got {other:?}"),
         }
     }
@@ -492,7 +522,7 @@ mod tests {
                 at: at(),
             },
         );
-        assert_eq!(err, Err(DomainError::NotFound("assistant")));
+        assert_eq!(err, Err(AssistantError::NotFound));
     }
 
     #[test]
@@ -504,7 +534,7 @@ mod tests {
         };
         assert_eq!(
             given_when::<AssistantDecider>(&[created(), deleted], &update(OWNER, fields)),
-            Err(DomainError::NotFound("assistant"))
+            Err(AssistantError::NotFound)
         );
     }
 

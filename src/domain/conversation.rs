@@ -1,16 +1,16 @@
 //! A conversation between a user and one of their assistants: its title and
 //! status, the user's messages and the replies they request. Replies are answered
-//! later by the replier; this aggregate records that they were asked for and how
-//! they ended, and refuses a second ending for the same reply.
-
-use std::collections::BTreeSet;
+//! later by the replier, in streams of their own (`super::reply`); this aggregate
+//! only records that they were asked for. Its state is a handful of fields
+//! however long the conversation grows.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+pub use super::reply::Usage;
 use super::{
-    Decider, DomainError,
+    Decider, DomainError, ErrorKind, FieldError,
     assistant::{AssistantState, AssistantStatus},
     validate::Violations,
 };
@@ -45,50 +45,6 @@ pub enum ConversationCommand {
         content: String,
         at: DateTime<Utc>,
     },
-    /// The replier begins (or, after a crash or redelivery, begins again) a reply.
-    StartReply {
-        reply_id: Uuid,
-        attempt: u32,
-        at: DateTime<Utc>,
-    },
-    /// The replier's answer. Refused once the reply has ended: one ending per reply.
-    CompleteReply {
-        reply_id: Uuid,
-        content: String,
-        model: String,
-        finish_reason: String,
-        usage: Usage,
-        latency_ms: u64,
-        at: DateTime<Utc>,
-    },
-    /// The replier gave up. Refused once the reply has ended, like `CompleteReply`.
-    FailReply {
-        reply_id: Uuid,
-        error: String,
-        retryable: bool,
-        attempts: u32,
-        at: DateTime<Utc>,
-    },
-}
-
-/// Tokens of one reply, as the provider bills them: `prompt_tokens +
-/// completion_tokens = total_tokens`. The two details are parts of those, not
-/// additions: thinking is billed as output, cached prompt tokens are still prompt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub struct Usage {
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-    pub total_tokens: u64,
-    /// Of `completion_tokens`, those the model spent thinking before it answered.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub thoughts_tokens: u64,
-    /// Of `prompt_tokens`, those served from the provider's context cache.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub cached_tokens: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,7 +75,9 @@ pub enum ConversationEvent {
         assistant_id: Uuid,
         requested_at: DateTime<Utc>,
     },
-    /// The replier took the reply up (`attempt` counts deliveries, from 1).
+    /// Legacy: the reply lifecycle was appended to the conversation before replies
+    /// had streams of their own (`super::reply`). Still read from the streams that
+    /// hold them; never decided any more.
     ReplyStarted {
         reply_id: Uuid,
         attempt: u32,
@@ -154,10 +112,13 @@ pub enum ConversationStatus {
 pub enum ConversationState {
     #[default]
     Absent,
-    /// Boxed: a conversation is large beside `Absent`.
-    Live(Box<Conversation>),
+    Live(Conversation),
 }
 
+/// What the rules need, and what a command's answer shows. Nothing here grows
+/// with the conversation: replies are counted when requested, and what they
+/// add later (tokens, the time of the last answer) lives in their own streams
+/// and reaches the read side, not this state.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Conversation {
     pub id: Uuid,
@@ -167,44 +128,60 @@ pub struct Conversation {
     pub status: ConversationStatus,
     /// User messages and replies alike (a reply counts once it is requested).
     pub message_count: u64,
-    pub last_message_at: Option<DateTime<Utc>>,
-    pub usage: Usage,
-    /// Replies requested and not yet completed or failed.
-    pub pending_replies: BTreeSet<Uuid>,
-    /// Replies that completed or failed: a second ending is refused.
-    pub ended_replies: BTreeSet<Uuid>,
+    /// Whether the stream holds reply events from before replies had streams
+    /// of their own (where a request may have ended; see `app::replies`).
+    pub legacy_replies: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
+/// Why a conversation command was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConversationError {
+    #[error("the request has invalid fields")]
+    Invalid(Vec<FieldError>),
+    /// Absent, or someone else's: the same answer for both.
+    #[error("conversation not found")]
+    NotFound,
+    #[error("conversation already exists")]
+    AlreadyExists,
+    /// The assistant to start with is absent, deleted or someone else's.
+    #[error("assistant not found")]
+    AssistantNotFound,
+    #[error("the assistant is archived: restore it to start a conversation")]
+    AssistantArchived,
+    #[error("the conversation is archived: no new messages")]
+    Archived,
+}
+
+impl DomainError for ConversationError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ConversationError::Invalid(_) => ErrorKind::Invalid,
+            ConversationError::NotFound | ConversationError::AssistantNotFound => {
+                ErrorKind::NotFound
+            }
+            ConversationError::AlreadyExists
+            | ConversationError::AssistantArchived
+            | ConversationError::Archived => ErrorKind::Conflict,
+        }
+    }
+
+    fn field_errors(&self) -> &[FieldError] {
+        match self {
+            ConversationError::Invalid(errors) => errors,
+            _ => &[],
+        }
+    }
+}
+
 impl ConversationState {
-    fn owned_by(&self, actor: Uuid) -> Result<&Conversation, DomainError> {
+    /// The conversation if it exists and belongs to `actor`.
+    pub fn owned_by(&self, actor: Uuid) -> Result<&Conversation, ConversationError> {
         match self {
             ConversationState::Live(c) if c.owner_id == actor => Ok(c),
-            _ => Err(DomainError::NotFound("conversation")),
+            _ => Err(ConversationError::NotFound),
         }
-    }
-
-    /// The replier's commands act on a requested reply that has not ended. They
-    /// come from the system, not a user: no owner check.
-    fn pending_reply(&self, reply_id: Uuid) -> Result<&Conversation, DomainError> {
-        let ConversationState::Live(c) = self else {
-            return Err(DomainError::NotFound("conversation"));
-        };
-        if c.ended_replies.contains(&reply_id) {
-            return Err(DomainError::Conflict(format!(
-                "reply {reply_id} has already ended"
-            )));
-        }
-        if !c.pending_replies.contains(&reply_id) {
-            return Err(DomainError::NotFound("reply"));
-        }
-        Ok(c)
-    }
-
-    /// Whether a reply completed or failed (the replier's "already done").
-    pub fn reply_ended(&self, reply_id: Uuid) -> bool {
-        matches!(self, ConversationState::Live(c) if c.ended_replies.contains(&reply_id))
     }
 }
 
@@ -214,12 +191,13 @@ impl Decider for ConversationDecider {
     type Command = ConversationCommand;
     type Event = ConversationEvent;
     type State = ConversationState;
+    type Error = ConversationError;
     const STREAM_TYPE: &'static str = "conversation";
 
     fn decide(
         command: &ConversationCommand,
         state: &ConversationState,
-    ) -> Result<Vec<ConversationEvent>, DomainError> {
+    ) -> Result<Vec<ConversationEvent>, ConversationError> {
         use ConversationCommand as C;
         use ConversationEvent as E;
         match command {
@@ -231,18 +209,18 @@ impl Decider for ConversationDecider {
                 at,
             } => {
                 if !matches!(state, ConversationState::Absent) {
-                    return Err(DomainError::Conflict("conversation already exists".into()));
+                    return Err(ConversationError::AlreadyExists);
                 }
-                let assistant = assistant.owned_by(*actor)?;
+                let assistant = assistant
+                    .owned_by(*actor)
+                    .map_err(|_| ConversationError::AssistantNotFound)?;
                 if assistant.status == AssistantStatus::Archived {
-                    return Err(DomainError::Conflict(
-                        "the assistant is archived: restore it to start a conversation".into(),
-                    ));
+                    return Err(ConversationError::AssistantArchived);
                 }
                 let title = title.as_deref().unwrap_or(DEFAULT_TITLE).trim().to_owned();
                 let mut v = Violations::default();
                 v.chars("/title", &title, 1, 200);
-                v.finish()?;
+                v.finish().map_err(ConversationError::Invalid)?;
                 Ok(vec![E::ConversationStarted {
                     conversation_id: *conversation_id,
                     owner_id: *actor,
@@ -256,7 +234,7 @@ impl Decider for ConversationDecider {
                 let title = title.trim();
                 let mut v = Violations::default();
                 v.chars("/title", title, 1, 200);
-                v.finish()?;
+                v.finish().map_err(ConversationError::Invalid)?;
                 Ok(if title == current.title {
                     vec![]
                 } else {
@@ -281,11 +259,9 @@ impl Decider for ConversationDecider {
                 let mut v = Violations::default();
                 v.chars("/content", content, 1, CONTENT_MAX_CHARS);
                 v.not_blank("/content", content);
-                v.finish()?;
+                v.finish().map_err(ConversationError::Invalid)?;
                 if current.status == ConversationStatus::Archived {
-                    return Err(DomainError::Conflict(
-                        "the conversation is archived: no new messages".into(),
-                    ));
+                    return Err(ConversationError::Archived);
                 }
                 Ok(vec![
                     E::MessagePosted {
@@ -300,54 +276,6 @@ impl Decider for ConversationDecider {
                         requested_at: *at,
                     },
                 ])
-            }
-            C::StartReply {
-                reply_id,
-                attempt,
-                at,
-            } => {
-                state.pending_reply(*reply_id)?;
-                Ok(vec![E::ReplyStarted {
-                    reply_id: *reply_id,
-                    attempt: *attempt,
-                    started_at: *at,
-                }])
-            }
-            C::CompleteReply {
-                reply_id,
-                content,
-                model,
-                finish_reason,
-                usage,
-                latency_ms,
-                at,
-            } => {
-                state.pending_reply(*reply_id)?;
-                Ok(vec![E::ReplyCompleted {
-                    reply_id: *reply_id,
-                    content: content.clone(),
-                    model: model.clone(),
-                    finish_reason: finish_reason.clone(),
-                    usage: *usage,
-                    latency_ms: *latency_ms,
-                    completed_at: *at,
-                }])
-            }
-            C::FailReply {
-                reply_id,
-                error,
-                retryable,
-                attempts,
-                at,
-            } => {
-                state.pending_reply(*reply_id)?;
-                Ok(vec![E::ReplyFailed {
-                    reply_id: *reply_id,
-                    error: error.clone(),
-                    retryable: *retryable,
-                    attempts: *attempts,
-                    failed_at: *at,
-                }])
             }
         }
     }
@@ -365,20 +293,17 @@ impl Decider for ConversationDecider {
                     started_at,
                 },
             ) => {
-                return ConversationState::Live(Box::new(Conversation {
+                return ConversationState::Live(Conversation {
                     id: *conversation_id,
                     owner_id: *owner_id,
                     assistant_id: *assistant_id,
                     title: title.clone(),
                     status: ConversationStatus::Active,
                     message_count: 0,
-                    last_message_at: None,
-                    usage: Usage::default(),
-                    pending_replies: BTreeSet::new(),
-                    ended_replies: BTreeSet::new(),
+                    legacy_replies: false,
                     created_at: *started_at,
                     updated_at: *started_at,
-                }));
+                });
             }
             (ConversationState::Live(c), _) => c,
             // Nothing but a start can open a conversation.
@@ -396,43 +321,16 @@ impl Decider for ConversationDecider {
             }
             E::MessagePosted { posted_at, .. } => {
                 c.message_count += 1;
-                c.last_message_at = Some(*posted_at);
                 c.updated_at = *posted_at;
             }
-            E::ReplyRequested {
-                reply_id,
-                requested_at,
-                ..
-            } => {
+            E::ReplyRequested { requested_at, .. } => {
                 c.message_count += 1;
-                c.pending_replies.insert(*reply_id);
                 c.updated_at = *requested_at;
             }
-            E::ReplyCompleted {
-                reply_id,
-                usage,
-                completed_at,
-                ..
-            } => {
-                c.pending_replies.remove(reply_id);
-                c.ended_replies.insert(*reply_id);
-                c.usage.prompt_tokens += usage.prompt_tokens;
-                c.usage.completion_tokens += usage.completion_tokens;
-                c.usage.total_tokens += usage.total_tokens;
-                c.last_message_at = Some(*completed_at);
-                c.updated_at = *completed_at;
+            // Legacy reply lifecycle: nothing the rules look at.
+            E::ReplyStarted { .. } | E::ReplyCompleted { .. } | E::ReplyFailed { .. } => {
+                c.legacy_replies = true;
             }
-            E::ReplyFailed {
-                reply_id,
-                failed_at,
-                ..
-            } => {
-                c.pending_replies.remove(reply_id);
-                c.ended_replies.insert(*reply_id);
-                c.updated_at = *failed_at;
-            }
-            // Being worked on changes nothing the rules look at.
-            E::ReplyStarted { .. } => {}
         }
         ConversationState::Live(c)
     }
@@ -515,7 +413,7 @@ mod tests {
         let archived = assistant(&[AssistantEvent::AssistantArchived { archived_at: at() }]);
         assert!(matches!(
             given_when::<ConversationDecider>(&[], &start(archived, None)),
-            Err(DomainError::Conflict(_))
+            Err(ConversationError::AssistantArchived)
         ));
     }
 
@@ -525,7 +423,7 @@ mod tests {
         for state in [deleted, AssistantState::Absent] {
             assert_eq!(
                 given_when::<ConversationDecider>(&[], &start(state, None)),
-                Err(DomainError::NotFound("assistant"))
+                Err(ConversationError::AssistantNotFound)
             );
         }
         let foreign = ConversationCommand::Start {
@@ -537,14 +435,14 @@ mod tests {
         };
         assert_eq!(
             given_when::<ConversationDecider>(&[], &foreign),
-            Err(DomainError::NotFound("assistant"))
+            Err(ConversationError::AssistantNotFound)
         );
     }
 
     #[test]
     fn title_is_validated() {
         let err = given_when::<ConversationDecider>(&[], &start(assistant(&[]), Some("  ")));
-        assert!(matches!(err, Err(DomainError::Invalid(e)) if e[0].pointer == "/title"));
+        assert!(matches!(err, Err(ConversationError::Invalid(e)) if e[0].pointer == "/title"));
     }
 
     #[test]
@@ -572,7 +470,6 @@ mod tests {
             panic!()
         };
         assert_eq!(c.message_count, 2);
-        assert!(c.pending_replies.contains(&REPLY));
     }
 
     #[test]
@@ -580,7 +477,7 @@ mod tests {
         let archived = ConversationEvent::ConversationArchived { archived_at: at() };
         assert!(matches!(
             given_when::<ConversationDecider>(&[started(), archived], &post(OWNER, "hi")),
-            Err(DomainError::Conflict(_))
+            Err(ConversationError::Archived)
         ));
     }
 
@@ -593,7 +490,7 @@ mod tests {
         ] {
             let err = given_when::<ConversationDecider>(&[started()], &post(OWNER, &bad));
             assert!(
-                matches!(&err, Err(DomainError::Invalid(e)) if e[0].pointer == "/content"),
+                matches!(&err, Err(ConversationError::Invalid(e)) if e[0].pointer == "/content"),
                 "{err:?}"
             );
         }
@@ -605,7 +502,7 @@ mod tests {
     fn a_strangers_conversation_is_not_found() {
         assert_eq!(
             given_when::<ConversationDecider>(&[started()], &post(STRANGER, "hi")),
-            Err(DomainError::NotFound("conversation"))
+            Err(ConversationError::NotFound)
         );
     }
 
@@ -629,15 +526,22 @@ mod tests {
         );
     }
 
+    /// Reply events appended to conversations before replies had streams of
+    /// their own still read, and change nothing the rules look at (the state
+    /// only notes that there are some).
     #[test]
-    fn a_completed_reply_adds_usage_and_clears_pending() {
-        let given = [
-            started(),
-            ConversationEvent::ReplyRequested {
+    fn legacy_reply_events_still_fold() {
+        let requested = ConversationEvent::ReplyRequested {
+            reply_id: REPLY,
+            reply_to: MESSAGE,
+            assistant_id: ASSISTANT,
+            requested_at: at(),
+        };
+        let legacy = [
+            ConversationEvent::ReplyStarted {
                 reply_id: REPLY,
-                reply_to: MESSAGE,
-                assistant_id: ASSISTANT,
-                requested_at: at(),
+                attempt: 1,
+                started_at: at(),
             },
             ConversationEvent::ReplyCompleted {
                 reply_id: REPLY,
@@ -654,115 +558,20 @@ mod tests {
                 completed_at: at(),
             },
         ];
-        let ConversationState::Live(c) = ConversationDecider::fold(&given) else {
-            panic!()
+        let ConversationState::Live(before) =
+            ConversationDecider::fold(&[started(), requested.clone()])
+        else {
+            panic!("live")
         };
-        assert!(c.pending_replies.is_empty());
-        assert_eq!(c.usage.total_tokens, 5);
-    }
-
-    fn requested() -> ConversationEvent {
-        ConversationEvent::ReplyRequested {
-            reply_id: REPLY,
-            reply_to: MESSAGE,
-            assistant_id: ASSISTANT,
-            requested_at: at(),
-        }
-    }
-
-    fn complete() -> ConversationCommand {
-        ConversationCommand::CompleteReply {
-            reply_id: REPLY,
-            content: "Done".into(),
-            model: "m".into(),
-            finish_reason: "STOP".into(),
-            usage: Usage::default(),
-            latency_ms: 1,
-            at: at(),
-        }
-    }
-
-    fn fail() -> ConversationCommand {
-        ConversationCommand::FailReply {
-            reply_id: REPLY,
-            error: "rate limited".into(),
-            retryable: true,
-            attempts: 3,
-            at: at(),
-        }
-    }
-
-    #[test]
-    fn a_requested_reply_can_start_again_and_again_until_it_ends() {
-        let start = |attempt| ConversationCommand::StartReply {
-            reply_id: REPLY,
-            attempt,
-            at: at(),
-        };
-        let first = given_when::<ConversationDecider>(&[started(), requested()], &start(1));
+        let mut given = vec![started(), requested];
+        given.extend(legacy);
         assert_eq!(
-            first,
-            Ok(vec![ConversationEvent::ReplyStarted {
-                reply_id: REPLY,
-                attempt: 1,
-                started_at: at(),
-            }])
+            ConversationDecider::fold(&given),
+            ConversationState::Live(Conversation {
+                legacy_replies: true,
+                ..before
+            })
         );
-        // A crash after starting: the redelivery starts it again.
-        let mut given = vec![started(), requested()];
-        given.extend(first.unwrap());
-        assert!(given_when::<ConversationDecider>(&given, &start(2)).is_ok());
-        assert!(given_when::<ConversationDecider>(&given, &complete()).is_ok());
-    }
-
-    #[test]
-    fn a_reply_ends_once_whether_completed_or_failed() {
-        let completed = given_when::<ConversationDecider>(&[started(), requested()], &complete())
-            .unwrap()
-            .remove(0);
-        let failed = given_when::<ConversationDecider>(&[started(), requested()], &fail())
-            .unwrap()
-            .remove(0);
-        assert!(matches!(
-            failed,
-            ConversationEvent::ReplyFailed { attempts: 3, .. }
-        ));
-        for ending in [completed, failed] {
-            let given = [started(), requested(), ending];
-            assert!(ConversationDecider::fold(&given).reply_ended(REPLY));
-            for again in [complete(), fail()] {
-                assert!(matches!(
-                    given_when::<ConversationDecider>(&given, &again),
-                    Err(DomainError::Conflict(m)) if m.contains("already ended")
-                ));
-            }
-            let restart = ConversationCommand::StartReply {
-                reply_id: REPLY,
-                attempt: 9,
-                at: at(),
-            };
-            assert!(given_when::<ConversationDecider>(&given, &restart).is_err());
-        }
-    }
-
-    #[test]
-    fn a_reply_never_requested_is_not_found() {
-        assert_eq!(
-            given_when::<ConversationDecider>(&[started()], &complete()),
-            Err(DomainError::NotFound("reply"))
-        );
-        assert_eq!(
-            given_when::<ConversationDecider>(&[], &fail()),
-            Err(DomainError::NotFound("conversation"))
-        );
-    }
-
-    #[test]
-    fn a_reply_still_ends_after_the_conversation_is_archived() {
-        let archived = ConversationEvent::ConversationArchived { archived_at: at() };
-        assert!(
-            given_when::<ConversationDecider>(&[started(), requested(), archived], &complete())
-                .is_ok()
-        );
+        assert!(given_when::<ConversationDecider>(&given, &post(OWNER, "again")).is_ok());
     }
 }

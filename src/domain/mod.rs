@@ -1,4 +1,4 @@
-//! The domain: pure deciders for users, assistants and conversations.
+//! The domain: pure deciders for users, assistants, conversations and replies.
 //!
 //! Each aggregate is a [`Decider`]: `decide` holds every business rule and turns a
 //! command into events (or refuses it), `evolve` only applies facts to the state.
@@ -7,6 +7,7 @@
 
 pub mod assistant;
 pub mod conversation;
+pub mod reply;
 pub mod user;
 mod validate;
 
@@ -14,25 +15,37 @@ use serde::{Serialize, de::DeserializeOwned};
 
 pub use validate::FieldError;
 
-/// Why a command was refused. The HTTP layer maps each kind to a status code.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum DomainError {
-    /// One or more fields break their rules (422).
-    #[error("validation failed")]
-    Invalid(Vec<FieldError>),
-    /// The aggregate does not exist, was deleted, or belongs to someone else (404).
-    #[error("{0} not found")]
-    NotFound(&'static str),
-    /// The command contradicts the aggregate's current state (409).
-    #[error("{0}")]
-    Conflict(String),
+/// What kind of refusal a domain error is: the HTTP layer maps each to a status
+/// code (422, 404, 409), without knowing any decider's error type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// One or more fields break their rules.
+    Invalid,
+    /// The aggregate (or one it needs) does not exist, was deleted, or belongs
+    /// to someone else.
+    NotFound,
+    /// The command contradicts the aggregate's current state.
+    Conflict,
+}
+
+/// A decider's refusal. Each decider has its own enum, so callers match the
+/// exact reason (the replier's "reply already ended") and tests compare
+/// variants; `kind` is all that the HTTP layer needs.
+pub trait DomainError: std::error::Error + Clone + PartialEq + Send + Sync + 'static {
+    fn kind(&self) -> ErrorKind;
+
+    /// The broken field rules, for an [`ErrorKind::Invalid`] refusal.
+    fn field_errors(&self) -> &[FieldError] {
+        &[]
+    }
 }
 
 /// An aggregate's decision logic, in the shape of fmodel's decider.
 pub trait Decider {
-    type Command;
+    type Command: Send + Sync + 'static;
     type Event: Serialize + DeserializeOwned + Clone + std::fmt::Debug + Send + Sync;
-    type State: Default + Clone + std::fmt::Debug + Send + Sync;
+    type State: Default + Clone + std::fmt::Debug + Send + Sync + 'static;
+    type Error: DomainError;
 
     /// The `stream_type` of this aggregate's streams in the event store.
     const STREAM_TYPE: &'static str;
@@ -41,7 +54,7 @@ pub trait Decider {
     fn decide(
         command: &Self::Command,
         state: &Self::State,
-    ) -> Result<Vec<Self::Event>, DomainError>;
+    ) -> Result<Vec<Self::Event>, Self::Error>;
 
     /// Apply one fact. Never refuses: events are what already happened.
     fn evolve(state: Self::State, event: &Self::Event) -> Self::State;
@@ -62,6 +75,6 @@ pub trait Decider {
 pub(crate) fn given_when<D: Decider>(
     given: &[D::Event],
     when: &D::Command,
-) -> Result<Vec<D::Event>, DomainError> {
+) -> Result<Vec<D::Event>, D::Error> {
     D::decide(when, &D::fold(given))
 }

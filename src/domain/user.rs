@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{Decider, DomainError, validate::Violations};
+use super::{Decider, DomainError, ErrorKind, FieldError, validate::Violations};
 
 pub const PASSWORD_MIN_CHARS: usize = 8;
 pub const PASSWORD_MAX_CHARS: usize = 128;
@@ -62,15 +62,41 @@ pub fn normalize_email(email: &str) -> String {
     email.trim().to_lowercase()
 }
 
+/// Why a user command was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UserError {
+    #[error("the request has invalid fields")]
+    Invalid(Vec<FieldError>),
+    #[error("user already registered")]
+    AlreadyRegistered,
+}
+
+impl DomainError for UserError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            UserError::Invalid(_) => ErrorKind::Invalid,
+            UserError::AlreadyRegistered => ErrorKind::Conflict,
+        }
+    }
+
+    fn field_errors(&self) -> &[FieldError] {
+        match self {
+            UserError::Invalid(errors) => errors,
+            UserError::AlreadyRegistered => &[],
+        }
+    }
+}
+
 pub struct UserDecider;
 
 impl Decider for UserDecider {
     type Command = UserCommand;
     type Event = UserEvent;
     type State = UserState;
+    type Error = UserError;
     const STREAM_TYPE: &'static str = "user";
 
-    fn decide(command: &UserCommand, state: &UserState) -> Result<Vec<UserEvent>, DomainError> {
+    fn decide(command: &UserCommand, state: &UserState) -> Result<Vec<UserEvent>, UserError> {
         match command {
             UserCommand::Register {
                 user_id,
@@ -80,7 +106,7 @@ impl Decider for UserDecider {
                 at,
             } => {
                 if matches!(state, UserState::Registered(_)) {
-                    return Err(DomainError::Conflict("user already registered".into()));
+                    return Err(UserError::AlreadyRegistered);
                 }
                 let email = normalize_email(email);
                 let display_name = display_name.trim().to_owned();
@@ -97,7 +123,7 @@ impl Decider for UserDecider {
                         ),
                     );
                 }
-                v.finish()?;
+                v.finish().map_err(UserError::Invalid)?;
                 Ok(vec![UserEvent::UserRegistered {
                     user_id: *user_id,
                     email,
@@ -184,7 +210,7 @@ mod tests {
     #[test]
     fn every_invalid_field_is_reported() {
         let err = given_when::<UserDecider>(&[], &register("not-an-email", "", 3)).unwrap_err();
-        let DomainError::Invalid(errors) = err else {
+        let UserError::Invalid(errors) = err else {
             panic!("expected a validation error, got {err:?}")
         };
         let pointers: Vec<_> = errors.iter().map(|e| e.pointer.as_str()).collect();
@@ -195,7 +221,7 @@ mod tests {
     fn registering_twice_conflicts() {
         let given = given_when::<UserDecider>(&[], &register("a@b.co", "A", 8)).unwrap();
         let err = given_when::<UserDecider>(&given, &register("a@b.co", "A", 8)).unwrap_err();
-        assert!(matches!(err, DomainError::Conflict(_)));
+        assert_eq!(err, UserError::AlreadyRegistered);
     }
 
     #[test]

@@ -4,8 +4,6 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::DomainError;
-
 /// One broken rule, addressed by a JSON pointer into the request body (RFC 6901).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FieldError {
@@ -87,11 +85,12 @@ impl Violations {
         }
     }
 
-    pub fn finish(self) -> Result<(), DomainError> {
+    /// Every broken rule, or nothing; each decider wraps them in its own error.
+    pub fn finish(self) -> Result<(), Vec<FieldError>> {
         if self.0.is_empty() {
             Ok(())
         } else {
-            Err(DomainError::Invalid(self.0))
+            Err(self.0)
         }
     }
 }

@@ -15,11 +15,11 @@ use axum::{
     response::IntoResponse,
     routing::{get, post},
 };
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::{AppState, error::ApiError, extract::AuthUser, users::EMAIL_SCOPE};
+use super::{AppState, error::ApiError, extract::AuthUser};
 use crate::recovery::StartError;
 
 /// Lag is counted exactly up to this many events, then reported as at least this.
@@ -34,17 +34,7 @@ pub fn router() -> Router<AppState> {
 
 /// Refuse (403) a caller whose registered email is not in `ADMIN_EMAILS`.
 async fn require_admin(state: &AppState, user: Uuid) -> Result<(), ApiError> {
-    let admin: bool = !state.admin_emails.is_empty()
-        && sqlx::query_scalar(
-            // reservations maps each account's normalized email to its user id.
-            "SELECT EXISTS (SELECT 1 FROM reservations
-                            WHERE scope = $1 AND value = ANY($2) AND stream_id = $3)",
-        )
-        .bind(EMAIL_SCOPE)
-        .bind(state.admin_emails.as_ref())
-        .bind(user)
-        .fetch_one(&state.read.pool)
-        .await?;
+    let admin = state.commands.is_admin(user, &state.admin_emails).await?;
     if admin {
         Ok(())
     } else {
@@ -128,28 +118,13 @@ async fn projections(
         Some(rebuilds) => rebuilds.latest().await?,
         None => vec![],
     };
-    let pool = &state.read.pool;
-    let head: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT transaction_id::text::int8, global_position FROM events
-         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
-    )
-    .fetch_optional(pool)
-    .await?;
+    let head = state.commands.head().await?;
     let mut data = Vec::new();
-    for checkpoint in checkpoint::all(pool).await? {
+    for checkpoint in checkpoint::all(&state.read.pool).await? {
         let (name, at) = (&checkpoint.name, checkpoint.position);
         // How many events are past this checkpoint, and since when the oldest waits.
-        let (lag_events, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
-            "SELECT count(*), min(recorded_at) FROM (
-                 SELECT recorded_at FROM events
-                 WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
-                 LIMIT $3) behind",
-        )
-        .bind(at.transaction_id)
-        .bind(at.global_position)
-        .bind(LAG_COUNT_LIMIT)
-        .fetch_one(pool)
-        .await?;
+        let behind = state.commands.behind(at.into(), LAG_COUNT_LIMIT).await?;
+        let (lag_events, oldest) = (behind.events, behind.oldest_recorded_at);
         let lag_seconds = oldest.map_or(0.0, |t| {
             (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
         });
@@ -172,7 +147,7 @@ async fn projections(
     }
     Ok(Json(json!({
         "object": "list",
-        "head": head.map(|(tx, gp)| format!("{tx}.{gp}")),
+        "head": head.map(|p| p.to_string()),
         "data": data,
     })))
 }

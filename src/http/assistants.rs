@@ -106,7 +106,7 @@ async fn create(
     let render =
         move |s: &AssistantState, v| render(StatusCode::CREATED)(s, v).location(location.clone());
     caller
-        .execute::<AssistantDecider>(id, Expected::Exactly(0), command, render)
+        .execute::<AssistantDecider>(id, Expected::New, command, render)
         .await
 }
 

@@ -2,6 +2,8 @@
 //! become event metadata, the Idempotency-Key protocol wraps the execution, and
 //! the resulting state is rendered once for the reply and for idempotent replay.
 
+use futures_util::future::BoxFuture;
+
 use axum::{
     extract::FromRequestParts,
     http::request::Parts,
@@ -17,9 +19,8 @@ use super::{
     reply::Reply,
 };
 use crate::{
-    app::{CommandContext, Expected},
-    domain::Decider,
-    store::Reservation,
+    app::{AppError, CommandContext, Decided, Expected, Remember, Weigh},
+    domain::{Decider, DomainError},
 };
 
 /// Who runs a command and how the request identified itself.
@@ -56,8 +57,33 @@ impl<'a> Invocation<'a> {
         stream_id: Uuid,
         expected: Expected,
         command: D::Command,
-        reservation: Option<Reservation>,
         render: impl Fn(&D::State, i64) -> Reply + Sync,
+    ) -> Result<Response, ApiError>
+    where
+        D::State: Weigh,
+    {
+        let commands = self.state.commands.clone();
+        self.run(render, move |context, remember| {
+            Box::pin(async move {
+                commands
+                    .execute::<D>(stream_id, expected, &command, context, None, remember)
+                    .await
+            })
+        })
+        .await
+    }
+
+    /// Run an app use case (`use_case(context, remember)`) as the caller and
+    /// answer with `render` of the state it leaves, inside the Idempotency-Key
+    /// protocol: `remember` keeps the rendered response with the events.
+    pub async fn run<S, E: DomainError>(
+        self,
+        render: impl Fn(&S, i64) -> Reply + Sync,
+        use_case: impl for<'c> FnOnce(
+            &'c CommandContext,
+            Option<Remember<'c, S>>,
+        ) -> BoxFuture<'c, Result<Decided<S>, AppError<E>>>
+        + Send,
     ) -> Result<Response, ApiError> {
         let Invocation {
             state,
@@ -74,17 +100,7 @@ impl<'a> Invocation<'a> {
                 idempotency_key: key.key().map(Into::into),
             };
             let recorder = key.recorder(owner, &render);
-            let done = state
-                .commands
-                .execute::<D>(
-                    stream_id,
-                    expected,
-                    &command,
-                    &context,
-                    reservation,
-                    recorder.as_ref().map(|f| f as _),
-                )
-                .await?;
+            let done = use_case(&context, recorder.as_ref().map(|f| f as _)).await?;
             Ok(render(&done.state, done.version)
                 .at(done.position)
                 .into_response())
@@ -119,10 +135,6 @@ impl FromRequestParts<AppState> for Caller {
 }
 
 impl Caller {
-    pub fn state(&self) -> &AppState {
-        &self.state
-    }
-
     /// Run `command` on stream `stream_id` as the caller, answering with `render`.
     pub async fn execute<D: Decider>(
         self,
@@ -130,10 +142,27 @@ impl Caller {
         expected: Expected,
         command: D::Command,
         render: impl Fn(&D::State, i64) -> Reply + Sync,
-    ) -> Result<Response, ApiError> {
-        Invocation::by_owner(&self.state, self.user, self.correlation_id, &self.key)
-            .execute::<D>(stream_id, expected, command, None, render)
+    ) -> Result<Response, ApiError>
+    where
+        D::State: Weigh,
+    {
+        self.invocation()
+            .execute::<D>(stream_id, expected, command, render)
             .await
+    }
+
+    pub fn commands(&self) -> &crate::app::Commands {
+        &self.state.commands
+    }
+
+    /// The caller's invocation of an app use case (see [`Invocation::run`]).
+    pub fn invocation(&self) -> Invocation<'_> {
+        Invocation::by_owner(
+            &self.state,
+            self.user,
+            self.correlation_id.clone(),
+            &self.key,
+        )
     }
 }
 
@@ -169,7 +198,10 @@ impl OnResource {
         self,
         command: D::Command,
         render: impl Fn(&D::State, i64) -> Reply + Sync,
-    ) -> Result<Response, ApiError> {
+    ) -> Result<Response, ApiError>
+    where
+        D::State: Weigh,
+    {
         self.caller
             .execute::<D>(self.id, self.expected, command, render)
             .await

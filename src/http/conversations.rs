@@ -25,13 +25,7 @@ use super::{
     read::{ConsistencyToken, ListParams, RawQuery},
     reply::Reply,
 };
-use crate::{
-    app::Expected,
-    domain::{
-        assistant::AssistantDecider,
-        conversation::{ConversationCommand, ConversationDecider, ConversationState},
-    },
-};
+use crate::domain::conversation::{ConversationCommand, ConversationDecider, ConversationState};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -44,6 +38,8 @@ pub fn router() -> Router<AppState> {
         )
 }
 
+/// A conversation as its own stream knows it: what replies add later (their
+/// tokens, the time of the last answer) comes from `GET` (docs/decisions.md).
 fn conversation_json(state: &ConversationState, version: i64) -> Value {
     match state {
         ConversationState::Live(c) => json!({
@@ -53,8 +49,6 @@ fn conversation_json(state: &ConversationState, version: i64) -> Value {
             "title": c.title,
             "status": c.status,
             "message_count": c.message_count,
-            "last_message_at": c.last_message_at,
-            "usage": c.usage,
             "created_at": c.created_at,
             "updated_at": c.updated_at,
             "version": version,
@@ -78,28 +72,21 @@ async fn start(caller: Caller, ApiJson(body): ApiJson<StartBody>) -> Result<Resp
     let assistant_id = body
         .assistant_id
         .ok_or_else(|| ApiError::invalid_field("/assistant_id", "is required"))?;
-    // The assistant's own stream is the authority on whether it may take a new
-    // conversation; the decider checks ownership and status.
-    let assistant = caller
-        .state()
-        .commands
-        .load::<AssistantDecider>(assistant_id)
-        .await?
-        .state;
-    let id = Uuid::now_v7();
-    let command = ConversationCommand::Start {
-        conversation_id: id,
-        actor: caller.user,
-        assistant,
-        title: body.title,
-        at: Utc::now(),
-    };
+    let (id, actor, at) = (Uuid::now_v7(), caller.user, Utc::now());
     let location = format!("/api/v1/conversations/{id}");
     let render = move |s: &ConversationState, v| {
         render(StatusCode::CREATED)(s, v).location(location.clone())
     };
+    let commands = caller.commands().clone();
     caller
-        .execute::<ConversationDecider>(id, Expected::Exactly(0), command, render)
+        .invocation()
+        .run(render, move |context, remember| {
+            Box::pin(async move {
+                commands
+                    .start_conversation(id, actor, assistant_id, body.title, at, context, remember)
+                    .await
+            })
+        })
         .await
 }
 

@@ -11,8 +11,8 @@ use axum::{
 use serde_json::json;
 
 use crate::{
-    app::AppError,
-    domain::{DomainError, FieldError},
+    app::{AppError, ReadError},
+    domain::{DomainError, ErrorKind, FieldError},
     store::StoreError,
 };
 
@@ -26,6 +26,9 @@ pub enum ApiError {
     Unauthorized(&'static str),
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// A decider's refusal of something absent (its message is the detail).
+    #[error("{0}")]
+    Missing(String),
     /// Only for the admin API: everything owner-scoped answers 404 instead.
     #[error("{0}")]
     Forbidden(&'static str),
@@ -82,7 +85,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::NotFound(_) | ApiError::Missing(_) => StatusCode::NOT_FOUND,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
@@ -145,20 +148,21 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<DomainError> for ApiError {
-    fn from(e: DomainError) -> Self {
-        match e {
-            DomainError::Invalid(errors) => ApiError::invalid(errors),
-            DomainError::NotFound(what) => ApiError::NotFound(what),
-            DomainError::Conflict(detail) => ApiError::Conflict(detail),
+impl ApiError {
+    /// A decider's refusal, by its kind: 422 with the broken fields, 404, 409.
+    pub fn refused(e: &impl DomainError) -> Self {
+        match e.kind() {
+            ErrorKind::Invalid => ApiError::invalid(e.field_errors().to_vec()),
+            ErrorKind::NotFound => ApiError::Missing(e.to_string()),
+            ErrorKind::Conflict => ApiError::Conflict(e.to_string()),
         }
     }
 }
 
-impl From<AppError> for ApiError {
-    fn from(e: AppError) -> Self {
+impl<E: DomainError> From<AppError<E>> for ApiError {
+    fn from(e: AppError<E>) -> Self {
         match e {
-            AppError::Domain(e) => e.into(),
+            AppError::Domain(e) => ApiError::refused(&e),
             AppError::PreconditionFailed { current } => ApiError::PreconditionFailed { current },
             AppError::Contended => ApiError::Conflict(e.to_string()),
             // The only reservation today is the account email.
@@ -168,6 +172,15 @@ impl From<AppError> for ApiError {
             AppError::IdempotencyKeyTaken => ApiError::IdempotencyKeyTaken,
             AppError::Store(e) => e.into(),
             AppError::Codec(e) => ApiError::Internal(e.into()),
+        }
+    }
+}
+
+impl From<ReadError> for ApiError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Store(e) => e.into(),
+            ReadError::Codec(e) => ApiError::Internal(e.into()),
         }
     }
 }

@@ -41,7 +41,7 @@ const POSTGRES_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// queries still work, so it stays ready and says so.
 async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     let postgres = async {
-        match tokio::time::timeout(POSTGRES_CHECK_TIMEOUT, state.commands.store().ping()).await {
+        match tokio::time::timeout(POSTGRES_CHECK_TIMEOUT, state.commands.ping()).await {
             Ok(pinged) => pinged.map_err(|e| e.to_string()),
             Err(_) => Err(format!("no answer within {POSTGRES_CHECK_TIMEOUT:?}")),
         }

@@ -150,12 +150,7 @@ async fn replay(
     owner: Uuid,
     keyed: &Keyed,
 ) -> Result<Option<Response>, ApiError> {
-    let Some((hash, stored)) = state
-        .commands
-        .store()
-        .find_idempotency(owner, &keyed.key)
-        .await?
-    else {
+    let Some((hash, stored)) = state.commands.find_idempotency(owner, &keyed.key).await? else {
         return Ok(None);
     };
     if hash != keyed.fingerprint {

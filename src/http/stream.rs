@@ -1,12 +1,17 @@
 //! `GET /conversations/{id}/stream`: Server-Sent Events of a conversation's new
 //! messages and reply status changes, from the bus.
 //!
-//! Each SSE id is the event's version in the conversation stream, so a client
-//! that reconnects with `Last-Event-ID` first gets what it missed (read from the
-//! event store, which keeps everything) and then the live feed. The subscription
-//! is opened before the store is read, and versions already sent are skipped, so
-//! nothing falls between the two; a gap in the live feed (a slow consumer) is
-//! filled from the store too. Comments keep idle connections alive.
+//! Each SSE id is the event's commit position, `<transaction_id>.<global_position>`
+//! (the form of `X-Consistency-Token`): a conversation's events and its replies'
+//! (streams of their own) are one sequence in commit order, which a version of
+//! either stream alone cannot number. A client that reconnects with
+//! `Last-Event-ID` first gets what it missed, read from the event store (which
+//! keeps everything, and is read only after that position), then the live feed.
+//! The subscription is opened before the store is read, and positions already
+//! sent are skipped, so nothing falls between the two; a gap in the conversation's
+//! versions on the live feed (a slow consumer) is filled from the store too. An
+//! id from before positions (a bare conversation version) still resumes after
+//! that version. Comments keep idle connections alive.
 //!
 //! While the replier streams a reply, its text arrives as `message.delta` events
 //! (no id: they are not stored, and the `message.completed` that follows is).
@@ -32,9 +37,9 @@ use super::{
     extract::{AuthUser, IdPath},
 };
 use crate::{
+    app::Commands,
     bus::{live_subject, subject},
-    domain::conversation::{ConversationDecider, ConversationState},
-    store::EventStore,
+    store::Position,
 };
 
 pub fn router() -> Router<AppState> {
@@ -42,6 +47,8 @@ pub fn router() -> Router<AppState> {
 }
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Events read from the store per round trip when catching a client up.
+const CATCH_UP_PAGE: i64 = 500;
 
 async fn stream(
     State(state): State<AppState>,
@@ -50,15 +57,11 @@ async fn stream(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     // Ownership from the write model: a conversation just started streams at once.
-    let store = state.commands.store().clone();
-    let conversation = state.commands.load::<ConversationDecider>(id).await?;
-    if !matches!(&conversation.state, ConversationState::Live(c) if c.owner_id == user) {
-        return Err(ApiError::NotFound("conversation"));
-    }
-    let resume_after: Option<i64> = headers
+    let conversation = state.commands.conversation_of(user, id).await?;
+    let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok());
+        .map(|v| v.trim().to_owned());
     let nats = state.read.nats.clone();
     let topic = subject(&state.read.subject_prefix, "conversation", id);
     let unavailable = |e: async_nats::SubscribeError| {
@@ -69,28 +72,40 @@ async fn stream(
         .subscribe(live_subject(&state.read.subject_prefix, id))
         .await
         .map_err(unavailable)?;
+    let resume_after = match &last_event_id {
+        Some(last) => state.commands.feed_resume_point(id, last).await?,
+        None => None,
+    };
 
+    let commands = state.commands.clone();
     let (events, mut receiver) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
         let mut subscription = subscription;
         // Without Last-Event-ID, start from now; with it, replay what came after.
-        let mut sent = resume_after.unwrap_or(conversation.version);
-        if resume_after.is_some()
-            && !send_from_store(&*store, id, &mut sent, i64::MAX, &events).await
-        {
-            return;
+        let mut feed = Feed {
+            commands,
+            conversation_id: id,
+            sent: conversation.position.unwrap_or(Position::START),
+            version: conversation.version,
+            events,
+        };
+        if let Some(after) = resume_after {
+            feed.sent = after;
+            if !feed.catch_up(None).await {
+                return;
+            }
         }
         loop {
             let message = tokio::select! {
                 // The client went away (or the stream ended for a shutdown): stop
                 // now, not at the next event, which may never come.
-                () = events.closed() => return,
+                () = feed.events.closed() => return,
                 message = subscription.next() => message,
                 Some(delta) = deltas.next() => {
                     // Text of a reply being written: passed on as is, without an id
                     // (it is not stored; the completion that follows is).
                     let Ok(data) = std::str::from_utf8(&delta.payload) else { continue };
-                    if events.send(Event::default().event("message.delta").data(data)).await.is_err() {
+                    if feed.events.send(Event::default().event("message.delta").data(data)).await.is_err() {
                         return;
                     }
                     continue;
@@ -100,15 +115,17 @@ async fn stream(
             let Ok(envelope) = serde_json::from_slice::<EventEnvelope>(&message.payload) else {
                 continue;
             };
-            if envelope.version <= sent {
+            if Position::from(envelope.position()) <= feed.sent {
                 continue;
             }
-            if envelope.version > sent + 1
-                && !send_from_store(&*store, id, &mut sent, envelope.version - 1, &events).await
+            if envelope
+                .conversation_version()
+                .is_some_and(|v| v > feed.version + 1)
+                && !feed.catch_up(Some(envelope.position().into())).await
             {
                 return;
             }
-            if !send(&envelope, &mut sent, &events).await {
+            if !feed.send(&envelope).await {
                 return; // the client went away
             }
         }
@@ -120,46 +137,66 @@ async fn stream(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
-/// Send the stored events after `sent` up to `until`; false once the client is gone.
-async fn send_from_store(
-    store: &dyn EventStore,
-    id: Uuid,
-    sent: &mut i64,
-    until: i64,
-    events: &mpsc::Sender<Event>,
-) -> bool {
-    let Ok(history) = store.read_stream(id).await else {
-        return !events.is_closed();
-    };
-    let from = *sent;
-    for recorded in history
-        .iter()
-        .filter(|r| r.version > from && r.version <= until)
-    {
-        if !send(&EventEnvelope::from(recorded), sent, events).await {
-            return false;
-        }
-    }
-    true
+/// One client's feed: what it has been sent so far.
+struct Feed {
+    commands: Commands,
+    conversation_id: Uuid,
+    /// Position of the last event sent (or skipped as of no interest).
+    sent: Position,
+    /// The conversation's own version as of `sent`, to notice a gap on the bus.
+    version: i64,
+    events: mpsc::Sender<Event>,
 }
 
-/// Send one event if clients care about it; false once the client is gone.
-async fn send(envelope: &EventEnvelope, sent: &mut i64, events: &mpsc::Sender<Event>) -> bool {
-    *sent = envelope.version;
-    let Some((name, data)) = sse_of(envelope) else {
-        return true;
-    };
-    let event = Event::default()
-        .id(envelope.version.to_string())
-        .event(name)
-        .data(data.to_string());
-    events.send(event).await.is_ok()
+impl Feed {
+    /// Send the stored events after `sent` (and before `until`); false once the
+    /// client is gone. A store that cannot be read leaves the gap to the bus.
+    async fn catch_up(&mut self, until: Option<Position>) -> bool {
+        loop {
+            let Ok(page) = self
+                .commands
+                .conversation_feed(self.conversation_id, self.sent, CATCH_UP_PAGE)
+                .await
+            else {
+                return !self.events.is_closed();
+            };
+            let full = page.len() as i64 == CATCH_UP_PAGE;
+            for recorded in page {
+                if until.is_some_and(|u| recorded.position >= u) {
+                    return true;
+                }
+                if !self.send(&EventEnvelope::from(&recorded)).await {
+                    return false;
+                }
+            }
+            if !full {
+                return true;
+            }
+        }
+    }
+
+    /// Send one event if clients care about it; false once the client is gone.
+    async fn send(&mut self, envelope: &EventEnvelope) -> bool {
+        self.sent = envelope.position().into();
+        if let Some(version) = envelope.conversation_version() {
+            self.version = self.version.max(version);
+        }
+        let Some((name, data)) = sse_of(envelope) else {
+            return true;
+        };
+        let event = Event::default()
+            .id(self.sent.to_string())
+            .event(name)
+            .data(data.to_string());
+        self.events.send(event).await.is_ok()
+    }
 }
 
 /// The SSE name and data of an event, or `None` for events clients do not see.
 fn sse_of(e: &EventEnvelope) -> Option<(&'static str, serde_json::Value)> {
-    let conversation_id = e.stream_id;
-    Some(match e.decode().ok()? {
+    let event = e.decode().ok()?;
+    let conversation_id = e.conversation_id(&event)?;
+    Some(match event {
         Fact::MessagePosted(m) => (
             "message.created",
             json!({ "id": m.message_id, "object": "message", "conversation_id": conversation_id,

@@ -22,14 +22,9 @@ use super::{
     reply::Reply,
 };
 use crate::{
-    app::Expected,
     auth,
-    domain::user::{NewPassword, UserCommand, UserDecider, UserState, normalize_email},
-    store::Reservation,
+    domain::user::{NewPassword, UserCommand, UserDecider, UserState},
 };
-
-/// The reservation that keeps one account per email.
-pub const EMAIL_SCOPE: &str = "user_email";
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -97,18 +92,11 @@ async fn register(
         correlation_id,
         key: &key,
     };
-    let reservation = Reservation {
-        scope: EMAIL_SCOPE,
-        value: normalize_email(&body.email),
-    };
+    let commands = state.commands.clone();
     invocation
-        .execute::<UserDecider>(
-            user_id,
-            Expected::Exactly(0),
-            command,
-            Some(reservation),
-            render,
-        )
+        .run(render, move |context, remember| {
+            Box::pin(async move { commands.register(command, context, remember).await })
+        })
         .await
 }
 
@@ -127,28 +115,11 @@ async fn token(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Credentials>,
 ) -> Result<Json<Value>, ApiError> {
-    let user_id = state
+    let user = state
         .commands
-        .store()
-        .find_reservation(EMAIL_SCOPE, &normalize_email(&body.email))
-        .await?;
-    let user = match user_id {
-        Some(id) => match state.commands.load::<UserDecider>(id).await?.state {
-            UserState::Registered(user) => Some(user),
-            UserState::Unregistered => None,
-        },
-        None => None,
-    };
-    // Verify against a decoy when there is no such user, so timing tells nothing.
-    let hash = user.as_ref().map_or_else(
-        || auth::decoy_hash().to_owned(),
-        |u| u.password_hash.clone(),
-    );
-    let password = body.password;
-    let verified = tokio::task::spawn_blocking(move || auth::verify_password(&password, &hash))
-        .await
-        .map_err(anyhow::Error::from)?;
-    let user = user.filter(|_| verified).ok_or(BAD_CREDENTIALS)?;
+        .authenticate(&body.email, body.password)
+        .await?
+        .ok_or(BAD_CREDENTIALS)?;
     let access_token = state.tokens.issue(user.id, Utc::now())?;
     Ok(Json(json!({
         "access_token": access_token,

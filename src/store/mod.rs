@@ -85,6 +85,17 @@ pub struct RecordedEvent {
     pub recorded_at: DateTime<Utc>,
 }
 
+/// An event as a fold reads it: its place, its type and its payload text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPayload {
+    pub version: i64,
+    pub position: Position,
+    pub event_type: String,
+    pub schema_version: i32,
+    /// The payload as JSON text.
+    pub data: String,
+}
+
 /// What travels with every event: who asked, in answer to what.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EventMetadata {
@@ -265,7 +276,59 @@ pub trait EventStore: Send + Sync + 'static {
     async fn append(&self, request: AppendRequest) -> Result<Appended, AppendError>;
 
     /// A stream's events in version order.
-    async fn read_stream(&self, stream_id: Uuid) -> Result<Vec<RecordedEvent>, StoreError>;
+    async fn read_stream(&self, stream_id: Uuid) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.read_stream_from(stream_id, 0).await
+    }
+
+    /// A stream's events after `after_version`, in version order: the tail a
+    /// cached state has not seen yet (usually nothing, or the one new event).
+    async fn read_stream_from(
+        &self,
+        stream_id: Uuid,
+        after_version: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// [`read_stream_from`](EventStore::read_stream_from) as a fold needs it:
+    /// each event's type, schema version and payload as JSON text, nothing else
+    /// (no metadata, no JSON tree built), so a cold load of a long stream stays fast.
+    async fn read_payloads_from(
+        &self,
+        stream_id: Uuid,
+        after_version: i64,
+    ) -> Result<Vec<StoredPayload>, StoreError>;
+
+    /// At most `limit` events of a stream before `before_version`, newest first:
+    /// recent history, read backwards only as far as the reader needs.
+    async fn read_stream_backwards(
+        &self,
+        stream_id: Uuid,
+        before_version: i64,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Every event of a few (small) streams, by stream and version: the replies
+    /// named on one page of a conversation's history, in one round trip.
+    async fn read_streams(&self, stream_ids: &[Uuid]) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// A conversation's live feed: the events of its own stream and of its
+    /// replies' streams (`stream_type` `reply`, whose payload names it as
+    /// `conversation_id`) committed after `after`, in commit order and, as
+    /// [`read_all`](EventStore::read_all), only below the read horizon; at most
+    /// `limit`. What a reconnecting live client missed, whatever the length of
+    /// the conversation.
+    async fn read_conversation_feed(
+        &self,
+        conversation_id: Uuid,
+        after: Position,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// The last event in commit order, if any.
+    async fn head(&self) -> Result<Option<Position>, StoreError>;
+
+    /// How far behind `after` is: events past it (counted up to `limit`) and
+    /// when the oldest of them was recorded.
+    async fn behind(&self, after: Position, limit: i64) -> Result<Behind, StoreError>;
 
     /// Committed events after `after`, in commit order, never past an event that
     /// an open transaction could still precede.
@@ -292,6 +355,14 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Can the store be reached?
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Events past a reader's position (an operator's view of lag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Behind {
+    /// Counted exactly up to the caller's limit, then reported as that limit.
+    pub events: i64,
+    pub oldest_recorded_at: Option<DateTime<Utc>>,
 }
 
 /// An event as the bus carries it (the projections crate's wire contract).

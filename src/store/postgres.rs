@@ -11,6 +11,7 @@
 
 use std::{collections::HashMap, sync::Arc};
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{
     Connection, PgConnection, PgPool, Postgres, Row,
@@ -22,8 +23,8 @@ use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 use super::{
-    AppendError, AppendRequest, Appended, EventStore, IdempotencyRecord, Position, RecordedEvent,
-    StoreError, StoredResponse, retrying,
+    AppendError, AppendRequest, Appended, Behind, EventStore, IdempotencyRecord, Position,
+    RecordedEvent, StoreError, StoredPayload, StoredResponse, retrying,
 };
 
 /// Tuning of the coalescer.
@@ -792,26 +793,188 @@ async fn backoff(attempt: u32) {
     tokio::time::sleep(std::time::Duration::from_millis(10 << attempt.min(6))).await;
 }
 
+fn recorded_events(rows: Vec<PgRow>) -> Result<Vec<RecordedEvent>, StoreError> {
+    Ok(rows
+        .into_iter()
+        .map(recorded_event)
+        .collect::<Result<_, _>>()?)
+}
+
 #[async_trait::async_trait]
 impl EventStore for PgEventStore {
     async fn append(&self, request: AppendRequest) -> Result<Appended, AppendError> {
         self.append_riding_out_failures(request).await
     }
 
-    async fn read_stream(&self, stream_id: Uuid) -> Result<Vec<RecordedEvent>, StoreError> {
-        let sql =
-            format!("SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 ORDER BY version");
+    async fn read_stream_from(
+        &self,
+        stream_id: Uuid,
+        after_version: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND version > $2 ORDER BY version"
+        );
         let rows = retrying(self.read_attempts(), || async {
             sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
                 .bind(stream_id)
+                .bind(after_version)
                 .fetch_all(&self.pool)
                 .await
         })
         .await?;
+        recorded_events(rows)
+    }
+
+    async fn read_payloads_from(
+        &self,
+        stream_id: Uuid,
+        after_version: i64,
+    ) -> Result<Vec<StoredPayload>, StoreError> {
+        let rows = retrying(self.read_attempts(), || async {
+            sqlx::query(
+                "SELECT version, transaction_id::text::int8 AS transaction_id, global_position,
+                        event_type, schema_version, data::text AS data
+                 FROM events WHERE stream_id = $1 AND version > $2 ORDER BY version",
+            )
+            .bind(stream_id)
+            .bind(after_version)
+            .fetch_all(&self.pool)
+            .await
+        })
+        .await?;
         Ok(rows
             .into_iter()
-            .map(recorded_event)
-            .collect::<Result<_, _>>()?)
+            .map(|row| {
+                Ok(StoredPayload {
+                    version: row.try_get("version")?,
+                    position: Position {
+                        transaction_id: row.try_get("transaction_id")?,
+                        global_position: row.try_get("global_position")?,
+                    },
+                    event_type: row.try_get("event_type")?,
+                    schema_version: row.try_get("schema_version")?,
+                    data: row.try_get("data")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?)
+    }
+
+    async fn read_stream_backwards(
+        &self,
+        stream_id: Uuid,
+        before_version: i64,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND version < $2
+             ORDER BY version DESC LIMIT $3"
+        );
+        let rows = retrying(self.read_attempts(), || async {
+            sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+                .bind(stream_id)
+                .bind(before_version)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+        })
+        .await?;
+        recorded_events(rows)
+    }
+
+    async fn read_streams(&self, stream_ids: &[Uuid]) -> Result<Vec<RecordedEvent>, StoreError> {
+        if stream_ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ANY($1) ORDER BY stream_id, version"
+        );
+        let rows = retrying(self.read_attempts(), || async {
+            sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+                .bind(stream_ids)
+                .fetch_all(&self.pool)
+                .await
+        })
+        .await?;
+        recorded_events(rows)
+    }
+
+    async fn read_conversation_feed(
+        &self,
+        conversation_id: Uuid,
+        after: Position,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        // The conversation's own events after `after` start past the last version
+        // at or before it (found walking the stream's key backwards, so only what
+        // was missed is touched); its replies' events are found by the partial
+        // index on their payload's conversation_id. Both stop at the read horizon,
+        // as `read_all` does, so a later live event is never behind one sent here.
+        let sql = format!(
+            "SELECT {EVENT_COLUMNS} FROM (
+                 SELECT * FROM events
+                 WHERE stream_id = $1 AND version > (
+                     SELECT coalesce(max(version), 0) FROM events
+                     WHERE stream_id = $1
+                       AND (transaction_id, global_position) <= ($2::int8::text::xid8, $3))
+                 UNION ALL
+                 SELECT * FROM events
+                 WHERE stream_type = 'reply' AND data->>'conversation_id' = $4
+                   AND (transaction_id, global_position) > ($2::int8::text::xid8, $3)
+             ) feed
+             WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+             ORDER BY transaction_id, global_position
+             LIMIT $5"
+        );
+        let rows = retrying(self.read_attempts(), || async {
+            sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+                .bind(conversation_id)
+                .bind(after.transaction_id)
+                .bind(after.global_position)
+                .bind(conversation_id.to_string())
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+        })
+        .await?;
+        recorded_events(rows)
+    }
+
+    async fn head(&self) -> Result<Option<Position>, StoreError> {
+        let head: Option<(i64, i64)> = retrying(self.read_attempts(), || async {
+            sqlx::query_as(
+                "SELECT transaction_id::text::int8, global_position FROM events
+                 ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+            )
+            .fetch_optional(&self.pool)
+            .await
+        })
+        .await?;
+        Ok(head.map(|(transaction_id, global_position)| Position {
+            transaction_id,
+            global_position,
+        }))
+    }
+
+    async fn behind(&self, after: Position, limit: i64) -> Result<Behind, StoreError> {
+        let (events, oldest_recorded_at): (i64, Option<DateTime<Utc>>) =
+            retrying(self.read_attempts(), || async {
+                sqlx::query_as(
+                    "SELECT count(*), min(recorded_at) FROM (
+                         SELECT recorded_at FROM events
+                         WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
+                         LIMIT $3) behind",
+                )
+                .bind(after.transaction_id)
+                .bind(after.global_position)
+                .bind(limit)
+                .fetch_one(&self.pool)
+                .await
+            })
+            .await?;
+        Ok(Behind {
+            events,
+            oldest_recorded_at,
+        })
     }
 
     async fn read_all(
@@ -838,10 +1001,7 @@ impl EventStore for PgEventStore {
                 .await
         })
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(recorded_event)
-            .collect::<Result<_, _>>()?)
+        recorded_events(rows)
     }
 
     async fn find_reservation(

@@ -22,7 +22,10 @@ use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::{
-    helpers::{TestApp, eventually, spawn_app_on, spawn_app_with, spawn_app_without_replier},
+    helpers::{
+        TestApp, eventually, eventually_within, spawn_app_on, spawn_app_with,
+        spawn_app_without_replier,
+    },
     progress::{caught_up, checkpoints, consumers},
     servers::PrivateServer,
     support::{BusNames, TestDb, server_url},
@@ -198,7 +201,10 @@ async fn standby_workers_take_over_after_connection_cuts_and_nothing_is_lost() {
         .iter()
         .flat_map(|(_, message, reply)| [message.as_str(), reply.as_str()])
         .collect();
-    eventually(
+    // The replier answers the backlog the load left at its own pace.
+    eventually_within(
+        Duration::from_secs(180),
+        Duration::from_millis(250),
         "every acknowledged message and reply is in `messages`, ended",
         async || {
             let rows: Vec<(String, String)> =

@@ -361,14 +361,25 @@ pub async fn eventually<T>(what: &str, attempt: impl AsyncFnMut() -> Result<T, S
 pub async fn eventually_every<T>(
     interval: Duration,
     what: &str,
+    attempt: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    eventually_within(DEADLINE, interval, what, attempt).await
+}
+
+/// `eventually` with a deadline of its own: for work whose size the test sets
+/// (a backlog of replies after a load), not the read side's usual delay.
+pub async fn eventually_within<T>(
+    deadline: Duration,
+    interval: Duration,
+    what: &str,
     mut attempt: impl AsyncFnMut() -> Result<T, String>,
 ) -> T {
     let start = Instant::now();
     loop {
         match attempt().await {
             Ok(value) => return value,
-            Err(last) if start.elapsed() > DEADLINE => {
-                panic!("{what}: not within {DEADLINE:?}; last seen: {last}")
+            Err(last) if start.elapsed() > deadline => {
+                panic!("{what}: not within {deadline:?}; last seen: {last}")
             }
             Err(_) => tokio::time::sleep(interval).await,
         }

@@ -15,6 +15,7 @@ mod health;
 mod helpers;
 mod hostile;
 mod idempotency;
+mod long_conversations;
 mod observability;
 mod poison;
 mod process;

@@ -117,6 +117,14 @@ pub async fn subscribe(
     receiver
 }
 
+/// An SSE id as the commit position it names.
+pub fn position(id: &str) -> (i64, i64) {
+    let (tx, gp) = id
+        .split_once('.')
+        .expect("an id is <transaction>.<position>");
+    (tx.parse().unwrap(), gp.parse().unwrap())
+}
+
 pub async fn next(events: &mut tokio::sync::mpsc::Receiver<Sse>) -> Sse {
     tokio::time::timeout(Duration::from_secs(10), events.recv())
         .await
@@ -145,20 +153,15 @@ async fn sse_delivers_what_happens_after_subscribing_and_resumes() {
         .unwrap();
     let user_message = next(&mut live).await;
     assert_eq!(user_message.event, "message.created");
-    assert_eq!(user_message.id, "2");
     assert_eq!(user_message.data["id"], posted["message"]["id"]);
     assert_eq!(user_message.data["content"], "Dinner for two at 7pm");
     let reply = next(&mut live).await;
-    assert_eq!(
-        (reply.event.as_str(), reply.id.as_str()),
-        ("message.created", "3")
-    );
+    assert_eq!(reply.event, "message.created");
     assert_eq!(reply.data["status"], "queued");
 
     // The replier (offline provider) takes the reply up and streams its text,
     // then the completion arrives.
     let (updates, completed) = until_completed(&mut live).await;
-    assert_eq!(completed.id, "5");
     assert_eq!(completed.data["id"], posted["reply"]["id"]);
     let content = completed.data["content"].as_str().unwrap().to_owned();
     assert!(content.contains("Dinner for two at 7pm"), "{content}");
@@ -167,22 +170,29 @@ async fn sse_delivers_what_happens_after_subscribing_and_resumes() {
         .filter(|u| u.event == "message.updated")
         .collect();
     assert_eq!(started.len(), 1);
-    assert_eq!(
-        (started[0].id.as_str(), &started[0].data["status"]),
-        ("4", &json!("in_progress"))
-    );
+    assert_eq!(started[0].data["status"], json!("in_progress"));
+    // Ids are commit positions (`<transaction>.<position>`), increasing: the
+    // reply's events (a stream of their own) are in one sequence with the
+    // conversation's.
+    let ids = [&user_message, &reply, started[0], &completed].map(|e| position(&e.id));
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     assert_eq!(streamed_text(&updates, &posted["reply"]["id"]), content);
     let usage = completed.data["usage"].clone();
     let total = usage["total_tokens"].as_i64().unwrap();
     assert!(total > 0);
 
-    // Reconnecting after event 2 replays 3, 4 and 5 from the store.
-    let mut resumed = subscribe(&app, &token, &id, Some("2")).await;
-    let mut ids = Vec::new();
-    for _ in 0..3 {
-        ids.push(next(&mut resumed).await.id);
+    // Reconnecting after the user's message replays the reply's three events
+    // from the store; so does an id from before positions (the message's
+    // version in the conversation, 2).
+    let missed = [&reply, started[0], &completed].map(|e| e.id.clone());
+    for last_event_id in [user_message.id.as_str(), "2"] {
+        let mut resumed = subscribe(&app, &token, &id, Some(last_event_id)).await;
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(next(&mut resumed).await.id);
+        }
+        assert_eq!(ids, missed, "resuming after {last_event_id}");
     }
-    assert_eq!(ids, ["3", "4", "5"]);
 
     // The completion reaches the messages, the conversation and usage.
     let get = async |path: String| -> Value {

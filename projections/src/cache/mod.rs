@@ -335,8 +335,8 @@ impl Projection for CacheInvalidation {
             .collect();
         let unknown: Vec<Uuid> = batch
             .iter()
-            .filter(|d| d.envelope.stream_type == "conversation" && moves_its_assistant(&d.event))
-            .map(|d| d.envelope.stream_id)
+            .filter(|d| moves_its_assistant(&d.event))
+            .filter_map(|d| d.envelope.conversation_id(&d.event))
             .filter(|id| !assistant_of.contains_key(id))
             .collect();
         if !unknown.is_empty() {
@@ -351,20 +351,30 @@ impl Projection for CacheInvalidation {
         }
         for Decoded { envelope: e, event } in batch.iter().copied() {
             let at = e.position();
-            let kind = match e.stream_type.as_str() {
-                "user" => Kind::User,
-                "assistant" => Kind::Assistant,
-                "conversation" => Kind::Conversation,
-                _ => continue,
-            };
-            self.cache.invalidate(kind, e.stream_id, at).await?;
-            if kind == Kind::Conversation
-                && moves_its_assistant(event)
-                && let Some(assistant) = assistant_of.get(&e.stream_id)
-            {
-                self.cache
-                    .invalidate(Kind::Assistant, *assistant, at)
-                    .await?;
+            match e.stream_type.as_str() {
+                "user" => self.cache.invalidate(Kind::User, e.stream_id, at).await?,
+                "assistant" => {
+                    self.cache
+                        .invalidate(Kind::Assistant, e.stream_id, at)
+                        .await?
+                }
+                // A reply's events (in streams of their own) change their conversation.
+                "conversation" | "reply" => {
+                    let Some(conversation) = e.conversation_id(event) else {
+                        continue;
+                    };
+                    self.cache
+                        .invalidate(Kind::Conversation, conversation, at)
+                        .await?;
+                    if moves_its_assistant(event)
+                        && let Some(assistant) = assistant_of.get(&conversation)
+                    {
+                        self.cache
+                            .invalidate(Kind::Assistant, *assistant, at)
+                            .await?;
+                    }
+                }
+                _ => {}
             }
         }
         Ok(())

@@ -1,0 +1,116 @@
+//! Conversations: starting one needs its assistant's own stream (the authority
+//! on whether it may take a new conversation), and reading one is for its owner
+//! only.
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{AppError, CommandContext, Commands, Decided, Expected, Loaded, ReadError, Remember};
+use crate::{
+    domain::{
+        assistant::AssistantDecider,
+        conversation::{
+            Conversation, ConversationCommand, ConversationDecider, ConversationError,
+            ConversationState,
+        },
+    },
+    store::{Position, RecordedEvent},
+};
+
+impl Commands {
+    /// Start conversation `conversation_id` (just generated) with `assistant_id`,
+    /// as the assistant's stream has it now. The decider checks ownership and
+    /// status; a concurrent archive of the assistant can slip between this load
+    /// and the append (docs/decisions.md).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start_conversation(
+        &self,
+        conversation_id: Uuid,
+        actor: Uuid,
+        assistant_id: Uuid,
+        title: Option<String>,
+        at: DateTime<Utc>,
+        context: &CommandContext,
+        remember: Option<Remember<'_, ConversationState>>,
+    ) -> Result<Decided<ConversationState>, AppError<ConversationError>> {
+        let assistant = self.load::<AssistantDecider>(assistant_id).await?.state;
+        let command = ConversationCommand::Start {
+            conversation_id,
+            actor,
+            assistant,
+            title,
+            at,
+        };
+        self.execute::<ConversationDecider>(
+            conversation_id,
+            Expected::New,
+            &command,
+            context,
+            None,
+            remember,
+        )
+        .await
+    }
+
+    /// `actor`'s conversation as its stream has it now (always current, so a
+    /// conversation just started can be followed at once); not found for anyone
+    /// else.
+    pub async fn conversation_of(
+        &self,
+        actor: Uuid,
+        conversation_id: Uuid,
+    ) -> Result<Loaded<Conversation>, AppError<ConversationError>> {
+        let loaded = self.load::<ConversationDecider>(conversation_id).await?;
+        let conversation = loaded
+            .state
+            .owned_by(actor)
+            .map_err(AppError::Domain)?
+            .clone();
+        Ok(Loaded {
+            state: conversation,
+            version: loaded.version,
+            position: loaded.position,
+        })
+    }
+
+    /// The conversation's live feed after `after`: its own events and its
+    /// replies', in commit order, at most `limit` (what a reconnecting client
+    /// missed; see `EventStore::read_conversation_feed`).
+    pub async fn conversation_feed(
+        &self,
+        conversation_id: Uuid,
+        after: Position,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        Ok(self
+            .store
+            .read_conversation_feed(conversation_id, after, limit)
+            .await?)
+    }
+
+    /// Where a live client that last saw `last_event_id` resumes: that commit
+    /// position, or, for an id from before positions (a bare conversation
+    /// version), the position of that version's event. `None` for an id that is
+    /// neither (the client starts from now).
+    pub async fn feed_resume_point(
+        &self,
+        conversation_id: Uuid,
+        last_event_id: &str,
+    ) -> Result<Option<Position>, ReadError> {
+        if let Ok(position) = last_event_id.parse::<Position>() {
+            return Ok(Some(position));
+        }
+        let Ok(version) = last_event_id.parse::<i64>() else {
+            return Ok(None);
+        };
+        if version < 1 {
+            return Ok(Some(Position::START));
+        }
+        Ok(self
+            .store
+            .read_stream_backwards(conversation_id, version + 1, 1)
+            .await?
+            .first()
+            .map(|r| r.position))
+    }
+}

@@ -1,0 +1,193 @@
+//! Folded aggregate states kept between commands, so that loading a stream
+//! reads only the events after the cached version instead of the whole stream.
+//!
+//! The cache is only a head start, never the truth: every load still reads the
+//! stream's tail from the store (one indexed query, usually empty), so another
+//! process's writes are always seen, and a writer that slips in between that
+//! read and the append shows up as a version conflict, whose retry again reads
+//! only the new tail. An entry is replaced only by a newer version of the same
+//! stream. Bounded by memory ([moka], weighed by an estimate of each state's
+//! size), least recently used first out; an evicted stream is simply folded
+//! again from the start on its next load.
+
+use std::{any::Any, sync::Arc};
+
+use moka::{ops::compute::Op, sync::Cache};
+use uuid::Uuid;
+
+use super::Loaded;
+use crate::{
+    domain::{
+        assistant::AssistantState, conversation::ConversationState, reply::ReplyState,
+        user::UserState,
+    },
+    store::Position,
+};
+
+/// The default bound: tens of thousands of conversations' states.
+pub const DEFAULT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// How many bytes a state holds, roughly: what the cache is bounded by.
+pub trait Weigh {
+    fn weigh(&self) -> usize;
+}
+
+impl Weigh for UserState {
+    fn weigh(&self) -> usize {
+        size_of::<Self>()
+            + match self {
+                UserState::Registered(u) => {
+                    u.email.len() + u.display_name.len() + u.password_hash.len()
+                }
+                UserState::Unregistered => 0,
+            }
+    }
+}
+
+impl Weigh for AssistantState {
+    fn weigh(&self) -> usize {
+        size_of::<Self>()
+            + match self {
+                AssistantState::Live(a) => {
+                    a.name.len()
+                        + a.role.len()
+                        + a.instructions.len()
+                        + a.model.len()
+                        + a.metadata
+                            .iter()
+                            .map(|(k, v)| k.len() + v.len() + 48)
+                            .sum::<usize>()
+                }
+                AssistantState::Absent | AssistantState::Deleted { .. } => 0,
+            }
+    }
+}
+
+impl Weigh for ConversationState {
+    fn weigh(&self) -> usize {
+        size_of::<Self>()
+            + match self {
+                ConversationState::Live(c) => c.title.len(),
+                ConversationState::Absent => 0,
+            }
+    }
+}
+
+impl Weigh for ReplyState {
+    fn weigh(&self) -> usize {
+        size_of::<Self>()
+    }
+}
+
+/// One stream's folded state, of whichever decider owns the stream.
+struct Entry {
+    state: Box<dyn Any + Send + Sync>,
+    version: i64,
+    position: Option<Position>,
+    weight: u32,
+}
+
+/// What the cache adds to each entry's own weight (key, bookkeeping).
+const ENTRY_OVERHEAD: usize = 96;
+
+/// Cheap to clone: clones share one cache.
+#[derive(Clone)]
+pub struct StateCache {
+    entries: Cache<Uuid, Arc<Entry>>,
+}
+
+impl StateCache {
+    /// A cache holding about `max_bytes` of states (0 keeps nothing).
+    pub fn new(max_bytes: u64) -> StateCache {
+        StateCache {
+            entries: Cache::builder()
+                .max_capacity(max_bytes)
+                .weigher(|_, entry: &Arc<Entry>| entry.weight)
+                .build(),
+        }
+    }
+
+    /// The cached state of a stream, if there is one of this type.
+    pub fn get<S: Clone + Send + Sync + 'static>(&self, stream_id: Uuid) -> Option<Loaded<S>> {
+        let entry = self.entries.get(&stream_id)?;
+        let state = entry.state.downcast_ref::<S>()?;
+        Some(Loaded {
+            state: state.clone(),
+            version: entry.version,
+            position: entry.position,
+        })
+    }
+
+    /// Remember a stream's state at `loaded.version`, unless a newer version is
+    /// already cached (two commands on one stream may finish in either order).
+    pub fn put<S: Weigh + Clone + Send + Sync + 'static>(
+        &self,
+        stream_id: Uuid,
+        loaded: &Loaded<S>,
+    ) {
+        if loaded.version == 0 {
+            return; // nothing to remember about a stream that does not exist
+        }
+        let weight = u32::try_from(loaded.state.weigh() + ENTRY_OVERHEAD).unwrap_or(u32::MAX);
+        let fresh = Arc::new(Entry {
+            state: Box::new(loaded.state.clone()),
+            version: loaded.version,
+            position: loaded.position,
+            weight,
+        });
+        self.entries
+            .entry(stream_id)
+            .and_compute_with(|cached| match cached {
+                Some(c) if c.value().version >= fresh.version => Op::Nop,
+                _ => Op::Put(fresh),
+            });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{
+        Decider,
+        reply::{ReplyDecider, ReplyEvent},
+    };
+
+    fn started(conversation: u128) -> Loaded<ReplyState> {
+        let event = ReplyEvent::ReplyStarted {
+            reply_id: Uuid::nil(),
+            conversation_id: Uuid::from_u128(conversation),
+            attempt: 1,
+            started_at: chrono::Utc::now(),
+        };
+        Loaded {
+            state: ReplyDecider::fold([&event]),
+            version: 1,
+            position: None,
+        }
+    }
+
+    #[test]
+    fn only_a_newer_version_replaces_an_entry() {
+        let cache = StateCache::new(1 << 20);
+        let id = Uuid::from_u128(7);
+        let mut newer = started(1);
+        newer.version = 3;
+        cache.put(id, &newer);
+        cache.put(id, &started(2)); // version 1: older, ignored
+        let cached = cache.get::<ReplyState>(id).unwrap();
+        assert_eq!((cached.version, cached.state), (3, newer.state));
+        // Another type under the same id is a miss, not a panic.
+        assert!(cache.get::<ConversationState>(id).is_none());
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_bytes() {
+        let cache = StateCache::new(10_000);
+        for i in 0..1_000 {
+            cache.put(Uuid::from_u128(i), &started(1));
+        }
+        cache.entries.run_pending_tasks();
+        assert!(cache.entries.weighted_size() <= 10_000);
+        assert!(cache.entries.entry_count() < 1_000);
+    }
+}

@@ -1,0 +1,558 @@
+//! Long and busy conversations: the user and the replier writing one
+//! conversation at once, replies in streams of their own, a state cache that
+//! stays right with several processes, bounded prompt history, and events
+//! stored before replies had streams still read as they were.
+
+use std::{sync::Arc, time::Duration};
+
+use ai_secretary::{
+    app::{
+        Commands, Expected, StateCache,
+        replies::{ReplyRequest, TakenUp},
+    },
+    domain::{
+        conversation::{ConversationCommand, ConversationDecider, ConversationEvent, Usage},
+        reply::{ReplyCommand, ReplyDecider, ReplyError, ReplyEvent},
+    },
+    store::{
+        AppendRequest, EventMetadata, EventStore, PgEventStore, codec, postgres::CoalescingConfig,
+    },
+};
+use chrono::Utc;
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::{
+    helpers::{TestApp, eventually_every, spawn_app},
+    support::TestDb,
+};
+
+/// Every reply's endings and starts in the store: (endings, distinct replies
+/// ended, replies started more than once or not on attempt 1).
+async fn reply_counts(app: &TestApp) -> (i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT
+             (SELECT count(*) FROM events WHERE event_type IN ('ReplyCompleted', 'ReplyFailed')),
+             (SELECT count(DISTINCT data->>'reply_id') FROM events
+              WHERE event_type IN ('ReplyCompleted', 'ReplyFailed')),
+             (SELECT count(*) FROM (
+                  SELECT data->>'reply_id' FROM events WHERE event_type = 'ReplyStarted'
+                  GROUP BY 1 HAVING count(*) > 1 OR min((data->>'attempt')::int) <> 1) again)",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_user_and_the_replier_write_one_conversation_at_once() {
+    const MESSAGES: usize = 200;
+    let app = spawn_app().await;
+    let token = app.signed_up("busy@example.com").await;
+    let assistant = app.assistant(&token, "Mika").await;
+    let conversation = app.conversation(&token, &assistant["id"]).await;
+    let path = format!(
+        "/conversations/{}/messages",
+        conversation["id"].as_str().unwrap()
+    );
+
+    // The user posts one message after another, as a person does, while the
+    // replier (eight replies at once) answers the earlier ones.
+    let mut statuses = Vec::new();
+    for n in 0..MESSAGES {
+        let posted = app
+            .post(
+                &path,
+                &token,
+                json!({ "content": format!("Task {n}: call the bank") }),
+            )
+            .await;
+        statuses.push(posted.status());
+    }
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::ACCEPTED),
+        "{statuses:?}"
+    );
+    let counts = eventually_every(Duration::from_millis(200), "every reply ends", async || {
+        let counts = reply_counts(&app).await;
+        (counts.1 == MESSAGES as i64)
+            .then_some(counts)
+            .ok_or(format!("{counts:?}"))
+    })
+    .await;
+    // Each reply ended once, and was taken up once: no retries ran out (that
+    // would have put the request back, and started it again).
+    assert_eq!(counts, (MESSAGES as i64, MESSAGES as i64, 0));
+    // The replier wrote only to the replies' own streams.
+    let by_stream: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT stream_type, count(*) FROM events WHERE stream_type IN ('conversation', 'reply')
+         GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        by_stream,
+        [
+            ("conversation".to_owned(), 1 + 2 * MESSAGES as i64),
+            ("reply".to_owned(), 2 * MESSAGES as i64)
+        ]
+    );
+}
+
+fn metadata() -> EventMetadata {
+    EventMetadata {
+        correlation_id: "test".into(),
+        ..Default::default()
+    }
+}
+
+/// Append `events` to a stream at `after` (its current version), as a writer
+/// before this version of the service would have.
+async fn append<E: Serialize>(
+    store: &PgEventStore,
+    stream_id: Uuid,
+    stream_type: &'static str,
+    after: i64,
+    events: &[E],
+) {
+    store
+        .append(AppendRequest {
+            stream_id,
+            stream_type,
+            expected_version: after,
+            events: events
+                .iter()
+                .map(|e| codec::encode(e, &metadata()))
+                .collect::<Result<_, _>>()
+                .unwrap(),
+            reservation: None,
+            idempotency: None,
+        })
+        .await
+        .unwrap();
+}
+
+fn legacy_completion(reply_id: Uuid, content: &str) -> ConversationEvent {
+    ConversationEvent::ReplyCompleted {
+        reply_id,
+        content: content.into(),
+        model: "m".into(),
+        finish_reason: "STOP".into(),
+        usage: Usage {
+            prompt_tokens: 4,
+            completion_tokens: 6,
+            total_tokens: 10,
+            ..Usage::default()
+        },
+        latency_ms: 5,
+        completed_at: Utc::now(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_events_stored_in_the_conversation_are_still_read() {
+    let app = spawn_app().await;
+    let token = app.signed_up("legacy@example.com").await;
+    let assistant = app.assistant(&token, "Mika").await;
+    let me: Value = app
+        .send(Method::GET, "/api/v1/users/me", Some(&token), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let owner: Uuid = me["id"].as_str().unwrap().parse().unwrap();
+    let assistant_id: Uuid = assistant["id"].as_str().unwrap().parse().unwrap();
+
+    // A conversation as the service wrote it before replies had streams: one
+    // reply answered in the conversation, one taken up there and never ended.
+    let store = PgEventStore::new(app.db.pool.clone(), CoalescingConfig::default());
+    let id = Uuid::now_v7();
+    let (m1, r1, m2, r2) = (
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+        Uuid::now_v7(),
+    );
+    let post = |message_id, reply_id, content: &str| {
+        [
+            ConversationEvent::MessagePosted {
+                message_id,
+                content: content.into(),
+                posted_at: Utc::now(),
+            },
+            ConversationEvent::ReplyRequested {
+                reply_id,
+                reply_to: message_id,
+                assistant_id,
+                requested_at: Utc::now(),
+            },
+        ]
+    };
+    let started = ConversationEvent::ConversationStarted {
+        conversation_id: id,
+        owner_id: owner,
+        assistant_id,
+        title: "Before".into(),
+        started_at: Utc::now(),
+    };
+    append(&store, id, "conversation", 0, &[started]).await;
+    append(&store, id, "conversation", 1, &post(m1, r1, "First")).await;
+    let first_answer = [
+        ConversationEvent::ReplyStarted {
+            reply_id: r1,
+            attempt: 1,
+            started_at: Utc::now(),
+        },
+        legacy_completion(r1, "An old answer"),
+    ];
+    append(&store, id, "conversation", 3, &first_answer).await;
+    append(&store, id, "conversation", 5, &post(m2, r2, "Second")).await;
+    let second_started = [ConversationEvent::ReplyStarted {
+        reply_id: r2,
+        attempt: 1,
+        started_at: Utc::now(),
+    }];
+    append(&store, id, "conversation", 7, &second_started).await;
+
+    // The replier answers the open one (in its own stream) and leaves the
+    // answered one alone; the read side shows both, and the conversation's
+    // version is still its own.
+    let messages = eventually_every(
+        Duration::from_millis(100),
+        "both replies listed as ended",
+        async || {
+            let list: Value = app
+                .send(
+                    Method::GET,
+                    &format!("/api/v1/conversations/{id}/messages"),
+                    Some(&token),
+                    None,
+                )
+                .await
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            let statuses: Vec<&str> = list["data"]
+                .as_array()
+                .map(|d| d.iter().filter_map(|m| m["status"].as_str()).collect())
+                .unwrap_or_default();
+            (statuses == ["completed", "completed", "completed", "completed"])
+                .then(|| list.clone())
+                .ok_or(list.to_string())
+        },
+    )
+    .await;
+    assert_eq!(messages["data"][1]["content"], "An old answer");
+    assert!(
+        messages["data"][3]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Second")
+    );
+    let endings: Vec<(String, String)> = sqlx::query_as(
+        "SELECT stream_type, data->>'reply_id' FROM events
+         WHERE event_type IN ('ReplyCompleted', 'ReplyFailed') ORDER BY global_position",
+    )
+    .fetch_all(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        endings,
+        [
+            ("conversation".to_owned(), r1.to_string()),
+            ("reply".to_owned(), r2.to_string())
+        ]
+    );
+    let conversation: Value = eventually_every(
+        Duration::from_millis(100),
+        "the conversation counts both answers",
+        async || {
+            let c: Value = app
+                .send(
+                    Method::GET,
+                    &format!("/api/v1/conversations/{id}"),
+                    Some(&token),
+                    None,
+                )
+                .await
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            (c["usage"]["total_tokens"].as_i64() > Some(10))
+                .then(|| c.clone())
+                .ok_or(c.to_string())
+        },
+    )
+    .await;
+    assert_eq!(conversation["version"], 8);
+    assert_eq!(conversation["message_count"], 4);
+
+    // A new message is decided on the folded legacy stream.
+    let posted = app
+        .post(
+            &format!("/conversations/{id}/messages"),
+            &token,
+            json!({ "content": "Third" }),
+        )
+        .await;
+    assert_eq!(posted.status(), StatusCode::ACCEPTED);
+    let (report, clean) = eventually_every(
+        Duration::from_millis(200),
+        "the read side is verified clean",
+        async || {
+            let (report, clean) = ai_secretary::recovery::verify_report(&app.db.pool, &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            let (_, ended, _) = reply_counts(&app).await;
+            (clean && ended == 3)
+                .then_some((report.clone(), clean))
+                .ok_or(report)
+        },
+    )
+    .await;
+    assert!(clean, "{report}");
+}
+
+/// Two processes on one store, each with its own state cache: each sees the
+/// other's writes, on its next load or as a conflict whose retry reads the tail.
+#[tokio::test]
+async fn state_caches_in_two_processes_stay_right() {
+    let db = TestDb::new().await;
+    let store: Arc<dyn EventStore> = Arc::new(PgEventStore::new(
+        db.pool.clone(),
+        CoalescingConfig::default(),
+    ));
+    let one = Commands::new(store.clone(), StateCache::new(1 << 20));
+    let two = Commands::new(store.clone(), StateCache::new(1 << 20));
+    let (owner, id) = (Uuid::now_v7(), Uuid::now_v7());
+    let pg = PgEventStore::new(db.pool.clone(), CoalescingConfig::default());
+    let start = ConversationEvent::ConversationStarted {
+        conversation_id: id,
+        owner_id: owner,
+        assistant_id: Uuid::now_v7(),
+        title: "Shared".into(),
+        started_at: Utc::now(),
+    };
+    append(&pg, id, "conversation", 0, &[start]).await;
+    let post = |n: u32| ConversationCommand::PostMessage {
+        actor: owner,
+        message_id: Uuid::now_v7(),
+        reply_id: Uuid::now_v7(),
+        content: format!("message {n}"),
+        at: Utc::now(),
+    };
+    let context = Default::default();
+    // Both cache version 1; then each writes in turn on a state the other moved.
+    assert_eq!(
+        one.load::<ConversationDecider>(id).await.unwrap().version,
+        1
+    );
+    assert_eq!(
+        two.load::<ConversationDecider>(id).await.unwrap().version,
+        1
+    );
+    for n in 0..3 {
+        let writer = if n % 2 == 0 { &one } else { &two };
+        let done = writer
+            .execute::<ConversationDecider>(id, Expected::Any, &post(n), &context, None, None)
+            .await
+            .unwrap();
+        assert_eq!(done.version, 3 + 2 * i64::from(n));
+    }
+    for commands in [&one, &two] {
+        let loaded = commands.load::<ConversationDecider>(id).await.unwrap();
+        assert_eq!(loaded.version, 7);
+        let ai_secretary::domain::conversation::ConversationState::Live(c) = loaded.state else {
+            panic!("the conversation is live")
+        };
+        assert_eq!(c.message_count, 6);
+    }
+    // If-Match on a version only the other process has seen is judged on the store.
+    let rename = ConversationCommand::Rename {
+        actor: owner,
+        title: "Renamed".into(),
+        at: Utc::now(),
+    };
+    two.execute::<ConversationDecider>(id, Expected::Any, &rename, &context, None, None)
+        .await
+        .unwrap();
+    let archive = ConversationCommand::Archive {
+        actor: owner,
+        at: Utc::now(),
+    };
+    let stale = one
+        .execute::<ConversationDecider>(id, Expected::Exactly(7), &archive, &context, None, None)
+        .await;
+    assert!(
+        matches!(
+            stale,
+            Err(ai_secretary::app::AppError::PreconditionFailed { current: 8 })
+        ),
+        "{stale:?}"
+    );
+}
+
+/// The prompt's history is read backwards from the request and stops once the
+/// budget is spent; an answer sits where it was requested, and one recorded
+/// after the request is not part of it.
+#[tokio::test]
+async fn reply_history_is_the_tail_that_fits_the_budget() {
+    let db = TestDb::new().await;
+    let pg = PgEventStore::new(db.pool.clone(), CoalescingConfig::default());
+    let commands = Commands::new(Arc::new(pg.clone()), StateCache::new(1 << 20));
+    let (id, assistant) = (Uuid::now_v7(), Uuid::now_v7());
+    let start = ConversationEvent::ConversationStarted {
+        conversation_id: id,
+        owner_id: Uuid::now_v7(),
+        assistant_id: assistant,
+        title: "Long".into(),
+        started_at: Utc::now(),
+    };
+    append(&pg, id, "conversation", 0, &[start]).await;
+    let context = Default::default();
+    let mut requests = Vec::new();
+    for n in 0..300u32 {
+        let (message_id, reply_id) = (Uuid::now_v7(), Uuid::now_v7());
+        let events = [
+            ConversationEvent::MessagePosted {
+                message_id,
+                content: format!("question {n:03}"), // 12 characters
+                posted_at: Utc::now(),
+            },
+            ConversationEvent::ReplyRequested {
+                reply_id,
+                reply_to: message_id,
+                assistant_id: assistant,
+                requested_at: Utc::now(),
+            },
+        ];
+        let version = 1 + 2 * i64::from(n);
+        append(&pg, id, "conversation", version, &events).await;
+        let request = ReplyRequest {
+            conversation_id: id,
+            version: version + 2,
+            reply_id,
+            reply_to: message_id,
+        };
+        requests.push(request);
+        // Each is answered before the next message, but for the last two: 298
+        // is answered only after 299 was requested, 299 not at all.
+        if n < 298 {
+            answer(&commands, &request, n).await;
+        }
+    }
+    answer(&commands, &requests[298], 298).await;
+    let last = requests[299];
+    // A second ending is refused by its decider, by variant.
+    let again = ReplyCommand::Fail {
+        reply_id: requests[0].reply_id,
+        error: "late".into(),
+        retryable: false,
+        attempts: 1,
+        at: Utc::now(),
+    };
+    assert!(
+        !commands
+            .end_reply(requests[0].reply_id, &again, &context)
+            .await
+            .unwrap()
+    );
+    assert!(matches!(
+        commands
+            .execute::<ReplyDecider>(
+                requests[0].reply_id,
+                Expected::Any,
+                &again,
+                &context,
+                None,
+                None
+            )
+            .await,
+        Err(ai_secretary::app::AppError::Domain(
+            ReplyError::AlreadyEnded
+        ))
+    ));
+
+    let history = commands.reply_history(&last, 100).await.unwrap();
+    let texts: Vec<&str> = history
+        .iter()
+        .map(|e| match e {
+            ConversationEvent::MessagePosted { content, .. }
+            | ConversationEvent::ReplyCompleted { content, .. } => content.as_str(),
+            other => panic!("not a turn: {other:?}"),
+        })
+        .collect();
+    // Read newest first until past 100 characters: "question 299" (12),
+    // "question 298" (12; its answer came too late), then answer/question
+    // pairs of 22, the last of which passes the budget (the prompt drops it).
+    assert_eq!(
+        texts,
+        [
+            "question 294",
+            "answer 294",
+            "question 295",
+            "answer 295",
+            "question 296",
+            "answer 296",
+            "question 297",
+            "answer 297",
+            "question 298",
+            "question 299"
+        ]
+    );
+    // A reply that ended is not taken up again; one the store never had is skipped.
+    assert_eq!(
+        commands
+            .take_up_reply(&requests[0], 2, Utc::now(), &context)
+            .await
+            .unwrap(),
+        TakenUp::AlreadyEnded
+    );
+    let unknown = ReplyRequest {
+        reply_id: Uuid::now_v7(),
+        ..requests[5]
+    };
+    assert_eq!(
+        commands
+            .take_up_reply(&unknown, 1, Utc::now(), &context)
+            .await
+            .unwrap(),
+        TakenUp::NotInStore
+    );
+    // Reply events name their conversation.
+    let stored = pg.read_stream(requests[0].reply_id).await.unwrap();
+    assert!(matches!(
+        codec::decode::<ReplyEvent>(&stored[1]).unwrap(),
+        ReplyEvent::ReplyCompleted { conversation_id, .. } if conversation_id == id
+    ));
+}
+
+/// Take `request` up and complete it with "answer NNN" (10 characters).
+async fn answer(commands: &Commands, request: &ReplyRequest, n: u32) {
+    let context = Default::default();
+    assert_eq!(
+        commands
+            .take_up_reply(request, 1, Utc::now(), &context)
+            .await
+            .unwrap(),
+        TakenUp::Started
+    );
+    let complete = ReplyCommand::Complete {
+        reply_id: request.reply_id,
+        content: format!("answer {n:03}"),
+        model: "m".into(),
+        finish_reason: "STOP".into(),
+        usage: Default::default(),
+        latency_ms: 1,
+        at: Utc::now(),
+    };
+    assert!(
+        commands
+            .end_reply(request.reply_id, &complete, &context)
+            .await
+            .unwrap()
+    );
+}
