@@ -211,6 +211,12 @@ pub struct Config {
     #[arg(long, env = "RATE_LIMIT_LOGINS_PER_MINUTE", default_value_t = 30)]
     pub rate_limit_logins_per_minute: u32,
 
+    /// How long a keyed request's response is kept, in seconds: a retry with the
+    /// same Idempotency-Key within it gets the first response; after it, the key
+    /// is free again. A job deletes expired keys.
+    #[arg(long, env = "IDEMPOTENCY_KEY_TTL_SECONDS", default_value_t = 86_400)]
+    pub idempotency_key_ttl_seconds: u64,
+
     /// Comma-separated addresses or CIDR ranges of the proxies whose `X-Real-IP`
     /// is believed (nginx in front); the peer address is the client otherwise.
     #[arg(

@@ -251,10 +251,16 @@ impl Application {
             let commands = Commands::new(Arc::new(store.clone()), states);
             let tokens = Tokens::new(config.jwt_secret_key.expose(), config.access_token_ttl());
             let limits = http::limits::Limits::new(&config.limit_settings()?);
+            let commands_for_jobs = commands.clone();
             tasks.push(spawn(forget_idle_buckets(limits.clone(), stop.clone())));
             let state = AppState::new(commands, tokens, read)
                 .with_recovery(rebuilds.clone(), &config.admin_emails)
-                .with_limits(limits);
+                .with_limits(limits)
+                .with_idempotency_ttl(Duration::from_secs(config.idempotency_key_ttl_seconds));
+            tasks.push(spawn(expire_idempotency_keys(
+                commands_for_jobs,
+                stop.clone(),
+            )));
             recovery = Some(rebuilds);
             let router = http::router(state, &config.cors_origins);
             Some((TcpListener::bind(config.bind).await?, router))
@@ -340,6 +346,29 @@ fn provider(config: &Config) -> anyhow::Result<Arc<dyn Provider>> {
             Arc::new(Gemini::new(&config.gemini_base_url, key, idle_timeout)?)
         }
     })
+}
+
+/// How often expired idempotency keys are deleted (they are ignored from the
+/// moment they expire; this only frees their rows).
+const EXPIRE_KEYS_EVERY: Duration = Duration::from_secs(600);
+
+/// Delete expired idempotency keys every ten minutes until `stop`. Every API
+/// replica runs it; the deletes are idempotent.
+async fn expire_idempotency_keys(commands: Commands, stop: CancellationToken) {
+    loop {
+        match commands.expire_idempotency_keys().await {
+            Ok(0) => {}
+            Ok(n) => {
+                metrics::counter!("idempotency_keys_expired_total").increment(n);
+                tracing::info!(deleted = n, "expired idempotency keys deleted");
+            }
+            Err(e) => tracing::warn!(error = %e, "expired idempotency keys not deleted"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(EXPIRE_KEYS_EVERY) => {}
+            () = stop.cancelled() => return,
+        }
+    }
 }
 
 /// Drop the rate limits' idle buckets every minute until `stop`.

@@ -198,6 +198,11 @@ pub fn describe_metrics() {
         "1 while Redis answers, 0 while queries fall back to Postgres"
     );
     describe_counter!(
+        "idempotency_keys_expired_total",
+        Unit::Count,
+        "Expired idempotency keys deleted by the cleanup job"
+    );
+    describe_counter!(
         "rate_limited_total",
         Unit::Count,
         "Requests refused with 429 by a rate limit (commands, sign-ups, logins)"
@@ -278,6 +283,7 @@ pub fn describe_metrics() {
     }
     metrics::gauge!("llm_replies_in_flight").set(0.0);
     metrics::gauge!("cache_breaker_state").set(0.0);
+    metrics::counter!("idempotency_keys_expired_total").increment(0);
     for limit in ["commands", "sign-ups", "logins"] {
         metrics::counter!("rate_limited_total", "limit" => limit).increment(0);
     }

@@ -261,6 +261,11 @@ impl Commands {
         self.store.ping().await
     }
 
+    /// Delete the idempotency keys that have expired; how many.
+    pub async fn expire_idempotency_keys(&self) -> Result<u64, StoreError> {
+        self.store.expire_idempotency_keys().await
+    }
+
     /// The last event in commit order, and how far a position is behind it (for
     /// operators: the projections' lag).
     pub async fn head(&self) -> Result<Option<Position>, StoreError> {

@@ -99,7 +99,7 @@ impl<'a> Invocation<'a> {
                 user_id: Some(user_id),
                 idempotency_key: key.key().map(Into::into),
             };
-            let recorder = key.recorder(owner, &render);
+            let recorder = key.recorder(owner, state.idempotency_ttl, &render);
             let done = use_case(&context, recorder.as_ref().map(|f| f as _)).await?;
             Ok(render(&done.state, done.version)
                 .at(done.position)

@@ -103,17 +103,23 @@ impl IdempotencyKey {
     }
 
     /// The recorder a command uses to keep its response, if the request is keyed.
+    /// The record keeps the response for `ttl` (`IDEMPOTENCY_KEY_TTL_SECONDS`).
     pub fn recorder<'a, S>(
         &'a self,
         owner: Uuid,
+        ttl: std::time::Duration,
         render: &'a (impl Fn(&S, i64) -> Reply + Sync),
     ) -> Option<impl Fn(&S, i64) -> IdempotencyRecord + Send + Sync + 'a> {
         let keyed = self.0.as_ref()?;
+        let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
         Some(move |state: &S, version: i64| IdempotencyRecord {
             owner_id: owner,
             key: keyed.key.clone(),
             request_hash: keyed.fingerprint.clone(),
             response: render(state, version).to_stored(),
+            expires_at: chrono::Utc::now()
+                .checked_add_signed(ttl)
+                .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC),
         })
     }
 

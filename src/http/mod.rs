@@ -57,6 +57,8 @@ pub struct AppState {
     pub admin_emails: std::sync::Arc<[String]>,
     /// Rate limits of commands, sign-ups and logins (`limits`).
     pub limits: limits::Limits,
+    /// How long a keyed request's response is kept for its retries.
+    pub idempotency_ttl: std::time::Duration,
 }
 
 impl AppState {
@@ -69,7 +71,14 @@ impl AppState {
             recovery: None,
             admin_emails: std::sync::Arc::new([]),
             limits: Default::default(),
+            idempotency_ttl: std::time::Duration::from_secs(24 * 3600),
         }
+    }
+
+    /// Keep keyed responses for `ttl` (24 hours by default).
+    pub fn with_idempotency_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.idempotency_ttl = ttl;
+        self
     }
 
     /// With these rate limits (none by default).

@@ -135,6 +135,8 @@ pub struct IdempotencyRecord {
     pub key: String,
     pub request_hash: Vec<u8>,
     pub response: StoredResponse,
+    /// From then on the key is as good as absent: a request with it runs afresh.
+    pub expires_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -350,8 +352,11 @@ pub trait EventStore: Send + Sync + 'static {
     ) -> Result<Option<(Vec<u8>, StoredResponse)>, StoreError>;
 
     /// Remember a response whose command appended nothing. False if the key was
-    /// taken first.
+    /// taken first (and has not expired).
     async fn remember_idempotency(&self, record: IdempotencyRecord) -> Result<bool, StoreError>;
+
+    /// Delete expired idempotency keys (they are already ignored); how many.
+    async fn expire_idempotency_keys(&self) -> Result<u64, StoreError>;
 
     /// Can the store be reached?
     async fn ping(&self) -> Result<(), StoreError>;

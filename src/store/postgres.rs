@@ -615,7 +615,8 @@ async fn claim_idempotency_keys(
         .collect())
 }
 
-/// Insert idempotency records that are not there yet; returns the keys inserted.
+/// Insert idempotency records whose keys are free (never used, or expired: an
+/// expired record is taken over); returns the keys inserted.
 async fn insert_idempotency<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     records: &[&IdempotencyRecord],
@@ -637,12 +638,19 @@ async fn insert_idempotency<'e>(
         .iter()
         .map(|r| r.response.position.map(|p| p.global_position))
         .collect();
+    let expiries: Vec<DateTime<Utc>> = records.iter().map(|r| r.expires_at).collect();
     let rows = sqlx::query(
-        "INSERT INTO idempotency_keys (owner_id, key, request_hash, response_status,
-                                       response_headers, response_body, transaction_id, global_position)
+        "INSERT INTO idempotency_keys AS k (owner_id, key, request_hash, response_status,
+                                            response_headers, response_body, transaction_id,
+                                            global_position, expires_at)
          SELECT * FROM unnest($1::uuid[], $2::text[], $3::bytea[], $4::int2[],
-                              $5::jsonb[], $6::jsonb[], $7::int8[], $8::int8[])
-         ON CONFLICT (owner_id, key) DO NOTHING
+                              $5::jsonb[], $6::jsonb[], $7::int8[], $8::int8[], $9::timestamptz[])
+         ON CONFLICT (owner_id, key) DO UPDATE SET
+             request_hash = excluded.request_hash, response_status = excluded.response_status,
+             response_headers = excluded.response_headers, response_body = excluded.response_body,
+             transaction_id = excluded.transaction_id, global_position = excluded.global_position,
+             created_at = now(), expires_at = excluded.expires_at
+         WHERE k.expires_at <= now()
          RETURNING owner_id, key",
     )
     .bind(&owners)
@@ -653,6 +661,7 @@ async fn insert_idempotency<'e>(
     .bind(&bodies)
     .bind(&txs)
     .bind(&gps)
+    .bind(&expiries)
     .fetch_all(executor)
     .await?;
     rows.into_iter()
@@ -1028,7 +1037,8 @@ impl EventStore for PgEventStore {
             sqlx::query(
                 "SELECT request_hash, response_status, response_headers, response_body,
                         transaction_id, global_position
-                 FROM idempotency_keys WHERE owner_id = $1 AND key = $2",
+                 FROM idempotency_keys
+                 WHERE owner_id = $1 AND key = $2 AND expires_at > now()",
             )
             .bind(owner_id)
             .bind(key)
@@ -1061,6 +1071,25 @@ impl EventStore for PgEventStore {
 
     async fn remember_idempotency(&self, record: IdempotencyRecord) -> Result<bool, StoreError> {
         Ok(!insert_idempotency(&self.pool, &[&record]).await?.is_empty())
+    }
+
+    async fn expire_idempotency_keys(&self) -> Result<u64, StoreError> {
+        // In slices, so a large backlog never holds a long transaction (and with
+        // it the relay's read horizon).
+        let mut deleted = 0;
+        loop {
+            let slice = sqlx::query(
+                "DELETE FROM idempotency_keys WHERE ctid IN (
+                     SELECT ctid FROM idempotency_keys WHERE expires_at <= now() LIMIT 5000)",
+            )
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            deleted += slice;
+            if slice < 5000 {
+                return Ok(deleted);
+            }
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -143,3 +143,29 @@ async fn a_retry_while_the_first_runs_is_409() {
             .unwrap();
     assert_eq!(users, 1);
 }
+
+#[tokio::test]
+async fn a_key_expires_after_its_time_to_live() {
+    let app = crate::helpers::spawn_app_with(&["--idempotency-key-ttl-seconds", "1"]).await;
+    let token = app.signed_up("expiry@example.com").await;
+    let first = keyed_post(&app, &token, "daily", json!({ "name": "Mika" })).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first: Value = first.json().await.unwrap();
+    let replayed = keyed_post(&app, &token, "daily", json!({ "name": "Mika" })).await;
+    assert_eq!(replayed.headers()["idempotent-replayed"], "true");
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    // Past the key's life, the same request is a new request.
+    let again = keyed_post(&app, &token, "daily", json!({ "name": "Mika" })).await;
+    assert_eq!(again.status(), StatusCode::CREATED);
+    assert!(again.headers().get("idempotent-replayed").is_none());
+    let again: Value = again.json().await.unwrap();
+    assert_ne!(
+        again["id"], first["id"],
+        "the expired response was replayed"
+    );
+    // And the key now holds the new response.
+    let replayed = keyed_post(&app, &token, "daily", json!({ "name": "Mika" })).await;
+    assert_eq!(replayed.headers()["idempotent-replayed"], "true");
+    let replayed: Value = replayed.json().await.unwrap();
+    assert_eq!(replayed["id"], again["id"]);
+}

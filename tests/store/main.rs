@@ -344,7 +344,50 @@ fn keyed(owner: Uuid, key: &str, body: serde_json::Value) -> IdempotencyRecord {
             body,
             position: None,
         },
+        expires_at: chrono::Utc::now() + chrono::Duration::hours(1),
     }
+}
+
+#[tokio::test]
+async fn an_expired_idempotency_key_is_free_again_and_is_cleaned_up() {
+    let db = TestDb::new().await;
+    let store = single_flusher(&db);
+    let owner = Uuid::now_v7();
+    let expired = IdempotencyRecord {
+        expires_at: chrono::Utc::now() - chrono::Duration::seconds(1),
+        ..keyed(owner, "old", json!("first"))
+    };
+    assert!(store.remember_idempotency(expired).await.unwrap());
+    // Expired: not found, and a new request with the key takes it over.
+    assert!(
+        store
+            .find_idempotency(owner, "old")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let stream = Uuid::now_v7();
+    store
+        .append(AppendRequest {
+            idempotency: Some(keyed(owner, "old", json!("second"))),
+            ..append(stream, 0, &["keyed"])
+        })
+        .await
+        .expect("an expired key does not refuse the append");
+    let (_, stored) = store.find_idempotency(owner, "old").await.unwrap().unwrap();
+    assert_eq!(stored.body, json!("second"));
+    // The cleanup deletes expired keys only.
+    let gone = IdempotencyRecord {
+        expires_at: chrono::Utc::now() - chrono::Duration::seconds(1),
+        ..keyed(owner, "gone", json!(1))
+    };
+    assert!(store.remember_idempotency(gone).await.unwrap());
+    assert_eq!(store.expire_idempotency_keys().await.unwrap(), 1);
+    let left: Vec<String> = sqlx::query_scalar("SELECT key FROM idempotency_keys ORDER BY key")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, ["old"]);
 }
 
 #[tokio::test]
