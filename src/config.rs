@@ -6,7 +6,7 @@ use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::{Args, ValueEnum};
 
-const DEV_JWT_SECRET: &str = "development-only-jwt-secret-change-me";
+pub const DEV_JWT_SECRET: &str = "development-only-jwt-secret-change-me";
 const DEV_ENCRYPTION_KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -210,6 +210,17 @@ pub struct Config {
     /// Logins from one client IP per minute (bursts of that size); 0 turns it off.
     #[arg(long, env = "RATE_LIMIT_LOGINS_PER_MINUTE", default_value_t = 30)]
     pub rate_limit_logins_per_minute: u32,
+
+    /// Wrong passwords for one account (by email) before its logins are locked
+    /// out; 0 turns the lockout off.
+    #[arg(long, env = "LOGIN_MAX_FAILURES", default_value_t = 5)]
+    pub login_max_failures: u32,
+
+    /// The first lockout's length in seconds (and the window the failures are
+    /// counted in); each further lockout of the account lasts twice as long,
+    /// up to a day.
+    #[arg(long, env = "LOGIN_LOCKOUT_SECONDS", default_value_t = 900)]
+    pub login_lockout_seconds: u64,
 
     /// How long a keyed request's response is kept, in seconds: a retry with the
     /// same Idempotency-Key within it gets the first response; after it, the key

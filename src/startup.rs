@@ -256,7 +256,11 @@ impl Application {
             let state = AppState::new(commands, tokens, read)
                 .with_recovery(rebuilds.clone(), &config.admin_emails)
                 .with_limits(limits)
-                .with_idempotency_ttl(Duration::from_secs(config.idempotency_key_ttl_seconds));
+                .with_idempotency_ttl(Duration::from_secs(config.idempotency_key_ttl_seconds))
+                .with_login_lockout(
+                    config.login_max_failures,
+                    Duration::from_secs(config.login_lockout_seconds),
+                );
             tasks.push(spawn(expire_idempotency_keys(
                 commands_for_jobs,
                 stop.clone(),

@@ -203,9 +203,14 @@ pub fn describe_metrics() {
         "Expired idempotency keys deleted by the cleanup job"
     );
     describe_counter!(
+        "login_lockouts_total",
+        Unit::Count,
+        "Accounts locked out after repeated failed logins (each round counts once)"
+    );
+    describe_counter!(
         "rate_limited_total",
         Unit::Count,
-        "Requests refused with 429 by a rate limit (commands, sign-ups, logins)"
+        "Requests refused with 429 by a rate limit (commands, sign-ups, logins) or an account's login lockout"
     );
     describe_gauge!(
         "cache_breaker_state",
@@ -284,7 +289,8 @@ pub fn describe_metrics() {
     metrics::gauge!("llm_replies_in_flight").set(0.0);
     metrics::gauge!("cache_breaker_state").set(0.0);
     metrics::counter!("idempotency_keys_expired_total").increment(0);
-    for limit in ["commands", "sign-ups", "logins"] {
+    metrics::counter!("login_lockouts_total").increment(0);
+    for limit in ["commands", "sign-ups", "logins", "login lockout"] {
         metrics::counter!("rate_limited_total", "limit" => limit).increment(0);
     }
     for outcome in ["completed", "failed"] {

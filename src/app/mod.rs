@@ -7,6 +7,7 @@
 //! kept in a [`StateCache`] and only the events after the cached version are read.
 
 pub mod conversations;
+pub mod logins;
 pub mod replies;
 mod state_cache;
 pub mod users;
@@ -92,6 +93,9 @@ pub enum AppError<E> {
     Store(StoreError),
     #[error(transparent)]
     Codec(CodecError),
+    /// Something that is nobody's input's fault (a task that died).
+    #[error(transparent)]
+    Internal(anyhow::Error),
 }
 
 impl<E> From<ReadError> for AppError<E> {

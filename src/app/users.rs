@@ -6,16 +6,73 @@ use uuid::Uuid;
 use super::{AppError, CommandContext, Commands, Decided, Expected, ReadError, Remember};
 use crate::{
     auth,
-    domain::user::{User, UserCommand, UserDecider, UserError, UserState, normalize_email},
+    domain::{
+        Decider,
+        user::{
+            NewPassword, User, UserCommand, UserDecider, UserError, UserState, assess_password,
+            normalize_email,
+        },
+    },
     store::Reservation,
 };
 
 /// The reservation that keeps one account per email.
 pub const EMAIL_SCOPE: &str = "user_email";
 
+/// A sign-up as it arrives: the password still in plaintext.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub user_id: Uuid,
+    pub email: String,
+    pub display_name: String,
+    pub password: String,
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
 impl Commands {
-    /// Register `command` (a [`UserCommand::Register`]), claiming its email.
+    /// Register an account, claiming its email.
+    ///
+    /// Every rule is checked before the password is hashed (argon2 costs about
+    /// 19 MiB and tens of milliseconds: an invalid request must not get to spend
+    /// them): the decider is asked once with a placeholder hash, then again, for
+    /// real, with the hash.
     pub async fn register(
+        &self,
+        registration: Registration,
+        context: &CommandContext,
+        remember: Option<Remember<'_, UserState>>,
+    ) -> Result<Decided<UserState>, AppError<UserError>> {
+        let Registration {
+            user_id,
+            email,
+            display_name,
+            password,
+            at,
+        } = registration;
+        let (chars, strength) = assess_password(&password, &[&email, &display_name]);
+        let mut command = UserCommand::Register {
+            user_id,
+            email,
+            display_name,
+            password: NewPassword {
+                chars,
+                strength,
+                hash: String::new(),
+            },
+            at,
+        };
+        UserDecider::decide(&command, &UserState::Unregistered).map_err(AppError::Domain)?;
+        let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
+            .await
+            .map_err(|e| AppError::Internal(e.into()))?
+            .map_err(AppError::Internal)?;
+        let UserCommand::Register { password, .. } = &mut command;
+        password.hash = hash;
+        self.register_command(command, context, remember).await
+    }
+
+    /// Register `command` (a [`UserCommand::Register`]), claiming its email.
+    async fn register_command(
         &self,
         command: UserCommand,
         context: &CommandContext,

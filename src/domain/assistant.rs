@@ -200,7 +200,9 @@ impl Decider for AssistantDecider {
                 let metadata = fields.metadata.clone().unwrap_or_default();
                 let mut v = Violations::default();
                 v.chars("/name", &name, 1, 100);
+                v.single_line("/name", &name);
                 v.chars("/role", role, 0, 100);
+                v.single_line("/role", role);
                 v.chars("/instructions", &instructions, 0, INSTRUCTIONS_MAX_CHARS);
                 v.model("/model", model);
                 v.temperature("/temperature", temperature);
@@ -225,9 +227,11 @@ impl Decider for AssistantDecider {
                 let role = fields.role.as_deref().map(str::trim);
                 if let Some(name) = name {
                     v.chars("/name", name, 1, 100);
+                    v.single_line("/name", name);
                 }
                 if let Some(role) = role {
                     v.chars("/role", role, 0, 100);
+                    v.single_line("/role", role);
                 }
                 if let Some(instructions) = &fields.instructions {
                     v.chars("/instructions", instructions, 0, INSTRUCTIONS_MAX_CHARS);

@@ -220,6 +220,7 @@ impl Decider for ConversationDecider {
                 let title = title.as_deref().unwrap_or(DEFAULT_TITLE).trim().to_owned();
                 let mut v = Violations::default();
                 v.chars("/title", &title, 1, 200);
+                v.single_line("/title", &title);
                 v.finish().map_err(ConversationError::Invalid)?;
                 Ok(vec![E::ConversationStarted {
                     conversation_id: *conversation_id,
@@ -234,6 +235,7 @@ impl Decider for ConversationDecider {
                 let title = title.trim();
                 let mut v = Violations::default();
                 v.chars("/title", title, 1, 200);
+                v.single_line("/title", title);
                 v.finish().map_err(ConversationError::Invalid)?;
                 Ok(if title == current.title {
                     vec![]

@@ -1,5 +1,7 @@
 //! A user account: registration. The password arrives already hashed (hashing
-//! needs randomness); its length travels beside the hash so the rule stays here.
+//! needs randomness); what the rules need to know of it (its length, how easily
+//! it is guessed) was learned from the plaintext before, by [`assess_password`],
+//! and travels beside the hash so the rules stay here.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -9,12 +11,35 @@ use super::{Decider, DomainError, ErrorKind, FieldError, validate::Violations};
 
 pub const PASSWORD_MIN_CHARS: usize = 8;
 pub const PASSWORD_MAX_CHARS: usize = 128;
+/// The least zxcvbn score a password may have: 2 is "somewhat guessable"
+/// (about 10^6 to 10^8 guesses); 0 and 1 are the common passwords, keyboard
+/// walks, dictionary words and variations on the user's own email or name.
+pub const PASSWORD_MIN_STRENGTH: u8 = 2;
 
-/// A new password as the domain sees it: how long it was, and its PHC hash.
+/// A new password as the domain sees it: what was learned of it before it was
+/// hashed, and its PHC hash.
 #[derive(Debug, Clone)]
 pub struct NewPassword {
     pub chars: usize,
+    /// zxcvbn's score, 0 (too guessable) to 4 (very unguessable).
+    pub strength: u8,
     pub hash: String,
+}
+
+/// What the rules need to know of a password, from its plaintext: its length
+/// and how easily it is guessed, against common passwords, dictionaries,
+/// patterns and the account's own `related` words (email, name). Pure, and
+/// cheap enough to run before the (expensive) hash.
+pub fn assess_password(password: &str, related: &[&str]) -> (usize, u8) {
+    let chars = password.chars().count();
+    // zxcvbn's cost grows with length; past 100 characters nothing is guessable.
+    let head: String = password.chars().take(100).collect();
+    let strength = if head.is_empty() {
+        0
+    } else {
+        zxcvbn::zxcvbn(&head, related).score() as u8
+    };
+    (chars, strength)
 }
 
 #[derive(Debug, Clone)]
@@ -115,12 +140,19 @@ impl Decider for UserDecider {
                     v.add("/email", "must be a valid email address");
                 }
                 v.chars("/display_name", &display_name, 1, 100);
+                v.single_line("/display_name", &display_name);
                 if !(PASSWORD_MIN_CHARS..=PASSWORD_MAX_CHARS).contains(&password.chars) {
                     v.add(
                         "/password",
                         format!(
                             "must be between {PASSWORD_MIN_CHARS} and {PASSWORD_MAX_CHARS} characters"
                         ),
+                    );
+                } else if password.strength < PASSWORD_MIN_STRENGTH {
+                    v.add(
+                        "/password",
+                        "is too easy to guess (a common password, a word or pattern, or your \
+                         email or name): use a longer phrase of unrelated words",
                     );
                 }
                 v.finish().map_err(UserError::Invalid)?;
@@ -185,10 +217,31 @@ mod tests {
             display_name: name.into(),
             password: NewPassword {
                 chars: password_chars,
+                strength: 4,
                 hash: "$argon2id$stub".into(),
             },
             at: at(),
         }
+    }
+
+    #[test]
+    fn a_guessable_password_is_refused() {
+        for password in [
+            "password",
+            "12345678",
+            "qwertyuiop",
+            "ada@example.com",
+            "Ada12345",
+        ] {
+            let (chars, strength) = assess_password(password, &["ada@example.com", "Ada"]);
+            let mut command = register("ada@example.com", "Ada", chars);
+            let UserCommand::Register { password: p, .. } = &mut command;
+            p.strength = strength;
+            let err = given_when::<UserDecider>(&[], &command).unwrap_err();
+            assert_eq!(err.field_errors()[0].pointer, "/password", "{password}");
+        }
+        let (_, strength) = assess_password("correct horse battery", &["ada@example.com"]);
+        assert!(strength >= PASSWORD_MIN_STRENGTH);
     }
 
     #[test]

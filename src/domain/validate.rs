@@ -36,6 +36,14 @@ impl Violations {
         }
     }
 
+    /// A name or title: one line, so no tab or line break (other control
+    /// characters never get this far: the HTTP layer refuses them everywhere).
+    pub fn single_line(&mut self, pointer: &str, value: &str) {
+        if value.contains(['\t', '\n', '\r']) {
+            self.add(pointer, "must be one line: no tabs or line breaks");
+        }
+    }
+
     /// Text that must have something besides whitespace.
     pub fn not_blank(&mut self, pointer: &str, value: &str) {
         if !value.is_empty() && value.trim().is_empty() {

@@ -172,6 +172,7 @@ impl<E: DomainError> From<AppError<E>> for ApiError {
             AppError::IdempotencyKeyTaken => ApiError::IdempotencyKeyTaken,
             AppError::Store(e) => e.into(),
             AppError::Codec(e) => ApiError::Internal(e.into()),
+            AppError::Internal(e) => ApiError::Internal(e),
         }
     }
 }

@@ -59,12 +59,13 @@ pub struct AppState {
     pub limits: limits::Limits,
     /// How long a keyed request's response is kept for its retries.
     pub idempotency_ttl: std::time::Duration,
+    /// Signing in, with the lockout of accounts after repeated failures.
+    pub logins: crate::app::logins::Logins,
 }
 
 impl AppState {
     pub fn new(commands: Commands, tokens: Tokens, read: read::ReadSide) -> Self {
         Self {
-            commands,
             tokens,
             read,
             in_flight: Default::default(),
@@ -72,7 +73,16 @@ impl AppState {
             admin_emails: std::sync::Arc::new([]),
             limits: Default::default(),
             idempotency_ttl: std::time::Duration::from_secs(24 * 3600),
+            logins: crate::app::logins::Logins::new(commands.clone(), 0, std::time::Duration::ZERO),
+            commands,
         }
+    }
+
+    /// Lock an account's logins out after `max_failures` wrong passwords
+    /// (none by default).
+    pub fn with_login_lockout(mut self, max_failures: u32, lockout: std::time::Duration) -> Self {
+        self.logins = crate::app::logins::Logins::new(self.commands.clone(), max_failures, lockout);
+        self
     }
 
     /// Keep keyed responses for `ttl` (24 hours by default).

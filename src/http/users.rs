@@ -22,8 +22,8 @@ use super::{
     reply::Reply,
 };
 use crate::{
-    auth,
-    domain::user::{NewPassword, UserCommand, UserDecider, UserState},
+    app::{self, logins::LoginError},
+    domain::user::{UserDecider, UserState},
 };
 
 pub fn router() -> Router<AppState> {
@@ -64,19 +64,12 @@ async fn register(
     key: IdempotencyKey,
     ApiJson(body): ApiJson<Registration>,
 ) -> Result<Response, ApiError> {
-    let password = body.password.clone();
-    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
-        .await
-        .map_err(anyhow::Error::from)??;
     let user_id = Uuid::now_v7();
-    let command = UserCommand::Register {
+    let registration = app::users::Registration {
         user_id,
-        email: body.email.clone(),
+        email: body.email,
         display_name: body.display_name,
-        password: NewPassword {
-            chars: body.password.chars().count(),
-            hash,
-        },
+        password: body.password,
         at: Utc::now(),
     };
     let render = |s: &UserState, v: i64| {
@@ -95,7 +88,7 @@ async fn register(
     let commands = state.commands.clone();
     invocation
         .run(render, move |context, remember| {
-            Box::pin(async move { commands.register(command, context, remember).await })
+            Box::pin(async move { commands.register(registration, context, remember).await })
         })
         .await
 }
@@ -115,11 +108,17 @@ async fn token(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Credentials>,
 ) -> Result<Json<Value>, ApiError> {
-    let user = state
-        .commands
-        .authenticate(&body.email, body.password)
-        .await?
-        .ok_or(BAD_CREDENTIALS)?;
+    let user = match state.logins.login(&body.email, body.password).await {
+        Ok(user) => user,
+        Err(LoginError::BadCredentials) => return Err(BAD_CREDENTIALS),
+        Err(LoginError::LockedOut { retry_after }) => {
+            return Err(ApiError::TooManyRequests {
+                detail: "too many failed logins for this account; try again later".into(),
+                retry_after,
+            });
+        }
+        Err(LoginError::Read(e)) => return Err(e.into()),
+    };
     let access_token = state.tokens.issue(user.id, Utc::now())?;
     Ok(Json(json!({
         "access_token": access_token,

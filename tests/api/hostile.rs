@@ -343,3 +343,125 @@ async fn tokens_and_personal_data_are_never_stored_by_caches() {
     let refused = app.send(Method::GET, "/api/v1/users/me", None, None).await;
     assert_eq!(refused.headers()["cache-control"], "no-store");
 }
+
+#[tokio::test]
+async fn guessable_passwords_are_refused_before_anything_is_hashed_or_appended() {
+    let app = spawn_app_without_replier(&[]).await;
+    let before = app.event_count().await;
+    for password in ["password", "12345678", "qwertyuiop", "ada@example.com"] {
+        let response = post_json(
+            &app,
+            "/users",
+            None,
+            json!({"email": "ada@example.com", "password": password, "display_name": "Ada"}),
+        )
+        .await;
+        let problem = problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert_eq!(problem["errors"][0]["pointer"], "/password", "{password}");
+    }
+    // One line only in names and titles.
+    let response = post_json(
+        &app,
+        "/users",
+        None,
+        json!({"email": "ada@example.com", "password": "correct horse battery", "display_name": "Ada\nLovelace"}),
+    )
+    .await;
+    let problem = problem(response, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert_eq!(problem["errors"][0]["pointer"], "/display_name");
+    assert_eq!(app.event_count().await, before);
+}
+
+#[tokio::test]
+async fn an_account_is_locked_out_after_repeated_failures_for_longer_each_round() {
+    let app =
+        spawn_app_without_replier(&["--login-max-failures", "3", "--login-lockout-seconds", "2"])
+            .await;
+    app.signed_up("locked@example.com").await;
+    let login = |email: &str, password: &str| json!({"email": email, "password": password});
+    for _ in 0..3 {
+        let wrong = post_json(
+            &app,
+            "/auth/token",
+            None,
+            login("locked@example.com", "wrong one!"),
+        )
+        .await;
+        assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    }
+    // Locked: even the right password is refused, with how long to wait.
+    let refused = post_json(
+        &app,
+        "/auth/token",
+        None,
+        login("locked@example.com", "correct horse battery"),
+    )
+    .await;
+    too_many(refused, 0, 2).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
+    // The second round locks for twice as long.
+    for _ in 0..3 {
+        let wrong = post_json(
+            &app,
+            "/auth/token",
+            None,
+            login("locked@example.com", "wrong one!"),
+        )
+        .await;
+        assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    }
+    let refused = post_json(
+        &app,
+        "/auth/token",
+        None,
+        login("locked@example.com", "correct horse battery"),
+    )
+    .await;
+    too_many(refused, 2, 4).await;
+    tokio::time::sleep(std::time::Duration::from_millis(4_100)).await;
+    let right = post_json(
+        &app,
+        "/auth/token",
+        None,
+        login("locked@example.com", "correct horse battery"),
+    )
+    .await;
+    assert_eq!(right.status(), StatusCode::OK);
+    // An email nobody has is locked out the same way: nothing tells them apart.
+    for _ in 0..3 {
+        let wrong = post_json(
+            &app,
+            "/auth/token",
+            None,
+            login("nobody@example.com", "wrong one!"),
+        )
+        .await;
+        assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    }
+    let refused = post_json(
+        &app,
+        "/auth/token",
+        None,
+        login("nobody@example.com", "wrong one!"),
+    )
+    .await;
+    too_many(refused, 0, 2).await;
+    assert!(rate_limited(&app, "login lockout").await >= 3);
+}
+
+#[tokio::test]
+async fn a_token_of_an_account_that_does_not_exist_commands_nothing() {
+    let app = spawn_app_without_replier(&[]).await;
+    // A well-signed token (the development key) for an account never registered.
+    let tokens = ai_secretary::auth::Tokens::new(
+        ai_secretary::config::DEV_JWT_SECRET,
+        std::time::Duration::from_secs(60),
+    );
+    let token = tokens
+        .issue(uuid::Uuid::now_v7(), chrono::Utc::now())
+        .unwrap();
+    let before = app.event_count().await;
+    let refused = post_json(&app, "/assistants", Some(&token), json!({"name": "Ghost"})).await;
+    problem(refused, StatusCode::UNAUTHORIZED).await;
+    assert_eq!(app.event_count().await, before);
+}
