@@ -10,6 +10,7 @@ pub mod auth;
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod domain;
 pub mod http;
 pub mod llm;
