@@ -378,74 +378,37 @@ async fn an_account_is_locked_out_after_repeated_failures_for_longer_each_round(
         spawn_app_without_replier(&["--login-max-failures", "3", "--login-lockout-seconds", "2"])
             .await;
     app.signed_up("locked@example.com").await;
-    let login = |email: &str, password: &str| json!({"email": email, "password": password});
-    for _ in 0..3 {
-        let wrong = post_json(
+    let login = async |email: &str, password: &str| {
+        post_json(
             &app,
             "/auth/token",
             None,
-            login("locked@example.com", "wrong one!"),
+            json!({"email": email, "password": password}),
         )
-        .await;
-        assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
-    }
+        .await
+    };
+    let fail_three_times = async |email: &str| {
+        for _ in 0..3 {
+            let wrong = login(email, "wrong one!").await;
+            assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+        }
+    };
+    let right = "correct horse battery";
+    fail_three_times("locked@example.com").await;
     // Locked: even the right password is refused, with how long to wait.
-    let refused = post_json(
-        &app,
-        "/auth/token",
-        None,
-        login("locked@example.com", "correct horse battery"),
-    )
-    .await;
-    too_many(refused, 0, 2).await;
+    too_many(login("locked@example.com", right).await, 0, 2).await;
     tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
     // The second round locks for twice as long.
-    for _ in 0..3 {
-        let wrong = post_json(
-            &app,
-            "/auth/token",
-            None,
-            login("locked@example.com", "wrong one!"),
-        )
-        .await;
-        assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
-    }
-    let refused = post_json(
-        &app,
-        "/auth/token",
-        None,
-        login("locked@example.com", "correct horse battery"),
-    )
-    .await;
-    too_many(refused, 2, 4).await;
+    fail_three_times("locked@example.com").await;
+    too_many(login("locked@example.com", right).await, 2, 4).await;
     tokio::time::sleep(std::time::Duration::from_millis(4_100)).await;
-    let right = post_json(
-        &app,
-        "/auth/token",
-        None,
-        login("locked@example.com", "correct horse battery"),
-    )
-    .await;
-    assert_eq!(right.status(), StatusCode::OK);
+    assert_eq!(
+        login("locked@example.com", right).await.status(),
+        StatusCode::OK
+    );
     // An email nobody has is locked out the same way: nothing tells them apart.
-    for _ in 0..3 {
-        let wrong = post_json(
-            &app,
-            "/auth/token",
-            None,
-            login("nobody@example.com", "wrong one!"),
-        )
-        .await;
-        assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
-    }
-    let refused = post_json(
-        &app,
-        "/auth/token",
-        None,
-        login("nobody@example.com", "wrong one!"),
-    )
-    .await;
-    too_many(refused, 0, 2).await;
+    fail_three_times("nobody@example.com").await;
+    too_many(login("nobody@example.com", "wrong one!").await, 0, 2).await;
     assert!(rate_limited(&app, "login lockout").await >= 3);
 }
 
