@@ -179,10 +179,17 @@ impl Replier {
             correlation_id,
             attempt,
         );
+        // The reply is the conversation owner's data (who posted the request):
+        // its content is sealed under their key.
+        let owner = envelope
+            .metadata
+            .get("user_id")
+            .and_then(|u| u.as_str())
+            .and_then(|u| u.parse().ok());
         let context = CommandContext {
             correlation_id: correlation_id.to_owned(),
             causation_id: Some(envelope.event_id),
-            user_id: None,
+            user_id: owner,
             idempotency_key: None,
         };
         let reply = Reply {

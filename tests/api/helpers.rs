@@ -42,6 +42,18 @@ const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
 
 /// The service, all in one process (API, relay, projections), on its own database,
 /// JetStream stream, subject prefix and Redis key prefix.
+/// The `ENCRYPTION_KEY` the test services run with (the development default).
+pub fn master_key() -> ai_secretary::crypto::MasterKey {
+    ai_secretary::crypto::MasterKey::from_hex(ai_secretary::config::DEV_ENCRYPTION_KEY)
+        .expect("the development key is 64 hex characters")
+}
+
+/// Users' keys in the store on `pool`, as the test services unwrap them: what
+/// commands seal with and rebuilds open with.
+pub fn keyring(pool: &sqlx::PgPool) -> std::sync::Arc<ai_secretary::store::sealed::Keyring> {
+    ai_secretary::recovery::opener(master_key(), pool)
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(&[]).await
 }
@@ -210,17 +222,21 @@ impl TestApp {
             )
             .await;
         assert_eq!(response.status(), StatusCode::CREATED);
-        let token: Value = self
+        self.signed_in(email, "correct horse battery").await
+    }
+
+    /// Sign in; the access token.
+    pub async fn signed_in(&self, email: &str, password: &str) -> String {
+        let response = self
             .send(
                 Method::POST,
                 "/api/v1/auth/token",
                 None,
-                Some(json!({ "email": email, "password": "correct horse battery" })),
+                Some(json!({ "email": email, "password": password })),
             )
-            .await
-            .json()
-            .await
-            .unwrap();
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let token: Value = response.json().await.unwrap();
         token["access_token"].as_str().unwrap().to_owned()
     }
 

@@ -130,6 +130,7 @@ async fn append<E: Serialize>(
                 .unwrap(),
             reservation: None,
             idempotency: None,
+            user_key: None,
         })
         .await
         .unwrap();
@@ -303,9 +304,13 @@ async fn reply_events_stored_in_the_conversation_are_still_read() {
         Duration::from_millis(200),
         "the read side is verified clean",
         async || {
-            let (report, clean) = ai_secretary::recovery::verify_report(&app.db.pool, &[])
-                .await
-                .map_err(|e| e.to_string())?;
+            let (report, clean) = ai_secretary::recovery::verify_report(
+                &app.db.pool,
+                &crate::helpers::master_key(),
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             let (_, ended, _) = reply_counts(&app).await;
             (clean && ended == 3)
                 .then_some((report.clone(), clean))
@@ -325,8 +330,16 @@ async fn state_caches_in_two_processes_stay_right() {
         db.pool.clone(),
         CoalescingConfig::default(),
     ));
-    let one = Commands::new(store.clone(), StateCache::new(1 << 20));
-    let two = Commands::new(store.clone(), StateCache::new(1 << 20));
+    let one = Commands::new(
+        store.clone(),
+        StateCache::new(1 << 20),
+        crate::helpers::keyring(&db.pool).as_ref().clone(),
+    );
+    let two = Commands::new(
+        store.clone(),
+        StateCache::new(1 << 20),
+        crate::helpers::keyring(&db.pool).as_ref().clone(),
+    );
     let (owner, id) = (Uuid::now_v7(), Uuid::now_v7());
     let pg = PgEventStore::new(db.pool.clone(), CoalescingConfig::default());
     let start = ConversationEvent::ConversationStarted {
@@ -402,7 +415,11 @@ async fn state_caches_in_two_processes_stay_right() {
 async fn reply_history_is_the_tail_that_fits_the_budget() {
     let db = TestDb::new().await;
     let pg = PgEventStore::new(db.pool.clone(), CoalescingConfig::default());
-    let commands = Commands::new(Arc::new(pg.clone()), StateCache::new(1 << 20));
+    let commands = Commands::new(
+        Arc::new(pg.clone()),
+        StateCache::new(1 << 20),
+        crate::helpers::keyring(&db.pool).as_ref().clone(),
+    );
     let (id, assistant) = (Uuid::now_v7(), Uuid::now_v7());
     let start = ConversationEvent::ConversationStarted {
         conversation_id: id,
