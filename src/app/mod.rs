@@ -269,6 +269,16 @@ impl Commands {
         Err(AppError::Contended)
     }
 
+    /// Open the sealed personal fields of an event's payload as it came from
+    /// the bus (what the store gives through `Commands` is open already).
+    pub async fn open(
+        &self,
+        event_id: Uuid,
+        data: &mut serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.keyring.open(event_id, data).await
+    }
+
     /// The first response stored for an idempotency key, with its request hash.
     pub async fn find_idempotency(
         &self,

@@ -7,6 +7,7 @@
 
 pub mod codec;
 pub mod postgres;
+pub mod rotation;
 pub mod sealed;
 
 use std::{fmt, str::FromStr};

@@ -423,3 +423,58 @@ async fn a_forgotten_user_leaves_nothing_readable_and_a_replay_agrees() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn a_rotated_encryption_key_opens_everything_and_the_old_one_nothing() {
+    use ai_secretary::{
+        crypto::{MasterKey, random_master_key_hex},
+        recovery::verify_report,
+        startup::Roles,
+        store::rotation::{Rotated, rotate_master_key},
+    };
+    let app = spawn_app().await;
+    let ada = Personal::new("ada");
+    active_user(&app, &ada).await;
+    caught_up(&app.db.pool, &consumers()).await;
+    let (db, names) = app.stop();
+
+    let new_hex = random_master_key_hex();
+    let new = MasterKey::from_hex(&new_hex).unwrap();
+    // From a key that is not the one in use, nothing rotates.
+    let wrong = MasterKey::from_hex(&random_master_key_hex()).unwrap();
+    assert!(rotate_master_key(&db.pool, &wrong, &new).await.is_err());
+    let rotated = rotate_master_key(&db.pool, &master_key(), &new)
+        .await
+        .unwrap();
+    assert_eq!(
+        rotated,
+        Rotated {
+            keys: 1,
+            reservations: 1
+        }
+    );
+    // The old key opens nothing any more.
+    assert!(verify_report(&db.pool, &master_key(), &[]).await.is_err());
+
+    let app =
+        crate::helpers::spawn_app_on(db, names, &["--encryption-key", &new_hex], Roles::all())
+            .await;
+    // Signing in finds the account by its re-hashed email; everything reads.
+    let token = app.signed_in(&ada.email, PASSWORD).await;
+    let me: Value = app
+        .get("/users/me", &token, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["display_name"], ada.s(0));
+    let assistants: Value = app
+        .get("/assistants", &token, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(assistants["data"][0]["name"], ada.s(1));
+    let (report, clean) = verify_report(&app.db.pool, &new, &[]).await.unwrap();
+    assert!(clean, "{report}");
+}

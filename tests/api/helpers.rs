@@ -54,6 +54,30 @@ pub fn keyring(pool: &sqlx::PgPool) -> std::sync::Arc<ai_secretary::store::seale
     ai_secretary::recovery::opener(master_key(), pool)
 }
 
+/// A user registered through `commands` (so they have a data key to seal
+/// with), and a command context that acts as them.
+pub async fn registered(
+    commands: &ai_secretary::app::Commands,
+) -> (uuid::Uuid, ai_secretary::app::CommandContext) {
+    let user = uuid::Uuid::now_v7();
+    let registration = ai_secretary::app::users::Registration {
+        user_id: user,
+        email: format!("{user}@example.com"),
+        display_name: "Owner".into(),
+        password: "correct horse battery".into(),
+        at: chrono::Utc::now(),
+    };
+    commands
+        .register(registration, &Default::default(), None)
+        .await
+        .expect("the user registers");
+    let context = ai_secretary::app::CommandContext {
+        user_id: Some(user),
+        ..Default::default()
+    };
+    (user, context)
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(&[]).await
 }

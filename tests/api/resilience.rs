@@ -738,6 +738,19 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_read_model() {
     .await
     .unwrap();
     assert_eq!(copied.rows_affected() as i64, events);
+    // With the users' keys, or the copy's personal fields read as forgotten.
+    sqlx::query(
+        "INSERT INTO user_keys SELECT * FROM jsonb_populate_recordset(NULL::user_keys, $1)",
+    )
+    .bind(
+        sqlx::query_scalar::<_, Value>("SELECT jsonb_agg(to_jsonb(k)) FROM user_keys k")
+            .fetch_one(&resumed.db.pool)
+            .await
+            .unwrap(),
+    )
+    .execute(&fresh.pool)
+    .await
+    .unwrap();
     assert_eq!(head(&fresh.pool).await, backlog_head);
     let fold = spawn_app_on(
         fresh,
