@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use crate::helpers::{
     TestApp, eventually, eventually_every, spawn_app, spawn_app_on, spawn_app_with,
 };
-use crate::stream::{Sse, streamed_text, subscribe, until_completed, until_event};
+use crate::stream::{Events, Sse, streamed_text, subscribe, until_completed, until_event};
 use ai_secretary::startup::Roles;
 
 const API_KEY: &str = "fake-key-0123456789";
@@ -948,7 +948,7 @@ struct Watched {
     token: String,
     conversation: String,
     reply: String,
-    live: tokio::sync::mpsc::Receiver<Sse>,
+    live: Events,
 }
 
 /// A user with an assistant of `model` subscribes to the conversation's stream,
