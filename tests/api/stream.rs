@@ -289,61 +289,64 @@ async fn sse_delivers_what_happens_after_subscribing_and_resumes() {
     );
 
     // Reconnect after the user's message while the conversation goes on: more
-    // messages are posted, and each resumed stream (by the message's position,
-    // and by its version in the conversation, 2, the id from before positions)
-    // is opened after the first of them and before the others, so its catch-up
-    // from the store runs while new events arrive live. Through the last
-    // reply's completion, each delivers the conversation's feed in the store
-    // after the message: every event once, in commit order, none missing.
-    const MORE: usize = 6;
+    // messages are posted back to back, and after each one returns a stream is
+    // resumed (alternately by the message's position and by its version in the
+    // conversation, 2, the id from before positions) while the next is being
+    // written and answered, so its catch-up from the store runs while events
+    // arrive live. Through the last reply's completion, each stream delivers
+    // the conversation's feed in the store after the message: every event
+    // once, in commit order, none missing.
+    const MORE: usize = 8;
     let path = format!("/conversations/{id}/messages");
-    let (first_posted, posted_one) = tokio::sync::oneshot::channel();
-    let (resumed, go_on) = tokio::sync::oneshot::channel();
-    let post = async |n: usize| -> Value {
-        let response = app
-            .post(&path, &token, json!({ "content": format!("And then {n}") }))
-            .await;
-        assert_eq!(response.status(), StatusCode::ACCEPTED);
-        let posted: Value = response.json().await.unwrap();
-        posted["reply"]["id"].clone()
-    };
+    let (posted_one, mut each_post) = tokio::sync::mpsc::unbounded_channel();
     let poster = async {
-        let mut replies = vec![post(0).await];
-        first_posted.send(()).unwrap();
-        go_on.await.unwrap();
-        for n in 1..MORE {
-            replies.push(post(n).await);
+        let mut replies = vec![posted["reply"]["id"].clone()];
+        for n in 0..MORE {
+            let response = app
+                .post(&path, &token, json!({ "content": format!("And then {n}") }))
+                .await;
+            assert_eq!(response.status(), StatusCode::ACCEPTED);
+            let more: Value = response.json().await.unwrap();
+            replies.push(more["reply"]["id"].clone());
+            posted_one.send(()).unwrap();
         }
         replies
     };
-    let readers = async {
-        posted_one.await.unwrap();
-        let mut by_position = subscribe(&app, &token, &id, Some(&user_message.id)).await;
-        let mut by_version = subscribe(&app, &token, &id, Some("2")).await;
-        resumed.send(()).unwrap();
-        futures::join!(
-            ids_through_completions(&mut by_position, 1 + MORE),
-            ids_through_completions(&mut by_version, 1 + MORE),
-        )
-    };
-    let (replies, ((by_position, completed), (by_version, _))) = futures::join!(poster, readers);
-    let mut all_replies = vec![posted["reply"]["id"].clone()];
-    all_replies.extend(replies);
-    let mut completed_once = completed.clone();
-    completed_once.sort_by_key(|r| r.to_string());
-    all_replies.sort_by_key(|r| r.to_string());
-    assert_eq!(completed_once, all_replies, "each reply completed once");
+    let resumer =
+        async {
+            let mut resumed = Vec::new();
+            for n in 0..MORE - 1 {
+                each_post.recv().await.unwrap();
+                let last_event_id = if n % 2 == 0 { &user_message.id } else { "2" };
+                let events = subscribe(&app, &token, &id, Some(last_event_id)).await;
+                resumed.push((last_event_id, events));
+            }
+            futures::future::join_all(resumed.into_iter().map(
+                async |(last_event_id, mut events)| {
+                    let (ids, completed) = ids_through_completions(&mut events, 1 + MORE).await;
+                    (last_event_id, ids, completed)
+                },
+            ))
+            .await
+        };
+    let (mut replies, resumed) = futures::join!(poster, resumer);
+    replies.sort_by_key(|r| r.to_string());
 
     let stored = stored_feed(&app, &id, &user_message.id).await;
     // The first reply's three events, then four for each message posted after.
     assert_eq!(stored.len(), 3 + 4 * MORE, "{stored:?}");
-    for (resumed, ids) in [("by position", &by_position), ("by version", &by_version)] {
+    for (last_event_id, ids, mut completed) in resumed {
         let positions: Vec<(i64, i64)> = ids.iter().map(|id| position(id)).collect();
         assert!(
             positions.windows(2).all(|w| w[0] < w[1]),
-            "resumed {resumed}: ids not in commit order, or one twice: {ids:?}"
+            "resumed after {last_event_id}: not in commit order, or one twice: {ids:?}"
         );
-        assert_eq!(ids, &stored, "resumed {resumed}: not the stored feed");
+        assert_eq!(
+            ids, stored,
+            "resumed after {last_event_id}: not the stored feed"
+        );
+        completed.sort_by_key(|r| r.to_string());
+        assert_eq!(completed, replies, "resumed after {last_event_id}");
     }
 }
 
