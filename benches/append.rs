@@ -560,6 +560,7 @@ async fn store_writer(
                 events,
                 reservation: None,
                 idempotency: None,
+                user_key: None,
             })
             .await
             .with_context(|| {

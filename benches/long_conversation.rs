@@ -56,11 +56,14 @@ use std::{
 
 use ai_secretary::{
     app::{Commands, STATE_CACHE_DEFAULT_BYTES, StateCache},
+    config::DEV_ENCRYPTION_KEY,
+    crypto::MasterKey,
     domain::conversation::{ConversationDecider, ConversationEvent},
     startup::Roles,
     store::{
         AppendRequest, EventMetadata, EventStore, codec,
         postgres::{self, CoalescingConfig, PgEventStore},
+        sealed::Keyring,
     },
 };
 use anyhow::{Result, anyhow, bail};
@@ -551,6 +554,7 @@ async fn long_stream(store: &PgEventStore, events: usize) -> Result<Uuid> {
                     .collect::<Result<_, _>>()?,
                 reservation: None,
                 idempotency: None,
+                user_key: None,
             })
             .await
             .map_err(|e| anyhow!("appending the long stream: {e}"))?;
@@ -567,7 +571,12 @@ async fn load(settings: &Settings, names: &Names) -> Result<String> {
     let store: Arc<dyn EventStore> = Arc::new(store);
     let (mut cold, mut warm) = (Vec::new(), Vec::new());
     for _ in 0..settings.load_rounds {
-        let commands = Commands::new(store.clone(), StateCache::new(STATE_CACHE_DEFAULT_BYTES));
+        let keyring = Keyring::new(MasterKey::from_hex(DEV_ENCRYPTION_KEY)?, store.clone());
+        let commands = Commands::new(
+            store.clone(),
+            StateCache::new(STATE_CACHE_DEFAULT_BYTES),
+            keyring,
+        );
         let start = Instant::now();
         let loaded = commands.load::<ConversationDecider>(conversation).await?;
         cold.push(start.elapsed());

@@ -1709,6 +1709,7 @@ async fn append<E: Serialize>(
             events,
             reservation: None,
             idempotency: None,
+            user_key: None,
         })
         .await
         .with_context(|| format!("appending to {stream_type} {stream_id}"))?;

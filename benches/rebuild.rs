@@ -23,6 +23,7 @@ mod common;
 
 use std::{env, time::Instant};
 
+use ai_secretary::{config::DEV_ENCRYPTION_KEY, crypto::MasterKey, recovery::opener};
 use ai_secretary_projections::{fold, rebuild};
 use anyhow::{Context, Result, anyhow};
 use common::{describe_server, env_or, with_database};
@@ -108,7 +109,8 @@ async fn run(url: &str, events: i64) -> Result<()> {
 
     pool.execute("CHECKPOINT").await?;
     let started = Instant::now();
-    let rebuilt = rebuild::rebuild(&pool, &fold::NAMES, None, &|step| {
+    let master = MasterKey::from_hex(DEV_ENCRYPTION_KEY)?;
+    let rebuilt = rebuild::rebuild(&pool, opener(master, &pool), &fold::NAMES, None, &|step| {
         let at = started.elapsed().as_secs_f64();
         match step {
             rebuild::Step::Started { events, .. } => {

@@ -86,12 +86,18 @@ impl Tokens {
 
     /// The user a token speaks for, if it is ours, intact and unexpired.
     pub fn verify(&self, token: &str) -> Option<Uuid> {
+        self.verify_issued(token).map(|(user, _)| user)
+    }
+
+    /// [`verify`](Tokens::verify), with when the token was issued.
+    pub fn verify_issued(&self, token: &str) -> Option<(Uuid, chrono::DateTime<chrono::Utc>)> {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[ISSUER]);
         validation.leeway = 5;
-        jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
-            .ok()
-            .map(|data| data.claims.sub)
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)
+            .ok()?
+            .claims;
+        Some((claims.sub, chrono::DateTime::from_timestamp(claims.iat, 0)?))
     }
 }
 

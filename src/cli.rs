@@ -39,4 +39,12 @@ pub enum Command {
     Verify { name: Option<String> },
     /// Apply database migrations and exit.
     Migrate,
+    /// Re-wrap every user's data key (and re-hash every email lookup) from
+    /// ENCRYPTION_KEY to NEW_ENCRYPTION_KEY, with the service stopped; then
+    /// start it with the new key (docs/operations.md).
+    RotateEncryptionKey {
+        /// The key to rotate to: 64 hex characters.
+        #[arg(long, env = "NEW_ENCRYPTION_KEY", hide_env_values = true)]
+        new_encryption_key: crate::config::Secret,
+    },
 }

@@ -7,7 +7,8 @@ use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 use clap::{Args, ValueEnum};
 
 pub const DEV_JWT_SECRET: &str = "development-only-jwt-secret-change-me";
-const DEV_ENCRYPTION_KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+pub const DEV_ENCRYPTION_KEY: &str =
+    "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Environment {
@@ -282,6 +283,13 @@ impl Config {
     }
 
     /// Refuse what must not run: malformed keys anywhere, default secrets in production.
+    /// `ENCRYPTION_KEY`, the key users' data keys are wrapped under.
+    pub fn master_key(&self) -> anyhow::Result<crate::crypto::MasterKey> {
+        Ok(crate::crypto::MasterKey::from_hex(
+            self.encryption_key.expose(),
+        )?)
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         let key = self.encryption_key.expose();
         if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -4,11 +4,13 @@ use std::process::ExitCode;
 
 use ai_secretary::{
     cli::{Cli, Command},
+    crypto::MasterKey,
     recovery,
     startup::{Application, Roles, shutdown_signal},
-    store::postgres,
+    store::{postgres, rotation::rotate_master_key},
     telemetry,
 };
+use anyhow::Context;
 use clap::Parser;
 
 #[tokio::main]
@@ -54,6 +56,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 _ => anyhow::bail!("name a projection, or pass --all"),
             };
             recovery::replay(&config, &names).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(Command::RotateEncryptionKey { new_encryption_key }) => {
+            config.validate()?;
+            let new = MasterKey::from_hex(new_encryption_key.expose())
+                .context("NEW_ENCRYPTION_KEY must be 32 bytes written as 64 hex characters")?;
+            let pool = postgres::connect(config.database_url.expose(), 1).await?;
+            let rotated = rotate_master_key(&pool, &config.master_key()?, &new).await?;
+            println!(
+                "rotated {} user keys and {} email lookups; start the service with the new ENCRYPTION_KEY",
+                rotated.keys, rotated.reservations
+            );
             return Ok(ExitCode::SUCCESS);
         }
         Some(Command::Verify { name }) => {

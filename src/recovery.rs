@@ -14,6 +14,7 @@ use std::{
 };
 
 use ai_secretary_projections::{
+    Opener,
     cache::Cache,
     fold,
     rebuild::{self, RebuildError, Step},
@@ -25,7 +26,18 @@ use sqlx::PgPool;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
-use crate::config::Config;
+use crate::{
+    config::Config,
+    crypto::MasterKey,
+    store::{PgEventStore, postgres::CoalescingConfig, sealed::Keyring},
+};
+
+/// What opens the sealed personal fields a rebuild or a verify folds: users'
+/// keys, from the store on `pool`, unwrapped with `master`.
+pub fn opener(master: MasterKey, pool: &PgPool) -> Arc<Keyring> {
+    let store = PgEventStore::new(pool.clone(), CoalescingConfig::default());
+    Arc::new(Keyring::new(master, Arc::new(store)))
+}
 
 /// How often a rebuild without a terminal logs its progress, and how often a
 /// service rebuild writes it to its `rebuilds` row.
@@ -119,7 +131,8 @@ pub async fn replay(config: &Config, names: &[&str]) -> anyhow::Result<()> {
             }
         })
     });
-    let result = rebuild::rebuild(&pool, names, Some(&cache), &on_step).await;
+    let opener = opener(config.master_key()?, &pool);
+    let result = rebuild::rebuild(&pool, opener, names, Some(&cache), &on_step).await;
     if let Some(task) = logging {
         task.abort();
     }
@@ -149,14 +162,19 @@ pub async fn replay(config: &Config, names: &[&str]) -> anyhow::Result<()> {
 /// `ai-secretary verify [NAME]`: prints the report; true when nothing drifted.
 pub async fn verify(config: &Config, names: &[&str]) -> anyhow::Result<bool> {
     let pool = crate::store::postgres::connect(config.database_url.expose(), 2).await?;
-    let (report, clean) = verify_report(&pool, names).await?;
+    let (report, clean) = verify_report(&pool, &config.master_key()?, names).await?;
     print!("{report}");
     Ok(clean)
 }
 
 /// The readable report of `verify`, and whether every table is clean.
-pub async fn verify_report(pool: &PgPool, names: &[&str]) -> anyhow::Result<(String, bool)> {
-    let results = verify::verify(pool, names, &|_| {}).await?;
+pub async fn verify_report(
+    pool: &PgPool,
+    master: &MasterKey,
+    names: &[&str],
+) -> anyhow::Result<(String, bool)> {
+    let opener = opener(master.clone(), pool);
+    let results = verify::verify(pool, opener.as_ref(), names, &|_| {}).await?;
     let mut report = String::new();
     for verified in &results {
         report.push_str(&verified.to_string());
@@ -198,15 +216,22 @@ pub struct RebuildStatus {
 #[derive(Clone)]
 pub struct Rebuilds {
     pub pool: PgPool,
+    opener: Arc<dyn Opener>,
     pub cache: Cache,
     tasks: TaskTracker,
     stop: CancellationToken,
 }
 
 impl Rebuilds {
-    pub fn new(pool: PgPool, cache: Cache, stop: CancellationToken) -> Rebuilds {
+    pub fn new(
+        pool: PgPool,
+        opener: Arc<dyn Opener>,
+        cache: Cache,
+        stop: CancellationToken,
+    ) -> Rebuilds {
         Rebuilds {
             pool,
+            opener,
             cache,
             tasks: TaskTracker::new(),
             stop,
@@ -260,7 +285,13 @@ impl Rebuilds {
             move |step: Step| counter.observe(&step)
         };
         let names = [name];
-        let rebuilt = rebuild::rebuild(&self.pool, &names, Some(&self.cache), &on_step);
+        let rebuilt = rebuild::rebuild(
+            &self.pool,
+            self.opener.clone(),
+            &names,
+            Some(&self.cache),
+            &on_step,
+        );
         tokio::pin!(rebuilt);
         let mut tick = tokio::time::interval(REPORT_EVERY);
         let outcome: Result<(), String> = loop {

@@ -179,10 +179,22 @@ impl Replier {
             correlation_id,
             attempt,
         );
+        // The reply is the conversation owner's data: its content is sealed
+        // under their key. The request names them (its poster); a request
+        // written before requests did is asked of the conversation.
+        let named = envelope
+            .metadata
+            .get("user_id")
+            .and_then(|u| u.as_str())
+            .and_then(|u| u.parse().ok());
+        let owner = match named {
+            Some(owner) => Some(owner),
+            None => self.commands.conversation_owner(conversation_id).await?,
+        };
         let context = CommandContext {
             correlation_id: correlation_id.to_owned(),
             causation_id: Some(envelope.event_id),
-            user_id: None,
+            user_id: owner,
             idempotency_key: None,
         };
         let reply = Reply {

@@ -20,8 +20,9 @@ use crate::{
     recovery::Rebuilds,
     replier::Replier,
     store::{
-        PgEventStore,
+        EventStore, PgEventStore,
         postgres::{self, CoalescingConfig},
+        sealed::Keyring,
     },
 };
 
@@ -136,6 +137,10 @@ impl Application {
                 flushers: config.append_flushers,
             },
         );
+        // The store as it is (what the relay publishes: sealed personal fields),
+        // and the users' keys, which commands seal with and projections open with.
+        let raw: Arc<dyn EventStore> = Arc::new(store.clone());
+        let keyring = Keyring::new(config.master_key()?, raw.clone());
         let stop = CancellationToken::new();
         let draining = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -166,7 +171,7 @@ impl Application {
         let nats = bus::connect(&bus.url).await?;
         if roles.replier {
             let replier = Replier {
-                commands: Commands::new(Arc::new(store.clone()), states.clone()),
+                commands: Commands::new(raw.clone(), states.clone(), keyring.clone()),
                 provider: provider(config)?,
                 policy: config.retry_policy(),
                 history_chars: config.llm_history_chars,
@@ -187,7 +192,7 @@ impl Application {
             if roles.relay {
                 let relay = Arc::new(Relay {
                     pool: pool.clone(),
-                    store: Arc::new(store.clone()),
+                    store: raw.clone(),
                     jetstream: jetstream.clone(),
                     bus: bus.clone(),
                 });
@@ -200,6 +205,7 @@ impl Application {
             let source = worker::Source {
                 stream: bus.stream.clone(),
                 subject_prefix: bus.subject_prefix.clone(),
+                opener: Arc::new(keyring.clone()),
             };
             for projection in ai_secretary_projections::all(cache.clone())
                 .into_iter()
@@ -237,7 +243,12 @@ impl Application {
         let mut recovery = None;
         let api = if roles.api {
             let (progress, follower) = Progress::start(pool.clone(), stop.clone());
-            let rebuilds = Rebuilds::new(pool.clone(), cache.clone(), stop.clone());
+            let rebuilds = Rebuilds::new(
+                pool.clone(),
+                Arc::new(keyring.clone()),
+                cache.clone(),
+                stop.clone(),
+            );
             tasks.push(AbortOnDropHandle::new(follower));
             let read = ReadSide {
                 pool: pool.clone(),
@@ -248,7 +259,7 @@ impl Application {
                 subject_prefix: bus.subject_prefix.clone(),
                 draining: draining.clone(),
             };
-            let commands = Commands::new(Arc::new(store.clone()), states);
+            let commands = Commands::new(raw.clone(), states, keyring.clone());
             let tokens = Tokens::new(config.jwt_secret_key.expose(), config.access_token_ttl());
             let limits = http::limits::Limits::new(&config.limit_settings()?);
             let commands_for_jobs = commands.clone();
@@ -319,13 +330,15 @@ impl Application {
                 tracing::warn!("a background task did not stop within 10 s");
             }
         }
-        if let Some(rebuilds) = &self.recovery
+        if let Some(rebuilds) = self.recovery
             && tokio::time::timeout(Duration::from_secs(10), rebuilds.join())
                 .await
                 .is_err()
         {
             tracing::warn!("a rebuild did not stop within 10 s");
         }
+        // Every other handle on the store is gone now (the rebuilds' keyring
+        // held one): its flushers can drain and stop.
         self.store.close().await;
         tracing::info!("stopped");
         Ok(())

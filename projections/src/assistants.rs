@@ -6,7 +6,7 @@ use sqlx::PgConnection;
 
 use crate::{
     envelope::{Event, EventEnvelope},
-    projection::{Projection, ProjectionError},
+    projection::{Projection, ProjectionError, forget_user},
 };
 
 pub struct Assistants;
@@ -37,6 +37,18 @@ impl Projection for Assistants {
     ) -> Result<(), ProjectionError> {
         let (stx, sgp) = (e.transaction_id, e.global_position);
         match event {
+            Event::UserForgotten => {
+                forget_user(
+                    tx,
+                    e.stream_id,
+                    &[
+                        "DELETE FROM assistants_conversations WHERE assistant_id IN
+                             (SELECT id FROM assistants WHERE owner_id = $1)",
+                        "DELETE FROM assistants WHERE owner_id = $1",
+                    ],
+                )
+                .await?;
+            }
             Event::AssistantCreated(a) => {
                 sqlx::query(
                     "INSERT INTO assistants (id, owner_id, name, role, instructions, model,

@@ -6,7 +6,7 @@ use sqlx::PgConnection;
 
 use crate::{
     envelope::{Event, EventEnvelope, Usage},
-    projection::{Projection, ProjectionError},
+    projection::{Projection, ProjectionError, forget_user},
 };
 
 pub struct Conversations;
@@ -66,6 +66,10 @@ impl Projection for Conversations {
         e: &EventEnvelope,
         event: &Event,
     ) -> Result<(), ProjectionError> {
+        if let Event::UserForgotten = event {
+            let forget = ["DELETE FROM conversations WHERE owner_id = $1"];
+            return forget_user(tx, e.stream_id, &forget).await;
+        }
         if let Event::ConversationStarted(c) = event {
             sqlx::query(
                 "INSERT INTO conversations (id, owner_id, assistant_id, title, status,

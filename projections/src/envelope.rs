@@ -115,6 +115,7 @@ pub fn decode<P: Payload + ?Sized>(
     };
     Ok(match event_type {
         "UserRegistered" => Event::UserRegistered,
+        "UserForgotten" => Event::UserForgotten,
         "AssistantCreated" => Event::AssistantCreated(d.data()?),
         "AssistantUpdated" => Event::AssistantUpdated(d.data()?),
         "AssistantArchived" => Event::AssistantStatus {
@@ -170,6 +171,10 @@ struct At {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     UserRegistered,
+    /// The user of the stream asked to be forgotten: every projection drops
+    /// what it holds of theirs (their key is already gone, so whatever of theirs
+    /// is projected from then on reads as forgotten).
+    UserForgotten,
     AssistantCreated(AssistantCreated),
     AssistantUpdated(AssistantUpdated),
     AssistantStatus {
@@ -284,6 +289,26 @@ pub struct ReplyFailed {
     pub conversation_id: Option<Uuid>,
     pub error: String,
     pub failed_at: DateTime<Utc>,
+}
+
+/// Opens the sealed personal fields of payloads (crypto-shredding: the store
+/// and the bus carry them encrypted under each user's key; the service's
+/// keyring opens them). A forgotten user's values open to a placeholder; a
+/// value that does not open under a key that exists is an error (the wrong
+/// `ENCRYPTION_KEY`), which stops the batch rather than project it.
+#[async_trait::async_trait]
+pub trait Opener: Send + Sync + 'static {
+    /// Replace each sealed value of `data`, a payload of event `event_id`, with
+    /// its plaintext.
+    async fn open(&self, event_id: uuid::Uuid, data: &mut Value) -> Result<(), String>;
+
+    /// [`open`](Opener::open) on a payload's JSON text (what the store's bulk
+    /// reads give), returned as it is when it holds nothing sealed.
+    async fn open_text(&self, event_id: uuid::Uuid, text: String) -> Result<String, String>;
+
+    /// `user` was forgotten (their `UserForgotten` was just read): stop using
+    /// any copy of their key kept in memory, before the next event is opened.
+    fn forget(&self, user: uuid::Uuid);
 }
 
 #[cfg(test)]

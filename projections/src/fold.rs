@@ -71,6 +71,19 @@ impl<K: Eq + Hash + Clone, V> Rows<K, V> {
         self.rows.entry(key).or_insert_with(make)
     }
 
+    /// `DELETE … WHERE`: every row `doomed` picks.
+    fn remove_where(&mut self, doomed: impl Fn(&K, &V) -> bool) {
+        let keys: Vec<K> = self
+            .rows
+            .iter()
+            .filter(|(k, v)| doomed(k, v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &keys {
+            self.remove(key);
+        }
+    }
+
     fn remove(&mut self, key: &K) {
         if self.rows.remove(key).is_some()
             && let Some(changed) = &mut self.changed
@@ -149,6 +162,18 @@ impl AssistantsFold {
     pub fn apply(&mut self, e: &EventEnvelope, event: &Event) {
         let (last_tx, last_gp) = stamp(e);
         match event {
+            Event::UserForgotten => {
+                let user = e.stream_id;
+                let theirs: HashSet<Uuid> = self
+                    .assistants
+                    .iter()
+                    .filter(|(_, a)| a.owner_id == user)
+                    .map(|(id, _)| *id)
+                    .collect();
+                self.conversations
+                    .remove_where(|_, assistant| theirs.contains(assistant));
+                self.assistants.remove_where(|_, a| a.owner_id == user);
+            }
             Event::AssistantCreated(a) => {
                 self.assistants
                     .insert_if_absent(e.stream_id, || AssistantRow {
@@ -263,6 +288,11 @@ pub struct ConversationsFold {
 impl ConversationsFold {
     pub fn apply(&mut self, e: &EventEnvelope, event: &Event) {
         let (last_tx, last_gp) = stamp(e);
+        if let Event::UserForgotten = event {
+            let user = e.stream_id;
+            self.conversations.remove_where(|_, c| c.owner_id == user);
+            return;
+        }
         if let Event::ConversationStarted(c) = event {
             self.conversations
                 .insert_if_absent(e.stream_id, || ConversationRow {
@@ -349,6 +379,11 @@ pub struct MessagesFold {
 impl MessagesFold {
     pub fn apply(&mut self, e: &EventEnvelope, event: &Event) {
         match event {
+            Event::UserForgotten => {
+                let user = e.stream_id;
+                self.messages.remove_where(|_, m| m.owner_id == user);
+                self.conversations.remove_where(|_, owner| *owner == user);
+            }
             Event::ConversationStarted(c) => {
                 self.conversations
                     .insert_if_absent(e.stream_id, || c.owner_id);
@@ -442,6 +477,12 @@ pub struct UsageFold {
 impl UsageFold {
     pub fn apply(&mut self, e: &EventEnvelope, event: &Event) {
         match event {
+            Event::UserForgotten => {
+                let user = e.stream_id;
+                self.usage.remove_where(|(owner, ..), _| *owner == user);
+                self.conversations
+                    .remove_where(|_, (owner, _)| *owner == user);
+            }
             Event::ConversationStarted(c) => {
                 self.conversations
                     .insert_if_absent(e.stream_id, || (c.owner_id, c.assistant_id));

@@ -24,7 +24,7 @@ pub mod worker;
 
 use std::sync::Arc;
 
-pub use envelope::{Event, EventEnvelope, Position};
+pub use envelope::{Event, EventEnvelope, Opener, Position};
 pub use projection::{Projection, ProjectionError};
 
 /// Every projection, in the order their names are listed to operators.

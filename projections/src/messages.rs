@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::{
     envelope::{Event, EventEnvelope},
-    projection::{Projection, ProjectionError},
+    projection::{Projection, ProjectionError, forget_user},
 };
 
 pub struct Messages;
@@ -60,6 +60,17 @@ impl Projection for Messages {
         event: &Event,
     ) -> Result<(), ProjectionError> {
         match event {
+            Event::UserForgotten => {
+                forget_user(
+                    tx,
+                    e.stream_id,
+                    &[
+                        "DELETE FROM messages WHERE owner_id = $1",
+                        "DELETE FROM messages_conversations WHERE owner_id = $1",
+                    ],
+                )
+                .await?;
+            }
             Event::ConversationStarted(c) => {
                 sqlx::query(
                     "INSERT INTO messages_conversations (conversation_id, owner_id)

@@ -19,7 +19,7 @@
 //! interrupted run are dropped when the next one starts. One rebuild per
 //! projection at a time (a session advisory lock, released if the process dies).
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use futures_util::{StreamExt, TryStreamExt};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
@@ -27,7 +27,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
 use crate::{
     cache::Cache,
     checkpoint,
-    envelope::{self, EventEnvelope, Position},
+    envelope::{self, Event, EventEnvelope, Opener, Position},
     fold::{self, Fold},
     log::{envelope_of, plan_range_with_its_bounds, range},
     tables::{self, Table},
@@ -46,6 +46,9 @@ pub enum RebuildError {
     AlreadyRunning(String),
     #[error("redis: {0}")]
     Cache(#[from] redis::RedisError),
+    /// A sealed field did not open (the wrong `ENCRYPTION_KEY`?).
+    #[error("sealed data: {0}")]
+    Sealed(String),
 }
 
 /// What a rebuild reports as it goes (for a progress bar, logs or a status row).
@@ -101,6 +104,7 @@ pub async fn is_running(pool: &PgPool, name: &str) -> Result<bool, sqlx::Error> 
 /// `cache`, its keys are dropped after the swaps: queries fill them again.
 pub async fn rebuild(
     pool: &PgPool,
+    opener: Arc<dyn Opener>,
     names: &[&str],
     cache: Option<&Cache>,
     on_step: &(dyn Fn(Step) + Sync),
@@ -138,8 +142,15 @@ pub async fn rebuild(
         events: head.global_position.max(0) as u64,
     });
     let mut limited: Vec<(Fold, Position)> = folds.into_iter().map(|f| (f, head)).collect();
-    let events =
-        fold_store_pipelined(pool, &mut limited, Position::default(), head, on_step).await?;
+    let events = fold_store_pipelined(
+        pool,
+        opener.clone(),
+        &mut limited,
+        Position::default(),
+        head,
+        on_step,
+    )
+    .await?;
 
     // Two projections written at a time, each on its own lease's session (the
     // machine this was measured on has two cores; Postgres uses one per session).
@@ -157,7 +168,7 @@ pub async fn rebuild(
         fold.track_changes();
     }
     for ((fold, _), lease) in limited.iter_mut().zip(&mut leases) {
-        let (position, tail) = swap(lease, fold, head).await?;
+        let (position, tail) = swap(lease, opener.as_ref(), fold, head).await?;
         on_step(Step::Swapped {
             projection: fold.name(),
             position,
@@ -202,9 +213,24 @@ pub async fn head(conn: &mut PgConnection) -> Result<Position, sqlx::Error> {
 /// How often (in events) the fold reports progress.
 const REPORT_EVERY: u64 = 50_000;
 
-fn fold_one(folds: &mut [(Fold, Position)], envelope: &EventEnvelope, data: &str) {
-    let event = envelope::decode(&envelope.event_type, envelope.schema_version, data);
+/// Fold one event, its payload opened first (a forgotten user's sealed values
+/// read as forgotten, as they did for the live projection after the forgetting).
+async fn fold_one(
+    opener: &dyn Opener,
+    folds: &mut [(Fold, Position)],
+    envelope: &EventEnvelope,
+    data: String,
+) -> Result<(), RebuildError> {
+    let data = opener
+        .open_text(envelope.event_id, data)
+        .await
+        .map_err(RebuildError::Sealed)?;
+    let event = envelope::decode(&envelope.event_type, envelope.schema_version, data.as_str());
+    if let Ok(Event::UserForgotten) = event {
+        opener.forget(envelope.stream_id);
+    }
     fold::apply_all(folds, envelope, event);
+    Ok(())
 }
 
 /// Fold the events in `(after, upto]`, in commit order, into each fold up to its
@@ -212,16 +238,17 @@ fn fold_one(folds: &mut [(Fold, Position)], envelope: &EventEnvelope, data: &str
 /// Returns how many were read.
 pub async fn fold_store(
     conn: &mut PgConnection,
+    opener: &dyn Opener,
     folds: &mut [(Fold, Position)],
     after: Position,
     upto: Position,
     on_step: &(dyn Fn(Step) + Sync),
-) -> Result<u64, sqlx::Error> {
+) -> Result<u64, RebuildError> {
     plan_range_with_its_bounds(&mut *conn).await?;
     let mut rows = range(after, upto).fetch(&mut *conn);
     let mut read = 0u64;
     while let Some(row) = rows.try_next().await? {
-        fold_one(folds, &envelope_of(&row)?, row.try_get(9)?);
+        fold_one(opener, folds, &envelope_of(&row)?, row.try_get(9)?).await?;
         read += 1;
         if read.is_multiple_of(REPORT_EVERY) {
             on_step(Step::Folded { events: read });
@@ -238,11 +265,12 @@ const HANDOFF: usize = 2_000;
 /// the rows (on another worker thread) while this one decodes and folds them.
 async fn fold_store_pipelined(
     pool: &PgPool,
+    opener: Arc<dyn Opener>,
     folds: &mut [(Fold, Position)],
     after: Position,
     upto: Position,
     on_step: &(dyn Fn(Step) + Sync),
-) -> Result<u64, sqlx::Error> {
+) -> Result<u64, RebuildError> {
     let (sender, mut batches) = tokio::sync::mpsc::channel::<Vec<(EventEnvelope, String)>>(16);
     let pool = pool.clone();
     let reader = tokio::spawn(async move {
@@ -268,8 +296,8 @@ async fn fold_store_pipelined(
     let reader = tokio_util::task::AbortOnDropHandle::new(reader);
     let mut read = 0u64;
     while let Some(batch) = batches.recv().await {
-        for (envelope, data) in &batch {
-            fold_one(folds, envelope, data);
+        for (envelope, data) in batch {
+            fold_one(opener.as_ref(), folds, &envelope, data).await?;
             read += 1;
             if read.is_multiple_of(REPORT_EVERY) {
                 on_step(Step::Folded { events: read });
@@ -372,9 +400,10 @@ async fn copy_indexes(conn: &mut PgConnection, table: &Table) -> Result<(), sqlx
 /// checkpoint afterwards and how many tail events were folded under the lock.
 async fn swap(
     conn: &mut PgConnection,
+    opener: &dyn Opener,
     fold: &mut Fold,
     head: Position,
-) -> Result<(Position, u64), sqlx::Error> {
+) -> Result<(Position, u64), RebuildError> {
     let name = fold.name();
     let tables = tables::tables_of(name);
     let mut tx = conn.begin().await?;
@@ -402,7 +431,7 @@ async fn swap(
             std::mem::replace(fold, Fold::new(name).expect("a fold's own name is known")),
             live,
         )];
-        tail = fold_store(&mut tx, &mut one, head, live, &|_| {}).await?;
+        tail = fold_store(&mut tx, opener, &mut one, head, live, &|_| {}).await?;
         let [(folded, _)] = one;
         *fold = folded;
         tables::write_changed(&mut tx, fold, NEXT).await?;

@@ -5,7 +5,7 @@ use sqlx::PgConnection;
 
 use crate::{
     envelope::{Event, EventEnvelope},
-    projection::{Projection, ProjectionError},
+    projection::{Projection, ProjectionError, forget_user},
 };
 
 pub struct UsageDaily;
@@ -23,6 +23,17 @@ impl Projection for UsageDaily {
         event: &Event,
     ) -> Result<(), ProjectionError> {
         match event {
+            Event::UserForgotten => {
+                forget_user(
+                    tx,
+                    e.stream_id,
+                    &[
+                        "DELETE FROM usage_daily WHERE owner_id = $1",
+                        "DELETE FROM usage_conversations WHERE owner_id = $1",
+                    ],
+                )
+                .await?;
+            }
             Event::ConversationStarted(c) => {
                 sqlx::query(
                     "INSERT INTO usage_conversations (conversation_id, owner_id, assistant_id)

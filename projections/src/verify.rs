@@ -19,7 +19,7 @@ use sqlx::{AssertSqlSafe, Connection, PgPool, Row};
 
 use crate::{
     checkpoint,
-    envelope::Position,
+    envelope::{Opener, Position},
     fold::{self, Fold},
     rebuild::{self, Step},
     tables,
@@ -92,6 +92,7 @@ impl fmt::Display for Verified {
 /// Verify the named projections (all with a batch path when `names` is empty).
 pub async fn verify(
     pool: &PgPool,
+    opener: &dyn Opener,
     names: &[&str],
     on_step: &(dyn Fn(Step) + Sync),
 ) -> Result<Vec<Verified>, rebuild::RebuildError> {
@@ -123,7 +124,15 @@ pub async fn verify(
         limited.push((fold, at));
     }
     let upto = limited.iter().map(|f| f.1).max().unwrap_or_default();
-    rebuild::fold_store(&mut tx, &mut limited, Position::default(), upto, on_step).await?;
+    rebuild::fold_store(
+        &mut tx,
+        opener,
+        &mut limited,
+        Position::default(),
+        upto,
+        on_step,
+    )
+    .await?;
 
     let mut results = Vec::new();
     for (fold, at) in &limited {

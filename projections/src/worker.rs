@@ -32,17 +32,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     checkpoint,
-    envelope::{self, EventEnvelope, Position},
+    envelope::{self, Event, EventEnvelope, Opener, Position},
     lease::{self, Lease},
     log,
     projection::{Decoded, Projection, ProjectionError},
 };
 
-/// Where the events are on the bus.
-#[derive(Debug, Clone)]
+/// Where the events are on the bus, and how their sealed personal fields are
+/// opened (the bus and the store carry them encrypted).
+#[derive(Clone)]
 pub struct Source {
     pub stream: String,
     pub subject_prefix: String,
+    pub opener: Arc<dyn Opener>,
 }
 
 /// Most messages applied in one transaction.
@@ -67,6 +69,10 @@ pub enum WorkerError {
     /// swap): the batch is dropped and the next one resolves from there.
     #[error("the checkpoint moved under the batch (a rebuild swapped it)")]
     Moved,
+    /// A sealed field did not open (the wrong `ENCRYPTION_KEY`?): the batch is
+    /// not applied, and is tried again.
+    #[error("sealed data: {0}")]
+    Sealed(String),
 }
 
 fn nats(e: impl std::fmt::Display) -> WorkerError {
@@ -170,7 +176,7 @@ async fn consume(
                 _ => break,
             }
         }
-        apply(pool, projection, lease, &batch).await?;
+        apply(pool, source.opener.as_ref(), projection, lease, &batch).await?;
     }
 }
 
@@ -219,6 +225,7 @@ async fn position_consumer(
 /// Redis call, a read of the store) happens inside it.
 async fn apply(
     pool: &PgPool,
+    opener: &dyn Opener,
     projection: &dyn Projection,
     lease: &Lease,
     batch: &[jetstream::Message],
@@ -229,7 +236,7 @@ async fn apply(
         lease.fenced();
         return Err(WorkerError::Deposed);
     }
-    let resolved = resolve(pool, name, batch, start.position).await?;
+    let resolved = resolve(pool, opener, name, batch, start.position).await?;
     let decoded: Vec<&Decoded> = resolved
         .steps
         .iter()
@@ -304,6 +311,7 @@ struct Poison {
 /// Drop what is at or below `from`, fill gaps from the event store, decode.
 async fn resolve(
     pool: &PgPool,
+    opener: &dyn Opener,
     name: &str,
     batch: &[jetstream::Message],
     from: Position,
@@ -319,7 +327,7 @@ async fn resolve(
             resolved.sequence = Some(info.stream_sequence);
         }
         let payload = || String::from_utf8_lossy(&message.payload).into_owned();
-        let envelope: EventEnvelope = match serde_json::from_slice(&message.payload) {
+        let mut envelope: EventEnvelope = match serde_json::from_slice(&message.payload) {
             Ok(envelope) => envelope,
             Err(e) => {
                 // Nothing to place it by: the next event's `previous` will show
@@ -338,7 +346,7 @@ async fn resolve(
             continue; // applied before: a redelivery or a republish
         }
         if envelope.previous != Some(at) {
-            let filled = fill_gap(pool, at, envelope.position(), &mut resolved).await?;
+            let filled = fill_gap(pool, opener, at, envelope.position(), &mut resolved).await?;
             metrics::counter!("projection_gap_fills_total", "projection" => name.to_owned())
                 .increment(1);
             if resolved.at == envelope.position() {
@@ -353,6 +361,10 @@ async fn resolve(
             }
             continue;
         }
+        opener
+            .open(envelope.event_id, &mut envelope.data)
+            .await
+            .map_err(WorkerError::Sealed)?;
         let step = match envelope.decode() {
             Ok(event) => Ok(Decoded { envelope, event }),
             Err(reason) => Err(Poison {
@@ -362,14 +374,23 @@ async fn resolve(
                 envelope: Some(envelope),
             }),
         };
-        resolved.push(step);
+        resolved.push(opener, step);
     }
     Ok(resolved)
 }
 
 impl Resolved {
     /// One more event the checkpoint moves past.
-    fn push(&mut self, step: Result<Decoded, Poison>) {
+    fn push(&mut self, opener: &dyn Opener, step: Result<Decoded, Poison>) {
+        if let Ok(Decoded {
+            envelope,
+            event: Event::UserForgotten,
+        }) = &step
+        {
+            // Their key is gone from the store with this event; any copy in
+            // memory goes now, before the batch's next event is opened.
+            opener.forget(envelope.stream_id);
+        }
         if let Some(envelope) = match &step {
             Ok(d) => Some(&d.envelope),
             Err(p) => p.envelope.as_ref(),
@@ -386,6 +407,7 @@ impl Resolved {
 /// `resolved.at` ends at `upto`, unless the store lacks it.
 async fn fill_gap(
     pool: &PgPool,
+    opener: &dyn Opener,
     after: Position,
     upto: Position,
     resolved: &mut Resolved,
@@ -402,20 +424,25 @@ async fn fill_gap(
         };
         at = last.position();
         for (envelope, data) in events {
+            let opened = opener
+                .open_text(envelope.event_id, data.clone())
+                .await
+                .map_err(WorkerError::Sealed)?;
             let step = match envelope::decode(
                 &envelope.event_type,
                 envelope.schema_version,
-                data.as_str(),
+                opened.as_str(),
             ) {
                 Ok(event) => Ok(Decoded { envelope, event }),
                 Err(reason) => Err(Poison {
                     subject: "(event store)".into(),
                     reason,
+                    // As stored: sealed, never the plaintext.
                     payload: data,
                     envelope: Some(envelope),
                 }),
             };
-            resolved.push(step);
+            resolved.push(opener, step);
             filled += 1;
         }
     }

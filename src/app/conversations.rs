@@ -52,6 +52,23 @@ impl Commands {
         .await
     }
 
+    /// Who owns a conversation (whose key seals what is written in it).
+    pub async fn conversation_owner(
+        &self,
+        conversation_id: Uuid,
+    ) -> Result<Option<Uuid>, ReadError> {
+        Ok(
+            match self
+                .load::<ConversationDecider>(conversation_id)
+                .await?
+                .state
+            {
+                ConversationState::Live(c) => Some(c.owner_id),
+                ConversationState::Absent => None,
+            },
+        )
+    }
+
     /// `actor`'s conversation as its stream has it now (always current, so a
     /// conversation just started can be followed at once); not found for anyone
     /// else.

@@ -24,6 +24,7 @@ use crate::{
         AppendError, AppendRequest, Behind, EventMetadata, EventStore, IdempotencyRecord, Position,
         Reservation, StoreError, StoredPayload, StoredResponse,
         codec::{self, CodecError},
+        sealed::{Keyring, SealedStore},
     },
 };
 
@@ -89,6 +90,9 @@ pub enum AppError<E> {
     ReservationTaken { scope: &'static str },
     #[error("idempotency key already used")]
     IdempotencyKeyTaken,
+    /// The user the command's data belongs to is forgotten.
+    #[error("the account is forgotten")]
+    OwnerForgotten,
     #[error(transparent)]
     Store(StoreError),
     #[error(transparent)]
@@ -125,13 +129,22 @@ pub type Remember<'a, S> = &'a (dyn Fn(&S, i64) -> IdempotencyRecord + Send + Sy
 /// The command side of the service.
 #[derive(Clone)]
 pub struct Commands {
+    /// The sealing store (`store::sealed`): personal fields are encrypted on
+    /// append and opened on read, out of the domain's sight.
     store: Arc<dyn EventStore>,
     states: StateCache,
+    keyring: Keyring,
 }
 
 impl Commands {
-    pub fn new(store: Arc<dyn EventStore>, states: StateCache) -> Self {
-        Self { store, states }
+    /// Commands on `store` (the real one: it is wrapped in the sealing store
+    /// here), with users' keys in `keyring`.
+    pub fn new(store: Arc<dyn EventStore>, states: StateCache, keyring: Keyring) -> Self {
+        Self {
+            store: Arc::new(SealedStore::new(store, keyring.clone())),
+            states,
+            keyring,
+        }
     }
 
     /// A stream folded into its decider's state: the cached state, if any, and
@@ -222,6 +235,7 @@ impl Commands {
                     .collect::<Result<_, _>>()?,
                 reservation: reservation.clone(),
                 idempotency: record,
+                user_key: None,
             };
             match self.store.append(request).await {
                 Ok(appended) => {
@@ -245,10 +259,24 @@ impl Commands {
                 }
                 Err(AppendError::IdempotencyKeyTaken) => return Err(AppError::IdempotencyKeyTaken),
                 Err(AppendError::Empty) => unreachable!("events checked non-empty above"),
+                Err(AppendError::OwnerForgotten { .. }) => return Err(AppError::OwnerForgotten),
+                Err(e @ AppendError::Unsealable { .. }) => {
+                    return Err(AppError::Internal(e.into()));
+                }
                 Err(AppendError::Database(e)) => return Err(e.into()),
             }
         }
         Err(AppError::Contended)
+    }
+
+    /// Open the sealed personal fields of an event's payload as it came from
+    /// the bus (what the store gives through `Commands` is open already).
+    pub async fn open(
+        &self,
+        event_id: Uuid,
+        data: &mut serde_json::Value,
+    ) -> Result<(), StoreError> {
+        self.keyring.open(event_id, data).await
     }
 
     /// The first response stored for an idempotency key, with its request hash.

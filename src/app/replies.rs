@@ -128,6 +128,12 @@ impl Commands {
         {
             Ok(_) => Ok(true),
             Err(AppError::Domain(ReplyError::AlreadyEnded)) => Ok(false),
+            // The conversation's owner was forgotten while the reply was being
+            // written: nothing of theirs is recorded any more.
+            Err(AppError::OwnerForgotten) => {
+                tracing::info!(%reply_id, "the conversation's owner is forgotten; reply dropped");
+                Ok(false)
+            }
             Err(e) => Err(e),
         }
     }

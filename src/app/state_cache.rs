@@ -39,7 +39,7 @@ impl Weigh for UserState {
                 UserState::Registered(u) => {
                     u.email.len() + u.display_name.len() + u.password_hash.len()
                 }
-                UserState::Unregistered => 0,
+                UserState::Unregistered | UserState::Forgotten => 0,
             }
     }
 }

@@ -1,5 +1,9 @@
 //! Accounts: registration claims the email, signing in finds the account by it,
-//! and an administrator is an account whose registered email is listed.
+//! an administrator is an account whose registered email is listed, and an
+//! account can be forgotten.
+//!
+//! The email is claimed and looked up by its keyed hash (`Keyring::email_lookup`),
+//! never in plaintext: the reservations table says nothing of who registered.
 
 use uuid::Uuid;
 
@@ -50,6 +54,7 @@ impl Commands {
             at,
         } = registration;
         let (chars, strength) = assess_password(&password, &[&email, &display_name]);
+        let normalized = normalize_email(&email);
         let mut command = UserCommand::Register {
             user_id,
             email,
@@ -62,34 +67,59 @@ impl Commands {
             at,
         };
         UserDecider::decide(&command, &UserState::Unregistered).map_err(AppError::Domain)?;
+        // An account registered before emails were hashed holds its email's
+        // reservation in plaintext: it still counts.
+        let legacy = self
+            .store
+            .find_reservation(EMAIL_SCOPE, &normalized)
+            .await?;
+        if legacy.is_some() {
+            return Err(AppError::ReservationTaken { scope: EMAIL_SCOPE });
+        }
         let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
             .await
             .map_err(|e| AppError::Internal(e.into()))?
             .map_err(AppError::Internal)?;
-        let UserCommand::Register { password, .. } = &mut command;
-        password.hash = hash;
-        self.register_command(command, context, remember).await
-    }
-
-    /// Register `command` (a [`UserCommand::Register`]), claiming its email.
-    async fn register_command(
-        &self,
-        command: UserCommand,
-        context: &CommandContext,
-        remember: Option<Remember<'_, UserState>>,
-    ) -> Result<Decided<UserState>, AppError<UserError>> {
-        let UserCommand::Register { user_id, email, .. } = &command;
+        if let UserCommand::Register { password, .. } = &mut command {
+            password.hash = hash;
+        }
         let reservation = Reservation {
             scope: EMAIL_SCOPE,
-            value: normalize_email(email),
+            value: self.keyring.email_lookup(&normalized),
+        };
+        // The new user's personal fields are sealed under their own key.
+        let context = CommandContext {
+            user_id: Some(user_id),
+            ..context.clone()
         };
         self.execute::<UserDecider>(
-            *user_id,
+            user_id,
             Expected::New,
             &command,
-            context,
+            &context,
             Some(reservation),
             remember,
+        )
+        .await
+    }
+
+    /// Forget an account: its key is destroyed (so everything of theirs in the
+    /// events reads as forgotten), its email can register again, and every read
+    /// model and cache drops what it holds of them when it meets the event.
+    /// The caller has proved it is them (`DELETE /users/me`).
+    pub async fn forget(
+        &self,
+        user_id: Uuid,
+        at: chrono::DateTime<chrono::Utc>,
+        context: &CommandContext,
+    ) -> Result<Decided<UserState>, AppError<UserError>> {
+        self.execute::<UserDecider>(
+            user_id,
+            Expected::Any,
+            &UserCommand::Forget { at },
+            context,
+            None,
+            None,
         )
         .await
     }
@@ -102,11 +132,16 @@ impl Commands {
         email: &str,
         password: String,
     ) -> Result<Option<User>, ReadError> {
-        let user = match self
+        let email = normalize_email(email);
+        let mut found = self
             .store
-            .find_reservation(EMAIL_SCOPE, &normalize_email(email))
-            .await?
-        {
+            .find_reservation(EMAIL_SCOPE, &self.keyring.email_lookup(&email))
+            .await?;
+        if found.is_none() {
+            // Registered before emails were hashed.
+            found = self.store.find_reservation(EMAIL_SCOPE, &email).await?;
+        }
+        let user = match found {
             Some(id) => self.user(id).await?,
             None => None,
         };
@@ -124,7 +159,7 @@ impl Commands {
     pub async fn user(&self, user_id: Uuid) -> Result<Option<User>, ReadError> {
         Ok(match self.load::<UserDecider>(user_id).await?.state {
             UserState::Registered(user) => Some(user),
-            UserState::Unregistered => None,
+            UserState::Unregistered | UserState::Forgotten => None,
         })
     }
 

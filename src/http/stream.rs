@@ -112,9 +112,18 @@ async fn stream(
                 }
             };
             let Some(message) = message else { break };
-            let Ok(envelope) = serde_json::from_slice::<EventEnvelope>(&message.payload) else {
+            let Ok(mut envelope) = serde_json::from_slice::<EventEnvelope>(&message.payload) else {
                 continue;
             };
+            // The bus carries personal fields sealed; the client gets them open.
+            if let Err(e) = feed
+                .commands
+                .open(envelope.event_id, &mut envelope.data)
+                .await
+            {
+                tracing::warn!(error = %e, event_id = %envelope.event_id, "a live event did not open; skipped");
+                continue;
+            }
             if Position::from(envelope.position()) <= feed.sent {
                 continue;
             }

@@ -17,19 +17,19 @@ use super::{
     AppState,
     command::Invocation,
     error::ApiError,
-    extract::{ApiJson, AuthUser, CorrelationId},
+    extract::{ApiJson, AuthUser, CorrelationId, SignedIn},
     idempotency::IdempotencyKey,
     reply::Reply,
 };
 use crate::{
     app::{self, logins::LoginError},
-    domain::user::{UserDecider, UserState},
+    domain::user::{User, UserDecider, UserState},
 };
 
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/users", post(register))
-        .route("/users/me", get(me))
+        .route("/users/me", get(me).delete(forget_me))
         .route("/auth/token", post(token))
 }
 
@@ -54,7 +54,7 @@ fn user_json(state: &UserState, version: i64) -> Value {
             "created_at": u.created_at,
             "version": version,
         }),
-        UserState::Unregistered => Value::Null,
+        UserState::Unregistered | UserState::Forgotten => Value::Null,
     }
 }
 
@@ -104,21 +104,74 @@ struct Credentials {
 
 const BAD_CREDENTIALS: ApiError = ApiError::Unauthorized("the email or password is wrong");
 
+/// A login, with the lockout of repeated failures (`app::logins`).
+async fn login(state: &AppState, email: &str, password: String) -> Result<User, ApiError> {
+    match state.logins.login(email, password).await {
+        Ok(user) => Ok(user),
+        Err(LoginError::BadCredentials) => Err(BAD_CREDENTIALS),
+        Err(LoginError::LockedOut { retry_after }) => Err(ApiError::TooManyRequests {
+            detail: "too many failed logins for this account; try again later".into(),
+            retry_after,
+        }),
+        Err(LoginError::Read(e)) => Err(e.into()),
+    }
+}
+
+/// How recent a token must be to forget its account without the password.
+const RECENT_SIGN_IN: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
+/// `DELETE /users/me`'s proof that the caller is the account's owner right now.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Reauthentication {
+    #[serde(default)]
+    password: Option<String>,
+}
+
+/// Forget the caller ("forget me"): their key is destroyed, so what they wrote
+/// reads as forgotten everywhere, read models and caches drop it, their email
+/// may register again, and their tokens stop working. Asks for the password
+/// again (a body `{"password": …}`, checked as a login is, lockout included),
+/// or a token issued in the last five minutes.
+async fn forget_me(
+    State(state): State<AppState>,
+    SignedIn { user, issued_at }: SignedIn,
+    CorrelationId(correlation_id): CorrelationId,
+    key: IdempotencyKey,
+    body: Option<ApiJson<Reauthentication>>,
+) -> Result<Response, ApiError> {
+    match body.and_then(|ApiJson(b)| b.password) {
+        Some(password) => {
+            let email = match state.commands.user(user).await? {
+                Some(account) => account.email,
+                None => return Err(ApiError::Unauthorized("the token's account does not exist")),
+            };
+            if login(&state, &email, password).await?.id != user {
+                return Err(BAD_CREDENTIALS);
+            }
+        }
+        None if Utc::now() - issued_at <= RECENT_SIGN_IN => {}
+        None => {
+            return Err(ApiError::Unauthorized(
+                "forgetting an account needs its password ({\"password\": …}) or a token issued in the last 5 minutes",
+            ));
+        }
+    }
+    let commands = state.commands.clone();
+    Invocation::by_owner(&state, user, correlation_id, &key)
+        .run(
+            |_: &UserState, _| Reply::no_content(),
+            move |context, _remember| {
+                Box::pin(async move { commands.forget(user, Utc::now(), context).await })
+            },
+        )
+        .await
+}
 async fn token(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Credentials>,
 ) -> Result<Json<Value>, ApiError> {
-    let user = match state.logins.login(&body.email, body.password).await {
-        Ok(user) => user,
-        Err(LoginError::BadCredentials) => return Err(BAD_CREDENTIALS),
-        Err(LoginError::LockedOut { retry_after }) => {
-            return Err(ApiError::TooManyRequests {
-                detail: "too many failed logins for this account; try again later".into(),
-                retry_after,
-            });
-        }
-        Err(LoginError::Read(e)) => return Err(e.into()),
-    };
+    let user = login(&state, &body.email, body.password).await?;
     let access_token = state.tokens.issue(user.id, Utc::now())?;
     Ok(Json(json!({
         "access_token": access_token,

@@ -3,8 +3,9 @@
 //! A domain event serializes as `{"type": "AssistantCreated", ...fields}`; the
 //! store keeps `type` in `event_type` and the rest in `data`, with the schema
 //! version it was written in. Reading goes through [`upcast`] first, so an old
-//! payload is brought to today's shape before serde sees it. This is also where
-//! personal fields will be encrypted (crypto-shredding) without the domain noticing.
+//! payload is brought to today's shape before serde sees it. Personal fields are
+//! sealed and opened around it, by the sealing store (`super::sealed`): the
+//! codec only ever sees plaintext.
 
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value};
@@ -140,6 +141,7 @@ mod tests {
         };
         assert_eq!(decode::<ConversationEvent>(&recorded).unwrap(), event);
         let payload = StoredPayload {
+            event_id: recorded.event_id,
             version: 1,
             position: Position::START,
             event_type: recorded.event_type.clone(),
@@ -156,6 +158,7 @@ mod tests {
     fn a_payload_without_fields_or_of_the_wrong_shape_decodes_or_fails_cleanly() {
         use crate::domain::user::UserEvent;
         let payload = |event_type: &str, data: &str| StoredPayload {
+            event_id: Uuid::nil(),
             version: 1,
             position: Position::START,
             event_type: event_type.into(),

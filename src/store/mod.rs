@@ -7,6 +7,8 @@
 
 pub mod codec;
 pub mod postgres;
+pub mod rotation;
+pub mod sealed;
 
 use std::{fmt, str::FromStr};
 
@@ -88,6 +90,8 @@ pub struct RecordedEvent {
 /// An event as a fold reads it: its place, its type and its payload text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredPayload {
+    /// What its sealed fields are bound to (see `crate::crypto`).
+    pub event_id: Uuid,
     pub version: i64,
     pub position: Position,
     pub event_type: String,
@@ -120,6 +124,21 @@ pub struct AppendRequest {
     pub reservation: Option<Reservation>,
     /// The response to remember for an `Idempotency-Key`, written with the events.
     pub idempotency: Option<IdempotencyRecord>,
+    /// A user's data key to keep or to destroy with the events (crypto-shredding:
+    /// see `sealed`). Set by the sealing store, never by callers.
+    pub user_key: Option<UserKeyChange>,
+}
+
+/// What an append does to a user's data key, in its transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserKeyChange {
+    /// Keep a new user's key (wrapped: see `crate::crypto::MasterKey::wrap`).
+    Create { user: Uuid, wrapped: Vec<u8> },
+    /// Forget a user: destroy their key, and with it every copy of what was
+    /// theirs that the store keeps beside the events: their email's reservation
+    /// (so the email can register again) and the responses kept for their
+    /// idempotency keys.
+    Destroy { user: Uuid },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +189,14 @@ pub enum AppendError {
     IdempotencyKeyTaken,
     #[error("the request has no events")]
     Empty,
+    /// The user whose personal data the events carry is forgotten: nothing of
+    /// theirs can be written any more.
+    #[error("user {user} is forgotten")]
+    OwnerForgotten { user: Uuid },
+    /// An event with personal fields names no user to seal them for (a bug:
+    /// refused rather than written in plaintext).
+    #[error("{event_type} has personal fields and no user to seal them for")]
+    Unsealable { event_type: String },
     #[error(transparent)]
     Database(#[from] StoreError),
 }
@@ -183,6 +210,10 @@ pub enum StoreError {
     Shared(std::sync::Arc<sqlx::Error>),
     #[error("event store is shutting down")]
     Closed,
+    /// Sealed personal data that does not open under a key that exists: the
+    /// wrong `ENCRYPTION_KEY`, or tampering.
+    #[error("event store: {0} (is ENCRYPTION_KEY the one the data was written with?)")]
+    Crypto(#[from] crate::crypto::CryptoError),
 }
 
 impl StoreError {
@@ -196,7 +227,7 @@ impl StoreError {
         let error = match self {
             StoreError::Sqlx(e) => e,
             StoreError::Shared(e) => e.as_ref(),
-            StoreError::Closed => return false,
+            StoreError::Closed | StoreError::Crypto(_) => return false,
         };
         transient(error)
     }
@@ -336,6 +367,10 @@ pub trait EventStore: Send + Sync + 'static {
     /// an open transaction could still precede.
     async fn read_all(&self, after: Position, limit: i64)
     -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// A user's data key, wrapped; `None` once they are forgotten (or for an id
+    /// that never registered).
+    async fn find_user_key(&self, user: Uuid) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// The stream that holds a reserved value, if any.
     async fn find_reservation(

@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use super::{
     AppendError, AppendRequest, Appended, Behind, EventStore, IdempotencyRecord, Position,
-    RecordedEvent, StoreError, StoredPayload, StoredResponse, retrying,
+    RecordedEvent, StoreError, StoredPayload, StoredResponse, UserKeyChange, retrying,
 };
 
 /// Tuning of the coalescer.
@@ -289,7 +289,7 @@ async fn try_append(
 ) -> Result<Attempt, sqlx::Error> {
     let claims = batch
         .iter()
-        .any(|r| r.reservation.is_some() || r.idempotency.is_some());
+        .any(|r| r.reservation.is_some() || r.idempotency.is_some() || r.user_key.is_some());
     if !claims {
         // The common case: one statement, committed on its own.
         let appended = match batch {
@@ -306,6 +306,7 @@ async fn try_append(
         tx.rollback().await?;
         return Ok(Attempt::ClaimsLost(losers));
     }
+    change_user_keys(&mut tx, batch, &appended).await?;
     tx.commit().await?;
     Ok(Attempt::Committed(outcomes(batch, appended)))
 }
@@ -577,6 +578,57 @@ async fn claim_reservations(
         .collect())
 }
 
+/// Keep or destroy the user keys of commands whose events went in, in their
+/// transaction: a key exists exactly when its UserRegistered has committed and
+/// its UserForgotten has not.
+async fn change_user_keys(
+    tx: &mut sqlx::Transaction<'_, Postgres>,
+    batch: &[&AppendRequest],
+    appended: &[Option<Appended>],
+) -> Result<(), sqlx::Error> {
+    let changes = batch
+        .iter()
+        .zip(appended)
+        .filter(|(_, a)| a.is_some())
+        .filter_map(|(r, _)| r.user_key.as_ref());
+    for change in changes {
+        match change {
+            UserKeyChange::Create { user, wrapped } => {
+                sqlx::query("INSERT INTO user_keys (user_id, wrapped) VALUES ($1, $2)")
+                    .bind(user)
+                    .bind(wrapped)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            UserKeyChange::Destroy { user } => {
+                sqlx::query("DELETE FROM user_keys WHERE user_id = $1")
+                    .bind(user)
+                    .execute(&mut **tx)
+                    .await?;
+                // The email's reservation names only the user's stream, but while
+                // it stands the email cannot register again.
+                sqlx::query("DELETE FROM reservations WHERE stream_id = $1")
+                    .bind(user)
+                    .execute(&mut **tx)
+                    .await?;
+                // Kept responses hold personal data in plaintext: the user's own
+                // requests', and their anonymous sign-up's (owner nil, the
+                // response naming them by `id`).
+                sqlx::query(
+                    "DELETE FROM idempotency_keys
+                     WHERE owner_id = $1
+                        OR (owner_id = '00000000-0000-0000-0000-000000000000'
+                            AND response_body->>'id' = $1::text)",
+                )
+                .bind(user)
+                .execute(&mut **tx)
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Record the responses of keyed commands whose events went in; losers by batch index.
 async fn claim_idempotency_keys(
     tx: &mut sqlx::Transaction<'_, Postgres>,
@@ -841,8 +893,8 @@ impl EventStore for PgEventStore {
     ) -> Result<Vec<StoredPayload>, StoreError> {
         let rows = retrying(self.read_attempts(), || async {
             sqlx::query(
-                "SELECT version, transaction_id::text::int8 AS transaction_id, global_position,
-                        event_type, schema_version, data::text AS data
+                "SELECT event_id, version, transaction_id::text::int8 AS transaction_id,
+                        global_position, event_type, schema_version, data::text AS data
                  FROM events WHERE stream_id = $1 AND version > $2 ORDER BY version",
             )
             .bind(stream_id)
@@ -855,6 +907,7 @@ impl EventStore for PgEventStore {
             .into_iter()
             .map(|row| {
                 Ok(StoredPayload {
+                    event_id: row.try_get("event_id")?,
                     version: row.try_get("version")?,
                     position: Position {
                         transaction_id: row.try_get("transaction_id")?,
@@ -1011,6 +1064,16 @@ impl EventStore for PgEventStore {
         })
         .await?;
         recorded_events(rows)
+    }
+
+    async fn find_user_key(&self, user: Uuid) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(retrying(self.read_attempts(), || async {
+            sqlx::query_scalar("SELECT wrapped FROM user_keys WHERE user_id = $1")
+                .bind(user)
+                .fetch_optional(&self.pool)
+                .await
+        })
+        .await?)
     }
 
     async fn find_reservation(

@@ -42,6 +42,42 @@ const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
 
 /// The service, all in one process (API, relay, projections), on its own database,
 /// JetStream stream, subject prefix and Redis key prefix.
+/// The `ENCRYPTION_KEY` the test services run with (the development default).
+pub fn master_key() -> ai_secretary::crypto::MasterKey {
+    ai_secretary::crypto::MasterKey::from_hex(ai_secretary::config::DEV_ENCRYPTION_KEY)
+        .expect("the development key is 64 hex characters")
+}
+
+/// Users' keys in the store on `pool`, as the test services unwrap them: what
+/// commands seal with and rebuilds open with.
+pub fn keyring(pool: &sqlx::PgPool) -> std::sync::Arc<ai_secretary::store::sealed::Keyring> {
+    ai_secretary::recovery::opener(master_key(), pool)
+}
+
+/// A user registered through `commands` (so they have a data key to seal
+/// with), and a command context that acts as them.
+pub async fn registered(
+    commands: &ai_secretary::app::Commands,
+) -> (uuid::Uuid, ai_secretary::app::CommandContext) {
+    let user = uuid::Uuid::now_v7();
+    let registration = ai_secretary::app::users::Registration {
+        user_id: user,
+        email: format!("{user}@example.com"),
+        display_name: "Owner".into(),
+        password: "correct horse battery".into(),
+        at: chrono::Utc::now(),
+    };
+    commands
+        .register(registration, &Default::default(), None)
+        .await
+        .expect("the user registers");
+    let context = ai_secretary::app::CommandContext {
+        user_id: Some(user),
+        ..Default::default()
+    };
+    (user, context)
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(&[]).await
 }
@@ -210,17 +246,21 @@ impl TestApp {
             )
             .await;
         assert_eq!(response.status(), StatusCode::CREATED);
-        let token: Value = self
+        self.signed_in(email, "correct horse battery").await
+    }
+
+    /// Sign in; the access token.
+    pub async fn signed_in(&self, email: &str, password: &str) -> String {
+        let response = self
             .send(
                 Method::POST,
                 "/api/v1/auth/token",
                 None,
-                Some(json!({ "email": email, "password": "correct horse battery" })),
+                Some(json!({ "email": email, "password": password })),
             )
-            .await
-            .json()
-            .await
-            .unwrap();
+            .await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let token: Value = response.json().await.unwrap();
         token["access_token"].as_str().unwrap().to_owned()
     }
 

@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 
 use ai_secretary::{
     app::{
-        Commands, Expected, StateCache,
+        CommandContext, Commands, Expected, StateCache,
         replies::{ReplyRequest, TakenUp},
     },
     domain::{
@@ -130,6 +130,7 @@ async fn append<E: Serialize>(
                 .unwrap(),
             reservation: None,
             idempotency: None,
+            user_key: None,
         })
         .await
         .unwrap();
@@ -303,9 +304,13 @@ async fn reply_events_stored_in_the_conversation_are_still_read() {
         Duration::from_millis(200),
         "the read side is verified clean",
         async || {
-            let (report, clean) = ai_secretary::recovery::verify_report(&app.db.pool, &[])
-                .await
-                .map_err(|e| e.to_string())?;
+            let (report, clean) = ai_secretary::recovery::verify_report(
+                &app.db.pool,
+                &crate::helpers::master_key(),
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             let (_, ended, _) = reply_counts(&app).await;
             (clean && ended == 3)
                 .then_some((report.clone(), clean))
@@ -325,9 +330,18 @@ async fn state_caches_in_two_processes_stay_right() {
         db.pool.clone(),
         CoalescingConfig::default(),
     ));
-    let one = Commands::new(store.clone(), StateCache::new(1 << 20));
-    let two = Commands::new(store.clone(), StateCache::new(1 << 20));
-    let (owner, id) = (Uuid::now_v7(), Uuid::now_v7());
+    let one = Commands::new(
+        store.clone(),
+        StateCache::new(1 << 20),
+        crate::helpers::keyring(&db.pool).as_ref().clone(),
+    );
+    let two = Commands::new(
+        store.clone(),
+        StateCache::new(1 << 20),
+        crate::helpers::keyring(&db.pool).as_ref().clone(),
+    );
+    let (owner, context) = crate::helpers::registered(&one).await;
+    let id = Uuid::now_v7();
     let pg = PgEventStore::new(db.pool.clone(), CoalescingConfig::default());
     let start = ConversationEvent::ConversationStarted {
         conversation_id: id,
@@ -344,7 +358,6 @@ async fn state_caches_in_two_processes_stay_right() {
         content: format!("message {n}"),
         at: Utc::now(),
     };
-    let context = Default::default();
     // Both cache version 1; then each writes in turn on a state the other moved.
     assert_eq!(
         one.load::<ConversationDecider>(id).await.unwrap().version,
@@ -402,17 +415,21 @@ async fn state_caches_in_two_processes_stay_right() {
 async fn reply_history_is_the_tail_that_fits_the_budget() {
     let db = TestDb::new().await;
     let pg = PgEventStore::new(db.pool.clone(), CoalescingConfig::default());
-    let commands = Commands::new(Arc::new(pg.clone()), StateCache::new(1 << 20));
+    let commands = Commands::new(
+        Arc::new(pg.clone()),
+        StateCache::new(1 << 20),
+        crate::helpers::keyring(&db.pool).as_ref().clone(),
+    );
     let (id, assistant) = (Uuid::now_v7(), Uuid::now_v7());
+    let (owner, context) = crate::helpers::registered(&commands).await;
     let start = ConversationEvent::ConversationStarted {
         conversation_id: id,
-        owner_id: Uuid::now_v7(),
+        owner_id: owner,
         assistant_id: assistant,
         title: "Long".into(),
         started_at: Utc::now(),
     };
     append(&pg, id, "conversation", 0, &[start]).await;
-    let context = Default::default();
     let mut requests = Vec::new();
     for n in 0..300u32 {
         let (message_id, reply_id) = (Uuid::now_v7(), Uuid::now_v7());
@@ -441,10 +458,10 @@ async fn reply_history_is_the_tail_that_fits_the_budget() {
         // Each is answered before the next message, but for the last two: 298
         // is answered only after 299 was requested, 299 not at all.
         if n < 298 {
-            answer(&commands, &request, n).await;
+            answer(&commands, &context, &request, n).await;
         }
     }
-    answer(&commands, &requests[298], 298).await;
+    answer(&commands, &context, &requests[298], 298).await;
     let last = requests[299];
     // A second ending is refused by its decider, by variant.
     let again = ReplyCommand::Fail {
@@ -523,7 +540,11 @@ async fn reply_history_is_the_tail_that_fits_the_budget() {
         TakenUp::NotInStore
     );
     // Reply events name their conversation.
-    let stored = pg.read_stream(requests[0].reply_id).await.unwrap();
+    let opened = ai_secretary::store::sealed::SealedStore::new(
+        Arc::new(pg.clone()),
+        crate::helpers::keyring(&db.pool).as_ref().clone(),
+    );
+    let stored = opened.read_stream(requests[0].reply_id).await.unwrap();
     assert!(matches!(
         codec::decode::<ReplyEvent>(&stored[1]).unwrap(),
         ReplyEvent::ReplyCompleted { conversation_id, .. } if conversation_id == id
@@ -531,11 +552,10 @@ async fn reply_history_is_the_tail_that_fits_the_budget() {
 }
 
 /// Take `request` up and complete it with "answer NNN" (10 characters).
-async fn answer(commands: &Commands, request: &ReplyRequest, n: u32) {
-    let context = Default::default();
+async fn answer(commands: &Commands, context: &CommandContext, request: &ReplyRequest, n: u32) {
     assert_eq!(
         commands
-            .take_up_reply(request, 1, Utc::now(), &context)
+            .take_up_reply(request, 1, Utc::now(), context)
             .await
             .unwrap(),
         TakenUp::Started
@@ -551,7 +571,7 @@ async fn answer(commands: &Commands, request: &ReplyRequest, n: u32) {
     };
     assert!(
         commands
-            .end_reply(request.reply_id, &complete, &context)
+            .end_reply(request.reply_id, &complete, context)
             .await
             .unwrap()
     );

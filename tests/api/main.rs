@@ -11,6 +11,7 @@ mod dashboards;
 mod edges;
 mod errors;
 mod failover;
+mod forget;
 mod health;
 mod helpers;
 mod hostile;

@@ -105,9 +105,15 @@ async fn checksum(pool: &PgPool) -> String {
 }
 
 async fn rebuild_all(pool: &PgPool) -> rebuild::Rebuilt {
-    rebuild::rebuild(pool, &fold::NAMES, None, &|_| {})
-        .await
-        .expect("the rebuild succeeds")
+    rebuild::rebuild(
+        pool,
+        crate::helpers::keyring(pool),
+        &fold::NAMES,
+        None,
+        &|_| {},
+    )
+    .await
+    .expect("the rebuild succeeds")
 }
 
 /// `(status, JSON body)` of a GET; a body that is not JSON fails the test.
@@ -142,7 +148,9 @@ async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it() {
     let app = spawn_with_admin().await;
     let (token, assistants, _) = some_history(&app, "drift@example.com").await;
     caught_up(&app.db.pool).await;
-    let (report, clean) = verify_report(&app.db.pool, &[]).await.unwrap();
+    let (report, clean) = verify_report(&app.db.pool, &crate::helpers::master_key(), &[])
+        .await
+        .unwrap();
     assert!(clean, "{report}");
 
     // Corrupt one column of one row, and lose one message.
@@ -199,10 +207,18 @@ async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it() {
     let printed = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{printed}");
     assert!(printed.contains("assistants: swapped in at"), "{printed}");
-    rebuild::rebuild(&app.db.pool, &["messages"], None, &|_| {})
+    rebuild::rebuild(
+        &app.db.pool,
+        crate::helpers::keyring(&app.db.pool),
+        &["messages"],
+        None,
+        &|_| {},
+    )
+    .await
+    .unwrap();
+    let (report, clean) = verify_report(&app.db.pool, &crate::helpers::master_key(), &[])
         .await
         .unwrap();
-    let (report, clean) = verify_report(&app.db.pool, &[]).await.unwrap();
     assert!(clean, "{report}");
     let (status, assistant) =
         get_json(&app, &format!("/assistants/{}", assistants[0]), &token).await;
@@ -244,7 +260,9 @@ async fn a_replay_is_deterministic_and_cleans_up_an_interrupted_one() {
             .await
             .unwrap();
     assert_eq!(leftovers, 0, "fresh tables or indexes left behind");
-    let (report, clean) = verify_report(&app.db.pool, &[]).await.unwrap();
+    let (report, clean) = verify_report(&app.db.pool, &crate::helpers::master_key(), &[])
+        .await
+        .unwrap();
     assert!(clean, "{report}");
 }
 
@@ -411,6 +429,7 @@ async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
     // And every projection from the command line at the same time as the traffic.
     let cli = rebuild::rebuild(
         &app.db.pool,
+        crate::helpers::keyring(&app.db.pool),
         &["conversations", "messages", "usage_daily", "cache"],
         None,
         &|_| {},
@@ -495,7 +514,9 @@ async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
     .unwrap();
     assert_eq!(conversation["message_count"], messages);
     caught_up(&app.db.pool).await;
-    let (report, clean) = verify_report(&app.db.pool, &[]).await.unwrap();
+    let (report, clean) = verify_report(&app.db.pool, &crate::helpers::master_key(), &[])
+        .await
+        .unwrap();
     assert!(clean, "{report}");
     let (_, assistant) = get_json(&app, &format!("/assistants/{}", assistants[0]), &token).await;
     assert!(
@@ -582,7 +603,9 @@ async fn backup_then_drop_then_restore_serves_the_same_data_and_verifies_clean()
     assert_eq!(assistant["conversation_count"], 2);
     serves_the_backup_and_goes_on(&restored, &token, &conversations[0]).await;
     caught_up(&restored.db.pool).await;
-    let (report, clean) = verify_report(&restored.db.pool, &[]).await.unwrap();
+    let (report, clean) = verify_report(&restored.db.pool, &crate::helpers::master_key(), &[])
+        .await
+        .unwrap();
     assert!(clean, "{report}");
     std::fs::remove_dir_all(&backups).unwrap();
 }
@@ -696,7 +719,9 @@ async fn a_restore_older_than_what_nats_has_seen_follows_the_procedure_to_a_clea
         .unwrap();
     assert_eq!(conversation["message_count"], 8, "{conversation}");
     progress::caught_up(&app.db.pool, &progress::consumers()).await;
-    let (report, clean) = verify_report(&app.db.pool, &[]).await.unwrap();
+    let (report, clean) = verify_report(&app.db.pool, &crate::helpers::master_key(), &[])
+        .await
+        .unwrap();
     assert!(clean, "{report}");
     let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
         .fetch_one(&app.db.pool)

@@ -738,6 +738,19 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_read_model() {
     .await
     .unwrap();
     assert_eq!(copied.rows_affected() as i64, events);
+    // With the users' keys, or the copy's personal fields read as forgotten.
+    sqlx::query(
+        "INSERT INTO user_keys SELECT * FROM jsonb_populate_recordset(NULL::user_keys, $1)",
+    )
+    .bind(
+        sqlx::query_scalar::<_, Value>("SELECT jsonb_agg(to_jsonb(k)) FROM user_keys k")
+            .fetch_one(&resumed.db.pool)
+            .await
+            .unwrap(),
+    )
+    .execute(&fresh.pool)
+    .await
+    .unwrap();
     assert_eq!(head(&fresh.pool).await, backlog_head);
     let fold = spawn_app_on(
         fresh,
@@ -772,9 +785,10 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_read_model() {
         }
     }
     // And the batch fold of `verify` (the rebuild's rules) agrees with both.
-    let (report, clean) = ai_secretary::recovery::verify_report(&resumed.db.pool, &[])
-        .await
-        .unwrap();
+    let (report, clean) =
+        ai_secretary::recovery::verify_report(&resumed.db.pool, &crate::helpers::master_key(), &[])
+            .await
+            .unwrap();
     assert!(clean, "verify found drift after the crash:\n{report}");
     let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
         .fetch_one(&resumed.db.pool)

@@ -100,8 +100,9 @@ async fn sigterm_under_load_finishes_requests_and_interrupts_a_rebuild_cleanly()
     // The registration, held on its email claim.
     let mut claimer = PgConnection::connect(&service.db.url).await.unwrap();
     let mut claim = claimer.begin().await.unwrap();
+    // Emails are claimed by their keyed hash.
     sqlx::query("INSERT INTO reservations (scope, value, stream_id) VALUES ('user_email', $1, $2)")
-        .bind("held@example.com")
+        .bind(crate::helpers::master_key().email_lookup("held@example.com"))
         .bind(Uuid::now_v7())
         .execute(&mut *claim)
         .await

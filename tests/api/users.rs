@@ -46,19 +46,35 @@ async fn register_log_in_and_read_the_profile() {
     assert_eq!(me["id"], user["id"]);
     assert_eq!(me["display_name"], "Ada");
 
-    // The password is stored as an argon2id hash, never as given.
+    // The password is stored as an argon2id hash, never as given, and the hash
+    // (with the email and name) sealed under the user's key (tests/api/forget.rs).
     let data: Value =
         sqlx::query_scalar("SELECT data FROM events WHERE event_type = 'UserRegistered'")
             .fetch_one(&app.db.pool)
             .await
             .unwrap();
+    for field in ["password_hash", "email", "display_name"] {
+        assert_eq!(data[field]["enc"], "v1", "{field}: {data}");
+    }
+    let text = data.to_string();
     assert!(
-        data["password_hash"]
+        !text.contains("correct horse") && !text.contains("argon2"),
+        "{text}"
+    );
+    let key = crate::helpers::keyring(&app.db.pool);
+    let mut opened = data.clone();
+    let event_id: uuid::Uuid =
+        sqlx::query_scalar("SELECT event_id FROM events WHERE event_type = 'UserRegistered'")
+            .fetch_one(&app.db.pool)
+            .await
+            .unwrap();
+    key.open(event_id, &mut opened).await.unwrap();
+    assert!(
+        opened["password_hash"]
             .as_str()
             .unwrap()
             .starts_with("$argon2id$")
     );
-    assert!(!data.to_string().contains("correct horse"));
 }
 
 #[tokio::test]

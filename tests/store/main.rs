@@ -33,6 +33,7 @@ fn append(stream_id: Uuid, expected_version: i64, tags: &[&str]) -> AppendReques
         events: tags.iter().map(|t| event(t)).collect(),
         reservation: None,
         idempotency: None,
+        user_key: None,
     }
 }
 
@@ -370,6 +371,7 @@ async fn an_expired_idempotency_key_is_free_again_and_is_cleaned_up() {
     store
         .append(AppendRequest {
             idempotency: Some(keyed(owner, "old", json!("second"))),
+            user_key: None,
             ..append(stream, 0, &["keyed"])
         })
         .await
@@ -399,6 +401,7 @@ async fn an_idempotency_key_appends_once() {
     let results = join_all([first, second].map(|s| {
         store.append(AppendRequest {
             idempotency: Some(keyed(owner, "k-1", json!({ "stream": s }))),
+            user_key: None,
             ..append(s, 0, &["keyed"])
         })
     }))

@@ -9,6 +9,12 @@
 //! query that read a row just before a projection moved it can never put the old
 //! copy back, whatever order the two race in. With Redis down, every read is a
 //! miss and queries answer from Postgres; `ping()` and the `cache_available` gauge say so.
+//!
+//! A forgotten user's values go with them: each filled key is listed in its
+//! owner's set (`<prefix>:owner:<id>`), and on `UserForgotten` the projection
+//! drops every key of the set and marks the owner forgotten
+//! (`<prefix>:forgotten:<id>`, for one TTL), which `FILL` then refuses, so no
+//! query racing the read models' deletion can put a copy back.
 //! Queries give Redis only a short timeout and stay away from it while the
 //! circuit breaker (`breaker`) is open, so a stalled Redis costs them little.
 
@@ -64,14 +70,28 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 "#;
 
-/// Store a value read at a position, unless the key is stamped newer.
+/// Store a value read at a position, unless the key is stamped newer or its
+/// owner is forgotten; list the key in its owner's set.
 const FILL: &str = r#"
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 local tx, gp = tonumber(redis.call('HGET', KEYS[1], 'tx') or '-1'), tonumber(redis.call('HGET', KEYS[1], 'gp') or '-1')
 local ntx, ngp = tonumber(ARGV[1]), tonumber(ARGV[2])
 if tx > ntx or (tx == ntx and gp > ngp) then return 0 end
 redis.call('HSET', KEYS[1], 'tx', ARGV[1], 'gp', ARGV[2], 'json', ARGV[3], 'owner', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('SADD', KEYS[2], KEYS[1])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
 return 1
+"#;
+
+/// Drop every key an owner's set lists, and the set; mark the owner forgotten
+/// for a TTL (longer than any fill that read their rows can be in flight).
+const FORGET_OWNER: &str = r#"
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
+local keys = redis.call('SMEMBERS', KEYS[1])
+for _, key in ipairs(keys) do redis.call('UNLINK', key) end
+redis.call('UNLINK', KEYS[1])
+return #keys
 "#;
 
 /// The cache as queries and the projection use it. Cheap to clone.
@@ -89,6 +109,7 @@ pub struct Cache {
     available: Arc<AtomicBool>,
     invalidate: Arc<Script>,
     fill: Arc<Script>,
+    forget_owner: Arc<Script>,
 }
 
 /// Longest the projection (which must not skip an invalidation, and is not on a
@@ -115,6 +136,7 @@ impl Cache {
             available: Arc::new(AtomicBool::new(false)),
             invalidate: Arc::new(Script::new(INVALIDATE)),
             fill: Arc::new(Script::new(FILL)),
+            forget_owner: Arc::new(Script::new(FORGET_OWNER)),
         }
     }
 
@@ -194,6 +216,25 @@ impl Cache {
         format!("{}:{}:{id}", self.prefix, kind.as_str())
     }
 
+    /// An owner's set of keys (`owner`), or their forgotten mark (`forgotten`).
+    fn owner_key(&self, what: &str, owner: Uuid) -> String {
+        format!("{}:{what}:{owner}", self.prefix)
+    }
+
+    /// Drop every value cached for `owner`, and refuse new ones for a TTL. Fails
+    /// when Redis is unreachable (the projection retries: it must not be skipped).
+    pub async fn forget_owner(&self, owner: Uuid) -> redis::RedisResult<()> {
+        let mut redis = self.redis().await?;
+        let _: i64 = self
+            .forget_owner
+            .key(self.owner_key("owner", owner))
+            .key(self.owner_key("forgotten", owner))
+            .arg(self.ttl.as_secs().max(1))
+            .invoke_async(&mut redis)
+            .await?;
+        Ok(())
+    }
+
     /// The cached JSON of a resource, if present and owned by `owner`.
     pub async fn get(&self, kind: Kind, id: Uuid, owner: Uuid) -> Option<Value> {
         let key = self.key(kind, id);
@@ -223,6 +264,8 @@ impl Cache {
             .query(async |mut redis| {
                 self.fill
                     .key(&key)
+                    .key(self.owner_key("owner", owner))
+                    .key(self.owner_key("forgotten", owner))
                     .arg(at.transaction_id)
                     .arg(at.global_position)
                     .arg(json.to_string())
@@ -351,6 +394,9 @@ impl Projection for CacheInvalidation {
         }
         for Decoded { envelope: e, event } in batch.iter().copied() {
             let at = e.position();
+            if let Event::UserForgotten = event {
+                self.cache.forget_owner(e.stream_id).await?;
+            }
             match e.stream_type.as_str() {
                 "user" => self.cache.invalidate(Kind::User, e.stream_id, at).await?,
                 "assistant" => {
