@@ -48,7 +48,7 @@ async fn cut_connections(database: &str) -> i64 {
     .fetch_one(&mut admin)
     .await
     .expect("terminate the test database's backends");
-    let _ = admin.close().await;
+    admin.close().await.expect("close the admin connection");
     cut
 }
 

@@ -607,7 +607,7 @@ async fn backup_then_drop_then_restore_serves_the_same_data_and_verifies_clean()
         .await
         .unwrap();
     assert!(clean, "{report}");
-    let _ = std::fs::remove_dir_all(&backups);
+    std::fs::remove_dir_all(&backups).unwrap();
 }
 
 /// docs/operations.md, "Restoring to an older point than NATS has seen": events
@@ -778,7 +778,7 @@ async fn the_health_scripts_report_up_and_down_and_log_recovery_attempts() {
     .await;
     assert!(fine.status.success());
     assert!(!marker.exists());
-    let _ = std::fs::remove_dir_all(&logs);
+    std::fs::remove_dir_all(&logs).unwrap();
     // Every script explains itself.
     for name in [
         "backup.sh",

@@ -28,8 +28,9 @@ use tokio::net::TcpListener;
 use crate::helpers::{
     TestApp, eventually, eventually_every, spawn_app, spawn_app_on, spawn_app_with,
 };
-use crate::stream::{Sse, streamed_text, subscribe, until_completed, until_event};
-use ai_secretary::startup::Roles;
+use crate::stream::{Events, Sse, streamed_text, subscribe, until_completed, until_event};
+use ai_secretary::{replier::CONSUMER, startup::Roles};
+use async_nats::jetstream::consumer::{Info as ConsumerInfo, PullConsumer};
 
 const API_KEY: &str = "fake-key-0123456789";
 
@@ -611,6 +612,48 @@ async fn reply_events(app: &TestApp, event_type: &str, reply: &str) -> Vec<Value
     .unwrap()
 }
 
+/// The replier's consumer once JetStream has nothing left to hand out on it
+/// and nothing handed out unacked (so no reply can come from a delivery after
+/// this), and `also` holds of it: its state then.
+async fn quiet_replier(
+    app: &TestApp,
+    also: impl Fn(&ConsumerInfo) -> Result<(), String>,
+) -> ConsumerInfo {
+    let nats = async_nats::connect(&app.names.nats_url).await.unwrap();
+    let stream = async_nats::jetstream::new(nats)
+        .get_stream(&app.names.stream)
+        .await
+        .unwrap();
+    eventually("the replier's consumer is quiet", async || {
+        let mut consumer: PullConsumer = stream
+            .get_consumer(CONSUMER)
+            .await
+            .map_err(|e| e.to_string())?;
+        let info = consumer.info().await.map_err(|e| e.to_string())?.clone();
+        if info.num_pending > 0 || info.num_ack_pending > 0 {
+            return Err(format!("{info:?}"));
+        }
+        also(&info).map_err(|e| format!("{e}: {info:?}"))?;
+        Ok(info)
+    })
+    .await
+}
+
+/// `quiet_replier`, and still quiet, with no delivery in between, after
+/// `ack_wait` more: a message handed out and left unacked would have been
+/// handed out again by then.
+async fn settled_replier(app: &TestApp, ack_wait: Duration) -> ConsumerInfo {
+    let quiet = quiet_replier(app, |_| Ok(())).await;
+    tokio::time::sleep(ack_wait + Duration::from_millis(500)).await;
+    let delivered = quiet.delivered.consumer_sequence;
+    quiet_replier(app, |later| {
+        (later.delivered.consumer_sequence == delivered)
+            .then_some(())
+            .ok_or(format!("delivered again after {delivered} deliveries"))
+    })
+    .await
+}
+
 #[tokio::test]
 async fn with_the_defaults_a_message_is_answered_offline_with_usage() {
     let app = spawn_app().await;
@@ -948,7 +991,7 @@ struct Watched {
     token: String,
     conversation: String,
     reply: String,
-    live: tokio::sync::mpsc::Receiver<Sse>,
+    live: Events,
 }
 
 /// A user with an assistant of `model` subscribes to the conversation's stream,
@@ -1195,6 +1238,9 @@ async fn a_replier_crash_mid_reply_ends_in_exactly_one_reply() {
     let answered = ended_reply(&app, &token, &conversation, &reply).await;
     assert_eq!(answered["status"], "completed");
     assert_eq!(answered["content"], "Certainly. Done: Plan my trip");
+    // Count once no delivery can bring another reply: nothing pending or
+    // unacked, and nothing delivered through one more ack wait.
+    settled_replier(&app, Duration::from_secs(1)).await;
     assert!(gemini.seen().len() >= 2);
     assert_eq!(reply_events(&app, "ReplyCompleted", &reply).await.len(), 1);
     assert_eq!(reply_events(&app, "ReplyFailed", &reply).await.len(), 0);
@@ -1228,29 +1274,39 @@ async fn every_request_delivered_again_adds_no_second_reply() {
         .await;
     }
     let before = app.event_count().await;
-
-    // Drop the replier's consumer: it is re-created from the start of the stream,
-    // and every ReplyRequested is delivered again.
-    let nats = async_nats::connect(&app.names.nats_url).await.unwrap();
-    let jetstream = async_nats::jetstream::new(nats);
-    let stream = jetstream.get_stream(&app.names.stream).await.unwrap();
-    stream.delete_consumer("replier").await.unwrap();
-    eventually(
-        "the replier's new consumer has gone through the stream",
-        async || {
-            let mut consumer: async_nats::jetstream::consumer::PullConsumer = stream
-                .get_consumer("replier")
-                .await
-                .map_err(|e| e.to_string())?;
-            let info = consumer.info().await.map_err(|e| e.to_string())?;
-            (info.num_pending == 0
-                && info.num_ack_pending == 0
-                && info.delivered.stream_sequence > 0)
-                .then_some(())
-                .ok_or(format!("{info:?}"))
-        },
+    // Every message on the replier's subjects (a conversation's events and its
+    // replies'), among them the three requests.
+    let (messages, requests): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE event_type = 'ReplyRequested') FROM events
+         WHERE stream_type IN ('conversation', 'reply')",
     )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(requests, 3);
+
+    // Drop the replier's consumer: it is re-created from the start of the
+    // stream, and every message (every ReplyRequested with them) is delivered
+    // again, and acked.
+    let nats = async_nats::connect(&app.names.nats_url).await.unwrap();
+    let stream = async_nats::jetstream::new(nats)
+        .get_stream(&app.names.stream)
+        .await
+        .unwrap();
+    let old = quiet_replier(&app, |_| Ok(())).await;
+    stream.delete_consumer(CONSUMER).await.unwrap();
+    let again = quiet_replier(&app, |info| {
+        let fresh = info.created > old.created;
+        let delivered = info.delivered.consumer_sequence;
+        (fresh && delivered >= messages as u64)
+            .then_some(())
+            .ok_or(format!("a new consumer that delivered all {messages}"))
+    })
     .await;
+    assert!(
+        again.ack_floor.consumer_sequence >= messages as u64,
+        "{again:?}"
+    );
     assert_eq!(app.event_count().await, before);
     let completed: i64 =
         sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'ReplyCompleted'")
@@ -1264,11 +1320,14 @@ async fn every_request_delivered_again_adds_no_second_reply() {
 async fn two_repliers_share_the_work_and_each_message_gets_one_reply() {
     let app = spawn_app().await;
     // A second process with only the replier, on the same store and bus; JetStream
-    // hands each request to one of the two pullers of the shared consumer.
+    // hands each request to one of the two pullers of the shared consumer. The
+    // first answers offline (its model ends in "+offline"), the second asks
+    // Gemini (a fake, whose model ends in "-001"): each reply says who wrote it.
+    let gemini = FakeGemini::start(Script::Answer).await;
     let second = spawn_app_on(
         app.db.borrowed(),
         app.names.borrowed(),
-        &[],
+        &gemini.args(&[]),
         Roles::only_replier(),
     )
     .await;
@@ -1293,13 +1352,32 @@ async fn two_repliers_share_the_work_and_each_message_gets_one_reply() {
         let ended = ended_reply(&app, &token, conversation, reply).await;
         assert_eq!(ended["status"], "completed");
     }
-    let (endings, distinct): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), count(DISTINCT data->>'reply_id') FROM events
+    // Count once no delivery can bring another reply.
+    quiet_replier(&app, |_| Ok(())).await;
+    let endings: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT data->>'reply_id', event_type, data->>'model' FROM events
          WHERE event_type IN ('ReplyCompleted', 'ReplyFailed')",
     )
-    .fetch_one(&app.db.pool)
+    .fetch_all(&app.db.pool)
     .await
     .unwrap();
-    assert_eq!((endings, distinct), (20, 20));
+    let distinct: std::collections::HashSet<&str> =
+        endings.iter().map(|(reply, ..)| reply.as_str()).collect();
+    assert_eq!((endings.len(), distinct.len()), (20, 20), "{endings:?}");
+    let by = |suffix: &str| {
+        endings
+            .iter()
+            .filter(|(_, kind, model)| {
+                kind == "ReplyCompleted" && model.as_ref().is_some_and(|m| m.ends_with(suffix))
+            })
+            .count()
+    };
+    let (offline, gemini_answered) = (by("+offline"), by("-001"));
+    assert_eq!(offline + gemini_answered, 20, "{endings:?}");
+    assert!(
+        offline > 0 && gemini_answered > 0,
+        "both repliers answer: {offline} offline, {gemini_answered} through Gemini"
+    );
+    assert!(gemini.seen().len() >= gemini_answered);
     drop(second);
 }

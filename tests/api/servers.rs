@@ -172,7 +172,10 @@ impl Drop for PrivateServer {
                 eprintln!("{line}");
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // A warning, not a panic: this runs in a drop, maybe during one.
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            eprintln!("warning: could not remove {}: {e}", self.dir.display());
+        }
     }
 }
 
