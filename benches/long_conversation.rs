@@ -258,6 +258,8 @@ impl Running {
 /// A signed-in user of the service with an assistant and one conversation.
 struct User {
     client: reqwest::Client,
+    api: String,
+    assistant: String,
     messages_url: String,
     token: String,
 }
@@ -309,16 +311,33 @@ impl User {
             "json": { "name": "Mika", "role": "secretary", "instructions": "Be brief." },
         }))
         .await?;
-        let conversation = created(json!({
-            "url": api("/conversations"),
-            "json": { "assistant_id": assistant, "title": "A long conversation" },
-        }))
-        .await?;
-        Ok(User {
-            messages_url: api(&format!("/conversations/{conversation}/messages")),
+        let mut user = User {
+            api: api(""),
+            assistant,
+            messages_url: String::new(),
             client,
             token,
-        })
+        };
+        user.new_conversation().await?;
+        Ok(user)
+    }
+
+    /// Post into a new conversation from now on.
+    async fn new_conversation(&mut self) -> Result<()> {
+        let body: Value = self
+            .client
+            .post(format!("{}/conversations", self.api))
+            .bearer_auth(&self.token)
+            .json(&json!({ "assistant_id": self.assistant, "title": "A conversation" }))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let id = body["id"]
+            .as_str()
+            .ok_or_else(|| anyhow!("not created: {body}"))?;
+        self.messages_url = format!("{}/conversations/{id}/messages", self.api);
+        Ok(())
     }
 
     /// Post message `n`; its latency and status (0: no answer at all).
@@ -349,6 +368,16 @@ fn message_content(n: usize) -> String {
 // ---------------------------------------------------------------------------
 // Figures
 // ---------------------------------------------------------------------------
+
+/// How often (every how many messages of the long conversation) the control posts.
+const CONTROL_EVERY: usize = 5;
+
+/// The median of unsorted samples, in milliseconds.
+fn median_ms(samples: &[Duration]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    pct(&sorted, 0.5)
+}
 
 /// Nearest-rank percentile of sorted samples, in milliseconds.
 fn pct(sorted: &[Duration], p: f64) -> f64 {
@@ -420,13 +449,26 @@ async fn single(settings: &Settings, names: &Names) -> Result<String> {
     let service = Running::start(settings, names).await?;
     let server = describe_server(&service.pool).await?;
     let user = User::sign_up(&service.address, "single").await?;
+    // The same command in the same minutes on a conversation that stays short
+    // (a new one each block): each block's ratio to it is the figure the
+    // machine's load cannot move (the shared cores slow both alike).
+    let mut control = User::sign_up(&service.address, "control").await?;
     let mut blocks: Vec<Vec<Duration>> = vec![Vec::new(); settings.messages / settings.block];
+    let mut controls: Vec<Vec<Duration>> = vec![Vec::new(); blocks.len()];
     let mut statuses = Vec::with_capacity(settings.messages);
     let mut first_refusal = None;
     let started = Instant::now();
     for n in 0..blocks.len() * settings.block {
+        if n % settings.block == 0 {
+            control.new_conversation().await?;
+        }
         let (latency, status) = user.post(n).await;
         blocks[n / settings.block].push(latency);
+        if n % CONTROL_EVERY == 0 {
+            let (latency, status) = control.post(n).await;
+            controls[n / settings.block].push(latency);
+            statuses.push(status);
+        }
         if status != 202 && first_refusal.is_none() {
             first_refusal = Some((n + 1, status));
         }
@@ -444,15 +486,31 @@ async fn single(settings: &Settings, names: &Names) -> Result<String> {
     let (drained, endings, distinct) = service.drain(accepted, settings.drain).await?;
     service.stop().await?;
     let (table, ratio) = block_table(&blocks, settings.block);
+    let (control_table, _) = block_table(&controls, settings.block);
+    let relative: Vec<f64> = blocks
+        .iter()
+        .zip(&controls)
+        .map(|(b, c)| median_ms(b) / median_ms(c))
+        .collect();
+    let adjusted = relative.last().unwrap_or(&0.0) / relative.first().unwrap_or(&1.0);
     Ok(format!(
         "### One user, one conversation, {} messages one at a time (replier running)\n\n\
          {server}\n\n{table}\n\
-         Last block's median ÷ first block's: **{ratio:.2}** (target ≤ {FLAT_TARGET}: {}).\n\
+         Last block's median ÷ first block's: **{ratio:.2}** (target ≤ {FLAT_TARGET}: {}).\n\n\
+         The control, every {CONTROL_EVERY}th message, a post into a conversation of at most \
+         {} messages (a new one each block), in the same minutes:\n\n{control_table}\n\
+         Each block's median over its control's: {}; the last ÷ the first: **{adjusted:.2}**.\n\
          Answers other than 202: {}{}.\n\
          Posting took {:.1} s; the last reply ended {:.1} s after the last post; \
          replies ended: {distinct} of {accepted} accepted ({endings} endings).\n",
         statuses.len(),
         verdict(ratio),
+        settings.block / CONTROL_EVERY,
+        relative
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         refusals(statuses.iter().copied()),
         first_refusal.map_or(String::new(), |(n, s)| format!(
             " (the first at message {n}: {s})"
