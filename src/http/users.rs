@@ -1,24 +1,21 @@
 //! Accounts: register, exchange credentials for a bearer token, read one's profile.
 
 use ai_secretary_projections::cache::Kind;
-use axum::{
-    Json, Router,
-    extract::State,
-    http::StatusCode,
-    response::Response,
-    routing::{get, post},
-};
-use chrono::Utc;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use axum::{Json, extract::State, http::StatusCode, response::Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::{
     AppState,
     command::Invocation,
-    error::ApiError,
+    error::{ApiError, Problem},
     extract::{ApiJson, AuthUser, CorrelationId},
     idempotency::IdempotencyKey,
+    openapi::IdempotencyParam,
     reply::Reply,
 };
 use crate::{
@@ -26,38 +23,83 @@ use crate::{
     domain::user::{UserDecider, UserState},
 };
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/users", post(register))
-        .route("/users/me", get(me))
-        .route("/auth/token", post(token))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(me))
+        .routes(routes!(token))
 }
 
-#[derive(Deserialize)]
+/// A new account.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "email": "ada@example.com", "password": "correct horse battery", "display_name": "Ada"
+}))]
 struct Registration {
+    /// The account's email (its login): unique, compared case-insensitively.
     #[serde(default)]
+    #[schema(required, format = "email")]
     email: String,
+    /// 8 to 128 characters, not easily guessed.
     #[serde(default)]
+    #[schema(required, min_length = 8, max_length = 128)]
     password: String,
+    /// How the assistants address the user: one line.
     #[serde(default)]
+    #[schema(required)]
     display_name: String,
+}
+
+/// An account.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({
+    "id": "0193a5bf-1c2d-7e3f-8a9b-0c1d2e3f4a5b", "object": "user", "email": "ada@example.com",
+    "display_name": "Ada", "created_at": "2026-11-30T09:00:00Z", "version": 1
+}))]
+struct User {
+    id: Uuid,
+    /// Always `user`.
+    #[schema(example = "user")]
+    object: &'static str,
+    email: String,
+    display_name: String,
+    created_at: DateTime<Utc>,
+    /// The account's version (its ETag).
+    version: i64,
 }
 
 fn user_json(state: &UserState, version: i64) -> Value {
     match state {
-        UserState::Registered(u) => json!({
-            "id": u.id,
-            "object": "user",
-            "email": u.email,
-            "display_name": u.display_name,
-            "created_at": u.created_at,
-            "version": version,
-        }),
+        UserState::Registered(u) => serde_json::to_value(User {
+            id: u.id,
+            object: "user",
+            email: u.email.clone(),
+            display_name: u.display_name.clone(),
+            created_at: u.created_at,
+            version,
+        })
+        .unwrap_or(Value::Null),
         UserState::Unregistered => Value::Null,
     }
 }
 
+/// Register an account.
+#[utoipa::path(
+    post,
+    path = "/users",
+    tag = "users",
+    params(IdempotencyParam),
+    request_body = Registration,
+    responses(
+        (status = 201, description = "The account", body = User, headers(
+            ("ETag" = String, description = "The account's version, quoted"),
+            ("Location" = String, description = "/api/v1/users/me"),
+        )),
+        (status = 409, description = "An account with this email exists", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 async fn register(
     State(state): State<AppState>,
     CorrelationId(correlation_id): CorrelationId,
@@ -93,21 +135,54 @@ async fn register(
         .await
 }
 
-#[derive(Deserialize)]
+/// An account's email and password.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"email": "ada@example.com", "password": "correct horse battery"}))]
 struct Credentials {
     #[serde(default)]
+    #[schema(required)]
     email: String,
     #[serde(default)]
+    #[schema(required)]
     password: String,
+}
+
+/// A bearer token for the API.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"access_token": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOi4uLn0.c2lnbmF0dXJl",
+                          "token_type": "Bearer", "expires_in": 3600}))]
+struct AccessToken {
+    /// Sent as `Authorization: Bearer <access_token>`.
+    access_token: String,
+    /// Always `Bearer`.
+    #[schema(example = "Bearer")]
+    token_type: &'static str,
+    /// Seconds until it expires.
+    expires_in: u64,
 }
 
 const BAD_CREDENTIALS: ApiError = ApiError::Unauthorized("the email or password is wrong");
 
+/// Exchange an email and password for a bearer token.
+///
+/// Repeated wrong passwords lock the account's logins for a while (429 with
+/// `Retry-After`), doubling each time.
+#[utoipa::path(
+    post,
+    path = "/auth/token",
+    tag = "users",
+    request_body = Credentials,
+    responses(
+        (status = 200, description = "A token", body = AccessToken),
+        (status = 401, description = "The email or password is wrong", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 async fn token(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Credentials>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AccessToken>, ApiError> {
     let user = match state.logins.login(&body.email, body.password).await {
         Ok(user) => user,
         Err(LoginError::BadCredentials) => return Err(BAD_CREDENTIALS),
@@ -120,15 +195,26 @@ async fn token(
         Err(LoginError::Read(e)) => return Err(e.into()),
     };
     let access_token = state.tokens.issue(user.id, Utc::now())?;
-    Ok(Json(json!({
-        "access_token": access_token,
-        "token_type": "Bearer",
-        "expires_in": state.tokens.lifetime().as_secs(),
-    })))
+    Ok(Json(AccessToken {
+        access_token,
+        token_type: "Bearer",
+        expires_in: state.tokens.lifetime().as_secs(),
+    }))
 }
 
 /// The caller's profile: from the cache, else from their own stream (always
 /// current, so no consistency token is needed).
+#[utoipa::path(
+    get,
+    path = "/users/me",
+    tag = "users",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The caller's account", body = User, headers(
+            ("ETag" = String, description = "The account's version, quoted"),
+        )),
+    ),
+)]
 async fn me(State(state): State<AppState>, AuthUser(user_id): AuthUser) -> Result<Reply, ApiError> {
     let cache = &state.read.cache;
     if let Some(json) = cache.get(Kind::User, user_id, user_id).await {
