@@ -62,7 +62,11 @@ pub struct IdempotencyParam {
     /// the same key with another request is refused (422); a retry while the
     /// first is still running gets 409. Keys expire after
     /// `IDEMPOTENCY_KEY_TTL_SECONDS` (a day).
-    #[param(rename = "Idempotency-Key", pattern = r"^[\x21-\x7E]{1,255}$", example = "4b0c2f64-9a5e-4d1e-8f7a-3c2b1a0f9e8d")]
+    #[param(
+        rename = "Idempotency-Key",
+        pattern = r"^[\x21-\x7E]{1,255}$",
+        example = "4b0c2f64-9a5e-4d1e-8f7a-3c2b1a0f9e8d"
+    )]
     #[allow(dead_code)]
     idempotency_key: Option<String>,
 }
@@ -73,7 +77,11 @@ pub struct IdempotencyParam {
 pub struct IfMatchParam {
     /// The ETag the client last saw (`"3"`): the change applies only to that
     /// version (412 with the current one otherwise). Absent or `*`: any version.
-    #[param(rename = "If-Match", pattern = r#"^(\*|"?[0-9]{1,18}"?)$"#, example = "\"3\"")]
+    #[param(
+        rename = "If-Match",
+        pattern = r#"^(\*|"?[0-9]{1,18}"?)$"#,
+        example = "\"3\""
+    )]
     #[allow(dead_code)]
     if_match: Option<String>,
 }
@@ -85,7 +93,11 @@ pub struct ConsistencyParam {
     /// A command's `X-Consistency-Token`: the query waits (a few seconds at
     /// most, then 503 with `Retry-After`) until the read models it uses have
     /// applied that command. Read-your-writes on an eventually consistent read side.
-    #[param(rename = "X-Consistency-Token", pattern = r"^[0-9]{1,18}\.[0-9]{1,18}$", example = "1042.877")]
+    #[param(
+        rename = "X-Consistency-Token",
+        pattern = r"^[0-9]{1,18}\.[0-9]{1,18}$",
+        example = "1042.877"
+    )]
     #[allow(dead_code)]
     consistency_token: Option<String>,
 }
@@ -287,13 +299,15 @@ impl Refusal {
             "status": self.status.parse::<u16>().unwrap_or(0),
             "detail": "what went wrong, for a person to read",
         });
-        let mut response = ResponseBuilder::new().description(self.description).content(
-            PROBLEM_JSON,
-            ContentBuilder::new()
-                .schema(Some(Ref::from_schema_name("Problem")))
-                .example(Some(example))
-                .build(),
-        );
+        let mut response = ResponseBuilder::new()
+            .description(self.description)
+            .content(
+                PROBLEM_JSON,
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .example(Some(example))
+                    .build(),
+            );
         if self.retry_after {
             response = response.header(
                 "Retry-After",
