@@ -117,7 +117,7 @@ pub struct ListParams {
     #[allow(dead_code)]
     before: Option<Uuid>,
     /// `desc` (newest first) or `asc`; each list has its default.
-    #[param(value_type = Option<SortOrder>)]
+    #[param(value_type = Option<SortOrder>, inline)]
     #[allow(dead_code)]
     order: Option<String>,
 }

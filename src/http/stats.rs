@@ -38,7 +38,7 @@ struct UsageQuery {
     #[param(value_type = Option<String>, format = Date, example = "2026-11-30")]
     to: Option<NaiveDate>,
     /// How rows are grouped: `day` (the default), `assistant` or `model`.
-    #[param(value_type = Option<UsageGroup>)]
+    #[param(value_type = Option<UsageGroup>, inline)]
     group_by: Option<String>,
 }
 

@@ -141,6 +141,7 @@ mod tests {
         assert_eq!(decode::<ConversationEvent>(&recorded).unwrap(), event);
         let payload = StoredPayload {
             version: 1,
+            stream_type: "conversation".into(),
             position: Position::START,
             event_type: recorded.event_type.clone(),
             schema_version: SCHEMA_VERSION,
@@ -157,6 +158,7 @@ mod tests {
         use crate::domain::user::UserEvent;
         let payload = |event_type: &str, data: &str| StoredPayload {
             version: 1,
+            stream_type: "user".into(),
             position: Position::START,
             event_type: event_type.into(),
             schema_version: SCHEMA_VERSION,

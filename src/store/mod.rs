@@ -89,6 +89,8 @@ pub struct RecordedEvent {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredPayload {
     pub version: i64,
+    /// The kind of stream it is in: a fold checks that it is its own kind.
+    pub stream_type: String,
     pub position: Position,
     pub event_type: String,
     pub schema_version: i32,

@@ -841,8 +841,8 @@ impl EventStore for PgEventStore {
     ) -> Result<Vec<StoredPayload>, StoreError> {
         let rows = retrying(self.read_attempts(), || async {
             sqlx::query(
-                "SELECT version, transaction_id::text::int8 AS transaction_id, global_position,
-                        event_type, schema_version, data::text AS data
+                "SELECT version, stream_type, transaction_id::text::int8 AS transaction_id,
+                        global_position, event_type, schema_version, data::text AS data
                  FROM events WHERE stream_id = $1 AND version > $2 ORDER BY version",
             )
             .bind(stream_id)
@@ -856,6 +856,7 @@ impl EventStore for PgEventStore {
             .map(|row| {
                 Ok(StoredPayload {
                     version: row.try_get("version")?,
+                    stream_type: row.try_get("stream_type")?,
                     position: Position {
                         transaction_id: row.try_get("transaction_id")?,
                         global_position: row.try_get("global_position")?,
