@@ -347,6 +347,29 @@ fn add_refusals(path: &str, method: HttpMethod, operation: &mut Operation) {
             .collect(),
     };
     let responses = &mut operation.responses.responses;
+    // A command (it takes If-Match or Idempotency-Key) names the position of
+    // its last event in every success, for read-your-writes.
+    if inputs.header("If-Match") || inputs.header("Idempotency-Key") {
+        for (_, response) in responses.iter_mut().filter(|(s, _)| s.starts_with('2')) {
+            if let RefOr::T(response) = response {
+                response.headers.insert(
+                    "X-Consistency-Token".to_owned(),
+                    HeaderBuilder::new()
+                        .schema(Some(
+                            openapi::ObjectBuilder::new()
+                                .schema_type(openapi::Type::String)
+                                .pattern(Some(r"^[0-9]+\.[0-9]+$")),
+                        ))
+                        .description(Some(
+                            "The position of the command's last event: sent back on a \
+                             query, it waits until the read side has applied it",
+                        ))
+                        .build()
+                        .into(),
+                );
+            }
+        }
+    }
     for refusal in REFUSALS.iter().filter(|r| (r.applies)(&inputs)) {
         // What a handler says of a status itself stands.
         responses
