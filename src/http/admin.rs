@@ -216,8 +216,10 @@ fn rebuild_json(status: &RebuildStatus, url: Option<&str>) -> Rebuild {
     }
 }
 
-/// Where the relay and each projection are against the head of the store, in
-/// events and in seconds, with each one's lease and latest rebuild.
+/// The relay's and each projection's progress.
+///
+/// Where each is against the head of the store, in events and in seconds,
+/// with its lease and latest rebuild.
 #[utoipa::path(
     get,
     path = "/admin/projections",

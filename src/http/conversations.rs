@@ -331,8 +331,9 @@ struct Filter {
     status: Option<ConversationStatus>,
 }
 
-/// The caller's conversations, newest first by default; `?assistant_id` and
-/// `?status` filter.
+/// The caller's conversations, newest first by default.
+///
+/// `?assistant_id` and `?status` filter.
 #[utoipa::path(
     get,
     path = "/conversations",

@@ -90,6 +90,8 @@ struct Checks {
 /// this is not ready.
 const POSTGRES_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Readiness: whether the dependencies answer.
+///
 /// 503 only when Postgres (the source of truth) is unreachable; a missing Redis
 /// or NATS degrades the service (no cache, read side paused) but commands and
 /// queries still work, so it stays ready and says so.

@@ -7,6 +7,7 @@
 //! follow from what an operation takes, added by one rule instead of on every
 //! route.
 
+use axum::http::StatusCode;
 use utoipa::{
     IntoParams, OpenApi,
     openapi::{
@@ -171,7 +172,7 @@ pub fn complete(doc: &mut openapi::OpenApi) {
 
 /// A refusal the service may answer with, and when an operation can earn it.
 struct Refusal {
-    status: &'static str,
+    status: StatusCode,
     name: &'static str,
     description: &'static str,
     retry_after: bool,
@@ -197,7 +198,7 @@ impl Inputs {
 
 const REFUSALS: &[Refusal] = &[
     Refusal {
-        status: "400",
+        status: StatusCode::BAD_REQUEST,
         name: "BadRequest",
         description: "Malformed: JSON that does not parse, a query string that does not, or a \
             header (If-Match, Idempotency-Key, X-Consistency-Token) this API did not issue",
@@ -211,7 +212,7 @@ const REFUSALS: &[Refusal] = &[
         },
     },
     Refusal {
-        status: "401",
+        status: StatusCode::UNAUTHORIZED,
         name: "Unauthorized",
         description: "No bearer token, an invalid or expired one, or one whose account no \
             longer exists (`WWW-Authenticate: Bearer`)",
@@ -219,7 +220,7 @@ const REFUSALS: &[Refusal] = &[
         applies: |i| i.authenticated,
     },
     Refusal {
-        status: "404",
+        status: StatusCode::NOT_FOUND,
         name: "NotFound",
         description: "No such resource among the caller's own: another user's id answers \
             404 too, never 403",
@@ -227,14 +228,14 @@ const REFUSALS: &[Refusal] = &[
         applies: |i| i.path,
     },
     Refusal {
-        status: "408",
+        status: StatusCode::REQUEST_TIMEOUT,
         name: "RequestTimeout",
         description: "The request took longer than 30 s",
         retry_after: false,
         applies: |i| i.api,
     },
     Refusal {
-        status: "412",
+        status: StatusCode::PRECONDITION_FAILED,
         name: "PreconditionFailed",
         description: "If-Match names another version than the current one (its ETag and \
             `current_version` say which)",
@@ -242,21 +243,21 @@ const REFUSALS: &[Refusal] = &[
         applies: |i| i.header("If-Match"),
     },
     Refusal {
-        status: "413",
+        status: StatusCode::PAYLOAD_TOO_LARGE,
         name: "PayloadTooLarge",
         description: "The body is larger than 1 MiB",
         retry_after: false,
         applies: |i| i.body,
     },
     Refusal {
-        status: "415",
+        status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
         name: "UnsupportedMediaType",
         description: "The body is not sent as `application/json`",
         retry_after: false,
         applies: |i| i.body,
     },
     Refusal {
-        status: "422",
+        status: StatusCode::UNPROCESSABLE_ENTITY,
         name: "UnprocessableContent",
         description: "A field or parameter breaks a rule: `errors[]` lists each, with a JSON \
             pointer to it",
@@ -264,7 +265,7 @@ const REFUSALS: &[Refusal] = &[
         applies: |i| i.body || i.query || i.header("Idempotency-Key"),
     },
     Refusal {
-        status: "429",
+        status: StatusCode::TOO_MANY_REQUESTS,
         name: "TooManyRequests",
         description: "Over a rate limit (commands per user, sign-ups and logins per client \
             address, or an account locked after failed logins): `Retry-After` says when to \
@@ -273,7 +274,7 @@ const REFUSALS: &[Refusal] = &[
         applies: |i| i.api && i.command,
     },
     Refusal {
-        status: "500",
+        status: StatusCode::INTERNAL_SERVER_ERROR,
         name: "InternalServerError",
         description: "A fault of the service (logged with the request's correlation id); \
             never the client's input",
@@ -281,7 +282,7 @@ const REFUSALS: &[Refusal] = &[
         applies: |i| i.api,
     },
     Refusal {
-        status: "503",
+        status: StatusCode::SERVICE_UNAVAILABLE,
         name: "ServiceUnavailable",
         description: "The database is unreachable or busy, the service is shutting down, or \
             the read side has not reached X-Consistency-Token in time: retry after \
@@ -295,8 +296,8 @@ impl Refusal {
     fn response(&self) -> openapi::Response {
         let example = serde_json::json!({
             "type": "about:blank",
-            "title": self.description.split([':', ',', '(']).next().unwrap_or("").trim(),
-            "status": self.status.parse::<u16>().unwrap_or(0),
+            "title": self.status.canonical_reason(),
+            "status": self.status.as_u16(),
             "detail": "what went wrong, for a person to read",
         });
         let mut response = ResponseBuilder::new()
@@ -373,7 +374,7 @@ fn add_refusals(path: &str, method: HttpMethod, operation: &mut Operation) {
     for refusal in REFUSALS.iter().filter(|r| (r.applies)(&inputs)) {
         // What a handler says of a status itself stands.
         responses
-            .entry(refusal.status.to_owned())
+            .entry(refusal.status.as_str().to_owned())
             .or_insert_with(|| RefOr::Ref(Ref::from_response_name(refusal.name)));
     }
 }

@@ -83,8 +83,10 @@ struct UsageTotal {
     total_tokens: i64,
 }
 
-/// Usage of the caller's assistants: completed replies and tokens per day,
-/// assistant or model, both days of the range included.
+/// Usage of the caller's assistants over a range of days.
+///
+/// Completed replies and tokens per day, assistant or model, both days of the
+/// range included.
 #[utoipa::path(
     get,
     path = "/stats/usage",

@@ -202,8 +202,10 @@ async fn token(
     }))
 }
 
-/// The caller's profile: from the cache, else from their own stream (always
-/// current, so no consistency token is needed).
+/// The caller's profile.
+///
+/// From the cache, else from their own stream (always current, so no
+/// consistency token is needed).
 #[utoipa::path(
     get,
     path = "/users/me",
