@@ -21,7 +21,7 @@ use uuid::Uuid;
 use super::error::{PROBLEM_JSON, Problem};
 use crate::domain::FieldError;
 
-/// The name of the bearer security scheme operations refer to.
+/// The name of the bearer security scheme (each handler's `security(("bearer" = []))`).
 pub const BEARER: &str = "bearer";
 
 #[derive(OpenApi)]
@@ -133,7 +133,8 @@ pub enum SortOrder {
 }
 
 /// Add the bearer scheme and, to every operation, the refusals its inputs can
-/// earn: one rule for the whole document, so no route forgets one.
+/// earn and the headers its successes carry: one rule for the whole
+/// document, so no route forgets one.
 pub fn complete(doc: &mut openapi::OpenApi) {
     let components = doc.components.get_or_insert_with(Default::default);
     components.add_security_scheme(
@@ -164,7 +165,7 @@ pub fn complete(doc: &mut openapi::OpenApi) {
         ];
         for (method, operation) in operations {
             if let Some(operation) = operation {
-                add_refusals(path, method, operation);
+                complete_operation(path, method, operation);
             }
         }
     }
@@ -326,7 +327,9 @@ impl Refusal {
     }
 }
 
-fn add_refusals(path: &str, method: HttpMethod, operation: &mut Operation) {
+/// Give one operation the refusals its inputs can earn and, if it is a
+/// command, the `X-Consistency-Token` of its successes.
+fn complete_operation(path: &str, method: HttpMethod, operation: &mut Operation) {
     let parameters: Vec<&Parameter> = (operation.parameters.iter().flatten())
         .filter_map(|p| match p {
             RefOr::T(p) => Some(p),
