@@ -27,7 +27,7 @@ use axum::{
 use futures_util::{Stream, StreamExt};
 use serde_json::json;
 use tokio::sync::mpsc;
-use utoipa::IntoParams;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
@@ -45,6 +45,41 @@ use crate::{
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(stream))
+}
+
+/// One event of the stream (its fields as the SSE format sends them; comment
+/// lines keep the connection alive and are not events).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct ServerSentEvent {
+    /// The event's commit position, `<transaction_id>.<global_position>`
+    /// (absent on `message.delta`, which is not stored).
+    #[schema(example = "1042.877")]
+    id: Option<String>,
+    event: EventName,
+    /// A JSON object: the message or conversation as changed.
+    #[schema(
+        example = r#"{"id":"0193a5c1-2eff-7a3b-b1c2-0d9e8f7a6b5b","object":"message","role":"user","status":"completed"}"#
+    )]
+    data: String,
+}
+
+/// The names of the stream's events.
+#[derive(ToSchema, serde::Serialize)]
+#[allow(dead_code)]
+enum EventName {
+    #[serde(rename = "message.created")]
+    MessageCreated,
+    #[serde(rename = "message.updated")]
+    MessageUpdated,
+    #[serde(rename = "message.delta")]
+    MessageDelta,
+    #[serde(rename = "message.completed")]
+    MessageCompleted,
+    #[serde(rename = "message.failed")]
+    MessageFailed,
+    #[serde(rename = "conversation.updated")]
+    ConversationUpdated,
 }
 
 /// Where a reconnecting client resumes.
@@ -87,7 +122,7 @@ const CATCH_UP_PAGE: i64 = 500;
     params(IdParam, Resume),
     responses(
         (status = 200, description = "The event stream (never ends by itself)",
-            content_type = "text/event-stream", body = String,
+            content_type = "text/event-stream", body = ServerSentEvent,
             example = "id: 1042.877\nevent: message.created\ndata: {\"id\":\"0193a5c1-2eff-7a3b-b1c2-0d9e8f7a6b5b\",\"object\":\"message\",\"role\":\"user\",\"status\":\"completed\"}\n\nid: 1043.878\nevent: message.completed\ndata: {\"id\":\"0193a5c1-2f00-7a3b-b1c2-0d9e8f7a6b5c\",\"object\":\"message\",\"role\":\"assistant\",\"status\":\"completed\",\"content\":\"Monday is free after 2 pm.\"}\n\n"),
     ),
 )]
