@@ -12,7 +12,7 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 # The PyPI tools of the operations checks live in a virtualenv of the checkout.
 OPS_VENV := target/ops-venv
 
-.PHONY: help dev dev-monitoring down logs run test test-ops ops-tools bench lint fmt ci \
+.PHONY: help dev dev-monitoring down logs run test test-ops ops-tools fuzz bench lint fmt ci \
         build image certs backup restore deploy rollback
 
 help: ## list the targets
@@ -46,13 +46,17 @@ $(OPS_VENV)/.installed: tests/ops/requirements.txt
 	$(OPS_VENV)/bin/pip install --quiet --disable-pip-version-check -r $<
 	touch $@
 
+fuzz: ## schemathesis against the API's OpenAPI document (.ci/fuzz; needs Postgres, NATS, Redis)
+	cargo build --bin ai-secretary
+	.ci/fuzz target/debug/ai-secretary
+
 bench: ## the benchmarks (append path and read side)
 	cargo bench
 
 lint: ops-tools ## fmt, clippy -D warnings, shellcheck, promtool, hadolint, compose and workflow schemas
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
-	shellcheck scripts/*.sh .ci/run
+	shellcheck scripts/*.sh .ci/run .ci/fuzz
 	promtool check config monitoring/prometheus.yml
 	promtool check config monitoring/prometheus.dev.yml
 	promtool test rules monitoring/alerts.test.yml

@@ -1,4 +1,5 @@
-//! The command line: one binary, one subcommand per process role of DESIGN.md.
+//! The command line: one binary, one subcommand per process role
+//! (docs/architecture.md, "Processes").
 
 use clap::{Parser, Subcommand};
 

@@ -1,5 +1,5 @@
 //! Configuration from the environment (and a `.env` file if present), with the
-//! defaults of DESIGN.md. Secrets have redacted `Debug` and are refused in
+//! defaults of the README's Configuration table. Secrets have redacted `Debug` and are refused in
 //! production when left at their development defaults.
 
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};

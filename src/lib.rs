@@ -1,7 +1,7 @@
 //! ai-secretary: an event-sourced CQRS backend for a team of AI secretaries.
 //!
 //! `domain` decides, `store` remembers, `app` joins the two for every caller,
-//! `http` speaks the REST contract of DESIGN.md, `replier` answers messages
+//! `http` speaks the REST contract (docs/api.md), `replier` answers messages
 //! through an `llm` provider, and `startup` wires them into a process that `cli`
 //! names.
 

@@ -8,6 +8,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::envelope::Position;
@@ -21,12 +22,19 @@ pub struct Page {
     pub descending: bool,
 }
 
-#[derive(Debug, Serialize)]
+/// A page of a list (the envelope of every list in the API): `first_id` and
+/// `last_id` are the cursors for `before` and `after`.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct List<T: Serialize> {
+    /// Always `list`.
+    #[schema(value_type = String, example = "list")]
     pub object: &'static str,
     pub data: Vec<T>,
+    /// The first item's id (`?before=` this for the page before); null on an empty page.
     pub first_id: Option<Uuid>,
+    /// The last item's id (`?after=` this for the next page); null on an empty page.
     pub last_id: Option<Uuid>,
+    /// Whether more items follow in this direction.
     pub has_more: bool,
 }
 
@@ -87,17 +95,29 @@ fn by_id(query: &mut QueryBuilder<Postgres>, id: Uuid) {
     query.push_bind(id);
 }
 
-#[derive(Debug, Serialize, FromRow)]
+/// An assistant with its activity, as the read side serves it.
+#[derive(Debug, Serialize, FromRow, ToSchema)]
+#[schema(as = Assistant, example = json!({
+    "id": "0193a5c0-7d2e-7cc1-9a51-2f1e0e6c1a01", "object": "assistant", "name": "Ada",
+    "role": "secretary", "instructions": "Keep my diary.", "model": "gemini-2.5-flash",
+    "temperature": 0.7, "metadata": {"team": "sales"}, "status": "active",
+    "conversation_count": 2, "message_count": 8, "last_activity_at": "2026-12-01T10:15:00Z",
+    "created_at": "2026-11-30T09:00:00Z", "updated_at": "2026-11-30T09:00:00Z", "version": 1
+}))]
 pub struct AssistantView {
     pub id: Uuid,
     #[sqlx(skip)]
+    #[schema(value_type = String, example = "assistant")]
     pub object: &'static str,
     pub name: String,
     pub role: String,
     pub instructions: String,
     pub model: String,
     pub temperature: f64,
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
     pub metadata: Value,
+    /// `active` or `archived`.
+    #[schema(example = "active")]
     pub status: String,
     pub conversation_count: i64,
     pub message_count: i64,
@@ -166,7 +186,9 @@ pub async fn assistants_of(
     Ok(list)
 }
 
-#[derive(Debug, Serialize)]
+/// Tokens an LLM counted.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"prompt_tokens": 42, "completion_tokens": 17, "total_tokens": 59}))]
 pub struct TokenUsage {
     pub prompt_tokens: i64,
     pub completion_tokens: i64,
@@ -191,12 +213,23 @@ struct ConversationRow {
     last_gp: i64,
 }
 
-#[derive(Debug, Serialize)]
+/// A conversation with its activity, as the read side serves it.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Conversation, example = json!({
+    "id": "0193a5c1-0b7e-7d10-8f0e-5b1c2d3e4f50", "object": "conversation",
+    "assistant_id": "0193a5c0-7d2e-7cc1-9a51-2f1e0e6c1a01", "title": "Planning the week",
+    "status": "active", "message_count": 4, "last_message_at": "2026-12-01T10:15:00Z",
+    "usage": {"prompt_tokens": 84, "completion_tokens": 34, "total_tokens": 118},
+    "created_at": "2026-12-01T10:00:00Z", "updated_at": "2026-12-01T10:00:00Z", "version": 3
+}))]
 pub struct ConversationView {
     pub id: Uuid,
+    #[schema(value_type = String, example = "conversation")]
     pub object: &'static str,
     pub assistant_id: Uuid,
     pub title: String,
+    /// `active` or `archived`.
+    #[schema(example = "active")]
     pub status: String,
     pub message_count: i64,
     pub last_message_at: Option<DateTime<Utc>>,
@@ -291,14 +324,30 @@ pub async fn conversations_of(
     page(pool, query, "id", by_id, p).await
 }
 
-#[derive(Debug, Serialize, FromRow)]
+/// A user's message or an assistant's reply. A reply is listed from the
+/// moment it is requested (`queued`), without content until it completes.
+#[derive(Debug, Serialize, FromRow, ToSchema)]
+#[schema(as = Message, example = json!({
+    "id": "0193a5c1-2f00-7a3b-b1c2-0d9e8f7a6b5c", "object": "message",
+    "conversation_id": "0193a5c1-0b7e-7d10-8f0e-5b1c2d3e4f50", "role": "assistant",
+    "content": "Monday is free after 2 pm.", "status": "completed",
+    "reply_to": "0193a5c1-2eff-7a3b-b1c2-0d9e8f7a6b5b", "model": "gemini-2.5-flash",
+    "finish_reason": "stop",
+    "usage": {"prompt_tokens": 42, "completion_tokens": 17, "total_tokens": 59},
+    "created_at": "2026-12-01T10:15:00Z", "updated_at": "2026-12-01T10:15:02Z"
+}))]
 pub struct MessageView {
     pub id: Uuid,
     #[sqlx(skip)]
+    #[schema(value_type = String, example = "message")]
     pub object: &'static str,
     pub conversation_id: Uuid,
+    /// `user` or `assistant`.
+    #[schema(example = "assistant")]
     pub role: String,
     pub content: Option<String>,
+    /// `queued`, `in_progress`, `completed` or `failed` (a user's message is `completed`).
+    #[schema(example = "completed")]
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<Uuid>,
@@ -380,7 +429,11 @@ pub enum GroupBy {
     Model,
 }
 
-#[derive(Debug, Serialize, FromRow)]
+/// One group of `GET /stats/usage`: `day`, `assistant_id` or `model` names
+/// the group, as `group_by` asked.
+#[derive(Debug, Serialize, FromRow, ToSchema)]
+#[schema(example = json!({"day": "2026-12-01", "messages": 3, "prompt_tokens": 120,
+                          "completion_tokens": 51, "total_tokens": 171}))]
 pub struct UsageRow {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub day: Option<NaiveDate>,

@@ -161,6 +161,12 @@ impl Commands {
         if tail.is_empty() {
             return Ok(cached);
         }
+        // The id of another kind of stream (a user's id sent as an assistant's)
+        // names nothing of this kind: the decider sees no stream, and refuses
+        // as it refuses any unknown id, instead of failing to decode its events.
+        if tail.iter().any(|p| p.stream_type != D::STREAM_TYPE) {
+            return Ok(Loaded::default());
+        }
         let loaded = fold::<D>(cached, tail)?;
         self.states.put(stream_id, &loaded);
         Ok(loaded)

@@ -5,8 +5,10 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 /// One broken rule, addressed by a JSON pointer into the request body (RFC 6901).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[schema(example = json!({"pointer": "/name", "detail": "must be between 1 and 100 characters (got 0)"}))]
 pub struct FieldError {
+    /// Where: `/name`, `/metadata/team`; an empty string is the whole body.
     pub pointer: String,
     pub detail: String,
 }

@@ -9,27 +9,106 @@
 
 use ai_secretary_projections::checkpoint;
 use axum::{
-    Json, Router,
+    Json,
     extract::{Path, State},
     http::{StatusCode, header},
     response::IntoResponse,
-    routing::{get, post},
 };
-use chrono::Utc;
-use serde_json::{Value, json};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use super::{AppState, error::ApiError, extract::AuthUser};
-use crate::recovery::StartError;
+use super::{
+    AppState,
+    error::{ApiError, Problem},
+    extract::AuthUser,
+};
+use crate::recovery::{RebuildStatus, StartError};
 
 /// Lag is counted exactly up to this many events, then reported as at least this.
 const LAG_COUNT_LIMIT: i64 = 1_000_000;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/admin/projections", get(projections))
-        .route("/admin/projections/{name}/rebuild", post(rebuild))
-        .route("/admin/rebuilds/{id}", get(rebuild_status))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(projections))
+        .routes(routes!(rebuild))
+        .routes(routes!(rebuild_status))
+}
+
+/// A rebuild of a projection from the event store.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({
+    "object": "rebuild", "id": "0193a5c2-0000-7000-8000-000000000001", "projection": "messages",
+    "state": "running", "events": 1200, "total_events": 5000,
+    "started_at": "2026-12-01T11:00:00Z", "finished_at": null, "error": null,
+    "status_url": "/api/v1/admin/rebuilds/0193a5c2-0000-7000-8000-000000000001"
+}))]
+struct Rebuild {
+    /// Always `rebuild`.
+    #[schema(example = "rebuild")]
+    object: &'static str,
+    id: Uuid,
+    projection: String,
+    /// `running`, `succeeded` or `failed`.
+    #[schema(example = "running")]
+    state: String,
+    /// Events folded so far.
+    events: i64,
+    /// Events to fold, once counted.
+    total_events: Option<i64>,
+    started_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+    /// Why it failed.
+    error: Option<String>,
+    /// Where to follow it (only in the answer that started it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status_url: Option<String>,
+}
+
+/// The relay and the projections against the head of the store.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({
+    "object": "list", "head": "1042.877",
+    "data": [{"name": "messages", "object": "projection", "kind": "projection",
+              "checkpoint": "1042.877", "events_applied": 877, "lag_events": 0,
+              "lag_seconds": 0.0, "updated_at": "2026-12-01T11:00:00Z", "epoch": 1,
+              "owner": "host-1/4242", "owner_since": "2026-12-01T09:00:00Z", "rebuild": null}]
+}))]
+struct Projections {
+    /// Always `list`.
+    #[schema(example = "list")]
+    object: &'static str,
+    /// The position of the store's last committed event (null while empty).
+    head: Option<String>,
+    data: Vec<Projection>,
+}
+
+/// Where one checkpoint (the relay's or a projection's) is.
+#[derive(Serialize, ToSchema)]
+struct Projection {
+    name: String,
+    /// Always `projection`.
+    #[schema(example = "projection")]
+    object: &'static str,
+    /// `relay` or `projection`.
+    #[schema(example = "projection")]
+    kind: &'static str,
+    /// The position it has applied, as `<transaction_id>.<global_position>`.
+    checkpoint: String,
+    events_applied: i64,
+    /// Events committed past the checkpoint (counted up to a million).
+    lag_events: i64,
+    /// How long the oldest of them has waited.
+    lag_seconds: f64,
+    updated_at: DateTime<Utc>,
+    /// The active worker's lease: takeovers so far, its holder and since when.
+    epoch: i64,
+    owner: Option<String>,
+    owner_since: Option<DateTime<Utc>>,
+    /// The latest rebuild of this projection (running or finished), if any.
+    rebuild: Option<Rebuild>,
 }
 
 /// Refuse (403) a caller whose registered email is not in `ADMIN_EMAILS`.
@@ -52,6 +131,24 @@ fn rebuilds(state: &AppState) -> Result<&crate::recovery::Rebuilds, ApiError> {
 }
 
 /// Start a rebuild of one projection: 202 with its status URL in `Location`.
+#[utoipa::path(
+    post,
+    path = "/admin/projections/{name}/rebuild",
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("name" = String, Path, description = "A projection's name, as GET /admin/projections lists them")),
+    responses(
+        (status = 202, description = "Started", body = Rebuild, headers(
+            ("Location" = String, description = "The rebuild's status URL"),
+        )),
+        (status = 403, description = "Not an administrator", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 404, description = "No such projection", body = Problem,
+            content_type = "application/problem+json"),
+        (status = 409, description = "A rebuild of it is running", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 async fn rebuild(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -77,11 +174,24 @@ async fn rebuild(
     ))
 }
 
+/// A rebuild's progress.
+#[utoipa::path(
+    get,
+    path = "/admin/rebuilds/{id}",
+    tag = "admin",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "The rebuild's id")),
+    responses(
+        (status = 200, description = "The rebuild", body = Rebuild),
+        (status = 403, description = "Not an administrator", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 async fn rebuild_status(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Rebuild>, ApiError> {
     require_admin(&state, user).await?;
     let id: Uuid = id.parse().map_err(|_| ApiError::NotFound("rebuild"))?;
     let status = rebuilds(&state)?
@@ -91,28 +201,40 @@ async fn rebuild_status(
     Ok(Json(rebuild_json(&status, None)))
 }
 
-fn rebuild_json(status: &crate::recovery::RebuildStatus, url: Option<&str>) -> Value {
-    let mut body = json!({
-        "object": "rebuild",
-        "id": status.id,
-        "projection": status.projection,
-        "state": status.state,
-        "events": status.events,
-        "total_events": status.total_events,
-        "started_at": status.started_at,
-        "finished_at": status.finished_at,
-        "error": status.error,
-    });
-    if let Some(url) = url {
-        body["status_url"] = json!(url);
+fn rebuild_json(status: &RebuildStatus, url: Option<&str>) -> Rebuild {
+    Rebuild {
+        object: "rebuild",
+        id: status.id,
+        projection: status.projection.clone(),
+        state: status.state.clone(),
+        events: status.events,
+        total_events: status.total_events,
+        started_at: status.started_at,
+        finished_at: status.finished_at,
+        error: status.error.clone(),
+        status_url: url.map(str::to_owned),
     }
-    body
 }
 
+/// The relay's and each projection's progress.
+///
+/// Where each is against the head of the store, in events and in seconds,
+/// with its lease and latest rebuild.
+#[utoipa::path(
+    get,
+    path = "/admin/projections",
+    tag = "admin",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The checkpoints", body = Projections),
+        (status = 403, description = "Not an administrator", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 async fn projections(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Projections>, ApiError> {
     require_admin(&state, user).await?;
     let latest = match &state.recovery {
         Some(rebuilds) => rebuilds.latest().await?,
@@ -128,26 +250,32 @@ async fn projections(
         let lag_seconds = oldest.map_or(0.0, |t| {
             (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
         });
-        data.push(json!({
-            "name": name,
-            "object": "projection",
-            "kind": if name == crate::bus::relay::CHECKPOINT { "relay" } else { "projection" },
-            "checkpoint": at.to_string(),
-            "events_applied": checkpoint.events,
-            "lag_events": lag_events,
-            "lag_seconds": lag_seconds,
-            "updated_at": checkpoint.updated_at,
-            // The active worker's lease: takeovers so far, its holder and since when.
-            "epoch": checkpoint.epoch,
-            "owner": checkpoint.owner,
-            "owner_since": checkpoint.owner_since,
-            // The latest rebuild of this projection (running or finished), if any.
-            "rebuild": latest.iter().find(|r| &r.projection == name).map(|r| rebuild_json(r, None)),
-        }));
+        data.push(Projection {
+            name: name.clone(),
+            object: "projection",
+            kind: if name == crate::bus::relay::CHECKPOINT {
+                "relay"
+            } else {
+                "projection"
+            },
+            checkpoint: at.to_string(),
+            events_applied: checkpoint.events,
+            lag_events,
+            lag_seconds,
+            updated_at: checkpoint.updated_at,
+            epoch: checkpoint.epoch,
+            owner: checkpoint.owner.clone(),
+            owner_since: checkpoint.owner_since,
+            rebuild: latest
+                .iter()
+                .find(|r| &r.projection == name)
+                .map(|r| rebuild_json(r, None)),
+        });
     }
-    Ok(Json(json!({
-        "object": "list",
-        "head": head.map(|p| p.to_string()),
-        "data": data,
-    })))
+    let body = Projections {
+        object: "list",
+        head: head.map(|p| p.to_string()),
+        data,
+    };
+    Ok(Json(body))
 }

@@ -6,52 +6,92 @@ use ai_secretary_projections::{
     cache::Kind,
     read::{self, AssistantView, List},
 };
-use axum::{
-    Json, Router,
-    extract::State,
-    http::StatusCode,
-    response::Response,
-    routing::{get, post},
-};
-use chrono::Utc;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use axum::{Json, extract::State, http::StatusCode, response::Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::{
     AppState,
     command::{Caller, OnResource},
-    error::ApiError,
+    error::{ApiError, Problem},
     extract::{ApiJson, AuthUser, IdPath},
+    openapi::{ConsistencyParam, IdParam, IdempotencyParam, IfMatchParam, ListParams as Page},
     read::{ConsistencyToken, ListParams},
     reply::Reply,
 };
 use crate::{
     app::Expected,
     domain::assistant::{
-        AssistantCommand, AssistantDecider, AssistantFields, AssistantState, Metadata,
+        AssistantCommand, AssistantDecider, AssistantFields, AssistantState, AssistantStatus,
+        Metadata,
     },
 };
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/assistants", post(create).get(list))
-        .route("/assistants/{id}", get(one).patch(update).delete(delete))
-        .route("/assistants/{id}/archive", post(archive))
-        .route("/assistants/{id}/restore", post(restore))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(one, update, delete))
+        .routes(routes!(archive))
+        .routes(routes!(restore))
 }
 
 /// Create and PATCH bodies: absent (or null) fields take defaults on create and
 /// stay unchanged on PATCH.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "name": "Ada", "role": "secretary", "instructions": "Keep my diary.",
+    "model": "gemini-2.5-flash", "temperature": 0.7, "metadata": {"team": "sales"}
+}))]
 struct AssistantBody {
+    /// 1 to 100 characters, one line (required on create).
+    #[schema(max_length = 100)]
     name: Option<String>,
+    /// Up to 100 characters, one line; `secretary` by default.
+    #[schema(max_length = 100)]
     role: Option<String>,
+    /// Up to 20,000 characters: the system prompt of the assistant's replies.
+    #[schema(max_length = 20000)]
     instructions: Option<String>,
+    /// The LLM model, e.g. `gemini-2.5-flash` (the default).
+    #[schema(max_length = 100, pattern = "^[A-Za-z0-9._/-]+$")]
     model: Option<String>,
+    /// 0 to 2; 0.7 by default.
+    #[schema(minimum = 0, maximum = 2)]
     temperature: Option<f64>,
+    /// Up to 16 pairs of strings: keys 1 to 64 characters, values up to 512.
     metadata: Option<Metadata>,
+}
+
+/// An assistant as a command leaves it. Its activity (conversation and
+/// message counts) is the read side's: `GET` has it.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({
+    "id": "0193a5c0-7d2e-7cc1-9a51-2f1e0e6c1a01", "object": "assistant", "name": "Ada",
+    "role": "secretary", "instructions": "Keep my diary.", "model": "gemini-2.5-flash",
+    "temperature": 0.7, "metadata": {"team": "sales"}, "status": "active",
+    "created_at": "2026-11-30T09:00:00Z", "updated_at": "2026-11-30T09:00:00Z", "version": 1
+}))]
+struct AssistantSettings<'a> {
+    id: Uuid,
+    /// Always `assistant`.
+    #[schema(example = "assistant")]
+    object: &'static str,
+    name: &'a str,
+    role: &'a str,
+    instructions: &'a str,
+    model: &'a str,
+    temperature: f64,
+    metadata: &'a Metadata,
+    status: AssistantStatus,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    /// The assistant's version (its ETag, for If-Match).
+    version: i64,
 }
 
 impl From<AssistantBody> for AssistantFields {
@@ -69,20 +109,21 @@ impl From<AssistantBody> for AssistantFields {
 
 fn assistant_json(state: &AssistantState, version: i64) -> Value {
     match state {
-        AssistantState::Live(a) => json!({
-            "id": a.id,
-            "object": "assistant",
-            "name": a.name,
-            "role": a.role,
-            "instructions": a.instructions,
-            "model": a.model,
-            "temperature": a.temperature,
-            "metadata": a.metadata,
-            "status": a.status,
-            "created_at": a.created_at,
-            "updated_at": a.updated_at,
-            "version": version,
-        }),
+        AssistantState::Live(a) => serde_json::to_value(AssistantSettings {
+            id: a.id,
+            object: "assistant",
+            name: &a.name,
+            role: &a.role,
+            instructions: &a.instructions,
+            model: &a.model,
+            temperature: a.temperature,
+            metadata: &a.metadata,
+            status: a.status,
+            created_at: a.created_at,
+            updated_at: a.updated_at,
+            version,
+        })
+        .unwrap_or(Value::Null),
         _ => Value::Null,
     }
 }
@@ -91,6 +132,21 @@ fn render(status: StatusCode) -> impl Fn(&AssistantState, i64) -> Reply + Sync {
     move |s, v| Reply::new(status, assistant_json(s, v)).version(v)
 }
 
+/// Create an assistant.
+#[utoipa::path(
+    post,
+    path = "/assistants",
+    tag = "assistants",
+    security(("bearer" = [])),
+    params(IdempotencyParam),
+    request_body = AssistantBody,
+    responses(
+        (status = 201, description = "The assistant", body = AssistantSettings, headers(
+            ("ETag" = String, description = "The assistant's version, quoted"),
+            ("Location" = String, description = "/api/v1/assistants/{id}"),
+        )),
+    ),
+)]
 async fn create(
     caller: Caller,
     ApiJson(body): ApiJson<AssistantBody>,
@@ -110,6 +166,22 @@ async fn create(
         .await
 }
 
+/// Change an assistant's settings: the fields given, the others as they are.
+#[utoipa::path(
+    patch,
+    path = "/assistants/{id}",
+    tag = "assistants",
+    security(("bearer" = [])),
+    params(IdParam, IfMatchParam),
+    request_body = AssistantBody,
+    responses(
+        (status = 200, description = "The assistant as changed", body = AssistantSettings, headers(
+            ("ETag" = String, description = "The assistant's new version, quoted"),
+        )),
+        (status = 409, description = "The assistant is archived", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 async fn update(
     target: OnResource,
     ApiJson(body): ApiJson<AssistantBody>,
@@ -124,6 +196,21 @@ async fn update(
         .await
 }
 
+/// Archive an assistant: it keeps its conversations but takes no new ones.
+#[utoipa::path(
+    post,
+    path = "/assistants/{id}/archive",
+    tag = "assistants",
+    security(("bearer" = [])),
+    params(IdParam, IfMatchParam, IdempotencyParam),
+    responses(
+        (status = 200, description = "The archived assistant", body = AssistantSettings, headers(
+            ("ETag" = String, description = "The assistant's new version, quoted"),
+        )),
+        (status = 409, description = "Already archived", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 async fn archive(target: OnResource) -> Result<Response, ApiError> {
     let command = AssistantCommand::Archive {
         actor: target.user(),
@@ -134,6 +221,21 @@ async fn archive(target: OnResource) -> Result<Response, ApiError> {
         .await
 }
 
+/// Restore an archived assistant.
+#[utoipa::path(
+    post,
+    path = "/assistants/{id}/restore",
+    tag = "assistants",
+    security(("bearer" = [])),
+    params(IdParam, IfMatchParam, IdempotencyParam),
+    responses(
+        (status = 200, description = "The active assistant", body = AssistantSettings, headers(
+            ("ETag" = String, description = "The assistant's new version, quoted"),
+        )),
+        (status = 409, description = "Not archived", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 async fn restore(target: OnResource) -> Result<Response, ApiError> {
     let command = AssistantCommand::Restore {
         actor: target.user(),
@@ -144,6 +246,15 @@ async fn restore(target: OnResource) -> Result<Response, ApiError> {
         .await
 }
 
+/// Delete an assistant.
+#[utoipa::path(
+    delete,
+    path = "/assistants/{id}",
+    tag = "assistants",
+    security(("bearer" = [])),
+    params(IdParam, IfMatchParam),
+    responses((status = 204, description = "Deleted")),
+)]
 async fn delete(target: OnResource) -> Result<Response, ApiError> {
     let command = AssistantCommand::Delete {
         actor: target.user(),
@@ -154,6 +265,14 @@ async fn delete(target: OnResource) -> Result<Response, ApiError> {
 }
 
 /// The caller's assistants with their activity, newest first by default.
+#[utoipa::path(
+    get,
+    path = "/assistants",
+    tag = "assistants",
+    security(("bearer" = [])),
+    params(Page, ConsistencyParam),
+    responses((status = 200, description = "A page of assistants", body = List<AssistantView>)),
+)]
 async fn list(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,
@@ -170,6 +289,18 @@ async fn list(
 }
 
 /// One assistant with its activity, through the cache.
+#[utoipa::path(
+    get,
+    path = "/assistants/{id}",
+    tag = "assistants",
+    security(("bearer" = [])),
+    params(IdParam, ConsistencyParam),
+    responses(
+        (status = 200, description = "The assistant", body = AssistantView, headers(
+            ("ETag" = String, description = "The assistant's version, quoted"),
+        )),
+    ),
+)]
 async fn one(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,

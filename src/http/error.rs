@@ -8,7 +8,8 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::{
     app::{AppError, ReadError},
@@ -17,6 +18,33 @@ use crate::{
 };
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// The body of every refusal and failure (RFC 9457), sent as
+/// `application/problem+json`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "type": "about:blank", "title": "Unprocessable Entity", "status": 422,
+    "detail": "the request has invalid fields",
+    "errors": [{"pointer": "/temperature", "detail": "must be between 0 and 2"}]
+}))]
+pub struct Problem {
+    /// Always `about:blank`: the status says what kind of problem it is.
+    #[serde(rename = "type")]
+    #[schema(example = "about:blank")]
+    pub kind: &'static str,
+    /// The status's reason phrase.
+    pub title: &'static str,
+    pub status: u16,
+    /// What went wrong, for a person (a 5xx names no cause: it is logged).
+    pub detail: String,
+    /// On 422: each broken rule, with a JSON pointer (RFC 6901) into the body
+    /// or, for a query parameter, `/<name>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<Vec<FieldError>>,
+    /// On 412: the version the resource is at (also sent as its ETag).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<i64>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -111,17 +139,20 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let mut body = json!({
-            "type": "about:blank",
-            "title": status.canonical_reason().unwrap_or("Error"),
-            "status": status.as_u16(),
-            "detail": detail,
-        });
-        match &self {
-            ApiError::Unprocessable { errors, .. } => body["errors"] = json!(errors),
-            ApiError::PreconditionFailed { current } => body["current_version"] = json!(current),
-            _ => {}
-        }
+        let body = Problem {
+            kind: "about:blank",
+            title: status.canonical_reason().unwrap_or("Error"),
+            status: status.as_u16(),
+            detail,
+            errors: match &self {
+                ApiError::Unprocessable { errors, .. } => Some(errors.clone()),
+                _ => None,
+            },
+            current_version: match &self {
+                ApiError::PreconditionFailed { current } => Some(*current),
+                _ => None,
+            },
+        };
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));

@@ -3,19 +3,29 @@
 
 use std::time::Duration;
 
-use axum::{Json, Router, extract::State, http::StatusCode, routing::get};
-use serde_json::{Value, json};
+use axum::{Json, extract::State, http::StatusCode};
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::AppState;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(ready))
+        .routes(routes!(metrics))
 }
 
-/// Prometheus text format (scraped by Prometheus; not to be exposed publicly).
+/// Prometheus metrics (scraped by Prometheus; not to be exposed publicly).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "The Prometheus text format",
+        content_type = "text/plain; version=0.0.4; charset=utf-8", body = String,
+        example = "# TYPE http_requests_total counter\nhttp_requests_total{method=\"GET\",path=\"/health\",status=\"200\"} 1\n")),
+)]
 pub(super) async fn metrics() -> impl axum::response::IntoResponse {
     (
         [(
@@ -26,8 +36,52 @@ pub(super) async fn metrics() -> impl axum::response::IntoResponse {
     )
 }
 
-pub(super) async fn health() -> Json<Value> {
-    Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+/// The process answers.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"status": "ok", "version": "0.1.0"}))]
+pub(super) struct Health {
+    /// Always `ok`.
+    #[schema(example = "ok")]
+    status: &'static str,
+    /// The service's version.
+    version: &'static str,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    responses((status = 200, description = "Alive", body = Health)),
+)]
+pub(super) async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        version: env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// Whether the service can serve, and each dependency's state.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"status": "degraded",
+    "checks": {"postgres": "ok", "redis": "unavailable", "nats": "ok"}}))]
+struct Readiness {
+    /// `ready`, `degraded` (Redis or NATS down: commands and queries still
+    /// work) or `unavailable` (Postgres down).
+    #[schema(example = "ready")]
+    status: &'static str,
+    checks: Checks,
+}
+
+/// `ok` or `unavailable`, per dependency.
+#[derive(Serialize, ToSchema)]
+struct Checks {
+    #[schema(example = "ok")]
+    postgres: &'static str,
+    #[schema(example = "ok")]
+    redis: &'static str,
+    #[schema(example = "ok")]
+    nats: &'static str,
 }
 
 /// Longest `/ready` waits for Postgres. A pool whose server is gone keeps
@@ -36,10 +90,21 @@ pub(super) async fn health() -> Json<Value> {
 /// this is not ready.
 const POSTGRES_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Readiness: whether the dependencies answer.
+///
 /// 503 only when Postgres (the source of truth) is unreachable; a missing Redis
 /// or NATS degrades the service (no cache, read side paused) but commands and
 /// queries still work, so it stays ready and says so.
-async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready, or degraded", body = Readiness),
+        (status = 503, description = "Postgres is unreachable", body = Readiness),
+    ),
+)]
+async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Readiness>) {
     let postgres = async {
         match tokio::time::timeout(POSTGRES_CHECK_TIMEOUT, state.commands.ping()).await {
             Ok(pinged) => pinged.map_err(|e| e.to_string()),
@@ -62,13 +127,13 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
     };
     (
         status,
-        Json(json!({
-            "status": summary,
-            "checks": {
-                "postgres": check(postgres.is_ok()),
-                "redis": check(redis),
-                "nats": check(nats),
+        Json(Readiness {
+            status: summary,
+            checks: Checks {
+                postgres: check(postgres.is_ok()),
+                redis: check(redis),
+                nats: check(nats),
             },
-        })),
+        }),
     )
 }

@@ -1,5 +1,7 @@
-//! The REST API of DESIGN.md. Each resource owns its `router()`; this module only
-//! merges them and wraps them in the layers every request passes through.
+//! The REST API (docs/api.md). Each resource owns its `router()`, an
+//! `OpenApiRouter` whose routes carry their OpenAPI description; this module
+//! merges them, serves the document (`/openapi.json`) and its viewer (`/docs`),
+//! and wraps everything in the layers every request passes through.
 
 mod admin;
 mod assistants;
@@ -11,6 +13,7 @@ mod health;
 mod idempotency;
 pub mod limits;
 mod metrics;
+mod openapi;
 pub mod read;
 mod reply;
 mod stats;
@@ -33,6 +36,10 @@ use tower_http::{
     timeout::TimeoutLayer,
     trace::{DefaultOnResponse, TraceLayer},
 };
+
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
 
 use crate::{app::Commands, auth::Tokens};
 pub use error::ApiError;
@@ -109,34 +116,58 @@ impl AppState {
     }
 }
 
-/// The whole HTTP surface: `/api/v1/...` plus the unprefixed `/health` and `/ready`.
+/// Where the OpenAPI document is served, and its viewer (Swagger UI, whose
+/// assets are compiled into the binary: the page works offline).
+pub const OPENAPI_PATH: &str = "/openapi.json";
+pub const DOCS_PATH: &str = "/docs";
+
+/// The whole HTTP surface: `/api/v1/...`, the unprefixed `/health`, `/ready`
+/// and `/metrics`, and the API's document and docs page.
 pub fn router(state: AppState, cors_origins: &[String]) -> Router {
-    let api = Router::new()
+    let (routes, doc) = api();
+    // Before anything parses a body or hashes a password. (Only commands
+    // are limited, and every route outside /api/v1 is a GET.)
+    let routes = routes.layer(middleware::from_fn_with_state(
+        state.clone(),
+        limits::enforce,
+    ));
+    edge(with_docs(routes, doc), cors_origins).with_state(state)
+}
+
+/// Every route of the API and the OpenAPI document that describes them, from
+/// one registration (each `routes!` gives both), so they cannot drift.
+pub fn api() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let api = OpenApiRouter::new()
         .merge(users::router())
         .merge(assistants::router())
         .merge(conversations::router())
         .merge(stream::router())
         .merge(stats::router())
         .merge(admin::router())
-        // Before anything parses a body or hashes a password.
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            limits::enforce,
-        ))
         // Every resource under /api/v1 is someone's own data (a token, a
         // profile, messages): no cache along the way may keep a copy.
         .layer(SetResponseHeaderLayer::if_not_present(
             header::CACHE_CONTROL,
             HeaderValue::from_static("no-store"),
         ));
-    let routes = Router::new()
+    let (routes, mut doc) = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .nest("/api/v1", api)
         .merge(health::router())
+        .split_for_parts();
+    openapi::complete(&mut doc);
+    (routes, doc)
+}
+
+/// `routes` with the document at [`OPENAPI_PATH`], the docs page at
+/// [`DOCS_PATH`], and the problem+json answers of an unknown route (404) and
+/// of a method a route does not have (405).
+pub fn with_docs(routes: Router<AppState>, doc: utoipa::openapi::OpenApi) -> Router<AppState> {
+    routes
+        .merge(SwaggerUi::new(DOCS_PATH).url(OPENAPI_PATH, doc))
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async {
             ApiError::MethodNotAllowed("this method is not allowed on this route".into())
-        });
-    edge(routes, cors_origins).with_state(state)
+        })
 }
 
 /// The layers every API request passes through, innermost first: the

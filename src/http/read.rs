@@ -16,8 +16,9 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{CONSISTENCY_TOKEN, error::ApiError, reply::Reply};
+use super::{AppState, CONSISTENCY_TOKEN, error::ApiError, reply::Reply};
 use crate::{
+    bus::relay::CHECKPOINT as RELAY,
     progress::Progress,
     store::{Position, retrying},
 };
@@ -115,21 +116,30 @@ impl ReadSide {
 /// The `X-Consistency-Token` a client sent back, if any.
 pub struct ConsistencyToken(pub Option<Position>);
 
-impl<S: Send + Sync> FromRequestParts<S> for ConsistencyToken {
+impl FromRequestParts<AppState> for ConsistencyToken {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let Some(value) = parts.headers.get(CONSISTENCY_TOKEN) else {
             return Ok(ConsistencyToken(None));
         };
-        value
+        let not_issued =
+            || ApiError::BadRequest("X-Consistency-Token must be a token this API returned".into());
+        let at: Position = value
             .to_str()
             .ok()
             .and_then(|v| v.parse().ok())
-            .map(|p| ConsistencyToken(Some(p)))
-            .ok_or_else(|| {
-                ApiError::BadRequest("X-Consistency-Token must be a token this API returned".into())
-            })
+            .ok_or_else(not_issued)?;
+        // A position past the store's last event was never issued (or names
+        // events a restore took away): no wait would reach it. Asked only
+        // while the relay has not passed the token, so a query after an older
+        // command costs nothing more.
+        if !state.read.progress.reached(&[RELAY], at)
+            && state.commands.head().await?.is_none_or(|head| at > head)
+        {
+            return Err(not_issued());
+        }
+        Ok(ConsistencyToken(Some(at)))
     }
 }
 

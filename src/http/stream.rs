@@ -20,21 +20,22 @@ use std::{convert::Infallible, time::Duration};
 
 use ai_secretary_projections::{Event as Fact, EventEnvelope};
 use axum::{
-    Router,
     extract::State,
     http::HeaderMap,
     response::sse::{Event, KeepAlive, Sse},
-    routing::get,
 };
 use futures_util::{Stream, StreamExt};
 use serde_json::json;
 use tokio::sync::mpsc;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::{
     AppState,
     error::ApiError,
     extract::{AuthUser, IdPath},
+    openapi::IdParam,
 };
 use crate::{
     app::Commands,
@@ -42,14 +43,89 @@ use crate::{
     store::Position,
 };
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/conversations/{id}/stream", get(stream))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(stream))
+}
+
+/// One event of the stream (its fields as the SSE format sends them; comment
+/// lines keep the connection alive and are not events).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct ServerSentEvent {
+    /// The event's commit position, `<transaction_id>.<global_position>`
+    /// (absent on `message.delta`, which is not stored).
+    #[schema(example = "1042.877")]
+    id: Option<String>,
+    event: EventName,
+    /// A JSON object: the message or conversation as changed.
+    #[schema(
+        example = r#"{"id":"0193a5c1-2eff-7a3b-b1c2-0d9e8f7a6b5b","object":"message","role":"user","status":"completed"}"#
+    )]
+    data: String,
+}
+
+/// The names of the stream's events.
+#[derive(ToSchema, serde::Serialize)]
+#[allow(dead_code)]
+enum EventName {
+    #[serde(rename = "message.created")]
+    MessageCreated,
+    #[serde(rename = "message.updated")]
+    MessageUpdated,
+    #[serde(rename = "message.delta")]
+    MessageDelta,
+    #[serde(rename = "message.completed")]
+    MessageCompleted,
+    #[serde(rename = "message.failed")]
+    MessageFailed,
+    #[serde(rename = "conversation.updated")]
+    ConversationUpdated,
+}
+
+/// Where a reconnecting client resumes.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct Resume {
+    /// The `id` of the last event received: what came after it is sent
+    /// first, from the event store, then the live feed.
+    #[param(rename = "Last-Event-ID", example = "1042.877")]
+    last_event_id: Option<String>,
 }
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 /// Events read from the store per round trip when catching a client up.
 const CATCH_UP_PAGE: i64 = 500;
 
+/// A conversation's live events (Server-Sent Events).
+///
+/// Each stored event has an `id`, its commit position (`<transaction_id>.<global_position>`,
+/// the form of `X-Consistency-Token`); `data` is a JSON object. The events:
+///
+/// - `message.created`: a user's message (`status` `completed`) or a requested
+///   reply (`queued`), shaped as in the message list;
+/// - `message.updated`: a reply taken up (`in_progress`);
+/// - `message.delta`: a piece of a reply's text as it is written (`id` of the
+///   reply, `attempt`, `index`, `delta`); the event has no SSE id: it is not
+///   stored, the `message.completed` that follows is;
+/// - `message.completed`: a reply with its `content`, `model`, `finish_reason` and `usage`;
+/// - `message.failed`: a reply that failed, with its `error`;
+/// - `conversation.updated`: the conversation renamed (`title`) or archived (`status`).
+///
+/// Comment lines keep an idle connection open (every 15 s). The stream ends
+/// when the service shuts down; reconnect with `Last-Event-ID`.
+#[utoipa::path(
+    get,
+    path = "/conversations/{id}/stream",
+    tag = "conversations",
+    security(("bearer" = [])),
+    params(IdParam, Resume),
+    responses(
+        (status = 200, description = "The event stream (never ends by itself)",
+            content_type = "text/event-stream", body = ServerSentEvent,
+            example = "id: 1042.877\nevent: message.created\ndata: {\"id\":\"0193a5c1-2eff-7a3b-b1c2-0d9e8f7a6b5b\",\"object\":\"message\",\"role\":\"user\",\"status\":\"completed\"}\n\nid: 1043.878\nevent: message.completed\ndata: {\"id\":\"0193a5c1-2f00-7a3b-b1c2-0d9e8f7a6b5c\",\"object\":\"message\",\"role\":\"assistant\",\"status\":\"completed\",\"content\":\"Monday is free after 2 pm.\"}\n\n"),
+    ),
+)]
 async fn stream(
     State(state): State<AppState>,
     AuthUser(user): AuthUser,

@@ -1,63 +1,106 @@
-//! Accounts: register, exchange credentials for a bearer token, read one's profile.
+//! Accounts: register, exchange credentials for a bearer token, read one's
+//! profile, be forgotten.
 
 use ai_secretary_projections::cache::Kind;
-use axum::{
-    Json, Router,
-    extract::State,
-    http::StatusCode,
-    response::Response,
-    routing::{get, post},
-};
-use chrono::Utc;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use axum::{Json, extract::State, http::StatusCode, response::Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::{
     AppState,
     command::Invocation,
-    error::ApiError,
+    error::{ApiError, Problem},
     extract::{ApiJson, AuthUser, CorrelationId, SignedIn},
     idempotency::IdempotencyKey,
+    openapi::IdempotencyParam,
     reply::Reply,
 };
 use crate::{
     app::{self, logins::LoginError},
-    domain::user::{User, UserDecider, UserState},
+    domain::user::{User as Account, UserDecider, UserState},
 };
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/users", post(register))
-        .route("/users/me", get(me).delete(forget_me))
-        .route("/auth/token", post(token))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(me, forget_me))
+        .routes(routes!(token))
 }
 
-#[derive(Deserialize)]
+/// A new account.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({
+    "email": "ada@example.com", "password": "correct horse battery", "display_name": "Ada"
+}))]
 struct Registration {
+    /// The account's email (its login): unique, compared case-insensitively.
     #[serde(default)]
+    #[schema(required, format = "email")]
     email: String,
+    /// 8 to 128 characters, not easily guessed.
     #[serde(default)]
+    #[schema(required, min_length = 8, max_length = 128)]
     password: String,
+    /// How the assistants address the user: one line.
     #[serde(default)]
+    #[schema(required)]
     display_name: String,
+}
+
+/// An account.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({
+    "id": "0193a5bf-1c2d-7e3f-8a9b-0c1d2e3f4a5b", "object": "user", "email": "ada@example.com",
+    "display_name": "Ada", "created_at": "2026-11-30T09:00:00Z", "version": 1
+}))]
+struct User {
+    id: Uuid,
+    /// Always `user`.
+    #[schema(example = "user")]
+    object: &'static str,
+    email: String,
+    display_name: String,
+    created_at: DateTime<Utc>,
+    /// The account's version (its ETag).
+    version: i64,
 }
 
 fn user_json(state: &UserState, version: i64) -> Value {
     match state {
-        UserState::Registered(u) => json!({
-            "id": u.id,
-            "object": "user",
-            "email": u.email,
-            "display_name": u.display_name,
-            "created_at": u.created_at,
-            "version": version,
-        }),
+        UserState::Registered(u) => serde_json::to_value(User {
+            id: u.id,
+            object: "user",
+            email: u.email.clone(),
+            display_name: u.display_name.clone(),
+            created_at: u.created_at,
+            version,
+        })
+        .unwrap_or(Value::Null),
         UserState::Unregistered | UserState::Forgotten => Value::Null,
     }
 }
 
+/// Register an account.
+#[utoipa::path(
+    post,
+    path = "/users",
+    tag = "users",
+    params(IdempotencyParam),
+    request_body = Registration,
+    responses(
+        (status = 201, description = "The account", body = User, headers(
+            ("ETag" = String, description = "The account's version, quoted"),
+            ("Location" = String, description = "/api/v1/users/me"),
+        )),
+        (status = 409, description = "An account with this email exists", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 async fn register(
     State(state): State<AppState>,
     CorrelationId(correlation_id): CorrelationId,
@@ -93,19 +136,37 @@ async fn register(
         .await
 }
 
-#[derive(Deserialize)]
+/// An account's email and password.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"email": "ada@example.com", "password": "correct horse battery"}))]
 struct Credentials {
     #[serde(default)]
+    #[schema(required)]
     email: String,
     #[serde(default)]
+    #[schema(required)]
     password: String,
+}
+
+/// A bearer token for the API.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"access_token": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOi4uLn0.c2lnbmF0dXJl",
+                          "token_type": "Bearer", "expires_in": 3600}))]
+struct AccessToken {
+    /// Sent as `Authorization: Bearer <access_token>`.
+    access_token: String,
+    /// Always `Bearer`.
+    #[schema(example = "Bearer")]
+    token_type: &'static str,
+    /// Seconds until it expires.
+    expires_in: u64,
 }
 
 const BAD_CREDENTIALS: ApiError = ApiError::Unauthorized("the email or password is wrong");
 
 /// A login, with the lockout of repeated failures (`app::logins`).
-async fn login(state: &AppState, email: &str, password: String) -> Result<User, ApiError> {
+async fn login(state: &AppState, email: &str, password: String) -> Result<Account, ApiError> {
     match state.logins.login(email, password).await {
         Ok(user) => Ok(user),
         Err(LoginError::BadCredentials) => Err(BAD_CREDENTIALS),
@@ -120,19 +181,36 @@ async fn login(state: &AppState, email: &str, password: String) -> Result<User, 
 /// How recent a token must be to forget its account without the password.
 const RECENT_SIGN_IN: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
-/// `DELETE /users/me`'s proof that the caller is the account's owner right now.
-#[derive(Deserialize)]
+/// The proof that the caller is the account's owner right now. Optional: a
+/// token issued in the last five minutes needs none.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"password": "correct horse battery"}))]
 struct Reauthentication {
+    /// The account's password, checked as a login is (the lockout included).
     #[serde(default)]
     password: Option<String>,
 }
 
-/// Forget the caller ("forget me"): their key is destroyed, so what they wrote
-/// reads as forgotten everywhere, read models and caches drop it, their email
-/// may register again, and their tokens stop working. Asks for the password
-/// again (a body `{"password": …}`, checked as a login is, lockout included),
-/// or a token issued in the last five minutes.
+/// Forget the caller ("forget me").
+///
+/// Their data key is destroyed, so what they wrote reads as forgotten
+/// everywhere; read models and caches drop it; their email may register
+/// again; their tokens stop working. Asks for the password again, or a token
+/// issued in the last five minutes.
+#[utoipa::path(
+    delete,
+    path = "/users/me",
+    tag = "users",
+    security(("bearer" = [])),
+    params(IdempotencyParam),
+    request_body(content = Option<Reauthentication>, description = "The password, unless the token is under five minutes old"),
+    responses(
+        (status = 204, description = "Forgotten"),
+        (status = 401, description = "No proof (the password, or a recent token), or a wrong password",
+            body = Problem, content_type = "application/problem+json"),
+    ),
+)]
 async fn forget_me(
     State(state): State<AppState>,
     SignedIn { user, issued_at }: SignedIn,
@@ -167,21 +245,50 @@ async fn forget_me(
         )
         .await
 }
+
+/// Exchange an email and password for a bearer token.
+///
+/// Repeated wrong passwords lock the account's logins for a while (429 with
+/// `Retry-After`), doubling each time.
+#[utoipa::path(
+    post,
+    path = "/auth/token",
+    tag = "users",
+    request_body = Credentials,
+    responses(
+        (status = 200, description = "A token", body = AccessToken),
+        (status = 401, description = "The email or password is wrong", body = Problem,
+            content_type = "application/problem+json"),
+    ),
+)]
 async fn token(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<Credentials>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AccessToken>, ApiError> {
     let user = login(&state, &body.email, body.password).await?;
     let access_token = state.tokens.issue(user.id, Utc::now())?;
-    Ok(Json(json!({
-        "access_token": access_token,
-        "token_type": "Bearer",
-        "expires_in": state.tokens.lifetime().as_secs(),
-    })))
+    Ok(Json(AccessToken {
+        access_token,
+        token_type: "Bearer",
+        expires_in: state.tokens.lifetime().as_secs(),
+    }))
 }
 
-/// The caller's profile: from the cache, else from their own stream (always
-/// current, so no consistency token is needed).
+/// The caller's profile.
+///
+/// From the cache, else from their own stream (always current, so no
+/// consistency token is needed).
+#[utoipa::path(
+    get,
+    path = "/users/me",
+    tag = "users",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The caller's account", body = User, headers(
+            ("ETag" = String, description = "The account's version, quoted"),
+        )),
+    ),
+)]
 async fn me(State(state): State<AppState>, AuthUser(user_id): AuthUser) -> Result<Reply, ApiError> {
     let cache = &state.read.cache;
     if let Some(json) = cache.get(Kind::User, user_id, user_id).await {

@@ -143,6 +143,7 @@ mod tests {
         let payload = StoredPayload {
             event_id: recorded.event_id,
             version: 1,
+            stream_type: "conversation".into(),
             position: Position::START,
             event_type: recorded.event_type.clone(),
             schema_version: SCHEMA_VERSION,
@@ -160,6 +161,7 @@ mod tests {
         let payload = |event_type: &str, data: &str| StoredPayload {
             event_id: Uuid::nil(),
             version: 1,
+            stream_type: "user".into(),
             position: Position::START,
             event_type: event_type.into(),
             schema_version: SCHEMA_VERSION,

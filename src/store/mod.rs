@@ -93,6 +93,8 @@ pub struct StoredPayload {
     /// What its sealed fields are bound to (see `crate::crypto`).
     pub event_id: Uuid,
     pub version: i64,
+    /// The kind of stream it is in: a fold checks that it is its own kind.
+    pub stream_type: String,
     pub position: Position,
     pub event_type: String,
     pub schema_version: i32,

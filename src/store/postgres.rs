@@ -893,7 +893,8 @@ impl EventStore for PgEventStore {
     ) -> Result<Vec<StoredPayload>, StoreError> {
         let rows = retrying(self.read_attempts(), || async {
             sqlx::query(
-                "SELECT event_id, version, transaction_id::text::int8 AS transaction_id,
+                "SELECT event_id, version, stream_type,
+                        transaction_id::text::int8 AS transaction_id,
                         global_position, event_type, schema_version, data::text AS data
                  FROM events WHERE stream_id = $1 AND version > $2 ORDER BY version",
             )
@@ -909,6 +910,7 @@ impl EventStore for PgEventStore {
                 Ok(StoredPayload {
                     event_id: row.try_get("event_id")?,
                     version: row.try_get("version")?,
+                    stream_type: row.try_get("stream_type")?,
                     position: Position {
                         transaction_id: row.try_get("transaction_id")?,
                         global_position: row.try_get("global_position")?,

@@ -6,6 +6,7 @@ mod support;
 
 mod assistants;
 mod configuration;
+mod contract;
 mod conversations;
 mod dashboards;
 mod edges;

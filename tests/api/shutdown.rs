@@ -1,4 +1,4 @@
-//! Graceful shutdown of the real binary under load (DESIGN.md: "in-flight
+//! Graceful shutdown of the real binary under load (docs/architecture.md: "in-flight
 //! requests finish, consumers ack what they committed, and nothing is
 //! half-written").
 

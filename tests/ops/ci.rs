@@ -53,6 +53,12 @@ fn the_workflow_runs_the_same_checks_as_ci_run() {
             .any(|l| l.trim() == "make --no-print-directory ops-tools"),
         ".ci/run does not install the PyPI tools"
     );
+    assert!(
+        local
+            .lines()
+            .any(|l| l.trim() == ".ci/fuzz target/debug/ai-secretary"),
+        ".ci/run does not fuzz the API"
+    );
     // The servers the tests use.
     assert!(
         test["services"]["postgres"]["image"]
@@ -69,6 +75,8 @@ fn the_workflow_runs_the_same_checks_as_ci_run() {
         "nginx",
         "shellcheck",
         "make ops-tools",
+        "chromium",
+        ".ci/fuzz target/debug/ai-secretary",
     ] {
         assert!(
             setup.contains(needle),

@@ -2,7 +2,7 @@
 //! against the Compose Specification's schema and the Dockerfile by hadolint;
 //! then, for what no schema can see, the compose files are parsed as YAML
 //! (merge keys applied) and held to what the other files expect: the services
-//! and commands of DESIGN.md, dependencies on services that exist, the mounts
+//! and commands of docs/architecture.md, dependencies on services that exist, the mounts
 //! that exist, the volumes declared, and Prometheus scraping every service on
 //! the port it listens on. `docker compose config` runs only on request
 //! (ignored test): no machine here has the compose plugin.

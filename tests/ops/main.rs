@@ -18,6 +18,7 @@ mod promql;
 
 mod ci;
 mod compose;
+mod docs;
 mod monitoring;
 mod nginx;
 mod scripts;

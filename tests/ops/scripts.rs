@@ -13,7 +13,12 @@ use crate::{promql, run_ok};
 fn scripts_are_shellcheck_clean() {
     run_ok(
         "shellcheck",
-        &["scripts/deploy.sh", "scripts/rollback.sh", ".ci/run"],
+        &[
+            "scripts/deploy.sh",
+            "scripts/rollback.sh",
+            ".ci/run",
+            ".ci/fuzz",
+        ],
         None,
     );
 }
