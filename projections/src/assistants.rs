@@ -1,13 +1,11 @@
 //! Projection `assistants`: each assistant with its settings and its activity
 //! (conversations, messages, last activity), for `GET /assistants`.
 
+use ai_secretary_contract::{Event, EventEnvelope};
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use crate::{
-    envelope::{Event, EventEnvelope},
-    projection::{Projection, ProjectionError, forget_user},
-};
+use crate::projection::{Projection, ProjectionError, forget_user};
 
 pub struct Assistants;
 

@@ -1,13 +1,11 @@
 //! Projection `conversations`: title, status, message count, last message and
 //! token totals of each conversation, for `GET /conversations`.
 
+use ai_secretary_contract::{Event, EventEnvelope, Usage};
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
-use crate::{
-    envelope::{Event, EventEnvelope, Usage},
-    projection::{Projection, ProjectionError, forget_user},
-};
+use crate::projection::{Projection, ProjectionError, forget_user};
 
 pub struct Conversations;
 

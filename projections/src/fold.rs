@@ -8,6 +8,7 @@
 //! the rows the incremental path wrote: any divergence between the two is drift,
 //! so a rule changed in one place and not the other cannot go unnoticed.
 
+use ai_secretary_contract::{Event, EventEnvelope, Position};
 use std::{
     collections::{HashMap, HashSet},
     hash::Hash,
@@ -17,11 +18,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::{
-    assistants, conversations,
-    envelope::{Event, EventEnvelope, Position},
-    messages,
-};
+use crate::{assistants, conversations, messages};
 
 /// Rows by key, remembering (once `track_changes` is on) which keys changed, so
 /// the small tail folded after a bulk write is written row by row.

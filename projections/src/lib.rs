@@ -1,19 +1,20 @@
 //! Read models and caches of ai-secretary, built from the event wire contract.
 //!
-//! This crate knows only what travels on the bus (the envelope and each event's
-//! JSON payload, catalogued in `docs/events.md`), never the write side's Rust
-//! types: the root crate depends on it, never the reverse. Each projection owns
+//! This crate knows only what travels on the bus (the wire contract of
+//! `ai-secretary-contract`: the envelope and each event's payload, catalogued in
+//! `docs/events.md`), never the write side's Rust types: the root crate depends
+//! on it, never the reverse. Each projection owns
 //! its tables and its checkpoint; `worker` feeds one from its JetStream consumer.
 
 pub mod assistants;
 pub mod cache;
 pub mod checkpoint;
 pub mod conversations;
-pub mod envelope;
 pub mod fold;
 pub mod lease;
 pub mod log;
 pub mod messages;
+pub mod opener;
 pub mod projection;
 pub mod read;
 pub mod rebuild;
@@ -24,7 +25,8 @@ pub mod worker;
 
 use std::sync::Arc;
 
-pub use envelope::{Event, EventEnvelope, Opener, Position};
+pub use ai_secretary_contract::{Event, EventEnvelope, Position};
+pub use opener::Opener;
 pub use projection::{Projection, ProjectionError};
 
 /// Every projection, in the order their names are listed to operators.

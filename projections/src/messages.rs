@@ -1,14 +1,12 @@
 //! Projection `messages`: a conversation's user messages and replies in order,
 //! each reply listed as soon as it is requested and updated as it ends.
 
+use ai_secretary_contract::{Event, EventEnvelope};
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{
-    envelope::{Event, EventEnvelope},
-    projection::{Projection, ProjectionError, forget_user},
-};
+use crate::projection::{Projection, ProjectionError, forget_user};
 
 pub struct Messages;
 

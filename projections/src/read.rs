@@ -10,7 +10,7 @@ use serde_json::Value;
 use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;
 
-use crate::envelope::Position;
+use ai_secretary_contract::Position;
 
 /// A page request: `limit` items after or before a cursor, in one direction.
 #[derive(Debug, Clone, Copy)]

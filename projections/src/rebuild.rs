@@ -19,6 +19,7 @@
 //! interrupted run are dropped when the next one starts. One rebuild per
 //! projection at a time (a session advisory lock, released if the process dies).
 
+use ai_secretary_contract::{self as contract, Event, EventEnvelope, Position};
 use std::{sync::Arc, time::Instant};
 
 use futures_util::{StreamExt, TryStreamExt};
@@ -27,9 +28,9 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
 use crate::{
     cache::Cache,
     checkpoint,
-    envelope::{self, Event, EventEnvelope, Opener, Position},
     fold::{self, Fold},
     log::{envelope_of, plan_range_with_its_bounds, range},
+    opener::Opener,
     tables::{self, Table},
 };
 
@@ -225,7 +226,7 @@ async fn fold_one(
         .open_text(envelope.event_id, data)
         .await
         .map_err(RebuildError::Sealed)?;
-    let event = envelope::decode(&envelope.event_type, envelope.schema_version, data.as_str());
+    let event = contract::decode(&envelope.event_type, envelope.schema_version, data.as_str());
     if let Ok(Event::UserForgotten) = event {
         opener.forget(envelope.stream_id);
     }

@@ -1,12 +1,10 @@
 //! Projection `usage_daily`: completed replies and their tokens per owner, UTC
 //! day, assistant and model, for `GET /stats/usage`.
 
+use ai_secretary_contract::{Event, EventEnvelope};
 use sqlx::PgConnection;
 
-use crate::{
-    envelope::{Event, EventEnvelope},
-    projection::{Projection, ProjectionError, forget_user},
-};
+use crate::projection::{Projection, ProjectionError, forget_user};
 
 pub struct UsageDaily;
 

@@ -12,6 +12,7 @@
 //! table; the Redis values are not (they are copies stamped with the position
 //! they were read at, refilled on a miss, and dropped by a rebuild).
 
+use ai_secretary_contract::Position;
 use std::fmt;
 
 use serde_json::Value;
@@ -19,8 +20,8 @@ use sqlx::{AssertSqlSafe, Connection, PgPool, Row};
 
 use crate::{
     checkpoint,
-    envelope::{Opener, Position},
     fold::{self, Fold},
+    opener::Opener,
     rebuild::{self, Step},
     tables,
 };

@@ -20,6 +20,7 @@
 
 mod breaker;
 
+use ai_secretary_contract::{Event, EventEnvelope, Position};
 use std::{
     sync::{
         Arc,
@@ -36,10 +37,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use self::breaker::Breaker;
-use crate::{
-    envelope::{Event, EventEnvelope, Position},
-    projection::{Decoded, Projection, ProjectionError},
-};
+use crate::projection::{Decoded, Projection, ProjectionError};
 
 /// Which kind of resource a key caches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
