@@ -31,7 +31,8 @@ use crate::{
     fold::{self, Fold},
     log::{envelope_of, plan_range_with_its_bounds, range},
     opener::Opener,
-    tables::{self, Table},
+    projections::{self, Table},
+    tables,
 };
 
 /// Suffix of the tables a rebuild writes before the swap.
@@ -41,7 +42,7 @@ pub const NEXT: &str = "__next";
 pub enum RebuildError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
-    #[error("no projection named {0:?}; known: {known}", known = fold::NAMES.join(", "))]
+    #[error("no projection named {0:?}; known: {known}", known = projections::NAMES.join(", "))]
     Unknown(String),
     #[error("a rebuild of {0} is already running")]
     AlreadyRunning(String),
@@ -328,7 +329,7 @@ async fn write_next_on(
 /// interrupted run), fill it, then give it the live table's indexes and
 /// constraints under `<name>__next` names.
 async fn write_next(conn: &mut PgConnection, fold: &Fold) -> Result<(), sqlx::Error> {
-    for table in tables::tables_of(fold.name()) {
+    for table in fold.tables() {
         let next = format!("{}{NEXT}", table.name);
         sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS {next}")))
             .execute(&mut *conn)
@@ -342,7 +343,7 @@ async fn write_next(conn: &mut PgConnection, fold: &Fold) -> Result<(), sqlx::Er
         .await?;
     }
     tables::write_all(conn, fold, NEXT).await?;
-    for table in tables::tables_of(fold.name()) {
+    for table in fold.tables() {
         copy_indexes(conn, table).await?;
         sqlx::query(AssertSqlSafe(format!("ANALYZE {}{NEXT}", table.name)))
             .execute(&mut *conn)
@@ -406,7 +407,7 @@ async fn swap(
     head: Position,
 ) -> Result<(Position, u64), RebuildError> {
     let name = fold.name();
-    let tables = tables::tables_of(name);
+    let tables = projections::tables_of(name);
     let mut tx = conn.begin().await?;
     // Waiting for the worker's batch is fine; waiting forever on a stuck reader is not.
     sqlx::query("SET LOCAL lock_timeout = '60s'")

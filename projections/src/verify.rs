@@ -20,8 +20,9 @@ use sqlx::{AssertSqlSafe, Connection, PgPool, Row};
 
 use crate::{
     checkpoint,
-    fold::{self, Fold},
+    fold::Fold,
     opener::Opener,
+    projections,
     rebuild::{self, Step},
     tables,
 };
@@ -98,7 +99,7 @@ pub async fn verify(
     on_step: &(dyn Fn(Step) + Sync),
 ) -> Result<Vec<Verified>, rebuild::RebuildError> {
     let names: Vec<&str> = if names.is_empty() {
-        fold::NAMES.to_vec()
+        projections::NAMES.to_vec()
     } else {
         names.to_vec()
     };
@@ -137,7 +138,7 @@ pub async fn verify(
 
     let mut results = Vec::new();
     for (fold, at) in &limited {
-        for table in tables::tables_of(fold.name()) {
+        for table in fold.tables() {
             sqlx::query(AssertSqlSafe(format!(
                 "CREATE TEMP TABLE {}{SCRATCH} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
                 table.name, table.name
@@ -152,7 +153,7 @@ pub async fn verify(
             tables: vec![],
             drifts: vec![],
         };
-        for table in tables::tables_of(fold.name()) {
+        for table in fold.tables() {
             let scratch = format!("{}{SCRATCH}", table.name);
             let join = table
                 .key
@@ -203,7 +204,7 @@ pub async fn verify(
 }
 
 /// The differing columns of one row (the whole row when one side is missing).
-fn diff(table: &tables::Table, live: Option<Value>, expected: Option<Value>) -> Drift {
+fn diff(table: &projections::Table, live: Option<Value>, expected: Option<Value>) -> Drift {
     let either = live
         .as_ref()
         .or(expected.as_ref())
