@@ -28,10 +28,9 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
 use crate::{
     cache::Cache,
     checkpoint,
-    fold::{self, Fold},
     log::{envelope_of, plan_range_with_its_bounds, range},
     opener::Opener,
-    projections::{self, Table},
+    projections::{self, Fold, Table},
     tables,
 };
 
@@ -231,7 +230,7 @@ async fn fold_one(
     if let Ok(Event::UserForgotten) = event {
         opener.forget(envelope.stream_id);
     }
-    fold::apply_all(folds, envelope, event);
+    projections::apply_all(folds, envelope, event);
     Ok(())
 }
 

@@ -9,8 +9,9 @@ use sqlx::{AssertSqlSafe, PgConnection};
 use uuid::Uuid;
 
 use crate::{
-    fold::{Fold, Rows},
+    fold::Rows,
     projections::{
+        Fold,
         assistants::AssistantRow,
         conversations::ConversationRow,
         messages::MessageRow,

@@ -20,9 +20,8 @@ use sqlx::{AssertSqlSafe, Connection, PgPool, Row};
 
 use crate::{
     checkpoint,
-    fold::Fold,
     opener::Opener,
-    projections,
+    projections::{self, Fold},
     rebuild::{self, Step},
     tables,
 };

@@ -8,8 +8,9 @@ mod live;
 pub use fold::CacheFold;
 pub use live::CacheInvalidation;
 
+use super::Fold;
 use super::{Registered, table};
-use crate::{cache::Cache, fold::Fold, projection::Projection};
+use crate::{cache::Cache, projection::Projection};
 
 pub const PROJECTION: Registered = Registered {
     name: "cache",

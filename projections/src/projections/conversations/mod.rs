@@ -10,8 +10,9 @@ pub use live::Conversations;
 use ai_secretary_contract::{Event, Usage};
 use chrono::{DateTime, Utc};
 
+use super::Fold;
 use super::{Registered, table};
-use crate::{cache::Cache, fold::Fold, projection::Projection};
+use crate::{cache::Cache, projection::Projection};
 
 pub const PROJECTION: Registered = Registered {
     name: "conversations",

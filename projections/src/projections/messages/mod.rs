@@ -11,8 +11,9 @@ use ai_secretary_contract::Event;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::Fold;
 use super::{Registered, table};
-use crate::{cache::Cache, fold::Fold, projection::Projection};
+use crate::{cache::Cache, projection::Projection};
 
 pub const PROJECTION: Registered = Registered {
     name: "messages",

@@ -7,8 +7,9 @@ mod live;
 pub use fold::{UsageFold, UsageKey, UsageRow};
 pub use live::UsageDaily;
 
+use super::Fold;
 use super::{Registered, table};
-use crate::{cache::Cache, fold::Fold, projection::Projection};
+use crate::{cache::Cache, projection::Projection};
 
 pub const PROJECTION: Registered = Registered {
     name: "usage_daily",
