@@ -10,6 +10,7 @@ FROM rust:1.94-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
+COPY contract contract
 COPY projections projections
 COPY migrations migrations
 COPY benches benches

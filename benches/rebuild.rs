@@ -24,7 +24,7 @@ mod common;
 use std::{env, time::Instant};
 
 use ai_secretary::{config::DEV_ENCRYPTION_KEY, crypto::MasterKey, recovery::opener};
-use ai_secretary_projections::{fold, rebuild};
+use ai_secretary_projections::{NAMES, rebuild};
 use anyhow::{Context, Result, anyhow};
 use common::{describe_server, env_or, with_database};
 use futures_util::TryStreamExt;
@@ -110,7 +110,7 @@ async fn run(url: &str, events: i64) -> Result<()> {
     pool.execute("CHECKPOINT").await?;
     let started = Instant::now();
     let master = MasterKey::from_hex(DEV_ENCRYPTION_KEY)?;
-    let rebuilt = rebuild::rebuild(&pool, opener(master, &pool), &fold::NAMES, None, &|step| {
+    let rebuilt = rebuild::rebuild(&pool, opener(master, &pool), &NAMES, None, &|step| {
         let at = started.elapsed().as_secs_f64();
         match step {
             rebuild::Step::Started { events, .. } => {

@@ -15,6 +15,7 @@ pub mod domain;
 pub mod http;
 pub mod llm;
 pub mod progress;
+pub mod read_side;
 pub mod recovery;
 pub mod replier;
 pub mod sampler;

@@ -52,7 +52,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config.validate()?;
             let names: Vec<&str> = match (&name, all) {
                 (Some(name), false) => vec![name.as_str()],
-                (None, true) => ai_secretary_projections::fold::NAMES.to_vec(),
+                (None, true) => ai_secretary_projections::NAMES.to_vec(),
                 _ => anyhow::bail!("name a projection, or pass --all"),
             };
             recovery::replay(&config, &names).await?;

@@ -21,24 +21,6 @@ pub struct Progress {
     positions: watch::Receiver<HashMap<String, Position>>,
 }
 
-impl From<ai_secretary_projections::Position> for Position {
-    fn from(p: ai_secretary_projections::Position) -> Self {
-        Position {
-            transaction_id: p.transaction_id,
-            global_position: p.global_position,
-        }
-    }
-}
-
-impl From<Position> for ai_secretary_projections::Position {
-    fn from(p: Position) -> Self {
-        ai_secretary_projections::Position {
-            transaction_id: p.transaction_id,
-            global_position: p.global_position,
-        }
-    }
-}
-
 impl Progress {
     /// Follow the checkpoints until `shutdown`.
     pub fn start(
@@ -102,7 +84,7 @@ async fn follow(
         sender.send_modify(|map| {
             for checkpoint in all {
                 let entry = map.entry(checkpoint.name).or_default();
-                *entry = (*entry).max(checkpoint.position.into());
+                *entry = (*entry).max(checkpoint.position);
             }
         });
         let deadline = tokio::time::sleep(RESYNC);

@@ -16,7 +16,7 @@ use std::{
 use ai_secretary_projections::{
     Opener,
     cache::Cache,
-    fold,
+    projections,
     rebuild::{self, RebuildError, Step},
     verify,
 };
@@ -246,7 +246,7 @@ impl Rebuilds {
 
     /// Record and start a rebuild of `name` in the background.
     pub async fn start(&self, name: &str) -> Result<Uuid, StartError> {
-        let Some(name) = fold::NAMES.iter().copied().find(|n| *n == name) else {
+        let Some(name) = projections::find(name).map(|p| p.name) else {
             return Err(StartError::Unknown(name.to_owned()));
         };
         if rebuild::is_running(&self.pool, name).await? {

@@ -13,7 +13,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use ai_secretary_projections::envelope::{Event as Fact, EventEnvelope};
+use ai_secretary_contract::{CONVERSATION, Event as Fact, EventEnvelope, subjects};
 use async_nats::jetstream::{
     self, AckKind,
     consumer::{AckPolicy, DeliverPolicy, pull},
@@ -79,7 +79,7 @@ impl Replier {
                 pull::Config {
                     durable_name: Some(CONSUMER.to_owned()),
                     // One filter subject: plural filters are ignored by NATS 2.9.
-                    filter_subject: format!("{}.conversation.>", self.bus.subject_prefix),
+                    filter_subject: subjects::of_type(&self.bus.subject_prefix, CONVERSATION),
                     // From the start: a request never answered is answered now.
                     deliver_policy: DeliverPolicy::All,
                     ack_policy: AckPolicy::Explicit,
@@ -337,7 +337,7 @@ impl Reply<'_> {
     ) {
         let (sink, mut pieces) = tokio::sync::mpsc::unbounded_channel::<(u32, String)>();
         let nats = self.replier.nats.clone();
-        let subject = bus::live_subject(
+        let subject = subjects::live(
             &self.replier.bus.subject_prefix,
             self.request.conversation_id,
         );

@@ -5,7 +5,7 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use ai_secretary_projections::{cache::Cache, worker};
+use ai_secretary_projections::worker;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
@@ -93,17 +93,9 @@ impl Roles {
     }
 }
 
-/// Names of every projection.
+/// Names of every projection (the projections crate's registry).
 pub fn projection_names() -> Vec<String> {
-    ai_secretary_projections::all(Cache::new(
-        "redis://unused",
-        "",
-        Duration::ZERO,
-        Duration::ZERO,
-    ))
-    .iter()
-    .map(|p| p.name().to_owned())
-    .collect()
+    ai_secretary_projections::NAMES.map(str::to_owned).to_vec()
 }
 
 pub struct Application {
@@ -207,9 +199,10 @@ impl Application {
                 subject_prefix: bus.subject_prefix.clone(),
                 opener: Arc::new(keyring.clone()),
             };
-            for projection in ai_secretary_projections::all(cache.clone())
-                .into_iter()
-                .filter(|p| roles.projections.iter().any(|n| n == p.name()))
+            for projection in ai_secretary_projections::ALL
+                .iter()
+                .filter(|p| roles.projections.iter().any(|n| n == p.name))
+                .map(|p| (p.live)(&cache))
             {
                 let (pool, jetstream, source, bus, stop) = (
                     pool.clone(),

@@ -11,7 +11,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor, Row};
 
-use crate::envelope::Position;
+use ai_secretary_contract::Position;
 
 /// Channel on which every checkpoint move is announced (payload `name tx.gp`).
 pub const CHANNEL: &str = "ai_secretary_checkpoints";

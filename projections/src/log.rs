@@ -4,7 +4,7 @@
 
 use sqlx::{PgConnection, Row};
 
-use crate::envelope::{EventEnvelope, Position};
+use ai_secretary_contract::{EventEnvelope, Position};
 
 /// The events in `(after, upto]` in commit order; the commit-order index serves
 /// this range scan, and `upto` is at or below the head.

@@ -3,7 +3,7 @@
 
 use sqlx::{PgConnection, PgPool};
 
-use crate::envelope::{Event, EventEnvelope};
+use ai_secretary_contract::{Event, EventEnvelope};
 
 /// An event of a batch with its payload decoded.
 #[derive(Debug, Clone)]

@@ -11,7 +11,7 @@ use sqlx::{FromRow, PgPool, Postgres, QueryBuilder};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::envelope::Position;
+use ai_secretary_contract::Position;
 
 /// A page request: `limit` items after or before a cursor, in one direction.
 #[derive(Debug, Clone, Copy)]

@@ -19,6 +19,7 @@
 //! interrupted run are dropped when the next one starts. One rebuild per
 //! projection at a time (a session advisory lock, released if the process dies).
 
+use ai_secretary_contract::{self as contract, Event, EventEnvelope, Position};
 use std::{sync::Arc, time::Instant};
 
 use futures_util::{StreamExt, TryStreamExt};
@@ -27,10 +28,10 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
 use crate::{
     cache::Cache,
     checkpoint,
-    envelope::{self, Event, EventEnvelope, Opener, Position},
-    fold::{self, Fold},
     log::{envelope_of, plan_range_with_its_bounds, range},
-    tables::{self, Table},
+    opener::Opener,
+    projections::{self, Fold, Table},
+    tables,
 };
 
 /// Suffix of the tables a rebuild writes before the swap.
@@ -40,7 +41,7 @@ pub const NEXT: &str = "__next";
 pub enum RebuildError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
-    #[error("no projection named {0:?}; known: {known}", known = fold::NAMES.join(", "))]
+    #[error("no projection named {0:?}; known: {known}", known = projections::NAMES.join(", "))]
     Unknown(String),
     #[error("a rebuild of {0} is already running")]
     AlreadyRunning(String),
@@ -225,11 +226,11 @@ async fn fold_one(
         .open_text(envelope.event_id, data)
         .await
         .map_err(RebuildError::Sealed)?;
-    let event = envelope::decode(&envelope.event_type, envelope.schema_version, data.as_str());
+    let event = contract::decode(&envelope.event_type, envelope.schema_version, data.as_str());
     if let Ok(Event::UserForgotten) = event {
         opener.forget(envelope.stream_id);
     }
-    fold::apply_all(folds, envelope, event);
+    projections::apply_all(folds, envelope, event);
     Ok(())
 }
 
@@ -327,7 +328,7 @@ async fn write_next_on(
 /// interrupted run), fill it, then give it the live table's indexes and
 /// constraints under `<name>__next` names.
 async fn write_next(conn: &mut PgConnection, fold: &Fold) -> Result<(), sqlx::Error> {
-    for table in tables::tables_of(fold.name()) {
+    for table in fold.tables() {
         let next = format!("{}{NEXT}", table.name);
         sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS {next}")))
             .execute(&mut *conn)
@@ -341,7 +342,7 @@ async fn write_next(conn: &mut PgConnection, fold: &Fold) -> Result<(), sqlx::Er
         .await?;
     }
     tables::write_all(conn, fold, NEXT).await?;
-    for table in tables::tables_of(fold.name()) {
+    for table in fold.tables() {
         copy_indexes(conn, table).await?;
         sqlx::query(AssertSqlSafe(format!("ANALYZE {}{NEXT}", table.name)))
             .execute(&mut *conn)
@@ -405,7 +406,7 @@ async fn swap(
     head: Position,
 ) -> Result<(Position, u64), RebuildError> {
     let name = fold.name();
-    let tables = tables::tables_of(name);
+    let tables = projections::tables_of(name);
     let mut tx = conn.begin().await?;
     // Waiting for the worker's batch is fine; waiting forever on a stuck reader is not.
     sqlx::query("SET LOCAL lock_timeout = '60s'")

@@ -8,48 +8,19 @@
 use sqlx::{AssertSqlSafe, PgConnection};
 use uuid::Uuid;
 
-use crate::fold::{AssistantRow, ConversationRow, Fold, MessageRow, Rows, UsageKey, UsageRow};
+use crate::{
+    fold::Rows,
+    projections::{
+        Fold,
+        assistants::AssistantRow,
+        conversations::ConversationRow,
+        messages::MessageRow,
+        usage_daily::{UsageKey, UsageRow},
+    },
+};
 
 /// Rows per INSERT statement: big enough that round trips do not count.
 const CHUNK: usize = 20_000;
-
-/// A read-model table and the columns of its key, as in the migrations.
-#[derive(Debug, Clone, Copy)]
-pub struct Table {
-    pub name: &'static str,
-    pub key: &'static [&'static str],
-}
-
-const fn table(name: &'static str, key: &'static [&'static str]) -> Table {
-    Table { name, key }
-}
-
-const ASSISTANTS: &[Table] = &[
-    table("assistants", &["id"]),
-    table("assistants_conversations", &["conversation_id"]),
-];
-const CONVERSATIONS: &[Table] = &[table("conversations", &["id"])];
-const MESSAGES: &[Table] = &[
-    table("messages", &["id"]),
-    table("messages_conversations", &["conversation_id"]),
-];
-const USAGE_DAILY: &[Table] = &[
-    table("usage_daily", &["owner_id", "day", "assistant_id", "model"]),
-    table("usage_conversations", &["conversation_id"]),
-];
-const CACHE: &[Table] = &[table("cache_conversations", &["conversation_id"])];
-
-/// The tables a projection owns (all rebuilt, swapped and verified together).
-pub fn tables_of(projection: &str) -> &'static [Table] {
-    match projection {
-        "assistants" => ASSISTANTS,
-        "conversations" => CONVERSATIONS,
-        "messages" => MESSAGES,
-        "usage_daily" => USAGE_DAILY,
-        "cache" => CACHE,
-        _ => &[],
-    }
-}
 
 /// Write every row of `fold` into its tables named `<table><suffix>`.
 pub async fn write_all(
@@ -71,7 +42,7 @@ pub async fn write_changed(
     write(conn, fold, suffix, Some(changed)).await
 }
 
-/// Keys changed per table (in `tables_of` order).
+/// Keys changed per table (in the order of `Fold::tables`).
 enum Changed {
     Uuids(Vec<Vec<Uuid>>),
     Usage(Vec<UsageKey>, Vec<Uuid>),
@@ -117,7 +88,7 @@ async fn write(
     suffix: &str,
     changed: Option<Changed>,
 ) -> Result<(), sqlx::Error> {
-    let tables = tables_of(fold.name());
+    let tables = fold.tables();
     let name = |i: usize| format!("{}{suffix}", tables[i].name);
     let uuids = |i: usize| match &changed {
         Some(Changed::Uuids(keys)) => Some(keys[i].as_slice()),

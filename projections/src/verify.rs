@@ -12,6 +12,7 @@
 //! table; the Redis values are not (they are copies stamped with the position
 //! they were read at, refilled on a miss, and dropped by a rebuild).
 
+use ai_secretary_contract::Position;
 use std::fmt;
 
 use serde_json::Value;
@@ -19,8 +20,8 @@ use sqlx::{AssertSqlSafe, Connection, PgPool, Row};
 
 use crate::{
     checkpoint,
-    envelope::{Opener, Position},
-    fold::{self, Fold},
+    opener::Opener,
+    projections::{self, Fold},
     rebuild::{self, Step},
     tables,
 };
@@ -97,7 +98,7 @@ pub async fn verify(
     on_step: &(dyn Fn(Step) + Sync),
 ) -> Result<Vec<Verified>, rebuild::RebuildError> {
     let names: Vec<&str> = if names.is_empty() {
-        fold::NAMES.to_vec()
+        projections::NAMES.to_vec()
     } else {
         names.to_vec()
     };
@@ -136,7 +137,7 @@ pub async fn verify(
 
     let mut results = Vec::new();
     for (fold, at) in &limited {
-        for table in tables::tables_of(fold.name()) {
+        for table in fold.tables() {
             sqlx::query(AssertSqlSafe(format!(
                 "CREATE TEMP TABLE {}{SCRATCH} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP",
                 table.name, table.name
@@ -151,7 +152,7 @@ pub async fn verify(
             tables: vec![],
             drifts: vec![],
         };
-        for table in tables::tables_of(fold.name()) {
+        for table in fold.tables() {
             let scratch = format!("{}{SCRATCH}", table.name);
             let join = table
                 .key
@@ -202,7 +203,7 @@ pub async fn verify(
 }
 
 /// The differing columns of one row (the whole row when one side is missing).
-fn diff(table: &tables::Table, live: Option<Value>, expected: Option<Value>) -> Drift {
+fn diff(table: &projections::Table, live: Option<Value>, expected: Option<Value>) -> Drift {
     let either = live
         .as_ref()
         .or(expected.as_ref())

@@ -20,6 +20,7 @@
 //! - An event that cannot be decoded goes to `dead_letters` with its reason; the
 //!   projection moves on.
 
+use ai_secretary_contract::{self as contract, Event, EventEnvelope, Position, subjects};
 use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream::{
@@ -32,9 +33,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     checkpoint,
-    envelope::{self, Event, EventEnvelope, Opener, Position},
     lease::{self, Lease},
     log,
+    opener::Opener,
     projection::{Decoded, Projection, ProjectionError},
 };
 
@@ -204,7 +205,7 @@ async fn position_consumer(
     let _ = stream.delete_consumer(name).await;
     stream
         .create_consumer(pull::OrderedConfig {
-            filter_subject: format!("{}.>", source.subject_prefix),
+            filter_subject: subjects::all(&source.subject_prefix),
             deliver_policy: DeliverPolicy::ByStartSequence {
                 start_sequence: next,
             },
@@ -428,7 +429,7 @@ async fn fill_gap(
                 .open_text(envelope.event_id, data.clone())
                 .await
                 .map_err(WorkerError::Sealed)?;
-            let step = match envelope::decode(
+            let step = match contract::decode(
                 &envelope.event_type,
                 envelope.schema_version,
                 opened.as_str(),

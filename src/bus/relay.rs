@@ -17,15 +17,16 @@
 
 use std::{sync::Arc, time::Duration};
 
+use ai_secretary_contract::{EventEnvelope, subjects};
 use ai_secretary_projections::{
-    EventEnvelope, checkpoint,
+    checkpoint,
     lease::{self, Lease},
 };
 use async_nats::jetstream::{self, message::PublishMessage};
 use sqlx::{PgPool, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
 
-use super::{BusConfig, subject_of};
+use super::BusConfig;
 use crate::store::{EventStore, Position, RecordedEvent};
 
 /// The relay's row in `checkpoints`.
@@ -73,10 +74,7 @@ impl Relay {
         super::ensure_stream(&self.jetstream, &self.bus).await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen("ai_secretary_events").await?;
-        let mut checkpoint = checkpoint::ensure(&self.pool, CHECKPOINT)
-            .await?
-            .position
-            .into();
+        let mut checkpoint = checkpoint::ensure(&self.pool, CHECKPOINT).await?.position;
         tracing::info!(%checkpoint, stream = %self.bus.stream, "relay active");
         // A notified commit can still be above the read horizon (an older
         // transaction was open): look again shortly rather than at the next poll.
@@ -124,12 +122,12 @@ impl Relay {
         let mut previous = checkpoint;
         for e in events {
             let mut envelope = EventEnvelope::from(e);
-            envelope.previous = Some(previous.into());
+            envelope.previous = Some(previous);
             previous = e.position;
             let message = PublishMessage::build()
                 .payload(serde_json::to_vec(&envelope)?.into())
                 .message_id(e.event_id.to_string());
-            let subject = subject_of(&self.bus.subject_prefix, e);
+            let subject = subjects::of(&self.bus.subject_prefix, &envelope);
             acks.push(self.jetstream.send_publish(subject, message).await?);
         }
         for ack in acks {
@@ -151,8 +149,8 @@ impl Relay {
         checkpoint::save(
             &mut conn,
             CHECKPOINT,
-            lease.fence(from.into()),
-            to.into(),
+            lease.fence(from),
+            to,
             published as i64,
             None,
         )

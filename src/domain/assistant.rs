@@ -174,7 +174,7 @@ impl Decider for AssistantDecider {
     type Event = AssistantEvent;
     type State = AssistantState;
     type Error = AssistantError;
-    const STREAM_TYPE: &'static str = "assistant";
+    const STREAM_TYPE: &'static str = ai_secretary_contract::ASSISTANT;
 
     fn decide(
         command: &AssistantCommand,

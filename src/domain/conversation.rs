@@ -192,7 +192,7 @@ impl Decider for ConversationDecider {
     type Event = ConversationEvent;
     type State = ConversationState;
     type Error = ConversationError;
-    const STREAM_TYPE: &'static str = "conversation";
+    const STREAM_TYPE: &'static str = ai_secretary_contract::CONVERSATION;
 
     fn decide(
         command: &ConversationCommand,

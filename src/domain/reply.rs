@@ -136,7 +136,7 @@ impl Decider for ReplyDecider {
     type Event = ReplyEvent;
     type State = ReplyState;
     type Error = ReplyError;
-    const STREAM_TYPE: &'static str = "reply";
+    const STREAM_TYPE: &'static str = ai_secretary_contract::REPLY;
 
     fn decide(command: &ReplyCommand, state: &ReplyState) -> Result<Vec<ReplyEvent>, ReplyError> {
         use ReplyCommand as C;

@@ -133,7 +133,7 @@ impl Decider for UserDecider {
     type Event = UserEvent;
     type State = UserState;
     type Error = UserError;
-    const STREAM_TYPE: &'static str = "user";
+    const STREAM_TYPE: &'static str = ai_secretary_contract::USER;
 
     fn decide(command: &UserCommand, state: &UserState) -> Result<Vec<UserEvent>, UserError> {
         match command {

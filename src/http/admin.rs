@@ -245,7 +245,7 @@ async fn projections(
     for checkpoint in checkpoint::all(&state.read.pool).await? {
         let (name, at) = (&checkpoint.name, checkpoint.position);
         // How many events are past this checkpoint, and since when the oldest waits.
-        let behind = state.commands.behind(at.into(), LAG_COUNT_LIMIT).await?;
+        let behind = state.commands.behind(at, LAG_COUNT_LIMIT).await?;
         let (lag_events, oldest) = (behind.events, behind.oldest_recorded_at);
         let lag_seconds = oldest.map_or(0.0, |t| {
             (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0

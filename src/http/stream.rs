@@ -18,7 +18,7 @@
 
 use std::{convert::Infallible, time::Duration};
 
-use ai_secretary_projections::{Event as Fact, EventEnvelope};
+use ai_secretary_contract::{CONVERSATION, Event as Fact, EventEnvelope, subjects};
 use axum::{
     extract::State,
     http::HeaderMap,
@@ -37,11 +37,7 @@ use super::{
     extract::{AuthUser, IdPath},
     openapi::IdParam,
 };
-use crate::{
-    app::Commands,
-    bus::{live_subject, subject},
-    store::Position,
-};
+use crate::{app::Commands, store::Position};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(stream))
@@ -139,13 +135,13 @@ async fn stream(
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim().to_owned());
     let nats = state.read.nats.clone();
-    let topic = subject(&state.read.subject_prefix, "conversation", id);
+    let topic = subjects::of_stream(&state.read.subject_prefix, CONVERSATION, id);
     let unavailable = |e: async_nats::SubscribeError| {
         ApiError::Unavailable(format!("live updates are unavailable: {e}"))
     };
     let subscription = nats.subscribe(topic).await.map_err(unavailable)?;
     let mut deltas = nats
-        .subscribe(live_subject(&state.read.subject_prefix, id))
+        .subscribe(subjects::live(&state.read.subject_prefix, id))
         .await
         .map_err(unavailable)?;
     let resume_after = match &last_event_id {
@@ -200,13 +196,13 @@ async fn stream(
                 tracing::warn!(error = %e, event_id = %envelope.event_id, "a live event did not open; skipped");
                 continue;
             }
-            if Position::from(envelope.position()) <= feed.sent {
+            if envelope.position() <= feed.sent {
                 continue;
             }
             if envelope
                 .conversation_version()
                 .is_some_and(|v| v > feed.version + 1)
-                && !feed.catch_up(Some(envelope.position().into())).await
+                && !feed.catch_up(Some(envelope.position())).await
             {
                 return;
             }
@@ -262,7 +258,7 @@ impl Feed {
 
     /// Send one event if clients care about it; false once the client is gone.
     async fn send(&mut self, envelope: &EventEnvelope) -> bool {
-        self.sent = envelope.position().into();
+        self.sent = envelope.position();
         if let Some(version) = envelope.conversation_version() {
             self.version = self.version.max(version);
         }

@@ -300,9 +300,7 @@ async fn me(State(state): State<AppState>, AuthUser(user_id): AuthUser) -> Resul
     }
     let json = user_json(&loaded.state, loaded.version);
     if let Some(at) = loaded.position {
-        cache
-            .fill(Kind::User, user_id, user_id, at.into(), &json)
-            .await;
+        cache.fill(Kind::User, user_id, user_id, at, &json).await;
     }
     Ok(Reply::found(json))
 }

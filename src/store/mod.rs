@@ -10,7 +10,7 @@ pub mod postgres;
 pub mod rotation;
 pub mod sealed;
 
-use std::{fmt, str::FromStr};
+use std::fmt;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -19,48 +19,9 @@ use uuid::Uuid;
 
 pub use postgres::PgEventStore;
 
-/// Where an event sits in commit order: its transaction, then its identity.
-///
-/// Identity values alone are not commit order (a transaction can take a lower
-/// identity and commit later); readers of the whole log use this pair.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Position {
-    pub transaction_id: i64,
-    pub global_position: i64,
-}
-
-impl Position {
-    pub const START: Position = Position {
-        transaction_id: 0,
-        global_position: 0,
-    };
-}
-
-/// The `X-Consistency-Token` form: `<transaction_id>.<global_position>`.
-impl fmt::Display for Position {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.transaction_id, self.global_position)
-    }
-}
-
-impl FromStr for Position {
-    type Err = InvalidPosition;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (tx, gp) = s.split_once('.').ok_or(InvalidPosition)?;
-        let position = Position {
-            transaction_id: tx.parse().map_err(|_| InvalidPosition)?,
-            global_position: gp.parse().map_err(|_| InvalidPosition)?,
-        };
-        if position.transaction_id < 0 || position.global_position < 0 {
-            return Err(InvalidPosition);
-        }
-        Ok(position)
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("not a consistency token")]
-pub struct InvalidPosition;
+/// Where an event sits in commit order: the wire contract's one position type
+/// (its `Display`/`FromStr` form is the `X-Consistency-Token`).
+pub use ai_secretary_contract::{InvalidPosition, Position};
 
 /// An event about to be appended.
 #[derive(Debug, Clone)]
@@ -407,10 +368,11 @@ pub struct Behind {
     pub oldest_recorded_at: Option<DateTime<Utc>>,
 }
 
-/// An event as the bus carries it (the projections crate's wire contract).
-impl From<&RecordedEvent> for ai_secretary_projections::EventEnvelope {
+/// An event as the bus carries it (the wire contract's envelope); the relay
+/// sets `previous`.
+impl From<&RecordedEvent> for ai_secretary_contract::EventEnvelope {
     fn from(e: &RecordedEvent) -> Self {
-        ai_secretary_projections::EventEnvelope {
+        ai_secretary_contract::EventEnvelope {
             event_id: e.event_id,
             stream_id: e.stream_id,
             stream_type: e.stream_type.clone(),

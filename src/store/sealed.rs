@@ -6,7 +6,7 @@
 //! domain does (commands, the replier, live streams): they see plaintext and
 //! never know. The relay reads the store *unwrapped*, so the bus carries
 //! ciphertext only, and the read side opens what it projects through the same
-//! [`Keyring`] (it is the projections' `Opener`).
+//! [`Keyring`] (it is the projections' `Opener`: see `crate::read_side`).
 //!
 //! Which fields are personal is decided here, by event type, in
 //! [`personal_fields`] (docs/events.md lists them). Whose key seals them: the
@@ -363,25 +363,5 @@ impl EventStore for SealedStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
-    }
-}
-
-/// The read side opens what it projects with the same keys.
-#[async_trait::async_trait]
-impl ai_secretary_projections::Opener for Keyring {
-    async fn open(&self, event_id: Uuid, data: &mut Value) -> Result<(), String> {
-        Keyring::open(self, event_id, data)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    async fn open_text(&self, event_id: Uuid, text: String) -> Result<String, String> {
-        Keyring::open_text(self, event_id, text)
-            .await
-            .map_err(|e| e.to_string())
-    }
-
-    fn forget(&self, user: Uuid) {
-        Keyring::forget(self, user);
     }
 }

@@ -4,7 +4,7 @@
 //! anywhere: not in a dump of the database, not in Redis, not on the stream.
 
 use ai_secretary::{auth::Tokens, config::DEV_JWT_SECRET};
-use ai_secretary_projections::{fold, rebuild};
+use ai_secretary_projections::{NAMES, rebuild};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -384,15 +384,9 @@ async fn a_forgotten_user_leaves_nothing_readable_and_a_replay_agrees() {
 
     // A replay from the store gives the same read models, and verify agrees.
     let before = read_models(&app).await;
-    rebuild::rebuild(
-        &app.db.pool,
-        keyring(&app.db.pool),
-        &fold::NAMES,
-        None,
-        &|_| {},
-    )
-    .await
-    .unwrap();
+    rebuild::rebuild(&app.db.pool, keyring(&app.db.pool), &NAMES, None, &|_| {})
+        .await
+        .unwrap();
     assert_eq!(read_models(&app).await, before);
     let (report, clean) = ai_secretary::recovery::verify_report(&app.db.pool, &master_key(), &[])
         .await

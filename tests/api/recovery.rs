@@ -8,7 +8,7 @@ use ai_secretary::{
     recovery::verify_report,
     startup::{Roles, projection_names},
 };
-use ai_secretary_projections::{fold, rebuild};
+use ai_secretary_projections::{ALL, rebuild};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgPool};
@@ -87,8 +87,8 @@ async fn some_history(app: &TestApp, email: &str) -> (String, Vec<String>, Vec<S
 /// A checksum of every read-model table, rows in key order.
 async fn checksum(pool: &PgPool) -> String {
     let mut all = String::new();
-    for name in fold::NAMES {
-        for table in ai_secretary_projections::tables::tables_of(name) {
+    for projection in ALL {
+        for table in projection.tables {
             let sum: Option<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
                 "SELECT md5(string_agg(to_jsonb(t)::text, ',' ORDER BY {}))
                  FROM {} t",
@@ -108,7 +108,7 @@ async fn rebuild_all(pool: &PgPool) -> rebuild::Rebuilt {
     rebuild::rebuild(
         pool,
         crate::helpers::keyring(pool),
-        &fold::NAMES,
+        &ai_secretary_projections::NAMES,
         None,
         &|_| {},
     )

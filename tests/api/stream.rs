@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use ai_secretary::{
-    bus::subject_of,
     startup::Roles,
     store::{
         EventStore, Position,
@@ -435,13 +434,13 @@ async fn a_gap_on_the_bus_is_filled_from_the_store() {
         let mut previous = Position::START;
         for e in &events {
             let mut envelope = EventEnvelope::from(e);
-            envelope.previous = Some(previous.into());
+            envelope.previous = Some(previous);
             previous = e.position;
             if e.stream_id.to_string() == id && versions.contains(&e.version) {
                 let payload = serde_json::to_vec(&envelope).unwrap();
-                nats.publish(subject_of(&app.names.subject_prefix, e), payload.into())
-                    .await
-                    .unwrap();
+                let subject =
+                    ai_secretary_contract::subjects::of(&app.names.subject_prefix, &envelope);
+                nats.publish(subject, payload.into()).await.unwrap();
             }
         }
         nats.flush().await.unwrap();

@@ -20,6 +20,7 @@
 
 mod breaker;
 
+use ai_secretary_contract::Position;
 use std::{
     sync::{
         Arc,
@@ -28,18 +29,11 @@ use std::{
     time::Duration,
 };
 
-use std::collections::HashMap;
-
 use redis::{Script, aio::ConnectionManager};
 use serde_json::Value;
-use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use self::breaker::Breaker;
-use crate::{
-    envelope::{Event, EventEnvelope, Position},
-    projection::{Decoded, Projection, ProjectionError},
-};
 
 /// Which kind of resource a key caches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,113 +329,5 @@ impl Cache {
             }
             cursor = next;
         }
-    }
-}
-
-/// Projection `cache`: tombstones the keys each event touches.
-///
-/// The Redis calls are made in `prepare`, before the batch's transaction opens
-/// (a stalled Redis must not hold a transaction, and with it the relay's read
-/// horizon, open); they are stamped, so a batch prepared twice changes nothing
-/// the second time. `apply` only keeps the conversation → assistant lookup.
-pub struct CacheInvalidation {
-    pub cache: Cache,
-}
-
-/// Events after which a conversation's assistant is no longer as cached: its
-/// conversation and message counts and its last activity moved.
-fn moves_its_assistant(event: &Event) -> bool {
-    matches!(
-        event,
-        Event::ConversationStarted(_)
-            | Event::MessagePosted(_)
-            | Event::ReplyRequested(_)
-            | Event::ReplyCompleted(_)
-    )
-}
-
-#[async_trait::async_trait]
-impl Projection for CacheInvalidation {
-    fn name(&self) -> &'static str {
-        "cache"
-    }
-
-    async fn prepare(&self, pool: &PgPool, batch: &[&Decoded]) -> Result<(), ProjectionError> {
-        // Each conversation's assistant: from the batch's own starts, else from
-        // the lookup the earlier batches kept (one query for the batch).
-        let mut assistant_of: HashMap<Uuid, Uuid> = batch
-            .iter()
-            .filter_map(|d| match &d.event {
-                Event::ConversationStarted(c) => Some((d.envelope.stream_id, c.assistant_id)),
-                _ => None,
-            })
-            .collect();
-        let unknown: Vec<Uuid> = batch
-            .iter()
-            .filter(|d| moves_its_assistant(&d.event))
-            .filter_map(|d| d.envelope.conversation_id(&d.event))
-            .filter(|id| !assistant_of.contains_key(id))
-            .collect();
-        if !unknown.is_empty() {
-            let known: Vec<(Uuid, Uuid)> = sqlx::query_as(
-                "SELECT conversation_id, assistant_id FROM cache_conversations
-                 WHERE conversation_id = ANY($1)",
-            )
-            .bind(&unknown)
-            .fetch_all(pool)
-            .await?;
-            assistant_of.extend(known);
-        }
-        for Decoded { envelope: e, event } in batch.iter().copied() {
-            let at = e.position();
-            if let Event::UserForgotten = event {
-                self.cache.forget_owner(e.stream_id).await?;
-            }
-            match e.stream_type.as_str() {
-                "user" => self.cache.invalidate(Kind::User, e.stream_id, at).await?,
-                "assistant" => {
-                    self.cache
-                        .invalidate(Kind::Assistant, e.stream_id, at)
-                        .await?
-                }
-                // A reply's events (in streams of their own) change their conversation.
-                "conversation" | "reply" => {
-                    let Some(conversation) = e.conversation_id(event) else {
-                        continue;
-                    };
-                    self.cache
-                        .invalidate(Kind::Conversation, conversation, at)
-                        .await?;
-                    if moves_its_assistant(event)
-                        && let Some(assistant) = assistant_of.get(&conversation)
-                    {
-                        self.cache
-                            .invalidate(Kind::Assistant, *assistant, at)
-                            .await?;
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-
-    async fn apply(
-        &self,
-        tx: &mut PgConnection,
-        e: &EventEnvelope,
-        event: &Event,
-    ) -> Result<(), ProjectionError> {
-        if let Event::ConversationStarted(c) = event {
-            sqlx::query(
-                "INSERT INTO cache_conversations (conversation_id, assistant_id)
-                 VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            )
-            .bind(e.stream_id)
-            .bind(c.assistant_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        Ok(())
     }
 }

@@ -1,19 +1,15 @@
-//! Projection `usage_daily`: completed replies and their tokens per owner, UTC
-//! day, assistant and model, for `GET /stats/usage`.
+//! The live path: each event applied in SQL, in the batch's transaction.
 
+use crate::projection::{Projection, ProjectionError, forget_user};
+use ai_secretary_contract::{Event, EventEnvelope};
 use sqlx::PgConnection;
-
-use crate::{
-    envelope::{Event, EventEnvelope},
-    projection::{Projection, ProjectionError, forget_user},
-};
 
 pub struct UsageDaily;
 
 #[async_trait::async_trait]
 impl Projection for UsageDaily {
     fn name(&self) -> &'static str {
-        "usage_daily"
+        super::PROJECTION.name
     }
 
     async fn apply(

@@ -1,32 +1,16 @@
-//! Projection `assistants`: each assistant with its settings and its activity
-//! (conversations, messages, last activity), for `GET /assistants`.
+//! The live path: each event applied in SQL, in the batch's transaction.
 
-use chrono::{DateTime, Utc};
+use super::activity;
+use crate::projection::{Projection, ProjectionError, forget_user};
+use ai_secretary_contract::{Event, EventEnvelope};
 use sqlx::PgConnection;
 
-use crate::{
-    envelope::{Event, EventEnvelope},
-    projection::{Projection, ProjectionError, forget_user},
-};
-
 pub struct Assistants;
-
-/// What a conversation event adds to its assistant: messages counted (user
-/// messages and requested replies) and the time of the activity. The rule both
-/// the live projection and the rebuild's fold (`fold.rs`) apply.
-pub(crate) fn activity(event: &Event) -> Option<(i64, DateTime<Utc>)> {
-    Some(match event {
-        Event::MessagePosted(m) => (1, m.posted_at),
-        Event::ReplyRequested(r) => (1, r.requested_at),
-        Event::ReplyCompleted(r) => (0, r.completed_at),
-        _ => return None,
-    })
-}
 
 #[async_trait::async_trait]
 impl Projection for Assistants {
     fn name(&self) -> &'static str {
-        "assistants"
+        super::PROJECTION.name
     }
 
     async fn apply(

@@ -1,63 +1,16 @@
-//! Projection `conversations`: title, status, message count, last message and
-//! token totals of each conversation, for `GET /conversations`.
+//! The live path: each event applied in SQL, in the batch's transaction.
 
-use chrono::{DateTime, Utc};
+use super::{Change, change};
+use crate::projection::{Projection, ProjectionError, forget_user};
+use ai_secretary_contract::{Event, EventEnvelope};
 use sqlx::PgConnection;
 
-use crate::{
-    envelope::{Event, EventEnvelope, Usage},
-    projection::{Projection, ProjectionError, forget_user},
-};
-
 pub struct Conversations;
-
-/// What an event after the start changes in its conversation's row: the one
-/// rule that both the live projection and the rebuild's fold (`fold.rs`) apply.
-pub(crate) struct Change<'e> {
-    pub title: Option<&'e str>,
-    pub status: Option<&'static str>,
-    /// Messages added (user messages and requested replies).
-    pub counted: i64,
-    pub last_message_at: Option<DateTime<Utc>>,
-    pub usage: Usage,
-    pub at: DateTime<Utc>,
-}
-
-/// The change `event` makes, or `None` for one that changes nothing here.
-pub(crate) fn change(event: &Event) -> Option<Change<'_>> {
-    let change = |counted, last_message_at, at| Change {
-        title: None,
-        status: None,
-        counted,
-        last_message_at,
-        usage: Usage::default(),
-        at,
-    };
-    Some(match event {
-        Event::ConversationRenamed(r) => Change {
-            title: Some(&r.title),
-            ..change(0, None, r.renamed_at)
-        },
-        Event::ConversationArchived { at } => Change {
-            status: Some("archived"),
-            ..change(0, None, *at)
-        },
-        Event::MessagePosted(m) => change(1, Some(m.posted_at), m.posted_at),
-        Event::ReplyRequested(r) => change(1, None, r.requested_at),
-        Event::ReplyStarted(r) => change(0, None, r.started_at),
-        Event::ReplyCompleted(r) => Change {
-            usage: r.usage,
-            ..change(0, Some(r.completed_at), r.completed_at)
-        },
-        Event::ReplyFailed(f) => change(0, None, f.failed_at),
-        _ => return None,
-    })
-}
 
 #[async_trait::async_trait]
 impl Projection for Conversations {
     fn name(&self) -> &'static str {
-        "conversations"
+        super::PROJECTION.name
     }
 
     async fn apply(

@@ -1,56 +1,16 @@
-//! Projection `messages`: a conversation's user messages and replies in order,
-//! each reply listed as soon as it is requested and updated as it ends.
+//! The live path: each event applied in SQL, in the batch's transaction.
 
-use chrono::{DateTime, Utc};
+use super::{NewMessage, new_message};
+use crate::projection::{Projection, ProjectionError, forget_user};
+use ai_secretary_contract::{Event, EventEnvelope};
 use sqlx::PgConnection;
-use uuid::Uuid;
-
-use crate::{
-    envelope::{Event, EventEnvelope},
-    projection::{Projection, ProjectionError, forget_user},
-};
 
 pub struct Messages;
-
-/// A message an event adds to its conversation's list: the rule both the live
-/// projection and the rebuild's fold (`fold.rs`) apply.
-pub(crate) struct NewMessage<'e> {
-    pub id: Uuid,
-    pub role: &'static str,
-    pub content: Option<&'e String>,
-    pub status: &'static str,
-    pub reply_to: Option<Uuid>,
-    pub at: DateTime<Utc>,
-}
-
-/// The user message a `MessagePosted` adds, or the queued reply a
-/// `ReplyRequested` adds; `None` for any other event.
-pub(crate) fn new_message(event: &Event) -> Option<NewMessage<'_>> {
-    Some(match event {
-        Event::MessagePosted(m) => NewMessage {
-            id: m.message_id,
-            role: "user",
-            content: Some(&m.content),
-            status: "completed",
-            reply_to: None,
-            at: m.posted_at,
-        },
-        Event::ReplyRequested(r) => NewMessage {
-            id: r.reply_id,
-            role: "assistant",
-            content: None,
-            status: "queued",
-            reply_to: Some(r.reply_to),
-            at: r.requested_at,
-        },
-        _ => return None,
-    })
-}
 
 #[async_trait::async_trait]
 impl Projection for Messages {
     fn name(&self) -> &'static str {
-        "messages"
+        super::PROJECTION.name
     }
 
     async fn apply(
