@@ -204,7 +204,11 @@ struct Reauthentication {
     tag = "users",
     security(("bearer" = [])),
     params(IdempotencyParam),
-    request_body(content = Option<Reauthentication>, description = "The password, unless the token is under five minutes old"),
+    request_body(
+        content = Option<Reauthentication>,
+        description = "The password, unless the token is under five minutes old",
+        example = json!({"password": "correct horse battery"}),
+    ),
     responses(
         (status = 204, description = "Forgotten"),
         (status = 401, description = "No proof (the password, or a recent token), or a wrong password",
