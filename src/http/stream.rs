@@ -128,6 +128,13 @@ async fn stream(
     IdPath(id): IdPath,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    // "From now on" for a client without Last-Event-ID: the store's head before
+    // anything else. What commits after it is caught up from the store once the
+    // subscription below is open, so nothing committed while this request was
+    // loading and subscribing is lost (a conversation's own events would be
+    // refilled by the version check; its replies', in streams of their own,
+    // would not).
+    let now = state.commands.head().await?.unwrap_or(Position::START);
     // Ownership from the write model: a conversation just started streams at once.
     let conversation = state.commands.conversation_of(user, id).await?;
     let last_event_id = headers
@@ -157,15 +164,12 @@ async fn stream(
         let mut feed = Feed {
             commands,
             conversation_id: id,
-            sent: conversation.position.unwrap_or(Position::START),
+            sent: resume_after.unwrap_or(now),
             version: conversation.version,
             events,
         };
-        if let Some(after) = resume_after {
-            feed.sent = after;
-            if !feed.catch_up(None).await {
-                return;
-            }
+        if !feed.catch_up(None).await {
+            return;
         }
         loop {
             let message = tokio::select! {

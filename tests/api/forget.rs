@@ -143,7 +143,14 @@ async fn active_user(app: &TestApp, p: &Personal) -> String {
         format!("/assistants/{}", assistant["id"].as_str().unwrap()),
         format!("/conversations/{}", conversation["id"].as_str().unwrap()),
     ] {
-        assert_eq!(app.get(&read, &token, None).await.status(), StatusCode::OK);
+        // Each projection catches up in its own time.
+        crate::helpers::eventually(&format!("{read} is readable"), async || {
+            let status = app.get(&read, &token, None).await.status();
+            (status == StatusCode::OK)
+                .then_some(())
+                .ok_or(status.to_string())
+        })
+        .await;
     }
     token
 }
