@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use ai_secretary::{
+    app::users::EMAIL_SCOPE,
     cli::{Cli, Command},
     crypto::MasterKey,
     recovery,
@@ -63,7 +64,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let new = MasterKey::from_hex(new_encryption_key.expose())
                 .context("NEW_ENCRYPTION_KEY must be 32 bytes written as 64 hex characters")?;
             let pool = postgres::connect(config.database_url.expose(), 1).await?;
-            let rotated = rotate_master_key(&pool, &config.master_key()?, &new).await?;
+            let rotated =
+                rotate_master_key(&pool, &config.master_key()?, &new, EMAIL_SCOPE).await?;
             println!(
                 "rotated {} user keys and {} email lookups; start the service with the new ENCRYPTION_KEY",
                 rotated.keys, rotated.reservations

@@ -13,10 +13,7 @@ use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
 use super::StoreError;
-use crate::{
-    app::users::EMAIL_SCOPE,
-    crypto::{MasterKey, Sealed},
-};
+use crate::crypto::{MasterKey, Sealed};
 
 /// What a rotation changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,11 +22,13 @@ pub struct Rotated {
     pub reservations: u64,
 }
 
-/// Re-wrap every user key and re-hash every email reservation from `old` to `new`.
+/// Re-wrap every user key and re-hash every email reservation (those of
+/// `email_scope`) from `old` to `new`.
 pub async fn rotate_master_key(
     pool: &PgPool,
     old: &MasterKey,
     new: &MasterKey,
+    email_scope: &str,
 ) -> Result<Rotated, StoreError> {
     let mut tx = pool.begin().await?;
     let keys = sqlx::query("SELECT user_id, wrapped FROM user_keys ORDER BY user_id FOR UPDATE")
@@ -66,7 +65,7 @@ pub async fn rotate_master_key(
         let email = key.open(event_id, "email", &sealed)?;
         let moved =
             sqlx::query("UPDATE reservations SET value = $3 WHERE scope = $1 AND stream_id = $2")
-                .bind(EMAIL_SCOPE)
+                .bind(email_scope)
                 .bind(user)
                 .bind(new.email_lookup(&email))
                 .execute(&mut *tx)

@@ -428,6 +428,7 @@ async fn a_forgotten_user_leaves_nothing_readable_and_a_replay_agrees() {
 #[tokio::test]
 async fn a_rotated_encryption_key_opens_everything_and_the_old_one_nothing() {
     use ai_secretary::{
+        app::users::EMAIL_SCOPE,
         crypto::{MasterKey, random_master_key_hex},
         recovery::verify_report,
         startup::Roles,
@@ -443,8 +444,12 @@ async fn a_rotated_encryption_key_opens_everything_and_the_old_one_nothing() {
     let new = MasterKey::from_hex(&new_hex).unwrap();
     // From a key that is not the one in use, nothing rotates.
     let wrong = MasterKey::from_hex(&random_master_key_hex()).unwrap();
-    assert!(rotate_master_key(&db.pool, &wrong, &new).await.is_err());
-    let rotated = rotate_master_key(&db.pool, &master_key(), &new)
+    assert!(
+        rotate_master_key(&db.pool, &wrong, &new, EMAIL_SCOPE)
+            .await
+            .is_err()
+    );
+    let rotated = rotate_master_key(&db.pool, &master_key(), &new, EMAIL_SCOPE)
         .await
         .unwrap();
     assert_eq!(
