@@ -16,7 +16,7 @@ impl Opener for Keyring {
             .map_err(|e| e.to_string())
     }
 
-    async fn open_text(&self, event_id: Uuid, text: String) -> Result<String, String> {
+    async fn open_text(&self, event_id: Uuid, text: &str) -> Result<Option<String>, String> {
         Keyring::open_text(self, event_id, text)
             .await
             .map_err(|e| e.to_string())

@@ -18,8 +18,9 @@ pub trait Opener: Send + Sync + 'static {
     async fn open(&self, event_id: uuid::Uuid, data: &mut Value) -> Result<(), String>;
 
     /// [`open`](Opener::open) on a payload's JSON text (what the store's bulk
-    /// reads give), returned as it is when it holds nothing sealed.
-    async fn open_text(&self, event_id: uuid::Uuid, text: String) -> Result<String, String>;
+    /// reads give): the opened text, or `None` when it holds nothing sealed
+    /// (use it as it is).
+    async fn open_text(&self, event_id: uuid::Uuid, text: &str) -> Result<Option<String>, String>;
 
     /// `user` was forgotten (their `UserForgotten` was just read): stop using
     /// any copy of their key kept in memory, before the next event is opened.

@@ -220,13 +220,14 @@ async fn fold_one(
     opener: &dyn Opener,
     folds: &mut [(Fold, Position)],
     envelope: &EventEnvelope,
-    data: String,
+    data: &str,
 ) -> Result<(), RebuildError> {
-    let data = opener
+    let opened = opener
         .open_text(envelope.event_id, data)
         .await
         .map_err(RebuildError::Sealed)?;
-    let event = contract::decode(&envelope.event_type, envelope.schema_version, data.as_str());
+    let data = opened.as_deref().unwrap_or(data);
+    let event = contract::decode(&envelope.event_type, envelope.schema_version, data);
     if let Ok(Event::UserForgotten) = event {
         opener.forget(envelope.stream_id);
     }
@@ -297,8 +298,8 @@ async fn fold_store_pipelined(
     let reader = tokio_util::task::AbortOnDropHandle::new(reader);
     let mut read = 0u64;
     while let Some(batch) = batches.recv().await {
-        for (envelope, data) in batch {
-            fold_one(opener.as_ref(), folds, &envelope, data).await?;
+        for (envelope, data) in &batch {
+            fold_one(opener.as_ref(), folds, envelope, data).await?;
             read += 1;
             if read.is_multiple_of(REPORT_EVERY) {
                 on_step(Step::Folded { events: read });

@@ -426,13 +426,13 @@ async fn fill_gap(
         at = last.position();
         for (envelope, data) in events {
             let opened = opener
-                .open_text(envelope.event_id, data.clone())
+                .open_text(envelope.event_id, &data)
                 .await
                 .map_err(WorkerError::Sealed)?;
             let step = match contract::decode(
                 &envelope.event_type,
                 envelope.schema_version,
-                opened.as_str(),
+                opened.as_deref().unwrap_or(&data),
             ) {
                 Ok(event) => Ok(Decoded { envelope, event }),
                 Err(reason) => Err(Poison {

@@ -172,15 +172,20 @@ impl Keyring {
         Ok(())
     }
 
-    /// [`open`](Keyring::open) on a payload's JSON text. Text with no sealed
-    /// value (an event without personal fields) is returned as it is, unparsed.
-    pub async fn open_text(&self, event_id: Uuid, text: String) -> Result<String, StoreError> {
-        if !may_hold_sealed(&text) {
-            return Ok(text);
+    /// [`open`](Keyring::open) on a payload's JSON text: the opened text, or
+    /// `None` when it holds no sealed value (an event without personal fields:
+    /// use it as it is; it is neither parsed nor copied).
+    pub async fn open_text(
+        &self,
+        event_id: Uuid,
+        text: &str,
+    ) -> Result<Option<String>, StoreError> {
+        if !may_hold_sealed(text) {
+            return Ok(None);
         }
-        let mut data: Value = serde_json::from_str(&text).map_err(|_| CryptoError::NotSealed)?;
+        let mut data: Value = serde_json::from_str(text).map_err(|_| CryptoError::NotSealed)?;
         self.open(event_id, &mut data).await?;
-        Ok(data.to_string())
+        Ok(Some(data.to_string()))
     }
 }
 
@@ -276,10 +281,13 @@ impl EventStore for SealedStore {
             .read_payloads_from(stream_id, after_version)
             .await?;
         for payload in &mut payloads {
-            payload.data = self
+            if let Some(opened) = self
                 .keyring
-                .open_text(payload.event_id, std::mem::take(&mut payload.data))
-                .await?;
+                .open_text(payload.event_id, &payload.data)
+                .await?
+            {
+                payload.data = opened;
+            }
         }
         Ok(payloads)
     }
