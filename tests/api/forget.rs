@@ -287,12 +287,7 @@ async fn forgetting_asks_for_the_password_or_a_recent_token() {
     let app = spawn_app().await;
     let ada = Personal::new("ada");
     let token = active_user(&app, &ada).await;
-    let me: Value = app
-        .get("/users/me", &token, None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let me = app.get_ok("/users/me", &token, None).await;
     let id: Uuid = me["id"].as_str().unwrap().parse().unwrap();
     let tokens = Tokens::new(DEV_JWT_SECRET, std::time::Duration::from_secs(3600));
     let old = tokens
@@ -411,12 +406,7 @@ async fn a_forgotten_user_leaves_nothing_readable_and_a_replay_agrees() {
         .await;
     assert_eq!(again.status(), StatusCode::CREATED);
     let fresh = app.signed_in(&ada.email, PASSWORD).await;
-    let assistants: Value = app
-        .get("/assistants", &fresh, None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let assistants = app.get_ok("/assistants", &fresh, None).await;
     assert_eq!(assistants["data"], json!([]));
     // Bob is untouched.
     assert_eq!(
@@ -467,19 +457,9 @@ async fn a_rotated_encryption_key_opens_everything_and_the_old_one_nothing() {
             .await;
     // Signing in finds the account by its re-hashed email; everything reads.
     let token = app.signed_in(&ada.email, PASSWORD).await;
-    let me: Value = app
-        .get("/users/me", &token, None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let me = app.get_ok("/users/me", &token, None).await;
     assert_eq!(me["display_name"], ada.s(0));
-    let assistants: Value = app
-        .get("/assistants", &token, None)
-        .await
-        .json()
-        .await
-        .unwrap();
+    let assistants = app.get_ok("/assistants", &token, None).await;
     assert_eq!(assistants["data"][0]["name"], ada.s(1));
     let (report, clean) = verify_report(&app.db.pool, &new, &[]).await.unwrap();
     assert!(clean, "{report}");

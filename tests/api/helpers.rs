@@ -212,6 +212,15 @@ impl TestApp {
         request.send().await.expect("the request is sent")
     }
 
+    /// [`get`](TestApp::get) that must answer 200; its JSON body.
+    pub async fn get_ok(&self, path: &str, token: &str, consistency: Option<&str>) -> Value {
+        let response = self.get(path, token, consistency).await;
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
     /// GET `/api/v1{path}` with a bearer token and, if given, an
     /// `X-Consistency-Token` (the read then waits for the command it names).
     pub async fn get(&self, path: &str, token: &str, consistency: Option<&str>) -> Response {

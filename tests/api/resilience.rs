@@ -64,15 +64,6 @@ async fn cached_json(redis_url: &str, key: &str) -> Result<Option<String>, Strin
 // ---------------------------------------------------------------------------
 // HTTP
 
-/// GET that must answer 200; its JSON body.
-async fn get_ok(app: &TestApp, path: &str, token: &str, consistency: Option<&str>) -> Value {
-    let response = app.get(path, token, consistency).await;
-    let status = response.status();
-    let body = response.text().await.unwrap();
-    assert_eq!(status, StatusCode::OK, "GET {path}: {body}");
-    serde_json::from_str(&body).unwrap()
-}
-
 /// Poll a GET carrying a consistency token until it answers 200 (a 503 means
 /// the read side has not caught up yet).
 async fn get_when_consistent(app: &TestApp, path: &str, token: &str, at: &str) -> Value {
@@ -216,12 +207,12 @@ async fn commands_succeed_while_nats_is_down_and_projections_catch_up() {
     );
 
     // Queries answer from what the read side had (it cannot move without the bus).
-    let list = get_ok(&app, "/assistants", &token, None).await;
+    let list = app.get_ok("/assistants", &token, None).await;
     assert_eq!(list["data"].as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list["data"][0]["name"], "Before");
-    let one = get_ok(&app, &format!("/assistants/{a1}"), &token, None).await;
+    let one = app.get_ok(&format!("/assistants/{a1}"), &token, None).await;
     assert_eq!(one["id"], first["id"]);
-    let me = get_ok(&app, "/users/me", &token, None).await;
+    let me = app.get_ok("/users/me", &token, None).await;
     assert_eq!(me["email"], "nats-outage@example.com");
     // Still ready (Postgres answers), and saying what is missing.
     let ready = readiness(&app).await;
@@ -256,17 +247,19 @@ async fn commands_succeed_while_nats_is_down_and_projections_catch_up() {
     .await;
     assert_eq!(user_contents(&messages), ["hello", "one", "two", "three"]);
     assert_eq!(messages["data"].as_array().unwrap().len(), 8);
-    let messages = get_ok(
-        &app,
-        &format!("/conversations/{c2}/messages"),
-        &token,
-        Some(&last),
-    )
-    .await;
+    let messages = app
+        .get_ok(
+            &format!("/conversations/{c2}/messages"),
+            &token,
+            Some(&last),
+        )
+        .await;
     assert_eq!(user_contents(&messages), ["uno", "dos"]);
     assert_eq!(messages["data"].as_array().unwrap().len(), 4);
 
-    let list = get_ok(&app, "/assistants?order=asc", &token, Some(&last)).await;
+    let list = app
+        .get_ok("/assistants?order=asc", &token, Some(&last))
+        .await;
     let list = list["data"].as_array().unwrap();
     assert_eq!(list.len(), 2);
     let (l1, l2) = (&list[0], &list[1]);
@@ -287,9 +280,9 @@ async fn commands_succeed_while_nats_is_down_and_projections_catch_up() {
     let renamed = get_when_consistent(&app, &format!("/conversations/{c2}"), &token, &last).await;
     assert_eq!(renamed["title"], "Renamed while the bus was down");
     assert_eq!(renamed["message_count"], 4);
-    let conversations = get_ok(&app, "/conversations", &token, Some(&last)).await;
+    let conversations = app.get_ok("/conversations", &token, Some(&last)).await;
     assert_eq!(conversations["data"].as_array().unwrap().len(), 2);
-    let others = get_ok(&app, "/assistants", &other, Some(&last)).await;
+    let others = app.get_ok("/assistants", &other, Some(&last)).await;
     assert_eq!(others["data"].as_array().unwrap().len(), 0);
 
     let pool = &app.db.pool;
@@ -336,7 +329,7 @@ async fn queries_answer_while_redis_is_down() {
     let one = get_when_consistent(&app, &format!("/assistants/{a}"), &token, &at).await;
     assert_eq!(one["name"], "Before");
     assert_eq!(one["message_count"], 2);
-    let me = get_ok(&app, "/users/me", &token, None).await;
+    let me = app.get_ok("/users/me", &token, None).await;
     assert_eq!(me["email"], "redis-outage@example.com");
     let key = format!("{}:assistant:{a}", app.names.redis_prefix);
     let cached = eventually("the assistant is cached", async || {
@@ -350,16 +343,18 @@ async fn queries_answer_while_redis_is_down() {
     redis_server.kill();
 
     // Queries answer from Postgres, with the right data.
-    let one = get_ok(&app, &format!("/assistants/{a}"), &token, None).await;
+    let one = app.get_ok(&format!("/assistants/{a}"), &token, None).await;
     assert_eq!(one["name"], "Before");
     assert_eq!(one["message_count"], 2);
-    let me = get_ok(&app, "/users/me", &token, None).await;
+    let me = app.get_ok("/users/me", &token, None).await;
     assert_eq!(me["email"], "redis-outage@example.com");
-    let list = get_ok(&app, "/assistants", &token, None).await;
+    let list = app.get_ok("/assistants", &token, None).await;
     assert_eq!(list["data"][0]["id"], created["id"]);
-    let list = get_ok(&app, "/conversations", &token, None).await;
+    let list = app.get_ok("/conversations", &token, None).await;
     assert_eq!(list["data"][0]["id"], conversation["id"]);
-    let one = get_ok(&app, &format!("/conversations/{c}"), &token, None).await;
+    let one = app
+        .get_ok(&format!("/conversations/{c}"), &token, None)
+        .await;
     assert_eq!(one["message_count"], 2);
     // Still ready (Postgres answers), and saying what is missing.
     let ready = readiness(&app).await;
@@ -376,17 +371,19 @@ async fn queries_answer_while_redis_is_down() {
     )
     .await;
     assert_eq!(body["name"], "After");
-    let list = get_ok(&app, "/assistants", &token, Some(&changed)).await;
+    let list = app.get_ok("/assistants", &token, Some(&changed)).await;
     assert_eq!(list["data"][0]["name"], "After");
     // Without a token, one assistant is read from Postgres: already the new name.
-    let one = get_ok(&app, &format!("/assistants/{a}"), &token, None).await;
+    let one = app.get_ok(&format!("/assistants/{a}"), &token, None).await;
     assert_eq!(one["name"], "After");
     assert_eq!(one["version"], 2);
     // With the token too: it waits only for the `assistants` projection and reads
     // Postgres. The `cache` projection cannot invalidate while Redis is down and
     // so does not move on (a stale copy must never outlive the outage), but the
     // query does not wait for it.
-    let one = get_ok(&app, &format!("/assistants/{a}"), &token, Some(&changed)).await;
+    let one = app
+        .get_ok(&format!("/assistants/{a}"), &token, Some(&changed))
+        .await;
     assert_eq!(one["name"], "After");
     assert_eq!(one["version"], 2);
     let stalled = checkpoints(&app.db.pool).await["cache"];
@@ -405,7 +402,7 @@ async fn queries_answer_while_redis_is_down() {
     assert_eq!(one["version"], 2);
     // From now on no read may see the old copy, and reads fill the new one in.
     let cached = eventually("the cache holds the new copy", async || {
-        let read = get_ok(&app, &format!("/assistants/{a}"), &token, None).await;
+        let read = app.get_ok(&format!("/assistants/{a}"), &token, None).await;
         assert_eq!(read, one, "the copy cached before the outage was served");
         match cached_json(&redis_url, &key).await? {
             Some(json) if json.contains("\"After\"") => Ok(json),
@@ -414,7 +411,7 @@ async fn queries_answer_while_redis_is_down() {
     })
     .await;
     assert!(!cached.contains("\"Before\""), "{cached}");
-    let again = get_ok(&app, &format!("/assistants/{a}"), &token, None).await;
+    let again = app.get_ok(&format!("/assistants/{a}"), &token, None).await;
     assert_eq!(again, one);
     let pool = &app.db.pool;
     caught_up(pool, &consumers()).await;
@@ -503,7 +500,7 @@ async fn the_cache_comes_back_under_steady_read_traffic() {
         }
     })
     .await;
-    let one = get_ok(&app, &path, &token, Some(&changed)).await;
+    let one = app.get_ok(&path, &token, Some(&changed)).await;
     assert_eq!(one["name"], "After");
     stop_reading.cancel();
     let reads = reader.await.expect("every read was answered");
