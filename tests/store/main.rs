@@ -455,3 +455,32 @@ async fn appends_wake_listeners() {
         .unwrap();
     assert_eq!(notification.channel(), "ai_secretary_events");
 }
+
+#[tokio::test]
+async fn read_streams_returns_each_named_stream_once_in_version_order() {
+    let db = TestDb::new().await;
+    let store = store(&db);
+    let (a, b, other) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    store.append(append(a, 0, &["a1", "a2"])).await.unwrap();
+    store.append(append(other, 0, &["o1"])).await.unwrap();
+    store.append(append(b, 0, &["b1"])).await.unwrap();
+    store.append(append(a, 2, &["a3"])).await.unwrap();
+
+    // Named twice, in no order, with a stream that does not exist.
+    let read = store
+        .read_streams(&[b, a, Uuid::now_v7(), a])
+        .await
+        .unwrap();
+    let (first, second) = if a < b { (a, b) } else { (b, a) };
+    let expected: Vec<(Uuid, i64)> = if first == a {
+        vec![(a, 1), (a, 2), (a, 3), (b, 1)]
+    } else {
+        vec![(b, 1), (a, 1), (a, 2), (a, 3)]
+    };
+    assert_eq!(
+        read.iter().map(|e| (e.stream_id, e.version)).collect::<Vec<_>>(),
+        expected,
+        "by stream ({first} before {second}), then version"
+    );
+    assert!(store.read_streams(&[]).await.unwrap().is_empty());
+}
