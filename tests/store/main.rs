@@ -478,7 +478,9 @@ async fn read_streams_returns_each_named_stream_once_in_version_order() {
         vec![(b, 1), (a, 1), (a, 2), (a, 3)]
     };
     assert_eq!(
-        read.iter().map(|e| (e.stream_id, e.version)).collect::<Vec<_>>(),
+        read.iter()
+            .map(|e| (e.stream_id, e.version))
+            .collect::<Vec<_>>(),
         expected,
         "by stream ({first} before {second}), then version"
     );
