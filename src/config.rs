@@ -23,6 +23,16 @@ pub enum LogFormat {
     Pretty,
 }
 
+/// Where the projection workers read the events from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProjectionFeed {
+    /// The JetStream stream the relay publishes to: workers anywhere.
+    Bus,
+    /// The event store itself, in commit order, woken by each commit: no hop
+    /// through the relay and NATS (the feed of a topology without NATS).
+    Store,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LlmProvider {
     Offline,
@@ -74,6 +84,11 @@ pub struct Config {
     /// Redis for the read-side caches.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+
+    /// Where projection workers read events: `bus` (JetStream, through the
+    /// relay) or `store` (the event store directly, woken by each commit).
+    #[arg(long, env = "PROJECTION_FEED", value_enum, default_value_t = ProjectionFeed::Bus)]
+    pub projection_feed: ProjectionFeed,
 
     /// JetStream stream name.
     #[arg(long, env = "NATS_STREAM", default_value = "AI_SECRETARY_EVENTS")]

@@ -13,7 +13,7 @@ use crate::{
     app::{Commands, StateCache},
     auth::Tokens,
     bus::{self, BusConfig, relay::Relay},
-    config::{Config, LlmProvider},
+    config::{Config, LlmProvider, ProjectionFeed},
     http::{self, AppState, read::ReadSide},
     llm::{Provider, gemini::Gemini, offline::Offline},
     progress::Progress,
@@ -194,6 +194,16 @@ impl Application {
                     async move { relay.run(&stop).await }
                 })));
             }
+            // The feed: the bus, or the store itself woken by one listener for
+            // every worker of the process.
+            let feed = match config.projection_feed {
+                ProjectionFeed::Bus => worker::Feed::Bus(Box::new(jetstream.clone())),
+                ProjectionFeed::Store => {
+                    let (commits, listener) = bus::tail::commits(pool.clone(), stop.clone());
+                    tasks.push(AbortOnDropHandle::new(listener));
+                    worker::Feed::StoreTail(commits)
+                }
+            };
             let source = worker::Source {
                 stream: bus.stream.clone(),
                 subject_prefix: bus.subject_prefix.clone(),
@@ -204,9 +214,9 @@ impl Application {
                 .filter(|p| roles.projections.iter().any(|n| n == p.name))
                 .map(|p| (p.live)(&cache))
             {
-                let (pool, jetstream, source, bus, stop) = (
+                let (pool, feed, source, bus, stop) = (
                     pool.clone(),
-                    jetstream.clone(),
+                    feed.clone(),
                     source.clone(),
                     bus.clone(),
                     stop.clone(),
@@ -215,18 +225,20 @@ impl Application {
                     projection.name(),
                     stop.clone(),
                     move || {
-                        let (pool, jetstream, source, bus, stop, projection) = (
+                        let (pool, feed, source, bus, stop, projection) = (
                             pool.clone(),
-                            jetstream.clone(),
+                            feed.clone(),
                             source.clone(),
                             bus.clone(),
                             stop.clone(),
                             projection.clone(),
                         );
                         async move {
-                            // The relay usually creates the stream; a worker may start first.
-                            bus::ensure_stream(&jetstream, &bus).await?;
-                            Ok(worker::run(pool, jetstream, source, projection, stop).await?)
+                            if let worker::Feed::Bus(jetstream) = &feed {
+                                // The relay usually creates the stream; a worker may start first.
+                                bus::ensure_stream(jetstream, &bus).await?;
+                            }
+                            Ok(worker::run(pool, feed, source, projection, stop).await?)
                         }
                     },
                 )));

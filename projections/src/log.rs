@@ -60,6 +60,43 @@ pub(crate) fn envelope_of(row: &sqlx::postgres::PgRow) -> Result<EventEnvelope, 
     })
 }
 
+/// After a commit's notification that found nothing readable yet (an older
+/// transaction still open holds the read horizon below it): look again this
+/// often, this many times, rather than wait for the next poll. Shared by every
+/// reader that tails the log: the relay and a worker without a bus.
+pub const RECHECK: std::time::Duration = std::time::Duration::from_millis(2);
+pub const RECHECKS: u32 = 100;
+
+/// At most `limit` committed events after `after`, in commit order, each with
+/// its payload as JSON text: the relay's read (`EventStore::read_all`), for a
+/// worker that tails the store instead of the bus. It stops below the oldest
+/// transaction still open, which may yet commit an event ordered before rows
+/// already visible: a reader that moved past it would never come back for it.
+pub async fn read_committed(
+    pool: &sqlx::PgPool,
+    after: Position,
+    limit: i64,
+) -> Result<Vec<(EventEnvelope, String)>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
+            transaction_id::text::int8 AS transaction_id, global_position, recorded_at,
+            data::text AS data
+         FROM events
+         WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
+           AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY transaction_id, global_position
+         LIMIT $3",
+    )
+    .bind(after.transaction_id)
+    .bind(after.global_position)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|row| Ok((envelope_of(row)?, row.try_get::<String, _>(9)?)))
+        .collect()
+}
+
 /// At most `limit` events in `(after, upto]`, each with its payload as JSON
 /// text. `upto` must be at or below the read horizon: here it is the position of
 /// an event the relay already read, so everything below it is committed.

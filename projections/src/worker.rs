@@ -6,6 +6,10 @@
 //!   waits, and takes over when the owner's lock connection dies. Every batch's
 //!   checkpoint move is fenced by the lease's epoch, so a deposed owner's batch
 //!   rolls back and it stops.
+//! - **Its feed.** Events come from the bus (`Feed::Bus`, production) or, where
+//!   there is no NATS, straight from the event store (`Feed::StoreTail`): read
+//!   in commit order below the read horizon, as the relay reads it, and woken by
+//!   each commit (a wake-up only: the store is always what is read).
 //! - **Its own view of the bus.** Each worker reads the stream through an ordered
 //!   consumer of its own (ephemeral, unacked), started just after the
 //!   checkpoint's JetStream sequence. Nothing is shared between an owner and a
@@ -29,6 +33,7 @@ use async_nats::jetstream::{
 };
 use futures_util::{FutureExt, StreamExt};
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -47,6 +52,23 @@ pub struct Source {
     pub subject_prefix: String,
     pub opener: Arc<dyn Opener>,
 }
+
+/// Where a worker's events come from.
+#[derive(Clone)]
+pub enum Feed {
+    /// The JetStream stream the relay publishes to (boxed: the context is
+    /// large beside the other variant, and a feed is cloned per worker).
+    Bus(Box<jetstream::Context>),
+    /// The event store itself, with no bus in between: committed events after
+    /// the checkpoint, in commit order. The receiver changes on every commit
+    /// (LISTEN/NOTIFY, or the embedded store's own signal); a missed change
+    /// costs at most [`TAIL_POLL`], never an event.
+    StoreTail(watch::Receiver<()>),
+}
+
+/// How often a store-tailing worker looks for new events when no commit woke it
+/// (a lost notification, a listener reconnecting).
+pub const TAIL_POLL: Duration = Duration::from_secs(1);
 
 /// Most messages applied in one transaction.
 const MAX_BATCH: usize = 500;
@@ -90,7 +112,7 @@ pub fn lock_key(name: &str) -> String {
 /// batches while it is held, and contend again when it is lost.
 pub async fn run(
     pool: PgPool,
-    jetstream: jetstream::Context,
+    feed: Feed,
     source: Source,
     projection: Arc<dyn Projection>,
     shutdown: CancellationToken,
@@ -110,7 +132,7 @@ pub async fn run(
         let Some(lease) = Lease::acquire(&pool, &lock_key(name), name, &shutdown).await? else {
             break;
         };
-        serve(&pool, &jetstream, &source, projection.as_ref(), &lease).await;
+        serve(&pool, &feed, &source, projection.as_ref(), &lease).await;
         if !shutdown.is_cancelled() {
             tracing::warn!(projection = name, "lease lost; contending again");
         }
@@ -121,14 +143,20 @@ pub async fn run(
 /// Apply batches while `lease` is held, resuming from the checkpoint after a failure.
 async fn serve(
     pool: &PgPool,
-    jetstream: &jetstream::Context,
+    feed: &Feed,
     source: &Source,
     projection: &dyn Projection,
     lease: &Lease,
 ) {
     let name = projection.name();
     while !lease.lost().is_cancelled() {
-        match consume(pool, jetstream, source, projection, lease).await {
+        let outcome = match feed {
+            Feed::Bus(jetstream) => consume(pool, jetstream, source, projection, lease).await,
+            Feed::StoreTail(commits) => {
+                tail(pool, commits.clone(), source, projection, lease).await
+            }
+        };
+        match outcome {
             Ok(()) => {}
             Err(WorkerError::Deposed) => return,
             Err(WorkerError::Moved) => {
@@ -178,6 +206,59 @@ async fn consume(
             }
         }
         apply(pool, source.opener.as_ref(), projection, lease, &batch).await?;
+    }
+}
+
+/// Read the event store from just after the checkpoint and apply batches until
+/// the lease is lost or a batch fails: the feed where there is no bus.
+///
+/// Each read stops below the read horizon (`log::read_committed`), so an event
+/// whose transaction is still open is never passed; the next read, woken by
+/// its commit, starts from the checkpoint and finds it.
+async fn tail(
+    pool: &PgPool,
+    mut commits: watch::Receiver<()>,
+    source: &Source,
+    projection: &dyn Projection,
+    lease: &Lease,
+) -> Result<(), WorkerError> {
+    let name = projection.name();
+    checkpoint::ensure(pool, name).await?;
+    let mut recheck = 0;
+    loop {
+        // Seen before reading: a commit from here on wakes the wait below.
+        commits.borrow_and_update();
+        let start = checkpoint::current(pool, name).await?;
+        if start.epoch != lease.epoch {
+            lease.fenced();
+            return Err(WorkerError::Deposed);
+        }
+        let events = log::read_committed(pool, start.position, MAX_BATCH as i64).await?;
+        if events.is_empty() {
+            let pause = if recheck > 0 {
+                recheck -= 1;
+                log::RECHECK
+            } else {
+                TAIL_POLL
+            };
+            tokio::select! {
+                changed = commits.changed(), if recheck == 0 => match changed {
+                    Ok(()) => recheck = log::RECHECKS,
+                    // The signal's sender is gone (its listener stopped): poll.
+                    Err(_) => tokio::select! {
+                        () = tokio::time::sleep(TAIL_POLL) => {}
+                        () = lease.lost().cancelled() => return Ok(()),
+                    },
+                },
+                () = tokio::time::sleep(pause) => {}
+                () = lease.lost().cancelled() => return Ok(()),
+            }
+            continue;
+        }
+        recheck = 0;
+        let mut resolved = Resolved::from(start.position);
+        resolved.push_stored(source.opener.as_ref(), events).await?;
+        commit(pool, projection, lease, start, resolved).await?;
     }
 }
 
@@ -238,6 +319,20 @@ async fn apply(
         return Err(WorkerError::Deposed);
     }
     let resolved = resolve(pool, opener, name, batch, start.position).await?;
+    commit(pool, projection, lease, start, resolved).await
+}
+
+/// Write a resolved batch: let the projection do its work outside Postgres
+/// (`Projection::prepare`), then apply it and move the checkpoint from `start`
+/// in one short transaction, fenced by the lease (see [`apply`]).
+async fn commit(
+    pool: &PgPool,
+    projection: &dyn Projection,
+    lease: &Lease,
+    start: checkpoint::Checkpoint,
+    resolved: Resolved,
+) -> Result<(), WorkerError> {
+    let name = projection.name();
     let decoded: Vec<&Decoded> = resolved
         .steps
         .iter()
@@ -317,12 +412,7 @@ async fn resolve(
     batch: &[jetstream::Message],
     from: Position,
 ) -> Result<Resolved, WorkerError> {
-    let mut resolved = Resolved {
-        steps: Vec::with_capacity(batch.len()),
-        applied: 0,
-        at: from,
-        sequence: None,
-    };
+    let mut resolved = Resolved::from(from);
     for message in batch {
         if let Ok(info) = message.info() {
             resolved.sequence = Some(info.stream_sequence);
@@ -381,6 +471,47 @@ async fn resolve(
 }
 
 impl Resolved {
+    /// Nothing yet, from the checkpoint at `from`.
+    fn from(from: Position) -> Resolved {
+        Resolved {
+            steps: Vec::new(),
+            applied: 0,
+            at: from,
+            sequence: None,
+        }
+    }
+
+    /// Events read from the event store (sealed, as stored), opened and decoded
+    /// in order; one that does not decode is parked with its stored payload.
+    async fn push_stored(
+        &mut self,
+        opener: &dyn Opener,
+        events: Vec<(EventEnvelope, String)>,
+    ) -> Result<(), WorkerError> {
+        for (envelope, data) in events {
+            let opened = opener
+                .open_text(envelope.event_id, &data)
+                .await
+                .map_err(WorkerError::Sealed)?;
+            let step = match contract::decode(
+                &envelope.event_type,
+                envelope.schema_version,
+                opened.as_deref().unwrap_or(&data),
+            ) {
+                Ok(event) => Ok(Decoded { envelope, event }),
+                Err(reason) => Err(Poison {
+                    subject: "(event store)".into(),
+                    reason,
+                    // As stored: sealed, never the plaintext.
+                    payload: data,
+                    envelope: Some(envelope),
+                }),
+            };
+            self.push(opener, step);
+        }
+        Ok(())
+    }
+
     /// One more event the checkpoint moves past.
     fn push(&mut self, opener: &dyn Opener, step: Result<Decoded, Poison>) {
         if let Ok(Decoded {
@@ -424,28 +555,8 @@ async fn fill_gap(
             break; // not in the store (a restore older than the bus): nothing to apply
         };
         at = last.position();
-        for (envelope, data) in events {
-            let opened = opener
-                .open_text(envelope.event_id, &data)
-                .await
-                .map_err(WorkerError::Sealed)?;
-            let step = match contract::decode(
-                &envelope.event_type,
-                envelope.schema_version,
-                opened.as_deref().unwrap_or(&data),
-            ) {
-                Ok(event) => Ok(Decoded { envelope, event }),
-                Err(reason) => Err(Poison {
-                    subject: "(event store)".into(),
-                    reason,
-                    // As stored: sealed, never the plaintext.
-                    payload: data,
-                    envelope: Some(envelope),
-                }),
-            };
-            resolved.push(opener, step);
-            filled += 1;
-        }
+        filled += events.len() as i64;
+        resolved.push_stored(opener, events).await?;
     }
     read.rollback().await?;
     Ok(filled)

@@ -4,6 +4,7 @@
 //! go to their conversation's subject (the wire contract's `subjects`).
 
 pub mod relay;
+pub mod tail;
 
 use std::time::Duration;
 

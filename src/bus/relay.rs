@@ -21,13 +21,14 @@ use ai_secretary_contract::{EventEnvelope, subjects};
 use ai_secretary_projections::{
     checkpoint,
     lease::{self, Lease},
+    log::{RECHECK, RECHECKS},
 };
 use async_nats::jetstream::{self, message::PublishMessage};
 use sqlx::{PgPool, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
 
 use super::BusConfig;
-use crate::store::{EventStore, Position, RecordedEvent};
+use crate::store::{EventStore, Position, RecordedEvent, postgres::COMMITS_CHANNEL};
 
 /// The relay's row in `checkpoints`.
 pub const CHECKPOINT: &str = "relay";
@@ -38,10 +39,6 @@ const LOCK_KEY: &str = "ai_secretary.relay";
 const BATCH: i64 = 1000;
 /// Look for new events this often even without a notification.
 const POLL: Duration = Duration::from_millis(500);
-/// After a notification that found nothing readable yet: look again this often,
-/// this many times.
-const RECHECK: Duration = Duration::from_millis(2);
-const RECHECKS: u32 = 100;
 
 pub struct Relay {
     pub pool: PgPool,
@@ -73,7 +70,7 @@ impl Relay {
     async fn serve(&self, lease: &Lease) -> anyhow::Result<()> {
         super::ensure_stream(&self.jetstream, &self.bus).await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen("ai_secretary_events").await?;
+        listener.listen(COMMITS_CHANNEL).await?;
         let mut checkpoint = checkpoint::ensure(&self.pool, CHECKPOINT).await?.position;
         tracing::info!(%checkpoint, stream = %self.bus.stream, "relay active");
         // A notified commit can still be above the read horizon (an older

@@ -110,6 +110,11 @@ pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool,
     Ok(pool)
 }
 
+/// The channel every append notifies on commit (the `events` table's trigger,
+/// migration `20261129000001_event_store.sql`): what wakes the readers that
+/// tail the log (the relay, and workers where there is no bus).
+pub const COMMITS_CHANNEL: &str = "ai_secretary_events";
+
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     sqlx::migrate!("./migrations")
         .run(pool)

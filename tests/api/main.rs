@@ -12,6 +12,7 @@ mod dashboards;
 mod edges;
 mod errors;
 mod failover;
+mod feed;
 mod forget;
 mod health;
 mod helpers;
