@@ -95,7 +95,7 @@ pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool,
 }
 
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    sqlx::migrate!("./migrations")
+    sqlx::migrate!("./migrations/postgres")
         .run(pool)
         .await
         .map_err(|e| StoreError::Sqlx(e.into()))
