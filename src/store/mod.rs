@@ -1,14 +1,17 @@
 //! The event store: an append-only log of every fact, ordered per stream by
 //! `version` and globally by commit position.
 //!
-//! [`EventStore`] is the seam other backends (an embedded SQLite file, later) fit
-//! behind; [`postgres::PgEventStore`] is the production one. Payloads cross the
+//! [`EventStore`] is the seam the backends fit behind: [`postgres::PgEventStore`]
+//! in production, [`sqlite::SqliteEventStore`] for the embedded default (one
+//! file); what they share is in `coalesce`. Payloads cross the
 //! seam as JSON; [`codec`] is the one place that turns them into domain events.
 
+mod coalesce;
 pub mod codec;
 pub mod postgres;
 pub mod rotation;
 pub mod sealed;
+pub mod sqlite;
 
 use std::fmt;
 
@@ -18,6 +21,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 pub use postgres::PgEventStore;
+pub use sqlite::SqliteEventStore;
 
 /// Where an event sits in commit order: the wire contract's one position type
 /// (its `Display`/`FromStr` form is the `X-Consistency-Token`).
@@ -182,8 +186,9 @@ pub enum StoreError {
 impl StoreError {
     /// Whether the same statement could well succeed if tried again: the
     /// connection was lost or refused (a restart, a failover, an idle-connection
-    /// killer, `pg_terminate_backend`), the pool had none to give in time, or the
-    /// transaction lost a serialization race. Such errors are the database's
+    /// killer, `pg_terminate_backend`), the pool had none to give in time, the
+    /// transaction lost a serialization race, or (SQLite) another connection
+    /// held the write lock past the busy timeout. Such errors are the database's
     /// weather, not the request's fault: callers retry them where that is safe
     /// and otherwise answer 503 with `Retry-After`, never 500.
     pub fn is_transient(&self) -> bool {
@@ -249,6 +254,14 @@ pub fn transient(error: &sqlx::Error) -> bool {
         | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::WorkerCrashed => true,
+        // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes (the
+        // low byte is the primary one): another connection held the lock past
+        // the busy timeout. Trying again may well succeed.
+        sqlx::Error::Database(e) if e.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() => {
+            e.code()
+                .and_then(|code| code.parse::<i32>().ok())
+                .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+        }
         sqlx::Error::Database(e) => e.code().is_some_and(|code| {
             // Class 08: connection exceptions. 57P01–57P03: the server is
             // shutting down, crashed or not yet accepting connections (what a

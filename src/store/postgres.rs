@@ -7,7 +7,9 @@
 //! inserted with `ON CONFLICT DO NOTHING`, and a command's later events are only
 //! inserted if its first one was. Commands that also claim a reservation or an
 //! idempotency key take an explicit transaction, and a lost claim rolls the batch
-//! back and retries it without the loser.
+//! back and retries it without the loser. The loop around a batch, who wins a
+//! claim and the retries are shared with the SQLite store (`super::coalesce`);
+//! this file holds the Postgres SQL.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -24,31 +26,16 @@ use uuid::Uuid;
 
 use super::{
     AppendError, AppendRequest, Appended, Behind, EventStore, IdempotencyRecord, Position,
-    RecordedEvent, StoreError, StoredPayload, StoredResponse, UserKeyChange, retrying,
+    RecordedEvent, StoreError, StoredPayload, StoredResponse, UserKeyChange,
+    coalesce::{
+        Appender, Attempt, BatchWriter, Job, answer, append_batch, append_riding_out_failures,
+        idempotency_claims, idempotency_losers, key_changes, outcomes, reservation_claims,
+        reservation_losers,
+    },
+    retrying,
 };
 
-/// Tuning of the coalescer.
-#[derive(Debug, Clone, Copy)]
-pub struct CoalescingConfig {
-    /// Most commands in one transaction.
-    pub max_batch: usize,
-    /// Transactions in flight at once.
-    pub flushers: usize,
-}
-
-impl Default for CoalescingConfig {
-    fn default() -> Self {
-        Self {
-            max_batch: 256,
-            flushers: 2,
-        }
-    }
-}
-
-struct Job {
-    request: Arc<AppendRequest>,
-    reply: oneshot::Sender<Result<Appended, AppendError>>,
-}
+pub use super::coalesce::CoalescingConfig;
 
 /// Postgres event store. Cheap to clone; the flushers stop when the last clone
 /// drops (or is [closed](PgEventStore::close)).
@@ -116,7 +103,7 @@ pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool,
 pub const COMMITS_CHANNEL: &str = "ai_secretary_events";
 
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    sqlx::migrate!("./migrations")
+    sqlx::migrate!("./migrations/postgres")
         .run(pool)
         .await
         .map_err(|e| StoreError::Sqlx(e.into()))
@@ -212,7 +199,7 @@ async fn flush_loop(
         let connection = pool.acquire().await;
         metrics::histogram!("db_pool_acquire_seconds").record(waited.elapsed().as_secs_f64());
         let outcomes = match connection {
-            Ok(mut conn) => append_batch(&mut conn, &requests).await,
+            Ok(mut conn) => append_batch(&mut *conn, &requests).await,
             Err(e) => {
                 let e = Arc::new(e);
                 requests
@@ -222,86 +209,15 @@ async fn flush_loop(
             }
         };
         drop(permit);
-        for (job, outcome) in jobs.into_iter().zip(outcomes) {
-            // The caller may have gone (request cancelled); its events are durable anyway.
-            let _ = job.reply.send(outcome);
-        }
+        answer(jobs, outcomes);
     }
 }
 
-/// Append several commands, in as few transactions as their claims allow.
-async fn append_batch(
-    conn: &mut PgConnection,
-    requests: &[&AppendRequest],
-) -> Vec<Result<Appended, AppendError>> {
-    let mut outcomes: Vec<Option<Result<Appended, AppendError>>> =
-        requests.iter().map(|_| None).collect();
-    for (i, r) in requests.iter().enumerate() {
-        if r.events.is_empty() {
-            outcomes[i] = Some(Err(AppendError::Empty));
-        }
+#[async_trait::async_trait]
+impl BatchWriter for PgConnection {
+    async fn try_append(&mut self, batch: &[&AppendRequest]) -> Result<Attempt, sqlx::Error> {
+        try_append(self, batch).await
     }
-    loop {
-        let pending: Vec<usize> = (0..requests.len())
-            .filter(|&i| outcomes[i].is_none())
-            .collect();
-        if pending.is_empty() {
-            break;
-        }
-        let batch: Vec<&AppendRequest> = pending.iter().map(|&i| requests[i]).collect();
-        match try_append(conn, &batch).await {
-            Ok(Attempt::Committed(results)) => {
-                for (&i, result) in pending.iter().zip(results) {
-                    outcomes[i] = Some(result);
-                }
-            }
-            Ok(Attempt::ClaimsLost(losers)) => {
-                for (k, error) in losers {
-                    outcomes[pending[k]] = Some(Err(error));
-                }
-            }
-            // An unexpected database error: let every command meet it alone, so one
-            // bad command cannot fail the others.
-            Err(e) if pending.len() > 1 => {
-                tracing::warn!(error = %e, commands = pending.len(), "batch append failed; retrying commands one by one");
-                for &i in &pending {
-                    outcomes[i] = Some(match try_append(conn, &[requests[i]]).await {
-                        Ok(Attempt::Committed(mut r)) => r.remove(0),
-                        Ok(Attempt::ClaimsLost(mut l)) => Err(l.remove(0).1),
-                        Err(e) => Err(StoreError::from(e).into()),
-                    });
-                }
-            }
-            Err(e) => outcomes[pending[0]] = Some(Err(StoreError::from(e).into())),
-        }
-    }
-    // One counter update per event type, not per event: this is the hot path.
-    let mut appended: std::collections::HashMap<&str, u64> = Default::default();
-    for (request, _) in requests
-        .iter()
-        .zip(&outcomes)
-        .filter(|(_, o)| matches!(o, Some(Ok(_))))
-    {
-        for event in &request.events {
-            *appended.entry(event.event_type.as_str()).or_default() += 1;
-        }
-    }
-    for (event_type, count) in appended {
-        metrics::counter!("events_appended_total", "event_type" => event_type.to_owned())
-            .increment(count);
-    }
-    metrics::histogram!("append_batch_size").record(requests.len() as f64);
-    outcomes
-        .into_iter()
-        .map(|o| o.unwrap_or(Err(AppendError::Empty)))
-        .collect()
-}
-
-enum Attempt {
-    /// Committed; one outcome per command (winners and version conflicts).
-    Committed(Vec<Result<Appended, AppendError>>),
-    /// Rolled back: these commands (by index) lost a claim. Retry the others.
-    ClaimsLost(Vec<(usize, AppendError)>),
 }
 
 async fn try_append(
@@ -330,22 +246,6 @@ async fn try_append(
     change_user_keys(&mut tx, batch, &appended).await?;
     tx.commit().await?;
     Ok(Attempt::Committed(outcomes(batch, appended)))
-}
-
-fn outcomes(
-    batch: &[&AppendRequest],
-    appended: Vec<Option<Appended>>,
-) -> Vec<Result<Appended, AppendError>> {
-    batch
-        .iter()
-        .zip(appended)
-        .map(|(r, a)| {
-            a.ok_or(AppendError::VersionConflict {
-                stream_id: r.stream_id,
-                expected: r.expected_version,
-            })
-        })
-        .collect()
 }
 
 /// Insert one command's events with a plain statement: nothing else shares the
@@ -569,12 +469,7 @@ async fn claim_reservations(
     batch: &[&AppendRequest],
     appended: &[Option<Appended>],
 ) -> Result<Vec<(usize, AppendError)>, sqlx::Error> {
-    let wanted: Vec<(usize, &super::Reservation, Uuid)> = batch
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| appended[*i].is_some())
-        .filter_map(|(i, r)| r.reservation.as_ref().map(|res| (i, res, r.stream_id)))
-        .collect();
+    let wanted = reservation_claims(batch, appended);
     if wanted.is_empty() {
         return Ok(vec![]);
     }
@@ -592,27 +487,17 @@ async fn claim_reservations(
     .bind(&streams)
     .fetch_all(&mut **tx)
     .await?;
-    Ok(wanted
-        .into_iter()
-        .filter(|(_, _, stream)| !won.contains(stream))
-        .map(|(i, res, _)| (i, AppendError::ReservationTaken { scope: res.scope }))
-        .collect())
+    Ok(reservation_losers(wanted, &won))
 }
 
 /// Keep or destroy the user keys of commands whose events went in, in their
-/// transaction: a key exists exactly when its UserRegistered has committed and
-/// its UserForgotten has not.
+/// transaction (see `coalesce::key_changes`).
 async fn change_user_keys(
     tx: &mut sqlx::Transaction<'_, Postgres>,
     batch: &[&AppendRequest],
     appended: &[Option<Appended>],
 ) -> Result<(), sqlx::Error> {
-    let changes = batch
-        .iter()
-        .zip(appended)
-        .filter(|(_, a)| a.is_some())
-        .filter_map(|(r, _)| r.user_key.as_ref());
-    for change in changes {
+    for change in key_changes(batch, appended) {
         match change {
             UserKeyChange::Create { user, wrapped } => {
                 sqlx::query("INSERT INTO user_keys (user_id, wrapped) VALUES ($1, $2)")
@@ -656,36 +541,14 @@ async fn claim_idempotency_keys(
     batch: &[&AppendRequest],
     appended: &[Option<Appended>],
 ) -> Result<Vec<(usize, AppendError)>, sqlx::Error> {
-    let wanted: Vec<(usize, IdempotencyRecord)> = batch
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| {
-            let a = appended[i]?;
-            let mut record = r.idempotency.clone()?;
-            record.response.position = Some(a.position);
-            Some((i, record))
-        })
-        .collect();
-    if wanted.is_empty() {
-        return Ok(vec![]);
+    let (unique, mut losers) = idempotency_claims(batch, appended);
+    if unique.is_empty() {
+        return Ok(losers);
     }
-    // The same key twice in one batch: the first comes first, the rest lose here
-    // (RETURNING could not tell them apart).
-    let mut seen = std::collections::HashSet::new();
-    let (unique, mut losers): (Vec<_>, Vec<_>) = wanted
-        .into_iter()
-        .partition(|(_, r)| seen.insert((r.owner_id, r.key.clone())));
     let records: Vec<&IdempotencyRecord> = unique.iter().map(|(_, r)| r).collect();
     let won = insert_idempotency(&mut **tx, &records).await?;
-    losers.extend(
-        unique
-            .into_iter()
-            .filter(|(_, r)| !won.contains(&(r.owner_id, r.key.clone()))),
-    );
-    Ok(losers
-        .into_iter()
-        .map(|(i, _)| (i, AppendError::IdempotencyKeyTaken))
-        .collect())
+    losers.extend(idempotency_losers(unique, &won));
+    Ok(losers)
 }
 
 /// Insert idempotency records whose keys are free (never used, or expired: an
@@ -763,61 +626,8 @@ fn recorded_event(row: PgRow) -> Result<RecordedEvent, sqlx::Error> {
     })
 }
 
-/// Attempts at one command's append when the database connection fails under it.
-/// Each attempt takes another pooled connection, and every idle connection of
-/// the pool may have been cut at once (a restart, `pg_terminate_backend`), so a
-/// few attempts are worth it; past them the caller answers 503.
-const APPEND_ATTEMPTS: u32 = 5;
-
-impl PgEventStore {
-    /// Append, riding out dropped connections without ever appending twice.
-    ///
-    /// When an attempt fails on a transient error (`StoreError::is_transient`),
-    /// the commit may or may not have happened before the connection went. The
-    /// next attempt first looks for the command's own events by id: found, the
-    /// append succeeded and that is the answer; absent, nothing of it committed
-    /// and it is appended again. A lookup that fails too is asked again before
-    /// anything is re-appended. A re-append that meets a version conflict looks
-    /// once more, in case the first attempt's commit landed late.
-    async fn append_riding_out_failures(
-        &self,
-        request: AppendRequest,
-    ) -> Result<Appended, AppendError> {
-        let request = Arc::new(request);
-        let mut last = None;
-        for attempt in 0..APPEND_ATTEMPTS {
-            if attempt > 0 {
-                match self.find_appended(&request).await {
-                    Ok(Some(appended)) => return Ok(appended),
-                    Ok(None) => {}
-                    Err(e) if e.is_transient() => {
-                        last = Some(e);
-                        backoff(attempt).await;
-                        continue;
-                    }
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            match self.append_once(request.clone()).await {
-                Err(AppendError::Database(e)) if e.is_transient() => {
-                    tracing::warn!(attempt, error = %e, "append interrupted; checking whether it committed");
-                    last = Some(e);
-                    backoff(attempt).await;
-                }
-                Err(conflict @ AppendError::VersionConflict { .. }) if attempt > 0 => {
-                    return match self.find_appended(&request).await {
-                        Ok(Some(appended)) => Ok(appended),
-                        _ => Err(conflict),
-                    };
-                }
-                outcome => return outcome,
-            }
-        }
-        Err(AppendError::Database(last.unwrap_or(StoreError::Closed)))
-    }
-
-    /// Where the command's events are, if they were committed (a command's
-    /// events go in all or none, so one found means all).
+#[async_trait::async_trait]
+impl Appender for PgEventStore {
     async fn find_appended(&self, request: &AppendRequest) -> Result<Option<Appended>, StoreError> {
         let ids: Vec<Uuid> = request.events.iter().map(|e| e.event_id).collect();
         let found: Option<(i64, i64, i64)> = sqlx::query_as(
@@ -851,7 +661,7 @@ impl PgEventStore {
                 Some(conn) => conn,
                 None => slot.insert(self.pool.acquire().await.map_err(StoreError::from)?),
             };
-            let outcome = append_batch(conn, &[request.as_ref()])
+            let outcome = append_batch(&mut **conn, &[request.as_ref()])
                 .await
                 .pop()
                 .unwrap_or(Err(AppendError::Empty));
@@ -861,18 +671,13 @@ impl PgEventStore {
             }
             return outcome;
         }
-        let (reply, answer) = oneshot::channel();
+        let (reply, outcome) = oneshot::channel();
         self.queue
             .send(Job { request, reply })
             .await
             .map_err(|_| StoreError::Closed)?;
-        answer.await.map_err(|_| StoreError::Closed)?
+        outcome.await.map_err(|_| StoreError::Closed)?
     }
-}
-
-/// A short pause between attempts that grows with them (10, 20, 40… ms).
-async fn backoff(attempt: u32) {
-    tokio::time::sleep(std::time::Duration::from_millis(10 << attempt.min(6))).await;
 }
 
 fn recorded_events(rows: Vec<PgRow>) -> Result<Vec<RecordedEvent>, StoreError> {
@@ -885,7 +690,7 @@ fn recorded_events(rows: Vec<PgRow>) -> Result<Vec<RecordedEvent>, StoreError> {
 #[async_trait::async_trait]
 impl EventStore for PgEventStore {
     async fn append(&self, request: AppendRequest) -> Result<Appended, AppendError> {
-        self.append_riding_out_failures(request).await
+        append_riding_out_failures(self, request).await
     }
 
     async fn read_stream_from(
