@@ -33,6 +33,16 @@ pub enum ProjectionFeed {
     Store,
 }
 
+/// Where the read side's cache lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CacheBackend {
+    /// Redis at `REDIS_URL`, shared by every process.
+    Redis,
+    /// This process's memory: only for a process that runs the `cache`
+    /// projection beside the API (the embedded topology).
+    Local,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LlmProvider {
     Offline,
@@ -84,6 +94,11 @@ pub struct Config {
     /// Redis for the read-side caches.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+
+    /// Where the read-side cache lives: `redis` (at `REDIS_URL`) or `local`
+    /// (in process). Hidden until the embedded topology chooses it by itself.
+    #[arg(long, env = "CACHE_BACKEND", value_enum, default_value_t = CacheBackend::Redis, hide = true)]
+    pub cache_backend: CacheBackend,
 
     /// Where projection workers read events: `bus` (JetStream, through the
     /// relay) or `store` (the event store directly, woken by each commit).
@@ -189,7 +204,7 @@ pub struct Config {
     #[arg(long, env = "LOG_DIR")]
     pub log_dir: Option<PathBuf>,
 
-    /// Lifetime of cached resources in Redis, in seconds.
+    /// Lifetime of cached resources, in seconds.
     #[arg(long, env = "CACHE_TTL_SECONDS", default_value_t = 3600)]
     pub cache_ttl_seconds: u64,
 
@@ -287,14 +302,20 @@ impl Config {
         })
     }
 
-    /// The Redis cache as this configuration describes it.
+    /// The cache as this configuration describes it: Redis at `REDIS_URL`
+    /// unless `CACHE_BACKEND=local`.
     pub fn cache(&self) -> ai_secretary_projections::cache::Cache {
-        ai_secretary_projections::cache::Cache::new(
-            &self.redis_url,
-            &self.redis_key_prefix,
-            std::time::Duration::from_secs(self.cache_ttl_seconds),
-            std::time::Duration::from_millis(self.cache_timeout_ms),
-        )
+        use ai_secretary_projections::cache::Cache;
+        let ttl = std::time::Duration::from_secs(self.cache_ttl_seconds);
+        match self.cache_backend {
+            CacheBackend::Redis => Cache::new(
+                &self.redis_url,
+                &self.redis_key_prefix,
+                ttl,
+                std::time::Duration::from_millis(self.cache_timeout_ms),
+            ),
+            CacheBackend::Local => Cache::local(ttl),
+        }
     }
 
     /// Refuse what must not run: malformed keys anywhere, default secrets in production.

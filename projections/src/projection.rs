@@ -16,8 +16,8 @@ pub struct Decoded {
 pub enum ProjectionError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
-    #[error("redis: {0}")]
-    Cache(#[from] redis::RedisError),
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
 }
 
 /// A read model fed by the log. `apply` must be deterministic given the events

@@ -45,8 +45,8 @@ pub enum RebuildError {
     Unknown(String),
     #[error("a rebuild of {0} is already running")]
     AlreadyRunning(String),
-    #[error("redis: {0}")]
-    Cache(#[from] redis::RedisError),
+    #[error(transparent)]
+    Cache(#[from] crate::cache::CacheError),
     /// A sealed field did not open (the wrong `ENCRYPTION_KEY`?).
     #[error("sealed data: {0}")]
     Sealed(String),

@@ -331,3 +331,54 @@ async fn pages_stay_stable_while_new_rows_arrive() {
     let bad = app.get("/assistants?limit=0", &token, None).await;
     problem(bad, StatusCode::UNPROCESSABLE_ENTITY).await;
 }
+
+/// The same read-your-writes through the in-process cache (the hidden
+/// `--cache-backend local` switch): a read fills it, an update's invalidation
+/// reaches it (a stale copy would be served once every consumer has caught
+/// up), and nothing is written to Redis.
+#[tokio::test]
+async fn the_local_cache_serves_reads_and_is_invalidated_by_the_projection() {
+    let app = spawn_app_without_replier(&["--cache-backend", "local"]).await;
+    let token = app.signed_up("local@example.com").await;
+    let assistant = app.assistant(&token, "Mika").await;
+    let path = format!("/assistants/{}", assistant["id"].as_str().unwrap());
+
+    // Filled by the first read, then served from it.
+    progress::caught_up(&app.db.pool, &progress::consumers()).await;
+    let first = app.get_ok(&path, &token, None).await;
+    assert_eq!(first["name"], "Mika");
+    assert_eq!(app.get_ok(&path, &token, None).await, first);
+
+    let updated = app
+        .client
+        .patch(app.url(&format!("/api/v1{path}")))
+        .bearer_auth(&token)
+        .header("if-match", "\"1\"")
+        .json(&json!({ "name": "Mika II" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(updated.status(), StatusCode::OK);
+    let at = consistency(&updated);
+    let read = app.get_ok(&path, &token, Some(&at)).await;
+    assert_eq!(read["name"], "Mika II", "read-your-writes");
+    // With every consumer past the update, a read without a token goes to the
+    // cache: it must hold the new copy or none.
+    progress::caught_up(&app.db.pool, &progress::consumers()).await;
+    for _ in 0..2 {
+        let read = app.get_ok(&path, &token, None).await;
+        assert_eq!(read["name"], "Mika II", "a stale copy was served");
+    }
+
+    let mut redis = redis::Client::open(app.names.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:*", app.names.redis_prefix))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "the local cache wrote to Redis: {keys:?}");
+}

@@ -1,42 +1,40 @@
-//! Redis caches of single resources (`<prefix>:user:<id>`, `:assistant:<id>`,
-//! `:conversation:<id>`), each a hash holding the JSON a query returns (`json`),
-//! its owner, and a stamp: the commit position it is current as of.
+//! The read side's cache of single resources (a user, an assistant, a
+//! conversation), each held as the JSON a query returns, its owner, and a
+//! stamp: the commit position it is current as of. Two backends behind one
+//! [`Cache`]: Redis (`redis_cache`, shared by every process of the production
+//! topology) and in process (`local`, moka, for the embedded topology in which
+//! one process runs the projections and the API).
 //!
 //! The `cache` projection does not write values: on each event it stamps the
-//! keys the event touches with the event's position and drops their JSON (a
+//! keys the event touches with the event's position and drops their values (a
 //! tombstone). Queries read through: a hit is served; a miss or tombstone is read
-//! from Postgres and filled only if the row is at least as new as the stamp. So a
-//! query that read a row just before a projection moved it can never put the old
-//! copy back, whatever order the two race in. With Redis down, every read is a
-//! miss and queries answer from Postgres; `ping()` and the `cache_available` gauge say so.
+//! from the read models and filled only if the row is at least as new as the
+//! stamp. So a query that read a row just before a projection moved it can
+//! never put the old copy back, whatever order the two race in. The rules are
+//! written once, in `rules`.
 //!
-//! A forgotten user's values go with them: each filled key is listed in its
-//! owner's set (`<prefix>:owner:<id>`), and on `UserForgotten` the projection
-//! drops every key of the set and marks the owner forgotten
-//! (`<prefix>:forgotten:<id>`, for one TTL), which `FILL` then refuses, so no
-//! query racing the read models' deletion can put a copy back.
-//! Queries give Redis only a short timeout and stay away from it while the
-//! circuit breaker (`breaker`) is open, so a stalled Redis costs them little.
+//! A forgotten user's values go with them: on `UserForgotten` the projection
+//! drops every value the user owns and marks them forgotten for one TTL, during
+//! which fills of theirs are refused, so no query racing the read models'
+//! deletion can put a copy back. Every entry (value, stamp, mark) lives one
+//! TTL after it was last written.
 
 mod breaker;
+mod local;
+mod redis_cache;
+mod rules;
+
+use std::time::Duration;
 
 use ai_secretary_contract::Position;
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
-
-use redis::{Script, aio::ConnectionManager};
 use serde_json::Value;
 use uuid::Uuid;
 
-use self::breaker::Breaker;
+pub use local::LocalCache;
+pub use redis_cache::RedisCache;
 
 /// Which kind of resource a key caches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     User,
     Assistant,
@@ -53,281 +51,104 @@ impl Kind {
     }
 }
 
-/// Stamp a key with a position and drop its value, unless it is already newer.
-const INVALIDATE: &str = r#"
-local tx, gp = tonumber(redis.call('HGET', KEYS[1], 'tx') or '-1'), tonumber(redis.call('HGET', KEYS[1], 'gp') or '-1')
-local ntx, ngp = tonumber(ARGV[1]), tonumber(ARGV[2])
-if tx > ntx or (tx == ntx and gp >= ngp) then return 0 end
-redis.call('HDEL', KEYS[1], 'json', 'owner')
-redis.call('HSET', KEYS[1], 'tx', ARGV[1], 'gp', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return 1
-"#;
-
-/// Store a value read at a position, unless the key is stamped newer or its
-/// owner is forgotten; list the key in its owner's set.
-const FILL: &str = r#"
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-local tx, gp = tonumber(redis.call('HGET', KEYS[1], 'tx') or '-1'), tonumber(redis.call('HGET', KEYS[1], 'gp') or '-1')
-local ntx, ngp = tonumber(ARGV[1]), tonumber(ARGV[2])
-if tx > ntx or (tx == ntx and gp > ngp) then return 0 end
-redis.call('HSET', KEYS[1], 'tx', ARGV[1], 'gp', ARGV[2], 'json', ARGV[3], 'owner', ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('SADD', KEYS[2], KEYS[1])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-return 1
-"#;
-
-/// Drop every key an owner's set lists, and the set; mark the owner forgotten
-/// for a TTL (longer than any fill that read their rows can be in flight).
-const FORGET_OWNER: &str = r#"
-redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
-local keys = redis.call('SMEMBERS', KEYS[1])
-for _, key in ipairs(keys) do redis.call('UNLINK', key) end
-redis.call('UNLINK', KEYS[1])
-return #keys
-"#;
-
-/// The cache as queries and the projection use it. Cheap to clone.
-#[derive(Clone)]
-pub struct Cache {
-    client: Option<redis::Client>,
-    /// The live connection, made on first use (it reconnects by itself).
-    connection: Arc<tokio::sync::Mutex<Option<ConnectionManager>>>,
-    prefix: String,
-    ttl: Duration,
-    /// Longest a query waits for Redis before reading Postgres instead.
-    query_timeout: Duration,
-    /// Whether queries ask Redis at all right now (see `breaker`).
-    breaker: Arc<Breaker>,
-    available: Arc<AtomicBool>,
-    invalidate: Arc<Script>,
-    fill: Arc<Script>,
-    forget_owner: Arc<Script>,
+/// Why a write the projection must not skip (an invalidation, a forget) did
+/// not happen. Only the Redis backend fails; the projection retries.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
 }
 
-/// Longest the projection (which must not skip an invalidation, and is not on a
-/// request's path) waits for one Redis call, and for a connection.
-const PROJECTION_TIMEOUT: Duration = Duration::from_secs(1);
+/// The cache as queries, the `cache` projection and rebuilds use it. Cheap to
+/// clone (clones share the cache).
+///
+/// An enum rather than a trait: there are exactly two backends, each method is
+/// one `match`, and the metrics every backend reports are counted here once.
+#[derive(Clone)]
+pub enum Cache {
+    /// Boxed: it is some 30 times the size of the local one's handle.
+    Redis(Box<RedisCache>),
+    Local(LocalCache),
+}
 
 impl Cache {
-    /// A cache on `url`. Connecting happens on first use, so an unreachable
-    /// Redis never stops the service from starting. Queries give Redis at most
-    /// `query_timeout` per call.
+    /// The Redis cache on `url`, its keys under `prefix`. Connecting happens on
+    /// first use, so an unreachable Redis never stops the service from
+    /// starting. Queries give Redis at most `query_timeout` per call.
     pub fn new(url: &str, prefix: &str, ttl: Duration, query_timeout: Duration) -> Cache {
-        let client = redis::Client::open(url)
-            .inspect_err(
-                |e| tracing::warn!(error = %e, "REDIS_URL is not usable; caching disabled"),
-            )
-            .ok();
-        Cache {
-            client,
-            connection: Default::default(),
-            prefix: prefix.to_owned(),
-            ttl,
-            query_timeout,
-            breaker: Default::default(),
-            available: Arc::new(AtomicBool::new(false)),
-            invalidate: Arc::new(Script::new(INVALIDATE)),
-            fill: Arc::new(Script::new(FILL)),
-            forget_owner: Arc::new(Script::new(FORGET_OWNER)),
-        }
+        Cache::Redis(Box::new(RedisCache::new(url, prefix, ttl, query_timeout)))
     }
 
-    /// The connection, made now if there is none yet.
-    async fn redis(&self) -> redis::RedisResult<ConnectionManager> {
-        let client = self.client.clone().ok_or_else(|| {
-            redis::RedisError::from((redis::ErrorKind::Io, "REDIS_URL is not usable"))
-        })?;
-        let mut connection = self.connection.lock().await;
-        if let Some(manager) = &*connection {
-            return Ok(manager.clone());
-        }
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(PROJECTION_TIMEOUT))
-            .set_response_timeout(Some(PROJECTION_TIMEOUT))
-            .set_number_of_retries(1);
-        let manager = ConnectionManager::new_with_config(client, config).await?;
-        *connection = Some(manager.clone());
-        Ok(manager)
+    /// A cache in this process's memory (bounded: see `local`). Only the
+    /// process's own `cache` projection invalidates it, so it serves queries
+    /// only in a process that also runs that projection (the embedded
+    /// topology). Each call makes a new, empty cache: it is its own namespace.
+    pub fn local(ttl: Duration) -> Cache {
+        Cache::Local(LocalCache::new(ttl))
     }
 
-    /// Run a query's call to Redis, unless the breaker keeps queries away from
-    /// it; at most `query_timeout`. `None` when skipped, failed or too slow.
-    async fn query<T>(
-        &self,
-        call: impl AsyncFnOnce(ConnectionManager) -> redis::RedisResult<T>,
-    ) -> Option<T> {
-        if !self.breaker.allow() {
-            return None;
-        }
-        let outcome = tokio::time::timeout(self.query_timeout, async {
-            let redis = self.redis().await?;
-            call(redis).await
-        })
-        .await;
-        match outcome {
-            Ok(Ok(value)) => {
-                self.succeeded();
-                Some(value)
-            }
-            Ok(Err(e)) => {
-                self.failed(&e.to_string());
-                None
-            }
-            Err(_) => {
-                self.failed("no answer within the query timeout");
-                None
-            }
-        }
-    }
-
-    fn succeeded(&self) {
-        self.breaker.succeeded();
-        if !self.available.swap(true, Ordering::Relaxed) {
-            tracing::info!("redis answers again; queries read through the cache");
-        }
-        metrics::gauge!("cache_available").set(1.0);
-    }
-
-    fn failed(&self, error: &str) {
-        self.breaker.failed();
-        if self.available.swap(false, Ordering::Relaxed) {
-            tracing::warn!(error, "redis call failed; answering from Postgres");
-        }
-        metrics::gauge!("cache_available").set(0.0);
-    }
-
-    /// Ask Redis whether it answers (for readiness checks).
+    /// Whether the cache answers (for readiness checks). The local cache
+    /// always does.
     pub async fn ping(&self) -> bool {
-        let pong: Option<String> = self
-            .query(async |mut redis| redis::cmd("PING").query_async(&mut redis).await)
-            .await;
-        pong.is_some()
-    }
-
-    pub fn key(&self, kind: Kind, id: Uuid) -> String {
-        format!("{}:{}:{id}", self.prefix, kind.as_str())
-    }
-
-    /// An owner's set of keys (`owner`), or their forgotten mark (`forgotten`).
-    fn owner_key(&self, what: &str, owner: Uuid) -> String {
-        format!("{}:{what}:{owner}", self.prefix)
-    }
-
-    /// Drop every value cached for `owner`, and refuse new ones for a TTL. Fails
-    /// when Redis is unreachable (the projection retries: it must not be skipped).
-    pub async fn forget_owner(&self, owner: Uuid) -> redis::RedisResult<()> {
-        let mut redis = self.redis().await?;
-        let _: i64 = self
-            .forget_owner
-            .key(self.owner_key("owner", owner))
-            .key(self.owner_key("forgotten", owner))
-            .arg(self.ttl.as_secs().max(1))
-            .invoke_async(&mut redis)
-            .await?;
-        Ok(())
+        match self {
+            Cache::Redis(redis) => redis.ping().await,
+            Cache::Local(local) => local.ping(),
+        }
     }
 
     /// The cached JSON of a resource, if present and owned by `owner`.
     pub async fn get(&self, kind: Kind, id: Uuid, owner: Uuid) -> Option<Value> {
-        let key = self.key(kind, id);
-        let (json, cached_owner): (Option<String>, Option<String>) = self
-            .query(async |mut redis| {
-                redis::cmd("HMGET")
-                    .arg(&key)
-                    .arg("json")
-                    .arg("owner")
-                    .query_async(&mut redis)
-                    .await
-            })
-            .await?;
-        let hit = cached_owner
-            .is_some_and(|o| o == owner.to_string())
-            .then(|| json.and_then(|j| serde_json::from_str(&j).ok()))
-            .flatten();
+        let hit = match self {
+            Cache::Redis(redis) => redis.get(kind, id, owner).await,
+            Cache::Local(local) => local.get(kind, id, owner),
+        };
         let result = if hit.is_some() { "hit" } else { "miss" };
         metrics::counter!("cache_requests_total", "result" => result).increment(1);
         hit
     }
 
-    /// Keep `json` (read from Postgres as of `at`) unless the key is stamped newer.
+    /// Keep `json` (read from the read models as of `at`) unless the key is
+    /// stamped newer or its owner is forgotten. Best effort: a fill that does
+    /// not happen is a later miss.
     pub async fn fill(&self, kind: Kind, id: Uuid, owner: Uuid, at: Position, json: &Value) {
-        let key = self.key(kind, id);
-        let _: Option<i64> = self
-            .query(async |mut redis| {
-                self.fill
-                    .key(&key)
-                    .key(self.owner_key("owner", owner))
-                    .key(self.owner_key("forgotten", owner))
-                    .arg(at.transaction_id)
-                    .arg(at.global_position)
-                    .arg(json.to_string())
-                    .arg(owner.to_string())
-                    .arg(self.ttl.as_secs())
-                    .invoke_async(&mut redis)
-                    .await
-            })
-            .await;
+        match self {
+            Cache::Redis(redis) => redis.fill(kind, id, owner, at, json).await,
+            Cache::Local(local) => local.fill(kind, id, owner, at, json),
+        }
     }
 
-    /// Stamp a key with an event's position, dropping the value it held. Fails
-    /// when Redis is unreachable: an invalidation must never be skipped. Not
-    /// held back by the breaker (the projection's retries are its probes).
-    pub async fn invalidate(&self, kind: Kind, id: Uuid, at: Position) -> redis::RedisResult<()> {
-        let result: redis::RedisResult<i64> = async {
-            let mut redis = self.redis().await?;
-            self.invalidate
-                .key(self.key(kind, id))
-                .arg(at.transaction_id)
-                .arg(at.global_position)
-                .arg(self.ttl.as_secs())
-                .invoke_async(&mut redis)
-                .await
-        }
-        .await;
-        match result {
-            Ok(_) => {
-                self.succeeded();
+    /// Stamp a key with an event's position, dropping the value it held.
+    /// Fails when the cache is unreachable: an invalidation must never be
+    /// skipped.
+    pub async fn invalidate(&self, kind: Kind, id: Uuid, at: Position) -> Result<(), CacheError> {
+        match self {
+            Cache::Redis(redis) => Ok(redis.invalidate(kind, id, at).await?),
+            Cache::Local(local) => {
+                local.invalidate(kind, id, at);
                 Ok(())
             }
-            Err(e) => {
-                self.failed(&e.to_string());
-                Err(e)
+        }
+    }
+
+    /// Drop every value cached for `owner`, and refuse new ones for a TTL.
+    /// Fails when the cache is unreachable (the projection retries).
+    pub async fn forget_owner(&self, owner: Uuid) -> Result<(), CacheError> {
+        match self {
+            Cache::Redis(redis) => Ok(redis.forget_owner(owner).await?),
+            Cache::Local(local) => {
+                local.forget_owner(owner);
+                Ok(())
             }
         }
     }
-}
 
-impl Cache {
-    /// Drop every key under this instance's prefix (after a rebuild swapped read
-    /// models in: their rows may differ from what was cached). Queries fill the
-    /// keys again through `fill`. Fails when Redis is unreachable.
-    pub async fn forget_all(&self) -> redis::RedisResult<u64> {
-        let mut redis = self.redis().await?;
-        let pattern = format!("{}:*", self.prefix);
-        let mut cursor: u64 = 0;
-        let mut dropped = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut redis)
-                .await?;
-            if !keys.is_empty() {
-                dropped += keys.len() as u64;
-                let _: i64 = redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async(&mut redis)
-                    .await?;
-            }
-            if next == 0 {
-                return Ok(dropped);
-            }
-            cursor = next;
+    /// Drop every cached value (after a rebuild swapped read models in: their
+    /// rows may differ from what was cached); queries fill them again. Returns
+    /// how many keys went.
+    pub async fn forget_all(&self) -> Result<u64, CacheError> {
+        match self {
+            Cache::Redis(redis) => Ok(redis.forget_all().await?),
+            Cache::Local(local) => Ok(local.forget_all()),
         }
     }
 }

@@ -1,0 +1,353 @@
+//! The cache's rules, on both backends: every test runs against Redis (the
+//! server at 127.0.0.1:6379, under a key prefix of its own, dropped at the end)
+//! and against the in-process cache.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicI64, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use ai_secretary_contract::Position;
+use ai_secretary_projections::cache::{Cache, Kind};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// A fresh id (the crate has no uuid generator of its own), distinct across
+/// test processes run at the same time as well.
+fn id() -> Uuid {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let process = u128::from(std::process::id()) << 64;
+    Uuid::from_u128(process | u128::from(NEXT.fetch_add(1, Ordering::Relaxed)))
+}
+
+fn at(gp: i64) -> Position {
+    Position {
+        transaction_id: gp,
+        global_position: gp,
+    }
+}
+
+/// A value that says which position it was read at.
+fn value(gp: i64) -> Value {
+    json!({ "at": gp })
+}
+
+/// Drops the test's Redis keys when the test ends, passed or not.
+struct Prefix(String);
+
+impl Drop for Prefix {
+    fn drop(&mut self) {
+        let Ok(mut redis) = redis::Client::open(REDIS_URL).and_then(|c| c.get_connection()) else {
+            return;
+        };
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.0))
+            .query(&mut redis)
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(keys).query(&mut redis);
+        }
+    }
+}
+
+/// Both backends with `ttl`, named for the assertion messages.
+fn backends(ttl: Duration) -> (Prefix, Vec<(&'static str, Cache)>) {
+    let prefix = Prefix(format!("test_cache_{}", id().simple()));
+    // Long enough for the first call's connection; Redis is local and well.
+    let query_timeout = Duration::from_secs(2);
+    let caches = vec![
+        (
+            "redis",
+            Cache::new(REDIS_URL, &prefix.0, ttl, query_timeout),
+        ),
+        ("local", Cache::local(ttl)),
+    ];
+    (prefix, caches)
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+#[tokio::test]
+async fn a_value_is_served_to_its_owner_only() {
+    let (_prefix, caches) = backends(HOUR);
+    for (name, cache) in caches {
+        let (owner, stranger, id) = (id(), id(), id());
+        assert_eq!(cache.get(Kind::Assistant, id, owner).await, None, "{name}");
+        cache
+            .fill(Kind::Assistant, id, owner, at(5), &value(5))
+            .await;
+        assert_eq!(
+            cache.get(Kind::Assistant, id, owner).await,
+            Some(value(5)),
+            "{name}"
+        );
+        assert_eq!(
+            cache.get(Kind::Assistant, id, stranger).await,
+            None,
+            "{name}"
+        );
+        assert_eq!(
+            cache.get(Kind::Conversation, id, owner).await,
+            None,
+            "{name}: another kind is another key"
+        );
+        assert!(cache.ping().await, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn an_invalidation_drops_the_value_and_refuses_older_fills() {
+    let (_prefix, caches) = backends(HOUR);
+    for (name, cache) in caches {
+        let (owner, id) = (id(), id());
+        let get = async || cache.get(Kind::Conversation, id, owner).await;
+        let fill = async |gp| {
+            cache
+                .fill(Kind::Conversation, id, owner, at(gp), &value(gp))
+                .await
+        };
+        let invalidate = async |gp| {
+            cache
+                .invalidate(Kind::Conversation, id, at(gp))
+                .await
+                .unwrap()
+        };
+        fill(5).await;
+        invalidate(7).await;
+        assert_eq!(get().await, None, "{name}: a tombstone");
+        fill(6).await;
+        assert_eq!(get().await, None, "{name}: a row read before the event");
+        fill(7).await;
+        assert_eq!(get().await, Some(value(7)), "{name}: the event's own row");
+        invalidate(7).await;
+        invalidate(3).await;
+        assert_eq!(
+            get().await,
+            Some(value(7)),
+            "{name}: an event the value is current as of changes nothing"
+        );
+        invalidate(9).await;
+        invalidate(8).await;
+        fill(8).await;
+        assert_eq!(get().await, None, "{name}: the stamp stayed at 9");
+        fill(10).await;
+        assert_eq!(get().await, Some(value(10)), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn forgetting_an_owner_drops_their_keys_and_refuses_their_fills_for_a_ttl() {
+    let ttl = Duration::from_secs(2);
+    let (_prefix, caches) = backends(ttl);
+    for (name, cache) in caches {
+        let (forgotten, other) = (id(), id());
+        let theirs = [
+            (Kind::User, forgotten),
+            (Kind::Assistant, id()),
+            (Kind::Conversation, id()),
+        ];
+        let (kept_kind, kept) = (Kind::Assistant, id());
+        for (kind, id) in theirs {
+            cache.fill(kind, id, forgotten, at(1), &value(1)).await;
+            assert!(cache.get(kind, id, forgotten).await.is_some(), "{name}");
+        }
+        cache.fill(kept_kind, kept, other, at(1), &value(1)).await;
+
+        cache.forget_owner(forgotten).await.unwrap();
+        for (kind, id) in theirs {
+            assert_eq!(cache.get(kind, id, forgotten).await, None, "{name}");
+            cache.fill(kind, id, forgotten, at(2), &value(2)).await;
+            assert_eq!(
+                cache.get(kind, id, forgotten).await,
+                None,
+                "{name}: a fill during the mark's TTL"
+            );
+        }
+        assert_eq!(
+            cache.get(kept_kind, kept, other).await,
+            Some(value(1)),
+            "{name}: another owner's value stays"
+        );
+
+        tokio::time::sleep(ttl + Duration::from_millis(500)).await;
+        let (kind, id) = theirs[1];
+        cache.fill(kind, id, forgotten, at(3), &value(3)).await;
+        assert_eq!(
+            cache.get(kind, id, forgotten).await,
+            Some(value(3)),
+            "{name}: the mark lasts one TTL"
+        );
+    }
+}
+
+#[tokio::test]
+async fn values_and_stamps_expire_after_the_ttl() {
+    let ttl = Duration::from_secs(1);
+    let (_prefix, caches) = backends(ttl);
+    for (name, cache) in caches {
+        let (owner, filled, stamped) = (id(), id(), id());
+        cache
+            .fill(Kind::User, filled, owner, at(1), &value(1))
+            .await;
+        cache.invalidate(Kind::User, stamped, at(10)).await.unwrap();
+        assert!(
+            cache.get(Kind::User, filled, owner).await.is_some(),
+            "{name}"
+        );
+        tokio::time::sleep(ttl + Duration::from_millis(500)).await;
+        assert_eq!(
+            cache.get(Kind::User, filled, owner).await,
+            None,
+            "{name}: expired"
+        );
+        cache
+            .fill(Kind::User, stamped, owner, at(5), &value(5))
+            .await;
+        assert_eq!(
+            cache.get(Kind::User, stamped, owner).await,
+            Some(value(5)),
+            "{name}: the tombstone lived one TTL"
+        );
+    }
+}
+
+#[tokio::test]
+async fn forget_all_drops_every_value() {
+    let (_prefix, caches) = backends(HOUR);
+    for (name, cache) in caches {
+        let owner = id();
+        let ids = [id(), id(), id()];
+        for id in ids {
+            cache
+                .fill(Kind::Assistant, id, owner, at(1), &value(1))
+                .await;
+        }
+        assert!(cache.forget_all().await.unwrap() >= 3, "{name}");
+        for id in ids {
+            assert_eq!(cache.get(Kind::Assistant, id, owner).await, None, "{name}");
+            cache
+                .fill(Kind::Assistant, id, owner, at(1), &value(1))
+                .await;
+            assert!(
+                cache.get(Kind::Assistant, id, owner).await.is_some(),
+                "{name}: filled again by queries"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_not_available_and_the_local_cache_always_is() {
+    let unreachable = Cache::new(
+        "redis://127.0.0.1:1",
+        "unused",
+        HOUR,
+        Duration::from_millis(200),
+    );
+    assert!(!unreachable.ping().await);
+    assert!(
+        unreachable
+            .invalidate(Kind::User, id(), at(1))
+            .await
+            .is_err(),
+        "an invalidation that did not happen fails"
+    );
+    assert!(Cache::local(HOUR).ping().await);
+}
+
+/// Many tasks invalidate and fill the same few keys at random positions while
+/// others read: once an invalidation at q has returned, no read may see a value
+/// read before q, and at the end each value is at least as new as every stamp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_invalidations_and_fills_never_leave_an_older_value() {
+    const KEYS: usize = 3;
+    const TASKS_PER_KEY: usize = 8;
+    const ROUNDS: usize = 40;
+    let (_prefix, caches) = backends(HOUR);
+    for (name, cache) in caches {
+        let owner = id();
+        let ids: Vec<Uuid> = (0..KEYS).map(|_| id()).collect();
+        // Per key: the newest invalidation that has returned.
+        let invalidated: Arc<Vec<AtomicI64>> =
+            Arc::new((0..KEYS).map(|_| AtomicI64::new(0)).collect());
+        let mut tasks = tokio::task::JoinSet::new();
+        for (k, &key) in ids.iter().enumerate() {
+            for t in 0..TASKS_PER_KEY {
+                let (cache, invalidated) = (cache.clone(), invalidated.clone());
+                // xorshift, seeded per task: positions 1..=1000 in any order.
+                let mut seed =
+                    ((k * TASKS_PER_KEY + t) as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let mut next = move || {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    (seed % 1000) as i64 + 1
+                };
+                tasks.spawn(async move {
+                    for _ in 0..ROUNDS {
+                        let gp = next();
+                        match t % 3 {
+                            0 => {
+                                cache
+                                    .invalidate(Kind::Conversation, key, at(gp))
+                                    .await
+                                    .unwrap();
+                                invalidated[k].fetch_max(gp, Ordering::SeqCst);
+                            }
+                            1 => {
+                                cache
+                                    .fill(Kind::Conversation, key, owner, at(gp), &value(gp))
+                                    .await
+                            }
+                            _ => {
+                                let floor = invalidated[k].load(Ordering::SeqCst);
+                                if let Some(seen) = cache.get(Kind::Conversation, key, owner).await
+                                {
+                                    let seen = seen["at"].as_i64().unwrap();
+                                    assert!(
+                                        seen >= floor,
+                                        "read {seen} after an invalidation at {floor} returned"
+                                    );
+                                }
+                            }
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                });
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let mut values = 0;
+        for (k, &key) in ids.iter().enumerate() {
+            let newest = invalidated[k].load(Ordering::SeqCst);
+            assert!(newest > 0, "{name}: the race invalidated key {k}");
+            if let Some(v) = cache.get(Kind::Conversation, key, owner).await {
+                values += 1;
+                assert!(v["at"].as_i64().unwrap() >= newest, "{name}: key {k}");
+            }
+            // Whatever is left, a fill older than the newest stamp is refused.
+            cache
+                .fill(
+                    Kind::Conversation,
+                    key,
+                    owner,
+                    at(newest - 1),
+                    &value(newest - 1),
+                )
+                .await;
+            if let Some(v) = cache.get(Kind::Conversation, key, owner).await {
+                assert!(v["at"].as_i64().unwrap() >= newest, "{name}: key {k}");
+            }
+        }
+        // Not an assertion on the race's outcome, which is random: a record
+        // that the fills were not all refused.
+        eprintln!("{name}: {values} of {KEYS} keys hold a value after the race");
+    }
+}
