@@ -133,6 +133,14 @@ impl Application {
         // and the users' keys, which commands seal with and projections open with.
         let raw: Arc<dyn EventStore> = Arc::new(store.clone());
         let keyring = Keyring::new(config.master_key()?, raw.clone());
+        // One line an operator reads to know what this process talks to.
+        tracing::info!(
+            store = "postgres",
+            projection_feed = ?config.projection_feed,
+            cache = ?config.cache_backend,
+            llm = ?config.llm_provider,
+            "backends"
+        );
         let stop = CancellationToken::new();
         let draining = CancellationToken::new();
         let mut tasks = Vec::new();
