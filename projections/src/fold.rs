@@ -2,7 +2,7 @@
 //! on rows held in memory, for rebuilding and verifying read models at the
 //! speed of a sequential read (no round trip per event).
 //!
-//! This is the third executor of the ops, beside the Postgres one: it applies
+//! This is the other executor of the ops, beside the Postgres one: it applies
 //! the very ops the live path runs in SQL, with the same meaning (insert unless
 //! the key is taken, `COALESCE`, `GREATEST` ignoring NULL, counters, filters
 //! never true on NULL). `verify` folds the store here and diffs the result with
@@ -13,7 +13,7 @@
 //! registry (`crate::projections`).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, hash_map::Entry},
     hash::Hash,
 };
 
@@ -51,14 +51,16 @@ impl<K: Eq + Hash + Clone, V> Rows<K, V> {
 
     /// `INSERT … ON CONFLICT DO NOTHING`; false if the key was taken.
     pub(crate) fn insert_if_absent(&mut self, key: K, make: impl FnOnce() -> V) -> bool {
-        if self.rows.contains_key(&key) {
-            return false;
+        match self.rows.entry(key) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(vacant) => {
+                if let Some(changed) = &mut self.changed {
+                    changed.insert(vacant.key().clone());
+                }
+                vacant.insert(make());
+                true
+            }
         }
-        if let Some(changed) = &mut self.changed {
-            changed.insert(key.clone());
-        }
-        self.rows.insert(key, make());
-        true
     }
 
     /// `UPDATE … WHERE`: `change` every row `picked` picks.
@@ -176,42 +178,46 @@ impl TableRows {
     }
 
     /// Apply one op (whose table is this one).
-    pub fn apply(&mut self, op: &Op) {
+    pub fn apply(&mut self, op: Op) {
         debug_assert_eq!(op.table().name, self.table.name);
         let table = self.table;
         match op {
+            // An insert moves its row in (the hot path of a rebuild: no copy).
             Op::Insert {
                 row, on_conflict, ..
             } => {
-                let key = self.key_of(row);
-                if self.rows.insert_if_absent(key.clone(), || row.clone()) {
-                    return;
-                }
-                if let OnConflict::Update(sets) = on_conflict
-                    && let Some(old) = self.rows.get_mut(&key)
-                {
-                    assign(table, old, sets);
+                let key = self.key_of(&row);
+                match on_conflict {
+                    OnConflict::Nothing => {
+                        self.rows.insert_if_absent(key, move || row);
+                    }
+                    OnConflict::Update(sets) => {
+                        if !self.rows.insert_if_absent(key.clone(), move || row) {
+                            let old = self.rows.get_mut(&key).expect("the key is taken");
+                            assign(table, old, &sets);
+                        }
+                    }
                 }
             }
-            Op::Update { filter, set, .. } => match self.key_in(filter) {
+            Op::Update { filter, set, .. } => match self.key_in(&filter) {
                 Some(key) => {
-                    if self.get(&key).is_some_and(|row| picks(table, filter, row)) {
+                    if self.get(&key).is_some_and(|row| picks(table, &filter, row)) {
                         let row = self.rows.get_mut(&key).expect("just found");
-                        assign(table, row, set);
+                        assign(table, row, &set);
                     }
                 }
                 None => self.rows.update_where(
-                    |_, row| picks(table, filter, row),
-                    |row| assign(table, row, set),
+                    |_, row| picks(table, &filter, row),
+                    |row| assign(table, row, &set),
                 ),
             },
-            Op::Delete { filter, .. } => match self.key_in(filter) {
+            Op::Delete { filter, .. } => match self.key_in(&filter) {
                 Some(key) => {
-                    if self.get(&key).is_some_and(|row| picks(table, filter, row)) {
+                    if self.get(&key).is_some_and(|row| picks(table, &filter, row)) {
                         self.rows.remove(&key);
                     }
                 }
-                None => self.rows.remove_where(|_, row| picks(table, filter, row)),
+                None => self.rows.remove_where(|_, row| picks(table, &filter, row)),
             },
         }
     }

@@ -153,7 +153,7 @@ impl Fold {
             None => Found::default(),
         };
         for op in (rules.ops)(e, event, &found) {
-            self.table_mut(op.table().name).apply(&op);
+            self.table_mut(op.table().name).apply(op);
         }
     }
 
