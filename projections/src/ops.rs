@@ -208,11 +208,15 @@ impl Table {
 
     /// Refuse a value whose type is not its column's (a bug in a rule).
     fn check(&self, column: &str, value: &Value) {
-        let expected = self.column(column).ty;
+        self.check_at(self.index(column), value);
+    }
+
+    fn check_at(&self, i: usize, value: &Value) {
+        let Column { name, ty: expected } = self.columns[i];
         if let Some(ty) = value.ty() {
             assert!(
                 ty == expected,
-                "{}.{column} is {expected:?}, given {ty:?}",
+                "{}.{name} is {expected:?}, given {ty:?}",
                 self.name
             );
         }
@@ -300,11 +304,17 @@ impl Op {
             table.columns.len()
         );
         let mut row = vec![Value::Null; N];
-        let mut named = vec![false; N];
-        for (column, value) in values {
-            table.check(column, &value);
-            let i = table.index(column);
+        let mut named = [false; N];
+        for (given, (column, value)) in values.into_iter().enumerate() {
+            // The rules name the columns in the table's order: a rebuild builds
+            // an insert per event, so the search is only the fallback.
+            let i = if table.columns[given].name == column {
+                given
+            } else {
+                table.index(column)
+            };
             assert!(!named[i], "{}.{column} is named twice", table.name);
+            table.check_at(i, &value);
             named[i] = true;
             row[i] = value;
         }
