@@ -1,23 +1,23 @@
-//! The batch path of the read side: each projection's rules as a fold of events
-//! into rows held in memory, for rebuilding and verifying read models at the
+//! The batch path of the read side: each projection's rules (`crate::ops`) run
+//! on rows held in memory, for rebuilding and verifying read models at the
 //! speed of a sequential read (no round trip per event).
 //!
-//! Each projection's fold (its `fold.rs`, beside its `live.rs`) restates, row
-//! for row, what its incremental `apply` does in SQL (same insert-if-absent,
-//! same COALESCE, same GREATEST ignoring NULL, same counters). `verify` folds the store here and diffs the result with
-//! the rows the incremental path wrote: any divergence between the two is drift,
-//! so a rule changed in one place and not the other cannot go unnoticed.
+//! This is the other executor of the ops, beside the Postgres one: it applies
+//! the very ops the live path runs in SQL, with the same meaning (insert unless
+//! the key is taken, `COALESCE`, `GREATEST` ignoring NULL, counters, filters
+//! never true on NULL). `verify` folds the store here and diffs the result with
+//! the rows the live path wrote: a divergence between the two executors is
+//! drift, and cannot come from the rules, which are one.
 //!
-//! This module is what the folds share and knows no projection; the `Fold` of
-//! each, by name, is in the registry (`crate::projections`).
+//! This module knows no projection; the `Fold` of each, by name, is in the
+//! registry (`crate::projections`).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, hash_map::Entry},
     hash::Hash,
 };
 
-use ai_secretary_contract::EventEnvelope;
-use chrono::{DateTime, Utc};
+use crate::ops::{Cond, Found, Lookup, OnConflict, Op, Set, Table, Value};
 
 /// Rows by key, remembering (once `track_changes` is on) which keys changed, so
 /// the small tail folded after a bulk write is written row by row.
@@ -49,22 +49,34 @@ impl<K: Eq + Hash + Clone, V> Rows<K, V> {
         Some(row)
     }
 
-    /// `INSERT … ON CONFLICT DO NOTHING`.
-    pub(crate) fn insert_if_absent(&mut self, key: K, make: impl FnOnce() -> V) {
-        if self.rows.contains_key(&key) {
-            return;
+    /// `INSERT … ON CONFLICT DO NOTHING`; false if the key was taken.
+    pub(crate) fn insert_if_absent(&mut self, key: K, make: impl FnOnce() -> V) -> bool {
+        match self.rows.entry(key) {
+            Entry::Occupied(_) => false,
+            Entry::Vacant(vacant) => {
+                if let Some(changed) = &mut self.changed {
+                    changed.insert(vacant.key().clone());
+                }
+                vacant.insert(make());
+                true
+            }
         }
-        if let Some(changed) = &mut self.changed {
-            changed.insert(key.clone());
-        }
-        self.rows.insert(key, make());
     }
 
-    pub(crate) fn entry_or(&mut self, key: K, make: impl FnOnce() -> V) -> &mut V {
-        if let Some(changed) = &mut self.changed {
-            changed.insert(key.clone());
+    /// `UPDATE … WHERE`: `change` every row `picked` picks.
+    pub(crate) fn update_where(
+        &mut self,
+        picked: impl Fn(&K, &V) -> bool,
+        mut change: impl FnMut(&mut V),
+    ) {
+        for (key, row) in self.rows.iter_mut() {
+            if picked(key, row) {
+                change(row);
+                if let Some(changed) = &mut self.changed {
+                    changed.insert(key.clone());
+                }
+            }
         }
-        self.rows.entry(key).or_insert_with(make)
     }
 
     /// `DELETE … WHERE`: every row `doomed` picks.
@@ -114,12 +126,199 @@ impl<K: Eq + Hash + Clone, V> Rows<K, V> {
     }
 }
 
-/// The positions every row of an aggregate projection carries.
-pub(crate) fn stamp(e: &EventEnvelope) -> (i64, i64) {
-    (e.transaction_id, e.global_position)
+/// A row: every column of its table, in the table's order.
+pub type Row = Vec<Value>;
+/// A row's key: its key columns, in the order of `Table::key`.
+pub type Key = Vec<Value>;
+
+/// The rows of one read-model table, in memory, and the ops applied to them.
+#[derive(Debug)]
+pub struct TableRows {
+    pub table: &'static Table,
+    /// The position in a row of each key column.
+    key: Vec<usize>,
+    pub rows: Rows<Key, Row>,
 }
 
-/// Postgres `GREATEST`: NULL arguments are ignored.
-pub(crate) fn greatest(a: Option<DateTime<Utc>>, b: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    Some(a.map_or(b, |a| a.max(b)))
+impl TableRows {
+    pub fn new(table: &'static Table) -> TableRows {
+        TableRows {
+            table,
+            key: table.key.iter().map(|c| table.index(c)).collect(),
+            rows: Rows::default(),
+        }
+    }
+
+    /// The row whose key is `key`.
+    pub fn get(&self, key: &[Value]) -> Option<&Row> {
+        self.rows.rows.get(key)
+    }
+
+    /// Column `column` of `row`.
+    pub fn value<'r>(&self, row: &'r Row, column: &str) -> &'r Value {
+        &row[self.table.index(column)]
+    }
+
+    fn key_of(&self, row: &Row) -> Key {
+        self.key.iter().map(|&i| row[i].clone()).collect()
+    }
+
+    /// The key a filter names in full (an `=` on every key column), if it does.
+    fn key_in(&self, filter: &[Cond]) -> Option<Key> {
+        self.table
+            .key
+            .iter()
+            .map(|k| {
+                filter.iter().find_map(|c| match c {
+                    Cond::Eq(column, v) if column == k && !v.is_null() => Some(v.clone()),
+                    _ => None,
+                })
+            })
+            .collect()
+    }
+
+    /// Apply one op (whose table is this one).
+    pub fn apply(&mut self, op: Op) {
+        debug_assert_eq!(op.table().name, self.table.name);
+        let table = self.table;
+        match op {
+            // An insert moves its row in (the hot path of a rebuild: no copy).
+            Op::Insert {
+                row, on_conflict, ..
+            } => {
+                let key = self.key_of(&row);
+                match on_conflict {
+                    OnConflict::Nothing => {
+                        self.rows.insert_if_absent(key, move || row);
+                    }
+                    OnConflict::Update(sets) => {
+                        if !self.rows.insert_if_absent(key.clone(), move || row) {
+                            let old = self.rows.get_mut(&key).expect("the key is taken");
+                            assign(table, old, &sets);
+                        }
+                    }
+                }
+            }
+            Op::Update { filter, set, .. } => match self.key_in(&filter) {
+                Some(key) => {
+                    if self.get(&key).is_some_and(|row| picks(table, &filter, row)) {
+                        let row = self.rows.get_mut(&key).expect("just found");
+                        assign(table, row, &set);
+                    }
+                }
+                None => self.rows.update_where(
+                    |_, row| picks(table, &filter, row),
+                    |row| assign(table, row, &set),
+                ),
+            },
+            Op::Delete { filter, .. } => match self.key_in(&filter) {
+                Some(key) => {
+                    if self.get(&key).is_some_and(|row| picks(table, &filter, row)) {
+                        self.rows.remove(&key);
+                    }
+                }
+                None => self.rows.remove_where(|_, row| picks(table, &filter, row)),
+            },
+        }
+    }
+
+    /// Answer a lookup on this table from its rows.
+    pub fn read(&self, lookup: &Lookup) -> Found {
+        let filter = std::slice::from_ref(&lookup.filter);
+        let project = |row: &Row| -> Vec<Value> {
+            lookup
+                .columns
+                .iter()
+                .map(|c| row[self.table.index(c)].clone())
+                .collect()
+        };
+        let rows = match self.key_in(filter) {
+            Some(key) => self.get(&key).map(project).into_iter().collect(),
+            None => self
+                .rows
+                .iter()
+                .filter(|(_, row)| picks(self.table, filter, row))
+                .map(|(_, row)| project(row))
+                .collect(),
+        };
+        Found { rows }
+    }
+}
+
+/// Whether `row` passes every condition of `filter` (SQL: NULL never equals).
+fn picks(table: &Table, filter: &[Cond], row: &Row) -> bool {
+    filter.iter().all(|cond| {
+        let value = &row[table.index(cond.column())];
+        !value.is_null()
+            && match cond {
+                Cond::Eq(_, v) => value == v,
+                Cond::In(_, values) => values.contains(value),
+            }
+    })
+}
+
+/// `SET column = …, …` on one row, each right side read from the row before.
+fn assign(table: &Table, row: &mut Row, sets: &[(&'static str, Set)]) {
+    for (column, set) in sets {
+        let old = &mut row[table.index(column)];
+        let new = match set {
+            Set::To(v) => v.clone(),
+            // NULL + n is NULL, as in SQL.
+            Set::Add(n) => match old {
+                Value::I64(old) => Value::I64(*old + n),
+                _ => Value::Null,
+            },
+            Set::Coalesce(v) if v.is_null() => continue,
+            Set::Coalesce(v) => v.clone(),
+            Set::Greatest(v) => greatest(old, v),
+        };
+        *old = new;
+    }
+}
+
+/// Postgres `GREATEST` of two values of one column: NULLs are ignored.
+fn greatest(a: &Value, b: &Value) -> Value {
+    let larger = match (a, b) {
+        (Value::Null, _) => b,
+        (_, Value::Null) => a,
+        (Value::Timestamp(x), Value::Timestamp(y)) => {
+            if y > x {
+                b
+            } else {
+                a
+            }
+        }
+        (Value::I64(x), Value::I64(y)) => {
+            if y > x {
+                b
+            } else {
+                a
+            }
+        }
+        (Value::Date(x), Value::Date(y)) => {
+            if y > x {
+                b
+            } else {
+                a
+            }
+        }
+        (Value::Text(x), Value::Text(y)) => {
+            if y > x {
+                b
+            } else {
+                a
+            }
+        }
+        (Value::F64(x), Value::F64(y)) => {
+            if y > x {
+                b
+            } else {
+                a
+            }
+        }
+        // No rule asks the greatest of uuids or JSON (Postgres would not order
+        // JSON by this rule either).
+        _ => unreachable!("GREATEST of {a:?} and {b:?}"),
+    };
+    larger.clone()
 }

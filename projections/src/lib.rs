@@ -5,14 +5,19 @@
 //! `docs/events.md`), never the write side's Rust types: the root crate depends
 //! on it, never the reverse. Each projection owns
 //! its tables and its checkpoint (`projections`, one folder each, registered
-//! once); `worker` feeds one from its JetStream consumer.
+//! once); its rules are pure functions from an event to typed read-model
+//! operations (`ops`), run by an executor (`executor`: Postgres) on the live
+//! path and by the fold (`fold`) in rebuilds and `verify`; `worker` feeds one
+//! from its JetStream consumer.
 
 pub mod cache;
 pub mod checkpoint;
+pub mod executor;
 pub mod fold;
 pub mod lease;
 pub mod log;
 pub mod opener;
+pub mod ops;
 pub mod projection;
 pub mod projections;
 pub mod read;

@@ -44,17 +44,3 @@ pub trait Projection: Send + Sync + 'static {
         event: &Event,
     ) -> Result<(), ProjectionError>;
 }
-
-/// Drop what a projection holds of a forgotten user (`UserForgotten`): each
-/// statement takes the user's id as `$1`. Run in the batch's transaction, so the
-/// rows go with the checkpoint's move past the event.
-pub(crate) async fn forget_user(
-    tx: &mut PgConnection,
-    user: uuid::Uuid,
-    statements: &[&'static str],
-) -> Result<(), ProjectionError> {
-    for statement in statements {
-        sqlx::query(*statement).bind(user).execute(&mut *tx).await?;
-    }
-    Ok(())
-}

@@ -24,6 +24,7 @@ mod poison;
 mod process;
 mod progress;
 mod queries;
+mod read_models;
 mod recovery;
 mod replies;
 mod resilience;

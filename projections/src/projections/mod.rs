@@ -1,11 +1,12 @@
 //! Every projection, registered once: its name (its checkpoint row and durable
-//! consumer), the tables it owns, its live path and its fold. The worker, the
+//! consumer), the tables it owns, its rules and its live path. The worker, the
 //! rebuild, `verify`, the service's roles and the operator commands all read
 //! this list, and only this list.
 //!
-//! One folder per projection: `mod.rs` holds its registration and the rules its
-//! live path and its fold share, `live.rs` applies each event in SQL, `fold.rs`
-//! folds events into rows in memory (`crate::fold`).
+//! One folder per projection: its `mod.rs` declares its tables and its rules,
+//! pure functions from an event to typed read-model operations (`crate::ops`).
+//! The live path ([`Live`]) runs them in SQL with the Postgres executor, the
+//! rebuild's [`Fold`] on rows in memory: one set of rules, two executors.
 
 pub mod assistants;
 pub mod cache;
@@ -16,34 +17,27 @@ pub mod usage_daily;
 use std::sync::Arc;
 
 use ai_secretary_contract::{Event, EventEnvelope, Position};
+use sqlx::PgConnection;
 
-use self::{
-    assistants::AssistantsFold, cache::CacheFold, conversations::ConversationsFold,
-    messages::MessagesFold, usage_daily::UsageFold,
+pub use crate::ops::Table;
+use crate::{
+    cache::Cache,
+    executor,
+    fold::TableRows,
+    ops::{Found, Rules},
+    projection::{Projection, ProjectionError},
 };
-use crate::{cache::Cache, projection::Projection};
-
-/// A read-model table and the columns of its key, as in the migrations.
-#[derive(Debug, Clone, Copy)]
-pub struct Table {
-    pub name: &'static str,
-    pub key: &'static [&'static str],
-}
-
-const fn table(name: &'static str, key: &'static [&'static str]) -> Table {
-    Table { name, key }
-}
 
 /// One projection as the rest of the read side knows it.
 #[derive(Clone, Copy)]
 pub struct Registered {
     pub name: &'static str,
     /// The tables it owns, all rebuilt, swapped and verified together.
-    pub tables: &'static [Table],
+    pub tables: &'static [&'static Table],
+    /// What it makes of each event.
+    pub rules: Rules,
     /// Its live path (the cache's needs the Redis cache it tombstones).
     pub live: fn(&Cache) -> Arc<dyn Projection>,
-    /// An empty fold of its rows.
-    pub fold: fn() -> Fold,
 }
 
 impl std::fmt::Debug for Registered {
@@ -81,68 +75,92 @@ pub fn find(name: &str) -> Option<&'static Registered> {
 }
 
 /// The tables of the projection named `name` (none for an unknown name).
-pub fn tables_of(name: &str) -> &'static [Table] {
+pub fn tables_of(name: &str) -> &'static [&'static Table] {
     find(name).map_or(&[], |p| p.tables)
 }
 
-/// The fold of one projection, by name.
+/// The live path of a projection whose every write is a read-model op: each
+/// event's lookup and ops run in the batch's transaction.
+pub struct Live {
+    pub name: &'static str,
+    pub rules: Rules,
+}
+
+#[async_trait::async_trait]
+impl Projection for Live {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    async fn apply(
+        &self,
+        tx: &mut PgConnection,
+        e: &EventEnvelope,
+        event: &Event,
+    ) -> Result<(), ProjectionError> {
+        Ok(executor::postgres::apply(tx, &self.rules, e, event).await?)
+    }
+}
+
+/// The fold of one projection: its rules applied to its tables' rows in memory.
 #[derive(Debug)]
-pub enum Fold {
-    Assistants(AssistantsFold),
-    Conversations(ConversationsFold),
-    Messages(MessagesFold),
-    UsageDaily(UsageFold),
-    Cache(CacheFold),
+pub struct Fold {
+    projection: &'static Registered,
+    /// One per table, in the order of `Registered::tables`.
+    pub tables: Vec<TableRows>,
 }
 
 impl Fold {
     /// An empty fold for the projection `name`, if there is one.
     pub fn new(name: &str) -> Option<Fold> {
-        find(name).map(|p| (p.fold)())
+        let projection = find(name)?;
+        Some(Fold {
+            projection,
+            tables: projection
+                .tables
+                .iter()
+                .map(|t| TableRows::new(t))
+                .collect(),
+        })
     }
 
     pub fn name(&self) -> &'static str {
-        match self {
-            Fold::Assistants(_) => assistants::PROJECTION.name,
-            Fold::Conversations(_) => conversations::PROJECTION.name,
-            Fold::Messages(_) => messages::PROJECTION.name,
-            Fold::UsageDaily(_) => usage_daily::PROJECTION.name,
-            Fold::Cache(_) => cache::PROJECTION.name,
-        }
+        self.projection.name
     }
 
     /// The tables its rows go to.
-    pub fn tables(&self) -> &'static [Table] {
-        tables_of(self.name())
+    pub fn tables(&self) -> &'static [&'static Table] {
+        self.projection.tables
     }
 
+    /// The rows of its table `name`.
+    pub fn table(&self, name: &str) -> Option<&TableRows> {
+        self.tables.iter().find(|t| t.table.name == name)
+    }
+
+    fn table_mut(&mut self, name: &str) -> &mut TableRows {
+        self.tables
+            .iter_mut()
+            .find(|t| t.table.name == name)
+            .unwrap_or_else(|| panic!("{} has no table {name}", self.projection.name))
+    }
+
+    /// Apply one event: the rules' lookup answered from these rows, then their ops.
     pub fn apply(&mut self, e: &EventEnvelope, event: &Event) {
-        match self {
-            Fold::Assistants(f) => f.apply(e, event),
-            Fold::Conversations(f) => f.apply(e, event),
-            Fold::Messages(f) => f.apply(e, event),
-            Fold::UsageDaily(f) => f.apply(e, event),
-            Fold::Cache(f) => f.apply(e, event),
+        let rules = self.projection.rules;
+        let found = match (rules.lookup)(e, event) {
+            Some(lookup) => self.table_mut(lookup.table.name).read(&lookup),
+            None => Found::default(),
+        };
+        for op in (rules.ops)(e, event, &found) {
+            self.table_mut(op.table().name).apply(op);
         }
     }
 
     /// From now on, remember which rows change (after the bulk write).
     pub fn track_changes(&mut self) {
-        match self {
-            Fold::Assistants(f) => {
-                f.assistants.track_changes();
-                f.conversations.track_changes();
-            }
-            Fold::Conversations(f) => f.conversations.track_changes(),
-            Fold::Messages(f) => {
-                f.messages.track_changes();
-                f.conversations.track_changes();
-            }
-            Fold::UsageDaily(f) => {
-                f.usage.track_changes();
-                f.conversations.track_changes();
-            }
-            Fold::Cache(f) => f.conversations.track_changes(),
+        for table in &mut self.tables {
+            table.rows.track_changes();
         }
     }
 }
@@ -190,7 +208,7 @@ mod tests {
         for (p, name) in ALL.iter().zip(NAMES) {
             assert_eq!(p.name, name);
             assert_eq!((p.live)(&cache).name(), name);
-            assert_eq!((p.fold)().name(), name);
+            assert_eq!(Fold::new(name).map(|f| f.name()), Some(name));
             assert_eq!(
                 find(name).map(|found| found.tables.len()),
                 Some(p.tables.len())
@@ -292,40 +310,36 @@ mod tests {
         for e in &events {
             assert!(apply_all(&mut folds, e, e.decode()));
         }
-        let Fold::Conversations(c) = &folds[1].0 else {
-            panic!()
+        // Column `column` of the row of `table` keyed `key`, in fold `i`.
+        let value = |i: usize, table: &str, key: Vec<crate::ops::Value>, column: &str| {
+            let rows = folds[i].0.table(table).unwrap();
+            let row = rows.get(&key).expect("the row is there");
+            rows.value(row, column).clone()
         };
-        let row = c.conversations.get(&conversation).unwrap();
+        let conversation_row =
+            |column| value(1, "conversations", vec![conversation.into()], column);
         assert_eq!(
-            (row.message_count, row.total_tokens, row.version),
-            (2, 7, 4)
+            ["message_count", "total_tokens", "version"].map(|c| conversation_row(c).as_i64()),
+            [Some(2), Some(7), Some(4)]
         );
         assert_eq!(
-            row.last_message_at,
+            conversation_row("last_message_at").as_timestamp(),
             Some("2026-11-29T23:59:59Z".parse().unwrap())
         );
-        let Fold::Assistants(a) = &folds[0].0 else {
-            panic!()
-        };
-        let row = a.assistants.get(&assistant).unwrap();
+        let assistant_row = |column| value(0, "assistants", vec![assistant.into()], column);
         assert_eq!(
-            (row.conversation_count, row.message_count, row.last_gp),
-            (1, 2, 5)
+            ["conversation_count", "message_count", "last_gp"].map(|c| assistant_row(c).as_i64()),
+            [Some(1), Some(2), Some(5)]
         );
-        let Fold::Messages(m) = &folds[2].0 else {
-            panic!()
-        };
-        assert_eq!(m.messages.get(&reply).unwrap().status, "completed");
-        let Fold::UsageDaily(u) = &folds[3].0 else {
-            panic!()
-        };
-        let day = "2026-11-29".parse().unwrap();
         assert_eq!(
-            u.usage
-                .get(&(owner, day, assistant, "m".into()))
-                .unwrap()
-                .total_tokens,
-            7
+            value(2, "messages", vec![reply.into()], "status").as_str(),
+            Some("completed")
+        );
+        let day: chrono::NaiveDate = "2026-11-29".parse().unwrap();
+        let usage_key = vec![owner.into(), day.into(), assistant.into(), "m".into()];
+        assert_eq!(
+            value(3, "usage_daily", usage_key, "total_tokens").as_i64(),
+            Some(7)
         );
     }
 
@@ -365,20 +379,22 @@ mod tests {
         for e in [&tail, &past_the_limit] {
             assert!(apply_all(&mut folds, e, e.decode()));
         }
-        let Fold::Assistants(a) = &mut folds[0].0 else {
-            panic!()
+        let assistants = &mut folds[0].0.tables[0];
+        let name = |rows: &TableRows, id: Uuid| {
+            let row = rows.get(&[id.into()]).unwrap();
+            rows.value(row, "name").as_str().unwrap().to_owned()
         };
-        assert_eq!(a.assistants.get(&touched).unwrap().name, "B");
+        assert_eq!(name(assistants, touched), "B");
         assert_eq!(
-            a.assistants.get(&untouched).unwrap().name,
+            name(assistants, untouched),
             "A",
             "an event past the fold's limit was applied"
         );
         assert_eq!(
-            a.assistants.take_changed(),
-            [touched],
+            assistants.rows.take_changed(),
+            [vec![touched.into()]],
             "only the row changed after track_changes is tracked"
         );
-        assert!(a.assistants.take_changed().is_empty(), "taken once");
+        assert!(assistants.rows.take_changed().is_empty(), "taken once");
     }
 }

@@ -1,4 +1,4 @@
-//! The live path: the Redis tombstones (in `prepare`) and the lookup (in SQL).
+//! The live path: the Redis tombstones (in `prepare`) and the lookup (its ops).
 
 use std::collections::HashMap;
 
@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use crate::{
     cache::{Cache, Kind},
+    executor,
     projection::{Decoded, Projection, ProjectionError},
 };
 
@@ -16,7 +17,8 @@ use crate::{
 /// The Redis calls are made in `prepare`, before the batch's transaction opens
 /// (a stalled Redis must not hold a transaction, and with it the relay's read
 /// horizon, open); they are stamped, so a batch prepared twice changes nothing
-/// the second time. `apply` only keeps the conversation → assistant lookup.
+/// the second time. `apply` only keeps the conversation → assistant lookup,
+/// by the projection's rules.
 pub struct CacheInvalidation {
     pub cache: Cache,
 }
@@ -105,16 +107,6 @@ impl Projection for CacheInvalidation {
         e: &EventEnvelope,
         event: &Event,
     ) -> Result<(), ProjectionError> {
-        if let Event::ConversationStarted(c) = event {
-            sqlx::query(
-                "INSERT INTO cache_conversations (conversation_id, assistant_id)
-                 VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            )
-            .bind(e.stream_id)
-            .bind(c.assistant_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        Ok(())
+        Ok(executor::postgres::apply(tx, &super::RULES, e, event).await?)
     }
 }

@@ -1,0 +1,145 @@
+//! The Postgres executor: a projection's rules applied to one event in the
+//! batch's transaction (lookup, then ops), each value bound as its column's type.
+//!
+//! The bulk path (a rebuild's or `verify`'s whole tables) is `crate::tables`.
+
+use ai_secretary_contract::{Event, EventEnvelope};
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::{
+    AssertSqlSafe, PgConnection, Postgres, Row,
+    postgres::{PgArguments, PgRow},
+    query::Query,
+};
+use uuid::Uuid;
+
+use super::sql::{self, Arg, Dialect};
+use crate::ops::{Found, Lookup, Op, Rules, Type, Value};
+
+/// Apply `rules` to one event: read what they need, then run their ops, in order.
+pub async fn apply(
+    tx: &mut PgConnection,
+    rules: &Rules,
+    e: &EventEnvelope,
+    event: &Event,
+) -> Result<(), sqlx::Error> {
+    let found = match (rules.lookup)(e, event) {
+        Some(lookup) => read(tx, &lookup).await?,
+        None => Found::default(),
+    };
+    run(tx, &(rules.ops)(e, event, &found)).await
+}
+
+/// Run `ops` in order.
+pub async fn run(tx: &mut PgConnection, ops: &[Op]) -> Result<(), sqlx::Error> {
+    for op in ops {
+        let statement = sql::statement(Dialect::Postgres, op);
+        bind_all(sqlx::query(AssertSqlSafe(statement.sql)), &statement.args)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Answer a lookup from the tables as the transaction sees them.
+pub async fn read(tx: &mut PgConnection, lookup: &Lookup) -> Result<Found, sqlx::Error> {
+    let statement = sql::lookup(Dialect::Postgres, lookup);
+    let rows = bind_all(sqlx::query(AssertSqlSafe(statement.sql)), &statement.args)
+        .fetch_all(&mut *tx)
+        .await?;
+    let types: Vec<Type> = lookup
+        .columns
+        .iter()
+        .map(|c| lookup.table.column(c).ty)
+        .collect();
+    let rows = rows
+        .iter()
+        .map(|row| {
+            (0..types.len())
+                .map(|i| decode(row, i, types[i]))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Found { rows })
+}
+
+type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
+
+fn bind_all<'q>(mut query: PgQuery<'q>, args: &[Arg<'q>]) -> PgQuery<'q> {
+    for arg in args {
+        query = match *arg {
+            Arg::One(ty, value) => bind(query, ty, value),
+            Arg::Array(ty, values) => bind_array(query, ty, &values.iter().collect::<Vec<_>>()),
+            Arg::I64(n) => query.bind(n),
+        };
+    }
+    query
+}
+
+/// Bind one value as a column of type `ty` (a NULL too: Postgres refuses a
+/// parameter of another type than its column's).
+fn bind<'q>(query: PgQuery<'q>, ty: Type, value: &'q Value) -> PgQuery<'q> {
+    match (ty, value) {
+        (_, Value::Uuid(v)) => query.bind(*v),
+        (_, Value::Text(v)) => query.bind(v.as_str()),
+        (_, Value::I64(v)) => query.bind(*v),
+        (_, Value::F64(v)) => query.bind(*v),
+        (_, Value::Json(v)) => query.bind(v),
+        (_, Value::Timestamp(v)) => query.bind(*v),
+        (_, Value::Date(v)) => query.bind(*v),
+        (Type::Uuid, Value::Null) => query.bind(None::<Uuid>),
+        (Type::Text, Value::Null) => query.bind(None::<&str>),
+        (Type::I64, Value::Null) => query.bind(None::<i64>),
+        (Type::F64, Value::Null) => query.bind(None::<f64>),
+        (Type::Json, Value::Null) => query.bind(None::<serde_json::Value>),
+        (Type::Timestamp, Value::Null) => query.bind(None::<DateTime<Utc>>),
+        (Type::Date, Value::Null) => query.bind(None::<NaiveDate>),
+    }
+}
+
+/// Bind values of one column as a Postgres array of its type.
+pub(crate) fn bind_array<'q>(query: PgQuery<'q>, ty: Type, values: &[&'q Value]) -> PgQuery<'q> {
+    let values = values.iter().copied();
+    match ty {
+        Type::Uuid => query.bind(values.map(|v| v.as_uuid()).collect::<Vec<_>>()),
+        Type::Text => query.bind(values.map(|v| v.as_str()).collect::<Vec<_>>()),
+        Type::I64 => query.bind(values.map(|v| v.as_i64()).collect::<Vec<_>>()),
+        Type::F64 => query.bind(
+            values
+                .map(|v| match v {
+                    Value::F64(v) => Some(*v),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+        ),
+        Type::Json => query.bind(
+            values
+                .map(|v| match v {
+                    Value::Json(v) => Some(v),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+        ),
+        Type::Timestamp => query.bind(values.map(|v| v.as_timestamp()).collect::<Vec<_>>()),
+        Type::Date => query.bind(
+            values
+                .map(|v| match v {
+                    Value::Date(v) => Some(*v),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+}
+
+/// Column `i` of `row`, read as type `ty`.
+fn decode(row: &PgRow, i: usize, ty: Type) -> Result<Value, sqlx::Error> {
+    Ok(match ty {
+        Type::Uuid => row.try_get::<Option<Uuid>, _>(i)?.into(),
+        Type::Text => row.try_get::<Option<String>, _>(i)?.into(),
+        Type::I64 => row.try_get::<Option<i64>, _>(i)?.into(),
+        Type::F64 => row.try_get::<Option<f64>, _>(i)?.into(),
+        Type::Json => row.try_get::<Option<serde_json::Value>, _>(i)?.into(),
+        Type::Timestamp => row.try_get::<Option<DateTime<Utc>>, _>(i)?.into(),
+        Type::Date => row.try_get::<Option<NaiveDate>, _>(i)?.into(),
+    })
+}
