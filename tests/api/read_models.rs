@@ -14,7 +14,7 @@ use ai_secretary_projections::{
     tables,
 };
 use serde_json::{Value, json};
-use sqlx::{AssertSqlSafe, Connection, SqliteConnection};
+use sqlx::{AssertSqlSafe, Connection};
 use uuid::Uuid;
 
 use crate::support::TestDb;
@@ -409,30 +409,40 @@ async fn the_live_executor_and_the_fold_write_the_same_rows() {
 }
 
 /// The SQLite executor runs the same rules and the same statement text (but
-/// for its dialect's points) to the same rows as the fold, on tables created
-/// here from the declared schema (STRICT: a value bound as the wrong storage
-/// type is refused, not stored).
+/// for its dialect's points) to the same rows as the fold, on the tables
+/// `migrations/sqlite` makes (STRICT: a value bound as the wrong storage type
+/// is refused, not stored). First, every declared table is what that migration
+/// made: its columns in order, of the executor's storage type, and its key.
 #[tokio::test]
 async fn the_sqlite_executor_and_the_fold_hold_the_same_rows() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}?mode=rwc", dir.path().join("read.db").display());
-    let mut conn = SqliteConnection::connect(&url).await.unwrap();
+    let path = dir.path().join("read.db");
+    let pool = ai_secretary::store::sqlite::connect(path.to_str().unwrap(), 1)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap().detach();
     for projection in ALL {
         for table in projection.tables {
-            let columns: Vec<String> = table
-                .columns
-                .iter()
-                .map(|c| format!("{} {}", c.name, sqlite::storage_type(c.ty)))
-                .collect();
-            sqlx::query(AssertSqlSafe(format!(
-                "CREATE TABLE {} ({}, PRIMARY KEY ({})) STRICT",
-                table.name,
-                columns.join(", "),
-                table.key.join(", ")
+            let migrated: Vec<(String, String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT name, type, pk FROM pragma_table_info('{}') ORDER BY cid",
+                table.name
             )))
-            .execute(&mut conn)
+            .fetch_all(&mut conn)
             .await
             .unwrap();
+            let declared: Vec<(String, String, i64)> = table
+                .columns
+                .iter()
+                .map(|c| {
+                    let key = table.key.iter().position(|k| *k == c.name);
+                    (
+                        c.name.to_owned(),
+                        sqlite::storage_type(c.ty).to_owned(),
+                        key.map_or(0, |i| i as i64 + 1),
+                    )
+                })
+                .collect();
+            assert_eq!(migrated, declared, "{} as migrated", table.name);
         }
     }
     let (kept, forgotten) = (Uuid::new_v4(), Uuid::new_v4());
