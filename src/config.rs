@@ -23,10 +23,10 @@ pub enum LogFormat {
     Pretty,
 }
 
-/// Where the projection workers read the events from.
+/// Where the projection workers and the replier read the events from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ProjectionFeed {
-    /// The JetStream stream the relay publishes to: workers anywhere.
+pub enum EventFeed {
+    /// The JetStream stream the relay publishes to: consumers anywhere.
     Bus,
     /// The event store itself, in commit order, woken by each commit: no hop
     /// through the relay and NATS (the feed of a topology without NATS).
@@ -100,10 +100,11 @@ pub struct Config {
     #[arg(long, env = "CACHE_BACKEND", value_enum, default_value_t = CacheBackend::Redis, hide = true)]
     pub cache_backend: CacheBackend,
 
-    /// Where projection workers read events: `bus` (JetStream, through the
-    /// relay) or `store` (the event store directly, woken by each commit).
-    #[arg(long, env = "PROJECTION_FEED", value_enum, default_value_t = ProjectionFeed::Bus)]
-    pub projection_feed: ProjectionFeed,
+    /// Where projection workers and the replier read events: `bus` (JetStream,
+    /// through the relay) or `store` (the event store directly, woken by each
+    /// commit).
+    #[arg(long, env = "EVENT_FEED", value_enum, default_value_t = EventFeed::Bus)]
+    pub event_feed: EventFeed,
 
     /// JetStream stream name.
     #[arg(long, env = "NATS_STREAM", default_value = "AI_SECRETARY_EVENTS")]

@@ -11,16 +11,23 @@
 //! The prompt's history is read backwards from the request, only as far as
 //! `LLM_HISTORY_CHARS` needs (`app::replies`).
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use ai_secretary_contract::{CONVERSATION, Event as Fact, EventEnvelope, subjects};
+use ai_secretary_projections::{
+    checkpoint,
+    lease::{self, Lease},
+};
 use async_nats::jetstream::{
     self, AckKind,
     consumer::{AckPolicy, DeliverPolicy, pull},
 };
 use chrono::Utc;
 use futures_util::StreamExt;
-use tokio::{sync::Semaphore, task::JoinSet};
+use tokio::{
+    sync::{Semaphore, watch},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -35,10 +42,37 @@ use crate::{
         reply::ReplyCommand,
     },
     llm::{self, Prompt, Provider, RetryPolicy},
+    store::{EventStore, Position, RecordedEvent},
 };
+
+/// Pause before answering again a request whose reply failed to record.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The durable consumer's name on the events stream.
 pub const CONSUMER: &str = "replier";
+
+/// The replier's checkpoint and lease, when it tails the store (`Feed::StoreTail`).
+pub const CHECKPOINT: &str = "replier";
+const LOCK_KEY: &str = "ai_secretary.replier";
+
+/// Where the replier reads the reply requests from.
+#[derive(Clone)]
+pub enum Feed {
+    /// A durable JetStream consumer of the conversation subjects (any number of
+    /// repliers share it).
+    Bus,
+    /// The event store itself, in commit order below the read horizon, woken by
+    /// each commit: no relay or NATS in between. One replier is active (a
+    /// lease); its checkpoint is the position below which every request has
+    /// ended, so a crash answers the unfinished ones again, and the decider's
+    /// one ending per reply absorbs what had in fact ended.
+    StoreTail {
+        pool: sqlx::PgPool,
+        /// The store as it is (sealed): requests carry no personal field.
+        store: Arc<dyn EventStore>,
+        commits: watch::Receiver<()>,
+    },
+}
 
 #[derive(Clone)]
 pub struct Replier {
@@ -55,6 +89,7 @@ pub struct Replier {
     pub nats: async_nats::Client,
     pub stream: bool,
     pub bus: BusConfig,
+    pub feed: Feed,
 }
 
 /// What became of one delivered message.
@@ -70,6 +105,29 @@ impl Replier {
     /// Answer requests until `stop`; in-flight replies are abandoned (not acked)
     /// on shutdown and answered after the restart.
     pub async fn run(&self, stop: &CancellationToken) -> anyhow::Result<()> {
+        match &self.feed {
+            Feed::Bus => self.consume(stop).await,
+            Feed::StoreTail {
+                pool,
+                store,
+                commits,
+            } => {
+                lease::zero_metrics(CHECKPOINT);
+                while !stop.is_cancelled() {
+                    let Some(lease) = Lease::acquire(pool, LOCK_KEY, CHECKPOINT, stop).await?
+                    else {
+                        break;
+                    };
+                    self.tail(pool, store.as_ref(), commits.clone(), &lease, stop)
+                        .await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Answer the requests read from the bus until `stop`.
+    async fn consume(&self, stop: &CancellationToken) -> anyhow::Result<()> {
         let jetstream = jetstream::new(self.nats.clone());
         bus::ensure_stream(&jetstream, &self.bus).await?;
         let stream = jetstream.get_stream(&self.bus.stream).await?;
@@ -147,11 +205,120 @@ impl Replier {
             Err(e) => {
                 // Store trouble: try again a little later, from the start.
                 tracing::warn!(error = format!("{e:#}"), "reply failed to record; retrying");
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
+                let _ = message.ack_with(AckKind::Nak(Some(RETRY_AFTER))).await;
             }
         }
+    }
+
+    /// Answer the requests committed after the checkpoint while `lease` is
+    /// held: up to `concurrency` at once, the checkpoint moving (fenced) over
+    /// each prefix of the log whose requests have all ended.
+    async fn tail(
+        &self,
+        pool: &sqlx::PgPool,
+        store: &dyn EventStore,
+        mut commits: watch::Receiver<()>,
+        lease: &Lease,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut saved = checkpoint::ensure(pool, CHECKPOINT).await?.position;
+        let mut read_to = saved;
+        // Every event read and not yet passed by the checkpoint, in commit
+        // order: `None` once done (a request answered, or no request), else the
+        // request and how many times it was tried.
+        let mut pending: BTreeMap<Position, Option<(RecordedEvent, u32)>> = BTreeMap::new();
+        let mut working: JoinSet<(Position, anyhow::Result<Handled>)> = JoinSet::new();
+        tracing::info!(checkpoint = %saved, provider = self.provider.name(), "replier active (store tail)");
+        loop {
+            // Move the checkpoint over the prefix that is done.
+            let mut to = saved;
+            while let Some(entry) = pending.first_entry() {
+                if entry.get().is_some() {
+                    break;
+                }
+                to = *entry.key();
+                entry.remove();
+            }
+            if to != saved {
+                let mut conn = pool.acquire().await?;
+                if !checkpoint::save(&mut conn, CHECKPOINT, lease.fence(saved), to, 0, None).await?
+                {
+                    lease.fenced();
+                    return Ok(());
+                }
+                saved = to;
+            }
+            commits.borrow_and_update();
+            let slots = self.concurrency.max(1);
+            let room = (slots * 4).saturating_sub(pending.len());
+            let events = if room > 0 && working.len() < slots {
+                store.read_all(read_to, room as i64).await?
+            } else {
+                vec![]
+            };
+            let read_some = !events.is_empty();
+            for event in events {
+                read_to = event.position;
+                if event.event_type == "ReplyRequested" {
+                    self.answer_later(&mut working, &event, 1, Duration::ZERO, stop);
+                    pending.insert(event.position, Some((event, 1)));
+                } else {
+                    pending.insert(event.position, None);
+                }
+            }
+            if read_some {
+                continue; // more may be there, and a done prefix may be savable
+            }
+            let finished = tokio::select! {
+                finished = working.join_next(), if !working.is_empty() => finished,
+                _ = commits.changed() => None,
+                () = tokio::time::sleep(ai_secretary_projections::worker::TAIL_POLL) => None,
+                () = lease.lost().cancelled() => return Ok(()),
+                () = stop.cancelled() => return Ok(()),
+            };
+            let Some(finished) = finished else { continue };
+            let (at, handled) = finished?;
+            match handled {
+                Ok(Handled::Done) => {
+                    pending.insert(at, None);
+                }
+                Ok(Handled::Abandoned) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = format!("{e:#}"), "reply failed to record; retrying");
+                    if let Some(Some((event, attempt))) = pending.get_mut(&at) {
+                        *attempt += 1;
+                        self.answer_later(&mut working, event, *attempt, RETRY_AFTER, stop);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answer one request read from the store, after `pause`, in the set.
+    fn answer_later(
+        &self,
+        working: &mut JoinSet<(Position, anyhow::Result<Handled>)>,
+        event: &RecordedEvent,
+        attempt: u32,
+        pause: Duration,
+        stop: &CancellationToken,
+    ) {
+        let (this, stop, at) = (self.clone(), stop.clone(), event.position);
+        let payload = serde_json::to_vec(&EventEnvelope::from(event));
+        working.spawn(async move {
+            let payload = match payload {
+                Ok(payload) => payload,
+                Err(e) => return (at, Err(e.into())),
+            };
+            let handled = tokio::select! {
+                handled = async {
+                    tokio::time::sleep(pause).await;
+                    this.handle(&payload, attempt).await
+                } => handled,
+                () = stop.cancelled() => Ok(Handled::Abandoned),
+            };
+            (at, handled)
+        });
     }
 
     async fn handle(&self, payload: &[u8], attempt: u32) -> anyhow::Result<Handled> {

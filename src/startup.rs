@@ -13,7 +13,7 @@ use crate::{
     app::{Commands, StateCache},
     auth::Tokens,
     bus::{self, BusConfig, relay::Relay},
-    config::{Config, LlmProvider, ProjectionFeed},
+    config::{Config, EventFeed, LlmProvider},
     http::{self, AppState, read::ReadSide},
     llm::{Provider, gemini::Gemini, offline::Offline},
     progress::Progress,
@@ -136,7 +136,7 @@ impl Application {
         // One line an operator reads to know what this process talks to.
         tracing::info!(
             store = "postgres",
-            projection_feed = ?config.projection_feed,
+            event_feed = ?config.event_feed,
             cache = ?config.cache_backend,
             llm = ?config.llm_provider,
             "backends"
@@ -169,6 +169,17 @@ impl Application {
         let states = StateCache::new(config.state_cache_bytes());
         // Connecting does not wait for the server: NATS may come up later.
         let nats = bus::connect(&bus.url).await?;
+        // Without the bus, one listener for commits wakes every consumer of the
+        // process that tails the store.
+        let commits = match config.event_feed {
+            EventFeed::Bus => None,
+            EventFeed::Store if roles.replier || !roles.projections.is_empty() => {
+                let (commits, listener) = bus::tail::commits(pool.clone(), stop.clone());
+                tasks.push(AbortOnDropHandle::new(listener));
+                Some(commits)
+            }
+            EventFeed::Store => None,
+        };
         if roles.replier {
             let replier = Replier {
                 commands: Commands::new(raw.clone(), states.clone(), keyring.clone()),
@@ -180,6 +191,14 @@ impl Application {
                 nats: nats.clone(),
                 stream: config.llm_stream,
                 bus: bus.clone(),
+                feed: match &commits {
+                    None => crate::replier::Feed::Bus,
+                    Some(commits) => crate::replier::Feed::StoreTail {
+                        pool: pool.clone(),
+                        store: raw.clone(),
+                        commits: commits.clone(),
+                    },
+                },
             };
             let stop = stop.clone();
             tasks.push(spawn(supervise("replier", stop.clone(), move || {
@@ -202,15 +221,10 @@ impl Application {
                     async move { relay.run(&stop).await }
                 })));
             }
-            // The feed: the bus, or the store itself woken by one listener for
-            // every worker of the process.
-            let feed = match config.projection_feed {
-                ProjectionFeed::Bus => worker::Feed::Bus(Box::new(jetstream.clone())),
-                ProjectionFeed::Store => {
-                    let (commits, listener) = bus::tail::commits(pool.clone(), stop.clone());
-                    tasks.push(AbortOnDropHandle::new(listener));
-                    worker::Feed::StoreTail(commits)
-                }
+            // The feed: the bus, or the store itself.
+            let feed = match &commits {
+                None => worker::Feed::Bus(Box::new(jetstream.clone())),
+                Some(commits) => worker::Feed::StoreTail(commits.clone()),
             };
             let source = worker::Source {
                 stream: bus.stream.clone(),

@@ -1,7 +1,8 @@
-//! Projection workers fed by the event store itself (`--projection-feed store`):
-//! no relay and no bus between the store and the read models. They read in
-//! commit order below the read horizon, as the relay does, so an event whose
-//! transaction commits late is applied late, never skipped.
+//! Projection workers and the replier fed by the event store itself
+//! (`--event-feed store`): no relay and no bus between the store and what
+//! consumes it. They read in commit order below the read horizon, as the relay
+//! does, so an event whose transaction commits late is applied late, never
+//! skipped; and a replier that crashes answers what it had not finished.
 
 use std::time::Duration;
 
@@ -23,10 +24,30 @@ async fn tailing_app() -> TestApp {
     spawn_app_on(
         TestDb::new().await,
         BusNames::new(),
-        &["--projection-feed", "store"],
+        &["--event-feed", "store"],
         roles,
     )
     .await
+}
+
+/// Everything but the relay, tailing the store, on the given data.
+async fn tailing_app_with_replier(db: TestDb, names: BusNames) -> TestApp {
+    let roles = Roles {
+        relay: false,
+        ..Roles::all()
+    };
+    spawn_app_on(db, names, &["--event-feed", "store"], roles).await
+}
+
+/// `(endings, distinct replies ended)` in the store.
+async fn endings(app: &TestApp) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*), count(DISTINCT data->>'reply_id') FROM events
+         WHERE event_type IN ('ReplyCompleted', 'ReplyFailed')",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap()
 }
 
 /// `(name, events applied)` of every projection's checkpoint.
@@ -135,4 +156,83 @@ async fn an_event_committed_late_is_applied_late_never_skipped() {
     let id = b["id"].as_str().unwrap();
     let assistant: Value = app.get_ok(&format!("/assistants/{id}"), &token, None).await;
     assert_eq!(assistant["name"], "Committed first");
+}
+
+#[tokio::test]
+async fn a_replier_tailing_the_store_answers_each_request_once_across_a_crash() {
+    // Requests committed while no replier runs at all...
+    let app = tailing_app().await;
+    let token = app.signed_up("replies@example.com").await;
+    let assistant = app.assistant(&token, "Answerer").await;
+    let conversation = app.conversation(&token, &assistant["id"]).await;
+    let id = conversation["id"].as_str().unwrap().to_owned();
+    let post = async |app: &TestApp, n: usize| {
+        let posted = app
+            .post(
+                &format!("/conversations/{id}/messages"),
+                &token,
+                json!({ "content": format!("question {n}") }),
+            )
+            .await;
+        assert_eq!(posted.status(), StatusCode::ACCEPTED);
+    };
+    for n in 0..10 {
+        post(&app, n).await;
+    }
+    let (db, names) = app.stop();
+    // ...are answered by the first replier to start, from its checkpoint.
+    let app = tailing_app_with_replier(db, names).await;
+    for n in 10..20 {
+        post(&app, n).await;
+    }
+    // A crash with replies in flight: whatever had not ended is answered by
+    // the next process.
+    let (db, names) = app.crash();
+    let app = tailing_app_with_replier(db, names).await;
+    for n in 20..30 {
+        post(&app, n).await;
+    }
+    eventually("30 replies ended", async || match endings(&app).await {
+        (30, 30) => Ok(()),
+        other => Err(format!("(endings, replies) = {other:?}")),
+    })
+    .await;
+    // Nothing more comes: each ended exactly once, and the replier's
+    // checkpoint passed every request.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(endings(&app).await, (30, 30));
+    let head: i64 = sqlx::query_scalar(
+        "SELECT global_position FROM events WHERE event_type = 'ReplyRequested'
+         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+    )
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    eventually(
+        "the replier's checkpoint passes every request",
+        async || {
+            let at: i64 = sqlx::query_scalar(
+                "SELECT global_position FROM checkpoints WHERE name = 'replier'",
+            )
+            .fetch_one(&app.db.pool)
+            .await
+            .map_err(|e| e.to_string())?;
+            (at >= head).then_some(()).ok_or(format!("{at} < {head}"))
+        },
+    )
+    .await;
+    let messages = app
+        .get_ok(
+            &format!("/conversations/{id}/messages?limit=100"),
+            &token,
+            None,
+        )
+        .await;
+    let completed = messages["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "assistant" && m["status"] == "completed")
+        .count();
+    assert_eq!(completed, 30, "{messages}");
 }
