@@ -85,14 +85,15 @@ struct Projections {
     data: Vec<Projection>,
 }
 
-/// Where one checkpoint (the relay's or a projection's) is.
+/// Where one checkpoint (the relay's, a projection's, or the replier's when it
+/// tails the store) is.
 #[derive(Serialize, ToSchema)]
 struct Projection {
     name: String,
     /// Always `projection`.
     #[schema(example = "projection")]
     object: &'static str,
-    /// `relay` or `projection`.
+    /// `relay`, `projection` or `replier`.
     #[schema(example = "projection")]
     kind: &'static str,
     /// The position it has applied, as `<transaction_id>.<global_position>`.
@@ -253,10 +254,10 @@ async fn projections(
         data.push(Projection {
             name: name.clone(),
             object: "projection",
-            kind: if name == crate::bus::relay::CHECKPOINT {
-                "relay"
-            } else {
-                "projection"
+            kind: match name.as_str() {
+                crate::bus::relay::CHECKPOINT => "relay",
+                crate::replier::CHECKPOINT => "replier",
+                _ => "projection",
             },
             checkpoint: at.to_string(),
             events_applied: checkpoint.events,
