@@ -395,6 +395,17 @@ pub struct Lookup {
     pub columns: &'static [&'static str],
 }
 
+impl Lookup {
+    /// The declared types of the asked columns, in order: how an executor
+    /// decodes the rows it found.
+    pub fn column_types(&self) -> Vec<Type> {
+        self.columns
+            .iter()
+            .map(|c| self.table.column(c).ty)
+            .collect()
+    }
+}
+
 /// The answer to a [`Lookup`]: the rows found, each with the asked columns in
 /// order (no rows when nothing was asked).
 #[derive(Debug, Clone, Default)]

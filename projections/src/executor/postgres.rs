@@ -46,11 +46,7 @@ pub async fn read(tx: &mut PgConnection, lookup: &Lookup) -> Result<Found, sqlx:
     let rows = bind_all(sqlx::query(AssertSqlSafe(statement.sql)), &statement.args)
         .fetch_all(&mut *tx)
         .await?;
-    let types: Vec<Type> = lookup
-        .columns
-        .iter()
-        .map(|c| lookup.table.column(c).ty)
-        .collect();
+    let types = lookup.column_types();
     let rows = rows
         .iter()
         .map(|row| {

@@ -49,11 +49,7 @@ pub async fn read(conn: &mut SqliteConnection, lookup: &Lookup) -> Result<Found,
     let rows = bind_all(sqlx::query(AssertSqlSafe(statement.sql)), &statement.args)
         .fetch_all(&mut *conn)
         .await?;
-    let types: Vec<Type> = lookup
-        .columns
-        .iter()
-        .map(|c| lookup.table.column(c).ty)
-        .collect();
+    let types = lookup.column_types();
     let rows = rows
         .iter()
         .map(|row| decode_row(row, &types))
