@@ -12,6 +12,7 @@
 
 pub mod cache;
 pub mod checkpoint;
+pub mod db;
 pub mod executor;
 pub mod fold;
 pub mod lease;
@@ -27,6 +28,7 @@ pub mod verify;
 pub mod worker;
 
 pub use ai_secretary_contract::{Event, EventEnvelope, Position};
+pub use db::{Db, SqliteDb, Tx};
 pub use opener::Opener;
 pub use projection::{Projection, ProjectionError};
 pub use projections::{ALL, NAMES, Registered};

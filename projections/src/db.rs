@@ -1,0 +1,94 @@
+//! The database the read side lives in: Postgres (the server topology) or
+//! SQLite (the embedded default, one file under `DATA_DIR` that also holds the
+//! event store). Everything in this crate that touches SQL takes a [`Db`] and
+//! writes its statement once where the two dialects agree (`$N` placeholders,
+//! `ON CONFLICT … excluded`, `RETURNING`, values bound from Rust, never
+//! `now()`); where they differ it matches on the variant, beside the SQL.
+//!
+//! Not `sqlx::Any`: it has no uuid, chrono or JSON types.
+
+use std::sync::Arc;
+
+use sqlx::{PgPool, SqlitePool};
+use tokio::sync::watch;
+
+use crate::executor::sql::Dialect;
+
+#[derive(Debug, Clone)]
+pub enum Db {
+    Postgres(PgPool),
+    Sqlite(SqliteDb),
+}
+
+/// The embedded database: its pool, and the signal that stands in for
+/// Postgres' `NOTIFY` on the checkpoints channel. Clones share the signal, so
+/// every part of one process hears every checkpoint move made in it; a move
+/// made by another process on the same file (an operator's `replay`) is seen
+/// by polling, which every waiter does anyway.
+#[derive(Debug, Clone)]
+pub struct SqliteDb {
+    pub pool: SqlitePool,
+    checkpoint_moves: Arc<watch::Sender<()>>,
+}
+
+impl SqliteDb {
+    pub fn new(pool: SqlitePool) -> SqliteDb {
+        SqliteDb {
+            pool,
+            checkpoint_moves: Arc::new(watch::Sender::new(())),
+        }
+    }
+
+    /// Announce that a checkpoint moved (after the commit that moved it).
+    pub fn checkpoint_moved(&self) {
+        self.checkpoint_moves.send_replace(());
+    }
+
+    /// Changes on every checkpoint move this process commits.
+    pub fn checkpoint_moves(&self) -> watch::Receiver<()> {
+        self.checkpoint_moves.subscribe()
+    }
+}
+
+/// A write transaction on either database.
+pub enum Tx {
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+}
+
+impl Db {
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            Db::Postgres(_) => Dialect::Postgres,
+            Db::Sqlite(_) => Dialect::Sqlite,
+        }
+    }
+
+    /// Begin a transaction that will write. On SQLite it takes the write lock
+    /// at once (`BEGIN IMMEDIATE`): a transaction that read first and wrote
+    /// later could find the database changed under its snapshot and fail
+    /// (SQLITE_BUSY_SNAPSHOT) instead of waiting its turn.
+    pub async fn begin_write(&self) -> Result<Tx, sqlx::Error> {
+        Ok(match self {
+            Db::Postgres(pool) => Tx::Postgres(pool.begin().await?),
+            Db::Sqlite(db) => Tx::Sqlite(db.pool.begin_with("BEGIN IMMEDIATE").await?),
+        })
+    }
+
+    /// The Postgres pool, for what only the server topology has.
+    pub fn postgres(&self) -> Option<&PgPool> {
+        match self {
+            Db::Postgres(pool) => Some(pool),
+            Db::Sqlite(_) => None,
+        }
+    }
+}
+
+impl Tx {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        match self {
+            Tx::Postgres(tx) => tx.commit().await,
+            Tx::Sqlite(tx) => tx.commit().await,
+        }
+    }
+}
