@@ -34,6 +34,18 @@ pub enum EventFeed {
 }
 
 /// Where the read side's cache lives.
+/// The embedded database's file inside `DATA_DIR`.
+pub const EMBEDDED_DATABASE_FILE: &str = "ai-secretary.db";
+
+/// Where the event store and the read models live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// A Postgres server (`DATABASE_URL=postgres://…`).
+    Postgres(Secret),
+    /// An SQLite file: `DATABASE_URL=sqlite://PATH`, or the embedded default in `DATA_DIR`.
+    Sqlite(PathBuf),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum CacheBackend {
     /// Redis at `REDIS_URL`, shared by every process.
@@ -74,37 +86,40 @@ impl FromStr for Secret {
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// Postgres: event store and read models (the database is created if absent).
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/ai_secretary",
-        hide_env_values = true
-    )]
-    pub database_url: Secret,
+    /// Where the event store and the read models live: `postgres://…` (the
+    /// database is created if absent) or `sqlite://PATH`. Unset: SQLite in
+    /// `DATA_DIR` (the embedded default, no server needed).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<Secret>,
 
-    /// Largest number of Postgres connections per process.
+    /// Directory of the embedded database (created on start), used when
+    /// `DATABASE_URL` is unset.
+    #[arg(long, env = "DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Largest number of database connections per process.
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 10)]
     pub database_max_connections: u32,
 
-    /// NATS with JetStream (used by the relay and projections).
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub nats_url: String,
+    /// NATS with JetStream: the relay publishes there and the workers and the
+    /// replier consume from there. Unset: they tail the event store in process.
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
 
-    /// Redis for the read-side caches.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
+    /// Redis for the read-side caches. Unset: the cache lives in this process.
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
 
     /// Where the read-side cache lives: `redis` (at `REDIS_URL`) or `local`
-    /// (in process). Hidden until the embedded topology chooses it by itself.
-    #[arg(long, env = "CACHE_BACKEND", value_enum, default_value_t = CacheBackend::Redis, hide = true)]
-    pub cache_backend: CacheBackend,
+    /// (in process). Default: Redis when `REDIS_URL` is set.
+    #[arg(long, env = "CACHE_BACKEND", value_enum, hide = true)]
+    pub cache_backend: Option<CacheBackend>,
 
     /// Where projection workers and the replier read events: `bus` (JetStream,
     /// through the relay) or `store` (the event store directly, woken by each
-    /// commit).
-    #[arg(long, env = "EVENT_FEED", value_enum, default_value_t = EventFeed::Bus)]
-    pub event_feed: EventFeed,
+    /// commit). Default: the bus when `NATS_URL` is set.
+    #[arg(long, env = "EVENT_FEED", value_enum)]
+    pub event_feed: Option<EventFeed>,
 
     /// JetStream stream name.
     #[arg(long, env = "NATS_STREAM", default_value = "AI_SECRETARY_EVENTS")]
@@ -303,20 +318,81 @@ impl Config {
         })
     }
 
-    /// The cache as this configuration describes it: Redis at `REDIS_URL`
-    /// unless `CACHE_BACKEND=local`.
-    pub fn cache(&self) -> ai_secretary_projections::cache::Cache {
+    /// Where the store and read models live: each URL that is set switches its
+    /// own part to its server; with none set, everything is embedded.
+    pub fn database(&self) -> anyhow::Result<Database> {
+        let Some(url) = &self.database_url else {
+            return Ok(Database::Sqlite(self.data_dir.join(EMBEDDED_DATABASE_FILE)));
+        };
+        let url = url.expose();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Database::Postgres(Secret(url.to_owned())))
+        } else if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            // `sqlite://` names a file: anything after `?` (options) is not part of it.
+            let path = path.split('?').next().unwrap_or_default();
+            if path.is_empty() {
+                anyhow::bail!("DATABASE_URL=sqlite://PATH needs a file path");
+            }
+            Ok(Database::Sqlite(PathBuf::from(path)))
+        } else {
+            anyhow::bail!("DATABASE_URL must start with postgres:// or sqlite://")
+        }
+    }
+
+    /// The Postgres URL, for `what` that runs only on Postgres.
+    pub fn postgres_url(&self, what: &str) -> anyhow::Result<Secret> {
+        match self.database()? {
+            Database::Postgres(url) => Ok(url),
+            Database::Sqlite(_) => {
+                anyhow::bail!(
+                    "{what} needs DATABASE_URL=postgres://… (not available on SQLite yet)"
+                )
+            }
+        }
+    }
+
+    /// Where the workers and the replier read events: `EVENT_FEED` if set, else
+    /// the bus when there is a NATS server to use.
+    pub fn event_feed(&self) -> EventFeed {
+        self.event_feed.unwrap_or(match self.nats_url {
+            Some(_) => EventFeed::Bus,
+            None => EventFeed::Store,
+        })
+    }
+
+    /// Where the cache lives: `CACHE_BACKEND` if set, else Redis when `REDIS_URL` is.
+    pub fn cache_backend(&self) -> CacheBackend {
+        self.cache_backend.unwrap_or(match self.redis_url {
+            Some(_) => CacheBackend::Redis,
+            None => CacheBackend::Local,
+        })
+    }
+
+    /// NATS, for a process that uses the bus (the relay, or workers fed by it).
+    pub fn nats_url(&self) -> anyhow::Result<&str> {
+        self.nats_url
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("the bus needs NATS_URL"))
+    }
+
+    /// The cache as this configuration describes it (`cache_backend`).
+    pub fn cache(&self) -> anyhow::Result<ai_secretary_projections::cache::Cache> {
         use ai_secretary_projections::cache::Cache;
         let ttl = std::time::Duration::from_secs(self.cache_ttl_seconds);
-        match self.cache_backend {
+        Ok(match self.cache_backend() {
             CacheBackend::Redis => Cache::new(
-                &self.redis_url,
+                self.redis_url
+                    .as_deref()
+                    .ok_or_else(|| anyhow::anyhow!("CACHE_BACKEND=redis needs REDIS_URL"))?,
                 &self.redis_key_prefix,
                 ttl,
                 std::time::Duration::from_millis(self.cache_timeout_ms),
             ),
             CacheBackend::Local => Cache::local(ttl),
-        }
+        })
     }
 
     /// Refuse what must not run: malformed keys anywhere, default secrets in production.
@@ -357,6 +433,20 @@ impl Config {
             }
         }
         self.trusted_proxies()?;
+        let database = self.database()?;
+        if self.event_feed() == EventFeed::Bus {
+            self.nats_url()?;
+            if let Database::Sqlite(_) = database {
+                // The relay reads Postgres' commit order (its xid8 horizon);
+                // the embedded store's consumers tail it in process instead.
+                anyhow::bail!(
+                    "the bus (NATS_URL or EVENT_FEED=bus) needs the Postgres store: set DATABASE_URL=postgres://… or unset NATS_URL"
+                );
+            }
+        }
+        if self.cache_backend() == CacheBackend::Redis && self.redis_url.is_none() {
+            anyhow::bail!("CACHE_BACKEND=redis needs REDIS_URL");
+        }
         if self.llm_provider == LlmProvider::Gemini && self.gemini_api_key.is_none() {
             anyhow::bail!("LLM_PROVIDER=gemini needs GEMINI_API_KEY");
         }
@@ -437,9 +527,59 @@ mod tests {
         .unwrap();
     }
 
+    /// No URL: everything embedded. Each URL set switches its own part.
+    #[test]
+    fn each_url_that_is_set_switches_its_own_part_to_its_server() {
+        let embedded = parse(&["--data-dir", "/tmp/x"]);
+        assert_eq!(
+            embedded.database().unwrap(),
+            Database::Sqlite("/tmp/x/ai-secretary.db".into())
+        );
+        assert_eq!(embedded.event_feed(), EventFeed::Store);
+        assert_eq!(embedded.cache_backend(), CacheBackend::Local);
+        embedded.validate().unwrap();
+
+        let postgres_only = parse(&["--database-url", "postgres://u@h/db"]);
+        assert!(matches!(
+            postgres_only.database().unwrap(),
+            Database::Postgres(_)
+        ));
+        assert_eq!(postgres_only.event_feed(), EventFeed::Store);
+        assert_eq!(postgres_only.cache_backend(), CacheBackend::Local);
+
+        let servers = parse(&[
+            "--database-url",
+            "postgres://u@h/db",
+            "--nats-url",
+            "nats://h:4222",
+            "--redis-url",
+            "redis://h:6379",
+        ]);
+        assert_eq!(servers.event_feed(), EventFeed::Bus);
+        assert_eq!(servers.cache_backend(), CacheBackend::Redis);
+        servers.validate().unwrap();
+
+        let file = parse(&["--database-url", "sqlite:///var/lib/a.db?mode=rwc"]);
+        assert_eq!(
+            file.database().unwrap(),
+            Database::Sqlite("/var/lib/a.db".into())
+        );
+        // The bus needs the relay, which reads Postgres.
+        let err = parse(&["--nats-url", "nats://h:4222"])
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("Postgres"), "{err}");
+        let err = parse(&["--database-url", "mysql://h/db"])
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+        let err = parse(&["--cache-backend", "redis"]).validate().unwrap_err();
+        assert!(err.to_string().contains("REDIS_URL"), "{err}");
+    }
+
     #[test]
     fn development_runs_on_defaults_and_secrets_stay_out_of_debug() {
-        let config = parse(&[]);
+        let config = parse(&["--database-url", "postgres://user:pw@h/db"]);
         config.validate().unwrap();
         let printed = format!("{config:?}");
         assert!(!printed.contains(DEV_JWT_SECRET));

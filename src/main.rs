@@ -5,10 +5,11 @@ use std::process::ExitCode;
 use ai_secretary::{
     app::users::EMAIL_SCOPE,
     cli::{Cli, Command},
+    config::Database,
     crypto::MasterKey,
     recovery,
     startup::{Application, Roles, shutdown_signal},
-    store::{postgres, rotation::rotate_master_key},
+    store::{postgres, rotation::rotate_master_key, sqlite},
     telemetry,
 };
 use anyhow::Context;
@@ -45,7 +46,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Some(Command::Reply) => Roles::only_replier(),
         Some(Command::Migrate) => {
             config.validate()?;
-            postgres::connect(config.database_url.expose(), 1).await?;
+            match config.database()? {
+                Database::Postgres(url) => drop(postgres::connect(url.expose(), 1).await?),
+                Database::Sqlite(path) => {
+                    sqlite::connect(&path.to_string_lossy(), 1)
+                        .await?
+                        .close()
+                        .await
+                }
+            }
             tracing::info!("migrations applied");
             return Ok(ExitCode::SUCCESS);
         }
@@ -63,7 +72,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config.validate()?;
             let new = MasterKey::from_hex(new_encryption_key.expose())
                 .context("NEW_ENCRYPTION_KEY must be 32 bytes written as 64 hex characters")?;
-            let pool = postgres::connect(config.database_url.expose(), 1).await?;
+            let url = config.postgres_url("rotate-encryption-key")?;
+            let pool = postgres::connect(url.expose(), 1).await?;
             let rotated =
                 rotate_master_key(&pool, &config.master_key()?, &new, EMAIL_SCOPE).await?;
             println!(

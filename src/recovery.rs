@@ -63,8 +63,8 @@ impl Counter {
 /// `ai-secretary replay NAME|--all`: rebuild and print what was done. A progress
 /// bar (events/s, ETA) on a terminal; a log line every few seconds otherwise.
 pub async fn replay(config: &Config, names: &[&str]) -> anyhow::Result<()> {
-    let pool = crate::store::postgres::connect(config.database_url.expose(), 4).await?;
-    let cache = config.cache();
+    let pool = crate::store::postgres::connect(config.postgres_url("replay")?.expose(), 4).await?;
+    let cache = config.cache()?;
     let bar = if std::io::stderr().is_terminal() {
         ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr())
     } else {
@@ -161,7 +161,7 @@ pub async fn replay(config: &Config, names: &[&str]) -> anyhow::Result<()> {
 
 /// `ai-secretary verify [NAME]`: prints the report; true when nothing drifted.
 pub async fn verify(config: &Config, names: &[&str]) -> anyhow::Result<bool> {
-    let pool = crate::store::postgres::connect(config.database_url.expose(), 2).await?;
+    let pool = crate::store::postgres::connect(config.postgres_url("verify")?.expose(), 2).await?;
     let (report, clean) = verify_report(&pool, &config.master_key()?, names).await?;
     print!("{report}");
     Ok(clean)

@@ -84,9 +84,11 @@ pub struct Replier {
     /// How long JetStream waits for an ack before handing a message out again:
     /// how soon a reply abandoned by a crash is picked up.
     pub ack_wait: Duration,
-    /// The bus: JetStream for the requests, and core NATS for streamed reply
-    /// text (not stored), when `stream` is on.
-    pub nats: async_nats::Client,
+    /// The bus's JetStream, for the requests when the feed is the bus.
+    pub nats: Option<async_nats::Client>,
+    /// Where streamed reply text (not stored) goes when `stream` is on: NATS,
+    /// or this process's hub.
+    pub live: crate::bus::live::Live,
     pub stream: bool,
     pub bus: BusConfig,
     pub feed: Feed,
@@ -128,7 +130,11 @@ impl Replier {
 
     /// Answer the requests read from the bus until `stop`.
     async fn consume(&self, stop: &CancellationToken) -> anyhow::Result<()> {
-        let jetstream = jetstream::new(self.nats.clone());
+        let nats = self
+            .nats
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("the replier's bus feed needs NATS_URL"))?;
+        let jetstream = jetstream::new(nats);
         bus::ensure_stream(&jetstream, &self.bus).await?;
         let stream = jetstream.get_stream(&self.bus.stream).await?;
         let consumer = stream
@@ -503,11 +509,7 @@ impl Reply<'_> {
         tokio::task::JoinHandle<()>,
     ) {
         let (sink, mut pieces) = tokio::sync::mpsc::unbounded_channel::<(u32, String)>();
-        let nats = self.replier.nats.clone();
-        let subject = subjects::live(
-            &self.replier.bus.subject_prefix,
-            self.request.conversation_id,
-        );
+        let live = self.replier.live.clone();
         let (reply_id, conversation_id) = (self.request.reply_id, self.request.conversation_id);
         let forwarding = tokio::spawn(async move {
             let mut index = 0u64;
@@ -521,12 +523,10 @@ impl Reply<'_> {
                     "attempt": attempt, "index": index, "delta": delta,
                 });
                 index += 1;
-                // Best effort: a missed delta is repaired by the stored completion.
-                let _ = nats
-                    .publish(subject.clone(), update.to_string().into())
+                live.publish_delta(conversation_id, update.to_string())
                     .await;
             }
-            let _ = nats.flush().await;
+            live.flush().await;
         });
         (sink, forwarding)
     }

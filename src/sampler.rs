@@ -1,5 +1,5 @@
 //! Gauges that are read on a timer rather than updated where work happens:
-//! the Postgres pool's occupancy, and how far the relay and each projection are
+//! the database pool's occupancy, and how far the relay and each projection are
 //! behind the event store.
 //!
 //! Lag is measured against the store, not reported by the worker itself, so a
@@ -23,7 +23,7 @@ pub const INTERVAL: Duration = Duration::from_secs(5);
 const LAG_COUNT_LIMIT: i64 = 100_000;
 
 /// Refresh `db_pool_size`, `db_pool_max` and `db_pool_connections{state}` until `stop`.
-pub async fn pool(pool: PgPool, stop: CancellationToken) {
+pub async fn pool<DB: sqlx::Database>(pool: sqlx::Pool<DB>, stop: CancellationToken) {
     let max = pool.options().get_max_connections();
     loop {
         let size = pool.size();

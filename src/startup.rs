@@ -5,24 +5,26 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use ai_secretary_projections::worker;
+use ai_secretary_projections::{Db, SqliteDb, worker};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
 use crate::{
     app::{Commands, StateCache},
     auth::Tokens,
+    bus::live::{Deltas, Live},
     bus::{self, BusConfig, relay::Relay},
-    config::{Config, EventFeed, LlmProvider},
+    config::{Config, Database, EventFeed, LlmProvider},
     http::{self, AppState, read::ReadSide},
     llm::{Provider, gemini::Gemini, offline::Offline},
     progress::Progress,
     recovery::Rebuilds,
     replier::Replier,
     store::{
-        EventStore, PgEventStore,
+        EventStore, PgEventStore, SqliteEventStore,
         postgres::{self, CoalescingConfig},
         sealed::Keyring,
+        sqlite,
     },
 };
 
@@ -101,7 +103,7 @@ pub fn projection_names() -> Vec<String> {
 pub struct Application {
     /// The listener and what it serves (the API, or a worker's ops endpoints).
     api: Option<(TcpListener, axum::Router)>,
-    store: PgEventStore,
+    store: Store,
     stop: CancellationToken,
     /// Cancelled when the shutdown signal arrives, before in-flight requests are
     /// waited for: live streams (SSE) end then, instead of holding the shutdown
@@ -117,68 +119,97 @@ impl Application {
     pub async fn build(config: &Config, roles: Roles) -> anyhow::Result<Self> {
         config.validate()?;
         crate::telemetry::metrics();
-        let pool = postgres::connect(
-            config.database_url.expose(),
-            config.database_max_connections,
-        )
-        .await?;
-        let store = PgEventStore::new(
-            pool.clone(),
-            CoalescingConfig {
-                max_batch: config.append_max_batch,
-                flushers: config.append_flushers,
-            },
-        );
-        // The store as it is (what the relay publishes: sealed personal fields),
-        // and the users' keys, which commands seal with and projections open with.
-        let raw: Arc<dyn EventStore> = Arc::new(store.clone());
-        let keyring = Keyring::new(config.master_key()?, raw.clone());
-        // One line an operator reads to know what this process talks to.
-        tracing::info!(
-            store = "postgres",
-            event_feed = ?config.event_feed,
-            cache = ?config.cache_backend,
-            llm = ?config.llm_provider,
-            "backends"
-        );
+        let database = config.database()?;
+        let event_feed = config.event_feed();
         let stop = CancellationToken::new();
         let draining = CancellationToken::new();
         let mut tasks = Vec::new();
-        tasks.push(spawn(crate::sampler::pool(pool.clone(), stop.clone())));
-        // Lag of the checkpoints this process moves (none in an API-only process,
-        // so replicas do not report the same series twice).
-        let mut checkpoints = roles.projections.clone();
-        if roles.relay {
-            checkpoints.push(crate::bus::relay::CHECKPOINT.to_owned());
-        }
-        if !checkpoints.is_empty() {
-            tasks.push(spawn(crate::sampler::lag(
-                pool.clone(),
-                checkpoints,
-                stop.clone(),
-            )));
-        }
+        let coalescing = CoalescingConfig {
+            max_batch: config.append_max_batch,
+            flushers: config.append_flushers,
+        };
+        // The store, the read side's database, and the signal that wakes what
+        // tails the store (the embedded store's own; Postgres' LISTEN below).
+        let (store, _db, pool, store_commits) = match &database {
+            Database::Postgres(url) => {
+                let pool = postgres::connect(url.expose(), config.database_max_connections).await?;
+                tasks.push(spawn(crate::sampler::pool(pool.clone(), stop.clone())));
+                let store = PgEventStore::new(pool.clone(), coalescing);
+                let db = Db::Postgres(pool.clone());
+                (Store::Postgres(store), db, Some(pool), None)
+            }
+            Database::Sqlite(path) => {
+                let pool =
+                    sqlite::connect(&path.to_string_lossy(), config.database_max_connections)
+                        .await?;
+                tasks.push(spawn(crate::sampler::pool(pool.clone(), stop.clone())));
+                let store = SqliteEventStore::new(pool.clone(), coalescing);
+                let commits = crate::bus::tail::store_commits(store.committed(), stop.clone());
+                let db = Db::Sqlite(SqliteDb::new(pool));
+                (Store::Sqlite(store), db, None, Some(commits))
+            }
+        };
+        // The store as it is (what the relay publishes: sealed personal fields),
+        // and the users' keys, which commands seal with and projections open with.
+        let raw: Arc<dyn EventStore> = store.shared();
+        let keyring = Keyring::new(config.master_key()?, raw.clone());
+        let cache = config.cache()?;
+        // One line an operator reads to know what this process talks to.
+        tracing::info!(
+            store = match database {
+                Database::Postgres(_) => "postgres".to_owned(),
+                Database::Sqlite(path) => format!("sqlite {}", path.display()),
+            },
+            event_feed = ?event_feed,
+            cache = ?config.cache_backend(),
+            live_updates = if config.nats_url.is_some() { "nats" } else { "in-process" },
+            llm = ?config.llm_provider,
+            "backends"
+        );
         let bus = BusConfig {
-            url: config.nats_url.clone(),
+            url: config.nats_url.clone().unwrap_or_default(),
             stream: config.nats_stream.clone(),
             subject_prefix: config.nats_subject_prefix.clone(),
         };
-        let cache = config.cache();
 
         // One cache of folded states per process, shared by the API and the replier.
         let states = StateCache::new(config.state_cache_bytes());
         // Connecting does not wait for the server: NATS may come up later.
-        let nats = bus::connect(&bus.url).await?;
-        // Without the bus, one listener for commits wakes every consumer of the
-        // process that tails the store.
-        let commits = match config.event_feed {
-            EventFeed::Bus => None,
-            EventFeed::Store if roles.replier || !roles.projections.is_empty() => {
+        let nats = match &config.nats_url {
+            Some(url) => Some(bus::connect(url).await?),
+            None => None,
+        };
+        // Without NATS, one signal of commits wakes everything of the process
+        // that tails the store: the workers, the replier and the live streams.
+        let commits = match (&store_commits, &pool) {
+            (Some(commits), _) => Some(commits.clone()),
+            (None, Some(pool))
+                if nats.is_none()
+                    || (event_feed == EventFeed::Store
+                        && (roles.replier || !roles.projections.is_empty())) =>
+            {
                 let (commits, listener) = bus::tail::commits(pool.clone(), stop.clone());
                 tasks.push(AbortOnDropHandle::new(listener));
                 Some(commits)
             }
-            EventFeed::Store => None,
+            (None, _) => None,
+        };
+        // Live updates (SSE and reply deltas): NATS when there is one.
+        let live = match (&nats, &commits) {
+            (Some(client), _) => Live::Nats {
+                client: client.clone(),
+                subject_prefix: bus.subject_prefix.clone(),
+            },
+            (None, Some(commits)) => Live::InProcess {
+                commits: commits.clone(),
+                deltas: Deltas::default(),
+            },
+            (None, None) => anyhow::bail!("live updates need NATS_URL or commits to follow"),
+        };
+        // What the workers and the replier tail when they do not read the bus.
+        let tail_commits = match event_feed {
+            EventFeed::Bus => None,
+            EventFeed::Store => commits.clone(),
         };
         if roles.replier {
             let replier = Replier {
@@ -189,12 +220,13 @@ impl Application {
                 concurrency: config.replier_concurrency,
                 ack_wait: Duration::from_secs_f64(config.replier_ack_wait_seconds),
                 nats: nats.clone(),
+                live: live.clone(),
                 stream: config.llm_stream,
                 bus: bus.clone(),
-                feed: match &commits {
+                feed: match &tail_commits {
                     None => crate::replier::Feed::Bus,
                     Some(commits) => crate::replier::Feed::StoreTail {
-                        pool: pool.clone(),
+                        pool: postgres_only(&pool, "the replier")?,
                         store: raw.clone(),
                         commits: commits.clone(),
                     },
@@ -206,11 +238,13 @@ impl Application {
                 async move { replier.run(&stop).await }
             })));
         }
-        if roles.relay || !roles.projections.is_empty() {
-            let jetstream = async_nats::jetstream::new(nats.clone());
-            if roles.relay {
+        // The relay has nothing to do without a bus to publish to.
+        let relay = roles.relay && nats.is_some();
+        if relay || !roles.projections.is_empty() {
+            let jetstream = nats.clone().map(async_nats::jetstream::new);
+            if let (true, Some(jetstream)) = (relay, &jetstream) {
                 let relay = Arc::new(Relay {
-                    pool: pool.clone(),
+                    pool: postgres_only(&pool, "the relay")?,
                     store: raw.clone(),
                     jetstream: jetstream.clone(),
                     bus: bus.clone(),
@@ -222,10 +256,12 @@ impl Application {
                 })));
             }
             // The feed: the bus, or the store itself.
-            let feed = match &commits {
-                None => worker::Feed::Bus(Box::new(jetstream.clone())),
-                Some(commits) => worker::Feed::StoreTail(commits.clone()),
+            let feed = match (&tail_commits, jetstream) {
+                (Some(commits), _) => worker::Feed::StoreTail(commits.clone()),
+                (None, Some(jetstream)) => worker::Feed::Bus(Box::new(jetstream)),
+                (None, None) => anyhow::bail!("the bus feed needs NATS_URL"),
             };
+            let pool = postgres_only(&pool, "the projection workers")?;
             let source = worker::Source {
                 stream: bus.stream.clone(),
                 subject_prefix: bus.subject_prefix.clone(),
@@ -269,6 +305,7 @@ impl Application {
 
         let mut recovery = None;
         let api = if roles.api {
+            let pool = postgres_only(&pool, "the read side")?;
             let (progress, follower) = Progress::start(pool.clone(), stop.clone());
             let rebuilds = Rebuilds::new(
                 pool.clone(),
@@ -282,8 +319,7 @@ impl Application {
                 cache,
                 progress,
                 wait_limit: Duration::from_millis(config.consistency_timeout_ms),
-                nats,
-                subject_prefix: bus.subject_prefix.clone(),
+                live,
                 draining: draining.clone(),
             };
             let commands = Commands::new(raw.clone(), states, keyring.clone());
@@ -369,6 +405,35 @@ impl Application {
         self.store.close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// The Postgres pool, for a part that does not run on SQLite yet.
+fn postgres_only(pool: &Option<sqlx::PgPool>, part: &str) -> anyhow::Result<sqlx::PgPool> {
+    pool.clone()
+        .ok_or_else(|| anyhow::anyhow!("{part} needs DATABASE_URL=postgres://… for now"))
+}
+
+/// The event store of the process, on whichever database it was opened.
+enum Store {
+    Postgres(PgEventStore),
+    Sqlite(SqliteEventStore),
+}
+
+impl Store {
+    fn shared(&self) -> Arc<dyn EventStore> {
+        match self {
+            Store::Postgres(store) => Arc::new(store.clone()),
+            Store::Sqlite(store) => Arc::new(store.clone()),
+        }
+    }
+
+    /// Let the store's flushers commit what is queued, then close its pools.
+    async fn close(self) {
+        match self {
+            Store::Postgres(store) => store.close().await,
+            Store::Sqlite(store) => store.close().await,
+        }
     }
 }
 

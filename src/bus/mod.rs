@@ -3,6 +3,7 @@
 //! `<subject_prefix>.<stream_type>.<stream_id>` on one stream; a reply's events
 //! go to their conversation's subject (the wire contract's `subjects`).
 
+pub mod live;
 pub mod relay;
 pub mod tail;
 

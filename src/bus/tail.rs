@@ -57,3 +57,27 @@ async fn listen(
         }
     }
 }
+
+/// The embedded store's commits as the same signal: it changes whenever the
+/// store commits in this process (the store's own watch of its last commit),
+/// until `stop`.
+pub fn store_commits(
+    mut committed: watch::Receiver<crate::store::Position>,
+    stop: CancellationToken,
+) -> watch::Receiver<()> {
+    let (sender, receiver) = watch::channel(());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                changed = committed.changed() => {
+                    if changed.is_err() {
+                        return; // the store is closed
+                    }
+                    sender.send_replace(());
+                }
+                () = stop.cancelled() => return,
+            }
+        }
+    });
+    receiver
+}

@@ -30,9 +30,8 @@ pub struct ReadSide {
     pub progress: Progress,
     /// Longest a query waits for its consistency token.
     pub wait_limit: Duration,
-    /// For live updates (SSE): core NATS subscriptions on the event subjects.
-    pub nats: async_nats::Client,
-    pub subject_prefix: String,
+    /// For live updates (SSE): NATS subscriptions, or this process's commits.
+    pub live: crate::bus::live::Live,
     /// Cancelled when the process begins to shut down: live streams end, so
     /// that they do not hold the graceful shutdown open (clients reconnect,
     /// with `Last-Event-ID`, to another instance).

@@ -1,5 +1,6 @@
 //! `GET /conversations/{id}/stream`: Server-Sent Events of a conversation's new
-//! messages and reply status changes, from the bus.
+//! messages and reply status changes, from the bus or, without one, from the
+//! store woken by each commit (`bus::live`).
 //!
 //! Each SSE id is the event's commit position, `<transaction_id>.<global_position>`
 //! (the form of `X-Consistency-Token`): a conversation's events and its replies'
@@ -26,7 +27,7 @@ use axum::{
 };
 use futures_util::{Stream, StreamExt};
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc, watch};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
@@ -37,7 +38,7 @@ use super::{
     extract::{AuthUser, IdPath},
     openapi::IdParam,
 };
-use crate::{app::Commands, store::Position};
+use crate::{app::Commands, bus::live::Live, store::Position};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(stream))
@@ -141,25 +142,16 @@ async fn stream(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim().to_owned());
-    let nats = state.read.nats.clone();
-    let topic = subjects::of_stream(&state.read.subject_prefix, CONVERSATION, id);
-    let unavailable = |e: async_nats::SubscribeError| {
-        ApiError::Unavailable(format!("live updates are unavailable: {e}"))
-    };
-    let subscription = nats.subscribe(topic).await.map_err(unavailable)?;
-    let mut deltas = nats
-        .subscribe(subjects::live(&state.read.subject_prefix, id))
-        .await
-        .map_err(unavailable)?;
     let resume_after = match &last_event_id {
         Some(last) => state.commands.feed_resume_point(id, last).await?,
         None => None,
     };
+    // Listening starts before the store is read (see the module's comment).
+    let listening = Listening::start(&state.read.live, id).await?;
 
     let commands = state.commands.clone();
-    let (events, mut receiver) = mpsc::channel::<Event>(64);
+    let (events, receiver) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
-        let mut subscription = subscription;
         // Without Last-Event-ID, start from now; with it, replay what came after.
         let mut feed = Feed {
             commands,
@@ -171,56 +163,73 @@ async fn stream(
         if !feed.catch_up(None).await {
             return;
         }
-        loop {
-            let message = tokio::select! {
-                // The client went away (or the stream ended for a shutdown): stop
-                // now, not at the next event, which may never come.
-                () = feed.events.closed() => return,
-                message = subscription.next() => message,
-                Some(delta) = deltas.next() => {
-                    // Text of a reply being written: passed on as is, without an id
-                    // (it is not stored; the completion that follows is).
-                    let Ok(data) = std::str::from_utf8(&delta.payload) else { continue };
-                    if feed.events.send(Event::default().event("message.delta").data(data)).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            let Some(message) = message else { break };
-            let Ok(mut envelope) = serde_json::from_slice::<EventEnvelope>(&message.payload) else {
-                continue;
-            };
-            // The bus carries personal fields sealed; the client gets them open.
-            if let Err(e) = feed
-                .commands
-                .open(envelope.event_id, &mut envelope.data)
-                .await
-            {
-                tracing::warn!(error = %e, event_id = %envelope.event_id, "a live event did not open; skipped");
-                continue;
-            }
-            if envelope.position() <= feed.sent {
-                continue;
-            }
-            if envelope
-                .conversation_version()
-                .is_some_and(|v| v > feed.version + 1)
-                && !feed.catch_up(Some(envelope.position())).await
-            {
-                return;
-            }
-            if !feed.send(&envelope).await {
-                return; // the client went away
-            }
+        match listening {
+            Listening::Nats {
+                subscription,
+                deltas,
+            } => feed.follow_bus(subscription, deltas).await,
+            Listening::InProcess { commits, deltas } => feed.follow_commits(commits, deltas).await,
         }
     });
+    let mut receiver = receiver;
     let stream = futures_util::stream::poll_fn(move |cx| receiver.poll_recv(cx))
         .map(Ok)
         // Ends when the process begins to shut down (see `ReadSide::draining`).
         .take_until(state.read.draining.clone().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
+
+/// What a stream listens to for news of its conversation (`bus::live`).
+enum Listening {
+    /// The conversation's event subject and its live subject.
+    Nats {
+        subscription: async_nats::Subscriber,
+        deltas: async_nats::Subscriber,
+    },
+    /// Commits of this process (then the store is read), and its delta hub.
+    InProcess {
+        commits: watch::Receiver<()>,
+        deltas: broadcast::Receiver<String>,
+    },
+}
+
+impl Listening {
+    async fn start(live: &Live, conversation: Uuid) -> Result<Listening, ApiError> {
+        Ok(match live {
+            Live::Nats {
+                client,
+                subject_prefix,
+            } => {
+                let unavailable = |e: async_nats::SubscribeError| {
+                    ApiError::Unavailable(format!("live updates are unavailable: {e}"))
+                };
+                let topic = subjects::of_stream(subject_prefix, CONVERSATION, conversation);
+                Listening::Nats {
+                    subscription: client.subscribe(topic).await.map_err(unavailable)?,
+                    deltas: client
+                        .subscribe(subjects::live(subject_prefix, conversation))
+                        .await
+                        .map_err(unavailable)?,
+                }
+            }
+            Live::InProcess { commits, deltas } => {
+                let mut commits = commits.clone();
+                // Seen now: only commits from here on wake the stream (the
+                // catch-up that follows reads everything before).
+                commits.borrow_and_update();
+                Listening::InProcess {
+                    commits,
+                    deltas: deltas.subscribe(conversation),
+                }
+            }
+        })
+    }
+}
+
+/// How often a stream without NATS reads the store when no commit woke it: the
+/// commits of another process on the same database (an operator's command) do
+/// not move this process's signal.
+const STORE_POLL: Duration = Duration::from_secs(1);
 
 /// One client's feed: what it has been sent so far.
 struct Feed {
@@ -234,6 +243,102 @@ struct Feed {
 }
 
 impl Feed {
+    /// Follow the bus until the client goes away: events as the relay
+    /// publishes them (a gap in the conversation's versions is filled from the
+    /// store), deltas as the replier publishes them.
+    async fn follow_bus(
+        &mut self,
+        mut subscription: async_nats::Subscriber,
+        mut deltas: async_nats::Subscriber,
+    ) {
+        loop {
+            let message = tokio::select! {
+                // The client went away (or the stream ended for a shutdown): stop
+                // now, not at the next event, which may never come.
+                () = self.events.closed() => return,
+                message = subscription.next() => message,
+                Some(delta) = deltas.next() => {
+                    let Ok(data) = std::str::from_utf8(&delta.payload) else { continue };
+                    if !self.send_delta(data).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let Some(message) = message else { break };
+            let Ok(mut envelope) = serde_json::from_slice::<EventEnvelope>(&message.payload) else {
+                continue;
+            };
+            // The bus carries personal fields sealed; the client gets them open.
+            if let Err(e) = self
+                .commands
+                .open(envelope.event_id, &mut envelope.data)
+                .await
+            {
+                tracing::warn!(error = %e, event_id = %envelope.event_id, "a live event did not open; skipped");
+                continue;
+            }
+            if envelope.position() <= self.sent {
+                continue;
+            }
+            if envelope
+                .conversation_version()
+                .is_some_and(|v| v > self.version + 1)
+                && !self.catch_up(Some(envelope.position())).await
+            {
+                return;
+            }
+            if !self.send(&envelope).await {
+                return; // the client went away
+            }
+        }
+    }
+
+    /// Follow this process's commits until the client goes away: each wakes
+    /// the stream, which sends what the store has after `sent`; deltas come
+    /// from the in-process hub.
+    async fn follow_commits(
+        &mut self,
+        mut commits: watch::Receiver<()>,
+        mut deltas: broadcast::Receiver<String>,
+    ) {
+        loop {
+            tokio::select! {
+                () = self.events.closed() => return,
+                changed = commits.changed() => {
+                    if changed.is_err() {
+                        // The signal's sender is gone (the process is stopping): poll.
+                        tokio::time::sleep(STORE_POLL).await;
+                    }
+                }
+                delta = deltas.recv() => {
+                    match delta {
+                        Ok(data) => if !self.send_delta(&data).await {
+                            return;
+                        },
+                        // Fallen behind: those deltas are missed; the completion repairs them.
+                        Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                    continue;
+                }
+                () = tokio::time::sleep(STORE_POLL) => {}
+            }
+            if !self.catch_up(None).await {
+                return;
+            }
+        }
+    }
+
+    /// Pass on a piece of a reply's text as is, without an id (it is not
+    /// stored; the completion that follows is). False once the client is gone.
+    async fn send_delta(&self, data: &str) -> bool {
+        self.events
+            .send(Event::default().event("message.delta").data(data))
+            .await
+            .is_ok()
+    }
+
     /// Send the stored events after `sent` (and before `until`); false once the
     /// client is gone. A store that cannot be read leaves the gap to the bus.
     async fn catch_up(&mut self, until: Option<Position>) -> bool {

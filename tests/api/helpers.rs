@@ -78,6 +78,14 @@ pub async fn registered(
     (user, context)
 }
 
+/// In `extra`: run without NATS (no `--nats-url`): the workers and the replier
+/// tail the store, and live updates stay in the process.
+pub const WITHOUT_NATS: &str = "(without NATS)";
+
+fn non_empty<'a>(value: &'a str, otherwise: &'a str) -> &'a str {
+    if value.is_empty() { otherwise } else { value }
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(&[]).await
 }
@@ -138,7 +146,19 @@ pub async fn spawn_app_on(db: TestDb, names: BusNames, extra: &[&str], roles: Ro
             args.extend([limit, "0"]);
         }
     }
-    args.extend_from_slice(extra);
+    // The server topology: the shared NATS and Redis unless the test names its
+    // own (a private server, or an address where nothing listens).
+    let (nats_url, redis_url) = (
+        non_empty(&names.nats_url, "nats://127.0.0.1:4222"),
+        non_empty(&names.redis_url, "redis://127.0.0.1:6379"),
+    );
+    if !extra.contains(&"--nats-url") && !extra.contains(&WITHOUT_NATS) {
+        args.extend(["--nats-url", nats_url]);
+    }
+    if !extra.contains(&"--redis-url") {
+        args.extend(["--redis-url", redis_url]);
+    }
+    args.extend(extra.iter().filter(|a| **a != WITHOUT_NATS));
     let cli = Cli::try_parse_from(args).expect("test configuration parses");
     let (shutdown, crash) = (CancellationToken::new(), CancellationToken::new());
     let (built, address) = tokio::sync::oneshot::channel();

@@ -197,6 +197,8 @@ async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it() {
         .args([
             "--database-url",
             &app.db.url,
+            "--redis-url",
+            &app.names.redis_url,
             "--redis-key-prefix",
             &app.names.redis_prefix,
             "replay",
@@ -576,6 +578,7 @@ async fn backup_then_drop_then_restore_serves_the_same_data_and_verifies_clean()
         .arg(&file)
         .env("DATABASE_URL", &url)
         .env("AI_SECRETARY_BIN", binary())
+        .env("REDIS_URL", &names.redis_url)
         .env("REDIS_KEY_PREFIX", &names.redis_prefix)
         .output()
         .unwrap();
@@ -660,6 +663,7 @@ async fn a_restore_older_than_what_nats_has_seen_follows_the_procedure_to_a_clea
             .arg(&file)
             .env("DATABASE_URL", &db.url)
             .env("AI_SECRETARY_BIN", binary())
+            .env("REDIS_URL", &names.redis_url)
             .env("REDIS_KEY_PREFIX", &names.redis_prefix),
     )
     .await;
@@ -682,6 +686,8 @@ async fn a_restore_older_than_what_nats_has_seen_follows_the_procedure_to_a_clea
     let replayed = output(Command::new(binary()).args([
         "--database-url",
         &app.db.url,
+        "--redis-url",
+        &app.names.redis_url,
         "--redis-key-prefix",
         &app.names.redis_prefix,
         "replay",

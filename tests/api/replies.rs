@@ -791,8 +791,18 @@ async fn gemini_gets_the_real_request_and_its_answer_is_recorded() {
 
 #[tokio::test]
 async fn gemini_streams_the_reply_text_to_sse_before_the_completion() {
+    streams_the_reply_text(&[]).await;
+}
+
+/// Without NATS the deltas travel through the process's hub.
+#[tokio::test]
+async fn without_nats_gemini_streams_the_reply_text_to_sse_before_the_completion() {
+    streams_the_reply_text(&[crate::helpers::WITHOUT_NATS]).await;
+}
+
+async fn streams_the_reply_text(extra: &[&str]) {
     let gemini = FakeGemini::start(Script::Answer).await;
-    let app = spawn_app_with(&gemini.args(&[])).await;
+    let app = spawn_app_with(&gemini.args(extra)).await;
     let token = app.signed_up("streaming@example.com").await;
     let assistant = app.assistant(&token, "Mika").await;
     let conversation = app.conversation(&token, &assistant["id"]).await;

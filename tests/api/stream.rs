@@ -14,7 +14,9 @@ use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, eventually, problem, spawn_app, spawn_app_on};
+use crate::helpers::{
+    TestApp, WITHOUT_NATS, eventually, problem, spawn_app, spawn_app_on, spawn_app_with,
+};
 use crate::support::{BusNames, TestDb};
 
 /// One server-sent event.
@@ -197,7 +199,16 @@ pub async fn next(events: &mut Events) -> Sse {
 
 #[tokio::test]
 async fn sse_delivers_what_happens_after_subscribing_and_resumes() {
-    let app = spawn_app().await;
+    sse_delivers_and_resumes(spawn_app().await).await;
+}
+
+/// Without NATS, a commit wakes the stream, which reads the store.
+#[tokio::test]
+async fn sse_without_nats_delivers_what_happens_after_subscribing_and_resumes() {
+    sse_delivers_and_resumes(spawn_app_with(&[WITHOUT_NATS]).await).await;
+}
+
+async fn sse_delivers_and_resumes(app: TestApp) {
     let token = app.signed_up("live@example.com").await;
     let assistant = app.assistant(&token, "Mika").await;
     let conversation = app.conversation(&token, &assistant["id"]).await;
