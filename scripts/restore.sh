@@ -7,10 +7,16 @@ usage() {
     cat <<'USAGE'
 Usage: scripts/restore.sh [--help] FILE
 
-Restores FILE (a backup.sh dump) into the database named by DATABASE_URL with
-`pg_restore --clean --if-exists` (objects are dropped and recreated; the
-database must exist), then runs `ai-secretary verify`. If verify finds drift,
-runs `ai-secretary replay --all` and verifies again.
+Postgres (DATABASE_URL=postgres://…, FILE a .dump): restores FILE into that
+database with `pg_restore --clean --if-exists` (objects are dropped and
+recreated; the database must exist).
+
+Embedded (DATABASE_URL unset or sqlite://PATH, FILE a .sqlite copy): puts FILE
+in place of the SQLite database (DATA_DIR/ai-secretary.db, or PATH); the
+replaced file is kept beside it as <name>.before-restore.<UTC timestamp>.
+
+Then runs `ai-secretary verify`. If verify finds drift, runs
+`ai-secretary replay --all` and verifies again.
 
 Stop the service first (or at least its relay and projections). After the
 restore, the relay republishes from its checkpoint in the restored database
@@ -18,7 +24,8 @@ whatever NATS lacks; JetStream's duplicate window and the projections'
 checkpoints absorb repeats.
 
 Environment:
-  DATABASE_URL      target database (default postgres://postgres@127.0.0.1:5432/ai_secretary)
+  DATABASE_URL      postgres://… or sqlite://PATH (unset: the embedded database in DATA_DIR)
+  DATA_DIR          the embedded database's directory (default ./data)
   AI_SECRETARY_BIN  the ai-secretary binary (default: ai-secretary on PATH)
   Other ai-secretary settings (REDIS_URL, REDIS_KEY_PREFIX, …) are passed through.
 USAGE
@@ -34,21 +41,42 @@ if [[ $# -ne 1 ]]; then
 fi
 
 FILE="$1"
-export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/ai_secretary}"
 BIN="${AI_SECRETARY_BIN:-ai-secretary}"
 
 if [[ ! -r "$FILE" ]]; then
     echo "restore: cannot read ${FILE}" >&2
     exit 2
 fi
-echo "restore: checking ${FILE}"
-pg_restore --list "$FILE" >/dev/null
-echo "restore: restoring ${FILE} into the database (--clean --if-exists)"
-pg_restore --dbname="$DATABASE_URL" --clean --if-exists --no-owner --exit-on-error "$FILE"
-events="$(psql "$DATABASE_URL" --no-psqlrc --tuples-only --no-align --command 'SELECT count(*) FROM events')"
-echo "restore: restored; the event store holds ${events} events"
-echo "restore: if events were appended after this backup was taken, purge the NATS"
-echo "restore: stream before starting the service (docs/operations.md, Restore)"
+if [[ -z "${DATABASE_URL:-}" || "${DATABASE_URL}" == sqlite:* ]]; then
+    if [[ -z "${DATABASE_URL:-}" ]]; then
+        target="${DATA_DIR:-./data}/ai-secretary.db"
+    else
+        target="${DATABASE_URL#sqlite:}"
+        target="${target#//}"
+        target="${target%%\?*}"
+    fi
+    echo "restore: putting ${FILE} in place of ${target} (the service must be stopped)"
+    mkdir -p "$(dirname "$target")"
+    if [[ -e "$target" ]]; then
+        kept="${target}.before-restore.$(date -u +%Y%m%dT%H%M%SZ)"
+        mv "$target" "$kept"
+        echo "restore: the replaced database is kept as ${kept}"
+    fi
+    # The old file's write-ahead log belongs to it, not to the backup.
+    rm -f "${target}-wal" "${target}-shm"
+    cp "$FILE" "${target}.partial"
+    mv "${target}.partial" "$target"
+    echo "restore: restored ${FILE}"
+else
+    echo "restore: checking ${FILE}"
+    pg_restore --list "$FILE" >/dev/null
+    echo "restore: restoring ${FILE} into the database (--clean --if-exists)"
+    pg_restore --dbname="$DATABASE_URL" --clean --if-exists --no-owner --exit-on-error "$FILE"
+    events="$(psql "$DATABASE_URL" --no-psqlrc --tuples-only --no-align --command 'SELECT count(*) FROM events')"
+    echo "restore: restored; the event store holds ${events} events"
+    echo "restore: if events were appended after this backup was taken, purge the NATS"
+    echo "restore: stream before starting the service (docs/operations.md, Restore)"
+fi
 
 echo "restore: verifying read models against the event store"
 if "$BIN" verify; then

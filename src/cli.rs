@@ -40,6 +40,13 @@ pub enum Command {
     Verify { name: Option<String> },
     /// Apply database migrations and exit.
     Migrate,
+    /// Copy the embedded (SQLite) database to FILE while the service runs
+    /// (`VACUUM INTO`), then check the copy; Postgres is backed up with
+    /// `pg_dump` (scripts/backup.sh does either).
+    Backup {
+        /// The file to write (it must not exist).
+        file: std::path::PathBuf,
+    },
     /// Re-wrap every user's data key (and re-hash every email lookup) from
     /// ENCRYPTION_KEY to NEW_ENCRYPTION_KEY, with the service stopped; then
     /// start it with the new key (docs/operations.md).

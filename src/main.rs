@@ -58,6 +58,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tracing::info!("migrations applied");
             return Ok(ExitCode::SUCCESS);
         }
+        Some(Command::Backup { file }) => {
+            config.validate()?;
+            let Database::Sqlite(path) = config.database()? else {
+                anyhow::bail!(
+                    "backup copies the embedded SQLite database; back Postgres up with pg_dump (scripts/backup.sh)"
+                );
+            };
+            if !path.exists() {
+                anyhow::bail!("no database at {}", path.display());
+            }
+            let pool = sqlite::connect(&path.to_string_lossy(), 1).await?;
+            let backup = sqlite::backup_into(&pool, &file).await;
+            pool.close().await;
+            let backup = backup?;
+            println!(
+                "backed up {} events into {} ({} bytes), integrity ok",
+                backup.events,
+                backup.file.display(),
+                backup.bytes
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         Some(Command::Replay { name, all }) => {
             config.validate()?;
             let names: Vec<&str> = match (&name, all) {

@@ -20,10 +20,11 @@ use crate::support::{BusNames, TestDb};
 /// path SIGTERM takes: requests finish, roles stop, the store closes), and a
 /// shutdown that fails or takes longer than [`SHUTDOWN_LIMIT`] fails the test;
 /// `crash` stops it abruptly instead.
-pub struct TestApp {
+pub struct TestApp<D = TestDb> {
     pub address: String,
     pub client: reqwest::Client,
-    pub db: TestDb,
+    /// Its database: a Postgres one of its own, or an embedded one.
+    pub db: D,
     /// This test's names on NATS and Redis; the stream and keys go when it drops.
     pub names: BusNames,
     server: Option<Server>,
@@ -159,6 +160,65 @@ pub async fn spawn_app_on(db: TestDb, names: BusNames, extra: &[&str], roles: Ro
         args.extend(["--redis-url", redis_url]);
     }
     args.extend(extra.iter().filter(|a| **a != WITHOUT_NATS));
+    let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+    launch(args, db, names, roles).await
+}
+
+/// The embedded service (SQLite in a temporary `DATA_DIR`, no NATS, no Redis),
+/// as `cargo run` starts it on a machine without servers.
+pub async fn spawn_embedded(extra: &[&str]) -> TestApp<Embedded> {
+    spawn_embedded_on(Embedded::new(), extra, Roles::all()).await
+}
+
+/// The embedded service on an existing data directory.
+pub async fn spawn_embedded_on(db: Embedded, extra: &[&str], roles: Roles) -> TestApp<Embedded> {
+    let dir = db.dir.path().to_string_lossy().into_owned();
+    let mut args = vec![
+        "ai-secretary",
+        "--data-dir",
+        &dir,
+        "--bind",
+        "127.0.0.1:0",
+        "--environment",
+        "development",
+    ];
+    for limit in [
+        "--rate-limit-commands-per-minute",
+        "--rate-limit-signups-per-hour",
+        "--rate-limit-logins-per-minute",
+    ] {
+        if !extra.contains(&limit) {
+            args.extend([limit, "0"]);
+        }
+    }
+    args.extend_from_slice(extra);
+    let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+    launch(args, db, BusNames::detached(), roles).await
+}
+
+/// An embedded service's data directory, removed when the test ends.
+pub struct Embedded {
+    pub dir: tempfile::TempDir,
+}
+
+impl Embedded {
+    pub fn new() -> Embedded {
+        Embedded {
+            dir: tempfile::tempdir().expect("a temporary directory"),
+        }
+    }
+
+    /// The SQLite file the service keeps everything in.
+    pub fn file(&self) -> std::path::PathBuf {
+        self.dir
+            .path()
+            .join(ai_secretary::config::EMBEDDED_DATABASE_FILE)
+    }
+}
+
+/// Build the service from `args` on a runtime and thread of its own, and wait
+/// until it listens.
+async fn launch<D>(args: Vec<String>, db: D, names: BusNames, roles: Roles) -> TestApp<D> {
     let cli = Cli::try_parse_from(args).expect("test configuration parses");
     let (shutdown, crash) = (CancellationToken::new(), CancellationToken::new());
     let (built, address) = tokio::sync::oneshot::channel();
@@ -209,7 +269,7 @@ pub async fn spawn_app_on(db: TestDb, names: BusNames, extra: &[&str], roles: Ro
     }
 }
 
-impl TestApp {
+impl<D> TestApp<D> {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
     }
@@ -312,7 +372,9 @@ impl TestApp {
         assert_eq!(response.status(), StatusCode::CREATED);
         response.json().await.unwrap()
     }
+}
 
+impl TestApp {
     /// `(stream_type, version, event_type)` of every event, in commit order.
     pub async fn events(&self) -> Vec<(String, i64, String)> {
         sqlx::query_as(
@@ -357,7 +419,17 @@ impl TestApp {
         let names = std::mem::replace(&mut self.names, BusNames::detached());
         (db, names)
     }
+}
 
+impl TestApp<Embedded> {
+    /// Stop gracefully and hand back the data directory for the next instance.
+    pub fn stop_embedded(mut self) -> Embedded {
+        self.shut_down();
+        std::mem::replace(&mut self.db, Embedded::new())
+    }
+}
+
+impl<D> TestApp<D> {
     /// The graceful shutdown, failing the test if it fails or hangs (unless
     /// the test is failing already).
     fn shut_down(&mut self) {
@@ -387,7 +459,7 @@ impl TestApp {
 }
 
 /// Shut the service down gracefully when the test ends, as SIGTERM would.
-impl Drop for TestApp {
+impl<D> Drop for TestApp<D> {
     fn drop(&mut self) {
         self.shut_down();
     }

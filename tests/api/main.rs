@@ -10,6 +10,7 @@ mod contract;
 mod conversations;
 mod dashboards;
 mod edges;
+mod embedded;
 mod errors;
 mod failover;
 mod feed;

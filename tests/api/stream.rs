@@ -75,8 +75,8 @@ pub fn streamed_text(updates: &[Sse], reply: &Value) -> String {
 }
 
 /// Open the conversation's stream and return a receiver of its events.
-pub async fn subscribe(
-    app: &TestApp,
+pub async fn subscribe<D>(
+    app: &TestApp<D>,
     token: &str,
     conversation: &str,
     last_event_id: Option<&str>,
