@@ -9,7 +9,11 @@ use ai_secretary::{
     crypto::MasterKey,
     recovery,
     startup::{Application, Roles, shutdown_signal},
-    store::{postgres, rotation::rotate_master_key, sqlite},
+    store::{
+        postgres,
+        rotation::{rotate_master_key, rotate_master_key_sqlite},
+        sqlite,
+    },
     telemetry,
 };
 use anyhow::Context;
@@ -94,10 +98,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config.validate()?;
             let new = MasterKey::from_hex(new_encryption_key.expose())
                 .context("NEW_ENCRYPTION_KEY must be 32 bytes written as 64 hex characters")?;
-            let url = config.postgres_url("rotate-encryption-key")?;
-            let pool = postgres::connect(url.expose(), 1).await?;
-            let rotated =
-                rotate_master_key(&pool, &config.master_key()?, &new, EMAIL_SCOPE).await?;
+            let old = config.master_key()?;
+            let rotated = match config.database()? {
+                Database::Postgres(url) => {
+                    let pool = postgres::connect(url.expose(), 1).await?;
+                    rotate_master_key(&pool, &old, &new, EMAIL_SCOPE).await?
+                }
+                Database::Sqlite(path) => {
+                    let pool = sqlite::connect(&path.to_string_lossy(), 1).await?;
+                    rotate_master_key_sqlite(&pool, &old, &new, EMAIL_SCOPE).await?
+                }
+            };
             println!(
                 "rotated {} user keys and {} email lookups; start the service with the new ENCRYPTION_KEY",
                 rotated.keys, rotated.reservations

@@ -205,7 +205,7 @@ async fn the_readme_walkthrough_runs_embedded_with_no_server() {
 }
 
 #[tokio::test]
-async fn a_restart_on_the_same_data_dir_keeps_everything_and_goes_on() {
+async fn a_restart_on_the_same_data_dir_keeps_everything_even_after_a_key_rotation() {
     let app = spawn_embedded(&[]).await;
     let token = app.signed_up("keep@example.com").await;
     let assistant = app.assistant(&token, "Mika").await;
