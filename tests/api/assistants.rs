@@ -1,11 +1,12 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{problem, spawn_app};
+use crate::helpers::problem;
 
-#[tokio::test]
-async fn create_update_archive_restore_delete() {
-    let app = spawn_app().await;
+crate::on_both!(create_update_archive_restore_delete);
+async fn create_update_archive_restore_delete<D: crate::helpers::EventLog>(
+    app: crate::helpers::TestApp<D>,
+) {
     let token = app.signed_up("owner@example.com").await;
 
     let response = app
@@ -91,9 +92,10 @@ async fn create_update_archive_restore_delete() {
     );
 }
 
-#[tokio::test]
-async fn another_users_assistant_is_404() {
-    let app = spawn_app().await;
+crate::on_both!(another_users_assistant_is_404);
+async fn another_users_assistant_is_404<D: crate::helpers::EventLog>(
+    app: crate::helpers::TestApp<D>,
+) {
     let alice = app.signed_up("alice@example.com").await;
     let mallory = app.signed_up("mallory@example.com").await;
     let assistant = app.assistant(&alice, "Private").await;
@@ -123,9 +125,10 @@ async fn another_users_assistant_is_404() {
     assert_eq!(app.event_count().await, before);
 }
 
-#[tokio::test]
-async fn concurrent_patches_without_if_match_all_land() {
-    let app = spawn_app().await;
+crate::on_both!(concurrent_patches_without_if_match_all_land);
+async fn concurrent_patches_without_if_match_all_land<D: crate::helpers::EventLog>(
+    app: crate::helpers::TestApp<D>,
+) {
     let token = app.signed_up("busy@example.com").await;
     let id = app.assistant(&token, "Busy").await["id"].clone();
     let path = format!("/api/v1/assistants/{}", id.as_str().unwrap());

@@ -1,12 +1,13 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{problem, spawn_app, spawn_app_without_replier};
+use crate::helpers::{problem, spawn_app};
 
-#[tokio::test]
-async fn start_rename_post_and_archive() {
+crate::on_both!(start_rename_post_and_archive, without_replier []);
+async fn start_rename_post_and_archive<D: crate::helpers::EventLog>(
+    app: crate::helpers::TestApp<D>,
+) {
     // Without the replier: its events would interleave with the ones checked here.
-    let app = spawn_app_without_replier(&[]).await;
     let token = app.signed_up("talker@example.com").await;
     let assistant = app.assistant(&token, "Mika").await;
 
@@ -91,9 +92,10 @@ async fn start_rename_post_and_archive() {
     );
 }
 
-#[tokio::test]
-async fn no_conversation_with_an_archived_or_unknown_assistant() {
-    let app = spawn_app().await;
+crate::on_both!(no_conversation_with_an_archived_or_unknown_assistant);
+async fn no_conversation_with_an_archived_or_unknown_assistant<D: crate::helpers::EventLog>(
+    app: crate::helpers::TestApp<D>,
+) {
     let token = app.signed_up("picky@example.com").await;
     let assistant = app.assistant(&token, "Resting").await;
     let id = assistant["id"].as_str().unwrap();
@@ -116,9 +118,10 @@ async fn no_conversation_with_an_archived_or_unknown_assistant() {
     assert_eq!(body["errors"][0]["pointer"], "/assistant_id");
 }
 
-#[tokio::test]
-async fn another_users_conversation_is_404() {
-    let app = spawn_app().await;
+crate::on_both!(another_users_conversation_is_404);
+async fn another_users_conversation_is_404<D: crate::helpers::EventLog>(
+    app: crate::helpers::TestApp<D>,
+) {
     let alice = app.signed_up("alice@example.com").await;
     let mallory = app.signed_up("mallory@example.com").await;
     let assistant = app.assistant(&alice, "Mika").await;

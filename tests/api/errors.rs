@@ -3,11 +3,10 @@
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::helpers::{problem, spawn_app};
+use crate::helpers::problem;
 
-#[tokio::test]
-async fn malformed_json_is_400() {
-    let app = spawn_app().await;
+crate::on_both!(malformed_json_is_400);
+async fn malformed_json_is_400<D: crate::helpers::EventLog>(app: crate::helpers::TestApp<D>) {
     let token = app.signed_up("x@example.com").await;
     let response = app
         .client
@@ -22,9 +21,8 @@ async fn malformed_json_is_400() {
     assert_eq!(app.event_count().await, 1);
 }
 
-#[tokio::test]
-async fn wrong_content_type_is_415() {
-    let app = spawn_app().await;
+crate::on_both!(wrong_content_type_is_415);
+async fn wrong_content_type_is_415<D: crate::helpers::EventLog>(app: crate::helpers::TestApp<D>) {
     let token = app.signed_up("x@example.com").await;
     let response = app
         .client
@@ -39,9 +37,10 @@ async fn wrong_content_type_is_415() {
     assert_eq!(app.event_count().await, 1);
 }
 
-#[tokio::test]
-async fn a_body_over_one_mebibyte_is_413() {
-    let app = spawn_app().await;
+crate::on_both!(a_body_over_one_mebibyte_is_413);
+async fn a_body_over_one_mebibyte_is_413<D: crate::helpers::EventLog>(
+    app: crate::helpers::TestApp<D>,
+) {
     let token = app.signed_up("x@example.com").await;
     let huge = "x".repeat(1024 * 1024 + 1);
     let response = app
@@ -66,9 +65,10 @@ async fn a_body_over_one_mebibyte_is_413() {
     assert_eq!(app.event_count().await, 1);
 }
 
-#[tokio::test]
-async fn invalid_fields_are_422_with_pointers() {
-    let app = spawn_app().await;
+crate::on_both!(invalid_fields_are_422_with_pointers);
+async fn invalid_fields_are_422_with_pointers<D: crate::helpers::EventLog>(
+    app: crate::helpers::TestApp<D>,
+) {
     let token = app.signed_up("x@example.com").await;
     let cases = [
         (json!({ "name": "" }), "/name"),
@@ -114,9 +114,10 @@ async fn invalid_fields_are_422_with_pointers() {
     assert_eq!(app.event_count().await, 3);
 }
 
-#[tokio::test]
-async fn unknown_routes_ids_and_methods() {
-    let app = spawn_app().await;
+crate::on_both!(unknown_routes_ids_and_methods);
+async fn unknown_routes_ids_and_methods<D: crate::helpers::EventLog>(
+    app: crate::helpers::TestApp<D>,
+) {
     let token = app.signed_up("x@example.com").await;
     problem(
         app.send(Method::GET, "/api/v1/nothing-here", Some(&token), None)

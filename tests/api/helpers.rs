@@ -214,6 +214,13 @@ impl Embedded {
             .path()
             .join(ai_secretary::config::EMBEDDED_DATABASE_FILE)
     }
+
+    /// A pool of the test's own on that file, for reads beside the service.
+    pub async fn pool(&self) -> sqlx::SqlitePool {
+        ai_secretary::store::sqlite::connect(&self.file().to_string_lossy(), 1)
+            .await
+            .expect("the embedded database opens")
+    }
 }
 
 /// Build the service from `args` on a runtime and thread of its own, and wait
@@ -374,23 +381,57 @@ impl<D> TestApp<D> {
     }
 }
 
-impl TestApp {
+/// What a test reads of the event log beside the service, whichever database it is.
+pub trait EventLog {
+    /// `(stream_type, version, event_type)` of every event, in commit order.
+    fn events(&self) -> impl std::future::Future<Output = Vec<(String, i64, String)>>;
+    fn event_count(&self) -> impl std::future::Future<Output = i64>;
+}
+
+const EVENTS: &str = "SELECT stream_type, version, event_type FROM events
+     ORDER BY transaction_id, global_position";
+const EVENT_COUNT: &str = "SELECT count(*) FROM events";
+
+impl EventLog for TestDb {
+    async fn events(&self) -> Vec<(String, i64, String)> {
+        sqlx::query_as(EVENTS).fetch_all(&self.pool).await.unwrap()
+    }
+
+    async fn event_count(&self) -> i64 {
+        sqlx::query_scalar(EVENT_COUNT)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+impl EventLog for Embedded {
+    async fn events(&self) -> Vec<(String, i64, String)> {
+        let pool = self.pool().await;
+        let events = sqlx::query_as(EVENTS).fetch_all(&pool).await.unwrap();
+        pool.close().await;
+        events
+    }
+
+    async fn event_count(&self) -> i64 {
+        let pool = self.pool().await;
+        let count = sqlx::query_scalar(EVENT_COUNT)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        count
+    }
+}
+
+impl<D: EventLog> TestApp<D> {
     /// `(stream_type, version, event_type)` of every event, in commit order.
     pub async fn events(&self) -> Vec<(String, i64, String)> {
-        sqlx::query_as(
-            "SELECT stream_type, version, event_type FROM events
-             ORDER BY transaction_id, global_position",
-        )
-        .fetch_all(&self.db.pool)
-        .await
-        .unwrap()
+        self.db.events().await
     }
 
     pub async fn event_count(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM events")
-            .fetch_one(&self.db.pool)
-            .await
-            .unwrap()
+        self.db.event_count().await
     }
 }
 
@@ -525,4 +566,53 @@ pub async fn eventually_within<T>(
             Err(_) => tokio::time::sleep(interval).await,
         }
     }
+}
+
+/// One test, both topologies: `<name>::servers` (Postgres, NATS and Redis;
+/// ignored unless built with `AI_SECRETARY_TEST_SERVERS=1`) and
+/// `<name>::embedded` (SQLite, no server), each calling `async fn
+/// <name><D>(app: TestApp<D>)` with a fresh service:
+///
+/// - `on_both!(name)`: every role;
+/// - `on_both!(name, with [args…])`: every role, extra options;
+/// - `on_both!(name, without_replier [args…])`: no replier (replies stay queued).
+#[macro_export]
+macro_rules! on_both {
+    ($name:ident) => {
+        $crate::on_both!($name, with []);
+    };
+    ($name:ident, with [$($arg:expr),* $(,)?]) => {
+        mod $name {
+            #[cfg_attr(not(test_servers), ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1")]
+            #[tokio::test]
+            async fn servers() {
+                super::$name($crate::helpers::spawn_app_with(&[$($arg),*]).await).await
+            }
+            #[tokio::test]
+            async fn embedded() {
+                super::$name($crate::helpers::spawn_embedded(&[$($arg),*]).await).await
+            }
+        }
+    };
+    ($name:ident, without_replier [$($arg:expr),* $(,)?]) => {
+        mod $name {
+            #[cfg_attr(not(test_servers), ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1")]
+            #[tokio::test]
+            async fn servers() {
+                super::$name($crate::helpers::spawn_app_without_replier(&[$($arg),*]).await).await
+            }
+            #[tokio::test]
+            async fn embedded() {
+                super::$name(
+                    $crate::helpers::spawn_embedded_on(
+                        $crate::helpers::Embedded::new(),
+                        &[$($arg),*],
+                        $crate::helpers::without_replier(),
+                    )
+                    .await,
+                )
+                .await
+            }
+        }
+    };
 }

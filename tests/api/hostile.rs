@@ -117,9 +117,12 @@ fn nul_bodies(assistant: &str, conversation: &str) -> Vec<(Method, String, Value
     ]
 }
 
-#[tokio::test]
-async fn a_control_character_in_any_string_field_is_422_and_changes_nothing() {
-    let app = spawn_app_without_replier(&[]).await;
+crate::on_both!(a_control_character_in_any_string_field_is_422_and_changes_nothing, without_replier []);
+async fn a_control_character_in_any_string_field_is_422_and_changes_nothing<
+    D: crate::helpers::EventLog,
+>(
+    app: crate::helpers::TestApp<D>,
+) {
     let token = app.signed_up("nul@example.com").await;
     let assistant = app.assistant(&token, "Clean").await;
     let conversation = app.conversation(&token, &assistant["id"]).await;
@@ -155,9 +158,10 @@ async fn a_control_character_in_any_string_field_is_422_and_changes_nothing() {
     assert_eq!(response.status(), StatusCode::ACCEPTED);
 }
 
-#[tokio::test]
-async fn absurd_dates_in_the_usage_statistics_are_422() {
-    let app = spawn_app_without_replier(&[]).await;
+crate::on_both!(absurd_dates_in_the_usage_statistics_are_422, without_replier []);
+async fn absurd_dates_in_the_usage_statistics_are_422<D: crate::helpers::EventLog>(
+    app: crate::helpers::TestApp<D>,
+) {
     let token = app.signed_up("dates@example.com").await;
     for query in [
         "to=-262143-01-15",
@@ -189,8 +193,8 @@ async fn absurd_dates_in_the_usage_statistics_are_422() {
 }
 
 /// `POST` as JSON, returning the response.
-async fn post_json(
-    app: &TestApp,
+async fn post_json<D>(
+    app: &TestApp<D>,
     path: &str,
     token: Option<&str>,
     body: Value,
@@ -210,7 +214,7 @@ async fn too_many(response: reqwest::Response, low: u64, high: u64) {
     problem(response, StatusCode::TOO_MANY_REQUESTS).await;
 }
 
-async fn rate_limited(app: &TestApp, limit: &str) -> u64 {
+async fn rate_limited<D>(app: &TestApp<D>, limit: &str) -> u64 {
     let metrics = app
         .send(Method::GET, "/metrics", None, None)
         .await
@@ -224,9 +228,12 @@ async fn rate_limited(app: &TestApp, limit: &str) -> u64 {
         .map_or(0, |v| v.trim().parse().unwrap())
 }
 
-#[tokio::test]
-async fn commands_over_the_per_user_limit_are_429_and_change_nothing() {
-    let app = spawn_app_without_replier(&["--rate-limit-commands-per-minute", "3"]).await;
+crate::on_both!(commands_over_the_per_user_limit_are_429_and_change_nothing, without_replier ["--rate-limit-commands-per-minute", "3"]);
+async fn commands_over_the_per_user_limit_are_429_and_change_nothing<
+    D: crate::helpers::EventLog,
+>(
+    app: crate::helpers::TestApp<D>,
+) {
     let token = app.signed_up("busy@example.com").await;
     let other = app.signed_up("calm@example.com").await;
     for i in 0..3 {
@@ -312,9 +319,10 @@ async fn sign_ups_and_logins_over_the_per_address_limits_are_429_before_any_work
     assert!(rate_limited(&app, "sign-ups").await >= 1);
 }
 
-#[tokio::test]
-async fn tokens_and_personal_data_are_never_stored_by_caches() {
-    let app = spawn_app_without_replier(&[]).await;
+crate::on_both!(tokens_and_personal_data_are_never_stored_by_caches, without_replier []);
+async fn tokens_and_personal_data_are_never_stored_by_caches<D: crate::helpers::EventLog>(
+    app: crate::helpers::TestApp<D>,
+) {
     let signed_up = post_json(
         &app,
         "/users",
@@ -344,9 +352,12 @@ async fn tokens_and_personal_data_are_never_stored_by_caches() {
     assert_eq!(refused.headers()["cache-control"], "no-store");
 }
 
-#[tokio::test]
-async fn guessable_passwords_are_refused_before_anything_is_hashed_or_appended() {
-    let app = spawn_app_without_replier(&[]).await;
+crate::on_both!(guessable_passwords_are_refused_before_anything_is_hashed_or_appended, without_replier []);
+async fn guessable_passwords_are_refused_before_anything_is_hashed_or_appended<
+    D: crate::helpers::EventLog,
+>(
+    app: crate::helpers::TestApp<D>,
+) {
     let before = app.event_count().await;
     for password in ["password", "12345678", "qwertyuiop", "ada@example.com"] {
         let response = post_json(
@@ -412,9 +423,10 @@ async fn an_account_is_locked_out_after_repeated_failures_for_longer_each_round(
     assert!(rate_limited(&app, "login lockout").await >= 3);
 }
 
-#[tokio::test]
-async fn a_token_of_an_account_that_does_not_exist_commands_nothing() {
-    let app = spawn_app_without_replier(&[]).await;
+crate::on_both!(a_token_of_an_account_that_does_not_exist_commands_nothing, without_replier []);
+async fn a_token_of_an_account_that_does_not_exist_commands_nothing<D: crate::helpers::EventLog>(
+    app: crate::helpers::TestApp<D>,
+) {
     // A well-signed token (the development key) for an account never registered.
     let tokens = ai_secretary::auth::Tokens::new(
         ai_secretary::config::DEV_JWT_SECRET,

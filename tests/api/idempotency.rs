@@ -4,7 +4,7 @@ use sqlx::{Connection, PgConnection};
 
 use crate::helpers::{TestApp, problem, spawn_app};
 
-async fn keyed_post(app: &TestApp, token: &str, key: &str, body: Value) -> reqwest::Response {
+async fn keyed_post<D>(app: &TestApp<D>, token: &str, key: &str, body: Value) -> reqwest::Response {
     app.client
         .post(app.url("/api/v1/assistants"))
         .bearer_auth(token)
@@ -15,9 +15,10 @@ async fn keyed_post(app: &TestApp, token: &str, key: &str, body: Value) -> reqwe
         .unwrap()
 }
 
-#[tokio::test]
-async fn a_retry_returns_the_first_response_and_appends_nothing() {
-    let app = spawn_app().await;
+crate::on_both!(a_retry_returns_the_first_response_and_appends_nothing);
+async fn a_retry_returns_the_first_response_and_appends_nothing<D: crate::helpers::EventLog>(
+    app: crate::helpers::TestApp<D>,
+) {
     let token = app.signed_up("retry@example.com").await;
     let first = keyed_post(&app, &token, "create-mika", json!({ "name": "Mika" })).await;
     assert_eq!(first.status(), StatusCode::CREATED);
@@ -47,13 +48,14 @@ async fn a_retry_returns_the_first_response_and_appends_nothing() {
     assert_ne!(theirs["id"], first["id"]);
 }
 
+crate::on_both!(a_refused_command_is_not_remembered);
 /// docs/decisions.md: a refused command (4xx) is not remembered, so the client
 /// fixes the request and retries with the same key. Were the refusal kept, the
 /// fixed request would meet it: a replayed 422, or a 422 for "a different
 /// request" under the same key.
-#[tokio::test]
-async fn a_refused_command_is_not_remembered() {
-    let app = spawn_app().await;
+async fn a_refused_command_is_not_remembered<D: crate::helpers::EventLog>(
+    app: crate::helpers::TestApp<D>,
+) {
     let token = app.signed_up("fixit@example.com").await;
     let events = app.event_count().await;
     let bad = keyed_post(&app, &token, "k", json!({ "name": "" })).await;

@@ -77,9 +77,8 @@ async fn register_log_in_and_read_the_profile() {
     );
 }
 
-#[tokio::test]
-async fn one_account_per_email() {
-    let app = spawn_app().await;
+crate::on_both!(one_account_per_email);
+async fn one_account_per_email<D: crate::helpers::EventLog>(app: crate::helpers::TestApp<D>) {
     app.signed_up("dup@example.com").await;
     let response = app
         .send(
@@ -93,9 +92,10 @@ async fn one_account_per_email() {
     assert_eq!(app.event_count().await, 1);
 }
 
-#[tokio::test]
-async fn wrong_credentials_and_tokens_are_401() {
-    let app = spawn_app().await;
+crate::on_both!(wrong_credentials_and_tokens_are_401);
+async fn wrong_credentials_and_tokens_are_401<D: crate::helpers::EventLog>(
+    app: crate::helpers::TestApp<D>,
+) {
     app.signed_up("eve@example.com").await;
     for (email, password) in [
         ("eve@example.com", "wrong password"),
@@ -121,9 +121,8 @@ async fn wrong_credentials_and_tokens_are_401() {
     problem(forged, StatusCode::UNAUTHORIZED).await;
 }
 
-#[tokio::test]
-async fn registration_is_validated() {
-    let app = spawn_app().await;
+crate::on_both!(registration_is_validated);
+async fn registration_is_validated<D: crate::helpers::EventLog>(app: crate::helpers::TestApp<D>) {
     let response = app
         .send(
             Method::POST,
