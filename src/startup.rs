@@ -5,7 +5,7 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use ai_secretary_projections::worker;
+use ai_secretary_projections::{Db, worker};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
@@ -153,7 +153,7 @@ impl Application {
         }
         if !checkpoints.is_empty() {
             tasks.push(spawn(crate::sampler::lag(
-                pool.clone(),
+                Db::Postgres(pool.clone()),
                 checkpoints,
                 stop.clone(),
             )));
@@ -194,7 +194,7 @@ impl Application {
                 feed: match &commits {
                     None => crate::replier::Feed::Bus,
                     Some(commits) => crate::replier::Feed::StoreTail {
-                        pool: pool.clone(),
+                        db: Db::Postgres(pool.clone()),
                         store: raw.clone(),
                         commits: commits.clone(),
                     },
@@ -260,7 +260,10 @@ impl Application {
                                 // The relay usually creates the stream; a worker may start first.
                                 bus::ensure_stream(jetstream, &bus).await?;
                             }
-                            Ok(worker::run(pool, feed, source, projection, stop).await?)
+                            Ok(
+                                worker::run(Db::Postgres(pool), feed, source, projection, stop)
+                                    .await?,
+                            )
                         }
                     },
                 )));
