@@ -130,7 +130,7 @@ impl Application {
         };
         // The store, the read side's database, and the signal that wakes what
         // tails the store (the embedded store's own; Postgres' LISTEN below).
-        let (store, _db, pool, store_commits) = match &database {
+        let (store, db, pool, store_commits) = match &database {
             Database::Postgres(url) => {
                 let pool = postgres::connect(url.expose(), config.database_max_connections).await?;
                 tasks.push(spawn(crate::sampler::pool(pool.clone(), stop.clone())));
@@ -144,7 +144,9 @@ impl Application {
                         .await?;
                 tasks.push(spawn(crate::sampler::pool(pool.clone(), stop.clone())));
                 let store = SqliteEventStore::new(pool.clone(), coalescing);
-                let commits = crate::bus::tail::store_commits(store.committed(), stop.clone());
+                let (commits, forwarder) =
+                    crate::bus::tail::sqlite_commits(store.committed(), stop.clone());
+                tasks.push(AbortOnDropHandle::new(forwarder));
                 let db = Db::Sqlite(SqliteDb::new(pool));
                 (Store::Sqlite(store), db, None, Some(commits))
             }
@@ -166,6 +168,19 @@ impl Application {
             llm = ?config.llm_provider,
             "backends"
         );
+        // Lag of the checkpoints this process moves (none in an API-only process,
+        // so replicas do not report the same series twice).
+        let mut checkpoints = roles.projections.clone();
+        if roles.relay && config.nats_url.is_some() {
+            checkpoints.push(crate::bus::relay::CHECKPOINT.to_owned());
+        }
+        if !checkpoints.is_empty() {
+            tasks.push(spawn(crate::sampler::lag(
+                db.clone(),
+                checkpoints,
+                stop.clone(),
+            )));
+        }
         let bus = BusConfig {
             url: config.nats_url.clone().unwrap_or_default(),
             stream: config.nats_stream.clone(),
@@ -226,7 +241,7 @@ impl Application {
                 feed: match &tail_commits {
                     None => crate::replier::Feed::Bus,
                     Some(commits) => crate::replier::Feed::StoreTail {
-                        pool: postgres_only(&pool, "the replier")?,
+                        db: db.clone(),
                         store: raw.clone(),
                         commits: commits.clone(),
                     },
@@ -261,7 +276,6 @@ impl Application {
                 (None, Some(jetstream)) => worker::Feed::Bus(Box::new(jetstream)),
                 (None, None) => anyhow::bail!("the bus feed needs NATS_URL"),
             };
-            let pool = postgres_only(&pool, "the projection workers")?;
             let source = worker::Source {
                 stream: bus.stream.clone(),
                 subject_prefix: bus.subject_prefix.clone(),
@@ -272,8 +286,8 @@ impl Application {
                 .filter(|p| roles.projections.iter().any(|n| n == p.name))
                 .map(|p| (p.live)(&cache))
             {
-                let (pool, feed, source, bus, stop) = (
-                    pool.clone(),
+                let (db, feed, source, bus, stop) = (
+                    db.clone(),
                     feed.clone(),
                     source.clone(),
                     bus.clone(),
@@ -283,8 +297,8 @@ impl Application {
                     projection.name(),
                     stop.clone(),
                     move || {
-                        let (pool, feed, source, bus, stop, projection) = (
-                            pool.clone(),
+                        let (db, feed, source, bus, stop, projection) = (
+                            db.clone(),
                             feed.clone(),
                             source.clone(),
                             bus.clone(),
@@ -296,7 +310,7 @@ impl Application {
                                 // The relay usually creates the stream; a worker may start first.
                                 bus::ensure_stream(jetstream, &bus).await?;
                             }
-                            Ok(worker::run(pool, feed, source, projection, stop).await?)
+                            Ok(worker::run(db, feed, source, projection, stop).await?)
                         }
                     },
                 )));

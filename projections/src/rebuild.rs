@@ -418,7 +418,7 @@ async fn swap(
         .execute(&mut *tx)
         .await?;
     // The checkpoint row first (the worker's batch takes it first too: no deadlock).
-    let live = checkpoint::lock(&mut tx, name).await?.position;
+    let live = checkpoint::postgres::lock(&mut tx, name).await?.position;
     let names: Vec<&str> = tables.iter().map(|t| t.name).collect();
     sqlx::query(AssertSqlSafe(format!(
         "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
@@ -467,7 +467,7 @@ async fn swap(
     if head > live {
         // The rebuild is ahead of the worker: it resumes at its JetStream sequence
         // and skips, by position, the events folded here.
-        checkpoint::advance(&mut tx, name, head).await?;
+        checkpoint::postgres::advance(&mut tx, name, head).await?;
     }
     tx.commit().await?;
     Ok((position, tail))

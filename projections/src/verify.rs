@@ -114,7 +114,7 @@ pub async fn verify(
         let fold = Fold::new(name).ok_or_else(|| rebuild::RebuildError::Unknown((*name).into()))?;
         folds.push(fold);
     }
-    let checkpoints = checkpoint::all(&mut *tx).await?;
+    let checkpoints = checkpoint::postgres::all(&mut *tx).await?;
     let mut limited = Vec::new();
     for fold in folds {
         // A projection that never ran has applied nothing.

@@ -4,6 +4,9 @@
 //! It carries no events, only "something was committed": a worker always reads
 //! the store from its checkpoint, so a lost or doubled signal costs a little
 //! latency (the worker's poll), never an event.
+//!
+//! Two sources: `LISTEN` on the Postgres store's commit channel ([`commits`]),
+//! and the SQLite store's own in-process signal ([`sqlite_commits`]).
 
 use std::time::Duration;
 
@@ -11,7 +14,7 @@ use sqlx::{PgPool, postgres::PgListener};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::postgres::COMMITS_CHANNEL;
+use crate::store::{Position, postgres::COMMITS_CHANNEL};
 
 /// Pause before listening again after the listener failed (a restart, a cut).
 const RELISTEN_AFTER: Duration = Duration::from_millis(500);
@@ -58,20 +61,22 @@ async fn listen(
     }
 }
 
-/// The embedded store's commits as the same signal: it changes whenever the
-/// store commits in this process (the store's own watch of its last commit),
-/// until `stop`.
-pub fn store_commits(
-    mut committed: watch::Receiver<crate::store::Position>,
+/// The same signal from the SQLite store's `committed()` watch
+/// (`SqliteEventStore::committed`): it changes after every commit of that
+/// store in this process. A task forwards each change until `stop` or until
+/// the store is gone; the receivers then see the sender gone and poll (which
+/// is also how they see appends by another process on the same file).
+pub fn sqlite_commits(
+    mut committed: watch::Receiver<Position>,
     stop: CancellationToken,
-) -> watch::Receiver<()> {
+) -> (watch::Receiver<()>, tokio::task::JoinHandle<()>) {
     let (sender, receiver) = watch::channel(());
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         loop {
             tokio::select! {
                 changed = committed.changed() => {
                     if changed.is_err() {
-                        return; // the store is closed
+                        return; // the store is gone
                     }
                     sender.send_replace(());
                 }
@@ -79,5 +84,5 @@ pub fn store_commits(
             }
         }
     });
-    receiver
+    (receiver, task)
 }
