@@ -5,7 +5,7 @@
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use ai_secretary_projections::worker;
+use ai_secretary_projections::{Db, worker};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
@@ -269,7 +269,7 @@ impl Application {
 
         let mut recovery = None;
         let api = if roles.api {
-            let (progress, follower) = Progress::start(pool.clone(), stop.clone());
+            let (progress, follower) = Progress::start(Db::Postgres(pool.clone()), stop.clone());
             let rebuilds = Rebuilds::new(
                 pool.clone(),
                 Arc::new(keyring.clone()),
@@ -278,7 +278,7 @@ impl Application {
             );
             tasks.push(AbortOnDropHandle::new(follower));
             let read = ReadSide {
-                pool: pool.clone(),
+                db: Db::Postgres(pool.clone()),
                 cache,
                 progress,
                 wait_limit: Duration::from_millis(config.consistency_timeout_ms),

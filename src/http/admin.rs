@@ -243,7 +243,14 @@ async fn projections(
     };
     let head = state.commands.head().await?;
     let mut data = Vec::new();
-    for checkpoint in checkpoint::all(&state.read.pool).await? {
+    // `checkpoint::all` reads Postgres only until it takes either database (the
+    // worker's port to SQLite brings that); no process serves this API on SQLite
+    // before then.
+    let pool =
+        state.read.db.postgres().ok_or_else(|| {
+            anyhow::anyhow!("the projections' status is not yet read from SQLite")
+        })?;
+    for checkpoint in checkpoint::all(pool).await? {
         let (name, at) = (&checkpoint.name, checkpoint.position);
         // How many events are past this checkpoint, and since when the oldest waits.
         let behind = state.commands.behind(at, LAG_COUNT_LIMIT).await?;
