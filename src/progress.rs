@@ -1,19 +1,24 @@
 //! Where the read side has got to: every checkpoint, kept current from the
-//! projections' announcements (`NOTIFY ai_secretary_checkpoints` on commit), with
-//! a slow poll behind them. A query carrying `X-Consistency-Token` waits here,
-//! woken by those notifications rather than polling, until the projections that
-//! serve it have passed the command's position.
+//! projections' announcements, with a slow poll behind them. On Postgres the
+//! announcements are `NOTIFY ai_secretary_checkpoints` on commit, each naming the
+//! checkpoint and where it moved; on SQLite, `SqliteDb::checkpoint_moves()`, a
+//! signal that carries no position, so every one re-reads the checkpoints. A
+//! query carrying `X-Consistency-Token` waits here, woken by those
+//! announcements rather than polling, until the projections that serve it have
+//! passed the command's position.
 
 use std::{collections::HashMap, time::Duration};
 
-use ai_secretary_projections::checkpoint;
+use ai_secretary_projections::{Db, SqliteDb, checkpoint};
 use sqlx::{PgPool, postgres::PgListener};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::Position;
 
-/// Re-read every checkpoint this often, in case a notification was missed.
+/// Re-read every checkpoint this often, in case a notification was missed (on
+/// SQLite: a move made by another process on the same file, such as an
+/// operator's `replay`, which this process's signal does not hear).
 const RESYNC: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
@@ -23,14 +28,15 @@ pub struct Progress {
 
 impl Progress {
     /// Follow the checkpoints until `shutdown`.
-    pub fn start(
-        pool: PgPool,
-        shutdown: CancellationToken,
-    ) -> (Progress, tokio::task::JoinHandle<()>) {
+    pub fn start(db: Db, shutdown: CancellationToken) -> (Progress, tokio::task::JoinHandle<()>) {
         let (sender, positions) = watch::channel(HashMap::new());
         let task = tokio::spawn(async move {
             while !shutdown.is_cancelled() {
-                if let Err(e) = follow(&pool, &sender, &shutdown).await {
+                let followed = match &db {
+                    Db::Postgres(pool) => follow(pool, &sender, &shutdown).await,
+                    Db::Sqlite(lite) => follow_sqlite(lite, &sender, &shutdown).await,
+                };
+                if let Err(e) = followed {
                     tracing::warn!(error = %e, "following checkpoints failed; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(RESYNC) => {}
@@ -81,12 +87,7 @@ async fn follow(
     loop {
         // Listening first, then reading: nothing announced in between is lost.
         let all = checkpoint::postgres::all(pool).await?;
-        sender.send_modify(|map| {
-            for checkpoint in all {
-                let entry = map.entry(checkpoint.name).or_default();
-                *entry = (*entry).max(checkpoint.position);
-            }
-        });
+        merge(sender, all.into_iter().map(|c| (c.name, c.position)));
         let deadline = tokio::time::sleep(RESYNC);
         tokio::pin!(deadline);
         loop {
@@ -105,6 +106,49 @@ async fn follow(
             }
         }
     }
+}
+
+async fn follow_sqlite(
+    db: &SqliteDb,
+    sender: &watch::Sender<HashMap<String, Position>>,
+    shutdown: &CancellationToken,
+) -> Result<(), sqlx::Error> {
+    let mut moves = db.checkpoint_moves();
+    loop {
+        // The signal marked seen first, then the read: a move committed after
+        // the read is signalled after it, and wakes the next round.
+        moves.borrow_and_update();
+        let all = checkpoint::sqlite::all(&db.pool).await?;
+        merge(sender, all.into_iter().map(|c| (c.name, c.position)));
+        tokio::select! {
+            moved = moves.changed() => {
+                // The signal's sender lives in `db`, which this task holds: it
+                // cannot close. Were it to, the poll below would still follow.
+                if moved.is_err() {
+                    tokio::select! {
+                        () = tokio::time::sleep(RESYNC) => {}
+                        () = shutdown.cancelled() => return Ok(()),
+                    }
+                }
+            }
+            () = tokio::time::sleep(RESYNC) => {}
+            () = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// Take in checkpoints as read: a checkpoint only moves forward here, so a read
+/// that raced a newer announcement never takes it back.
+fn merge(
+    sender: &watch::Sender<HashMap<String, Position>>,
+    read: impl IntoIterator<Item = (String, Position)>,
+) {
+    sender.send_modify(|map| {
+        for (name, position) in read {
+            let entry = map.entry(name).or_default();
+            *entry = (*entry).max(position);
+        }
+    });
 }
 
 /// `"<name> <transaction_id>.<global_position>"`.

@@ -319,17 +319,16 @@ impl Application {
 
         let mut recovery = None;
         let api = if roles.api {
-            let pool = postgres_only(&pool, "the read side")?;
-            let (progress, follower) = Progress::start(pool.clone(), stop.clone());
+            let (progress, follower) = Progress::start(db.clone(), stop.clone());
             let rebuilds = Rebuilds::new(
-                pool.clone(),
+                postgres_only(&pool, "the rebuilds")?,
                 Arc::new(keyring.clone()),
                 cache.clone(),
                 stop.clone(),
             );
             tasks.push(AbortOnDropHandle::new(follower));
             let read = ReadSide {
-                pool: pool.clone(),
+                db: db.clone(),
                 cache,
                 progress,
                 wait_limit: Duration::from_millis(config.consistency_timeout_ms),

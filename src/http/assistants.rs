@@ -283,7 +283,7 @@ async fn list(
     Ok(Json(
         state
             .read
-            .query(|pool| read::assistants_of(pool, user, page))
+            .query(|db| read::assistants_of(db, user, page))
             .await?,
     ))
 }
@@ -310,8 +310,8 @@ async fn one(
     let kind = (Kind::Assistant, "assistants", "assistant");
     state
         .read
-        .one(&token, kind, id, user, |pool| {
-            read::assistant_of(pool, user, id)
+        .one(&token, kind, id, user, |db| {
+            read::assistant_of(db, user, id)
         })
         .await
 }

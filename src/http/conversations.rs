@@ -373,7 +373,7 @@ async fn list(
     Ok(Json(
         state
             .read
-            .query(|pool| read::conversations_of(pool, user, &filter, page))
+            .query(|db| read::conversations_of(db, user, &filter, page))
             .await?,
     ))
 }
@@ -399,8 +399,8 @@ async fn one(
     let kind = (Kind::Conversation, "conversations", "conversation");
     state
         .read
-        .one(&token, kind, id, user, |pool| {
-            read::conversation_of(pool, user, id)
+        .one(&token, kind, id, user, |db| {
+            read::conversation_of(db, user, id)
         })
         .await
 }
@@ -425,7 +425,7 @@ async fn messages(
     state.read.catch_up(&token, &["messages"]).await?;
     state
         .read
-        .query(|pool| read::messages_of(pool, user, id, page))
+        .query(|db| read::messages_of(db, user, id, page))
         .await?
         .map(Json)
         .ok_or(ApiError::NotFound("conversation"))

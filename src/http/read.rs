@@ -1,10 +1,11 @@
-//! What queries share: the read models' pool, the cache, read-your-writes on
+//! What queries share: the read models' database (Postgres or SQLite), the cache, read-your-writes on
 //! `X-Consistency-Token`, and the list parameters (`limit`, `after`, `before`,
 //! `order`).
 
 use std::{collections::HashMap, time::Duration};
 
 use ai_secretary_projections::{
+    Db,
     cache::{Cache, Kind},
     read::{Page, Stamped},
 };
@@ -13,7 +14,6 @@ use axum::{
     http::request::Parts,
 };
 use serde::Serialize;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{AppState, CONSISTENCY_TOKEN, error::ApiError, reply::Reply};
@@ -25,7 +25,8 @@ use crate::{
 
 #[derive(Clone)]
 pub struct ReadSide {
-    pub pool: PgPool,
+    /// The read models' database: Postgres, or the embedded SQLite file.
+    pub db: Db,
     pub cache: Cache,
     pub progress: Progress,
     /// Longest a query waits for its consistency token.
@@ -65,7 +66,7 @@ impl ReadSide {
     /// model: past the token if there is one, else at least where the projection
     /// is. It is never waited for, so a Redis that is down or stalled (or back
     /// with copies from before an outage, not yet tombstoned) costs a query
-    /// nothing but the Postgres read. A hit is served as cached; a miss is read
+    /// nothing but the database read. A hit is served as cached; a miss is read
     /// by `load` and kept, unless a newer change has been announced since;
     /// nothing is 404.
     pub async fn one<'a, T, Fut>(
@@ -74,7 +75,7 @@ impl ReadSide {
         (kind, projection, what): (Kind, &str, &'static str),
         id: Uuid,
         owner: Uuid,
-        load: impl Fn(&'a PgPool) -> Fut,
+        load: impl Fn(&'a Db) -> Fut,
     ) -> Result<Reply, ApiError>
     where
         T: Serialize + Stamped,
@@ -100,15 +101,15 @@ impl ReadSide {
     /// restart, a failover, a killed backend), as often as the pool can hold
     /// dead connections; then 503 with `Retry-After` (`ApiError` from a
     /// transient error). Queries are reads: repeating one is always safe.
-    pub async fn query<'a, T, Fut>(
-        &'a self,
-        read: impl Fn(&'a PgPool) -> Fut,
-    ) -> Result<T, ApiError>
+    pub async fn query<'a, T, Fut>(&'a self, read: impl Fn(&'a Db) -> Fut) -> Result<T, ApiError>
     where
         Fut: Future<Output = Result<T, sqlx::Error>>,
     {
-        let attempts = self.pool.options().get_max_connections() + 1;
-        Ok(retrying(attempts, || read(&self.pool)).await?)
+        let max_connections = match &self.db {
+            Db::Postgres(pool) => pool.options().get_max_connections(),
+            Db::Sqlite(lite) => lite.pool.options().get_max_connections(),
+        };
+        Ok(retrying(max_connections + 1, || read(&self.db)).await?)
     }
 }
 

@@ -149,7 +149,7 @@ async fn usage(
     state.read.catch_up(&token, &["usage_daily"]).await?;
     let rows = state
         .read
-        .query(|pool| read::usage_of(pool, user, from, to, group_by))
+        .query(|db| read::usage_of(db, user, from, to, group_by))
         .await?;
     let total = rows.iter().fold([0i64; 4], |t, r| {
         [

@@ -6,7 +6,7 @@
 use ai_secretary_contract::{Event, EventEnvelope};
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{
-    AssertSqlSafe, PgConnection, Postgres, Row,
+    AssertSqlSafe, PgConnection, PgExecutor, Postgres, Row,
     postgres::{PgArguments, PgRow},
     query::Query,
 };
@@ -49,13 +49,25 @@ pub async fn read(tx: &mut PgConnection, lookup: &Lookup) -> Result<Found, sqlx:
     let types = lookup.column_types();
     let rows = rows
         .iter()
-        .map(|row| {
-            (0..types.len())
-                .map(|i| decode(row, i, types[i]))
-                .collect::<Result<Vec<_>, _>>()
-        })
+        .map(|row| decode_row(row, &types))
         .collect::<Result<_, _>>()?;
     Ok(Found { rows })
+}
+
+/// The rows of a query whose text is shared with SQLite (the read side's
+/// queries, `crate::read`), each column read as `types`.
+pub async fn fetch<'e>(
+    executor: impl PgExecutor<'e>,
+    sql: &str,
+    args: &[Arg<'_>],
+    types: &[Type],
+) -> Result<Vec<Vec<Value>>, sqlx::Error> {
+    bind_all(sqlx::query(AssertSqlSafe(sql)), args)
+        .fetch_all(executor)
+        .await?
+        .iter()
+        .map(|row| decode_row(row, types))
+        .collect()
 }
 
 type PgQuery<'q> = Query<'q, Postgres, PgArguments>;
@@ -125,6 +137,15 @@ pub(crate) fn bind_array<'q>(query: PgQuery<'q>, ty: Type, values: &[&'q Value])
                 .collect::<Vec<_>>(),
         ),
     }
+}
+
+/// A row's columns, read as `types`.
+pub fn decode_row(row: &PgRow, types: &[Type]) -> Result<Vec<Value>, sqlx::Error> {
+    types
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| decode(row, i, *ty))
+        .collect()
 }
 
 /// Column `i` of `row`, read as type `ty`.

@@ -9,7 +9,7 @@
 use ai_secretary_contract::{Event, EventEnvelope};
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{
-    AssertSqlSafe, Row, Sqlite, SqliteConnection,
+    AssertSqlSafe, Row, Sqlite, SqliteConnection, SqliteExecutor,
     query::Query,
     sqlite::{SqliteArguments, SqliteRow},
 };
@@ -55,6 +55,22 @@ pub async fn read(conn: &mut SqliteConnection, lookup: &Lookup) -> Result<Found,
         .map(|row| decode_row(row, &types))
         .collect::<Result<_, _>>()?;
     Ok(Found { rows })
+}
+
+/// The rows of a query whose text is shared with Postgres (the read side's
+/// queries, `crate::read`), each column read as `types`.
+pub async fn fetch<'e>(
+    executor: impl SqliteExecutor<'e>,
+    sql: &str,
+    args: &[Arg<'_>],
+    types: &[Type],
+) -> Result<Vec<Vec<Value>>, sqlx::Error> {
+    bind_all(sqlx::query(AssertSqlSafe(sql)), args)
+        .fetch_all(executor)
+        .await?
+        .iter()
+        .map(|row| decode_row(row, types))
+        .collect()
 }
 
 type LiteQuery<'q> = Query<'q, Sqlite, SqliteArguments>;
