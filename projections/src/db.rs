@@ -92,3 +92,31 @@ impl Tx {
         }
     }
 }
+
+/// A connection to write through, on either database: a transaction's (see
+/// [`Tx::conn`]) or a session the caller holds for another reason (a rebuild's
+/// lock session on Postgres). What writes through it matches on the variant.
+pub enum Conn<'c> {
+    Postgres(&'c mut sqlx::PgConnection),
+    Sqlite(&'c mut sqlx::SqliteConnection),
+}
+
+impl Conn<'_> {
+    /// The same connection, borrowed again for one call.
+    pub fn reborrow(&mut self) -> Conn<'_> {
+        match self {
+            Conn::Postgres(conn) => Conn::Postgres(conn),
+            Conn::Sqlite(conn) => Conn::Sqlite(conn),
+        }
+    }
+}
+
+impl Tx {
+    /// The transaction's connection, to write through.
+    pub fn conn(&mut self) -> Conn<'_> {
+        match self {
+            Tx::Postgres(tx) => Conn::Postgres(tx),
+            Tx::Sqlite(tx) => Conn::Sqlite(tx),
+        }
+    }
+}

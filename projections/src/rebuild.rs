@@ -28,6 +28,7 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
 use crate::{
     cache::Cache,
     checkpoint,
+    db::Conn,
     log::{envelope_of, plan_range_with_its_bounds, range},
     opener::Opener,
     projections::{self, Fold, Table},
@@ -342,7 +343,7 @@ async fn write_next(conn: &mut PgConnection, fold: &Fold) -> Result<(), sqlx::Er
         .execute(&mut *conn)
         .await?;
     }
-    tables::write_all(conn, fold, NEXT).await?;
+    tables::write_all(&mut Conn::Postgres(conn), fold, NEXT).await?;
     for table in fold.tables() {
         copy_indexes(conn, table).await?;
         sqlx::query(AssertSqlSafe(format!("ANALYZE {}{NEXT}", table.name)))
@@ -436,7 +437,7 @@ async fn swap(
         tail = fold_store(&mut tx, opener, &mut one, head, live, &|_| {}).await?;
         let [(folded, _)] = one;
         *fold = folded;
-        tables::write_changed(&mut tx, fold, NEXT).await?;
+        tables::write_changed(&mut Conn::Postgres(&mut tx), fold, NEXT).await?;
     }
     for table in tables {
         let indexes = indexes_of(&mut tx, &format!("{}{NEXT}", table.name)).await?;

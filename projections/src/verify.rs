@@ -20,6 +20,7 @@ use sqlx::{AssertSqlSafe, Connection, PgPool, Row};
 
 use crate::{
     checkpoint,
+    db::Conn,
     opener::Opener,
     projections::{self, Fold},
     rebuild::{self, Step},
@@ -145,7 +146,7 @@ pub async fn verify(
             .execute(&mut *tx)
             .await?;
         }
-        tables::write_all(&mut tx, fold, SCRATCH).await?;
+        tables::write_all(&mut Conn::Postgres(&mut tx), fold, SCRATCH).await?;
         let mut verified = Verified {
             projection: fold.name(),
             position: *at,
