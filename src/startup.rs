@@ -130,7 +130,7 @@ impl Application {
         };
         // The store, the read side's database, and the signal that wakes what
         // tails the store (the embedded store's own; Postgres' LISTEN below).
-        let (store, _db, pool, store_commits) = match &database {
+        let (store, db, pool, store_commits) = match &database {
             Database::Postgres(url) => {
                 let pool = postgres::connect(url.expose(), config.database_max_connections).await?;
                 tasks.push(spawn(crate::sampler::pool(pool.clone(), stop.clone())));
@@ -308,7 +308,7 @@ impl Application {
             let pool = postgres_only(&pool, "the read side")?;
             let (progress, follower) = Progress::start(pool.clone(), stop.clone());
             let rebuilds = Rebuilds::new(
-                pool.clone(),
+                db.clone(),
                 Arc::new(keyring.clone()),
                 cache.clone(),
                 stop.clone(),

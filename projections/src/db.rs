@@ -48,6 +48,14 @@ impl SqliteDb {
     pub fn checkpoint_moves(&self) -> watch::Receiver<()> {
         self.checkpoint_moves.subscribe()
     }
+
+    /// Begin a transaction that will write: `BEGIN IMMEDIATE` (see
+    /// [`Db::begin_write`]).
+    pub async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
 }
 
 /// A write transaction on either database.
@@ -71,7 +79,7 @@ impl Db {
     pub async fn begin_write(&self) -> Result<Tx, sqlx::Error> {
         Ok(match self {
             Db::Postgres(pool) => Tx::Postgres(pool.begin().await?),
-            Db::Sqlite(db) => Tx::Sqlite(db.pool.begin_with("BEGIN IMMEDIATE").await?),
+            Db::Sqlite(db) => Tx::Sqlite(db.begin_write().await?),
         })
     }
 
