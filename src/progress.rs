@@ -80,7 +80,7 @@ async fn follow(
     listener.listen(checkpoint::CHANNEL).await?;
     loop {
         // Listening first, then reading: nothing announced in between is lost.
-        let all = checkpoint::all(pool).await?;
+        let all = checkpoint::postgres::all(pool).await?;
         sender.send_modify(|map| {
             for checkpoint in all {
                 let entry = map.entry(checkpoint.name).or_default();

@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use ai_secretary_contract::{CONVERSATION, Event as Fact, EventEnvelope, subjects};
 use ai_secretary_projections::{
-    checkpoint,
+    Db, checkpoint,
     lease::{self, Lease},
 };
 use async_nats::jetstream::{
@@ -67,7 +67,8 @@ pub enum Feed {
     /// ended, so a crash answers the unfinished ones again, and the decider's
     /// one ending per reply absorbs what had in fact ended.
     StoreTail {
-        pool: sqlx::PgPool,
+        /// Where its checkpoint and lease are: the store's own database.
+        db: Db,
         /// The store as it is (sealed): requests carry no personal field.
         store: Arc<dyn EventStore>,
         commits: watch::Receiver<()>,
@@ -109,18 +110,13 @@ impl Replier {
     pub async fn run(&self, stop: &CancellationToken) -> anyhow::Result<()> {
         match &self.feed {
             Feed::Bus => self.consume(stop).await,
-            Feed::StoreTail {
-                pool,
-                store,
-                commits,
-            } => {
+            Feed::StoreTail { db, store, commits } => {
                 lease::zero_metrics(CHECKPOINT);
                 while !stop.is_cancelled() {
-                    let Some(lease) = Lease::acquire(pool, LOCK_KEY, CHECKPOINT, stop).await?
-                    else {
+                    let Some(lease) = Lease::acquire(db, LOCK_KEY, CHECKPOINT, stop).await? else {
                         break;
                     };
-                    self.tail(pool, store.as_ref(), commits.clone(), &lease, stop)
+                    self.tail(db, store.as_ref(), commits.clone(), &lease, stop)
                         .await?;
                 }
                 Ok(())
@@ -221,13 +217,13 @@ impl Replier {
     /// each prefix of the log whose requests have all ended.
     async fn tail(
         &self,
-        pool: &sqlx::PgPool,
+        db: &Db,
         store: &dyn EventStore,
         mut commits: watch::Receiver<()>,
         lease: &Lease,
         stop: &CancellationToken,
     ) -> anyhow::Result<()> {
-        let mut saved = checkpoint::ensure(pool, CHECKPOINT).await?.position;
+        let mut saved = checkpoint::ensure(db, CHECKPOINT).await?.position;
         let mut read_to = saved;
         // Every event read and not yet passed by the checkpoint, in commit
         // order: `None` once done (a request answered, or no request), else the
@@ -246,12 +242,16 @@ impl Replier {
                 entry.remove();
             }
             if to != saved {
-                let mut conn = pool.acquire().await?;
-                if !checkpoint::save(&mut conn, CHECKPOINT, lease.fence(saved), to, 0, None).await?
-                {
+                // A write transaction of its own (on SQLite, `BEGIN IMMEDIATE`:
+                // it waits its turn for the write lock); a refused move writes
+                // nothing and is rolled back when `tx` drops.
+                let mut tx = db.begin_write().await?;
+                if !checkpoint::save(&mut tx, CHECKPOINT, lease.fence(saved), to, 0, None).await? {
                     lease.fenced();
                     return Ok(());
                 }
+                tx.commit().await?;
+                db.checkpoint_moved();
                 saved = to;
             }
             commits.borrow_and_update();

@@ -1,6 +1,6 @@
 //! Gauges that are read on a timer rather than updated where work happens:
 //! the database pool's occupancy, and how far the relay and each projection are
-//! behind the event store.
+//! behind the event store (on Postgres or SQLite).
 //!
 //! Lag is measured against the store, not reported by the worker itself, so a
 //! worker that is stuck (failing batches, a dead NATS, a lost lock) still shows
@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use ai_secretary_projections::Db;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -42,10 +43,10 @@ pub async fn pool<DB: sqlx::Database>(pool: sqlx::Pool<DB>, stop: CancellationTo
 
 /// Refresh the lag gauges of the named checkpoints (`relay` → `relay_lag_*`,
 /// a projection → `projection_lag_*{projection}`) until `stop`.
-pub async fn lag(pool: PgPool, names: Vec<String>, stop: CancellationToken) {
+pub async fn lag(db: Db, names: Vec<String>, stop: CancellationToken) {
     loop {
         for name in &names {
-            match measure(&pool, name).await {
+            match measure(&db, name).await {
                 Ok((events, seconds)) if name == relay::CHECKPOINT => {
                     metrics::gauge!("relay_lag_events").set(events as f64);
                     metrics::gauge!("relay_lag_seconds").set(seconds);
@@ -68,7 +69,25 @@ pub async fn lag(pool: PgPool, names: Vec<String>, stop: CancellationToken) {
 
 /// Events past `name`'s checkpoint (a checkpoint not created yet is at the
 /// start), counted up to 100,000, and the age in seconds of the oldest of them.
-pub async fn measure(pool: &PgPool, name: &str) -> Result<(i64, f64), sqlx::Error> {
+pub async fn measure(db: &Db, name: &str) -> Result<(i64, f64), sqlx::Error> {
+    let (events, oldest) = match db {
+        Db::Postgres(pool) => behind_postgres(pool, name).await?,
+        Db::Sqlite(db) => behind_sqlite(&db.pool, name).await?,
+    };
+    let Some(oldest) = oldest else {
+        return Ok((0, 0.0));
+    };
+    let seconds = (Utc::now() - oldest).num_milliseconds().max(0) as f64 / 1000.0;
+    Ok((events, seconds))
+}
+
+/// How many events are past `name`'s checkpoint (up to the limit) and when
+/// the oldest was recorded, on Postgres: in `(transaction_id,
+/// global_position)` order, the events' `transaction_id` being an xid8.
+async fn behind_postgres(
+    pool: &PgPool,
+    name: &str,
+) -> Result<(i64, Option<DateTime<Utc>>), sqlx::Error> {
     let (transaction_id, global_position): (i64, i64) = sqlx::query_as(
         "SELECT coalesce(max(transaction_id), 0), coalesce(max(global_position), 0)
          FROM checkpoints WHERE name = $1",
@@ -85,9 +104,9 @@ pub async fn measure(pool: &PgPool, name: &str) -> Result<(i64, f64), sqlx::Erro
     .bind(global_position)
     .fetch_optional(pool)
     .await?;
-    let Some(oldest) = oldest else {
-        return Ok((0, 0.0));
-    };
+    if oldest.is_none() {
+        return Ok((0, None));
+    }
     let events: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (
              SELECT 1 FROM events
@@ -99,6 +118,42 @@ pub async fn measure(pool: &PgPool, name: &str) -> Result<(i64, f64), sqlx::Erro
     .bind(LAG_COUNT_LIMIT)
     .fetch_one(pool)
     .await?;
-    let seconds = (Utc::now() - oldest).num_milliseconds().max(0) as f64 / 1000.0;
-    Ok((events, seconds))
+    Ok((events, oldest))
+}
+
+/// The same on SQLite: commits are serialized, so `global_position` alone is
+/// commit order (the rowid range scan), and `recorded_at` is INTEGER
+/// microseconds since 1970 UTC.
+async fn behind_sqlite(
+    pool: &sqlx::SqlitePool,
+    name: &str,
+) -> Result<(i64, Option<DateTime<Utc>>), sqlx::Error> {
+    let global_position: i64 = sqlx::query_scalar(
+        "SELECT coalesce(max(global_position), 0) FROM checkpoints WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await?;
+    let oldest: Option<i64> = sqlx::query_scalar(
+        "SELECT recorded_at FROM events WHERE global_position > $1
+         ORDER BY global_position LIMIT 1",
+    )
+    .bind(global_position)
+    .fetch_optional(pool)
+    .await?;
+    let Some(oldest) = oldest else {
+        return Ok((0, None));
+    };
+    let oldest = DateTime::from_timestamp_micros(oldest).ok_or_else(|| {
+        sqlx::Error::Decode(format!("recorded_at {oldest} µs is outside chrono's dates").into())
+    })?;
+    let events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (
+             SELECT 1 FROM events WHERE global_position > $1 LIMIT $2)",
+    )
+    .bind(global_position)
+    .bind(LAG_COUNT_LIMIT)
+    .fetch_one(pool)
+    .await?;
+    Ok((events, Some(oldest)))
 }

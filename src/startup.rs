@@ -166,6 +166,19 @@ impl Application {
             llm = ?config.llm_provider,
             "backends"
         );
+        // Lag of the checkpoints this process moves (none in an API-only process,
+        // so replicas do not report the same series twice).
+        let mut checkpoints = roles.projections.clone();
+        if roles.relay {
+            checkpoints.push(crate::bus::relay::CHECKPOINT.to_owned());
+        }
+        if !checkpoints.is_empty() {
+            tasks.push(spawn(crate::sampler::lag(
+                db.clone(),
+                checkpoints,
+                stop.clone(),
+            )));
+        }
         let bus = BusConfig {
             url: config.nats_url.clone().unwrap_or_default(),
             stream: config.nats_stream.clone(),
@@ -226,7 +239,7 @@ impl Application {
                 feed: match &tail_commits {
                     None => crate::replier::Feed::Bus,
                     Some(commits) => crate::replier::Feed::StoreTail {
-                        pool: postgres_only(&pool, "the replier")?,
+                        db: db.clone(),
                         store: raw.clone(),
                         commits: commits.clone(),
                     },
@@ -261,7 +274,6 @@ impl Application {
                 (None, Some(jetstream)) => worker::Feed::Bus(Box::new(jetstream)),
                 (None, None) => anyhow::bail!("the bus feed needs NATS_URL"),
             };
-            let pool = postgres_only(&pool, "the projection workers")?;
             let source = worker::Source {
                 stream: bus.stream.clone(),
                 subject_prefix: bus.subject_prefix.clone(),
@@ -272,8 +284,8 @@ impl Application {
                 .filter(|p| roles.projections.iter().any(|n| n == p.name))
                 .map(|p| (p.live)(&cache))
             {
-                let (pool, feed, source, bus, stop) = (
-                    pool.clone(),
+                let (db, feed, source, bus, stop) = (
+                    db.clone(),
                     feed.clone(),
                     source.clone(),
                     bus.clone(),
@@ -283,8 +295,8 @@ impl Application {
                     projection.name(),
                     stop.clone(),
                     move || {
-                        let (pool, feed, source, bus, stop, projection) = (
-                            pool.clone(),
+                        let (db, feed, source, bus, stop, projection) = (
+                            db.clone(),
                             feed.clone(),
                             source.clone(),
                             bus.clone(),
@@ -296,7 +308,7 @@ impl Application {
                                 // The relay usually creates the stream; a worker may start first.
                                 bus::ensure_stream(jetstream, &bus).await?;
                             }
-                            Ok(worker::run(pool, feed, source, projection, stop).await?)
+                            Ok(worker::run(db, feed, source, projection, stop).await?)
                         }
                     },
                 )));

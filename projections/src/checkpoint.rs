@@ -7,13 +7,22 @@
 //! and position it started from. A writer that was deposed (its lock connection
 //! died and a standby took over) matches no row: its transaction is rolled back
 //! and it stops, so two owners can never both move one checkpoint.
+//!
+//! Two databases (`crate::db`): the functions here take a [`Db`] or a [`Tx`]
+//! and run the statements of [`postgres`] or [`sqlite`], which say beside their
+//! SQL where the dialects differ. What needs a Postgres connection of its own
+//! (the relay's save, a rebuild's swap, `verify`'s snapshot) calls
+//! [`postgres`] directly.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor, Row};
 
 use ai_secretary_contract::Position;
 
+use crate::db::{Db, Tx};
+
 /// Channel on which every checkpoint move is announced (payload `name tx.gp`).
+/// Postgres only: on SQLite the writer announces its move after its commit
+/// ([`Db::checkpoint_moved`]).
 pub const CHANNEL: &str = "ai_secretary_checkpoints";
 
 /// A checkpoint as its owner reads it at the start of a batch.
@@ -26,128 +35,12 @@ pub struct Checkpoint {
     pub stream_sequence: i64,
 }
 
-/// Make sure `name`'s row exists (at the start of the log) and read it.
-pub async fn ensure<'e>(
-    executor: impl PgExecutor<'e>,
-    name: &str,
-) -> Result<Checkpoint, sqlx::Error> {
-    let row = sqlx::query(
-        "INSERT INTO checkpoints (name) VALUES ($1)
-         ON CONFLICT (name) DO UPDATE SET name = excluded.name
-         RETURNING transaction_id, global_position, epoch, stream_sequence",
-    )
-    .bind(name)
-    .fetch_one(executor)
-    .await?;
-    checkpoint_of(&row)
-}
-
-fn checkpoint_of(row: &sqlx::postgres::PgRow) -> Result<Checkpoint, sqlx::Error> {
-    Ok(Checkpoint {
-        position: Position {
-            transaction_id: row.try_get("transaction_id")?,
-            global_position: row.try_get("global_position")?,
-        },
-        epoch: row.try_get("epoch")?,
-        stream_sequence: row.try_get("stream_sequence")?,
-    })
-}
-
-/// Read a checkpoint as it is now (the row exists: the worker creates it before
-/// consuming). No lock: the owner's write is a compare-and-set against what it
-/// read here, so nothing can slip in between unseen.
-pub async fn current<'e>(
-    executor: impl PgExecutor<'e>,
-    name: &str,
-) -> Result<Checkpoint, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT transaction_id, global_position, epoch, stream_sequence
-         FROM checkpoints WHERE name = $1",
-    )
-    .bind(name)
-    .fetch_one(executor)
-    .await?;
-    checkpoint_of(&row)
-}
-
-/// Read and lock a checkpoint inside a transaction (the row exists): the first
-/// statement of a projection's write transaction and of a rebuild's swap, so
-/// the two take their locks in the same order and one waits for the other.
-pub async fn lock(conn: &mut PgConnection, name: &str) -> Result<Checkpoint, sqlx::Error> {
-    let row = sqlx::query(
-        "SELECT transaction_id, global_position, epoch, stream_sequence
-         FROM checkpoints WHERE name = $1 FOR UPDATE",
-    )
-    .bind(name)
-    .fetch_one(&mut *conn)
-    .await?;
-    checkpoint_of(&row)
-}
-
 /// What an owner's checkpoint write is conditioned on: its lease's epoch, and
 /// the position it read at the start of the batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fence {
     pub epoch: i64,
     pub from: Position,
-}
-
-/// The owner's move of its checkpoint from `fence.from` to `to`, after
-/// `applied` more events (and to the JetStream message `stream_sequence`, if
-/// known), announced on commit. One statement. `false` if the row is no longer
-/// at the fence's epoch and position: the writer was deposed, and must roll back
-/// and stop.
-pub async fn save(
-    conn: &mut PgConnection,
-    name: &str,
-    fence: Fence,
-    to: Position,
-    applied: i64,
-    stream_sequence: Option<i64>,
-) -> Result<bool, sqlx::Error> {
-    let moved = sqlx::query(
-        "WITH moved AS (
-             UPDATE checkpoints
-             SET transaction_id = $2, global_position = $3, events = events + $4,
-                 stream_sequence = COALESCE($5, stream_sequence), updated_at = now()
-             WHERE name = $1 AND epoch = $7
-               AND transaction_id = $8 AND global_position = $9
-             RETURNING name)
-         SELECT pg_notify($6, name || ' ' || $2 || '.' || $3) FROM moved",
-    )
-    .bind(name)
-    .bind(to.transaction_id)
-    .bind(to.global_position)
-    .bind(applied)
-    .bind(stream_sequence)
-    .bind(CHANNEL)
-    .bind(fence.epoch)
-    .bind(fence.from.transaction_id)
-    .bind(fence.from.global_position)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(moved.is_some())
-}
-
-/// Move a checkpoint forward to `to` if it is behind, whoever owns it (a
-/// rebuild's swap, under the row lock it took with [`lock`]), announcing it on
-/// commit. Never moves it back.
-pub async fn advance(conn: &mut PgConnection, name: &str, to: Position) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "WITH moved AS (
-             UPDATE checkpoints
-             SET transaction_id = $2, global_position = $3, updated_at = now()
-             WHERE name = $1 AND (transaction_id, global_position) < ($2, $3)
-             RETURNING name)
-         SELECT pg_notify($4, name || ' ' || $2 || '.' || $3) FROM moved",
-    )
-    .bind(name)
-    .bind(to.transaction_id)
-    .bind(to.global_position)
-    .bind(CHANNEL)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
 }
 
 /// A checkpoint as operators see it.
@@ -164,29 +57,383 @@ pub struct Status {
     pub owner_since: Option<DateTime<Utc>>,
 }
 
+/// Make sure `name`'s row exists (at the start of the log) and read it.
+pub async fn ensure(db: &Db, name: &str) -> Result<Checkpoint, sqlx::Error> {
+    match db {
+        Db::Postgres(pool) => postgres::ensure(pool, name).await,
+        Db::Sqlite(db) => sqlite::ensure(&db.pool, name).await,
+    }
+}
+
+/// Read a checkpoint as it is now (the row exists: the worker creates it before
+/// consuming). No lock: the owner's write is a compare-and-set against what it
+/// read here, so nothing can slip in between unseen.
+pub async fn current(db: &Db, name: &str) -> Result<Checkpoint, sqlx::Error> {
+    match db {
+        Db::Postgres(pool) => postgres::current(pool, name).await,
+        Db::Sqlite(db) => sqlite::current(&db.pool, name).await,
+    }
+}
+
 /// Every checkpoint, by name.
-pub async fn all<'e>(executor: impl PgExecutor<'e>) -> Result<Vec<Status>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT name, transaction_id, global_position, events, updated_at, epoch, owner,
-                owner_since
-         FROM checkpoints ORDER BY name",
-    )
-    .fetch_all(executor)
-    .await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok(Status {
-                name: r.try_get("name")?,
-                position: Position {
-                    transaction_id: r.try_get("transaction_id")?,
-                    global_position: r.try_get("global_position")?,
-                },
-                events: r.try_get("events")?,
-                updated_at: r.try_get("updated_at")?,
-                epoch: r.try_get("epoch")?,
-                owner: r.try_get("owner")?,
-                owner_since: r.try_get("owner_since")?,
-            })
+pub async fn all(db: &Db) -> Result<Vec<Status>, sqlx::Error> {
+    match db {
+        Db::Postgres(pool) => postgres::all(pool).await,
+        Db::Sqlite(db) => sqlite::all(&db.pool).await,
+    }
+}
+
+/// Read and lock a checkpoint inside a write transaction (the row exists): the
+/// first statement of a projection's batch and of a rebuild's swap, so the two
+/// take their locks in the same order and one waits for the other.
+pub async fn lock(tx: &mut Tx, name: &str) -> Result<Checkpoint, sqlx::Error> {
+    match tx {
+        Tx::Postgres(tx) => postgres::lock(tx, name).await,
+        Tx::Sqlite(tx) => sqlite::lock(tx, name).await,
+    }
+}
+
+/// The owner's move of its checkpoint from `fence.from` to `to`, after
+/// `applied` more events (and to the JetStream message `stream_sequence`, if
+/// known). One statement. `false` if the row is no longer at the fence's epoch
+/// and position: the writer was deposed, and must roll back and stop.
+///
+/// Announced on commit: by Postgres itself (`NOTIFY`), on SQLite by the writer
+/// calling [`Db::checkpoint_moved`] once the transaction has committed.
+pub async fn save(
+    tx: &mut Tx,
+    name: &str,
+    fence: Fence,
+    to: Position,
+    applied: i64,
+    stream_sequence: Option<i64>,
+) -> Result<bool, sqlx::Error> {
+    match tx {
+        Tx::Postgres(tx) => postgres::save(tx, name, fence, to, applied, stream_sequence).await,
+        Tx::Sqlite(tx) => sqlite::save(tx, name, fence, to, applied, stream_sequence).await,
+    }
+}
+
+/// Move a checkpoint forward to `to` if it is behind, whoever owns it (a
+/// rebuild's swap, under the row lock it took with [`lock`]). Never moves it
+/// back. Announced on commit, as [`save`] is.
+pub async fn advance(tx: &mut Tx, name: &str, to: Position) -> Result<(), sqlx::Error> {
+    match tx {
+        Tx::Postgres(tx) => postgres::advance(tx, name, to).await,
+        Tx::Sqlite(tx) => sqlite::advance(tx, name, to).await,
+    }
+}
+
+/// The statements on Postgres: `transaction_id` is an xid8 in the events table
+/// but a bigint here, timestamps are `timestamptz` set by `now()`, the row lock
+/// is `FOR UPDATE`, and every move is announced with `pg_notify` on [`CHANNEL`].
+pub mod postgres {
+    use sqlx::{PgConnection, PgExecutor, Row};
+
+    use super::{CHANNEL, Checkpoint, Fence, Status};
+    use ai_secretary_contract::Position;
+
+    /// See [`super::ensure`].
+    pub async fn ensure<'e>(
+        executor: impl PgExecutor<'e>,
+        name: &str,
+    ) -> Result<Checkpoint, sqlx::Error> {
+        let row = sqlx::query(
+            "INSERT INTO checkpoints (name) VALUES ($1)
+             ON CONFLICT (name) DO UPDATE SET name = excluded.name
+             RETURNING transaction_id, global_position, epoch, stream_sequence",
+        )
+        .bind(name)
+        .fetch_one(executor)
+        .await?;
+        checkpoint_of(&row)
+    }
+
+    fn checkpoint_of(row: &sqlx::postgres::PgRow) -> Result<Checkpoint, sqlx::Error> {
+        Ok(Checkpoint {
+            position: Position {
+                transaction_id: row.try_get("transaction_id")?,
+                global_position: row.try_get("global_position")?,
+            },
+            epoch: row.try_get("epoch")?,
+            stream_sequence: row.try_get("stream_sequence")?,
         })
-        .collect()
+    }
+
+    /// See [`super::current`].
+    pub async fn current<'e>(
+        executor: impl PgExecutor<'e>,
+        name: &str,
+    ) -> Result<Checkpoint, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT transaction_id, global_position, epoch, stream_sequence
+             FROM checkpoints WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_one(executor)
+        .await?;
+        checkpoint_of(&row)
+    }
+
+    /// See [`super::lock`]: the row lock is `FOR UPDATE`, held to the end of
+    /// the transaction.
+    pub async fn lock(conn: &mut PgConnection, name: &str) -> Result<Checkpoint, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT transaction_id, global_position, epoch, stream_sequence
+             FROM checkpoints WHERE name = $1 FOR UPDATE",
+        )
+        .bind(name)
+        .fetch_one(&mut *conn)
+        .await?;
+        checkpoint_of(&row)
+    }
+
+    /// See [`super::save`]: the compare-and-set and its `NOTIFY` in one
+    /// statement (the notification is delivered on commit, or never).
+    pub async fn save(
+        conn: &mut PgConnection,
+        name: &str,
+        fence: Fence,
+        to: Position,
+        applied: i64,
+        stream_sequence: Option<i64>,
+    ) -> Result<bool, sqlx::Error> {
+        let moved = sqlx::query(
+            "WITH moved AS (
+                 UPDATE checkpoints
+                 SET transaction_id = $2, global_position = $3, events = events + $4,
+                     stream_sequence = COALESCE($5, stream_sequence), updated_at = now()
+                 WHERE name = $1 AND epoch = $7
+                   AND transaction_id = $8 AND global_position = $9
+                 RETURNING name)
+             SELECT pg_notify($6, name || ' ' || $2 || '.' || $3) FROM moved",
+        )
+        .bind(name)
+        .bind(to.transaction_id)
+        .bind(to.global_position)
+        .bind(applied)
+        .bind(stream_sequence)
+        .bind(CHANNEL)
+        .bind(fence.epoch)
+        .bind(fence.from.transaction_id)
+        .bind(fence.from.global_position)
+        .fetch_optional(&mut *conn)
+        .await?;
+        Ok(moved.is_some())
+    }
+
+    /// See [`super::advance`].
+    pub async fn advance(
+        conn: &mut PgConnection,
+        name: &str,
+        to: Position,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "WITH moved AS (
+                 UPDATE checkpoints
+                 SET transaction_id = $2, global_position = $3, updated_at = now()
+                 WHERE name = $1 AND (transaction_id, global_position) < ($2, $3)
+                 RETURNING name)
+             SELECT pg_notify($4, name || ' ' || $2 || '.' || $3) FROM moved",
+        )
+        .bind(name)
+        .bind(to.transaction_id)
+        .bind(to.global_position)
+        .bind(CHANNEL)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// See [`super::all`].
+    pub async fn all<'e>(executor: impl PgExecutor<'e>) -> Result<Vec<Status>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT name, transaction_id, global_position, events, updated_at, epoch, owner,
+                    owner_since
+             FROM checkpoints ORDER BY name",
+        )
+        .fetch_all(executor)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Status {
+                    name: r.try_get("name")?,
+                    position: Position {
+                        transaction_id: r.try_get("transaction_id")?,
+                        global_position: r.try_get("global_position")?,
+                    },
+                    events: r.try_get("events")?,
+                    updated_at: r.try_get("updated_at")?,
+                    epoch: r.try_get("epoch")?,
+                    owner: r.try_get("owner")?,
+                    owner_since: r.try_get("owner_since")?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The statements on SQLite (migrations/sqlite/20261202000006_consumers.sql).
+/// What differs from [`postgres`], each said again beside its SQL:
+///
+/// - timestamps are INTEGER microseconds since 1970 UTC, bound from Rust
+///   (no column defaults to a clock, and SQLite's own clock is not used);
+/// - there is no row lock: a write transaction is `BEGIN IMMEDIATE`
+///   ([`Db::begin_write`]), which holds the whole database's write lock from
+///   its first statement, so a plain read inside it is already exclusive;
+/// - there is no `NOTIFY`: the writer announces a move after its commit
+///   ([`Db::checkpoint_moved`]), to this process; another process on the same
+///   file sees it by polling.
+pub mod sqlite {
+    use chrono::{DateTime, Utc};
+    use sqlx::{Row, SqliteConnection, SqliteExecutor, sqlite::SqliteRow};
+
+    use super::{Checkpoint, Fence, Status};
+    use ai_secretary_contract::Position;
+
+    /// See [`super::ensure`]. `updated_at` has no default (no clock in the
+    /// schema): a new row gets now, bound from Rust; an existing row keeps its
+    /// own (the no-op `DO UPDATE` only makes `RETURNING` answer for it too).
+    pub async fn ensure<'e>(
+        executor: impl SqliteExecutor<'e>,
+        name: &str,
+    ) -> Result<Checkpoint, sqlx::Error> {
+        let row = sqlx::query(
+            "INSERT INTO checkpoints (name, updated_at) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET name = excluded.name
+             RETURNING transaction_id, global_position, epoch, stream_sequence",
+        )
+        .bind(name)
+        .bind(Utc::now().timestamp_micros())
+        .fetch_one(executor)
+        .await?;
+        checkpoint_of(&row)
+    }
+
+    fn checkpoint_of(row: &SqliteRow) -> Result<Checkpoint, sqlx::Error> {
+        Ok(Checkpoint {
+            position: Position {
+                transaction_id: row.try_get("transaction_id")?,
+                global_position: row.try_get("global_position")?,
+            },
+            epoch: row.try_get("epoch")?,
+            stream_sequence: row.try_get("stream_sequence")?,
+        })
+    }
+
+    /// See [`super::current`]. Same statement as on Postgres.
+    pub async fn current<'e>(
+        executor: impl SqliteExecutor<'e>,
+        name: &str,
+    ) -> Result<Checkpoint, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT transaction_id, global_position, epoch, stream_sequence
+             FROM checkpoints WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_one(executor)
+        .await?;
+        checkpoint_of(&row)
+    }
+
+    /// See [`super::lock`]. No `FOR UPDATE` in SQLite, and none needed: `conn`
+    /// is in a `BEGIN IMMEDIATE` transaction, which took the database's one
+    /// write lock before this read, so no other writer (a rebuild's swap,
+    /// another process's worker) can move the row until it ends.
+    pub async fn lock(conn: &mut SqliteConnection, name: &str) -> Result<Checkpoint, sqlx::Error> {
+        current(&mut *conn, name).await
+    }
+
+    /// See [`super::save`]: the same compare-and-set on the epoch and the
+    /// position the batch started from, with `updated_at` bound from Rust and
+    /// no `pg_notify` (the caller announces the move once it has committed).
+    pub async fn save(
+        conn: &mut SqliteConnection,
+        name: &str,
+        fence: Fence,
+        to: Position,
+        applied: i64,
+        stream_sequence: Option<i64>,
+    ) -> Result<bool, sqlx::Error> {
+        let moved = sqlx::query(
+            "UPDATE checkpoints
+             SET transaction_id = $2, global_position = $3, events = events + $4,
+                 stream_sequence = COALESCE($5, stream_sequence), updated_at = $6
+             WHERE name = $1 AND epoch = $7
+               AND transaction_id = $8 AND global_position = $9
+             RETURNING name",
+        )
+        .bind(name)
+        .bind(to.transaction_id)
+        .bind(to.global_position)
+        .bind(applied)
+        .bind(stream_sequence)
+        .bind(Utc::now().timestamp_micros())
+        .bind(fence.epoch)
+        .bind(fence.from.transaction_id)
+        .bind(fence.from.global_position)
+        .fetch_optional(&mut *conn)
+        .await?;
+        Ok(moved.is_some())
+    }
+
+    /// See [`super::advance`]. The row-value comparison works in SQLite as in
+    /// Postgres; `updated_at` is bound from Rust and there is no `pg_notify`.
+    pub async fn advance(
+        conn: &mut SqliteConnection,
+        name: &str,
+        to: Position,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "UPDATE checkpoints
+             SET transaction_id = $2, global_position = $3, updated_at = $4
+             WHERE name = $1 AND (transaction_id, global_position) < ($2, $3)",
+        )
+        .bind(name)
+        .bind(to.transaction_id)
+        .bind(to.global_position)
+        .bind(Utc::now().timestamp_micros())
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// See [`super::all`]. The timestamps come back as microseconds and are
+    /// turned into times here.
+    pub async fn all<'e>(executor: impl SqliteExecutor<'e>) -> Result<Vec<Status>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT name, transaction_id, global_position, events, updated_at, epoch, owner,
+                    owner_since
+             FROM checkpoints ORDER BY name",
+        )
+        .fetch_all(executor)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(Status {
+                    name: r.try_get("name")?,
+                    position: Position {
+                        transaction_id: r.try_get("transaction_id")?,
+                        global_position: r.try_get("global_position")?,
+                    },
+                    events: r.try_get("events")?,
+                    updated_at: time("updated_at", r.try_get("updated_at")?)?,
+                    epoch: r.try_get("epoch")?,
+                    owner: r.try_get("owner")?,
+                    owner_since: r
+                        .try_get::<Option<i64>, _>("owner_since")?
+                        .map(|micros| time("owner_since", micros))
+                        .transpose()?,
+                })
+            })
+            .collect()
+    }
+
+    /// A stored INTEGER of microseconds since 1970 UTC as a time.
+    pub(crate) fn time(column: &str, micros: i64) -> Result<DateTime<Utc>, sqlx::Error> {
+        DateTime::from_timestamp_micros(micros).ok_or_else(|| sqlx::Error::ColumnDecode {
+            index: column.to_owned(),
+            source: format!("{micros} µs is outside chrono's dates").into(),
+        })
+    }
 }

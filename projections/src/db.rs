@@ -83,6 +83,15 @@ impl Db {
         })
     }
 
+    /// Announce a checkpoint move, after the commit that made it. On Postgres
+    /// the moving statement's `NOTIFY` already did, at commit; on SQLite this
+    /// is its stand-in ([`SqliteDb::checkpoint_moved`]).
+    pub fn checkpoint_moved(&self) {
+        if let Db::Sqlite(db) = self {
+            db.checkpoint_moved();
+        }
+    }
+
     /// The Postgres pool, for what only the server topology has.
     pub fn postgres(&self) -> Option<&PgPool> {
         match self {

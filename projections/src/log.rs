@@ -1,10 +1,17 @@
 //! Reading the event log directly, in commit order: the rebuild's bulk read,
-//! and the worker's gap fill (events the bus did not deliver in order are read
-//! here instead, never skipped).
+//! the worker's gap fill (events the bus did not deliver in order are read
+//! here instead, never skipped), and the store tail of a worker without a bus.
+//!
+//! On Postgres, commit order is `(transaction_id, global_position)` and a
+//! reader stops below the oldest open transaction. On SQLite (module
+//! [`sqlite`]) commits are serialized, so `global_position` order IS commit
+//! order and whatever a reader sees is a prefix of it: no horizon to stop at.
 
 use sqlx::{PgConnection, Row};
 
 use ai_secretary_contract::{EventEnvelope, Position};
+
+use crate::db::Db;
 
 /// The events in `(after, upto]` in commit order; the commit-order index serves
 /// this range scan, and `upto` is at or below the head.
@@ -73,10 +80,14 @@ pub const RECHECKS: u32 = 100;
 /// transaction still open, which may yet commit an event ordered before rows
 /// already visible: a reader that moved past it would never come back for it.
 pub async fn read_committed(
-    pool: &sqlx::PgPool,
+    db: &Db,
     after: Position,
     limit: i64,
 ) -> Result<Vec<(EventEnvelope, String)>, sqlx::Error> {
+    let pool = match db {
+        Db::Postgres(pool) => pool,
+        Db::Sqlite(db) => return sqlite::read_committed(&db.pool, after, limit).await,
+    };
     let rows = sqlx::query(
         "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
             transaction_id::text::int8 AS transaction_id, global_position, recorded_at,
@@ -117,4 +128,119 @@ pub async fn read(
     rows.iter()
         .map(|row| Ok((envelope_of(row)?, row.try_get::<String, _>(9)?)))
         .collect()
+}
+
+/// Read the events in `(after, upto]`, at most `limit`, on either database:
+/// the range read of a gap fill or a rebuild, each call a snapshot of its own
+/// (`read` and [`sqlite::read`] read within a caller's transaction instead).
+pub async fn read_range(
+    db: &Db,
+    after: Position,
+    upto: Position,
+    limit: i64,
+) -> Result<Vec<(EventEnvelope, String)>, sqlx::Error> {
+    match db {
+        Db::Postgres(pool) => {
+            // A read-only transaction (it takes no transaction id), for the range plan.
+            let mut snapshot = pool.begin().await?;
+            plan_range_with_its_bounds(&mut snapshot).await?;
+            let events = read(&mut snapshot, after, upto, limit).await?;
+            snapshot.rollback().await?;
+            Ok(events)
+        }
+        Db::Sqlite(db) => {
+            let mut conn = db.pool.acquire().await?;
+            sqlite::read(&mut conn, after, upto, limit).await
+        }
+    }
+}
+
+/// The log on SQLite (migrations/sqlite/20261129000001_event_store.sql): uuids
+/// are BLOBs of 16 bytes, `recorded_at` INTEGER microseconds since 1970 UTC,
+/// `data` JSON text. One writer at a time, so `global_position` order is
+/// commit order and `transaction_id` (the commit's first position) never
+/// orders differently: every statement here orders and bounds by
+/// `global_position` alone, which the table's rowid serves as a range scan.
+pub mod sqlite {
+    use sqlx::{Row, SqliteConnection, SqlitePool, sqlite::SqliteRow};
+
+    use ai_secretary_contract::{EventEnvelope, Position};
+
+    use crate::checkpoint::sqlite::time;
+
+    /// The events in `(after, upto]` in commit order: `$1` is `after`'s
+    /// global position, `$2` `upto`'s. A position's global_position alone
+    /// places it (see the module header), so no row comparison is needed.
+    pub(crate) const RANGE: &str =
+        "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
+            transaction_id, global_position, recorded_at, data
+     FROM events
+     WHERE global_position > $1 AND global_position <= $2
+     ORDER BY global_position";
+
+    /// An envelope without its payload, as [`super::envelope_of`] makes it on
+    /// Postgres; the ids are decoded from their BLOBs and `recorded_at` from
+    /// its microseconds.
+    pub(crate) fn envelope_of(row: &SqliteRow) -> Result<EventEnvelope, sqlx::Error> {
+        Ok(EventEnvelope {
+            event_id: row.try_get(0)?,
+            stream_id: row.try_get(1)?,
+            stream_type: row.try_get(2)?,
+            version: row.try_get(3)?,
+            event_type: row.try_get(4)?,
+            schema_version: row.try_get(5)?,
+            transaction_id: row.try_get(6)?,
+            global_position: row.try_get(7)?,
+            recorded_at: time("recorded_at", row.try_get(8)?)?,
+            data: serde_json::Value::Null,
+            metadata: serde_json::Value::Null,
+            previous: None,
+        })
+    }
+
+    fn with_payloads(rows: &[SqliteRow]) -> Result<Vec<(EventEnvelope, String)>, sqlx::Error> {
+        rows.iter()
+            .map(|row| Ok((envelope_of(row)?, row.try_get::<String, _>(9)?)))
+            .collect()
+    }
+
+    /// See [`super::read_committed`]. Every committed event is readable at
+    /// once and in order, so this is a plain `global_position > $1`: no
+    /// horizon, nothing an open transaction could still slip in below.
+    pub async fn read_committed(
+        pool: &SqlitePool,
+        after: Position,
+        limit: i64,
+    ) -> Result<Vec<(EventEnvelope, String)>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
+                transaction_id, global_position, recorded_at, data
+             FROM events
+             WHERE global_position > $1
+             ORDER BY global_position
+             LIMIT $2",
+        )
+        .bind(after.global_position)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
+        with_payloads(&rows)
+    }
+
+    /// See [`super::read`]: at most `limit` events in `(after, upto]`, in
+    /// the connection's snapshot (its transaction's, if it is in one).
+    pub async fn read(
+        conn: &mut SqliteConnection,
+        after: Position,
+        upto: Position,
+        limit: i64,
+    ) -> Result<Vec<(EventEnvelope, String)>, sqlx::Error> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{RANGE} LIMIT $3")))
+            .bind(after.global_position)
+            .bind(upto.global_position)
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?;
+        with_payloads(&rows)
+    }
 }

@@ -1,9 +1,9 @@
 //! What a projection is: a name and a way to apply one event inside the
 //! transaction that also moves its checkpoint.
 
-use sqlx::{PgConnection, PgPool};
-
 use ai_secretary_contract::{Event, EventEnvelope};
+
+use crate::db::{Db, Tx};
 
 /// An event of a batch with its payload decoded.
 #[derive(Debug, Clone)]
@@ -27,11 +27,12 @@ pub trait Projection: Send + Sync + 'static {
     /// Its checkpoint row and durable consumer name.
     fn name(&self) -> &'static str;
 
-    /// Work for a batch that is not a write to Postgres (the cache's Redis
-    /// calls), done before the batch's transaction opens so that nothing slow
-    /// holds it open. It must be safe to repeat: a batch that then fails to
+    /// Work for a batch that is not a write to the database (the cache's
+    /// Redis calls), done before the batch's transaction opens so that nothing
+    /// slow holds it open (on SQLite that transaction holds the database's one
+    /// write lock). It must be safe to repeat: a batch that then fails to
     /// commit is prepared again.
-    async fn prepare(&self, _pool: &PgPool, _batch: &[&Decoded]) -> Result<(), ProjectionError> {
+    async fn prepare(&self, _db: &Db, _batch: &[&Decoded]) -> Result<(), ProjectionError> {
         Ok(())
     }
 
@@ -39,7 +40,7 @@ pub trait Projection: Send + Sync + 'static {
     /// commits together with the checkpoint, or not at all.
     async fn apply(
         &self,
-        tx: &mut PgConnection,
+        tx: &mut Tx,
         envelope: &EventEnvelope,
         event: &Event,
     ) -> Result<(), ProjectionError>;

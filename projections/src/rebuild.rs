@@ -41,8 +41,9 @@ use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row, SqliteConnectio
 
 use crate::{
     cache::Cache,
+    checkpoint,
     db::{Conn, Db, SqliteDb},
-    log::{envelope_of, plan_range_with_its_bounds, range},
+    log::{self, envelope_of, plan_range_with_its_bounds, range},
     opener::Opener,
     projections::{self, Fold, Table},
     tables,
@@ -313,7 +314,7 @@ pub async fn fold_store(
         Conn::Sqlite(conn) => {
             let mut at = after;
             loop {
-                let page = stand_in::log::sqlite::read(conn, at, upto, SQLITE_PAGE).await?;
+                let page = log::sqlite::read(conn, at, upto, SQLITE_PAGE).await?;
                 for (envelope, data) in &page {
                     fold_one(opener, folds, envelope, data).await?;
                     folded(&mut read);
@@ -492,9 +493,7 @@ async fn swap(
         .execute(&mut *tx)
         .await?;
     // The checkpoint row first (the worker's batch takes it first too: no deadlock).
-    let live = stand_in::checkpoint::postgres::lock(&mut tx, name)
-        .await?
-        .position;
+    let live = checkpoint::postgres::lock(&mut tx, name).await?.position;
     let names: Vec<&str> = tables.iter().map(|t| t.name).collect();
     sqlx::query(AssertSqlSafe(format!(
         "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
@@ -551,7 +550,7 @@ async fn swap(
     if head > live {
         // The rebuild is ahead of the worker: it resumes at its JetStream sequence
         // and skips, by position, the events folded here.
-        stand_in::checkpoint::postgres::advance(&mut tx, name, head).await?;
+        checkpoint::postgres::advance(&mut tx, name, head).await?;
     }
     tx.commit().await?;
     Ok((position, tail))
@@ -755,10 +754,8 @@ async fn swap_sqlite(
     let name = fold.name();
     let tables = projections::tables_of(name);
     let mut tx = db.begin_write().await?;
-    stand_in::checkpoint::sqlite::ensure(&mut tx, name).await?;
-    let live = stand_in::checkpoint::sqlite::lock(&mut tx, name)
-        .await?
-        .position;
+    checkpoint::sqlite::ensure(&mut *tx, name).await?;
+    let live = checkpoint::sqlite::lock(&mut tx, name).await?.position;
     let mut tail = 0;
     if live > head {
         // The worker applied events past the rebuild's head: fold them in too,
@@ -809,158 +806,11 @@ async fn swap_sqlite(
     if head > live {
         // The rebuild is ahead of the worker: it resumes past the head and
         // skips, by position, the events folded here.
-        stand_in::checkpoint::sqlite::advance(&mut tx, name, head).await?;
+        checkpoint::sqlite::advance(&mut tx, name, head).await?;
     }
     tx.commit().await?;
     // The in-process stand-in for the checkpoints' NOTIFY (consistency waits
     // of this process wake; another process's see it when they poll).
     db.checkpoint_moved();
     Ok((position, tail))
-}
-
-/// Stand-ins for the SQLite halves of `checkpoint` and `log` that the worker's
-/// port brings (branch h1-worker): replaced by those once it is merged.
-pub(crate) mod stand_in {
-    pub mod checkpoint {
-        pub mod postgres {
-            pub use crate::checkpoint::{advance, all, lock};
-        }
-        pub mod sqlite {
-            use ai_secretary_contract::Position;
-            use chrono::{DateTime, Utc};
-            use sqlx::{Row, SqliteConnection};
-
-            use crate::checkpoint::{Checkpoint, Status};
-
-            pub async fn ensure(
-                conn: &mut SqliteConnection,
-                name: &str,
-            ) -> Result<(), sqlx::Error> {
-                sqlx::query(
-                    "INSERT INTO checkpoints (name, updated_at) VALUES ($1, $2)
-                     ON CONFLICT (name) DO NOTHING",
-                )
-                .bind(name)
-                .bind(Utc::now().timestamp_micros())
-                .execute(&mut *conn)
-                .await?;
-                Ok(())
-            }
-
-            pub async fn lock(
-                conn: &mut SqliteConnection,
-                name: &str,
-            ) -> Result<Checkpoint, sqlx::Error> {
-                let row = sqlx::query(
-                    "SELECT transaction_id, global_position, epoch, stream_sequence
-                     FROM checkpoints WHERE name = $1",
-                )
-                .bind(name)
-                .fetch_one(&mut *conn)
-                .await?;
-                Ok(Checkpoint {
-                    position: Position {
-                        transaction_id: row.try_get(0)?,
-                        global_position: row.try_get(1)?,
-                    },
-                    epoch: row.try_get(2)?,
-                    stream_sequence: row.try_get(3)?,
-                })
-            }
-
-            pub async fn advance(
-                conn: &mut SqliteConnection,
-                name: &str,
-                to: Position,
-            ) -> Result<(), sqlx::Error> {
-                sqlx::query(
-                    "UPDATE checkpoints
-                     SET transaction_id = $2, global_position = $3, updated_at = $4
-                     WHERE name = $1 AND (transaction_id, global_position) < ($2, $3)",
-                )
-                .bind(name)
-                .bind(to.transaction_id)
-                .bind(to.global_position)
-                .bind(Utc::now().timestamp_micros())
-                .execute(&mut *conn)
-                .await?;
-                Ok(())
-            }
-
-            pub async fn all(conn: &mut SqliteConnection) -> Result<Vec<Status>, sqlx::Error> {
-                let rows = sqlx::query(
-                    "SELECT name, transaction_id, global_position, events, updated_at, epoch, owner
-                     FROM checkpoints ORDER BY name",
-                )
-                .fetch_all(&mut *conn)
-                .await?;
-                rows.iter()
-                    .map(|r| {
-                        Ok(Status {
-                            name: r.try_get(0)?,
-                            position: Position {
-                                transaction_id: r.try_get(1)?,
-                                global_position: r.try_get(2)?,
-                            },
-                            events: r.try_get(3)?,
-                            updated_at: DateTime::from_timestamp_micros(r.try_get(4)?)
-                                .unwrap_or_default(),
-                            epoch: r.try_get(5)?,
-                            owner: r.try_get(6)?,
-                            owner_since: None,
-                        })
-                    })
-                    .collect()
-            }
-        }
-    }
-    pub mod log {
-        pub mod sqlite {
-            use ai_secretary_contract::{EventEnvelope, Position};
-            use chrono::DateTime;
-            use sqlx::{Row, SqliteConnection};
-
-            pub async fn read(
-                conn: &mut SqliteConnection,
-                after: Position,
-                upto: Position,
-                limit: i64,
-            ) -> Result<Vec<(EventEnvelope, String)>, sqlx::Error> {
-                let rows = sqlx::query(
-                    "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
-                        transaction_id, global_position, recorded_at, data
-                     FROM events
-                     WHERE global_position > $1 AND global_position <= $2
-                     ORDER BY global_position LIMIT $3",
-                )
-                .bind(after.global_position)
-                .bind(upto.global_position)
-                .bind(limit)
-                .fetch_all(&mut *conn)
-                .await?;
-                rows.iter()
-                    .map(|row| {
-                        Ok((
-                            EventEnvelope {
-                                event_id: row.try_get(0)?,
-                                stream_id: row.try_get(1)?,
-                                stream_type: row.try_get(2)?,
-                                version: row.try_get(3)?,
-                                event_type: row.try_get(4)?,
-                                schema_version: row.try_get(5)?,
-                                transaction_id: row.try_get(6)?,
-                                global_position: row.try_get(7)?,
-                                recorded_at: DateTime::from_timestamp_micros(row.try_get(8)?)
-                                    .unwrap_or_default(),
-                                data: serde_json::Value::Null,
-                                metadata: serde_json::Value::Null,
-                                previous: None,
-                            },
-                            row.try_get::<String, _>(9)?,
-                        ))
-                    })
-                    .collect()
-            }
-        }
-    }
 }

@@ -156,7 +156,7 @@ async fn verify_postgres(
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .execute(&mut *tx)
         .await?;
-    let checkpoints = rebuild::stand_in::checkpoint::postgres::all(&mut *tx).await?;
+    let checkpoints = checkpoint::postgres::all(&mut *tx).await?;
     let mut limited = at_checkpoints(folds, &checkpoints);
     let upto = limited.iter().map(|f| f.1).max().unwrap_or_default();
     rebuild::fold_store(
@@ -278,7 +278,7 @@ async fn verify_sqlite(
     // and kept to its end: the checkpoints and every live row below come from
     // one moment, whatever commits meanwhile.
     let mut snapshot = conn.begin().await?;
-    let checkpoints = rebuild::stand_in::checkpoint::sqlite::all(&mut snapshot).await?;
+    let checkpoints = checkpoint::sqlite::all(&mut *snapshot).await?;
     let mut live: Vec<Vec<LiveRows>> = Vec::new();
     for fold in &folds {
         let mut of_fold = Vec::new();

@@ -1,6 +1,6 @@
 //! The projection worker: applies the log to one projection, strictly in commit
 //! order from its checkpoint, committing each batch's read-model changes with the
-//! checkpoint in one Postgres transaction.
+//! checkpoint in one transaction, on Postgres or on SQLite (`crate::db`).
 //!
 //! - **One owner.** The worker holds its projection's lease (`lease`): a standby
 //!   waits, and takes over when the owner's lock connection dies. Every batch's
@@ -9,7 +9,9 @@
 //! - **Its feed.** Events come from the bus (`Feed::Bus`, production) or, where
 //!   there is no NATS, straight from the event store (`Feed::StoreTail`): read
 //!   in commit order below the read horizon, as the relay reads it, and woken by
-//!   each commit (a wake-up only: the store is always what is read).
+//!   each commit (a wake-up only: the store is always what is read). On SQLite
+//!   only the store tail applies: the bus is fed by the relay, which reads
+//!   Postgres.
 //! - **Its own view of the bus.** Each worker reads the stream through an ordered
 //!   consumer of its own (ephemeral, unacked), started just after the
 //!   checkpoint's JetStream sequence. Nothing is shared between an owner and a
@@ -32,12 +34,13 @@ use async_nats::jetstream::{
     consumer::{DeliverPolicy, pull},
 };
 use futures_util::{FutureExt, StreamExt};
-use sqlx::{PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     checkpoint,
+    db::{Db, Tx},
     lease::{self, Lease},
     log,
     opener::Opener,
@@ -96,6 +99,12 @@ pub enum WorkerError {
     /// not applied, and is tried again.
     #[error("sealed data: {0}")]
     Sealed(String),
+    /// `Feed::Bus` with the read side on SQLite: the bus is fed by the relay,
+    /// which reads the Postgres store, so this pairing has nothing to consume.
+    #[error(
+        "projection {0}: the bus feed needs Postgres (the relay reads it); on SQLite use the store tail (EVENT_FEED=store)"
+    )]
+    BusNeedsPostgres(&'static str),
 }
 
 fn nats(e: impl std::fmt::Display) -> WorkerError {
@@ -111,13 +120,16 @@ pub fn lock_key(name: &str) -> String {
 /// Run one projection until `shutdown` is cancelled: wait for its lease, apply
 /// batches while it is held, and contend again when it is lost.
 pub async fn run(
-    pool: PgPool,
+    db: Db,
     feed: Feed,
     source: Source,
     projection: Arc<dyn Projection>,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let name = projection.name();
+    if matches!(feed, Feed::Bus(_)) && db.postgres().is_none() {
+        return Err(WorkerError::BusNeedsPostgres(name));
+    }
     // Zeroed series, so a projection that never failed still shows 0 failures.
     for counter in [
         "projection_events_total",
@@ -129,10 +141,10 @@ pub async fn run(
     }
     lease::zero_metrics(name);
     while !shutdown.is_cancelled() {
-        let Some(lease) = Lease::acquire(&pool, &lock_key(name), name, &shutdown).await? else {
+        let Some(lease) = Lease::acquire(&db, &lock_key(name), name, &shutdown).await? else {
             break;
         };
-        serve(&pool, &feed, &source, projection.as_ref(), &lease).await;
+        serve(&db, &feed, &source, projection.as_ref(), &lease).await;
         if !shutdown.is_cancelled() {
             tracing::warn!(projection = name, "lease lost; contending again");
         }
@@ -141,24 +153,26 @@ pub async fn run(
 }
 
 /// Apply batches while `lease` is held, resuming from the checkpoint after a failure.
-async fn serve(
-    pool: &PgPool,
-    feed: &Feed,
-    source: &Source,
-    projection: &dyn Projection,
-    lease: &Lease,
-) {
+async fn serve(db: &Db, feed: &Feed, source: &Source, projection: &dyn Projection, lease: &Lease) {
     let name = projection.name();
     while !lease.lost().is_cancelled() {
-        let outcome = match feed {
-            Feed::Bus(jetstream) => consume(pool, jetstream, source, projection, lease).await,
-            Feed::StoreTail(commits) => {
-                tail(pool, commits.clone(), source, projection, lease).await
+        let outcome = match (feed, db) {
+            (Feed::Bus(jetstream), Db::Postgres(pool)) => {
+                consume(db, pool, jetstream, source, projection, lease).await
+            }
+            // Refused by `run` before the lease was taken.
+            (Feed::Bus(_), Db::Sqlite(_)) => Err(WorkerError::BusNeedsPostgres(name)),
+            (Feed::StoreTail(commits), _) => {
+                tail(db, commits.clone(), source, projection, lease).await
             }
         };
         match outcome {
             Ok(()) => {}
             Err(WorkerError::Deposed) => return,
+            Err(e @ WorkerError::BusNeedsPostgres(_)) => {
+                tracing::error!(projection = name, error = %e, "not consuming");
+                return;
+            }
             Err(WorkerError::Moved) => {
                 tracing::info!(
                     projection = name,
@@ -180,6 +194,7 @@ async fn serve(
 /// Read the stream from just after the checkpoint through a consumer of this
 /// worker's own and apply batches until the lease is lost or a batch fails.
 async fn consume(
+    db: &Db,
     pool: &PgPool,
     jetstream: &jetstream::Context,
     source: &Source,
@@ -205,7 +220,7 @@ async fn consume(
                 _ => break,
             }
         }
-        apply(pool, source.opener.as_ref(), projection, lease, &batch).await?;
+        apply(db, pool, source.opener.as_ref(), projection, lease, &batch).await?;
     }
 }
 
@@ -214,26 +229,34 @@ async fn consume(
 ///
 /// Each read stops below the read horizon (`log::read_committed`), so an event
 /// whose transaction is still open is never passed; the next read, woken by
-/// its commit, starts from the checkpoint and finds it.
+/// its commit, starts from the checkpoint and finds it. (On SQLite there is no
+/// horizon: a commit is readable, in order, the moment it is announced.)
 async fn tail(
-    pool: &PgPool,
+    db: &Db,
     mut commits: watch::Receiver<()>,
     source: &Source,
     projection: &dyn Projection,
     lease: &Lease,
 ) -> Result<(), WorkerError> {
     let name = projection.name();
-    checkpoint::ensure(pool, name).await?;
+    checkpoint::ensure(db, name).await?;
+    // After a wake-up that found nothing, how many quick looks remain: on
+    // Postgres the commit may still be above the read horizon for a moment;
+    // on SQLite a commit is visible when announced, so none are needed.
+    let rechecks_after_a_commit = match db {
+        Db::Postgres(_) => log::RECHECKS,
+        Db::Sqlite(_) => 0,
+    };
     let mut recheck = 0;
     loop {
         // Seen before reading: a commit from here on wakes the wait below.
         commits.borrow_and_update();
-        let start = checkpoint::current(pool, name).await?;
+        let start = checkpoint::current(db, name).await?;
         if start.epoch != lease.epoch {
             lease.fenced();
             return Err(WorkerError::Deposed);
         }
-        let events = log::read_committed(pool, start.position, MAX_BATCH as i64).await?;
+        let events = log::read_committed(db, start.position, MAX_BATCH as i64).await?;
         if events.is_empty() {
             let pause = if recheck > 0 {
                 recheck -= 1;
@@ -243,7 +266,7 @@ async fn tail(
             };
             tokio::select! {
                 changed = commits.changed(), if recheck == 0 => match changed {
-                    Ok(()) => recheck = log::RECHECKS,
+                    Ok(()) => recheck = rechecks_after_a_commit,
                     // The signal's sender is gone (its listener stopped): poll.
                     Err(_) => tokio::select! {
                         () = tokio::time::sleep(TAIL_POLL) => {}
@@ -258,7 +281,7 @@ async fn tail(
         recheck = 0;
         let mut resolved = Resolved::from(start.position);
         resolved.push_stored(source.opener.as_ref(), events).await?;
-        commit(pool, projection, lease, start, resolved).await?;
+        commit(db, projection, lease, start, resolved).await?;
     }
 }
 
@@ -272,7 +295,9 @@ async fn position_consumer(
 ) -> Result<jetstream::consumer::Consumer<pull::OrderedConfig>, WorkerError> {
     let stream = jetstream.get_stream(&source.stream).await.map_err(nats)?;
     let info = stream.get_info().await.map_err(nats)?;
-    let sequence = checkpoint::ensure(pool, name).await?.stream_sequence;
+    let sequence = checkpoint::postgres::ensure(pool, name)
+        .await?
+        .stream_sequence;
     // A stream that was recreated (its sequences restarted below ours) is read
     // from its start; the positions in the checkpoint still skip what was applied.
     let next = (sequence as u64 + 1).max(info.state.first_sequence);
@@ -306,6 +331,7 @@ async fn position_consumer(
 /// until it ends (the read horizon, `EventStore::read_all`). Nothing slow (a
 /// Redis call, a read of the store) happens inside it.
 async fn apply(
+    db: &Db,
     pool: &PgPool,
     opener: &dyn Opener,
     projection: &dyn Projection,
@@ -313,20 +339,23 @@ async fn apply(
     batch: &[jetstream::Message],
 ) -> Result<(), WorkerError> {
     let name = projection.name();
-    let start = checkpoint::current(pool, name).await?;
+    let start = checkpoint::current(db, name).await?;
     if start.epoch != lease.epoch {
         lease.fenced();
         return Err(WorkerError::Deposed);
     }
     let resolved = resolve(pool, opener, name, batch, start.position).await?;
-    commit(pool, projection, lease, start, resolved).await
+    commit(db, projection, lease, start, resolved).await
 }
 
-/// Write a resolved batch: let the projection do its work outside Postgres
-/// (`Projection::prepare`), then apply it and move the checkpoint from `start`
-/// in one short transaction, fenced by the lease (see [`apply`]).
+/// Write a resolved batch: let the projection do its work outside the
+/// database (`Projection::prepare`), then apply it and move the checkpoint
+/// from `start` in one short transaction, fenced by the lease (see [`apply`]).
+/// On SQLite that transaction holds the database's one write lock
+/// (`BEGIN IMMEDIATE`), the event store's appends included: another reason
+/// nothing slow happens inside it.
 async fn commit(
-    pool: &PgPool,
+    db: &Db,
     projection: &dyn Projection,
     lease: &Lease,
     start: checkpoint::Checkpoint,
@@ -338,11 +367,12 @@ async fn commit(
         .iter()
         .filter_map(|s| s.as_ref().ok())
         .collect();
-    projection.prepare(pool, &decoded).await?;
+    projection.prepare(db, &decoded).await?;
 
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin_write().await?;
     // The checkpoint row first, as a rebuild's swap takes it first too: whoever
     // has it goes ahead, and the other waits (never a deadlock over the tables).
+    // (On SQLite `BEGIN IMMEDIATE` already took the one write lock.)
     let locked = checkpoint::lock(&mut tx, name).await?;
     if locked.epoch != lease.epoch {
         lease.fenced();
@@ -371,13 +401,14 @@ async fn commit(
         // Nothing of the batch is written. Deposed since it began, or a rebuild
         // moved the checkpoint under it (the epoch says which).
         drop(tx);
-        if checkpoint::current(pool, name).await?.epoch == lease.epoch {
+        if checkpoint::current(db, name).await?.epoch == lease.epoch {
             return Err(WorkerError::Moved);
         }
         lease.fenced();
         return Err(WorkerError::Deposed);
     }
     tx.commit().await?;
+    db.checkpoint_moved();
     metrics::counter!("projection_events_total", "projection" => name).increment(applied as u64);
     metrics::gauge!("projection_position", "projection" => name)
         .set(resolved.at.global_position as f64);
@@ -563,7 +594,7 @@ async fn fill_gap(
 }
 
 impl Poison {
-    async fn record(&self, tx: &mut PgConnection, projection: &str) -> Result<(), sqlx::Error> {
+    async fn record(&self, tx: &mut Tx, projection: &str) -> Result<(), sqlx::Error> {
         dead_letter(
             tx,
             projection,
@@ -577,7 +608,7 @@ impl Poison {
 }
 
 async fn dead_letter(
-    tx: &mut PgConnection,
+    tx: &mut Tx,
     projection: &str,
     envelope: Option<&EventEnvelope>,
     subject: &str,
@@ -592,19 +623,42 @@ async fn dead_letter(
     );
     metrics::counter!("projection_dead_letters_total", "projection" => projection.to_owned())
         .increment(1);
-    sqlx::query(
-        "INSERT INTO dead_letters (projection, event_id, transaction_id, global_position,
-             subject, reason, payload)
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-    )
-    .bind(projection)
-    .bind(envelope.map(|e| e.event_id))
-    .bind(envelope.map(|e| e.transaction_id))
-    .bind(envelope.map(|e| e.global_position))
-    .bind(subject)
-    .bind(reason)
-    .bind(payload)
-    .execute(&mut *tx)
-    .await?;
+    match tx {
+        Tx::Postgres(tx) => {
+            sqlx::query(
+                "INSERT INTO dead_letters (projection, event_id, transaction_id, global_position,
+                     subject, reason, payload)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(projection)
+            .bind(envelope.map(|e| e.event_id))
+            .bind(envelope.map(|e| e.transaction_id))
+            .bind(envelope.map(|e| e.global_position))
+            .bind(subject)
+            .bind(reason)
+            .bind(payload)
+            .execute(&mut **tx)
+            .await?;
+        }
+        // The same row; `recorded_at` has no default in SQLite's schema (no
+        // clock there), so it is bound from Rust, as µs since 1970 UTC.
+        Tx::Sqlite(tx) => {
+            sqlx::query(
+                "INSERT INTO dead_letters (projection, event_id, transaction_id, global_position,
+                     subject, reason, payload, recorded_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(projection)
+            .bind(envelope.map(|e| e.event_id))
+            .bind(envelope.map(|e| e.transaction_id))
+            .bind(envelope.map(|e| e.global_position))
+            .bind(subject)
+            .bind(reason)
+            .bind(payload)
+            .bind(chrono::Utc::now().timestamp_micros())
+            .execute(&mut **tx)
+            .await?;
+        }
+    }
     Ok(())
 }

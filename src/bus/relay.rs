@@ -19,7 +19,7 @@ use std::{sync::Arc, time::Duration};
 
 use ai_secretary_contract::{EventEnvelope, subjects};
 use ai_secretary_projections::{
-    checkpoint,
+    Db, checkpoint,
     lease::{self, Lease},
     log::{RECHECK, RECHECKS},
 };
@@ -54,7 +54,13 @@ impl Relay {
     pub async fn run(&self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         lease::zero_metrics(CHECKPOINT);
         while !shutdown.is_cancelled() {
-            let Some(lease) = Lease::acquire(&self.pool, LOCK_KEY, CHECKPOINT, shutdown).await?
+            let Some(lease) = Lease::acquire(
+                &Db::Postgres(self.pool.clone()),
+                LOCK_KEY,
+                CHECKPOINT,
+                shutdown,
+            )
+            .await?
             else {
                 break;
             };
@@ -71,7 +77,9 @@ impl Relay {
         super::ensure_stream(&self.jetstream, &self.bus).await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(COMMITS_CHANNEL).await?;
-        let mut checkpoint = checkpoint::ensure(&self.pool, CHECKPOINT).await?.position;
+        let mut checkpoint = checkpoint::postgres::ensure(&self.pool, CHECKPOINT)
+            .await?
+            .position;
         tracing::info!(%checkpoint, stream = %self.bus.stream, "relay active");
         // A notified commit can still be above the read horizon (an older
         // transaction was open): look again shortly rather than at the next poll.
@@ -143,7 +151,7 @@ impl Relay {
         published: usize,
     ) -> Result<bool, sqlx::Error> {
         let mut conn = self.pool.acquire().await?;
-        checkpoint::save(
+        checkpoint::postgres::save(
             &mut conn,
             CHECKPOINT,
             lease.fence(from),

@@ -243,7 +243,7 @@ async fn projections(
     };
     let head = state.commands.head().await?;
     let mut data = Vec::new();
-    for checkpoint in checkpoint::all(&state.read.pool).await? {
+    for checkpoint in checkpoint::postgres::all(&state.read.pool).await? {
         let (name, at) = (&checkpoint.name, checkpoint.position);
         // How many events are past this checkpoint, and since when the oldest waits.
         let behind = state.commands.behind(at, LAG_COUNT_LIMIT).await?;

@@ -434,14 +434,16 @@ async fn a_deposed_worker_writes_nothing_after_its_lease_is_taken() {
 async fn a_checkpoint_write_is_refused_unless_its_epoch_and_position_still_hold() {
     let db = TestDb::new().await;
     let mut conn = db.pool.acquire().await.unwrap();
-    let start = checkpoint::ensure(&mut *conn, "fenced").await.unwrap();
+    let start = checkpoint::postgres::ensure(&mut *conn, "fenced")
+        .await
+        .unwrap();
     let at = |gp| Position {
         transaction_id: 7,
         global_position: gp,
     };
     let fence = |epoch, from| Fence { epoch, from };
     assert!(
-        checkpoint::save(
+        checkpoint::postgres::save(
             &mut conn,
             "fenced",
             fence(start.epoch, start.position),
@@ -459,7 +461,7 @@ async fn a_checkpoint_write_is_refused_unless_its_epoch_and_position_still_hold(
         .unwrap();
     // The deposed owner, from where it rightly was: refused.
     assert!(
-        !checkpoint::save(
+        !checkpoint::postgres::save(
             &mut conn,
             "fenced",
             fence(start.epoch, at(1)),
@@ -473,17 +475,19 @@ async fn a_checkpoint_write_is_refused_unless_its_epoch_and_position_still_hold(
     // The new owner from a position that is not the row's: refused.
     let epoch = start.epoch + 1;
     assert!(
-        !checkpoint::save(&mut conn, "fenced", fence(epoch, at(0)), at(2), 1, None)
+        !checkpoint::postgres::save(&mut conn, "fenced", fence(epoch, at(0)), at(2), 1, None)
             .await
             .unwrap()
     );
     // The new owner from the row's position: moved.
     assert!(
-        checkpoint::save(&mut conn, "fenced", fence(epoch, at(1)), at(2), 1, None)
+        checkpoint::postgres::save(&mut conn, "fenced", fence(epoch, at(1)), at(2), 1, None)
             .await
             .unwrap()
     );
-    let row = checkpoint::ensure(&mut *conn, "fenced").await.unwrap();
+    let row = checkpoint::postgres::ensure(&mut *conn, "fenced")
+        .await
+        .unwrap();
     assert_eq!((row.position, row.epoch), (at(2), epoch));
 }
 

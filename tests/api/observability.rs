@@ -414,17 +414,18 @@ async fn lag_is_measured_against_the_store_so_a_stuck_relay_shows_it() {
     app.assistant(&token, "Waiting").await;
     let events = app.event_count().await;
     assert!(events >= 2);
+    let db = ai_secretary_projections::Db::Postgres(app.db.pool.clone());
 
-    let (lag, first_age) = measure(&app.db.pool, "relay").await.unwrap();
+    let (lag, first_age) = measure(&db, "relay").await.unwrap();
     assert_eq!(lag, events, "every event is unpublished");
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let (lag, age) = measure(&app.db.pool, "relay").await.unwrap();
+    let (lag, age) = measure(&db, "relay").await.unwrap();
     assert_eq!(lag, events);
     assert!(
         age >= first_age + 1.0,
         "the lag does not age: {first_age} then {age}"
     );
-    let (lag, _) = measure(&app.db.pool, "assistants").await.unwrap();
+    let (lag, _) = measure(&db, "assistants").await.unwrap();
     assert_eq!(lag, events, "the projection is behind too");
 
     // Once the checkpoint is at the head, there is no lag.
@@ -438,7 +439,7 @@ async fn lag_is_measured_against_the_store_so_a_stuck_relay_shows_it() {
     .execute(&app.db.pool)
     .await
     .unwrap();
-    assert_eq!(measure(&app.db.pool, "relay").await.unwrap(), (0, 0.0));
+    assert_eq!(measure(&db, "relay").await.unwrap(), (0, 0.0));
 }
 
 /// Counters move with what a user does, exactly, read from the binary's own

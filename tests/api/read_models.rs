@@ -6,7 +6,7 @@
 
 use ai_secretary_contract::{Event, EventEnvelope};
 use ai_secretary_projections::{
-    ALL,
+    ALL, Tx,
     cache::Cache,
     db::Conn,
     executor::sqlite,
@@ -307,7 +307,7 @@ async fn the_live_executor_and_the_fold_write_the_same_rows() {
     let mut conn = db.pool.acquire().await.unwrap();
     for projection in ALL {
         let live = (projection.live)(&cache);
-        let mut tx = conn.begin().await.unwrap();
+        let mut tx = Tx::Postgres(db.pool.begin().await.unwrap());
         for (e, event) in &decoded {
             live.apply(&mut tx, e, event).await.unwrap();
         }

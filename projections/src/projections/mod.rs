@@ -5,8 +5,9 @@
 //!
 //! One folder per projection: its `mod.rs` declares its tables and its rules,
 //! pure functions from an event to typed read-model operations (`crate::ops`).
-//! The live path ([`Live`]) runs them in SQL with the Postgres executor, the
-//! rebuild's [`Fold`] on rows in memory: one set of rules, two executors.
+//! The live path ([`Live`]) runs them in SQL with the executor of its database
+//! (Postgres or SQLite), the rebuild's [`Fold`] on rows in memory: one set of
+//! rules, three executors.
 
 pub mod assistants;
 pub mod cache;
@@ -17,11 +18,11 @@ pub mod usage_daily;
 use std::sync::Arc;
 
 use ai_secretary_contract::{Event, EventEnvelope, Position};
-use sqlx::PgConnection;
 
 pub use crate::ops::Table;
 use crate::{
     cache::Cache,
+    db::Tx,
     executor,
     fold::TableRows,
     ops::{Found, Rules},
@@ -94,11 +95,26 @@ impl Projection for Live {
 
     async fn apply(
         &self,
-        tx: &mut PgConnection,
+        tx: &mut Tx,
         e: &EventEnvelope,
         event: &Event,
     ) -> Result<(), ProjectionError> {
-        Ok(executor::postgres::apply(tx, &self.rules, e, event).await?)
+        Ok(apply_rules(tx, &self.rules, e, event).await?)
+    }
+}
+
+/// Apply `rules` to one event in the batch's transaction, with the executor of
+/// its database: the same rules and statements, each value bound as that
+/// database stores its column's type.
+pub(crate) async fn apply_rules(
+    tx: &mut Tx,
+    rules: &Rules,
+    e: &EventEnvelope,
+    event: &Event,
+) -> Result<(), sqlx::Error> {
+    match tx {
+        Tx::Postgres(tx) => executor::postgres::apply(tx, rules, e, event).await,
+        Tx::Sqlite(tx) => executor::sqlite::apply(tx, rules, e, event).await,
     }
 }
 

@@ -3,12 +3,13 @@
 use std::collections::HashMap;
 
 use ai_secretary_contract::{Event, EventEnvelope};
-use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::{
     cache::{Cache, Kind},
+    db::{Db, Tx},
     executor,
+    ops::{Cond, Lookup, Value},
     projection::{Decoded, Projection, ProjectionError},
 };
 
@@ -41,7 +42,7 @@ impl Projection for CacheInvalidation {
         super::PROJECTION.name
     }
 
-    async fn prepare(&self, pool: &PgPool, batch: &[&Decoded]) -> Result<(), ProjectionError> {
+    async fn prepare(&self, db: &Db, batch: &[&Decoded]) -> Result<(), ProjectionError> {
         // Each conversation's assistant: from the batch's own starts, else from
         // the lookup the earlier batches kept (one query for the batch).
         let mut assistant_of: HashMap<Uuid, Uuid> = batch
@@ -58,14 +59,7 @@ impl Projection for CacheInvalidation {
             .filter(|id| !assistant_of.contains_key(id))
             .collect();
         if !unknown.is_empty() {
-            let known: Vec<(Uuid, Uuid)> = sqlx::query_as(
-                "SELECT conversation_id, assistant_id FROM cache_conversations
-                 WHERE conversation_id = ANY($1)",
-            )
-            .bind(&unknown)
-            .fetch_all(pool)
-            .await?;
-            assistant_of.extend(known);
+            assistant_of.extend(assistants_of(db, &unknown).await?);
         }
         for Decoded { envelope: e, event } in batch.iter().copied() {
             let at = e.position();
@@ -103,10 +97,56 @@ impl Projection for CacheInvalidation {
 
     async fn apply(
         &self,
-        tx: &mut PgConnection,
+        tx: &mut Tx,
         e: &EventEnvelope,
         event: &Event,
     ) -> Result<(), ProjectionError> {
-        Ok(executor::postgres::apply(tx, &super::RULES, e, event).await?)
+        Ok(crate::projections::apply_rules(tx, &super::RULES, e, event).await?)
+    }
+}
+
+/// Conversations' ids in one SQLite lookup: SQLite takes a parameter per
+/// element of an `IN (…)` list and allows at most 32,766 in a statement; a
+/// batch asks for one per event at most, and a gap fill can make a batch
+/// long, so the ids go in slices far below that limit.
+const LOOKUP_CHUNK: usize = 1_000;
+
+/// The assistant of each of `conversations` that the lookup table knows.
+async fn assistants_of(db: &Db, conversations: &[Uuid]) -> Result<Vec<(Uuid, Uuid)>, sqlx::Error> {
+    match db {
+        // One array parameter for the lot.
+        Db::Postgres(pool) => {
+            sqlx::query_as(
+                "SELECT conversation_id, assistant_id FROM cache_conversations
+                 WHERE conversation_id = ANY($1)",
+            )
+            .bind(conversations)
+            .fetch_all(pool)
+            .await
+        }
+        // No arrays in SQLite: the executor's lookup, whose `IN (…)` the SQLite
+        // dialect expands into one parameter per id, bound as their BLOBs.
+        Db::Sqlite(db) => {
+            let mut conn = db.pool.acquire().await?;
+            let mut known = Vec::new();
+            for chunk in conversations.chunks(LOOKUP_CHUNK) {
+                let lookup = Lookup {
+                    table: &super::CONVERSATIONS,
+                    filter: Cond::In(
+                        "conversation_id",
+                        chunk.iter().map(|id| Value::Uuid(*id)).collect(),
+                    ),
+                    columns: &["conversation_id", "assistant_id"],
+                };
+                let found = executor::sqlite::read(&mut conn, &lookup).await?;
+                known.extend(found.rows.iter().filter_map(|row| match row.as_slice() {
+                    [Value::Uuid(conversation), Value::Uuid(assistant)] => {
+                        Some((*conversation, *assistant))
+                    }
+                    _ => None,
+                }));
+            }
+            Ok(known)
+        }
     }
 }
