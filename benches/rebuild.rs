@@ -110,7 +110,8 @@ async fn run(url: &str, events: i64) -> Result<()> {
     pool.execute("CHECKPOINT").await?;
     let started = Instant::now();
     let master = MasterKey::from_hex(DEV_ENCRYPTION_KEY)?;
-    let rebuilt = rebuild::rebuild(&pool, opener(master, &pool), &NAMES, None, &|step| {
+    let db = ai_secretary_projections::Db::Postgres(pool.clone());
+    let rebuilt = rebuild::rebuild(&db, opener(master, &db), &NAMES, None, &|step| {
         let at = started.elapsed().as_secs_f64();
         match step {
             rebuild::Step::Started { events, .. } => {

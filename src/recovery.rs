@@ -3,6 +3,12 @@
 //! admin API (a background task per rebuild, its state in the `rebuilds` table
 //! so any replica can report it, joined on shutdown). The rebuild and verify
 //! logic itself lives in the projections crate (`rebuild`, `verify`).
+//!
+//! Both databases: the commands open the one the service is configured with
+//! (`Config::database`), so on the embedded default `replay` and `verify` run
+//! as a second process beside a live service on the same SQLite file. SQLite's
+//! locks and busy timeout coordinate their writes with the service's, and the
+//! rebuild's file lock keeps one rebuild per projection across processes.
 
 use std::{
     io::IsTerminal,
@@ -14,7 +20,7 @@ use std::{
 };
 
 use ai_secretary_projections::{
-    Opener,
+    Db, Opener, SqliteDb,
     cache::Cache,
     projections,
     rebuild::{self, RebuildError, Step},
@@ -22,21 +28,47 @@ use ai_secretary_projections::{
 };
 use chrono::{DateTime, Utc};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use sqlx::PgPool;
+use sqlx::Row;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use uuid::Uuid;
 
 use crate::{
-    config::Config,
+    config::{CacheBackend, Config, Database},
     crypto::MasterKey,
-    store::{PgEventStore, postgres::CoalescingConfig, sealed::Keyring},
+    store::{
+        EventStore, PgEventStore, SqliteEventStore, postgres::CoalescingConfig, sealed::Keyring,
+    },
 };
 
 /// What opens the sealed personal fields a rebuild or a verify folds: users'
-/// keys, from the store on `pool`, unwrapped with `master`.
-pub fn opener(master: MasterKey, pool: &PgPool) -> Arc<Keyring> {
-    let store = PgEventStore::new(pool.clone(), CoalescingConfig::default());
-    Arc::new(Keyring::new(master, Arc::new(store)))
+/// keys, from the store in `db`, unwrapped with `master`.
+pub fn opener(master: MasterKey, db: &Db) -> Arc<Keyring> {
+    let store: Arc<dyn EventStore> = match db {
+        Db::Postgres(pool) => {
+            Arc::new(PgEventStore::new(pool.clone(), CoalescingConfig::default()))
+        }
+        // Only read here (users' keys): its writer connection opens lazily,
+        // so it never takes the write lock.
+        Db::Sqlite(lite) => Arc::new(SqliteEventStore::new(
+            lite.pool.clone(),
+            CoalescingConfig::default(),
+        )),
+    };
+    Arc::new(Keyring::new(master, store))
+}
+
+/// The database the service is configured with, for an operator command that
+/// needs `connections` of it: the Postgres server, or the SQLite file (the
+/// embedded default), opened as the service opens it (WAL, busy timeout).
+async fn open(config: &Config, connections: u32) -> anyhow::Result<Db> {
+    Ok(match config.database()? {
+        Database::Postgres(url) => {
+            Db::Postgres(crate::store::postgres::connect(url.expose(), connections).await?)
+        }
+        Database::Sqlite(path) => Db::Sqlite(SqliteDb::new(
+            crate::store::sqlite::connect(&path.to_string_lossy(), connections).await?,
+        )),
+    })
 }
 
 /// How often a rebuild without a terminal logs its progress, and how often a
@@ -63,7 +95,7 @@ impl Counter {
 /// `ai-secretary replay NAME|--all`: rebuild and print what was done. A progress
 /// bar (events/s, ETA) on a terminal; a log line every few seconds otherwise.
 pub async fn replay(config: &Config, names: &[&str]) -> anyhow::Result<()> {
-    let pool = crate::store::postgres::connect(config.postgres_url("replay")?.expose(), 4).await?;
+    let db = open(config, 4).await?;
     let cache = config.cache()?;
     let bar = if std::io::stderr().is_terminal() {
         ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr())
@@ -131,8 +163,8 @@ pub async fn replay(config: &Config, names: &[&str]) -> anyhow::Result<()> {
             }
         })
     });
-    let opener = opener(config.master_key()?, &pool);
-    let result = rebuild::rebuild(&pool, opener, names, Some(&cache), &on_step).await;
+    let opener = opener(config.master_key()?, &db);
+    let result = rebuild::rebuild(&db, opener, names, Some(&cache), &on_step).await;
     if let Some(task) = logging {
         task.abort();
     }
@@ -152,29 +184,37 @@ pub async fn replay(config: &Config, names: &[&str]) -> anyhow::Result<()> {
             at.transaction_id, at.global_position
         );
     }
-    println!(
-        "  redis keys under {:?} dropped; queries refill them",
-        config.redis_key_prefix
-    );
+    match config.cache_backend() {
+        CacheBackend::Redis => println!(
+            "  redis keys under {:?} dropped; queries refill them",
+            config.redis_key_prefix
+        ),
+        // A running service's in-process cache is its own: this process cannot
+        // reach it. Its entries expire after their TTL.
+        CacheBackend::Local => println!(
+            "  a running service's in-process cache is not dropped from here: its entries expire within {} s",
+            config.cache_ttl_seconds
+        ),
+    }
     Ok(())
 }
 
 /// `ai-secretary verify [NAME]`: prints the report; true when nothing drifted.
 pub async fn verify(config: &Config, names: &[&str]) -> anyhow::Result<bool> {
-    let pool = crate::store::postgres::connect(config.postgres_url("verify")?.expose(), 2).await?;
-    let (report, clean) = verify_report(&pool, &config.master_key()?, names).await?;
+    let db = open(config, 2).await?;
+    let (report, clean) = verify_report(&db, &config.master_key()?, names).await?;
     print!("{report}");
     Ok(clean)
 }
 
 /// The readable report of `verify`, and whether every table is clean.
 pub async fn verify_report(
-    pool: &PgPool,
+    db: &Db,
     master: &MasterKey,
     names: &[&str],
 ) -> anyhow::Result<(String, bool)> {
-    let opener = opener(master.clone(), pool);
-    let results = verify::verify(pool, opener.as_ref(), names, &|_| {}).await?;
+    let opener = opener(master.clone(), db);
+    let results = verify::verify(db, opener.as_ref(), names, &|_| {}).await?;
     let mut report = String::new();
     for verified in &results {
         report.push_str(&verified.to_string());
@@ -200,7 +240,7 @@ pub enum StartError {
 }
 
 /// A rebuild as the admin API shows it.
-#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct RebuildStatus {
     pub id: Uuid,
     pub projection: String,
@@ -212,25 +252,67 @@ pub struct RebuildStatus {
     pub error: Option<String>,
 }
 
+/// The columns of a [`RebuildStatus`], in the order its decoders read them.
+const STATUS_COLUMNS: &str =
+    "id, projection, state, events, total_events, started_at, finished_at, error";
+
+impl RebuildStatus {
+    fn from_postgres(row: &sqlx::postgres::PgRow) -> Result<RebuildStatus, sqlx::Error> {
+        Ok(RebuildStatus {
+            id: row.try_get(0)?,
+            projection: row.try_get(1)?,
+            state: row.try_get(2)?,
+            events: row.try_get(3)?,
+            total_events: row.try_get(4)?,
+            started_at: row.try_get(5)?,
+            finished_at: row.try_get(6)?,
+            error: row.try_get(7)?,
+        })
+    }
+
+    /// On SQLite the id is a BLOB and the times INTEGER µs since 1970 UTC.
+    fn from_sqlite(row: &sqlx::sqlite::SqliteRow) -> Result<RebuildStatus, sqlx::Error> {
+        Ok(RebuildStatus {
+            id: row.try_get(0)?,
+            projection: row.try_get(1)?,
+            state: row.try_get(2)?,
+            events: row.try_get(3)?,
+            total_events: row.try_get(4)?,
+            started_at: time(5, row.try_get(5)?)?,
+            finished_at: row
+                .try_get::<Option<i64>, _>(6)?
+                .map(|micros| time(6, micros))
+                .transpose()?,
+            error: row.try_get(7)?,
+        })
+    }
+}
+
+/// A time stored on SQLite (INTEGER µs since 1970 UTC), read back.
+fn time(column: usize, micros: i64) -> Result<DateTime<Utc>, sqlx::Error> {
+    DateTime::from_timestamp_micros(micros).ok_or_else(|| sqlx::Error::ColumnDecode {
+        index: column.to_string(),
+        source: format!("{micros} µs is outside chrono's dates").into(),
+    })
+}
+
 /// Rebuilds run inside the service (started by the admin API).
 #[derive(Clone)]
 pub struct Rebuilds {
-    pub pool: PgPool,
+    pub db: Db,
     opener: Arc<dyn Opener>,
     pub cache: Cache,
     tasks: TaskTracker,
     stop: CancellationToken,
 }
 
+/// Why a rebuild still marked running was stopped by nobody: its process died.
+const INTERRUPTED: &str = "interrupted (the process running it stopped)";
+
 impl Rebuilds {
-    pub fn new(
-        pool: PgPool,
-        opener: Arc<dyn Opener>,
-        cache: Cache,
-        stop: CancellationToken,
-    ) -> Rebuilds {
+    pub fn new(db: Db, opener: Arc<dyn Opener>, cache: Cache, stop: CancellationToken) -> Rebuilds {
         Rebuilds {
-            pool,
+            db,
             opener,
             cache,
             tasks: TaskTracker::new(),
@@ -245,32 +327,59 @@ impl Rebuilds {
     }
 
     /// Record and start a rebuild of `name` in the background.
+    ///
+    /// Every statement here is written once for both databases; times are bound
+    /// from Rust (a `timestamptz` on Postgres, INTEGER µs on SQLite, which has
+    /// no clock in its schema).
     pub async fn start(&self, name: &str) -> Result<Uuid, StartError> {
         let Some(name) = projections::find(name).map(|p| p.name) else {
             return Err(StartError::Unknown(name.to_owned()));
         };
-        if rebuild::is_running(&self.pool, name).await? {
+        if rebuild::is_running(&self.db, name).await? {
             return Err(StartError::Running(name.to_owned()));
         }
         // A row still 'running' with nobody holding the lock was left by a crash.
-        sqlx::query(
-            "UPDATE rebuilds SET state = 'failed', finished_at = now(),
-                 error = 'interrupted (the process running it stopped)'
-             WHERE projection = $1 AND state = 'running'",
-        )
-        .bind(name)
-        .execute(&self.pool)
-        .await?;
+        const STALE: &str = "UPDATE rebuilds SET state = 'failed', finished_at = $2, error = $3
+             WHERE projection = $1 AND state = 'running'";
+        // At most one running row per projection (a partial unique index):
+        // a concurrent start inserts nothing.
+        const INSERT: &str = "INSERT INTO rebuilds (id, projection, state, started_at)
+             VALUES ($1, $2, 'running', $3) ON CONFLICT DO NOTHING";
         let id = Uuid::now_v7();
-        let inserted = sqlx::query(
-            "INSERT INTO rebuilds (id, projection, state) VALUES ($1, $2, 'running')
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(id)
-        .bind(name)
-        .execute(&self.pool)
-        .await?;
-        if inserted.rows_affected() == 0 {
+        let now = Utc::now();
+        let inserted = match &self.db {
+            Db::Postgres(pool) => {
+                sqlx::query(STALE)
+                    .bind(name)
+                    .bind(now)
+                    .bind(INTERRUPTED)
+                    .execute(pool)
+                    .await?;
+                sqlx::query(INSERT)
+                    .bind(id)
+                    .bind(name)
+                    .bind(now)
+                    .execute(pool)
+                    .await?
+                    .rows_affected()
+            }
+            Db::Sqlite(lite) => {
+                sqlx::query(STALE)
+                    .bind(name)
+                    .bind(now.timestamp_micros())
+                    .bind(INTERRUPTED)
+                    .execute(&lite.pool)
+                    .await?;
+                sqlx::query(INSERT)
+                    .bind(id)
+                    .bind(name)
+                    .bind(now.timestamp_micros())
+                    .execute(&lite.pool)
+                    .await?
+                    .rows_affected()
+            }
+        };
+        if inserted == 0 {
             return Err(StartError::Running(name.to_owned()));
         }
         let this = self.clone();
@@ -286,7 +395,7 @@ impl Rebuilds {
         };
         let names = [name];
         let rebuilt = rebuild::rebuild(
-            &self.pool,
+            &self.db,
             self.opener.clone(),
             &names,
             Some(&self.cache),
@@ -298,8 +407,8 @@ impl Rebuilds {
             tokio::select! {
                 done = &mut rebuilt => break done.map(|_| ()).map_err(|e: RebuildError| e.to_string()),
                 _ = tick.tick() => self.record_progress(id, &counter).await,
-                // Dropping the rebuild rolls back its open transaction; its
-                // `__next` tables are dropped by the next run.
+                // Dropping the rebuild rolls back its open transaction and lets
+                // its lock go; its `__next` tables are dropped by the next run.
                 () = self.stop.cancelled() => break Err("interrupted by shutdown".into()),
             }
         };
@@ -308,45 +417,107 @@ impl Rebuilds {
             Ok(()) => tracing::info!(projection = name, %id, "rebuild finished"),
             Err(e) => tracing::warn!(projection = name, %id, error = %e, "rebuild failed"),
         }
-        let finished = sqlx::query(
-            "UPDATE rebuilds SET state = $2, error = $3, finished_at = now() WHERE id = $1",
-        )
-        .bind(id)
-        .bind(if outcome.is_ok() {
+        let state = if outcome.is_ok() {
             "succeeded"
         } else {
             "failed"
-        })
-        .bind(outcome.err())
-        .execute(&self.pool)
-        .await;
+        };
+        const FINISHED: &str =
+            "UPDATE rebuilds SET state = $2, error = $3, finished_at = $4 WHERE id = $1";
+        let now = Utc::now();
+        let finished = match &self.db {
+            Db::Postgres(pool) => sqlx::query(FINISHED)
+                .bind(id)
+                .bind(state)
+                .bind(outcome.err())
+                .bind(now)
+                .execute(pool)
+                .await
+                .map(|_| ()),
+            Db::Sqlite(lite) => sqlx::query(FINISHED)
+                .bind(id)
+                .bind(state)
+                .bind(outcome.err())
+                .bind(now.timestamp_micros())
+                .execute(&lite.pool)
+                .await
+                .map(|_| ()),
+        };
         if let Err(e) = finished {
             tracing::warn!(%id, error = %e, "could not record the end of a rebuild");
         }
     }
 
     async fn record_progress(&self, id: Uuid, counter: &Counter) {
-        let _ = sqlx::query("UPDATE rebuilds SET events = $2, total_events = $3 WHERE id = $1")
-            .bind(id)
-            .bind(counter.folded.load(Ordering::Relaxed) as i64)
-            .bind(counter.total.load(Ordering::Relaxed) as i64)
-            .execute(&self.pool)
-            .await;
+        const PROGRESS: &str = "UPDATE rebuilds SET events = $2, total_events = $3 WHERE id = $1";
+        let (events, total) = (
+            counter.folded.load(Ordering::Relaxed) as i64,
+            counter.total.load(Ordering::Relaxed) as i64,
+        );
+        // Progress is best effort: a write that fails is simply made again at
+        // the next tick.
+        let _ = match &self.db {
+            Db::Postgres(pool) => sqlx::query(PROGRESS)
+                .bind(id)
+                .bind(events)
+                .bind(total)
+                .execute(pool)
+                .await
+                .map(|_| ()),
+            Db::Sqlite(lite) => sqlx::query(PROGRESS)
+                .bind(id)
+                .bind(events)
+                .bind(total)
+                .execute(&lite.pool)
+                .await
+                .map(|_| ()),
+        };
     }
 
     pub async fn status(&self, id: Uuid) -> Result<Option<RebuildStatus>, sqlx::Error> {
-        sqlx::query_as("SELECT * FROM rebuilds WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
+        let sql = format!("SELECT {STATUS_COLUMNS} FROM rebuilds WHERE id = $1");
+        match &self.db {
+            Db::Postgres(pool) => sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+                .map(|row| RebuildStatus::from_postgres(&row))
+                .transpose(),
+            Db::Sqlite(lite) => sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(id)
+                .fetch_optional(&lite.pool)
+                .await?
+                .map(|row| RebuildStatus::from_sqlite(&row))
+                .transpose(),
+        }
     }
 
     /// The latest rebuild of each projection.
     pub async fn latest(&self) -> Result<Vec<RebuildStatus>, sqlx::Error> {
-        sqlx::query_as(
-            "SELECT DISTINCT ON (projection) * FROM rebuilds ORDER BY projection, started_at DESC",
-        )
-        .fetch_all(&self.pool)
-        .await
+        match &self.db {
+            Db::Postgres(pool) => sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT DISTINCT ON (projection) {STATUS_COLUMNS} FROM rebuilds
+                 ORDER BY projection, started_at DESC"
+            )))
+            .fetch_all(pool)
+            .await?
+            .iter()
+            .map(RebuildStatus::from_postgres)
+            .collect(),
+            // No DISTINCT ON in SQLite: the first row of each projection's
+            // rebuilds, newest first, picked by a window.
+            Db::Sqlite(lite) => sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {STATUS_COLUMNS} FROM (
+                     SELECT *, row_number() OVER (
+                         PARTITION BY projection ORDER BY started_at DESC) AS newest
+                     FROM rebuilds)
+                 WHERE newest = 1 ORDER BY projection"
+            )))
+            .fetch_all(&lite.pool)
+            .await?
+            .iter()
+            .map(RebuildStatus::from_sqlite)
+            .collect(),
+        }
     }
 }

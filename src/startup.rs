@@ -321,7 +321,7 @@ impl Application {
         let api = if roles.api {
             let (progress, follower) = Progress::start(db.clone(), stop.clone());
             let rebuilds = Rebuilds::new(
-                postgres_only(&pool, "the rebuilds")?,
+                db.clone(),
                 Arc::new(keyring.clone()),
                 cache.clone(),
                 stop.clone(),

@@ -48,6 +48,14 @@ impl SqliteDb {
     pub fn checkpoint_moves(&self) -> watch::Receiver<()> {
         self.checkpoint_moves.subscribe()
     }
+
+    /// Begin a transaction that will write: `BEGIN IMMEDIATE` (see
+    /// [`Db::begin_write`]).
+    pub async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
 }
 
 /// A write transaction on either database.
@@ -71,7 +79,7 @@ impl Db {
     pub async fn begin_write(&self) -> Result<Tx, sqlx::Error> {
         Ok(match self {
             Db::Postgres(pool) => Tx::Postgres(pool.begin().await?),
-            Db::Sqlite(db) => Tx::Sqlite(db.pool.begin_with("BEGIN IMMEDIATE").await?),
+            Db::Sqlite(db) => Tx::Sqlite(db.begin_write().await?),
         })
     }
 
@@ -98,6 +106,34 @@ impl Tx {
         match self {
             Tx::Postgres(tx) => tx.commit().await,
             Tx::Sqlite(tx) => tx.commit().await,
+        }
+    }
+}
+
+/// A connection to write through, on either database: a transaction's (see
+/// [`Tx::conn`]) or a session the caller holds for another reason (a rebuild's
+/// lock session on Postgres). What writes through it matches on the variant.
+pub enum Conn<'c> {
+    Postgres(&'c mut sqlx::PgConnection),
+    Sqlite(&'c mut sqlx::SqliteConnection),
+}
+
+impl Conn<'_> {
+    /// The same connection, borrowed again for one call.
+    pub fn reborrow(&mut self) -> Conn<'_> {
+        match self {
+            Conn::Postgres(conn) => Conn::Postgres(conn),
+            Conn::Sqlite(conn) => Conn::Sqlite(conn),
+        }
+    }
+}
+
+impl Tx {
+    /// The transaction's connection, to write through.
+    pub fn conn(&mut self) -> Conn<'_> {
+        match self {
+            Tx::Postgres(tx) => Conn::Postgres(tx),
+            Tx::Sqlite(tx) => Conn::Sqlite(tx),
         }
     }
 }

@@ -1,34 +1,49 @@
 //! Blue-green rebuild of read models from the event store (never from NATS,
 //! whose retention may be shorter than the store's history).
 //!
-//! 1. Fold the store up to its current head `H` (only below the oldest open
-//!    transaction, so nothing committed later can land behind it) in memory.
-//! 2. Write the rows into fresh tables `<table>__next` (multi-row inserts, then
-//!    the live tables' indexes and constraints, named `<name>__next`). The live
-//!    tables keep serving and the live worker keeps consuming meanwhile.
+//! 1. Fold the store up to its current head `H` in memory (on Postgres only
+//!    below the oldest open transaction, so nothing committed later can land
+//!    behind it; on SQLite commits are serialized, so the last event is the head).
+//! 2. Write the rows into fresh tables `<table>__next`. The live tables keep
+//!    serving and the live worker keeps consuming meanwhile.
 //! 3. Swap, per projection, in ONE transaction: lock the projection's checkpoint
-//!    row (waits for the worker's batch in flight and holds off the next), lock
-//!    its live tables, fold the tail of events the worker applied past `H` (if
-//!    any) into the new tables, drop the live tables, rename the new ones (and
-//!    their indexes) to the live names, and move the checkpoint to `H` only if
-//!    it was behind. The JetStream sequence in the checkpoint is kept, so the
-//!    worker resumes where it was and skips, by position, what the rebuild has
-//!    already folded: no event is lost or applied twice.
+//!    (waits for the worker's batch in flight and holds off the next), fold the
+//!    tail of events the worker applied past `H` (if any) into the new tables,
+//!    drop the live tables, rename the new ones to the live names, and move the
+//!    checkpoint to `H` only if it was behind. The JetStream sequence in the
+//!    checkpoint is kept, so the worker resumes where it was and skips, by
+//!    position, what the rebuild has already folded: no event is lost or
+//!    applied twice.
 //!
 //! Nothing but `__next` tables is written before the swap; leftovers of an
 //! interrupted run are dropped when the next one starts. One rebuild per
-//! projection at a time (a session advisory lock, released if the process dies).
+//! projection at a time, across processes: a session advisory lock on Postgres,
+//! an exclusive OS file lock beside the database file on SQLite; either is
+//! released if the process dies.
+//!
+//! The dialects part in the steps' details, each explained beside its SQL:
+//! Postgres writes `__next` with `COPY` on the rebuild's lock session, builds
+//! its indexes before the swap and renames them in it; SQLite writes `__next`
+//! in short write transactions (the live service's appends wait at most for one
+//! slice, never for the whole write) and, having no `ALTER INDEX … RENAME`,
+//! recreates the live table's indexes under their own names in the swap.
 
 use ai_secretary_contract::{self as contract, Event, EventEnvelope, Position};
-use std::{sync::Arc, time::Instant};
+use std::{
+    fs::{File, TryLockError},
+    path::PathBuf,
+    sync::Arc,
+    time::Instant,
+};
 
 use futures_util::{StreamExt, TryStreamExt};
-use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, PgPool, Row, SqliteConnection};
 
 use crate::{
     cache::Cache,
     checkpoint,
-    log::{envelope_of, plan_range_with_its_bounds, range},
+    db::{Conn, Db, SqliteDb},
+    log::{self, envelope_of, plan_range_with_its_bounds, range},
     opener::Opener,
     projections::{self, Fold, Table},
     tables,
@@ -80,13 +95,18 @@ pub struct Rebuilt {
     pub swapped: Vec<(&'static str, Position, u64)>,
 }
 
-/// The advisory lock that lets one rebuild per projection run.
+/// The advisory lock that lets one rebuild per projection run (Postgres).
 fn lock_key(name: &str) -> String {
     format!("ai_secretary.rebuild.{name}")
 }
 
 /// Whether a rebuild of `name` is running anywhere (its lock is taken).
-pub async fn is_running(pool: &PgPool, name: &str) -> Result<bool, sqlx::Error> {
+pub async fn is_running(db: &Db, name: &str) -> Result<bool, sqlx::Error> {
+    let pool = match db {
+        Db::Postgres(pool) => pool,
+        // Taken and let go at once when free (dropping it unlocks the file).
+        Db::Sqlite(db) => return Ok(RebuildLock::try_take(db, name)?.is_none()),
+    };
     let mut conn = pool.acquire().await?;
     let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
         .bind(lock_key(name))
@@ -104,7 +124,7 @@ pub async fn is_running(pool: &PgPool, name: &str) -> Result<bool, sqlx::Error> 
 /// Rebuild the named projections (blue-green, see the module header). With a
 /// `cache`, its keys are dropped after the swaps: queries fill them again.
 pub async fn rebuild(
-    pool: &PgPool,
+    db: &Db,
     opener: Arc<dyn Opener>,
     names: &[&str],
     cache: Option<&Cache>,
@@ -116,6 +136,33 @@ pub async fn rebuild(
         let fold = Fold::new(name).ok_or_else(|| RebuildError::Unknown((*name).to_owned()))?;
         folds.push(fold);
     }
+    let (head, events, swapped) = match db {
+        Db::Postgres(pool) => rebuild_postgres(pool, opener, folds, on_step).await?,
+        Db::Sqlite(lite) => rebuild_sqlite(lite, opener, folds, on_step).await?,
+    };
+    if let Some(cache) = cache {
+        cache.forget_all().await?;
+    }
+    Ok(Rebuilt {
+        head,
+        events,
+        seconds: started.elapsed().as_secs_f64(),
+        swapped,
+    })
+}
+
+/// What a rebuild reports back: the head, the events folded, and per
+/// projection its checkpoint after the swap and the tail folded in it.
+type Outcome = (Position, u64, Vec<(&'static str, Position, u64)>);
+
+/// The steps on Postgres: one lock session per projection, which also writes
+/// that projection's fresh tables and swaps them in.
+async fn rebuild_postgres(
+    pool: &PgPool,
+    opener: Arc<dyn Opener>,
+    folds: Vec<Fold>,
+    on_step: &(dyn Fn(Step) + Sync),
+) -> Result<Outcome, RebuildError> {
     // Each projection's lock is held on a connection of its own for the whole run,
     // and every write of that projection's rebuild (its fresh tables, its swap)
     // goes through that same session: a rebuild whose lock connection died cannot
@@ -177,18 +224,10 @@ pub async fn rebuild(
         });
         swapped.push((fold.name(), position, tail));
     }
-    if let Some(cache) = cache {
-        cache.forget_all().await?;
-    }
     for lease in leases {
         let _ = lease.close().await;
     }
-    Ok(Rebuilt {
-        head,
-        events,
-        seconds: started.elapsed().as_secs_f64(),
-        swapped,
-    })
+    Ok((head, events, swapped))
 }
 
 /// The last event below the oldest open transaction: everything at or below it
@@ -235,25 +274,61 @@ async fn fold_one(
     Ok(())
 }
 
+/// Events read per statement by [`fold_store`] on SQLite: each page is a short
+/// read of its own, large enough that the statement costs nothing beside the
+/// rows, small enough that a page's payloads stay a few MB in memory.
+const SQLITE_PAGE: i64 = 2_000;
+
 /// Fold the events in `(after, upto]`, in commit order, into each fold up to its
-/// own limit, streaming them from one query on `conn` (inside a transaction).
-/// Returns how many were read.
+/// own limit. Returns how many were read.
+///
+/// Postgres: streamed from one query on `conn` (inside a transaction).
+/// SQLite: read in pages by position, in `conn`'s transaction if it is in one
+/// (a swap's); otherwise each page is a snapshot of its own, which loses
+/// nothing: SQLite commits one writer at a time, so the events up to `upto`
+/// (at or below the head) are all committed and never change.
 pub async fn fold_store(
-    conn: &mut PgConnection,
+    conn: &mut Conn<'_>,
     opener: &dyn Opener,
     folds: &mut [(Fold, Position)],
     after: Position,
     upto: Position,
     on_step: &(dyn Fn(Step) + Sync),
 ) -> Result<u64, RebuildError> {
-    plan_range_with_its_bounds(&mut *conn).await?;
-    let mut rows = range(after, upto).fetch(&mut *conn);
     let mut read = 0u64;
-    while let Some(row) = rows.try_next().await? {
-        fold_one(opener, folds, &envelope_of(&row)?, row.try_get(9)?).await?;
-        read += 1;
+    let folded = |read: &mut u64| {
+        *read += 1;
         if read.is_multiple_of(REPORT_EVERY) {
-            on_step(Step::Folded { events: read });
+            on_step(Step::Folded { events: *read });
+        }
+    };
+    match conn {
+        Conn::Postgres(conn) => {
+            plan_range_with_its_bounds(conn).await?;
+            let mut rows = range(after, upto).fetch(&mut **conn);
+            while let Some(row) = rows.try_next().await? {
+                fold_one(opener, folds, &envelope_of(&row)?, row.try_get(9)?).await?;
+                folded(&mut read);
+            }
+        }
+        Conn::Sqlite(conn) => {
+            let mut at = after;
+            loop {
+                let page = log::sqlite::read(conn, at, upto, SQLITE_PAGE).await?;
+                for (envelope, data) in &page {
+                    fold_one(opener, folds, envelope, data).await?;
+                    folded(&mut read);
+                }
+                match page.last() {
+                    Some((last, _)) if page.len() as i64 == SQLITE_PAGE => {
+                        at = Position {
+                            transaction_id: last.transaction_id,
+                            global_position: last.global_position,
+                        };
+                    }
+                    _ => break,
+                }
+            }
         }
     }
     on_step(Step::Folded { events: read });
@@ -342,7 +417,7 @@ async fn write_next(conn: &mut PgConnection, fold: &Fold) -> Result<(), sqlx::Er
         .execute(&mut *conn)
         .await?;
     }
-    tables::write_all(conn, fold, NEXT).await?;
+    tables::write_all(&mut Conn::Postgres(conn), fold, NEXT).await?;
     for table in fold.tables() {
         copy_indexes(conn, table).await?;
         sqlx::query(AssertSqlSafe(format!("ANALYZE {}{NEXT}", table.name)))
@@ -398,7 +473,7 @@ async fn copy_indexes(conn: &mut PgConnection, table: &Table) -> Result<(), sqlx
     Ok(())
 }
 
-/// Swap a projection's fresh tables in (see the module header). Returns its
+/// Swap a projection's fresh tables in on Postgres (see the module header). Returns its
 /// checkpoint afterwards and how many tail events were folded under the lock.
 async fn swap(
     conn: &mut PgConnection,
@@ -433,10 +508,18 @@ async fn swap(
             std::mem::replace(fold, Fold::new(name).expect("a fold's own name is known")),
             live,
         )];
-        tail = fold_store(&mut tx, opener, &mut one, head, live, &|_| {}).await?;
+        tail = fold_store(
+            &mut Conn::Postgres(&mut tx),
+            opener,
+            &mut one,
+            head,
+            live,
+            &|_| {},
+        )
+        .await?;
         let [(folded, _)] = one;
         *fold = folded;
-        tables::write_changed(&mut tx, fold, NEXT).await?;
+        tables::write_changed(&mut Conn::Postgres(&mut tx), fold, NEXT).await?;
     }
     for table in tables {
         let indexes = indexes_of(&mut tx, &format!("{}{NEXT}", table.name)).await?;
@@ -470,5 +553,264 @@ async fn swap(
         checkpoint::postgres::advance(&mut tx, name, head).await?;
     }
     tx.commit().await?;
+    Ok((position, tail))
+}
+
+/// The rebuild lock of a projection on SQLite, which has no advisory locks: an
+/// exclusive OS file lock (`flock`) on `<database file>.rebuild-<name>`, beside
+/// the database, so every process that opens the database finds the same file.
+/// It excludes any other holder, a task of this process (each opens the file
+/// anew: a lock belongs to its open file description) or another process on
+/// the same `DATA_DIR`; dropping it, or the holder's death, releases it.
+struct RebuildLock {
+    _file: File,
+}
+
+impl RebuildLock {
+    /// Take the lock of projection `name`; `None` if another rebuild holds it.
+    /// Never waits: a second rebuild is refused, not queued.
+    fn try_take(db: &SqliteDb, name: &str) -> Result<Option<RebuildLock>, sqlx::Error> {
+        // The file's content is never used, only its lock. It is left in place:
+        // deleting it could split holders between the old file and a new one.
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(lock_path(db, name)?)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(RebuildLock { _file: file })),
+            Err(TryLockError::WouldBlock) => Ok(None),
+            Err(TryLockError::Error(e)) => Err(e.into()),
+        }
+    }
+}
+
+/// `<database file>.rebuild-<name>`, for a registered projection's `name` only
+/// (so the name, part of a file name, is one of the service's own).
+fn lock_path(db: &SqliteDb, name: &str) -> Result<PathBuf, sqlx::Error> {
+    let name = projections::find(name)
+        .ok_or_else(|| sqlx::Error::Configuration(format!("no projection {name:?}").into()))?
+        .name;
+    let database = db.pool.connect_options().get_filename().to_owned();
+    // An in-memory database has no file, and no second process could share it.
+    if database.as_os_str().is_empty() || database.as_os_str() == ":memory:" {
+        return Err(sqlx::Error::Configuration(
+            "a rebuild on SQLite needs a database file (not an in-memory database)".into(),
+        ));
+    }
+    let mut path = database.into_os_string();
+    path.push(format!(".rebuild-{name}"));
+    Ok(PathBuf::from(path))
+}
+
+/// The head on SQLite: the last event. Commits are serialized (one writer at a
+/// time), so every event at or below it is committed and visible, and nothing
+/// can commit behind it later: no horizon to stop below.
+pub async fn head_sqlite(conn: &mut SqliteConnection) -> Result<Position, sqlx::Error> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT transaction_id, global_position FROM events
+         ORDER BY global_position DESC LIMIT 1",
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(
+        row.map_or(Position::default(), |(transaction_id, global_position)| {
+            Position {
+                transaction_id,
+                global_position,
+            }
+        }),
+    )
+}
+
+/// The steps on SQLite (see the module header): the file locks first, then
+/// the fold, the fresh tables written in slices, and one swap per projection.
+async fn rebuild_sqlite(
+    db: &SqliteDb,
+    opener: Arc<dyn Opener>,
+    folds: Vec<Fold>,
+    on_step: &(dyn Fn(Step) + Sync),
+) -> Result<Outcome, RebuildError> {
+    // Held to the end of the run (dropped on return, or with the future if the
+    // rebuild is cancelled), so no second rebuild writes the same `__next`.
+    let mut locks = Vec::new();
+    for fold in &folds {
+        match RebuildLock::try_take(db, fold.name())? {
+            Some(lock) => locks.push(lock),
+            None => return Err(RebuildError::AlreadyRunning(fold.name().to_owned())),
+        }
+    }
+    let mut conn = db.pool.acquire().await?;
+    let head = head_sqlite(&mut conn).await?;
+    // Positions are never reused, so the head's global position bounds the
+    // number of events below it (exact but for rolled-back appends).
+    on_step(Step::Started {
+        head,
+        events: head.global_position.max(0) as u64,
+    });
+    let mut limited: Vec<(Fold, Position)> = folds.into_iter().map(|f| (f, head)).collect();
+    let events = fold_store(
+        &mut Conn::Sqlite(&mut conn),
+        opener.as_ref(),
+        &mut limited,
+        Position::default(),
+        head,
+        on_step,
+    )
+    .await?;
+    drop(conn);
+    for (fold, _) in &limited {
+        on_step(Step::Writing {
+            projection: fold.name(),
+        });
+        write_next_sqlite(db, fold).await?;
+    }
+    for (fold, _) in &mut limited {
+        fold.track_changes();
+    }
+    let mut swapped = Vec::new();
+    for (fold, _) in &mut limited {
+        let (position, tail) = swap_sqlite(db, opener.as_ref(), fold, head).await?;
+        on_step(Step::Swapped {
+            projection: fold.name(),
+            position,
+            tail,
+        });
+        swapped.push((fold.name(), position, tail));
+    }
+    drop(locks);
+    Ok((head, events, swapped))
+}
+
+/// Rows of `__next` written per write transaction on SQLite. A slice holds the
+/// database's one write lock while it is written, and the live service's
+/// appends and workers wait for it (up to their busy timeout, 5 s): a few
+/// thousand rows are written in tens of milliseconds, so they never wait long,
+/// and the commit per slice costs little beside its rows.
+const SQLITE_WRITE_SLICE: usize = 5_000;
+
+/// Create `<table>__next` for each table of the fold on SQLite (dropping a
+/// leftover of an interrupted run) and fill it, slice by slice.
+///
+/// The table is created from the live table's own `CREATE TABLE` statement, as
+/// SQLite keeps it in `sqlite_master`, with the name replaced: the same
+/// columns, types, STRICT, keys, NOT NULLs and defaults (its key's automatic
+/// index comes with it). Its other indexes are created in the swap, under the
+/// live names (SQLite cannot rename an index).
+async fn write_next_sqlite(db: &SqliteDb, fold: &Fold) -> Result<(), sqlx::Error> {
+    for table in fold.tables() {
+        let next = format!("{}{NEXT}", table.name);
+        sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS {next}")))
+            .execute(&db.pool)
+            .await?;
+        let live: String =
+            sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = $1")
+                .bind(table.name)
+                .fetch_one(&db.pool)
+                .await?;
+        sqlx::query(AssertSqlSafe(renamed_table(&live, &next)?))
+            .execute(&db.pool)
+            .await?;
+    }
+    for rows in &fold.tables {
+        let next = format!("{}{NEXT}", rows.table.name);
+        let all: Vec<&crate::fold::Row> = rows.rows.iter().map(|(_, row)| row).collect();
+        for slice in all.chunks(SQLITE_WRITE_SLICE) {
+            let mut tx = db.begin_write().await?;
+            tables::write_rows(&mut Conn::Sqlite(&mut tx), rows.table, &next, slice).await?;
+            tx.commit().await?;
+        }
+    }
+    Ok(())
+}
+
+/// `CREATE TABLE <name> (…)` as SQLite stored it, for a table named `next`:
+/// everything up to the column list's opening parenthesis is replaced (a
+/// table's name never holds one).
+fn renamed_table(create: &str, next: &str) -> Result<String, sqlx::Error> {
+    let starts_right = create
+        .get(..12)
+        .is_some_and(|s| s.eq_ignore_ascii_case("CREATE TABLE"));
+    match create.find('(') {
+        Some(columns) if starts_right => Ok(format!("CREATE TABLE {next} {}", &create[columns..])),
+        _ => Err(sqlx::Error::Protocol(format!(
+            "unexpected table definition in sqlite_master: {create:?}"
+        ))),
+    }
+}
+
+/// Swap a projection's fresh tables in on SQLite, in ONE `BEGIN IMMEDIATE`
+/// transaction: it takes the database's write lock first, so the live worker's
+/// batch in flight has committed and its next one waits (as do the live
+/// service's appends, for the length of the swap; readers in WAL mode never
+/// wait and see the old tables until the commit). Returns the checkpoint
+/// afterwards and how many tail events were folded in the swap.
+async fn swap_sqlite(
+    db: &SqliteDb,
+    opener: &dyn Opener,
+    fold: &mut Fold,
+    head: Position,
+) -> Result<(Position, u64), RebuildError> {
+    let name = fold.name();
+    let tables = projections::tables_of(name);
+    let mut tx = db.begin_write().await?;
+    checkpoint::sqlite::ensure(&mut *tx, name).await?;
+    let live = checkpoint::sqlite::lock(&mut tx, name).await?.position;
+    let mut tail = 0;
+    if live > head {
+        // The worker applied events past the rebuild's head: fold them in too,
+        // read in this transaction (they are all committed: the lock is ours).
+        let mut one = [(
+            std::mem::replace(fold, Fold::new(name).expect("a fold's own name is known")),
+            live,
+        )];
+        tail = fold_store(
+            &mut Conn::Sqlite(&mut tx),
+            opener,
+            &mut one,
+            head,
+            live,
+            &|_| {},
+        )
+        .await?;
+        let [(folded, _)] = one;
+        *fold = folded;
+        tables::write_changed(&mut Conn::Sqlite(&mut tx), fold, NEXT).await?;
+    }
+    for table in tables {
+        // The live table's own indexes (not its key's automatic one, which has
+        // no SQL and comes with the table): recreated, under the same names,
+        // on the fresh table once the live one and its indexes are dropped.
+        let indexes: Vec<String> = sqlx::query_scalar(
+            "SELECT sql FROM sqlite_master
+             WHERE type = 'index' AND tbl_name = $1 AND sql IS NOT NULL
+             ORDER BY name",
+        )
+        .bind(table.name)
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query(AssertSqlSafe(format!("DROP TABLE {}", table.name)))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "ALTER TABLE {}{NEXT} RENAME TO {}",
+            table.name, table.name
+        )))
+        .execute(&mut *tx)
+        .await?;
+        for index in indexes {
+            sqlx::query(AssertSqlSafe(index)).execute(&mut *tx).await?;
+        }
+    }
+    let position = live.max(head);
+    if head > live {
+        // The rebuild is ahead of the worker: it resumes past the head and
+        // skips, by position, the events folded here.
+        checkpoint::sqlite::advance(&mut tx, name, head).await?;
+    }
+    tx.commit().await?;
+    // The in-process stand-in for the checkpoints' NOTIFY (consistency waits
+    // of this process wake; another process's see it when they poll).
+    db.checkpoint_moved();
     Ok((position, tail))
 }

@@ -1,42 +1,63 @@
-//! The Postgres bulk writer: a fold's rows (`crate::fold`) written to Postgres
-//! in bulk, each table with one binary `COPY`, every value encoded by its
-//! column's type exactly as sqlx binds it on the live path; and the key-wise
-//! rewrite of the few rows a tail changed. The target table is named by the
-//! caller: the live one, a rebuild's `<table>__next`, or verify's temporary
-//! scratch copy.
+//! The bulk writer: a fold's rows (`crate::fold`) written in bulk into tables
+//! shaped as the live ones, and the key-wise rewrite of the few rows a tail
+//! changed. The target table is named by the caller: the live one, a rebuild's
+//! `<table>__next`, or verify's scratch copy. Each operation has one entry point
+//! that takes a [`Conn`] and matches on the dialect:
 //!
-//! This is the Postgres executor's bulk half: the rows are the result of the
-//! same ops the live path runs (`crate::executor::postgres`), so it only has to
-//! copy them, never to know a projection's rules.
+//! - Postgres: each table with one binary `COPY`, every value encoded by its
+//!   column's type exactly as sqlx binds it on the live path;
+//! - SQLite: multi-row `INSERT`s of a few hundred rows each (SQLite has no
+//!   `COPY`), every value bound as the SQLite executor binds it
+//!   (`executor::sqlite::bind`), so a bulk-written row reads back exactly as a
+//!   row the live path wrote.
+//!
+//! Everything runs on the caller's connection (in the caller's transaction, if
+//! any): on SQLite that is what decides how long the write lock is held, so a
+//! caller writing many rows beside a live service commits in slices
+//! ([`write_rows`] takes any slice of a table's rows).
+//!
+//! This is the executors' bulk half: the rows are the result of the same ops
+//! the live path runs (`crate::executor`), so it only has to copy them, never
+//! to know a projection's rules.
 
 use chrono::{DateTime, NaiveDate, Utc};
-use sqlx::{AssertSqlSafe, PgConnection};
+use sqlx::{AssertSqlSafe, PgConnection, SqliteConnection};
 
 use crate::{
-    executor::postgres::bind_array,
+    db::Conn,
+    executor::{postgres::bind_array, sqlite},
     fold::{Key, Row},
     ops::{Table, Type, Value},
     projections::Fold,
 };
 
 /// Write every row of `fold` into its tables named `<table><suffix>`.
-pub async fn write_all(
-    conn: &mut PgConnection,
-    fold: &Fold,
-    suffix: &str,
-) -> Result<(), sqlx::Error> {
+pub async fn write_all(conn: &mut Conn<'_>, fold: &Fold, suffix: &str) -> Result<(), sqlx::Error> {
     for rows in &fold.tables {
         let target = format!("{}{suffix}", rows.table.name);
         let all: Vec<&Row> = rows.rows.iter().map(|(_, row)| row).collect();
-        copy(conn, rows.table, &target, &all).await?;
+        write_rows(conn, rows.table, &target, &all).await?;
     }
     Ok(())
+}
+
+/// Insert `rows` (shaped as `table`: every column, in its order) into `target`.
+pub async fn write_rows(
+    conn: &mut Conn<'_>,
+    table: &Table,
+    target: &str,
+    rows: &[&Row],
+) -> Result<(), sqlx::Error> {
+    match conn {
+        Conn::Postgres(conn) => copy(conn, table, target, rows).await,
+        Conn::Sqlite(conn) => insert_sqlite(conn, table, target, rows).await,
+    }
 }
 
 /// Rewrite the rows the fold changed since `track_changes` (or the last call):
 /// delete them by key, then insert those that still exist.
 pub async fn write_changed(
-    conn: &mut PgConnection,
+    conn: &mut Conn<'_>,
     fold: &mut Fold,
     suffix: &str,
 ) -> Result<(), sqlx::Error> {
@@ -46,9 +67,95 @@ pub async fn write_changed(
             continue;
         }
         let target = format!("{}{suffix}", rows.table.name);
-        delete_keys(conn, rows.table, &target, &changed).await?;
+        match conn {
+            Conn::Postgres(conn) => delete_keys(conn, rows.table, &target, &changed).await?,
+            Conn::Sqlite(conn) => delete_keys_sqlite(conn, rows.table, &target, &changed).await?,
+        }
         let still_there: Vec<&Row> = changed.iter().filter_map(|key| rows.get(key)).collect();
-        copy(conn, rows.table, &target, &still_there).await?;
+        write_rows(conn, rows.table, &target, &still_there).await?;
+    }
+    Ok(())
+}
+
+/// Rows per SQLite `INSERT`: a few hundred amortize the statement well (each
+/// full-size statement is prepared once per connection, by sqlx's cache) while
+/// staying far below SQLite's limit on bound parameters per statement
+/// ([`SQLITE_MAX_PARAMETERS`]); the widest read-model table has 17 columns.
+const SQLITE_ROWS_PER_INSERT: usize = 250;
+
+/// SQLite's default `SQLITE_MAX_VARIABLE_NUMBER` since 3.32 (sqlx bundles a
+/// newer one): no statement may bind more parameters.
+const SQLITE_MAX_PARAMETERS: usize = 32_766;
+
+/// Keys per SQLite `DELETE` of [`delete_keys_sqlite`] (a tail is small; this
+/// only bounds the statement).
+const SQLITE_KEYS_PER_DELETE: usize = 500;
+
+/// `$a, $b, …` for `count` parameters numbered from `first`.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Multi-row `INSERT INTO <target> (every column) VALUES (…), (…), …`.
+async fn insert_sqlite(
+    conn: &mut SqliteConnection,
+    table: &Table,
+    target: &str,
+    rows: &[&Row],
+) -> Result<(), sqlx::Error> {
+    let width = table.columns.len();
+    let per_statement = SQLITE_ROWS_PER_INSERT.min(SQLITE_MAX_PARAMETERS / width);
+    let columns: Vec<&str> = table.columns.iter().map(|c| c.name).collect();
+    for chunk in rows.chunks(per_statement) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|r| format!("({})", placeholders(r * width + 1, width)))
+            .collect();
+        let sql = format!(
+            "INSERT INTO {target} ({}) VALUES {}",
+            columns.join(", "),
+            values.join(", ")
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for row in chunk {
+            debug_assert_eq!(row.len(), width, "a row of {} has every column", table.name);
+            for value in *row {
+                query = sqlite::bind(query, value);
+            }
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// `DELETE` the rows of `target` (shaped as `table`) whose keys are `keys`:
+/// `(k1, k2) IN (VALUES ($1, $2), …)`, a row value per key (SQLite has no
+/// arrays to bind a key column as one parameter).
+async fn delete_keys_sqlite(
+    conn: &mut SqliteConnection,
+    table: &Table,
+    target: &str,
+    keys: &[Key],
+) -> Result<(), sqlx::Error> {
+    let width = table.key.len();
+    for chunk in keys.chunks(SQLITE_KEYS_PER_DELETE) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|r| format!("({})", placeholders(r * width + 1, width)))
+            .collect();
+        let sql = format!(
+            "DELETE FROM {target} WHERE ({}) IN (VALUES {})",
+            table.key.join(", "),
+            values.join(", ")
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for key in chunk {
+            for value in key {
+                query = sqlite::bind(query, value);
+            }
+        }
+        query.execute(&mut *conn).await?;
     }
     Ok(())
 }

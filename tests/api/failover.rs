@@ -244,9 +244,13 @@ async fn standby_workers_take_over_after_connection_cuts_and_nothing_is_lost() {
                 .unwrap();
         assert_eq!(listed, count, "conversation {conversation}");
     }
-    let (report, clean) = verify_report(&pool, &crate::helpers::master_key(), &[])
-        .await
-        .unwrap();
+    let (report, clean) = verify_report(
+        &crate::helpers::pg(&pool),
+        &crate::helpers::master_key(),
+        &[],
+    )
+    .await
+    .unwrap();
     assert!(clean, "{report}");
     // The cuts did depose the owners: every lease changed hands at least twice.
     let epochs: Vec<(String, i64)> =

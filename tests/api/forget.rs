@@ -386,13 +386,23 @@ async fn a_forgotten_user_leaves_nothing_readable_and_a_replay_agrees() {
 
     // A replay from the store gives the same read models, and verify agrees.
     let before = read_models(&app).await;
-    rebuild::rebuild(&app.db.pool, keyring(&app.db.pool), &NAMES, None, &|_| {})
-        .await
-        .unwrap();
+    rebuild::rebuild(
+        &crate::helpers::pg(&app.db.pool),
+        keyring(&app.db.pool),
+        &NAMES,
+        None,
+        &|_| {},
+    )
+    .await
+    .unwrap();
     assert_eq!(read_models(&app).await, before);
-    let (report, clean) = ai_secretary::recovery::verify_report(&app.db.pool, &master_key(), &[])
-        .await
-        .unwrap();
+    let (report, clean) = ai_secretary::recovery::verify_report(
+        &crate::helpers::pg(&app.db.pool),
+        &master_key(),
+        &[],
+    )
+    .await
+    .unwrap();
     assert!(clean, "{report}");
 
     // The email registers again, as a new account that sees nothing of the old.
@@ -450,7 +460,11 @@ async fn a_rotated_encryption_key_opens_everything_and_the_old_one_nothing() {
         }
     );
     // The old key opens nothing any more.
-    assert!(verify_report(&db.pool, &master_key(), &[]).await.is_err());
+    assert!(
+        verify_report(&crate::helpers::pg(&db.pool), &master_key(), &[])
+            .await
+            .is_err()
+    );
 
     let app =
         crate::helpers::spawn_app_on(db, names, &["--encryption-key", &new_hex], Roles::all())
@@ -461,6 +475,8 @@ async fn a_rotated_encryption_key_opens_everything_and_the_old_one_nothing() {
     assert_eq!(me["display_name"], ada.s(0));
     let assistants = app.get_ok("/assistants", &token, None).await;
     assert_eq!(assistants["data"][0]["name"], ada.s(1));
-    let (report, clean) = verify_report(&app.db.pool, &new, &[]).await.unwrap();
+    let (report, clean) = verify_report(&crate::helpers::pg(&app.db.pool), &new, &[])
+        .await
+        .unwrap();
     assert!(clean, "{report}");
 }

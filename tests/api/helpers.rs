@@ -52,7 +52,10 @@ pub fn master_key() -> ai_secretary::crypto::MasterKey {
 /// Users' keys in the store on `pool`, as the test services unwrap them: what
 /// commands seal with and rebuilds open with.
 pub fn keyring(pool: &sqlx::PgPool) -> std::sync::Arc<ai_secretary::store::sealed::Keyring> {
-    ai_secretary::recovery::opener(master_key(), pool)
+    ai_secretary::recovery::opener(
+        master_key(),
+        &ai_secretary_projections::Db::Postgres(pool.clone()),
+    )
 }
 
 /// A user registered through `commands` (so they have a data key to seal
@@ -615,4 +618,9 @@ macro_rules! on_both {
             }
         }
     };
+}
+
+/// The read side's database handle over a test's Postgres pool.
+pub fn pg(pool: &sqlx::PgPool) -> ai_secretary_projections::Db {
+    ai_secretary_projections::Db::Postgres(pool.clone())
 }

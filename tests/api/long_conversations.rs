@@ -305,7 +305,7 @@ async fn reply_events_stored_in_the_conversation_are_still_read() {
         "the read side is verified clean",
         async || {
             let (report, clean) = ai_secretary::recovery::verify_report(
-                &app.db.pool,
+                &crate::helpers::pg(&app.db.pool),
                 &crate::helpers::master_key(),
                 &[],
             )

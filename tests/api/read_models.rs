@@ -8,6 +8,7 @@ use ai_secretary_contract::{Event, EventEnvelope};
 use ai_secretary_projections::{
     ALL, Tx,
     cache::Cache,
+    db::Conn,
     executor::sqlite,
     ops::{Type, Value as Typed},
     projections::Fold,
@@ -325,7 +326,7 @@ async fn the_live_executor_and_the_fold_write_the_same_rows() {
             .await
             .unwrap();
         }
-        tables::write_all(&mut conn, &fold, "__expected")
+        tables::write_all(&mut Conn::Postgres(&mut conn), &fold, "__expected")
             .await
             .unwrap();
         for table in projection.tables {

@@ -106,7 +106,7 @@ async fn checksum(pool: &PgPool) -> String {
 
 async fn rebuild_all(pool: &PgPool) -> rebuild::Rebuilt {
     rebuild::rebuild(
-        pool,
+        &crate::helpers::pg(pool),
         crate::helpers::keyring(pool),
         &ai_secretary_projections::NAMES,
         None,
@@ -148,9 +148,13 @@ async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it() {
     let app = spawn_with_admin().await;
     let (token, assistants, _) = some_history(&app, "drift@example.com").await;
     caught_up(&app.db.pool).await;
-    let (report, clean) = verify_report(&app.db.pool, &crate::helpers::master_key(), &[])
-        .await
-        .unwrap();
+    let (report, clean) = verify_report(
+        &crate::helpers::pg(&app.db.pool),
+        &crate::helpers::master_key(),
+        &[],
+    )
+    .await
+    .unwrap();
     assert!(clean, "{report}");
 
     // Corrupt one column of one row, and lose one message.
@@ -210,7 +214,7 @@ async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it() {
     assert!(output.status.success(), "{printed}");
     assert!(printed.contains("assistants: swapped in at"), "{printed}");
     rebuild::rebuild(
-        &app.db.pool,
+        &crate::helpers::pg(&app.db.pool),
         crate::helpers::keyring(&app.db.pool),
         &["messages"],
         None,
@@ -218,9 +222,13 @@ async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it() {
     )
     .await
     .unwrap();
-    let (report, clean) = verify_report(&app.db.pool, &crate::helpers::master_key(), &[])
-        .await
-        .unwrap();
+    let (report, clean) = verify_report(
+        &crate::helpers::pg(&app.db.pool),
+        &crate::helpers::master_key(),
+        &[],
+    )
+    .await
+    .unwrap();
     assert!(clean, "{report}");
     let (status, assistant) =
         get_json(&app, &format!("/assistants/{}", assistants[0]), &token).await;
@@ -262,9 +270,13 @@ async fn a_replay_is_deterministic_and_cleans_up_an_interrupted_one() {
             .await
             .unwrap();
     assert_eq!(leftovers, 0, "fresh tables or indexes left behind");
-    let (report, clean) = verify_report(&app.db.pool, &crate::helpers::master_key(), &[])
-        .await
-        .unwrap();
+    let (report, clean) = verify_report(
+        &crate::helpers::pg(&app.db.pool),
+        &crate::helpers::master_key(),
+        &[],
+    )
+    .await
+    .unwrap();
     assert!(clean, "{report}");
 }
 
@@ -430,7 +442,7 @@ async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
     assert_eq!(entry["rebuild"]["id"], body["id"], "{listed}");
     // And every projection from the command line at the same time as the traffic.
     let cli = rebuild::rebuild(
-        &app.db.pool,
+        &crate::helpers::pg(&app.db.pool),
         crate::helpers::keyring(&app.db.pool),
         &["conversations", "messages", "usage_daily", "cache"],
         None,
@@ -516,9 +528,13 @@ async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
     .unwrap();
     assert_eq!(conversation["message_count"], messages);
     caught_up(&app.db.pool).await;
-    let (report, clean) = verify_report(&app.db.pool, &crate::helpers::master_key(), &[])
-        .await
-        .unwrap();
+    let (report, clean) = verify_report(
+        &crate::helpers::pg(&app.db.pool),
+        &crate::helpers::master_key(),
+        &[],
+    )
+    .await
+    .unwrap();
     assert!(clean, "{report}");
     let (_, assistant) = get_json(&app, &format!("/assistants/{}", assistants[0]), &token).await;
     assert!(
@@ -606,9 +622,13 @@ async fn backup_then_drop_then_restore_serves_the_same_data_and_verifies_clean()
     assert_eq!(assistant["conversation_count"], 2);
     serves_the_backup_and_goes_on(&restored, &token, &conversations[0]).await;
     caught_up(&restored.db.pool).await;
-    let (report, clean) = verify_report(&restored.db.pool, &crate::helpers::master_key(), &[])
-        .await
-        .unwrap();
+    let (report, clean) = verify_report(
+        &crate::helpers::pg(&restored.db.pool),
+        &crate::helpers::master_key(),
+        &[],
+    )
+    .await
+    .unwrap();
     assert!(clean, "{report}");
     std::fs::remove_dir_all(&backups).unwrap();
 }
@@ -725,9 +745,13 @@ async fn a_restore_older_than_what_nats_has_seen_follows_the_procedure_to_a_clea
         .unwrap();
     assert_eq!(conversation["message_count"], 8, "{conversation}");
     progress::caught_up(&app.db.pool, &progress::consumers()).await;
-    let (report, clean) = verify_report(&app.db.pool, &crate::helpers::master_key(), &[])
-        .await
-        .unwrap();
+    let (report, clean) = verify_report(
+        &crate::helpers::pg(&app.db.pool),
+        &crate::helpers::master_key(),
+        &[],
+    )
+    .await
+    .unwrap();
     assert!(clean, "{report}");
     let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
         .fetch_one(&app.db.pool)

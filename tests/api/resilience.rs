@@ -782,10 +782,13 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_read_model() {
         }
     }
     // And the batch fold of `verify` (the rebuild's rules) agrees with both.
-    let (report, clean) =
-        ai_secretary::recovery::verify_report(&resumed.db.pool, &crate::helpers::master_key(), &[])
-            .await
-            .unwrap();
+    let (report, clean) = ai_secretary::recovery::verify_report(
+        &crate::helpers::pg(&resumed.db.pool),
+        &crate::helpers::master_key(),
+        &[],
+    )
+    .await
+    .unwrap();
     assert!(clean, "verify found drift after the crash:\n{report}");
     let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM messages")
         .fetch_one(&resumed.db.pool)

@@ -73,7 +73,7 @@ pub async fn fetch<'e>(
         .collect()
 }
 
-type LiteQuery<'q> = Query<'q, Sqlite, SqliteArguments>;
+pub(crate) type LiteQuery<'q> = Query<'q, Sqlite, SqliteArguments>;
 
 fn bind_all<'q>(mut query: LiteQuery<'q>, args: &[Arg<'q>]) -> LiteQuery<'q> {
     for arg in args {
@@ -88,7 +88,7 @@ fn bind_all<'q>(mut query: LiteQuery<'q>, args: &[Arg<'q>]) -> LiteQuery<'q> {
 }
 
 /// Bind one value as SQLite stores its type (a NULL is a NULL of any type).
-fn bind<'q>(query: LiteQuery<'q>, value: &'q Value) -> LiteQuery<'q> {
+pub(crate) fn bind<'q>(query: LiteQuery<'q>, value: &'q Value) -> LiteQuery<'q> {
     match value {
         Value::Null => query.bind(None::<i64>),
         Value::Uuid(v) => query.bind(*v),
