@@ -26,6 +26,7 @@ mod process;
 mod progress;
 mod queries;
 mod read_models;
+mod read_sqlite;
 mod recovery;
 mod replies;
 mod resilience;
