@@ -249,6 +249,12 @@ async fn tail(
     };
     let mut recheck = 0;
     loop {
+        // Checked before every batch, not only when idle: under a steady stream
+        // of commits there is always more to read, and a shutdown or a lost
+        // lease must not wait for the log to run dry.
+        if lease.lost().is_cancelled() {
+            return Ok(());
+        }
         // Seen before reading: a commit from here on wakes the wait below.
         commits.borrow_and_update();
         let start = checkpoint::current(db, name).await?;

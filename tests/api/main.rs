@@ -32,5 +32,6 @@ mod replies;
 mod resilience;
 mod servers;
 mod shutdown;
+mod sqlite_workers;
 mod stream;
 mod users;
