@@ -72,6 +72,10 @@ fn backends(ttl: Duration) -> (Prefix, Vec<(&'static str, Cache)>) {
 
 const HOUR: Duration = Duration::from_secs(3600);
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_value_is_served_to_its_owner_only() {
     let (_prefix, caches) = backends(HOUR);
@@ -100,6 +104,10 @@ async fn a_value_is_served_to_its_owner_only() {
     }
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn an_invalidation_drops_the_value_and_refuses_older_fills() {
     let (_prefix, caches) = backends(HOUR);
@@ -140,6 +148,10 @@ async fn an_invalidation_drops_the_value_and_refuses_older_fills() {
     }
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn forgetting_an_owner_drops_their_keys_and_refuses_their_fills_for_a_ttl() {
     let ttl = Duration::from_secs(2);
@@ -185,6 +197,10 @@ async fn forgetting_an_owner_drops_their_keys_and_refuses_their_fills_for_a_ttl(
     }
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn values_and_stamps_expire_after_the_ttl() {
     let ttl = Duration::from_secs(1);
@@ -216,6 +232,10 @@ async fn values_and_stamps_expire_after_the_ttl() {
     }
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn forget_all_drops_every_value() {
     let (_prefix, caches) = backends(HOUR);
@@ -263,6 +283,10 @@ async fn an_unreachable_redis_is_not_available_and_the_local_cache_always_is() {
 /// Many tasks invalidate and fill the same few keys at random positions while
 /// others read: once an invalidation at q has returned, no read may see a value
 /// read before q, and at the end each value is at least as new as every stamp.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_invalidations_and_fills_never_leave_an_older_value() {
     const KEYS: usize = 3;

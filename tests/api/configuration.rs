@@ -11,6 +11,10 @@ const GOOD_JWT: &str = "a-production-jwt-secret-of-40-characters";
 /// What is wrong, the secrets set, and the message that must name it.
 type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn production_refuses_weak_or_default_secrets() {
     let good_key = "5a".repeat(32);

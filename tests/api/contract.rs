@@ -65,6 +65,10 @@ fn concrete(path: &str) -> String {
         .into_owned()
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn the_served_document_is_the_generated_openapi_3_1_document() {
     let app = spawn_app().await;
@@ -84,6 +88,10 @@ async fn the_served_document_is_the_generated_openapi_3_1_document() {
 /// No undocumented route, no documented route missing: the router's paths
 /// are the document's (plus the document's own routes), and on each path
 /// exactly the documented methods are handled (the others answer 405).
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn the_document_covers_exactly_the_routes_of_the_router() {
     let doc = generated();
@@ -179,6 +187,10 @@ fn has_example(doc: &Value, media: &Value) -> bool {
 /// that has an example (but 204), a request body with an example, the
 /// bearer scheme on everything under /api/v1 but sign-up and sign-in, and
 /// its refusals as problem+json.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn every_operation_says_what_it_takes_and_answers_with_examples() {
     let doc = generated();
@@ -244,6 +256,10 @@ fn every_operation_says_what_it_takes_and_answers_with_examples() {
 }
 
 /// The shared shapes, headers and the security scheme are in the document.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn the_document_describes_problems_lists_headers_events_and_the_bearer_scheme() {
     let doc = generated();
@@ -328,6 +344,10 @@ fn the_document_describes_problems_lists_headers_events_and_the_bearer_scheme() 
 /// `/docs` in headless Chromium: Swagger UI's assets come from the binary
 /// and it renders every operation of the document. Chromium is a Debian
 /// package (`.ci/run` installs it); without it this test fails.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn the_docs_page_renders_the_operations_in_a_browser() {
     let app = spawn_app().await;
@@ -393,6 +413,10 @@ async fn dump_dom(app: &TestApp, path: &str) -> String {
 /// Found by schemathesis: an id of another kind of stream (here the caller's
 /// own user id) sent as an assistant's or a conversation's failed to decode
 /// under the wrong decider and answered 500. It names nothing of that kind: 404.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn an_id_of_another_kind_of_resource_is_not_found() {
     let app = spawn_app().await;
@@ -461,6 +485,10 @@ async fn an_id_of_another_kind_of_resource_is_not_found() {
 /// Found by schemathesis: an `X-Consistency-Token` past the store's last
 /// event waited the whole consistency timeout and answered 503. No wait can
 /// reach it: 400 at once. A real token still waits and reads.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_consistency_token_past_the_last_event_is_refused_at_once() {
     let app = spawn_app().await;

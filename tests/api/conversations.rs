@@ -148,6 +148,10 @@ async fn another_users_conversation_is_404<D: crate::helpers::EventLog>(
     assert_eq!(app.event_count().await, before);
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn the_correlation_id_reaches_the_events() {
     let app = spawn_app().await;

@@ -171,6 +171,10 @@ fn reads_only_exporters(expr: &str) -> bool {
         .all(|name| promql::exported_by_an_exporter(name))
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn every_dashboard_query_returns_a_series_from_a_live_prometheus() {
     let service = Service::start().await;

@@ -27,6 +27,10 @@ async fn patch(app: &TestApp, token: &str, id: &str, if_match: Option<&str>) -> 
 
 /// `If-Match` takes the ETag as issued (`"2"`), a bare number (`2`), or `*`
 /// (any version); anything else, a weak ETag included, is 400.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn if_match_takes_a_quoted_or_bare_version_or_a_star() {
     let app = spawn_app().await;
@@ -69,6 +73,10 @@ async fn if_match_takes_a_quoted_or_bare_version_or_a_star() {
 /// event at the same version in the same statement, so the unique key refuses
 /// the command's, as it would a concurrent writer's (the statement fails, and
 /// the racer's row with it). A sequence (not rolled back) counts the attempts.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_command_that_loses_every_race_is_409_after_ten_attempts() {
     let app = spawn_app().await;
@@ -127,6 +135,10 @@ async fn a_command_that_loses_every_race_is_409_after_ten_attempts() {
 
 /// An Idempotency-Key is 1 to 255 visible ASCII characters; any other is 400,
 /// and the request is not run.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn idempotency_keys_are_one_to_255_visible_ascii_characters() {
     let app = spawn_app().await;
@@ -178,6 +190,10 @@ async fn correlation_of(app: &TestApp, stream: &str) -> String {
 /// A client's `X-Request-Id` of 1 to 128 visible ASCII characters is the
 /// request's correlation id: echoed, and in its events. Any other is replaced
 /// by a generated one, which is echoed and in the events instead.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn an_unusable_request_id_is_replaced_not_echoed() {
     let app = spawn_app().await;
@@ -248,6 +264,10 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
 /// the cause is logged with the request's correlation id; the 500 is counted.
 /// The route is the test's own, behind exactly the layers of the API
 /// (`http::edge`): no route of the service panics on purpose.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_handler_panic_is_a_logged_500_without_detail() {
     ai_secretary::telemetry::metrics(); // the recorder, before the request is counted
@@ -302,6 +322,10 @@ async fn a_handler_panic_is_a_logged_500_without_detail() {
 
 /// `CORS_ORIGINS` (comma-separated, spaces allowed): an allowed origin's
 /// preflight and request get the CORS headers, another origin is not allowed.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn cors_answers_the_allowed_origins_only() {
     let app = spawn_app_with(&[

@@ -172,6 +172,10 @@ async fn drive_with_cuts(app: &TestApp, writers: &[Writer], seconds: u64, cuts: 
 // ---------------------------------------------------------------------------
 // The tests
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn standby_workers_take_over_after_connection_cuts_and_nothing_is_lost() {
     let (db, names) = (TestDb::new().await, BusNames::new());
@@ -267,6 +271,10 @@ async fn standby_workers_take_over_after_connection_cuts_and_nothing_is_lost() {
     drop(standby);
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn commands_ride_out_cut_connections_without_a_5xx_or_a_double() {
     let app = spawn_app_on(TestDb::new().await, BusNames::new(), &[], Roles::only_api()).await;
@@ -312,6 +320,10 @@ async fn commands_ride_out_cut_connections_without_a_5xx_or_a_double() {
 /// the lock connection dead, or the fence refusing its next batch) is a race;
 /// either way nothing is written. The fence alone is tested by
 /// `a_checkpoint_write_is_refused_unless_its_epoch_and_position_still_hold`.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deposed_worker_writes_nothing_after_its_lease_is_taken() {
     let app = spawn_app_without_replier(&[]).await;
@@ -430,6 +442,10 @@ async fn a_deposed_worker_writes_nothing_after_its_lease_is_taken() {
 
 /// The fence itself: an owner's checkpoint write moves the row only if the
 /// epoch it holds and the position it started from are still the row's.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_checkpoint_write_is_refused_unless_its_epoch_and_position_still_hold() {
     let db = TestDb::new().await;
@@ -494,6 +510,10 @@ async fn a_checkpoint_write_is_refused_unless_its_epoch_and_position_still_hold(
 /// With Redis stopped, and then frozen, every query is served from Postgres,
 /// with or without a consistency token; frozen, it costs each query at most a
 /// short timeout once per breaker window.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_are_served_from_postgres_while_redis_is_stopped_or_frozen() {
     let mut redis = PrivateServer::redis().await;
@@ -599,6 +619,10 @@ async fn queries_are_served_from_postgres_while_redis_is_stopped_or_frozen() {
     );
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn admin_projections_shows_each_lease_holder() {
     let app = spawn_app_with(&["--admin-emails", "lease-admin@example.com"]).await;

@@ -58,6 +58,10 @@ async fn applied(app: &TestApp) -> Vec<(String, i64)> {
         .unwrap()
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn workers_tailing_the_store_serve_read_your_writes_without_the_bus() {
     let app = tailing_app().await;
@@ -105,6 +109,10 @@ async fn workers_tailing_the_store_serve_read_your_writes_without_the_bus() {
     );
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn an_event_committed_late_is_applied_late_never_skipped() {
     let app = tailing_app().await;
@@ -158,6 +166,10 @@ async fn an_event_committed_late_is_applied_late_never_skipped() {
     assert_eq!(assistant["name"], "Committed first");
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_replier_tailing_the_store_answers_each_request_once_across_a_crash() {
     // Requests committed while no replier runs at all...

@@ -259,6 +259,10 @@ async fn read_models(app: &TestApp) -> Vec<String> {
     rows
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn the_store_and_the_bus_hold_personal_data_only_sealed() {
     let app = spawn_app().await;
@@ -282,6 +286,10 @@ async fn the_store_and_the_bus_hold_personal_data_only_sealed() {
     assert_eq!(ada.found_in(&models), ada.in_read_models(), "{models}");
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn forgetting_asks_for_the_password_or_a_recent_token() {
     let app = spawn_app().await;
@@ -323,6 +331,10 @@ async fn forgetting_asks_for_the_password_or_a_recent_token() {
     assert_eq!(forget(&bobs, None).await.status(), StatusCode::NO_CONTENT);
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_forgotten_user_leaves_nothing_readable_and_a_replay_agrees() {
     let app = spawn_app().await;
@@ -425,6 +437,10 @@ async fn a_forgotten_user_leaves_nothing_readable_and_a_replay_agrees() {
     );
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_rotated_encryption_key_opens_everything_and_the_old_one_nothing() {
     use ai_secretary::{

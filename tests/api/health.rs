@@ -8,6 +8,10 @@ use crate::{
     support::{BusNames, TestDb, cluster::PrivatePostgres, promql},
 };
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn health_and_ready_answer() {
     let app = spawn_app().await;
@@ -35,6 +39,10 @@ async fn health_and_ready_answer() {
 /// `/metrics` answers in the Prometheus text format, and what a request just
 /// did is in it: its route's counter, and the event its command appended.
 /// (`observability.rs` runs `promtool check metrics` on a full scrape.)
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn metrics_are_exposed_in_prometheus_format() {
     let app = spawn_app().await;
@@ -92,6 +100,10 @@ async fn metrics_are_exposed_in_prometheus_format() {
 /// `/ready` answers 503 while Postgres (the source of truth) is down, and 200
 /// again once it is back; `/health` (the process answers) stays 200. Postgres
 /// is a cluster of the test's own: the shared server is never stopped.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn ready_is_503_while_postgres_is_down() {
     let mut cluster = PrivatePostgres::start().await;

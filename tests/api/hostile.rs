@@ -266,6 +266,10 @@ async fn commands_over_the_per_user_limit_are_429_and_change_nothing<
     assert_eq!(response.status(), StatusCode::CREATED);
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn sign_ups_and_logins_over_the_per_address_limits_are_429_before_any_work() {
     let app = spawn_app_with(&[
@@ -383,6 +387,10 @@ async fn guessable_passwords_are_refused_before_anything_is_hashed_or_appended<
     assert_eq!(app.event_count().await, before);
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn an_account_is_locked_out_after_repeated_failures_for_longer_each_round() {
     let app =

@@ -85,6 +85,10 @@ async fn a_refused_command_is_not_remembered<D: crate::helpers::EventLog>(
 /// has answered, the retry gets its response. The first is held in flight
 /// deterministically: the test holds an uncommitted claim on the same email, so
 /// the registration's own claim waits on it.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_while_the_first_runs_is_409() {
     let app = spawn_app().await;
@@ -147,6 +151,10 @@ async fn a_retry_while_the_first_runs_is_409() {
     assert_eq!(users, 1);
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_key_expires_after_its_time_to_live() {
     let app = crate::helpers::spawn_app_with(&["--idempotency-key-ttl-seconds", "1"]).await;

@@ -46,6 +46,10 @@ async fn reply_counts(app: &TestApp) -> (i64, i64, i64) {
     .unwrap()
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_user_and_the_replier_write_one_conversation_at_once() {
     const MESSAGES: usize = 200;
@@ -153,6 +157,10 @@ fn legacy_completion(reply_id: Uuid, content: &str) -> ConversationEvent {
     }
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reply_events_stored_in_the_conversation_are_still_read() {
     let app = spawn_app().await;
@@ -323,6 +331,10 @@ async fn reply_events_stored_in_the_conversation_are_still_read() {
 
 /// Two processes on one store, each with its own state cache: each sees the
 /// other's writes, on its next load or as a conflict whose retry reads the tail.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn state_caches_in_two_processes_stay_right() {
     let db = TestDb::new().await;
@@ -411,6 +423,10 @@ async fn state_caches_in_two_processes_stay_right() {
 /// The prompt's history is read backwards from the request and stops once the
 /// budget is spent; an answer sits where it was requested, and one recorded
 /// after the request is not part of it.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn reply_history_is_the_tail_that_fits_the_budget() {
     let db = TestDb::new().await;

@@ -98,6 +98,10 @@ async fn drive_a_flow(app: &TestApp) -> String {
     }
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn metrics_pass_promtool_and_are_labelled_by_route() {
     let app = spawn_app().await;
@@ -159,6 +163,10 @@ async fn metrics_pass_promtool_and_are_labelled_by_route() {
 
 /// Every metric a dashboard panel or an alert queries is one the service
 /// exports (exporters' `pg_*`/`redis_*`, `up` and recording rules aside).
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn dashboards_and_alerts_query_only_exported_metrics() {
     let app = spawn_app().await;
@@ -189,6 +197,10 @@ async fn dashboards_and_alerts_query_only_exported_metrics() {
 
 /// A worker process (no API) still answers /health and /metrics on its BIND,
 /// for Docker's health check and Prometheus; the API is not there.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_worker_serves_health_and_metrics_but_not_the_api() {
     use ai_secretary::startup::Roles;
@@ -230,6 +242,10 @@ async fn a_worker_serves_health_and_metrics_but_not_the_api() {
 /// The real binary with JSON logs to stdout and to a daily file in LOG_DIR:
 /// every line is JSON, the request's lines carry the correlation id and the
 /// user id, and no secret, password, token, email or message content appears.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn logs_are_json_with_correlation_and_user_and_no_secrets() {
     use crate::{
@@ -405,6 +421,10 @@ async fn logs_are_json_with_correlation_and_user_and_no_secrets() {
 /// With NATS unreachable the relay cannot publish: its lag, measured against
 /// the store, counts every event and keeps ageing (what RelayLagging needs),
 /// and so do the projections' behind it.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn lag_is_measured_against_the_store_so_a_stuck_relay_shows_it() {
     use ai_secretary::sampler::measure;
@@ -447,6 +467,10 @@ async fn lag_is_measured_against_the_store_so_a_stuck_relay_shows_it() {
 /// an assistant read through the cache counts one miss (the read that fills
 /// it) and then a hit per read; a reply whose model is unreachable counts each
 /// failed attempt and one failed reply.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn cache_and_llm_counters_move_with_the_traffic() {
     use crate::{
@@ -544,6 +568,10 @@ async fn cache_and_llm_counters_move_with_the_traffic() {
 /// older days' files. At start the oldest are removed to make room for today's,
 /// at midnight one more for tomorrow's, and every file left is one of the 30
 /// newest days.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn log_files_turn_over_at_midnight_and_30_are_kept() {
     use crate::{

@@ -20,6 +20,10 @@ use crate::{
 ///   envelope at all. It is parked without an id; nothing in the store is missed.
 ///
 /// The service is the binary, so `projection_dead_letters_total` is its own.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_poison_event_is_parked_and_counted_and_the_projection_goes_on() {
     let service = Service::start().await;

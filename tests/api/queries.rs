@@ -9,6 +9,10 @@ use crate::{
     progress,
 };
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
     // Without the replier (the reply must still be queued when it is read), and
@@ -186,6 +190,10 @@ async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
     );
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn queries_are_scoped_to_their_owner() {
     let app = spawn_app().await;
@@ -234,6 +242,10 @@ async fn queries_are_scoped_to_their_owner() {
     }
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn pages_stay_stable_while_new_rows_arrive() {
     let app = spawn_app().await;
@@ -336,6 +348,10 @@ async fn pages_stay_stable_while_new_rows_arrive() {
 /// `--cache-backend local` switch): a read fills it, an update's invalidation
 /// reaches it (a stale copy would be served once every consumer has caught
 /// up), and nothing is written to Redis.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn the_local_cache_serves_reads_and_is_invalidated_by_the_projection() {
     let app = spawn_app_without_replier(&["--cache-backend", "local"]).await;

@@ -490,6 +490,10 @@ where
     );
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn every_read_query_answers_the_same_on_sqlite_as_on_postgres() {
     let (history, a, b) = history();
@@ -807,6 +811,10 @@ async fn every_read_query_answers_the_same_on_sqlite_as_on_postgres() {
 /// Progress on SQLite: a checkpoint move this process signals is seen at once
 /// (well before the poll), one made without the signal (as by another
 /// process on the same file) by the poll.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn progress_on_sqlite_follows_the_signal_and_the_poll() {
     let dir = tempfile::tempdir().unwrap();

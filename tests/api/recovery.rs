@@ -143,6 +143,10 @@ async fn rebuild_finished(app: &TestApp, admin: &str, location: &str) -> Value {
     .await
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it() {
     let app = spawn_with_admin().await;
@@ -237,6 +241,10 @@ async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it() {
     assert_eq!(assistant["message_count"], 12, "{assistant}");
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_replay_is_deterministic_and_cleans_up_an_interrupted_one() {
     let app = spawn_with_admin().await;
@@ -280,6 +288,10 @@ async fn a_replay_is_deterministic_and_cleans_up_an_interrupted_one() {
     assert!(clean, "{report}");
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
     let app = spawn_with_admin().await;
@@ -543,6 +555,10 @@ async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
     );
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn backup_then_drop_then_restore_serves_the_same_data_and_verifies_clean() {
     let app = spawn_with_admin().await;
@@ -639,6 +655,10 @@ async fn backup_then_drop_then_restore_serves_the_same_data_and_verifies_clean()
 /// (stop the service, `restore.sh`, purge the stream, start the service,
 /// `replay --all`), nothing of them is served, the service goes on from the
 /// restored point, and `verify` finds no drift.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_restore_older_than_what_nats_has_seen_follows_the_procedure_to_a_clean_verify() {
     let app = spawn_with_admin().await;
@@ -761,6 +781,10 @@ async fn a_restore_older_than_what_nats_has_seen_follows_the_procedure_to_a_clea
     std::fs::remove_dir_all(&backups).unwrap();
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn the_health_scripts_report_up_and_down_and_log_recovery_attempts() {
     let app = spawn_with_admin().await;

@@ -654,6 +654,10 @@ async fn settled_replier(app: &TestApp, ack_wait: Duration) -> ConsumerInfo {
     .await
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn with_the_defaults_a_message_is_answered_offline_with_usage() {
     let app = spawn_app().await;
@@ -704,6 +708,10 @@ async fn with_the_defaults_a_message_is_answered_offline_with_usage() {
     assert_eq!(twin["usage"], answered["usage"]);
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn gemini_gets_the_real_request_and_its_answer_is_recorded() {
     let gemini = FakeGemini::start(Script::Answer).await;
@@ -789,12 +797,20 @@ async fn gemini_gets_the_real_request_and_its_answer_is_recorded() {
     assert_eq!(leaked, 0);
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn gemini_streams_the_reply_text_to_sse_before_the_completion() {
     streams_the_reply_text(&[]).await;
 }
 
 /// Without NATS the deltas travel through the process's hub.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn without_nats_gemini_streams_the_reply_text_to_sse_before_the_completion() {
     streams_the_reply_text(&[crate::helpers::WITHOUT_NATS]).await;
@@ -835,6 +851,10 @@ async fn streams_the_reply_text(extra: &[&str]) {
     assert_eq!(completed.data["usage"]["total_tokens"], 28);
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_rate_limit_is_waited_out_as_its_retry_info_asks() {
     // A 429 with RetryInfo "2s" in the body and no Retry-After header, as Google sends it.
@@ -886,6 +906,10 @@ async fn failed_through(script: Script, extra: &[&str], email: &str) -> Failed {
     }
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_daily_quota_fails_the_reply_at_once_saying_so() {
     let failed = failed_through(Script::DailyQuota, &[], "daily@example.com").await;
@@ -906,6 +930,10 @@ async fn a_daily_quota_fails_the_reply_at_once_saying_so() {
     );
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_quota_wait_past_the_deadline_fails_at_once_saying_so() {
     let started = Instant::now();
@@ -931,6 +959,10 @@ async fn a_quota_wait_past_the_deadline_fails_at_once_saying_so() {
     );
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn answers_that_cannot_succeed_fail_at_once_with_their_reason() {
     let shapes = [
@@ -965,6 +997,10 @@ async fn answers_that_cannot_succeed_fail_at_once_with_their_reason() {
     }
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_safety_finish_after_streamed_text_fails_the_reply_the_stream_showed() {
     let Watched {
@@ -1030,6 +1066,10 @@ fn deltas_of<'a>(updates: &'a [Sse], reply: &str) -> Vec<&'a Sse> {
         .collect()
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_thinking_answer_shows_no_thought_and_its_usage_adds_up() {
     let Watched {
@@ -1075,6 +1115,10 @@ async fn a_thinking_answer_shows_no_thought_and_its_usage_adds_up() {
     );
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn an_error_inside_the_stream_fails_the_attempt_and_the_next_one_answers() {
     let Watched {
@@ -1104,6 +1148,10 @@ async fn an_error_inside_the_stream_fails_the_attempt_and_the_next_one_answers()
     assert_eq!(reply_events(&app, "ReplyCompleted", &reply).await.len(), 1);
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_stream_cut_before_its_finish_reason_is_asked_again() {
     let gemini = FakeGemini::start(Script::CutShortOnce).await;
@@ -1115,6 +1163,10 @@ async fn a_stream_cut_before_its_finish_reason_is_asked_again() {
     assert_eq!(gemini.seen().len(), 2);
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_tuned_model_is_asked_by_its_own_name() {
     let gemini = FakeGemini::start(Script::Answer).await;
@@ -1134,6 +1186,10 @@ async fn a_tuned_model_is_asked_by_its_own_name() {
     );
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn an_answer_that_keeps_coming_is_not_cut_by_the_idle_timeout() {
     // Three pieces 400 ms apart: 1.2 s in all, past the 1 s idle timeout, never silent that long.
@@ -1145,6 +1201,10 @@ async fn an_answer_that_keeps_coming_is_not_cut_by_the_idle_timeout() {
     assert_eq!(gemini.seen().len(), 1);
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn an_invalid_key_fails_at_once_without_retrying() {
     let gemini = FakeGemini::start(Script::InvalidKey).await;
@@ -1162,6 +1222,10 @@ async fn an_invalid_key_fails_at_once_without_retrying() {
     assert_eq!(gemini.seen().len(), 1);
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn an_unavailable_model_is_retried_until_the_deadline() {
     let gemini = FakeGemini::start(Script::Unavailable).await;
@@ -1196,6 +1260,10 @@ async fn an_unavailable_model_is_retried_until_the_deadline() {
     );
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn silence_past_the_idle_timeout_fails_as_a_timeout() {
     let silences = [
@@ -1228,6 +1296,10 @@ async fn silence_past_the_idle_timeout_fails_as_a_timeout() {
     }
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replier_crash_mid_reply_ends_in_exactly_one_reply() {
     // The first request stalls: the instance dies while waiting for the model.
@@ -1259,6 +1331,10 @@ async fn a_replier_crash_mid_reply_ends_in_exactly_one_reply() {
     assert_eq!(starts[0]["attempt"], 1);
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_delivered_again_adds_no_second_reply() {
     let app = spawn_app().await;
@@ -1326,6 +1402,10 @@ async fn every_request_delivered_again_adds_no_second_reply() {
     assert_eq!(completed, 3);
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_repliers_share_the_work_and_each_message_gets_one_reply() {
     let app = spawn_app().await;

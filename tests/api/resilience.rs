@@ -151,6 +151,10 @@ fn user_contents(messages: &Value) -> Vec<String> {
 // ---------------------------------------------------------------------------
 // The tests
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_succeed_while_nats_is_down_and_projections_catch_up() {
     let mut nats = PrivateServer::nats().await;
@@ -307,6 +311,10 @@ async fn commands_succeed_while_nats_is_down_and_projections_catch_up() {
     );
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_answer_while_redis_is_down() {
     let mut redis_server = PrivateServer::redis().await;
@@ -425,6 +433,10 @@ async fn queries_answer_while_redis_is_down() {
     .await;
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 /// Reads more often than the fail-fast window must not keep the cache off after
 /// Redis comes back (they once did: each skipped call extended the window).
@@ -507,6 +519,10 @@ async fn the_cache_comes_back_under_steady_read_traffic() {
     assert!(reads > 0, "the reader never read");
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_republishes_changes_nothing() {
     // Without the replier, so the log only grows by what the test does.
@@ -661,6 +677,10 @@ async fn make_backlog(app: &TestApp) {
     }
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projector_killed_mid_batch_resumes_to_the_same_read_model() {
     // A backlog in the store and on the bus, no projection run yet.

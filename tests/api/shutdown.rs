@@ -45,6 +45,10 @@ async fn waiting_on_a_lock(service: &Service, query: &str) -> Result<(), String>
 /// waits on an uncommitted claim of the same email, and the rebuild waits to
 /// drop a leftover `usage_daily__next` table (as an interrupted earlier
 /// rebuild leaves behind) that the test holds a lock on.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_finishes_requests_and_interrupts_a_rebuild_cleanly() {
     let mut service = Service::start_on(

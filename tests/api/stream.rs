@@ -197,12 +197,20 @@ pub async fn next(events: &mut Events) -> Sse {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn sse_delivers_what_happens_after_subscribing_and_resumes() {
     sse_delivers_and_resumes(spawn_app().await).await;
 }
 
 /// Without NATS, a commit wakes the stream, which reads the store.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn sse_without_nats_delivers_what_happens_after_subscribing_and_resumes() {
     sse_delivers_and_resumes(spawn_app_with(&[WITHOUT_NATS]).await).await;
@@ -403,6 +411,10 @@ async fn stored_feed(app: &TestApp, conversation: &str, after: &str) -> Vec<Stri
 /// the store before the event after it is sent, and the missing events arriving
 /// late are not sent again. No relay runs here: the test publishes the store's
 /// envelopes as the relay builds them (`bus::relay`), choosing which and when.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn a_gap_on_the_bus_is_filled_from_the_store() {
     let app = spawn_app_on(TestDb::new().await, BusNames::new(), &[], Roles::only_api()).await;
@@ -496,6 +508,10 @@ async fn a_gap_on_the_bus_is_filled_from_the_store() {
     assert_eq!(seen[0].1, "Three");
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn another_users_stream_is_404() {
     let app = spawn_app().await;

@@ -3,6 +3,10 @@ use serde_json::{Value, json};
 
 use crate::helpers::{problem, spawn_app};
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn register_log_in_and_read_the_profile() {
     let app = spawn_app().await;

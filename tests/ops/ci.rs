@@ -8,6 +8,10 @@ use crate::{Broken, passes_and_refuses, pypi_tool, read};
 
 /// The workflow against GitHub's workflow schema (vendored in
 /// `check-jsonschema`): keys, triggers, job and step forms.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn the_workflow_follows_githubs_schema() {
     passes_and_refuses(
@@ -22,6 +26,10 @@ fn the_workflow_follows_githubs_schema() {
     );
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn the_workflow_runs_the_same_checks_as_ci_run() {
     let workflow: Value = serde_norway::from_str(&read(".github/workflows/ci.yml")).unwrap();
@@ -98,6 +106,10 @@ fn the_workflow_runs_the_same_checks_as_ci_run() {
     }));
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn the_makefile_has_the_targets_a_developer_looks_for() {
     let makefile = read("Makefile");

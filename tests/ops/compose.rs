@@ -95,6 +95,10 @@ fn environment<'a>(service: &'a Value, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {key} in {service}"))
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn development_compose_has_the_stack_of_the_issue() {
     let compose = load("docker-compose.yml");
@@ -134,6 +138,10 @@ fn development_compose_has_the_stack_of_the_issue() {
     );
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn production_compose_follows_the_seed_with_the_roles_split() {
     let compose = load("docker-compose.production.yml");
@@ -269,6 +277,10 @@ fn listen_port(service: &Value) -> String {
 /// service of that file (on the port an ai-secretary container listens on),
 /// every ai-secretary service is scraped, and the compose file's Prometheus
 /// mounts this config and the rule files it names beside it.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn prometheus_configs_scrape_the_services_of_their_compose_file() {
     for (config_file, compose_file, at_least) in [
@@ -335,6 +347,10 @@ fn prometheus_configs_scrape_the_services_of_their_compose_file() {
 /// Both compose files against the Compose Specification's JSON schema, which
 /// `check-jsonschema` vendors: every key, type and value form that
 /// `docker compose config` would check, without a Docker engine.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn compose_files_follow_the_compose_specification() {
     passes_and_refuses(
@@ -384,6 +400,10 @@ fn compose_config_validates_with_docker_compose() {
 
 /// hadolint, with the repository's settings (every finding fails); a rule is
 /// ignored only with its reason, in .hadolint.yaml or beside the line.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn hadolint_finds_nothing_in_the_dockerfile() {
     passes_and_refuses(
@@ -425,6 +445,10 @@ fn assert_ignores_have_reasons(file: &str, ignores: impl Fn(&str) -> bool) {
     }
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn dockerfile_is_multi_stage_non_root_with_a_healthcheck() {
     let dockerfile = read("Dockerfile");

@@ -114,6 +114,10 @@ fn globals(dir: &Path) -> String {
     )
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn nginx_accepts_the_config_with_both_upstream_files() {
     for upstream in ["nginx/upstream/api.conf", "nginx/upstream-dev.conf"] {
@@ -137,6 +141,10 @@ fn nginx_accepts_the_config_with_both_upstream_files() {
     }
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn nginx_rejects_a_broken_config() {
     // The check above can fail: a config with a typo does not pass.
@@ -319,6 +327,10 @@ fn curl(args: &[&str]) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), rest.to_owned())
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn nginx_redirects_proxies_and_hides_metrics() {
     let upstream = Upstream::start(echo);
@@ -396,6 +408,10 @@ enum Framing {
 /// only once the client has received the one before, so a proxy that held the
 /// first one back (waiting for more) would never deliver it. Both framings:
 /// the service's, and the one under which `proxy_buffering on` is seen.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn nginx_streams_sse_event_by_event() {
     for framing in [Framing::Chunked, Framing::UntilClose] {
@@ -480,6 +496,10 @@ fn stream_through_nginx(framing: Framing) {
 /// The outer rate limit: sign-ups and logins from one address get a burst of
 /// 5 beyond the first, then 429 from nginx itself (the upstream never sees them);
 /// the rest of the API is limited much more loosely.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn nginx_limits_the_rate_of_sign_ups_and_logins_per_address() {
     let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -9,6 +9,10 @@ use std::{
 
 use crate::{promql, run_ok};
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn scripts_are_shellcheck_clean() {
     run_ok(
@@ -79,6 +83,10 @@ fn assert_in_order(haystack: &str, needles: &[&str]) {
     }
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn help_and_bad_arguments() {
     let dir = deployment("blue");
@@ -95,6 +103,10 @@ fn help_and_bad_arguments() {
     assert_eq!(out.status.code(), Some(2), "deploy.sh without VERSION");
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn deploy_dry_run_prints_the_blue_green_steps_and_changes_nothing() {
     for (live, new) in [("blue", "green"), ("green", "blue")] {
@@ -131,6 +143,10 @@ fn deploy_dry_run_prints_the_blue_green_steps_and_changes_nothing() {
     }
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn deploy_refuses_an_upstream_it_cannot_read() {
     let dir = deployment("purple");
@@ -139,6 +155,10 @@ fn deploy_refuses_an_upstream_it_cannot_read() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot tell the active color"));
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[test]
 fn rollback_lists_versions_and_dry_runs_the_seed_steps() {
     let dir = deployment("green");

@@ -98,6 +98,7 @@ impl Db {
 macro_rules! on_both_stores {
     ($name:ident, $postgres:ident $(, $($runtime:tt)*)?) => {
         mod $name {
+            #[cfg_attr(not(test_servers), ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1")]
             #[tokio::test$(($($runtime)*))?]
             async fn postgres() {
                 super::$name(&super::Db::$postgres().await).await
@@ -273,6 +274,10 @@ async fn an_expected_version_that_is_not_the_head_is_a_conflict(db: &Db) {
 /// Identity order is not commit order. A holds a lower position open while B
 /// commits; a reader must stop exactly at A (reading C, committed before A
 /// began, and not B), and must return A then B the moment A commits.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn no_reader_skips_an_event_committed_out_of_order() {
     let alone = Alone::new().await;
@@ -304,6 +309,10 @@ async fn no_reader_skips_an_event_committed_out_of_order() {
 }
 
 /// The same, with B's identity lower than A's: commit order, not identity, rules.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn commit_order_wins_over_identity_order() {
     let alone = Alone::new().await;
@@ -327,6 +336,10 @@ async fn commit_order_wins_over_identity_order() {
     assert_eq!(tags_of(&seen), ["C", "A", "B"]);
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn the_events_table_is_append_only() {
     let db = TestDb::new().await;
@@ -545,6 +558,10 @@ async fn an_idempotency_key_appends_once(db: &Db) {
     );
 }
 
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
 #[tokio::test]
 async fn appends_wake_listeners() {
     let db = TestDb::new().await;
