@@ -342,18 +342,6 @@ impl Config {
         }
     }
 
-    /// The Postgres URL, for `what` that runs only on Postgres.
-    pub fn postgres_url(&self, what: &str) -> anyhow::Result<Secret> {
-        match self.database()? {
-            Database::Postgres(url) => Ok(url),
-            Database::Sqlite(_) => {
-                anyhow::bail!(
-                    "{what} needs DATABASE_URL=postgres://… (not available on SQLite yet)"
-                )
-            }
-        }
-    }
-
     /// Where the workers and the replier read events: `EVENT_FEED` if set, else
     /// the bus when there is a NATS server to use.
     pub fn event_feed(&self) -> EventFeed {

@@ -421,7 +421,8 @@ impl Application {
     }
 }
 
-/// The Postgres pool, for a part that does not run on SQLite yet.
+/// The Postgres pool, for the relay: it reads Postgres' commit order, and
+/// `Config::validate` refuses the bus on SQLite, so this only guards that rule.
 fn postgres_only(pool: &Option<sqlx::PgPool>, part: &str) -> anyhow::Result<sqlx::PgPool> {
     pool.clone()
         .ok_or_else(|| anyhow::anyhow!("{part} needs DATABASE_URL=postgres://… for now"))
