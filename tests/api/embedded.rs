@@ -229,7 +229,25 @@ async fn a_restart_on_the_same_data_dir_keeps_everything_even_after_a_key_rotati
     completed_reply(&app, &token, &id, posted["reply"]["id"].as_str().unwrap()).await;
     let data = app.stop_embedded();
 
-    let app = spawn_embedded_on(data, &[], ai_secretary::startup::Roles::all()).await;
+    // Rotate the encryption key with the service stopped, as docs/operations.md
+    // says, then start it again with the new key only.
+    const NEW_KEY: &str = "4242424242424242424242424242424242424242424242424242424242424242";
+    let rotation = embedded_binary(data.dir.path(), &[("NEW_ENCRYPTION_KEY", NEW_KEY)])
+        .arg("rotate-encryption-key")
+        .output()
+        .expect("the binary runs");
+    let said = String::from_utf8_lossy(&rotation.stdout);
+    assert!(
+        rotation.status.success() && said.contains("rotated 1 user keys"),
+        "{said}{}",
+        String::from_utf8_lossy(&rotation.stderr)
+    );
+    let app = spawn_embedded_on(
+        data,
+        &["--encryption-key", NEW_KEY],
+        ai_secretary::startup::Roles::all(),
+    )
+    .await;
     let token = app
         .signed_in("keep@example.com", "correct horse battery")
         .await;
@@ -248,6 +266,9 @@ async fn a_restart_on_the_same_data_dir_keeps_everything_even_after_a_key_rotati
         .get_ok(&format!("/conversations/{id}/messages"), &token, None)
         .await;
     assert_eq!(messages["data"].as_array().unwrap().len(), 4, "{messages}");
+    // The email, sealed under a data key now wrapped by the new key, opens.
+    let me = app.get_ok("/users/me", &token, None).await;
+    assert_eq!(me["email"], "keep@example.com", "{me}");
 }
 
 /// The binary on the embedded directory `dir`, with `env` added.
