@@ -38,40 +38,31 @@
 //! nothing. The database, `ai_secretary_bench_<random hex>`, is dropped at the end with
 //! `DROP DATABASE ... WITH (FORCE)`, also after an error or Ctrl-C.
 
+#[path = "common/appends.rs"]
+mod appends;
 #[path = "common/mod.rs"]
 mod common;
 
+use appends::{Compared, Measurement, Path, STREAM_TYPE, Scenario, Window, Writer, print_tables};
 use common::{describe_server, env_or, with_database};
 
 use std::{
     env,
-    fmt::Display,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use ai_secretary::store::{
-    AppendRequest, EventMetadata, EventStore, NewEvent,
+    AppendRequest, EventStore,
     postgres::{self, CoalescingConfig, PgEventStore},
 };
 use anyhow::{Context, Result, anyhow, bail};
-use serde_json::json;
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, Row, postgres::PgConnectOptions};
 use uuid::Uuid;
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/";
-const STREAM_TYPE: &str = "bench";
-const EVENT_TYPE: &str = "BenchTaskNoted";
 /// Columns the raw INSERT writes, in bind order.
 const COLUMNS: usize = 8;
-
-struct Scenario {
-    name: &'static str,
-    writers: usize,
-    events_per_append: usize,
-    /// The store ÷ raw events/s ratio the store must reach.
-    target: f64,
-}
 
 const SCENARIOS: [Scenario; 3] = [
     Scenario {
@@ -93,21 +84,6 @@ const SCENARIOS: [Scenario; 3] = [
         target: 0.9,
     },
 ];
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Path {
-    Raw,
-    Store,
-}
-
-impl Display for Path {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Path::Raw => "raw",
-            Path::Store => "store",
-        })
-    }
-}
 
 struct Settings {
     base_url: String,
@@ -202,28 +178,17 @@ async fn run(settings: &Settings, db_url: &str, db_name: &str) -> Result<()> {
 
     let server = describe_server(&pool).await?;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let sample = Writer::new(Uuid::nil(), 1).events()?;
-    let data_bytes = serde_json::to_vec(&sample[0].data)?.len();
-    let metadata_bytes = serde_json::to_vec(&sample[0].metadata)?.len();
+    let (data_bytes, metadata_bytes) = Writer::sample_sizes()?;
 
     let store = PgEventStore::new(pool.clone(), settings.coalescing);
-    let mut rows = Vec::new();
-    let mut round_ratios = Vec::new();
+    let mut compared = Vec::new();
     for scenario in &SCENARIOS {
-        // Alternate the paths over several rounds and keep each path's median
-        // round: one quiet or noisy stretch of the machine cannot decide the ratio.
         let (mut raws, mut stores) = (Vec::new(), Vec::new());
         for _ in 0..settings.rounds {
             raws.push(measure(settings, scenario, Path::Raw, &raw_options, &store).await?);
             stores.push(measure(settings, scenario, Path::Store, &raw_options, &store).await?);
         }
-        let ratios: Vec<String> = raws
-            .iter()
-            .zip(&stores)
-            .map(|(r, s)| format!("{:.2}", s.events_per_sec() / r.events_per_sec()))
-            .collect();
-        round_ratios.push((scenario.name, ratios.join(", ")));
-        rows.push((scenario, median(raws), median(stores)));
+        compared.push(Compared::new(scenario, raws, stores));
     }
     drop(store);
     pool.close().await;
@@ -244,151 +209,8 @@ async fn run(settings: &Settings, db_url: &str, db_name: &str) -> Result<()> {
         settings.coalescing.max_batch, settings.coalescing.flushers, settings.pool_size
     );
     println!();
-    println!(
-        "| scenario | path | appends/s | events/s | p50 ms | p99 ms | events/commit | store ÷ raw |"
-    );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
-    for (scenario, raw, stored) in &rows {
-        for m in [raw, stored] {
-            let ratio = if m.path == Path::Store {
-                format!("**{:.2}×**", stored.events_per_sec() / raw.events_per_sec())
-            } else {
-                String::new()
-            };
-            println!(
-                "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} | {ratio} |",
-                scenario.name,
-                m.path,
-                m.appends_per_sec(),
-                m.events_per_sec(),
-                ms(m.percentile(0.50)),
-                ms(m.percentile(0.99)),
-                m.events_per_commit,
-            );
-        }
-    }
-    println!();
-    for (name, ratios) in &round_ratios {
-        println!("- {name}: store ÷ raw by round: {ratios}");
-    }
-    println!();
-    println!("| scenario | store ÷ raw | target | met |");
-    println!("|---|---:|---:|---|");
-    for (scenario, raw, stored) in &rows {
-        let ratio = stored.events_per_sec() / raw.events_per_sec();
-        println!(
-            "| {} | {ratio:.2}× | ≥ {:.1}× | {} |",
-            scenario.name,
-            scenario.target,
-            if ratio >= scenario.target {
-                "yes"
-            } else {
-                "no"
-            }
-        );
-    }
-    println!();
+    print_tables(&compared);
     Ok(())
-}
-
-/// The measurement with the median events/s.
-fn median(mut runs: Vec<Measurement>) -> Measurement {
-    runs.sort_by(|a, b| a.events_per_sec().total_cmp(&b.events_per_sec()));
-    runs.swap_remove(runs.len() / 2)
-}
-
-/// One writer's stream and the shape of what it appends.
-struct Writer {
-    stream_id: Uuid,
-    user_id: Uuid,
-    assistant_id: Uuid,
-    events_per_append: usize,
-}
-
-impl Writer {
-    fn new(stream_id: Uuid, events_per_append: usize) -> Self {
-        Self {
-            stream_id,
-            user_id: Uuid::now_v7(),
-            assistant_id: Uuid::now_v7(),
-            events_per_append,
-        }
-    }
-
-    /// One append's events: a ~200-byte data object and the metadata the service
-    /// writes (a correlation id per command, the acting user).
-    fn events(&self) -> Result<Vec<NewEvent>> {
-        let metadata = serde_json::to_value(EventMetadata {
-            correlation_id: Uuid::new_v4().to_string(),
-            causation_id: None,
-            user_id: Some(self.user_id),
-            idempotency_key: None,
-        })?;
-        Ok((0..self.events_per_append)
-            .map(|_| NewEvent {
-                event_id: Uuid::now_v7(),
-                event_type: EVENT_TYPE.to_owned(),
-                schema_version: 1,
-                data: json!({
-                    "task_id": Uuid::now_v7(),
-                    "assistant_id": self.assistant_id,
-                    "title": "Prepare the quarterly board pack",
-                    "due_at": "2026-12-01T09:00:00Z",
-                    "priority": "high",
-                }),
-                metadata: metadata.clone(),
-            })
-            .collect())
-    }
-}
-
-/// The wall-time window of one measurement.
-#[derive(Clone, Copy)]
-struct Window {
-    /// Appends completing before this are warm-up.
-    counted_from: Instant,
-    /// No append starts at or after this; completions after it are not counted.
-    until: Instant,
-}
-
-impl Window {
-    fn record(&self, latencies: &mut Vec<Duration>, started: Instant) {
-        let finished = Instant::now();
-        if finished >= self.counted_from && finished < self.until {
-            latencies.push(finished - started);
-        }
-    }
-}
-
-struct Measurement {
-    path: Path,
-    events_per_append: usize,
-    measured: Duration,
-    /// Sorted latencies of the appends that completed in the window.
-    latencies: Vec<Duration>,
-    /// Events per distinct transaction over the whole run, warm-up included.
-    events_per_commit: f64,
-}
-
-impl Measurement {
-    fn appends_per_sec(&self) -> f64 {
-        self.latencies.len() as f64 / self.measured.as_secs_f64()
-    }
-
-    fn events_per_sec(&self) -> f64 {
-        self.appends_per_sec() * self.events_per_append as f64
-    }
-
-    /// Nearest-rank percentile.
-    fn percentile(&self, p: f64) -> Duration {
-        let n = self.latencies.len();
-        let rank = ((p * n as f64).ceil() as usize).clamp(1, n);
-        self.latencies[rank - 1]
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 async fn measure(
@@ -422,11 +244,7 @@ async fn measure(
         }
     }
 
-    let start = Instant::now();
-    let window = Window {
-        counted_from: start + settings.warmup,
-        until: start + settings.warmup + settings.measured,
-    };
+    let window = Window::starting_now(settings.warmup, settings.measured);
     let mut tasks = Vec::new();
     let mut connections = connections.into_iter();
     for writer in writers {

@@ -42,6 +42,8 @@
 
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/in_process.rs"]
+mod in_process;
 #[path = "common/service.rs"]
 mod service;
 

@@ -1,17 +1,14 @@
 //! For benchmarks that run the service in their own process: its private names
 //! on the shared servers (database, JetStream stream and subjects, Redis key
-//! prefix), starting and stopping it on them, and removing the names at the end.
+//! prefix), starting it on them (see `in_process.rs`), and removing the names
+//! at the end.
 
-use ai_secretary::{
-    cli::Cli,
-    startup::{Application, Roles},
-};
+use ai_secretary::startup::Roles;
 use anyhow::{Context, Result};
-use clap::Parser;
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
-use tokio::{sync::oneshot, task::JoinHandle};
 
 use crate::common::with_database;
+pub use crate::in_process::Service;
 
 /// Where the servers are.
 pub struct Servers<'a> {
@@ -111,61 +108,26 @@ pub async fn delete_redis_keys(redis_url: &str, prefix: &str) -> Result<usize> {
     }
 }
 
-/// The service running in this process (`Application::build`, bound to
-/// `127.0.0.1:0`, `run_until` in a task stopped through a oneshot).
-pub struct Service {
-    /// `http://127.0.0.1:<port>`, when the roles include a listener.
-    pub address: Option<String>,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<()>>,
-}
-
 impl Service {
+    /// The service on the shared servers, under `names`.
     pub async fn start(servers: &Servers<'_>, names: &Names, roles: Roles) -> Result<Service> {
-        let cli = Cli::try_parse_from([
-            "ai-secretary",
-            "--database-url",
-            &names.db_url,
-            "--bind",
-            "127.0.0.1:0",
-            "--nats-url",
-            servers.nats_url,
-            "--redis-url",
-            servers.redis_url,
-            "--nats-stream",
-            &names.stream,
-            "--nats-subject-prefix",
-            &names.subject_prefix,
-            "--redis-key-prefix",
-            &names.redis_prefix,
-            "--environment",
-            "development",
-            // Load tests measure the service, not its abuse limits.
-            "--rate-limit-commands-per-minute",
-            "0",
-            "--rate-limit-signups-per-hour",
-            "0",
-            "--rate-limit-logins-per-minute",
-            "0",
-        ])
-        .context("the service's configuration")?;
-        let app = Application::build(&cli.config, roles)
-            .await
-            .context("building the service")?;
-        let address = app.local_addr().map(|a| format!("http://{a}"));
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(app.run_until(async {
-            let _ = stopped.await;
-        }));
-        Ok(Service {
-            address,
-            stop,
-            task,
-        })
-    }
-
-    pub async fn stop(self) -> Result<()> {
-        let _ = self.stop.send(());
-        self.task.await.context("the service task panicked")?
+        Service::launch(
+            &[
+                "--database-url",
+                &names.db_url,
+                "--nats-url",
+                servers.nats_url,
+                "--redis-url",
+                servers.redis_url,
+                "--nats-stream",
+                &names.stream,
+                "--nats-subject-prefix",
+                &names.subject_prefix,
+                "--redis-key-prefix",
+                &names.redis_prefix,
+            ],
+            roles,
+        )
+        .await
     }
 }
