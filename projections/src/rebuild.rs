@@ -121,8 +121,73 @@ pub async fn is_running(db: &Db, name: &str) -> Result<bool, sqlx::Error> {
     Ok(!free)
 }
 
-/// Rebuild the named projections (blue-green, see the module header). With a
-/// `cache`, its keys are dropped after the swaps: queries fill them again.
+/// The rebuild locks of some projections, taken (see [`lock`]): while this
+/// lives, no other rebuild of them starts, in this process or another.
+pub struct Locked {
+    names: Vec<&'static str>,
+    held: Held,
+}
+
+enum Held {
+    /// One session per projection, holding its advisory lock; the rebuild
+    /// writes that projection's tables through it.
+    Postgres(Vec<PgConnection>),
+    /// One file lock per projection.
+    Sqlite(Vec<RebuildLock>),
+}
+
+impl Locked {
+    /// The projections locked, in the order they were named.
+    pub fn names(&self) -> &[&'static str] {
+        &self.names
+    }
+}
+
+/// Take the rebuild lock of each named projection, or none: a projection
+/// whose lock is taken (a rebuild of it runs somewhere) fails with
+/// [`RebuildError::AlreadyRunning`], at once (a second rebuild is refused,
+/// not queued). Taken before a rebuild is announced (the admin API answers
+/// 202 only once it holds them), so of concurrent starts exactly one wins.
+pub async fn lock(db: &Db, names: &[&str]) -> Result<Locked, RebuildError> {
+    let mut known = Vec::new();
+    for name in names {
+        let found =
+            projections::find(name).ok_or_else(|| RebuildError::Unknown((*name).to_owned()))?;
+        known.push(found.name);
+    }
+    let held = match db {
+        Db::Postgres(pool) => {
+            let mut leases = Vec::new();
+            for name in &known {
+                let mut lease = PgConnection::connect_with(&pool.connect_options()).await?;
+                let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+                    .bind(lock_key(name))
+                    .fetch_one(&mut lease)
+                    .await?;
+                if !locked {
+                    return Err(RebuildError::AlreadyRunning((*name).to_owned()));
+                }
+                leases.push(lease);
+            }
+            Held::Postgres(leases)
+        }
+        Db::Sqlite(lite) => {
+            let mut locks = Vec::new();
+            for name in &known {
+                match RebuildLock::try_take(lite, name)? {
+                    Some(lock) => locks.push(lock),
+                    None => return Err(RebuildError::AlreadyRunning((*name).to_owned())),
+                }
+            }
+            Held::Sqlite(locks)
+        }
+    };
+    Ok(Locked { names: known, held })
+}
+
+/// Rebuild the named projections (blue-green, see the module header): [`lock`]
+/// then [`rebuild_locked`]. With a `cache`, its keys are dropped after the
+/// swaps: queries fill them again.
 pub async fn rebuild(
     db: &Db,
     opener: Arc<dyn Opener>,
@@ -130,15 +195,37 @@ pub async fn rebuild(
     cache: Option<&Cache>,
     on_step: &(dyn Fn(Step) + Sync),
 ) -> Result<Rebuilt, RebuildError> {
+    let locked = lock(db, names).await?;
+    rebuild_locked(db, locked, opener, cache, on_step).await
+}
+
+/// Rebuild the projections `locked` holds the locks of (taken by [`lock`] on
+/// the same database); the locks go when it returns, or with it if dropped.
+pub async fn rebuild_locked(
+    db: &Db,
+    locked: Locked,
+    opener: Arc<dyn Opener>,
+    cache: Option<&Cache>,
+    on_step: &(dyn Fn(Step) + Sync),
+) -> Result<Rebuilt, RebuildError> {
     let started = Instant::now();
-    let mut folds = Vec::new();
-    for name in names {
-        let fold = Fold::new(name).ok_or_else(|| RebuildError::Unknown((*name).to_owned()))?;
-        folds.push(fold);
-    }
-    let (head, events, swapped) = match db {
-        Db::Postgres(pool) => rebuild_postgres(pool, opener, folds, on_step).await?,
-        Db::Sqlite(lite) => rebuild_sqlite(lite, opener, folds, on_step).await?,
+    let folds: Vec<Fold> = locked
+        .names
+        .iter()
+        .map(|name| Fold::new(name).expect("a locked projection is registered"))
+        .collect();
+    let (head, events, swapped) = match (db, locked.held) {
+        (Db::Postgres(pool), Held::Postgres(leases)) => {
+            rebuild_postgres(pool, leases, opener, folds, on_step).await?
+        }
+        (Db::Sqlite(lite), Held::Sqlite(locks)) => {
+            rebuild_sqlite(lite, locks, opener, folds, on_step).await?
+        }
+        _ => {
+            return Err(RebuildError::Database(sqlx::Error::Configuration(
+                "the rebuild locks were taken on the other database".into(),
+            )));
+        }
     };
     if let Some(cache) = cache {
         cache.forget_all().await?;
@@ -159,27 +246,17 @@ type Outcome = (Position, u64, Vec<(&'static str, Position, u64)>);
 /// that projection's fresh tables and swaps them in.
 async fn rebuild_postgres(
     pool: &PgPool,
+    mut leases: Vec<PgConnection>,
     opener: Arc<dyn Opener>,
     folds: Vec<Fold>,
     on_step: &(dyn Fn(Step) + Sync),
 ) -> Result<Outcome, RebuildError> {
-    // Each projection's lock is held on a connection of its own for the whole run,
-    // and every write of that projection's rebuild (its fresh tables, its swap)
-    // goes through that same session: a rebuild whose lock connection died cannot
-    // write another row, so a second rebuild that took the lock over never shares
-    // its tables with a deposed one. Closing the connections releases the locks.
-    let mut leases = Vec::new();
-    for fold in &folds {
-        let mut lease = PgConnection::connect_with(&pool.connect_options()).await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
-            .bind(lock_key(fold.name()))
-            .fetch_one(&mut lease)
-            .await?;
-        if !locked {
-            return Err(RebuildError::AlreadyRunning(fold.name().to_owned()));
-        }
-        leases.push(lease);
-    }
+    // Each projection's lock is held on a connection of its own (`leases`, in
+    // the folds' order) for the whole run, and every write of that
+    // projection's rebuild (its fresh tables, its swap) goes through that same
+    // session: a rebuild whose lock connection died cannot write another row,
+    // so a second rebuild that took the lock over never shares its tables with
+    // a deposed one. Closing the connections releases the locks.
 
     let head = head(&mut *pool.acquire().await?).await?;
     // For the progress bar, the identity of the head estimates the events below
@@ -623,23 +700,18 @@ pub async fn head_sqlite(conn: &mut SqliteConnection) -> Result<Position, sqlx::
     )
 }
 
-/// The steps on SQLite (see the module header): the file locks first, then
+/// The steps on SQLite (see the module header), under the file locks ([`lock`]):
 /// the fold, the fresh tables written in slices, and one swap per projection.
 async fn rebuild_sqlite(
     db: &SqliteDb,
+    locks: Vec<RebuildLock>,
     opener: Arc<dyn Opener>,
     folds: Vec<Fold>,
     on_step: &(dyn Fn(Step) + Sync),
 ) -> Result<Outcome, RebuildError> {
-    // Held to the end of the run (dropped on return, or with the future if the
-    // rebuild is cancelled), so no second rebuild writes the same `__next`.
-    let mut locks = Vec::new();
-    for fold in &folds {
-        match RebuildLock::try_take(db, fold.name())? {
-            Some(lock) => locks.push(lock),
-            None => return Err(RebuildError::AlreadyRunning(fold.name().to_owned())),
-        }
-    }
+    // `locks` are held to the end of the run (dropped on return, or with the
+    // future if the rebuild is cancelled), so no second rebuild writes the
+    // same `__next`.
     let mut conn = db.pool.acquire().await?;
     let head = head_sqlite(&mut conn).await?;
     // Positions are never reused, so the head's global position bounds the

@@ -14,7 +14,9 @@ use serde_json::{Value, json};
 use sqlx::{Connection, PgPool};
 
 use crate::{
-    helpers::{TestApp, consistency, eventually, problem, spawn_app_on, spawn_app_with},
+    helpers::{
+        TestApp, consistency, eventually, problem, some_history, spawn_app_on, spawn_app_with,
+    },
     progress,
     support::TestDb,
 };
@@ -39,49 +41,6 @@ async fn spawn_with_admin() -> TestApp {
 /// Wait until every projection's checkpoint has reached the head of the store.
 async fn caught_up(pool: &PgPool) {
     progress::caught_up(pool, &projection_names()).await;
-}
-
-/// A user with two assistants, three conversations and a few messages each.
-async fn some_history(app: &TestApp, email: &str) -> (String, Vec<String>, Vec<String>) {
-    let token = app.signed_up(email).await;
-    let mut assistants = vec![];
-    let mut conversations = vec![];
-    for name in ["Mika", "Ren"] {
-        assistants.push(
-            app.assistant(&token, name).await["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
-    }
-    for (i, assistant) in [&assistants[0], &assistants[0], &assistants[1]]
-        .into_iter()
-        .enumerate()
-    {
-        let conversation = app.conversation(&token, &json!(assistant)).await;
-        let id = conversation["id"].as_str().unwrap().to_owned();
-        for n in 0..3 {
-            let posted = app
-                .post(
-                    &format!("/conversations/{id}/messages"),
-                    &token,
-                    json!({ "content": format!("message {n} in {i}") }),
-                )
-                .await;
-            assert_eq!(posted.status(), StatusCode::ACCEPTED);
-        }
-        conversations.push(id);
-    }
-    let renamed = app
-        .send(
-            Method::PATCH,
-            &format!("/api/v1/conversations/{}", conversations[2]),
-            Some(&token),
-            Some(json!({ "title": "renamed" })),
-        )
-        .await;
-    assert_eq!(renamed.status(), StatusCode::OK);
-    (token, assistants, conversations)
 }
 
 /// A checksum of every read-model table, rows in key order.
