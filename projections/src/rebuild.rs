@@ -45,7 +45,8 @@ use crate::{
     db::{Conn, Db, SqliteDb},
     log::{self, envelope_of, plan_range_with_its_bounds, range},
     opener::Opener,
-    projections::{self, Fold, Table},
+    projection::{Decoded, Projection, ProjectionError},
+    projections::{self, Fold, Table, cache::CacheInvalidation},
     tables,
 };
 
@@ -216,10 +217,10 @@ pub async fn rebuild_locked(
         .collect();
     let (head, events, swapped) = match (db, locked.held) {
         (Db::Postgres(pool), Held::Postgres(leases)) => {
-            rebuild_postgres(pool, leases, opener, folds, on_step).await?
+            rebuild_postgres(pool, leases, opener, folds, cache, on_step).await?
         }
         (Db::Sqlite(lite), Held::Sqlite(locks)) => {
-            rebuild_sqlite(lite, locks, opener, folds, on_step).await?
+            rebuild_sqlite(lite, locks, opener, folds, cache, on_step).await?
         }
         _ => {
             return Err(RebuildError::Database(sqlx::Error::Configuration(
@@ -249,6 +250,7 @@ async fn rebuild_postgres(
     mut leases: Vec<PgConnection>,
     opener: Arc<dyn Opener>,
     folds: Vec<Fold>,
+    cache: Option<&Cache>,
     on_step: &(dyn Fn(Step) + Sync),
 ) -> Result<Outcome, RebuildError> {
     // Each projection's lock is held on a connection of its own (`leases`, in
@@ -293,7 +295,8 @@ async fn rebuild_postgres(
         fold.track_changes();
     }
     for ((fold, _), lease) in limited.iter_mut().zip(&mut leases) {
-        let (position, tail) = swap(lease, opener.as_ref(), fold, head).await?;
+        let db = Db::Postgres(pool.clone());
+        let (position, tail) = swap(lease, &db, opener.as_ref(), cache, fold, head).await?;
         on_step(Step::Swapped {
             projection: fold.name(),
             position,
@@ -554,7 +557,9 @@ async fn copy_indexes(conn: &mut PgConnection, table: &Table) -> Result<(), sqlx
 /// checkpoint afterwards and how many tail events were folded under the lock.
 async fn swap(
     conn: &mut PgConnection,
+    db: &Db,
     opener: &dyn Opener,
+    cache: Option<&Cache>,
     fold: &mut Fold,
     head: Position,
 ) -> Result<(Position, u64), RebuildError> {
@@ -571,6 +576,18 @@ async fn swap(
         .await?;
     // The checkpoint row first (the worker's batch takes it first too: no deadlock).
     let live = checkpoint::postgres::lock(&mut tx, name).await?.position;
+    // Before the live tables are locked: the invalidations look their
+    // conversations' assistants up in them, on another connection.
+    invalidate_skipped(
+        db,
+        &mut Conn::Postgres(&mut tx),
+        opener,
+        cache,
+        name,
+        live,
+        head,
+    )
+    .await?;
     let names: Vec<&str> = tables.iter().map(|t| t.name).collect();
     sqlx::query(AssertSqlSafe(format!(
         "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
@@ -631,6 +648,72 @@ async fn swap(
     }
     tx.commit().await?;
     Ok((position, tail))
+}
+
+/// The `cache` projection's work for the events in `(live, head]`, which its
+/// worker has not done yet and, once the swap moves its checkpoint to `head`,
+/// never will: the invalidations (and forgets) those events call for, made
+/// here before the swap commits. Without them a value those events made stale
+/// would be served as current between the commit (from which the read side
+/// trusts the cache as of `head`) and the rebuild's `forget_all`. Stamped, so
+/// safe to repeat, like the worker's own `prepare`. Nothing to do for another
+/// projection, without a cache, or when the worker is at or past `head`.
+async fn invalidate_skipped(
+    db: &Db,
+    conn: &mut Conn<'_>,
+    opener: &dyn Opener,
+    cache: Option<&Cache>,
+    name: &str,
+    live: Position,
+    head: Position,
+) -> Result<(), RebuildError> {
+    let Some(cache) = cache else { return Ok(()) };
+    if name != projections::cache::PROJECTION.name || live >= head {
+        return Ok(());
+    }
+    // Read in pages but prepared as one batch: a conversation started early in
+    // the range is looked up from the batch, not from the live lookup table
+    // (which is only as far as the worker). A worker is normally a batch or
+    // two behind, so the range is short.
+    let mut events = Vec::new();
+    let mut at = live;
+    loop {
+        let page = match conn {
+            Conn::Postgres(conn) => {
+                plan_range_with_its_bounds(conn).await?;
+                log::read(conn, at, head, SQLITE_PAGE).await?
+            }
+            Conn::Sqlite(conn) => log::sqlite::read(conn, at, head, SQLITE_PAGE).await?,
+        };
+        let Some((last, _)) = page.last() else { break };
+        at = last.position();
+        let full = page.len() as i64 == SQLITE_PAGE;
+        for (envelope, data) in page {
+            let opened = opener
+                .open_text(envelope.event_id, &data)
+                .await
+                .map_err(RebuildError::Sealed)?;
+            let data = opened.as_deref().unwrap_or(&data);
+            // An undecodable event is skipped here as the worker parks it.
+            if let Ok(event) = contract::decode(&envelope.event_type, envelope.schema_version, data)
+            {
+                events.push(Decoded { envelope, event });
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    let batch: Vec<&Decoded> = events.iter().collect();
+    CacheInvalidation {
+        cache: cache.clone(),
+    }
+    .prepare(db, &batch)
+    .await
+    .map_err(|e| match e {
+        ProjectionError::Database(e) => RebuildError::Database(e),
+        ProjectionError::Cache(e) => RebuildError::Cache(e),
+    })
 }
 
 /// The rebuild lock of a projection on SQLite, which has no advisory locks: an
@@ -707,6 +790,7 @@ async fn rebuild_sqlite(
     locks: Vec<RebuildLock>,
     opener: Arc<dyn Opener>,
     folds: Vec<Fold>,
+    cache: Option<&Cache>,
     on_step: &(dyn Fn(Step) + Sync),
 ) -> Result<Outcome, RebuildError> {
     // `locks` are held to the end of the run (dropped on return, or with the
@@ -742,7 +826,7 @@ async fn rebuild_sqlite(
     }
     let mut swapped = Vec::new();
     for (fold, _) in &mut limited {
-        let (position, tail) = swap_sqlite(db, opener.as_ref(), fold, head).await?;
+        let (position, tail) = swap_sqlite(db, opener.as_ref(), cache, fold, head).await?;
         on_step(Step::Swapped {
             projection: fold.name(),
             position,
@@ -820,6 +904,7 @@ fn renamed_table(create: &str, next: &str) -> Result<String, sqlx::Error> {
 async fn swap_sqlite(
     db: &SqliteDb,
     opener: &dyn Opener,
+    cache: Option<&Cache>,
     fold: &mut Fold,
     head: Position,
 ) -> Result<(Position, u64), RebuildError> {
@@ -828,6 +913,18 @@ async fn swap_sqlite(
     let mut tx = db.begin_write().await?;
     checkpoint::sqlite::ensure(&mut *tx, name).await?;
     let live = checkpoint::sqlite::lock(&mut tx, name).await?.position;
+    // Its lookups read the live tables on another connection (WAL: they
+    // never wait for this transaction).
+    invalidate_skipped(
+        &Db::Sqlite(db.clone()),
+        &mut Conn::Sqlite(&mut tx),
+        opener,
+        cache,
+        name,
+        live,
+        head,
+    )
+    .await?;
     let mut tail = 0;
     if live > head {
         // The worker applied events past the rebuild's head: fold them in too,

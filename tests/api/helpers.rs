@@ -230,8 +230,12 @@ impl Embedded {
     /// Wait until every projection's checkpoint is at the last event of the
     /// store (read beside the service, on a pool of the test's own).
     pub async fn caught_up(&self) {
+        self.caught_up_with(&ai_secretary_projections::NAMES).await;
+    }
+
+    /// [`caught_up`](Embedded::caught_up) for the projections `names` only.
+    pub async fn caught_up_with(&self, names: &[&str]) {
         let pool = self.pool().await;
-        let names = ai_secretary::startup::projection_names();
         eventually("every projection reaches the head", async || {
             let head: Option<(i64, i64)> = sqlx::query_as(
                 "SELECT transaction_id, global_position FROM events
@@ -250,7 +254,7 @@ impl Embedded {
                 .iter()
                 .filter(|n| {
                     !at.iter()
-                        .any(|(name, tx, gp)| name == *n && (*tx, *gp) == head)
+                        .any(|(name, tx, gp)| name == **n && (*tx, *gp) == head)
                 })
                 .collect();
             if behind.is_empty() {
