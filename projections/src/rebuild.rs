@@ -13,13 +13,16 @@
 //!    checkpoint to `H` only if it was behind. The JetStream sequence in the
 //!    checkpoint is kept, so the worker resumes where it was and skips, by
 //!    position, what the rebuild has already folded: no event is lost or
-//!    applied twice.
+//!    applied twice. For `cache`, whose worker's work for an event is also
+//!    invalidating cached values, the swap makes the invalidations of the
+//!    events it moves the checkpoint past before it commits.
 //!
 //! Nothing but `__next` tables is written before the swap; leftovers of an
 //! interrupted run are dropped when the next one starts. One rebuild per
 //! projection at a time, across processes: a session advisory lock on Postgres,
 //! an exclusive OS file lock beside the database file on SQLite; either is
-//! released if the process dies.
+//! released if the process dies. [`lock`] takes them apart from the work
+//! ([`rebuild_locked`]), so a caller can hold them before it announces a rebuild.
 //!
 //! The dialects part in the steps' details, each explained beside its SQL:
 //! Postgres writes `__next` with `COPY` on the rebuild's lock session, builds
