@@ -289,6 +289,11 @@ pub struct Config {
     /// every command then folds its stream from the start).
     #[arg(long, env = "STATE_CACHE_MB", default_value_t = 64)]
     pub state_cache_mb: u64,
+
+    /// How often a rebuild started through the admin API writes its progress
+    /// into its status row, in milliseconds.
+    #[arg(long, env = "REBUILD_PROGRESS_MS", default_value_t = 2000, hide = true)]
+    pub rebuild_progress_ms: u64,
 }
 
 impl Config {

@@ -304,6 +304,8 @@ pub struct Rebuilds {
     pub cache: Cache,
     tasks: TaskTracker,
     stop: CancellationToken,
+    /// How often a running rebuild writes its progress to its row.
+    report_every: Duration,
 }
 
 /// Why a rebuild still marked running was stopped by nobody: its process died.
@@ -317,6 +319,16 @@ impl Rebuilds {
             cache,
             tasks: TaskTracker::new(),
             stop,
+            report_every: REPORT_EVERY,
+        }
+    }
+
+    /// Write a running rebuild's progress to its row every `every` (2 s unless
+    /// `REBUILD_PROGRESS_MS` says otherwise).
+    pub fn reporting_every(self, every: Duration) -> Rebuilds {
+        Rebuilds {
+            report_every: every,
+            ..self
         }
     }
 
@@ -335,10 +347,18 @@ impl Rebuilds {
         let Some(name) = projections::find(name).map(|p| p.name) else {
             return Err(StartError::Unknown(name.to_owned()));
         };
-        if rebuild::is_running(&self.db, name).await? {
-            return Err(StartError::Running(name.to_owned()));
-        }
-        // A row still 'running' with nobody holding the lock was left by a crash.
+        // The lock first, then the row and the 202: of concurrent starts (here
+        // or on another replica, or a `replay` beside) exactly one gets it; the
+        // others are refused before they write anything.
+        let locked = match rebuild::lock(&self.db, &[name]).await {
+            Ok(locked) => locked,
+            Err(RebuildError::AlreadyRunning(_)) => {
+                return Err(StartError::Running(name.to_owned()));
+            }
+            Err(RebuildError::Database(e)) => return Err(e.into()),
+            Err(e) => return Err(sqlx::Error::Protocol(e.to_string()).into()),
+        };
+        // The lock is ours, so a row still 'running' was left by a crash.
         const STALE: &str = "UPDATE rebuilds SET state = 'failed', finished_at = $2, error = $3
              WHERE projection = $1 AND state = 'running'";
         // At most one running row per projection (a partial unique index):
@@ -383,35 +403,56 @@ impl Rebuilds {
             return Err(StartError::Running(name.to_owned()));
         }
         let this = self.clone();
-        self.tasks.spawn(async move { this.run(id, name).await });
+        self.tasks
+            .spawn(async move { this.run(id, name, locked).await });
         Ok(id)
     }
 
-    async fn run(&self, id: Uuid, name: &'static str) {
+    async fn run(&self, id: Uuid, name: &'static str, locked: rebuild::Locked) {
         let counter = Arc::new(Counter::default());
         let on_step = {
             let counter = counter.clone();
             move |step: Step| counter.observe(&step)
         };
-        let names = [name];
-        let rebuilt = rebuild::rebuild(
-            &self.db,
-            self.opener.clone(),
-            &names,
-            Some(&self.cache),
-            &on_step,
-        );
-        tokio::pin!(rebuilt);
-        let mut tick = tokio::time::interval(REPORT_EVERY);
-        let outcome: Result<(), String> = loop {
+        // Progress is written by a task of its own, never between the
+        // rebuild's steps in this one: on SQLite the rebuild holds the write
+        // lock in its slices and its swap, and a progress write waiting for it
+        // here would keep the rebuild from being polled to its commit: both
+        // (and the service's appends) would wait out the busy timeout.
+        let reporting = CancellationToken::new();
+        let reporter = {
+            let (this, counter, reporting) = (self.clone(), counter.clone(), reporting.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(this.report_every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => this.record_progress(id, &counter).await,
+                        () = reporting.cancelled() => break,
+                    }
+                }
+            })
+        };
+        let outcome: Result<(), String> = {
+            let rebuilt = rebuild::rebuild_locked(
+                &self.db,
+                locked,
+                self.opener.clone(),
+                Some(&self.cache),
+                &on_step,
+            );
             tokio::select! {
-                done = &mut rebuilt => break done.map(|_| ()).map_err(|e: RebuildError| e.to_string()),
-                _ = tick.tick() => self.record_progress(id, &counter).await,
+                done = rebuilt => done.map(|_| ()).map_err(|e: RebuildError| e.to_string()),
                 // Dropping the rebuild rolls back its open transaction and lets
                 // its lock go; its `__next` tables are dropped by the next run.
-                () = self.stop.cancelled() => break Err("interrupted by shutdown".into()),
+                () = self.stop.cancelled() => Err("interrupted by shutdown".into()),
             }
         };
+        // The rebuild is dropped by now (its connections, its transaction and
+        // its locks with it), so the writes below never wait for it; and the
+        // reporter has stopped, so none of its writes lands after them.
+        reporting.cancel();
+        let _ = reporter.await;
         self.record_progress(id, &counter).await;
         match &outcome {
             Ok(()) => tracing::info!(projection = name, %id, "rebuild finished"),

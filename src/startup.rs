@@ -325,7 +325,8 @@ impl Application {
                 Arc::new(keyring.clone()),
                 cache.clone(),
                 stop.clone(),
-            );
+            )
+            .reporting_every(Duration::from_millis(config.rebuild_progress_ms.max(1)));
             tasks.push(AbortOnDropHandle::new(follower));
             let read = ReadSide {
                 db: db.clone(),

@@ -13,13 +13,16 @@
 //!    checkpoint to `H` only if it was behind. The JetStream sequence in the
 //!    checkpoint is kept, so the worker resumes where it was and skips, by
 //!    position, what the rebuild has already folded: no event is lost or
-//!    applied twice.
+//!    applied twice. For `cache`, whose worker's work for an event is also
+//!    invalidating cached values, the swap makes the invalidations of the
+//!    events it moves the checkpoint past before it commits.
 //!
 //! Nothing but `__next` tables is written before the swap; leftovers of an
 //! interrupted run are dropped when the next one starts. One rebuild per
 //! projection at a time, across processes: a session advisory lock on Postgres,
 //! an exclusive OS file lock beside the database file on SQLite; either is
-//! released if the process dies.
+//! released if the process dies. [`lock`] takes them apart from the work
+//! ([`rebuild_locked`]), so a caller can hold them before it announces a rebuild.
 //!
 //! The dialects part in the steps' details, each explained beside its SQL:
 //! Postgres writes `__next` with `COPY` on the rebuild's lock session, builds
@@ -45,7 +48,8 @@ use crate::{
     db::{Conn, Db, SqliteDb},
     log::{self, envelope_of, plan_range_with_its_bounds, range},
     opener::Opener,
-    projections::{self, Fold, Table},
+    projection::{Decoded, Projection, ProjectionError},
+    projections::{self, Fold, Table, cache::CacheInvalidation},
     tables,
 };
 
@@ -121,8 +125,73 @@ pub async fn is_running(db: &Db, name: &str) -> Result<bool, sqlx::Error> {
     Ok(!free)
 }
 
-/// Rebuild the named projections (blue-green, see the module header). With a
-/// `cache`, its keys are dropped after the swaps: queries fill them again.
+/// The rebuild locks of some projections, taken (see [`lock`]): while this
+/// lives, no other rebuild of them starts, in this process or another.
+pub struct Locked {
+    names: Vec<&'static str>,
+    held: Held,
+}
+
+enum Held {
+    /// One session per projection, holding its advisory lock; the rebuild
+    /// writes that projection's tables through it.
+    Postgres(Vec<PgConnection>),
+    /// One file lock per projection.
+    Sqlite(Vec<RebuildLock>),
+}
+
+impl Locked {
+    /// The projections locked, in the order they were named.
+    pub fn names(&self) -> &[&'static str] {
+        &self.names
+    }
+}
+
+/// Take the rebuild lock of each named projection, or none: a projection
+/// whose lock is taken (a rebuild of it runs somewhere) fails with
+/// [`RebuildError::AlreadyRunning`], at once (a second rebuild is refused,
+/// not queued). Taken before a rebuild is announced (the admin API answers
+/// 202 only once it holds them), so of concurrent starts exactly one wins.
+pub async fn lock(db: &Db, names: &[&str]) -> Result<Locked, RebuildError> {
+    let mut known = Vec::new();
+    for name in names {
+        let found =
+            projections::find(name).ok_or_else(|| RebuildError::Unknown((*name).to_owned()))?;
+        known.push(found.name);
+    }
+    let held = match db {
+        Db::Postgres(pool) => {
+            let mut leases = Vec::new();
+            for name in &known {
+                let mut lease = PgConnection::connect_with(&pool.connect_options()).await?;
+                let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+                    .bind(lock_key(name))
+                    .fetch_one(&mut lease)
+                    .await?;
+                if !locked {
+                    return Err(RebuildError::AlreadyRunning((*name).to_owned()));
+                }
+                leases.push(lease);
+            }
+            Held::Postgres(leases)
+        }
+        Db::Sqlite(lite) => {
+            let mut locks = Vec::new();
+            for name in &known {
+                match RebuildLock::try_take(lite, name)? {
+                    Some(lock) => locks.push(lock),
+                    None => return Err(RebuildError::AlreadyRunning((*name).to_owned())),
+                }
+            }
+            Held::Sqlite(locks)
+        }
+    };
+    Ok(Locked { names: known, held })
+}
+
+/// Rebuild the named projections (blue-green, see the module header): [`lock`]
+/// then [`rebuild_locked`]. With a `cache`, its keys are dropped after the
+/// swaps: queries fill them again.
 pub async fn rebuild(
     db: &Db,
     opener: Arc<dyn Opener>,
@@ -130,15 +199,37 @@ pub async fn rebuild(
     cache: Option<&Cache>,
     on_step: &(dyn Fn(Step) + Sync),
 ) -> Result<Rebuilt, RebuildError> {
+    let locked = lock(db, names).await?;
+    rebuild_locked(db, locked, opener, cache, on_step).await
+}
+
+/// Rebuild the projections `locked` holds the locks of (taken by [`lock`] on
+/// the same database); the locks go when it returns, or with it if dropped.
+pub async fn rebuild_locked(
+    db: &Db,
+    locked: Locked,
+    opener: Arc<dyn Opener>,
+    cache: Option<&Cache>,
+    on_step: &(dyn Fn(Step) + Sync),
+) -> Result<Rebuilt, RebuildError> {
     let started = Instant::now();
-    let mut folds = Vec::new();
-    for name in names {
-        let fold = Fold::new(name).ok_or_else(|| RebuildError::Unknown((*name).to_owned()))?;
-        folds.push(fold);
-    }
-    let (head, events, swapped) = match db {
-        Db::Postgres(pool) => rebuild_postgres(pool, opener, folds, on_step).await?,
-        Db::Sqlite(lite) => rebuild_sqlite(lite, opener, folds, on_step).await?,
+    let folds: Vec<Fold> = locked
+        .names
+        .iter()
+        .map(|name| Fold::new(name).expect("a locked projection is registered"))
+        .collect();
+    let (head, events, swapped) = match (db, locked.held) {
+        (Db::Postgres(pool), Held::Postgres(leases)) => {
+            rebuild_postgres(pool, leases, opener, folds, cache, on_step).await?
+        }
+        (Db::Sqlite(lite), Held::Sqlite(locks)) => {
+            rebuild_sqlite(lite, locks, opener, folds, cache, on_step).await?
+        }
+        _ => {
+            return Err(RebuildError::Database(sqlx::Error::Configuration(
+                "the rebuild locks were taken on the other database".into(),
+            )));
+        }
     };
     if let Some(cache) = cache {
         cache.forget_all().await?;
@@ -159,27 +250,18 @@ type Outcome = (Position, u64, Vec<(&'static str, Position, u64)>);
 /// that projection's fresh tables and swaps them in.
 async fn rebuild_postgres(
     pool: &PgPool,
+    mut leases: Vec<PgConnection>,
     opener: Arc<dyn Opener>,
     folds: Vec<Fold>,
+    cache: Option<&Cache>,
     on_step: &(dyn Fn(Step) + Sync),
 ) -> Result<Outcome, RebuildError> {
-    // Each projection's lock is held on a connection of its own for the whole run,
-    // and every write of that projection's rebuild (its fresh tables, its swap)
-    // goes through that same session: a rebuild whose lock connection died cannot
-    // write another row, so a second rebuild that took the lock over never shares
-    // its tables with a deposed one. Closing the connections releases the locks.
-    let mut leases = Vec::new();
-    for fold in &folds {
-        let mut lease = PgConnection::connect_with(&pool.connect_options()).await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
-            .bind(lock_key(fold.name()))
-            .fetch_one(&mut lease)
-            .await?;
-        if !locked {
-            return Err(RebuildError::AlreadyRunning(fold.name().to_owned()));
-        }
-        leases.push(lease);
-    }
+    // Each projection's lock is held on a connection of its own (`leases`, in
+    // the folds' order) for the whole run, and every write of that
+    // projection's rebuild (its fresh tables, its swap) goes through that same
+    // session: a rebuild whose lock connection died cannot write another row,
+    // so a second rebuild that took the lock over never shares its tables with
+    // a deposed one. Closing the connections releases the locks.
 
     let head = head(&mut *pool.acquire().await?).await?;
     // For the progress bar, the identity of the head estimates the events below
@@ -216,7 +298,8 @@ async fn rebuild_postgres(
         fold.track_changes();
     }
     for ((fold, _), lease) in limited.iter_mut().zip(&mut leases) {
-        let (position, tail) = swap(lease, opener.as_ref(), fold, head).await?;
+        let db = Db::Postgres(pool.clone());
+        let (position, tail) = swap(lease, &db, opener.as_ref(), cache, fold, head).await?;
         on_step(Step::Swapped {
             projection: fold.name(),
             position,
@@ -477,7 +560,9 @@ async fn copy_indexes(conn: &mut PgConnection, table: &Table) -> Result<(), sqlx
 /// checkpoint afterwards and how many tail events were folded under the lock.
 async fn swap(
     conn: &mut PgConnection,
+    db: &Db,
     opener: &dyn Opener,
+    cache: Option<&Cache>,
     fold: &mut Fold,
     head: Position,
 ) -> Result<(Position, u64), RebuildError> {
@@ -494,6 +579,18 @@ async fn swap(
         .await?;
     // The checkpoint row first (the worker's batch takes it first too: no deadlock).
     let live = checkpoint::postgres::lock(&mut tx, name).await?.position;
+    // Before the live tables are locked: the invalidations look their
+    // conversations' assistants up in them, on another connection.
+    invalidate_skipped(
+        db,
+        &mut Conn::Postgres(&mut tx),
+        opener,
+        cache,
+        name,
+        live,
+        head,
+    )
+    .await?;
     let names: Vec<&str> = tables.iter().map(|t| t.name).collect();
     sqlx::query(AssertSqlSafe(format!(
         "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
@@ -554,6 +651,72 @@ async fn swap(
     }
     tx.commit().await?;
     Ok((position, tail))
+}
+
+/// The `cache` projection's work for the events in `(live, head]`, which its
+/// worker has not done yet and, once the swap moves its checkpoint to `head`,
+/// never will: the invalidations (and forgets) those events call for, made
+/// here before the swap commits. Without them a value those events made stale
+/// would be served as current between the commit (from which the read side
+/// trusts the cache as of `head`) and the rebuild's `forget_all`. Stamped, so
+/// safe to repeat, like the worker's own `prepare`. Nothing to do for another
+/// projection, without a cache, or when the worker is at or past `head`.
+async fn invalidate_skipped(
+    db: &Db,
+    conn: &mut Conn<'_>,
+    opener: &dyn Opener,
+    cache: Option<&Cache>,
+    name: &str,
+    live: Position,
+    head: Position,
+) -> Result<(), RebuildError> {
+    let Some(cache) = cache else { return Ok(()) };
+    if name != projections::cache::PROJECTION.name || live >= head {
+        return Ok(());
+    }
+    // Read in pages but prepared as one batch: a conversation started early in
+    // the range is looked up from the batch, not from the live lookup table
+    // (which is only as far as the worker). A worker is normally a batch or
+    // two behind, so the range is short.
+    let mut events = Vec::new();
+    let mut at = live;
+    loop {
+        let page = match conn {
+            Conn::Postgres(conn) => {
+                plan_range_with_its_bounds(conn).await?;
+                log::read(conn, at, head, SQLITE_PAGE).await?
+            }
+            Conn::Sqlite(conn) => log::sqlite::read(conn, at, head, SQLITE_PAGE).await?,
+        };
+        let Some((last, _)) = page.last() else { break };
+        at = last.position();
+        let full = page.len() as i64 == SQLITE_PAGE;
+        for (envelope, data) in page {
+            let opened = opener
+                .open_text(envelope.event_id, &data)
+                .await
+                .map_err(RebuildError::Sealed)?;
+            let data = opened.as_deref().unwrap_or(&data);
+            // An undecodable event is skipped here as the worker parks it.
+            if let Ok(event) = contract::decode(&envelope.event_type, envelope.schema_version, data)
+            {
+                events.push(Decoded { envelope, event });
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    let batch: Vec<&Decoded> = events.iter().collect();
+    CacheInvalidation {
+        cache: cache.clone(),
+    }
+    .prepare(db, &batch)
+    .await
+    .map_err(|e| match e {
+        ProjectionError::Database(e) => RebuildError::Database(e),
+        ProjectionError::Cache(e) => RebuildError::Cache(e),
+    })
 }
 
 /// The rebuild lock of a projection on SQLite, which has no advisory locks: an
@@ -623,23 +786,19 @@ pub async fn head_sqlite(conn: &mut SqliteConnection) -> Result<Position, sqlx::
     )
 }
 
-/// The steps on SQLite (see the module header): the file locks first, then
+/// The steps on SQLite (see the module header), under the file locks ([`lock`]):
 /// the fold, the fresh tables written in slices, and one swap per projection.
 async fn rebuild_sqlite(
     db: &SqliteDb,
+    locks: Vec<RebuildLock>,
     opener: Arc<dyn Opener>,
     folds: Vec<Fold>,
+    cache: Option<&Cache>,
     on_step: &(dyn Fn(Step) + Sync),
 ) -> Result<Outcome, RebuildError> {
-    // Held to the end of the run (dropped on return, or with the future if the
-    // rebuild is cancelled), so no second rebuild writes the same `__next`.
-    let mut locks = Vec::new();
-    for fold in &folds {
-        match RebuildLock::try_take(db, fold.name())? {
-            Some(lock) => locks.push(lock),
-            None => return Err(RebuildError::AlreadyRunning(fold.name().to_owned())),
-        }
-    }
+    // `locks` are held to the end of the run (dropped on return, or with the
+    // future if the rebuild is cancelled), so no second rebuild writes the
+    // same `__next`.
     let mut conn = db.pool.acquire().await?;
     let head = head_sqlite(&mut conn).await?;
     // Positions are never reused, so the head's global position bounds the
@@ -670,7 +829,7 @@ async fn rebuild_sqlite(
     }
     let mut swapped = Vec::new();
     for (fold, _) in &mut limited {
-        let (position, tail) = swap_sqlite(db, opener.as_ref(), fold, head).await?;
+        let (position, tail) = swap_sqlite(db, opener.as_ref(), cache, fold, head).await?;
         on_step(Step::Swapped {
             projection: fold.name(),
             position,
@@ -748,6 +907,7 @@ fn renamed_table(create: &str, next: &str) -> Result<String, sqlx::Error> {
 async fn swap_sqlite(
     db: &SqliteDb,
     opener: &dyn Opener,
+    cache: Option<&Cache>,
     fold: &mut Fold,
     head: Position,
 ) -> Result<(Position, u64), RebuildError> {
@@ -756,6 +916,18 @@ async fn swap_sqlite(
     let mut tx = db.begin_write().await?;
     checkpoint::sqlite::ensure(&mut *tx, name).await?;
     let live = checkpoint::sqlite::lock(&mut tx, name).await?.position;
+    // Its lookups read the live tables on another connection (WAL: they
+    // never wait for this transaction).
+    invalidate_skipped(
+        &Db::Sqlite(db.clone()),
+        &mut Conn::Sqlite(&mut tx),
+        opener,
+        cache,
+        name,
+        live,
+        head,
+    )
+    .await?;
     let mut tail = 0;
     if live > head {
         // The worker applied events past the rebuild's head: fold them in too,

@@ -12,7 +12,7 @@
 //! - `kill -9` under load: every 2xx survives, nothing is doubled, `verify` clean.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::Duration,
 };
 
@@ -20,8 +20,10 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::{
-    helpers::{Embedded, TestApp, consistency, eventually, spawn_embedded, spawn_embedded_on},
-    process::binary,
+    helpers::{
+        Embedded, TestApp, consistency, embedded_binary, eventually, spawn_embedded,
+        spawn_embedded_on,
+    },
     servers::free_port,
     stream::{next, subscribe, until_completed},
 };
@@ -269,20 +271,6 @@ async fn a_restart_on_the_same_data_dir_keeps_everything_even_after_a_key_rotati
     // The email, sealed under a data key now wrapped by the new key, opens.
     let me = app.get_ok("/users/me", &token, None).await;
     assert_eq!(me["email"], "keep@example.com", "{me}");
-}
-
-/// The binary on the embedded directory `dir`, with `env` added.
-fn embedded_binary(dir: &std::path::Path, env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(binary());
-    command
-        .current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("DATA_DIR", dir)
-        .env("RUST_LOG", "warn")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null());
-    command
 }
 
 #[tokio::test]

@@ -226,6 +226,208 @@ impl Embedded {
     }
 }
 
+impl Embedded {
+    /// Wait until every projection's checkpoint is at the last event of the
+    /// store (read beside the service, on a pool of the test's own).
+    pub async fn caught_up(&self) {
+        self.caught_up_with(&ai_secretary_projections::NAMES).await;
+    }
+
+    /// [`caught_up`](Embedded::caught_up) for the projections `names` only.
+    pub async fn caught_up_with(&self, names: &[&str]) {
+        let pool = self.pool().await;
+        eventually("every projection reaches the head", async || {
+            let head: Option<(i64, i64)> = sqlx::query_as(
+                "SELECT transaction_id, global_position FROM events
+                 ORDER BY global_position DESC LIMIT 1",
+            )
+            .fetch_optional(&pool)
+            .await
+            .map_err(|e| e.to_string())?;
+            let head = head.unwrap_or((0, 0));
+            let at: Vec<(String, i64, i64)> =
+                sqlx::query_as("SELECT name, transaction_id, global_position FROM checkpoints")
+                    .fetch_all(&pool)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            let behind: Vec<_> = names
+                .iter()
+                .filter(|n| {
+                    !at.iter()
+                        .any(|(name, tx, gp)| name == **n && (*tx, *gp) == head)
+                })
+                .collect();
+            if behind.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "head {head:?}, behind: {behind:?}, checkpoints {at:?}"
+                ))
+            }
+        })
+        .await;
+        pool.close().await;
+    }
+
+    /// `verify` of every projection, from this process on a pool of its own:
+    /// the report, and whether the read models equal the fold of the store.
+    pub async fn verify(&self) -> (String, bool) {
+        // Verify holds a connection while the keyring reads users' keys on another.
+        let pool = ai_secretary::store::sqlite::connect(&self.file().to_string_lossy(), 4)
+            .await
+            .expect("the embedded database opens");
+        let db = ai_secretary_projections::Db::Sqlite(ai_secretary_projections::SqliteDb::new(
+            pool.clone(),
+        ));
+        let verified = ai_secretary::recovery::verify_report(&db, &master_key(), &[])
+            .await
+            .expect("verify runs");
+        pool.close().await;
+        verified
+    }
+}
+
+/// The binary (`ai-secretary`) on the embedded directory `dir`, as an operator
+/// runs it beside the service: nothing of the test's environment but `PATH`,
+/// with `DATA_DIR`, `RUST_LOG=warn` and `env` added.
+pub fn embedded_binary(dir: &std::path::Path, env: &[(&str, &str)]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ai-secretary"));
+    command
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("DATA_DIR", dir)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null());
+    command
+}
+
+/// A child process whose output is collected as it comes (by a thread per
+/// pipe, so neither fills), waited for without blocking the test's runtime,
+/// and killed if it outlives its limit or the test.
+pub struct Running {
+    child: std::process::Child,
+    output: std::sync::Arc<std::sync::Mutex<(String, String)>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// How a [`Running`] process ended: its exit code (None if killed by a
+/// signal), and what it wrote.
+#[derive(Debug)]
+pub struct Finished {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    /// Both streams, for assertions and failure messages.
+    pub fn printed(&self) -> String {
+        format!(
+            "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Running {
+    pub fn start(command: &mut std::process::Command) -> Running {
+        use std::io::Read;
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let output = std::sync::Arc::new(std::sync::Mutex::new((String::new(), String::new())));
+        let mut readers = vec![];
+        let pipes: [(Box<dyn Read + Send>, bool); 2] = [
+            (Box::new(child.stdout.take().unwrap()), true),
+            (Box::new(child.stderr.take().unwrap()), false),
+        ];
+        for (mut pipe, is_stdout) in pipes {
+            let output = output.clone();
+            readers.push(std::thread::spawn(move || {
+                let mut buffer = [0u8; 4096];
+                while let Ok(n) = pipe.read(&mut buffer) {
+                    if n == 0 {
+                        break;
+                    }
+                    let text = String::from_utf8_lossy(&buffer[..n]);
+                    let mut output = output.lock().unwrap();
+                    if is_stdout {
+                        output.0.push_str(&text);
+                    } else {
+                        output.1.push_str(&text);
+                    }
+                }
+            }));
+        }
+        Running {
+            child,
+            output,
+            readers,
+        }
+    }
+
+    /// Whether it has not exited yet.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .try_wait()
+            .expect("the child can be waited for")
+            .is_none()
+    }
+
+    /// Everything it wrote so far, both streams.
+    pub fn printed_so_far(&self) -> String {
+        let output = self.output.lock().unwrap();
+        format!("{}{}", output.0, output.1)
+    }
+
+    /// Wait (polling, so the runtime keeps running) for it to exit; killed
+    /// and the test failed if it takes longer than `limit`.
+    pub async fn finish(mut self, limit: Duration) -> Finished {
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("the child can be waited for") {
+                break status;
+            }
+            if started.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!(
+                    "the child ran longer than {limit:?}; it printed: {}",
+                    self.printed_so_far()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        for reader in std::mem::take(&mut self.readers) {
+            let _ = reader.join();
+        }
+        let (stdout, stderr) = std::mem::take(&mut *self.output.lock().unwrap());
+        Finished {
+            code: status.code(),
+            stdout,
+            stderr,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Run `command` to its end (see [`Running`]), at most `limit`.
+pub async fn run(command: &mut std::process::Command, limit: Duration) -> Finished {
+    Running::start(command).finish(limit).await
+}
+
 /// Build the service from `args` on a runtime and thread of its own, and wait
 /// until it listens.
 async fn launch<D>(args: Vec<String>, db: D, names: BusNames, roles: Roles) -> TestApp<D> {
@@ -382,6 +584,51 @@ impl<D> TestApp<D> {
         assert_eq!(response.status(), StatusCode::CREATED);
         response.json().await.unwrap()
     }
+}
+
+/// A user with two assistants ("Mika", "Ren"), three conversations (two
+/// with Mika) and three messages in each, the third conversation renamed: the
+/// user's token, the assistants' ids and the conversations' ids.
+pub async fn some_history<D>(app: &TestApp<D>, email: &str) -> (String, Vec<String>, Vec<String>) {
+    let token = app.signed_up(email).await;
+    let mut assistants = vec![];
+    let mut conversations = vec![];
+    for name in ["Mika", "Ren"] {
+        assistants.push(
+            app.assistant(&token, name).await["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    for (i, assistant) in [&assistants[0], &assistants[0], &assistants[1]]
+        .into_iter()
+        .enumerate()
+    {
+        let conversation = app.conversation(&token, &json!(assistant)).await;
+        let id = conversation["id"].as_str().unwrap().to_owned();
+        for n in 0..3 {
+            let posted = app
+                .post(
+                    &format!("/conversations/{id}/messages"),
+                    &token,
+                    json!({ "content": format!("message {n} in {i}") }),
+                )
+                .await;
+            assert_eq!(posted.status(), StatusCode::ACCEPTED);
+        }
+        conversations.push(id);
+    }
+    let renamed = app
+        .send(
+            Method::PATCH,
+            &format!("/api/v1/conversations/{}", conversations[2]),
+            Some(&token),
+            Some(json!({ "title": "renamed" })),
+        )
+        .await;
+    assert_eq!(renamed.status(), StatusCode::OK);
+    (token, assistants, conversations)
 }
 
 /// What a test reads of the event log beside the service, whichever database it is.

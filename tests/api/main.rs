@@ -28,6 +28,7 @@ mod queries;
 mod read_models;
 mod read_sqlite;
 mod recovery;
+mod recovery_sqlite;
 mod replies;
 mod resilience;
 mod servers;

@@ -8,15 +8,21 @@ use ai_secretary::{
     recovery::verify_report,
     startup::{Roles, projection_names},
 };
-use ai_secretary_projections::{ALL, rebuild};
+use ai_secretary_projections::{
+    ALL, NAMES, Position,
+    cache::{Cache, Kind},
+    rebuild::{self, Step},
+};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgPool};
 
 use crate::{
-    helpers::{TestApp, consistency, eventually, problem, spawn_app_on, spawn_app_with},
+    helpers::{
+        TestApp, consistency, eventually, problem, some_history, spawn_app_on, spawn_app_with,
+    },
     progress,
-    support::TestDb,
+    support::{BusNames, TestDb},
 };
 
 const ADMIN: &str = "admin@example.com";
@@ -39,49 +45,6 @@ async fn spawn_with_admin() -> TestApp {
 /// Wait until every projection's checkpoint has reached the head of the store.
 async fn caught_up(pool: &PgPool) {
     progress::caught_up(pool, &projection_names()).await;
-}
-
-/// A user with two assistants, three conversations and a few messages each.
-async fn some_history(app: &TestApp, email: &str) -> (String, Vec<String>, Vec<String>) {
-    let token = app.signed_up(email).await;
-    let mut assistants = vec![];
-    let mut conversations = vec![];
-    for name in ["Mika", "Ren"] {
-        assistants.push(
-            app.assistant(&token, name).await["id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
-    }
-    for (i, assistant) in [&assistants[0], &assistants[0], &assistants[1]]
-        .into_iter()
-        .enumerate()
-    {
-        let conversation = app.conversation(&token, &json!(assistant)).await;
-        let id = conversation["id"].as_str().unwrap().to_owned();
-        for n in 0..3 {
-            let posted = app
-                .post(
-                    &format!("/conversations/{id}/messages"),
-                    &token,
-                    json!({ "content": format!("message {n} in {i}") }),
-                )
-                .await;
-            assert_eq!(posted.status(), StatusCode::ACCEPTED);
-        }
-        conversations.push(id);
-    }
-    let renamed = app
-        .send(
-            Method::PATCH,
-            &format!("/api/v1/conversations/{}", conversations[2]),
-            Some(&token),
-            Some(json!({ "title": "renamed" })),
-        )
-        .await;
-    assert_eq!(renamed.status(), StatusCode::OK);
-    (token, assistants, conversations)
 }
 
 /// A checksum of every read-model table, rows in key order.
@@ -882,4 +845,80 @@ fn tempdir(kind: &str) -> PathBuf {
     ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// `recovery_sqlite`'s test of the same name, on Postgres with Redis.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_of_cache_makes_the_invalidations_its_worker_skips_before_it_swaps() {
+    // Without the `cache` worker: nothing invalidates the cache meanwhile.
+    let roles = Roles {
+        projections: NAMES
+            .iter()
+            .filter(|n| **n != "cache")
+            .map(|n| n.to_string())
+            .collect(),
+        ..Roles::all()
+    };
+    let app = spawn_app_on(TestDb::new().await, BusNames::new(), &[], roles).await;
+    let (_, assistants, _) = some_history(&app, "stale@example.com").await;
+    progress::caught_up(&app.db.pool, &["assistants".to_owned()]).await;
+    let assistant = uuid::Uuid::parse_str(&assistants[0]).unwrap();
+    let owner: uuid::Uuid = sqlx::query_scalar("SELECT owner_id FROM assistants WHERE id = $1")
+        .bind(assistant)
+        .fetch_one(&app.db.pool)
+        .await
+        .unwrap();
+    // The test's keys, under its own prefix (deleted with its names).
+    let cache = Cache::new(
+        "redis://127.0.0.1:6379",
+        &app.names.redis_prefix,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    );
+    cache
+        .fill(
+            Kind::Assistant,
+            assistant,
+            owner,
+            Position::default(),
+            &json!({ "message_count": 0 }),
+        )
+        .await;
+    assert!(cache.get(Kind::Assistant, assistant, owner).await.is_some());
+
+    // On a worker thread of its own, so the sync step callback can look the
+    // key up in Redis (`block_in_place`) at the swap, before `forget_all`.
+    let (db, opener) = (
+        crate::helpers::pg(&app.db.pool),
+        crate::helpers::keyring(&app.db.pool),
+    );
+    let rebuilt = tokio::spawn(async move {
+        let at_swap = std::sync::Mutex::new(None);
+        let rebuilt = rebuild::rebuild(&db, opener, &["cache"], Some(&cache), &|step| {
+            if let Step::Swapped { position, .. } = step {
+                let copy = tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(cache.get(
+                        Kind::Assistant,
+                        assistant,
+                        owner,
+                    ))
+                });
+                *at_swap.lock().unwrap() = Some((position, copy));
+            }
+        })
+        .await
+        .unwrap();
+        (rebuilt, at_swap.into_inner().unwrap())
+    });
+    let (rebuilt, at_swap) = rebuilt.await.unwrap();
+    let (position, copy) = at_swap.expect("the swap was reported");
+    assert_eq!(position, rebuilt.head, "the checkpoint moved to the head");
+    assert_eq!(
+        copy, None,
+        "a stale copy was still cached when the checkpoint moved past its invalidation"
+    );
 }
