@@ -11,6 +11,7 @@ const GOOD_JWT: &str = "a-production-jwt-secret-of-40-characters";
 /// What is wrong, the secrets set, and the message that must name it.
 type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
 
+// Server-only: the binary's start-up checks with a Postgres URL (the servers' configuration).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"

@@ -58,6 +58,7 @@ async fn applied(app: &TestApp) -> Vec<(String, i64)> {
         .unwrap()
 }
 
+// Server-only: the servers' `--event-feed store` (the embedded service always tails: its tests are embedded.rs and sqlite_workers.rs).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -109,6 +110,7 @@ async fn workers_tailing_the_store_serve_read_your_writes_without_the_bus() {
     );
 }
 
+// Server-only: Postgres' commit order below the read horizon (an open transaction; SQLite has one writer).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -166,6 +168,7 @@ async fn an_event_committed_late_is_applied_late_never_skipped() {
     assert_eq!(assistant["name"], "Committed first");
 }
 
+// Server-only: the servers' `--event-feed store` replier across a crash of a Postgres-backed instance.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"

@@ -4,10 +4,11 @@ use serde_json::{Value, json};
 use ai_secretary::startup::Roles;
 
 use crate::{
-    helpers::{consistency, eventually, spawn_app, spawn_app_on},
+    helpers::{TestApp, consistency, eventually, spawn_app, spawn_app_on},
     support::{BusNames, TestDb, cluster::PrivatePostgres, promql},
 };
 
+// Server-only: readiness of Postgres, Redis and NATS.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -36,16 +37,11 @@ async fn health_and_ready_answer() {
     }
 }
 
+crate::on_both!(metrics_are_exposed_in_prometheus_format);
 /// `/metrics` answers in the Prometheus text format, and what a request just
 /// did is in it: its route's counter, and the event its command appended.
 /// (`observability.rs` runs `promtool check metrics` on a full scrape.)
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn metrics_are_exposed_in_prometheus_format() {
-    let app = spawn_app().await;
+async fn metrics_are_exposed_in_prometheus_format<D>(app: TestApp<D>) {
     let token = app.signed_up("metrics@example.com").await;
     let created = app
         .post("/assistants", &token, json!({ "name": "Counted" }))
@@ -100,6 +96,7 @@ async fn metrics_are_exposed_in_prometheus_format() {
 /// `/ready` answers 503 while Postgres (the source of truth) is down, and 200
 /// again once it is back; `/health` (the process answers) stays 200. Postgres
 /// is a cluster of the test's own: the shared server is never stopped.
+// Server-only: stops a Postgres cluster of its own.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"

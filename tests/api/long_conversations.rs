@@ -46,6 +46,7 @@ async fn reply_counts(app: &TestApp) -> (i64, i64, i64) {
     .unwrap()
 }
 
+// Server-only: Postgres concurrency under two writers at once (SQLite serializes writers).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -157,6 +158,7 @@ fn legacy_completion(reply_id: Uuid, content: &str) -> ConversationEvent {
     }
 }
 
+// Server-only: appends legacy events through the Postgres store.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -331,6 +333,7 @@ async fn reply_events_stored_in_the_conversation_are_still_read() {
 
 /// Two processes on one store, each with its own state cache: each sees the
 /// other's writes, on its next load or as a conflict whose retry reads the tail.
+// Server-only: two processes' state caches on one Postgres store.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -423,6 +426,7 @@ async fn state_caches_in_two_processes_stay_right() {
 /// The prompt's history is read backwards from the request and stops once the
 /// budget is spent; an answer sits where it was requested, and one recorded
 /// after the request is not part of it.
+// Server-only: drives the Postgres event store directly.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"

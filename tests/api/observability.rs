@@ -98,6 +98,7 @@ async fn drive_a_flow(app: &TestApp) -> String {
     }
 }
 
+// Server-only: needs promtool, installed with the servers by .ci/run.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -163,6 +164,7 @@ async fn metrics_pass_promtool_and_are_labelled_by_route() {
 
 /// Every metric a dashboard panel or an alert queries is one the service
 /// exports (exporters' `pg_*`/`redis_*`, `up` and recording rules aside).
+// Server-only: dashboards and alerts over the servers' exporters.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -197,6 +199,7 @@ async fn dashboards_and_alerts_query_only_exported_metrics() {
 
 /// A worker process (no API) still answers /health and /metrics on its BIND,
 /// for Docker's health check and Prometheus; the API is not there.
+// Server-only: a relay-only process (the relay exists only with NATS).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -242,6 +245,7 @@ async fn a_worker_serves_health_and_metrics_but_not_the_api() {
 /// The real binary with JSON logs to stdout and to a daily file in LOG_DIR:
 /// every line is JSON, the request's lines carry the correlation id and the
 /// user id, and no secret, password, token, email or message content appears.
+// Server-only: the binary on Postgres, NATS and Redis (relay observability).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -421,6 +425,7 @@ async fn logs_are_json_with_correlation_and_user_and_no_secrets() {
 /// With NATS unreachable the relay cannot publish: its lag, measured against
 /// the store, counts every event and keeps ageing (what RelayLagging needs),
 /// and so do the projections' behind it.
+// Server-only: relay observability.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -467,6 +472,7 @@ async fn lag_is_measured_against_the_store_so_a_stuck_relay_shows_it() {
 /// an assistant read through the cache counts one miss (the read that fills
 /// it) and then a hit per read; a reply whose model is unreachable counts each
 /// failed attempt and one failed reply.
+// Server-only: the binary's Redis cache counters.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -568,6 +574,7 @@ async fn cache_and_llm_counters_move_with_the_traffic() {
 /// older days' files. At start the oldest are removed to make room for today's,
 /// at midnight one more for tomorrow's, and every file left is one of the 30
 /// newest days.
+// Server-only: the binary on the servers under libfaketime (installed with them).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"

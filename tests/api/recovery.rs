@@ -241,6 +241,7 @@ async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it() {
     assert_eq!(assistant["message_count"], 12, "{assistant}");
 }
 
+// Server-only: Postgres' `CREATE TABLE … (LIKE …)` leftovers of an interrupted rebuild.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -555,6 +556,7 @@ async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
     );
 }
 
+// Server-only: the pg_dump-based backup scripts.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -655,6 +657,7 @@ async fn backup_then_drop_then_restore_serves_the_same_data_and_verifies_clean()
 /// (stop the service, `restore.sh`, purge the stream, start the service,
 /// `replay --all`), nothing of them is served, the service goes on from the
 /// restored point, and `verify` finds no drift.
+// Server-only: a restore behind what NATS has seen.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -781,6 +784,7 @@ async fn a_restore_older_than_what_nats_has_seen_follows_the_procedure_to_a_clea
     std::fs::remove_dir_all(&backups).unwrap();
 }
 
+// Server-only: the operations scripts that watch Postgres, NATS and Redis.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
