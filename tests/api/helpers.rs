@@ -573,6 +573,9 @@ impl EventLog for Embedded {
 /// The service of one topology, started, stopped and started again on the
 /// same data.
 pub trait Topology: EventLog + Sized {
+    /// A fresh database of this topology, with no service on it.
+    fn fresh() -> impl std::future::Future<Output = Self>;
+
     /// A fresh service of this topology with `extra` options and `roles`.
     fn spawn(extra: &[&str], roles: Roles) -> impl std::future::Future<Output = TestApp<Self>>;
 
@@ -586,9 +589,17 @@ pub trait Topology: EventLog + Sized {
         extra: &[&str],
         roles: Roles,
     ) -> impl std::future::Future<Output = TestApp<Self>>;
+
+    /// The options that point a second process (`ai-secretary verify`,
+    /// `replay`) at `app`'s data: its database, and on the servers its cache.
+    fn cli_args(app: &TestApp<Self>) -> Vec<String>;
 }
 
 impl Topology for TestDb {
+    async fn fresh() -> TestDb {
+        TestDb::new().await
+    }
+
     async fn spawn(extra: &[&str], roles: Roles) -> TestApp<TestDb> {
         spawn_app_on(TestDb::new().await, BusNames::new(), extra, roles).await
     }
@@ -600,9 +611,26 @@ impl Topology for TestDb {
     async fn start(self, names: BusNames, extra: &[&str], roles: Roles) -> TestApp<TestDb> {
         spawn_app_on(self, names, extra, roles).await
     }
+
+    fn cli_args(app: &TestApp<TestDb>) -> Vec<String> {
+        [
+            "--database-url",
+            &app.db.url,
+            "--redis-url",
+            &app.names.redis_url,
+            "--redis-key-prefix",
+            &app.names.redis_prefix,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
 }
 
 impl Topology for Embedded {
+    async fn fresh() -> Embedded {
+        Embedded::new()
+    }
+
     async fn spawn(extra: &[&str], roles: Roles) -> TestApp<Embedded> {
         spawn_embedded_on(Embedded::new(), extra, roles).await
     }
@@ -613,6 +641,13 @@ impl Topology for Embedded {
 
     async fn start(self, _: BusNames, extra: &[&str], roles: Roles) -> TestApp<Embedded> {
         spawn_embedded_on(self, extra, roles).await
+    }
+
+    fn cli_args(app: &TestApp<Embedded>) -> Vec<String> {
+        vec![
+            "--data-dir".to_owned(),
+            app.db.dir.path().to_string_lossy().into_owned(),
+        ]
     }
 }
 

@@ -14,7 +14,10 @@ use serde_json::{Value, json};
 use sqlx::{Connection, PgPool};
 
 use crate::{
-    helpers::{TestApp, consistency, eventually, problem, spawn_app_on, spawn_app_with},
+    helpers::{
+        AsDb, EventLog, TestApp, Topology, consistency, eventually, problem, spawn_app_on,
+        spawn_app_with,
+    },
     progress,
     support::TestDb,
 };
@@ -37,12 +40,12 @@ async fn spawn_with_admin() -> TestApp {
 }
 
 /// Wait until every projection's checkpoint has reached the head of the store.
-async fn caught_up(pool: &PgPool) {
+async fn caught_up(pool: &impl AsDb) {
     progress::caught_up(pool, &projection_names()).await;
 }
 
 /// A user with two assistants, three conversations and a few messages each.
-async fn some_history(app: &TestApp, email: &str) -> (String, Vec<String>, Vec<String>) {
+async fn some_history<D>(app: &TestApp<D>, email: &str) -> (String, Vec<String>, Vec<String>) {
     let token = app.signed_up(email).await;
     let mut assistants = vec![];
     let mut conversations = vec![];
@@ -116,8 +119,45 @@ async fn rebuild_all(pool: &PgPool) -> rebuild::Rebuilt {
     .expect("the rebuild succeeds")
 }
 
+/// Hold the lock a rebuild of projection `name` takes, as a running rebuild
+/// would: Postgres' advisory lock, or on SQLite the `flock` on
+/// `<database file>.rebuild-<name>`. Released when the holder drops.
+async fn hold_the_rebuild_lock(
+    db: &ai_secretary_projections::Db,
+    name: &str,
+) -> Box<dyn std::any::Any> {
+    match db {
+        ai_secretary_projections::Db::Postgres(pool) => {
+            let mut holder = pool.acquire().await.unwrap().detach();
+            sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
+                .bind(format!("ai_secretary.rebuild.{name}"))
+                .execute(&mut holder)
+                .await
+                .unwrap();
+            Box::new(holder)
+        }
+        ai_secretary_projections::Db::Sqlite(lite) => {
+            let mut path = lite
+                .pool
+                .connect_options()
+                .get_filename()
+                .as_os_str()
+                .to_owned();
+            path.push(format!(".rebuild-{name}"));
+            let file = std::fs::File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path)
+                .unwrap();
+            file.try_lock().expect("no rebuild holds the lock yet");
+            Box::new(file)
+        }
+    }
+}
+
 /// `(status, JSON body)` of a GET; a body that is not JSON fails the test.
-async fn get_json(app: &TestApp, path: &str, token: &str) -> (StatusCode, Value) {
+async fn get_json<D>(app: &TestApp<D>, path: &str, token: &str) -> (StatusCode, Value) {
     let response = app
         .send(Method::GET, &format!("/api/v1{path}"), Some(token), None)
         .await;
@@ -129,7 +169,7 @@ async fn get_json(app: &TestApp, path: &str, token: &str) -> (StatusCode, Value)
 }
 
 /// Poll a rebuild's status URL until it is no longer running; its last status.
-async fn rebuild_finished(app: &TestApp, admin: &str, location: &str) -> Value {
+async fn rebuild_finished<D>(app: &TestApp<D>, admin: &str, location: &str) -> Value {
     eventually("the rebuild finishes", async || {
         let response = app.send(Method::GET, location, Some(admin), None).await;
         assert_eq!(response.status(), StatusCode::OK);
@@ -143,38 +183,37 @@ async fn rebuild_finished(app: &TestApp, admin: &str, location: &str) -> Value {
     .await
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it() {
-    let app = spawn_with_admin().await;
+crate::on_both!(verify_finds_a_corrupted_row_and_a_replay_repairs_it, with ["--admin-emails", super::ADMIN]);
+async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it<D: Topology>(app: TestApp<D>) {
     let (token, assistants, _) = some_history(&app, "drift@example.com").await;
-    caught_up(&app.db.pool).await;
-    let (report, clean) = verify_report(
-        &crate::helpers::pg(&app.db.pool),
-        &crate::helpers::master_key(),
-        &[],
-    )
-    .await
-    .unwrap();
+    let db = app.read_side().await;
+    caught_up(&db).await;
+    let (report, clean) = verify_report(&db, &crate::helpers::master_key(), &[])
+        .await
+        .unwrap();
     assert!(clean, "{report}");
 
     // Corrupt one column of one row, and lose one message.
-    sqlx::query("UPDATE assistants SET name = 'corrupted', message_count = 99 WHERE id = $1::uuid")
-        .bind(&assistants[0])
-        .execute(&app.db.pool)
+    let corrupted: uuid::Uuid = assistants[0].parse().unwrap();
+    crate::on_db!(db, |pool| {
+        sqlx::query("UPDATE assistants SET name = 'corrupted', message_count = 99 WHERE id = $1")
+            .bind(corrupted)
+            .execute(pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "DELETE FROM messages WHERE id = (SELECT id FROM messages ORDER BY id LIMIT 1)",
+        )
+        .execute(pool)
         .await
         .unwrap();
-    sqlx::query("DELETE FROM messages WHERE id = (SELECT id FROM messages ORDER BY id LIMIT 1)")
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
+    });
 
     // The binary, as cron or CI runs it: exit 1 and a readable diff.
+    let cli = D::cli_args(&app);
     let output = Command::new(binary())
-        .args(["--database-url", &app.db.url, "verify"])
+        .args(&cli)
+        .arg("verify")
         .output()
         .unwrap();
     let printed = String::from_utf8_lossy(&output.stdout);
@@ -195,44 +234,33 @@ async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it() {
     );
     // Only the named projection is checked when one is named.
     let output = Command::new(binary())
-        .args(["--database-url", &app.db.url, "verify", "conversations"])
+        .args(&cli)
+        .args(["verify", "conversations"])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(0));
 
     // A replay of the two projections repairs them; verify is clean again.
     let output = Command::new(binary())
-        .args([
-            "--database-url",
-            &app.db.url,
-            "--redis-url",
-            &app.names.redis_url,
-            "--redis-key-prefix",
-            &app.names.redis_prefix,
-            "replay",
-            "assistants",
-        ])
+        .args(&cli)
+        .args(["replay", "assistants"])
         .output()
         .unwrap();
     let printed = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{printed}");
     assert!(printed.contains("assistants: swapped in at"), "{printed}");
     rebuild::rebuild(
-        &crate::helpers::pg(&app.db.pool),
-        crate::helpers::keyring(&app.db.pool),
+        &db,
+        crate::helpers::keyring(&db),
         &["messages"],
         None,
         &|_| {},
     )
     .await
     .unwrap();
-    let (report, clean) = verify_report(
-        &crate::helpers::pg(&app.db.pool),
-        &crate::helpers::master_key(),
-        &[],
-    )
-    .await
-    .unwrap();
+    let (report, clean) = verify_report(&db, &crate::helpers::master_key(), &[])
+        .await
+        .unwrap();
     assert!(clean, "{report}");
     let (status, assistant) =
         get_json(&app, &format!("/assistants/{}", assistants[0]), &token).await;
@@ -289,16 +317,14 @@ async fn a_replay_is_deterministic_and_cleans_up_an_interrupted_one() {
     assert!(clean, "{report}");
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
-    let app = spawn_with_admin().await;
+crate::on_both!(a_rebuild_during_live_traffic_never_serves_a_half_built_model, with ["--admin-emails", super::ADMIN]);
+async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model<D: EventLog>(
+    app: TestApp<D>,
+) {
     let admin = app.signed_up(ADMIN).await;
     let (token, assistants, conversations) = some_history(&app, "live@example.com").await;
-    caught_up(&app.db.pool).await;
+    let db = app.read_side().await;
+    caught_up(&db).await;
 
     // Non-admins get 403 on the admin API; unknown projections 404.
     let other = app.signed_up("someone@example.com").await;
@@ -455,8 +481,8 @@ async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
     assert_eq!(entry["rebuild"]["id"], body["id"], "{listed}");
     // And every projection from the command line at the same time as the traffic.
     let cli = rebuild::rebuild(
-        &crate::helpers::pg(&app.db.pool),
-        crate::helpers::keyring(&app.db.pool),
+        &db,
+        crate::helpers::keyring(&db),
         &["conversations", "messages", "usage_daily", "cache"],
         None,
         &|_| {},
@@ -490,11 +516,7 @@ async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
     );
 
     // A rebuild of the same projection while one runs: 409.
-    let mut holder = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(hashtext('ai_secretary.rebuild.messages'))")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let holder = hold_the_rebuild_lock(&db, "messages").await;
     problem(
         app.send(
             Method::POST,
@@ -532,22 +554,20 @@ async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
         .json()
         .await
         .unwrap();
-    let messages: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM events WHERE stream_id = $1::uuid AND event_type IN ('MessagePosted', 'ReplyRequested')",
+    let stream: uuid::Uuid = conversations[0].parse().unwrap();
+    let messages: i64 = crate::on_db!(db, |pool| sqlx::query_scalar(
+        "SELECT count(*) FROM events
+         WHERE stream_id = $1 AND event_type IN ('MessagePosted', 'ReplyRequested')",
     )
-    .bind(&conversations[0])
-    .fetch_one(&app.db.pool)
+    .bind(stream)
+    .fetch_one(pool)
     .await
-    .unwrap();
+    .unwrap());
     assert_eq!(conversation["message_count"], messages);
-    caught_up(&app.db.pool).await;
-    let (report, clean) = verify_report(
-        &crate::helpers::pg(&app.db.pool),
-        &crate::helpers::master_key(),
-        &[],
-    )
-    .await
-    .unwrap();
+    caught_up(&db).await;
+    let (report, clean) = verify_report(&db, &crate::helpers::master_key(), &[])
+        .await
+        .unwrap();
     assert!(clean, "{report}");
     let (_, assistant) = get_json(&app, &format!("/assistants/{}", assistants[0]), &token).await;
     assert!(

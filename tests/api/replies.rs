@@ -607,9 +607,8 @@ async fn usage_by_model_once<D>(app: &TestApp<D>, token: &str, total_tokens: &Va
 
 /// The payload of each event of `event_type` for `reply`, from the store.
 async fn reply_events<D: EventLog>(app: &TestApp<D>, event_type: &str, reply: &str) -> Vec<Value> {
-    let data: Vec<String> =
-        crate::on_db!(app.read_side().await, |pool| {
-            sqlx::query_scalar(
+    let data: Vec<String> = crate::on_db!(app.read_side().await, |pool| {
+        sqlx::query_scalar(
         "SELECT CAST(data AS TEXT) FROM events WHERE event_type = $1 AND data ->> 'reply_id' = $2
          ORDER BY global_position",
     )
@@ -618,7 +617,7 @@ async fn reply_events<D: EventLog>(app: &TestApp<D>, event_type: &str, reply: &s
     .fetch_all(pool)
     .await
     .unwrap()
-        });
+    });
     data.iter()
         .map(|d| serde_json::from_str(d).unwrap())
         .collect()
