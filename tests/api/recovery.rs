@@ -107,10 +107,10 @@ async fn checksum(pool: &PgPool) -> String {
     all
 }
 
-async fn rebuild_all(pool: &PgPool) -> rebuild::Rebuilt {
+async fn rebuild_all(db: &impl AsDb) -> rebuild::Rebuilt {
     rebuild::rebuild(
-        &crate::helpers::pg(pool),
-        crate::helpers::keyring(pool),
+        &db.db(),
+        crate::helpers::keyring(db),
         &ai_secretary_projections::NAMES,
         None,
         &|_| {},
@@ -269,52 +269,65 @@ async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it<D: Topology>(app: 
     assert_eq!(assistant["message_count"], 12, "{assistant}");
 }
 
-// Server-only: Postgres' `CREATE TABLE … (LIKE …)` leftovers of an interrupted rebuild.
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn a_replay_is_deterministic_and_cleans_up_an_interrupted_one() {
-    let app = spawn_with_admin().await;
+crate::on_both!(a_replay_is_deterministic_and_cleans_up_an_interrupted_one, with ["--admin-emails", super::ADMIN]);
+async fn a_replay_is_deterministic_and_cleans_up_an_interrupted_one<D: EventLog>(app: TestApp<D>) {
     some_history(&app, "twice@example.com").await;
-    caught_up(&app.db.pool).await;
-    let incremental = checksum(&app.db.pool).await;
+    let db = app.read_side().await;
+    caught_up(&db).await;
+    let incremental = every_row(&app).await;
 
     // What an interrupted run leaves behind: a half-filled fresh table.
-    sqlx::query("CREATE TABLE assistants__next (LIKE assistants)")
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO assistants__next SELECT * FROM assistants LIMIT 1")
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
+    crate::on_db!(db, |pool| {
+        sqlx::query("CREATE TABLE assistants__next AS SELECT * FROM assistants LIMIT 1")
+            .execute(pool)
+            .await
+            .unwrap();
+    });
 
-    let first = rebuild_all(&app.db.pool).await;
-    let once = checksum(&app.db.pool).await;
-    let second = rebuild_all(&app.db.pool).await;
-    let twice = checksum(&app.db.pool).await;
+    let first = rebuild_all(&db).await;
+    let once = every_row(&app).await;
+    let second = rebuild_all(&db).await;
+    let twice = every_row(&app).await;
     assert_eq!(first.head, second.head, "no traffic in between");
     assert_eq!(once, twice, "two replays differ");
     assert_eq!(
         once, incremental,
         "a replay differs from the incremental path"
     );
-    let leftovers: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pg_class WHERE relname LIKE '%\\_\\_next%'")
-            .fetch_one(&app.db.pool)
+    // In each database's catalog: tables, and on Postgres indexes too.
+    let leftovers: i64 = match &db {
+        ai_secretary_projections::Db::Postgres(pool) => {
+            sqlx::query_scalar("SELECT count(*) FROM pg_class WHERE relname LIKE '%\\_\\_next%'")
+                .fetch_one(pool)
+                .await
+        }
+        ai_secretary_projections::Db::Sqlite(lite) => {
+            sqlx::query_scalar(
+                "SELECT count(*) FROM sqlite_schema WHERE name LIKE '%\\_\\_next%' ESCAPE '\\'",
+            )
+            .fetch_one(&lite.pool)
             .await
-            .unwrap();
-    assert_eq!(leftovers, 0, "fresh tables or indexes left behind");
-    let (report, clean) = verify_report(
-        &crate::helpers::pg(&app.db.pool),
-        &crate::helpers::master_key(),
-        &[],
-    )
-    .await
+        }
+    }
     .unwrap();
+    assert_eq!(leftovers, 0, "fresh tables or indexes left behind");
+    let (report, clean) = verify_report(&db, &crate::helpers::master_key(), &[])
+        .await
+        .unwrap();
     assert!(clean, "{report}");
+}
+
+/// Every row of every read-model table, as text, on either database.
+async fn every_row<D: EventLog>(app: &TestApp<D>) -> Vec<String> {
+    let mut all = Vec::new();
+    for projection in ALL {
+        for table in projection.tables {
+            let rows = app.db.rows(table.name).await;
+            all.extend(rows.into_iter().map(|row| format!("{} {row}", table.name)));
+        }
+    }
+    assert!(!all.is_empty(), "no rows: the comparison proves nothing");
+    all
 }
 
 crate::on_both!(a_rebuild_during_live_traffic_never_serves_a_half_built_model, with ["--admin-emails", super::ADMIN]);
