@@ -582,6 +582,9 @@ pub trait Topology: EventLog + Sized {
     /// Stop `app` gracefully; its data (and bus names) for [`start`](Topology::start).
     fn stop(app: TestApp<Self>) -> (Self, BusNames);
 
+    /// Stop `app` abruptly, like a crash (nothing flushed, acked or closed).
+    fn crash(app: TestApp<Self>) -> (Self, BusNames);
+
     /// A service on the data `stop` handed back.
     fn start(
         self,
@@ -606,6 +609,10 @@ impl Topology for TestDb {
 
     fn stop(app: TestApp<TestDb>) -> (TestDb, BusNames) {
         app.stop()
+    }
+
+    fn crash(app: TestApp<TestDb>) -> (TestDb, BusNames) {
+        app.crash()
     }
 
     async fn start(self, names: BusNames, extra: &[&str], roles: Roles) -> TestApp<TestDb> {
@@ -637,6 +644,12 @@ impl Topology for Embedded {
 
     fn stop(app: TestApp<Embedded>) -> (Embedded, BusNames) {
         (app.stop_embedded(), BusNames::detached())
+    }
+
+    fn crash(mut app: TestApp<Embedded>) -> (Embedded, BusNames) {
+        app.crash_server();
+        let data = std::mem::replace(&mut app.db, Embedded::new());
+        (data, BusNames::detached())
     }
 
     async fn start(self, _: BusNames, extra: &[&str], roles: Roles) -> TestApp<Embedded> {
@@ -684,16 +697,23 @@ impl<D: EventLog> TestApp<D> {
     }
 }
 
-impl TestApp {
-    /// Stop this instance abruptly (like a crash: nothing is flushed or acked) and
-    /// hand back its database and bus names for the next instance.
-    pub fn crash(mut self) -> (TestDb, BusNames) {
+impl<D> TestApp<D> {
+    /// Stop this instance abruptly (like a crash: nothing is flushed or acked).
+    fn crash_server(&mut self) {
         if let Some(server) = self.server.take() {
             server.crash.cancel();
             if server.thread.join().is_err() {
                 panic!("the service's thread panicked");
             }
         }
+    }
+}
+
+impl TestApp {
+    /// Stop this instance abruptly (like a crash: nothing is flushed or acked) and
+    /// hand back its database and bus names for the next instance.
+    pub fn crash(mut self) -> (TestDb, BusNames) {
+        self.crash_server();
         let db = std::mem::replace(&mut self.db, TestDb::detached());
         let names = std::mem::replace(&mut self.names, BusNames::detached());
         (db, names)
