@@ -273,6 +273,21 @@ crate::on_both!(a_replay_is_deterministic_and_cleans_up_an_interrupted_one, with
 async fn a_replay_is_deterministic_and_cleans_up_an_interrupted_one<D: EventLog>(app: TestApp<D>) {
     some_history(&app, "twice@example.com").await;
     let db = app.read_side().await;
+    // No traffic between the replays: every reply has ended first.
+    eventually("every reply has ended", async || {
+        let (requested, ended): (i64, i64) = crate::on_db!(db, |pool| sqlx::query_as(
+            "SELECT (SELECT count(*) FROM events WHERE event_type = 'ReplyRequested'),
+                    (SELECT count(*) FROM events
+                     WHERE event_type IN ('ReplyCompleted', 'ReplyFailed'))",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap());
+        (requested == ended)
+            .then_some(())
+            .ok_or(format!("{ended} of {requested}"))
+    })
+    .await;
     caught_up(&db).await;
     let incremental = every_row(&app).await;
 
