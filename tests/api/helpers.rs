@@ -576,6 +576,14 @@ pub trait Topology: EventLog + Sized {
     /// A fresh database of this topology, with no service on it.
     fn fresh() -> impl std::future::Future<Output = Self>;
 
+    /// Fresh names on NATS and Redis for a service of this topology (none
+    /// for the embedded one).
+    fn bus_names() -> BusNames;
+
+    /// The environment that points the service's binary at this data (and
+    /// on the servers at `names`).
+    fn service_env(&self, names: &BusNames) -> Vec<(&'static str, String)>;
+
     /// A fresh service of this topology with `extra` options and `roles`.
     fn spawn(extra: &[&str], roles: Roles) -> impl std::future::Future<Output = TestApp<Self>>;
 
@@ -601,6 +609,21 @@ pub trait Topology: EventLog + Sized {
 impl Topology for TestDb {
     async fn fresh() -> TestDb {
         TestDb::new().await
+    }
+
+    fn bus_names() -> BusNames {
+        BusNames::new()
+    }
+
+    fn service_env(&self, names: &BusNames) -> Vec<(&'static str, String)> {
+        vec![
+            ("DATABASE_URL", self.url.clone()),
+            ("NATS_URL", names.nats_url.clone()),
+            ("REDIS_URL", names.redis_url.clone()),
+            ("NATS_STREAM", names.stream.clone()),
+            ("NATS_SUBJECT_PREFIX", names.subject_prefix.clone()),
+            ("REDIS_KEY_PREFIX", names.redis_prefix.clone()),
+        ]
     }
 
     async fn spawn(extra: &[&str], roles: Roles) -> TestApp<TestDb> {
@@ -636,6 +659,14 @@ impl Topology for TestDb {
 impl Topology for Embedded {
     async fn fresh() -> Embedded {
         Embedded::new()
+    }
+
+    fn bus_names() -> BusNames {
+        BusNames::detached()
+    }
+
+    fn service_env(&self, _: &BusNames) -> Vec<(&'static str, String)> {
+        vec![("DATA_DIR", self.dir.path().to_string_lossy().into_owned())]
     }
 
     async fn spawn(extra: &[&str], roles: Roles) -> TestApp<Embedded> {
