@@ -199,12 +199,15 @@ pub async fn spawn_embedded_on(db: Embedded, extra: &[&str], roles: Roles) -> Te
 /// An embedded service's data directory, removed when the test ends.
 pub struct Embedded {
     pub dir: tempfile::TempDir,
+    /// The test's own handle on the file, opened on first use.
+    read_side: tokio::sync::OnceCell<ai_secretary_projections::Db>,
 }
 
 impl Embedded {
     pub fn new() -> Embedded {
         Embedded {
             dir: tempfile::tempdir().expect("a temporary directory"),
+            read_side: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -494,12 +497,19 @@ impl EventLog for Embedded {
     const SERVERS: bool = false;
 
     /// On a pool of 4, as `ai-secretary replay` and `verify` open it (a
-    /// rebuild reads users' keys while it holds its write transaction).
+    /// rebuild reads users' keys while it holds its write transaction);
+    /// opened once, and shared by every call (tests poll it).
     async fn read_side(&self) -> ai_secretary_projections::Db {
-        let pool = ai_secretary::store::sqlite::connect(&self.file().to_string_lossy(), 4)
+        self.read_side
+            .get_or_init(async || {
+                let file = self.file();
+                let pool = ai_secretary::store::sqlite::connect(&file.to_string_lossy(), 4)
+                    .await
+                    .expect("the embedded database opens");
+                ai_secretary_projections::Db::Sqlite(ai_secretary_projections::SqliteDb::new(pool))
+            })
             .await
-            .expect("the embedded database opens");
-        ai_secretary_projections::Db::Sqlite(ai_secretary_projections::SqliteDb::new(pool))
+            .clone()
     }
 
     /// Each value through `hex()` and back: a BLOB's bytes as they are (a
