@@ -426,8 +426,8 @@ pub trait EventLog {
     /// The database, as the read side and the operations tools take it.
     fn read_side(&self) -> impl std::future::Future<Output = ai_secretary_projections::Db>;
 
-    /// Every row of `table` as text (every value, as its bytes read as UTF-8),
-    /// sorted.
+    /// Every row of `table` as text, sorted: its JSON on Postgres; on SQLite
+    /// every value's bytes read as UTF-8 (so text inside a BLOB shows too).
     fn rows(&self, table: &str) -> impl std::future::Future<Output = Vec<String>>;
 
     /// What a dump of the database (or only of `table`) shows: every row,
