@@ -1,26 +1,30 @@
 //! Configuration the binary refuses to start with: in production, a JWT secret
 //! under 32 characters, a non-hex `ENCRYPTION_KEY`, and the development
 //! secrets. Each exits non-zero before it connects to anything (the database
-//! named here does not answer), saying which setting is wrong, and never
-//! printing the value.
+//! named here does not answer; the embedded one is not even created), saying
+//! which setting is wrong, and never printing the value.
 
-use crate::{process::configured, servers::free_port};
+use crate::{helpers::EventLog, process::configured, servers::free_port};
 
 const GOOD_JWT: &str = "a-production-jwt-secret-of-40-characters";
 
 /// What is wrong, the secrets set, and the message that must name it.
 type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, &'a str);
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn production_refuses_weak_or_default_secrets() {
+crate::on_both!(production_refuses_weak_or_default_secrets, spawns);
+async fn production_refuses_weak_or_default_secrets<D: EventLog>() {
     let good_key = "5a".repeat(32);
     let non_hex = format!("{}zz", "5a".repeat(31));
     let short_jwt = "x".repeat(31);
+    // The servers' database where nothing answers, or an embedded data directory.
     let nowhere = format!("postgres://postgres@127.0.0.1:{}/nowhere", free_port());
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_string_lossy().into_owned();
+    let database = if D::SERVERS {
+        ("DATABASE_URL", nowhere.as_str())
+    } else {
+        ("DATA_DIR", data_dir.as_str())
+    };
     let cases: [Case; 4] = [
         (
             "a JWT secret under 32 characters",
@@ -47,10 +51,7 @@ async fn production_refuses_weak_or_default_secrets() {
         ),
     ];
     for (what, secrets, message) in cases {
-        let mut env = vec![
-            ("ENVIRONMENT", "production"),
-            ("DATABASE_URL", nowhere.as_str()),
-        ];
+        let mut env = vec![("ENVIRONMENT", "production"), database];
         env.extend(secrets.iter().copied());
         let mut command = configured(&env);
         let output = tokio::task::spawn_blocking(move || command.output())
@@ -73,5 +74,10 @@ async fn production_refuses_weak_or_default_secrets() {
                 "{what}: the value of {name} was printed\n{printed}"
             );
         }
+        let created: Vec<_> = std::fs::read_dir(data.path()).unwrap().collect();
+        assert!(
+            created.is_empty(),
+            "{what}: it wrote to DATA_DIR: {created:?}"
+        );
     }
 }

@@ -16,7 +16,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, consistency, problem, spawn_app};
+use crate::helpers::{EventLog, TestApp, consistency, problem, spawn_app};
 
 /// The methods a route may have; each is probed on every path.
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
@@ -65,13 +65,8 @@ fn concrete(path: &str) -> String {
         .into_owned()
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn the_served_document_is_the_generated_openapi_3_1_document() {
-    let app = spawn_app().await;
+crate::on_both!(the_served_document_is_the_generated_openapi_3_1_document);
+async fn the_served_document_is_the_generated_openapi_3_1_document<D>(app: TestApp<D>) {
     let response = app.send(Method::GET, "/openapi.json", None, None).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert!(
@@ -85,15 +80,11 @@ async fn the_served_document_is_the_generated_openapi_3_1_document() {
     assert_eq!(served, generated(), "served and generated documents differ");
 }
 
+crate::on_both!(the_document_covers_exactly_the_routes_of_the_router);
 /// No undocumented route, no documented route missing: the router's paths
 /// are the document's (plus the document's own routes), and on each path
 /// exactly the documented methods are handled (the others answer 405).
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn the_document_covers_exactly_the_routes_of_the_router() {
+async fn the_document_covers_exactly_the_routes_of_the_router<D>(app: TestApp<D>) {
     let doc = generated();
     let documented: BTreeMap<String, BTreeSet<String>> = doc["paths"]
         .as_object()
@@ -125,7 +116,6 @@ async fn the_document_covers_exactly_the_routes_of_the_router() {
         "documented routes the router does not have"
     );
 
-    let app = spawn_app().await;
     for (path, methods) in &documented {
         for method in METHODS {
             let url = app.url(&concrete(path));
@@ -187,10 +177,6 @@ fn has_example(doc: &Value, media: &Value) -> bool {
 /// that has an example (but 204), a request body with an example, the
 /// bearer scheme on everything under /api/v1 but sign-up and sign-in, and
 /// its refusals as problem+json.
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
 #[test]
 fn every_operation_says_what_it_takes_and_answers_with_examples() {
     let doc = generated();
@@ -256,10 +242,6 @@ fn every_operation_says_what_it_takes_and_answers_with_examples() {
 }
 
 /// The shared shapes, headers and the security scheme are in the document.
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
 #[test]
 fn the_document_describes_problems_lists_headers_events_and_the_bearer_scheme() {
     let doc = generated();
@@ -344,6 +326,8 @@ fn the_document_describes_problems_lists_headers_events_and_the_bearer_scheme() 
 /// `/docs` in headless Chromium: Swagger UI's assets come from the binary
 /// and it renders every operation of the document. Chromium is a Debian
 /// package (`.ci/run` installs it); without it this test fails.
+// Gated with the servers for its tool, not for them: it needs chromium, which
+// .ci/run installs with them. The page is the same static asset on either topology.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -410,16 +394,11 @@ async fn dump_dom(app: &TestApp, path: &str) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
+crate::on_both!(an_id_of_another_kind_of_resource_is_not_found);
 /// Found by schemathesis: an id of another kind of stream (here the caller's
 /// own user id) sent as an assistant's or a conversation's failed to decode
 /// under the wrong decider and answered 500. It names nothing of that kind: 404.
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn an_id_of_another_kind_of_resource_is_not_found() {
-    let app = spawn_app().await;
+async fn an_id_of_another_kind_of_resource_is_not_found<D: EventLog>(app: TestApp<D>) {
     let token = app.signed_up("kinds@example.com").await;
     let me: Value = app
         .get("/users/me", &token, None)
@@ -482,16 +461,11 @@ async fn an_id_of_another_kind_of_resource_is_not_found() {
     assert_eq!(app.event_count().await, before, "nothing was appended");
 }
 
+crate::on_both!(a_consistency_token_past_the_last_event_is_refused_at_once);
 /// Found by schemathesis: an `X-Consistency-Token` past the store's last
 /// event waited the whole consistency timeout and answered 503. No wait can
 /// reach it: 400 at once. A real token still waits and reads.
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn a_consistency_token_past_the_last_event_is_refused_at_once() {
-    let app = spawn_app().await;
+async fn a_consistency_token_past_the_last_event_is_refused_at_once<D>(app: TestApp<D>) {
     let token = app.signed_up("tokens@example.com").await;
     let created = app
         .post("/assistants", &token, json!({"name": "Ada"}))

@@ -1,7 +1,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{problem, spawn_app};
+use crate::helpers::{EventLog, TestApp, problem};
 
 crate::on_both!(start_rename_post_and_archive, without_replier []);
 async fn start_rename_post_and_archive<D: crate::helpers::EventLog>(
@@ -148,13 +148,8 @@ async fn another_users_conversation_is_404<D: crate::helpers::EventLog>(
     assert_eq!(app.event_count().await, before);
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn the_correlation_id_reaches_the_events() {
-    let app = spawn_app().await;
+crate::on_both!(the_correlation_id_reaches_the_events);
+async fn the_correlation_id_reaches_the_events<D: EventLog>(app: TestApp<D>) {
     let token = app.signed_up("traced@example.com").await;
     let assistant = app.assistant(&token, "Mika").await;
     let conversation = app.conversation(&token, &assistant["id"]).await;
@@ -171,14 +166,16 @@ async fn the_correlation_id_reaches_the_events() {
         .await
         .unwrap();
     assert_eq!(response.headers()["x-request-id"], "trace-me-42");
-    let metadata: Vec<Value> = sqlx::query_scalar(
-        "SELECT metadata FROM events WHERE event_type IN ('MessagePosted', 'ReplyRequested')",
+    let metadata: Vec<String> = crate::on_db!(app.read_side().await, |pool| sqlx::query_scalar(
+        "SELECT CAST(metadata AS TEXT) FROM events
+         WHERE event_type IN ('MessagePosted', 'ReplyRequested')",
     )
-    .fetch_all(&app.db.pool)
+    .fetch_all(pool)
     .await
-    .unwrap();
+    .unwrap());
     assert_eq!(metadata.len(), 2);
     for m in metadata {
+        let m: Value = serde_json::from_str(&m).unwrap();
         assert_eq!(m["correlation_id"], "trace-me-42");
         assert!(m["user_id"].is_string());
     }

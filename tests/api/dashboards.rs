@@ -171,6 +171,7 @@ fn reads_only_exporters(expr: &str) -> bool {
         .all(|name| promql::exported_by_an_exporter(name))
 }
 
+// Server-only: Grafana dashboards over the servers' exporters and a live Prometheus.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"

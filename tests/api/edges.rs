@@ -11,9 +11,14 @@ use reqwest::{Method, StatusCode, header::HeaderValue};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, problem, spawn_app, spawn_app_with};
+use crate::helpers::{EventLog, TestApp, problem, spawn_app};
 
-async fn patch(app: &TestApp, token: &str, id: &str, if_match: Option<&str>) -> reqwest::Response {
+async fn patch<D>(
+    app: &TestApp<D>,
+    token: &str,
+    id: &str,
+    if_match: Option<&str>,
+) -> reqwest::Response {
     let mut request = app
         .client
         .patch(app.url(&format!("/api/v1/assistants/{id}")))
@@ -25,15 +30,10 @@ async fn patch(app: &TestApp, token: &str, id: &str, if_match: Option<&str>) -> 
     request.send().await.unwrap()
 }
 
+crate::on_both!(if_match_takes_a_quoted_or_bare_version_or_a_star);
 /// `If-Match` takes the ETag as issued (`"2"`), a bare number (`2`), or `*`
 /// (any version); anything else, a weak ETag included, is 400.
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn if_match_takes_a_quoted_or_bare_version_or_a_star() {
-    let app = spawn_app().await;
+async fn if_match_takes_a_quoted_or_bare_version_or_a_star<D: EventLog>(app: TestApp<D>) {
     let token = app.signed_up("if-match@example.com").await;
     let id = app.assistant(&token, "Versioned").await["id"]
         .as_str()
@@ -73,6 +73,9 @@ async fn if_match_takes_a_quoted_or_bare_version_or_a_star() {
 /// event at the same version in the same statement, so the unique key refuses
 /// the command's, as it would a concurrent writer's (the statement fails, and
 /// the racer's row with it). A sequence (not rolled back) counts the attempts.
+// Server-only: the racer is a plpgsql trigger, the count a Postgres sequence
+// (a SQLite trigger's writes roll back with the failed statement: nothing
+// could count the attempts there).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -133,15 +136,10 @@ async fn a_command_that_loses_every_race_is_409_after_ten_attempts() {
     assert_eq!(won.headers()["etag"], "\"2\"");
 }
 
+crate::on_both!(idempotency_keys_are_one_to_255_visible_ascii_characters);
 /// An Idempotency-Key is 1 to 255 visible ASCII characters; any other is 400,
 /// and the request is not run.
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn idempotency_keys_are_one_to_255_visible_ascii_characters() {
-    let app = spawn_app().await;
+async fn idempotency_keys_are_one_to_255_visible_ascii_characters<D: EventLog>(app: TestApp<D>) {
     let token = app.signed_up("keys@example.com").await;
     let post = async |key: HeaderValue| {
         app.client
@@ -179,24 +177,22 @@ async fn idempotency_keys_are_one_to_255_visible_ascii_characters() {
 }
 
 /// The correlation id of a command's events, by its stream.
-async fn correlation_of(app: &TestApp, stream: &str) -> String {
-    sqlx::query_scalar("SELECT metadata->>'correlation_id' FROM events WHERE stream_id = $1::uuid")
-        .bind(stream)
-        .fetch_one(&app.db.pool)
-        .await
-        .unwrap()
+async fn correlation_of<D: EventLog>(app: &TestApp<D>, stream: &str) -> String {
+    let stream: Uuid = stream.parse().unwrap();
+    crate::on_db!(app.read_side().await, |pool| sqlx::query_scalar(
+        "SELECT metadata ->> 'correlation_id' FROM events WHERE stream_id = $1"
+    )
+    .bind(stream)
+    .fetch_one(pool)
+    .await
+    .unwrap())
 }
 
+crate::on_both!(an_unusable_request_id_is_replaced_not_echoed);
 /// A client's `X-Request-Id` of 1 to 128 visible ASCII characters is the
 /// request's correlation id: echoed, and in its events. Any other is replaced
 /// by a generated one, which is echoed and in the events instead.
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn an_unusable_request_id_is_replaced_not_echoed() {
-    let app = spawn_app().await;
+async fn an_unusable_request_id_is_replaced_not_echoed<D: EventLog>(app: TestApp<D>) {
     let token = app.signed_up("correlated@example.com").await;
     let create = async |request_id: &str| {
         let response = app
@@ -263,11 +259,8 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
 /// A handler that panics answers 500 problem+json with a generic detail, and
 /// the cause is logged with the request's correlation id; the 500 is counted.
 /// The route is the test's own, behind exactly the layers of the API
-/// (`http::edge`): no route of the service panics on purpose.
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
+/// (`http::edge`): no route of the service panics on purpose. (No service,
+/// no database: it runs on every `cargo test`.)
 #[tokio::test]
 async fn a_handler_panic_is_a_logged_500_without_detail() {
     ai_secretary::telemetry::metrics(); // the recorder, before the request is counted
@@ -320,19 +313,13 @@ async fn a_handler_panic_is_a_logged_500_without_detail() {
     assert_eq!(counted, Some(1.0), "the 500 is not counted");
 }
 
+crate::on_both!(
+    cors_answers_the_allowed_origins_only,
+    with ["--cors-origins", "https://app.example.com, https://admin.example.com"]
+);
 /// `CORS_ORIGINS` (comma-separated, spaces allowed): an allowed origin's
 /// preflight and request get the CORS headers, another origin is not allowed.
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn cors_answers_the_allowed_origins_only() {
-    let app = spawn_app_with(&[
-        "--cors-origins",
-        "https://app.example.com, https://admin.example.com",
-    ])
-    .await;
+async fn cors_answers_the_allowed_origins_only<D>(app: TestApp<D>) {
     let token = app.signed_up("cors@example.com").await;
     let preflight = async |origin: &str| {
         app.client

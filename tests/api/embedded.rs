@@ -499,10 +499,19 @@ async fn kill_9_under_load_loses_nothing_that_was_answered_and_verify_is_clean()
             .iter()
             .filter(|m| m["role"] == "assistant" && m["status"] != "completed")
             .count();
-        if pending == 0 {
+        // Read without a consistency token: the messages projection may still
+        // be catching up after the restart, listing a prefix of the log whose
+        // replies have all completed. Wait for every answered message too.
+        let unlisted = answered
+            .iter()
+            .filter(|id| !all.iter().any(|m| m["id"] == id.as_str()))
+            .count();
+        if pending == 0 && unlisted == 0 {
             Ok(all)
         } else {
-            Err(format!("{pending} replies not completed"))
+            Err(format!(
+                "{pending} replies not completed, {unlisted} answered messages not listed"
+            ))
         }
     })
     .await;

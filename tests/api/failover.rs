@@ -172,6 +172,7 @@ async fn drive_with_cuts(app: &TestApp, writers: &[Writer], seconds: u64, cuts: 
 // ---------------------------------------------------------------------------
 // The tests
 
+// Server-only: Postgres connection cuts and lease takeover between processes (SQLite's leases: sqlite_workers.rs).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -271,6 +272,7 @@ async fn standby_workers_take_over_after_connection_cuts_and_nothing_is_lost() {
     drop(standby);
 }
 
+// Server-only: cuts Postgres connections under load.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -320,6 +322,7 @@ async fn commands_ride_out_cut_connections_without_a_5xx_or_a_double() {
 /// the lock connection dead, or the fence refusing its next batch) is a race;
 /// either way nothing is written. The fence alone is tested by
 /// `a_checkpoint_write_is_refused_unless_its_epoch_and_position_still_hold`.
+// Server-only: Postgres row locks and lease fencing between processes (SQLite's: sqlite_workers.rs).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -442,6 +445,7 @@ async fn a_deposed_worker_writes_nothing_after_its_lease_is_taken() {
 
 /// The fence itself: an owner's checkpoint write moves the row only if the
 /// epoch it holds and the position it started from are still the row's.
+// Server-only: the Postgres checkpoint's compare-and-set (SQLite's: sqlite_workers.rs).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -510,6 +514,7 @@ async fn a_checkpoint_write_is_refused_unless_its_epoch_and_position_still_hold(
 /// With Redis stopped, and then frozen, every query is served from Postgres,
 /// with or without a consistency token; frozen, it costs each query at most a
 /// short timeout once per breaker window.
+// Server-only: stops and freezes a Redis server.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -619,6 +624,7 @@ async fn queries_are_served_from_postgres_while_redis_is_stopped_or_frozen() {
     );
 }
 
+// Server-only: lease holders across processes on Postgres.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"

@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, consistency, eventually, spawn_app_on};
+use crate::helpers::{EventLog, TestApp, Topology, consistency, eventually, spawn_app_on};
 use crate::support::{BusNames, TestDb};
 
 /// The API and every projection, tailing the store; no relay, no replier.
@@ -30,24 +30,32 @@ async fn tailing_app() -> TestApp {
     .await
 }
 
-/// Everything but the relay, tailing the store, on the given data.
-async fn tailing_app_with_replier(db: TestDb, names: BusNames) -> TestApp {
-    let roles = Roles {
-        relay: false,
-        ..Roles::all()
-    };
-    spawn_app_on(db, names, &["--event-feed", "store"], roles).await
-}
-
 /// `(endings, distinct replies ended)` in the store.
-async fn endings(app: &TestApp) -> (i64, i64) {
-    sqlx::query_as(
-        "SELECT count(*), count(DISTINCT data->>'reply_id') FROM events
+async fn endings<D: EventLog>(app: &TestApp<D>) -> (i64, i64) {
+    crate::on_db!(app.read_side().await, |pool| sqlx::query_as(
+        "SELECT count(*), count(DISTINCT data ->> 'reply_id') FROM events
          WHERE event_type IN ('ReplyCompleted', 'ReplyFailed')",
     )
-    .fetch_one(&app.db.pool)
+    .fetch_one(pool)
     .await
-    .unwrap()
+    .unwrap())
+}
+
+/// The service tailing the store, with or without the replier: on the
+/// servers with `--event-feed store` and no relay; the embedded service
+/// always tails.
+fn tailing<D: EventLog>(replier: bool) -> (&'static [&'static str], Roles) {
+    let roles = Roles {
+        relay: false,
+        replier,
+        ..Roles::all()
+    };
+    let extra: &[&str] = if D::SERVERS {
+        &["--event-feed", "store"]
+    } else {
+        &[]
+    };
+    (extra, roles)
 }
 
 /// `(name, events applied)` of every projection's checkpoint.
@@ -58,6 +66,7 @@ async fn applied(app: &TestApp) -> Vec<(String, i64)> {
         .unwrap()
 }
 
+// Server-only: the servers' `--event-feed store` (the embedded service always tails: its tests are embedded.rs and sqlite_workers.rs).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -109,6 +118,7 @@ async fn workers_tailing_the_store_serve_read_your_writes_without_the_bus() {
     );
 }
 
+// Server-only: Postgres' commit order below the read horizon (an open transaction; SQLite has one writer).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -166,19 +176,19 @@ async fn an_event_committed_late_is_applied_late_never_skipped() {
     assert_eq!(assistant["name"], "Committed first");
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn a_replier_tailing_the_store_answers_each_request_once_across_a_crash() {
+crate::on_both!(
+    a_replier_tailing_the_store_answers_each_request_once_across_a_crash,
+    spawns
+);
+async fn a_replier_tailing_the_store_answers_each_request_once_across_a_crash<D: Topology>() {
     // Requests committed while no replier runs at all...
-    let app = tailing_app().await;
+    let (extra, roles) = tailing::<D>(false);
+    let app = D::spawn(extra, roles).await;
     let token = app.signed_up("replies@example.com").await;
     let assistant = app.assistant(&token, "Answerer").await;
     let conversation = app.conversation(&token, &assistant["id"]).await;
     let id = conversation["id"].as_str().unwrap().to_owned();
-    let post = async |app: &TestApp, n: usize| {
+    let post = async |app: &TestApp<D>, n: usize| {
         let posted = app
             .post(
                 &format!("/conversations/{id}/messages"),
@@ -191,16 +201,18 @@ async fn a_replier_tailing_the_store_answers_each_request_once_across_a_crash() 
     for n in 0..10 {
         post(&app, n).await;
     }
-    let (db, names) = app.stop();
+    let (data, names) = D::stop(app);
     // ...are answered by the first replier to start, from its checkpoint.
-    let app = tailing_app_with_replier(db, names).await;
+    let (extra, roles) = tailing::<D>(true);
+    let app = data.start(names, extra, roles).await;
     for n in 10..20 {
         post(&app, n).await;
     }
     // A crash with replies in flight: whatever had not ended is answered by
     // the next process.
-    let (db, names) = app.crash();
-    let app = tailing_app_with_replier(db, names).await;
+    let (data, names) = D::crash(app);
+    let (extra, roles) = tailing::<D>(true);
+    let app = data.start(names, extra, roles).await;
     for n in 20..30 {
         post(&app, n).await;
     }
@@ -213,22 +225,23 @@ async fn a_replier_tailing_the_store_answers_each_request_once_across_a_crash() 
     // checkpoint passed every request.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(endings(&app).await, (30, 30));
-    let head: i64 = sqlx::query_scalar(
+    let db = app.read_side().await;
+    let head: i64 = crate::on_db!(db, |pool| sqlx::query_scalar(
         "SELECT global_position FROM events WHERE event_type = 'ReplyRequested'
          ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
     )
-    .fetch_one(&app.db.pool)
+    .fetch_one(pool)
     .await
-    .unwrap();
+    .unwrap());
     eventually(
         "the replier's checkpoint passes every request",
         async || {
-            let at: i64 = sqlx::query_scalar(
+            let at: i64 = crate::on_db!(db, |pool| sqlx::query_scalar(
                 "SELECT global_position FROM checkpoints WHERE name = 'replier'",
             )
-            .fetch_one(&app.db.pool)
+            .fetch_one(pool)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string()))?;
             (at >= head).then_some(()).ok_or(format!("{at} < {head}"))
         },
     )

@@ -2,6 +2,7 @@
 //! event store and the bus only ever hold a user's personal data sealed under
 //! their own key, and once the key is destroyed nothing of theirs can be read
 //! anywhere: not in a dump of the database, not in Redis, not on the stream.
+//! The same on the embedded service, which has only the database (SQLite).
 
 use ai_secretary::{auth::Tokens, config::DEV_JWT_SECRET};
 use ai_secretary_projections::{NAMES, rebuild};
@@ -9,10 +10,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::{
-    helpers::{TestApp, keyring, master_key, spawn_app},
-    progress::{caught_up, consumers},
-};
+use crate::helpers::{EventLog, TestApp, Topology, keyring, master_key};
 
 const PASSWORD: &str = "correct horse battery";
 
@@ -60,7 +58,7 @@ impl Personal {
 }
 
 /// Register, write a little of everything, get a reply; returns the token.
-async fn active_user(app: &TestApp, p: &Personal) -> String {
+async fn active_user<D>(app: &TestApp<D>, p: &Personal) -> String {
     let registered = app
         .client
         .post(app.url("/api/v1/users"))
@@ -155,31 +153,12 @@ async fn active_user(app: &TestApp, p: &Personal) -> String {
     token
 }
 
-/// The test database as `pg_dump --data-only` prints it (or only `table`).
-fn pg_dump(app: &TestApp, table: Option<&str>) -> String {
-    let mut command = std::process::Command::new("pg_dump");
-    command.args(["--data-only", "--dbname", &app.db.url]);
-    if let Some(table) = table {
-        command.args(["--table", table]);
+/// Every key and value under the test's Redis prefix, as text; `None` for
+/// the embedded service, whose cache is in its memory.
+async fn redis_dump<D: EventLog>(app: &TestApp<D>) -> Option<String> {
+    if !D::SERVERS {
+        return None;
     }
-    let output = command
-        .output()
-        .expect("pg_dump runs (PostgreSQL's client programs)");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let dump = String::from_utf8(output.stdout).unwrap();
-    assert!(
-        dump.contains("COPY public."),
-        "an empty dump proves nothing: {dump}"
-    );
-    dump
-}
-
-/// Every key and value under the test's Redis prefix, as text.
-async fn redis_dump(app: &TestApp) -> String {
     let client = redis::Client::open(app.names.redis_url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
@@ -216,11 +195,15 @@ async fn redis_dump(app: &TestApp) -> String {
         };
         dump.push_str(&format!("{key} {}\n", values.join(" ")));
     }
-    dump
+    Some(dump)
 }
 
-/// Every message of the test's JetStream stream, payload as text; and how many.
-async fn stream_dump(app: &TestApp) -> (String, u64) {
+/// Every message of the test's JetStream stream, payload as text; and how
+/// many. `None` for the embedded service, which has no bus.
+async fn stream_dump<D: EventLog>(app: &TestApp<D>) -> Option<(String, u64)> {
+    if !D::SERVERS {
+        return None;
+    }
     let client = async_nats::connect(&app.names.nats_url).await.unwrap();
     let jetstream = async_nats::jetstream::new(client);
     let mut stream = jetstream.get_stream(&app.names.stream).await.unwrap();
@@ -231,12 +214,12 @@ async fn stream_dump(app: &TestApp) -> (String, u64) {
         dump.push_str(&String::from_utf8_lossy(&message.payload));
         dump.push('\n');
     }
-    (dump, state.messages)
+    Some((dump, state.messages))
 }
 
 /// Every row of every read model, in a stable order (for comparing before and
 /// after a replay).
-async fn read_models(app: &TestApp) -> Vec<String> {
+async fn read_models<D: EventLog>(app: &TestApp<D>) -> Vec<String> {
     let mut rows = Vec::new();
     for table in [
         "assistants",
@@ -248,51 +231,37 @@ async fn read_models(app: &TestApp) -> Vec<String> {
         "usage_conversations",
         "cache_conversations",
     ] {
-        let text: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT row_to_json(t)::text FROM {table} t ORDER BY 1"
-        )))
-        .fetch_all(&app.db.pool)
-        .await
-        .unwrap();
+        let text = app.db.rows(table).await;
         rows.extend(text.into_iter().map(|r| format!("{table} {r}")));
     }
     rows
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn the_store_and_the_bus_hold_personal_data_only_sealed() {
-    let app = spawn_app().await;
+crate::on_both!(the_store_and_the_bus_hold_personal_data_only_sealed);
+async fn the_store_and_the_bus_hold_personal_data_only_sealed<D: EventLog>(app: TestApp<D>) {
     let ada = Personal::new("ada");
     active_user(&app, &ada).await;
-    caught_up(&app.db.pool, &consumers()).await;
-    let events = pg_dump(&app, Some("events"));
+    app.caught_up().await;
+    let events = app.db.dump(Some("events")).await;
     assert_eq!(ada.found_in(&events), Vec::<String>::new(), "in the events");
     assert!(
         !events.contains("argon2"),
         "a password hash in plaintext: {events}"
     );
-    let reservations = pg_dump(&app, Some("reservations"));
+    let reservations = app.db.dump(Some("reservations")).await;
     assert!(!reservations.contains(&ada.email), "{reservations}");
-    let (stream, messages) = stream_dump(&app).await;
-    assert!(messages >= 8, "{messages} messages");
-    assert_eq!(ada.found_in(&stream), Vec::<String>::new(), "{stream}");
-    assert!(!stream.contains("argon2"));
+    if let Some((stream, messages)) = stream_dump(&app).await {
+        assert!(messages >= 8, "{messages} messages");
+        assert_eq!(ada.found_in(&stream), Vec::<String>::new(), "{stream}");
+        assert!(!stream.contains("argon2"));
+    }
     // …and the read side opened them: the read models hold the plaintext.
     let models = read_models(&app).await.join("\n");
     assert_eq!(ada.found_in(&models), ada.in_read_models(), "{models}");
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn forgetting_asks_for_the_password_or_a_recent_token() {
-    let app = spawn_app().await;
+crate::on_both!(forgetting_asks_for_the_password_or_a_recent_token);
+async fn forgetting_asks_for_the_password_or_a_recent_token<D: EventLog>(app: TestApp<D>) {
     let ada = Personal::new("ada");
     let token = active_user(&app, &ada).await;
     let me = app.get_ok("/users/me", &token, None).await;
@@ -331,13 +300,10 @@ async fn forgetting_asks_for_the_password_or_a_recent_token() {
     assert_eq!(forget(&bobs, None).await.status(), StatusCode::NO_CONTENT);
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn a_forgotten_user_leaves_nothing_readable_and_a_replay_agrees() {
-    let app = spawn_app().await;
+crate::on_both!(a_forgotten_user_leaves_nothing_readable_and_a_replay_agrees);
+async fn a_forgotten_user_leaves_nothing_readable_and_a_replay_agrees<D: EventLog>(
+    app: TestApp<D>,
+) {
     let (ada, bob) = (Personal::new("ada"), Personal::new("bob"));
     let token = active_user(&app, &ada).await;
     let bobs = active_user(&app, &bob).await;
@@ -346,7 +312,7 @@ async fn a_forgotten_user_leaves_nothing_readable_and_a_replay_agrees() {
         .send(Method::DELETE, "/api/v1/users/me", Some(&token), None)
         .await;
     assert_eq!(forgotten.status(), StatusCode::NO_CONTENT);
-    caught_up(&app.db.pool, &consumers()).await;
+    app.caught_up().await;
 
     // Their tokens stop working, they cannot sign in, and their email is free.
     for path in ["/users/me", "/assistants", "/conversations", "/stats/usage"] {
@@ -370,51 +336,46 @@ async fn a_forgotten_user_leaves_nothing_readable_and_a_replay_agrees() {
     // reservations, the kept idempotent responses), Redis, the stream. The
     // other user's data is there, in the read models and the caches: the
     // greps can find what is there.
-    let dump = pg_dump(&app, None);
+    let dump = app.db.dump(None).await;
     assert_eq!(ada.found_in(&dump), Vec::<String>::new(), "in the database");
     let bobs_found = bob.found_in(&dump);
     assert!(
         bob.in_read_models().iter().all(|s| bobs_found.contains(s)),
         "bob's read models: {bobs_found:?}"
     );
-    let cached = redis_dump(&app).await;
-    assert_eq!(
-        ada.found_in(&cached),
-        Vec::<String>::new(),
-        "in Redis: {cached}"
-    );
-    assert!(
-        !bob.found_in(&cached).is_empty(),
-        "bob's cached copies: {cached}"
-    );
-    let (stream, _) = stream_dump(&app).await;
-    assert_eq!(ada.found_in(&stream), Vec::<String>::new(), "on the stream");
-    let events: Vec<String> =
-        sqlx::query_scalar("SELECT event_type FROM events WHERE event_type = 'UserForgotten'")
-            .fetch_all(&app.db.pool)
-            .await
-            .unwrap();
-    assert_eq!(events, ["UserForgotten"]);
+    if let Some(cached) = redis_dump(&app).await {
+        assert_eq!(
+            ada.found_in(&cached),
+            Vec::<String>::new(),
+            "in Redis: {cached}"
+        );
+        assert!(
+            !bob.found_in(&cached).is_empty(),
+            "bob's cached copies: {cached}"
+        );
+    }
+    if let Some((stream, _)) = stream_dump(&app).await {
+        assert_eq!(ada.found_in(&stream), Vec::<String>::new(), "on the stream");
+    }
+    let forgotten: Vec<String> = app
+        .events()
+        .await
+        .into_iter()
+        .map(|(_, _, event_type)| event_type)
+        .filter(|event_type| event_type == "UserForgotten")
+        .collect();
+    assert_eq!(forgotten, ["UserForgotten"]);
 
     // A replay from the store gives the same read models, and verify agrees.
     let before = read_models(&app).await;
-    rebuild::rebuild(
-        &crate::helpers::pg(&app.db.pool),
-        keyring(&app.db.pool),
-        &NAMES,
-        None,
-        &|_| {},
-    )
-    .await
-    .unwrap();
+    let db = app.read_side().await;
+    rebuild::rebuild(&db, keyring(&db), &NAMES, None, &|_| {})
+        .await
+        .unwrap();
     assert_eq!(read_models(&app).await, before);
-    let (report, clean) = ai_secretary::recovery::verify_report(
-        &crate::helpers::pg(&app.db.pool),
-        &master_key(),
-        &[],
-    )
-    .await
-    .unwrap();
+    let (report, clean) = ai_secretary::recovery::verify_report(&db, &master_key(), &[])
+        .await
+        .unwrap();
     assert!(clean, "{report}");
 
     // The email registers again, as a new account that sees nothing of the old.
@@ -437,37 +398,37 @@ async fn a_forgotten_user_leaves_nothing_readable_and_a_replay_agrees() {
     );
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn a_rotated_encryption_key_opens_everything_and_the_old_one_nothing() {
+crate::on_both!(
+    a_rotated_encryption_key_opens_everything_and_the_old_one_nothing,
+    spawns
+);
+async fn a_rotated_encryption_key_opens_everything_and_the_old_one_nothing<D: Topology>() {
     use ai_secretary::{
         app::users::EMAIL_SCOPE,
         crypto::{MasterKey, random_master_key_hex},
         recovery::verify_report,
         startup::Roles,
-        store::rotation::{Rotated, rotate_master_key},
+        store::rotation::{Rotated, rotate_master_key, rotate_master_key_sqlite},
     };
-    let app = spawn_app().await;
+    use ai_secretary_projections::Db;
+    let app = D::spawn(&[], Roles::all()).await;
     let ada = Personal::new("ada");
     active_user(&app, &ada).await;
-    caught_up(&app.db.pool, &consumers()).await;
-    let (db, names) = app.stop();
+    app.caught_up().await;
+    let (data, names) = D::stop(app);
+    let db = data.read_side().await;
+    // `ai-secretary rotate-key` on either database.
+    let rotate = async |old: &MasterKey, new: &MasterKey| match &db {
+        Db::Postgres(pool) => rotate_master_key(pool, old, new, EMAIL_SCOPE).await,
+        Db::Sqlite(lite) => rotate_master_key_sqlite(&lite.pool, old, new, EMAIL_SCOPE).await,
+    };
 
     let new_hex = random_master_key_hex();
     let new = MasterKey::from_hex(&new_hex).unwrap();
     // From a key that is not the one in use, nothing rotates.
     let wrong = MasterKey::from_hex(&random_master_key_hex()).unwrap();
-    assert!(
-        rotate_master_key(&db.pool, &wrong, &new, EMAIL_SCOPE)
-            .await
-            .is_err()
-    );
-    let rotated = rotate_master_key(&db.pool, &master_key(), &new, EMAIL_SCOPE)
-        .await
-        .unwrap();
+    assert!(rotate(&wrong, &new).await.is_err());
+    let rotated = rotate(&master_key(), &new).await.unwrap();
     assert_eq!(
         rotated,
         Rotated {
@@ -476,22 +437,19 @@ async fn a_rotated_encryption_key_opens_everything_and_the_old_one_nothing() {
         }
     );
     // The old key opens nothing any more.
-    assert!(
-        verify_report(&crate::helpers::pg(&db.pool), &master_key(), &[])
-            .await
-            .is_err()
-    );
+    assert!(verify_report(&db, &master_key(), &[]).await.is_err());
+    drop(db);
 
-    let app =
-        crate::helpers::spawn_app_on(db, names, &["--encryption-key", &new_hex], Roles::all())
-            .await;
+    let app = data
+        .start(names, &["--encryption-key", &new_hex], Roles::all())
+        .await;
     // Signing in finds the account by its re-hashed email; everything reads.
     let token = app.signed_in(&ada.email, PASSWORD).await;
     let me = app.get_ok("/users/me", &token, None).await;
     assert_eq!(me["display_name"], ada.s(0));
     let assistants = app.get_ok("/assistants", &token, None).await;
     assert_eq!(assistants["data"][0]["name"], ada.s(1));
-    let (report, clean) = verify_report(&crate::helpers::pg(&app.db.pool), &new, &[])
+    let (report, clean) = verify_report(&app.read_side().await, &new, &[])
         .await
         .unwrap();
     assert!(clean, "{report}");

@@ -4,17 +4,22 @@ use serde_json::{Value, json};
 use ai_secretary::startup::Roles;
 
 use crate::{
-    helpers::{consistency, eventually, spawn_app, spawn_app_on},
+    helpers::{EventLog, TestApp, consistency, eventually, spawn_app_on},
     support::{BusNames, TestDb, cluster::PrivatePostgres, promql},
 };
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn health_and_ready_answer() {
-    let app = spawn_app().await;
+crate::on_both!(health_and_ready_answer);
+async fn health_and_ready_answer<D: EventLog>(app: TestApp<D>) {
+    // What is checked: the database the service runs on, and on the servers
+    // Redis (the cache is there) and NATS; the embedded service has neither.
+    let (database, all) = if D::SERVERS {
+        (
+            "postgres",
+            json!({"postgres": "ok", "redis": "ok", "nats": "ok"}),
+        )
+    } else {
+        ("sqlite", json!({"sqlite": "ok"}))
+    };
     let health = app.send(Method::GET, "/health", None, None).await;
     assert_eq!(health.status(), StatusCode::OK);
     assert_eq!(health.json::<Value>().await.unwrap()["status"], "ok");
@@ -24,10 +29,9 @@ async fn health_and_ready_answer() {
         let response = app.send(Method::GET, "/ready", None, None).await;
         assert_eq!(response.status(), StatusCode::OK);
         let body: Value = response.json().await.unwrap();
-        assert_eq!(body["checks"]["postgres"], "ok");
+        assert_eq!(body["checks"][database], "ok", "{body}");
         if body["status"] == "ready" {
-            assert_eq!(body["checks"]["redis"], "ok");
-            assert_eq!(body["checks"]["nats"], "ok");
+            assert_eq!(body["checks"], all);
             break;
         }
         assert_eq!(body["status"], "degraded", "{body}");
@@ -36,16 +40,11 @@ async fn health_and_ready_answer() {
     }
 }
 
+crate::on_both!(metrics_are_exposed_in_prometheus_format);
 /// `/metrics` answers in the Prometheus text format, and what a request just
 /// did is in it: its route's counter, and the event its command appended.
 /// (`observability.rs` runs `promtool check metrics` on a full scrape.)
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn metrics_are_exposed_in_prometheus_format() {
-    let app = spawn_app().await;
+async fn metrics_are_exposed_in_prometheus_format<D>(app: TestApp<D>) {
     let token = app.signed_up("metrics@example.com").await;
     let created = app
         .post("/assistants", &token, json!({ "name": "Counted" }))
@@ -100,6 +99,7 @@ async fn metrics_are_exposed_in_prometheus_format() {
 /// `/ready` answers 503 while Postgres (the source of truth) is down, and 200
 /// again once it is back; `/health` (the process answers) stays 200. Postgres
 /// is a cluster of the test's own: the shared server is never stopped.
+// Server-only: stops a Postgres cluster of its own.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"

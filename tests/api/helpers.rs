@@ -49,13 +49,10 @@ pub fn master_key() -> ai_secretary::crypto::MasterKey {
         .expect("the development key is 64 hex characters")
 }
 
-/// Users' keys in the store on `pool`, as the test services unwrap them: what
+/// Users' keys in the store on `db`, as the test services unwrap them: what
 /// commands seal with and rebuilds open with.
-pub fn keyring(pool: &sqlx::PgPool) -> std::sync::Arc<ai_secretary::store::sealed::Keyring> {
-    ai_secretary::recovery::opener(
-        master_key(),
-        &ai_secretary_projections::Db::Postgres(pool.clone()),
-    )
+pub fn keyring(db: &impl AsDb) -> std::sync::Arc<ai_secretary::store::sealed::Keyring> {
+    ai_secretary::recovery::opener(master_key(), &db.db())
 }
 
 /// A user registered through `commands` (so they have a data key to seal
@@ -202,12 +199,15 @@ pub async fn spawn_embedded_on(db: Embedded, extra: &[&str], roles: Roles) -> Te
 /// An embedded service's data directory, removed when the test ends.
 pub struct Embedded {
     pub dir: tempfile::TempDir,
+    /// The test's own handle on the file, opened on first use.
+    read_side: tokio::sync::OnceCell<ai_secretary_projections::Db>,
 }
 
 impl Embedded {
     pub fn new() -> Embedded {
         Embedded {
             dir: tempfile::tempdir().expect("a temporary directory"),
+            read_side: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -631,46 +631,334 @@ pub async fn some_history<D>(app: &TestApp<D>, email: &str) -> (String, Vec<Stri
     (token, assistants, conversations)
 }
 
-/// What a test reads of the event log beside the service, whichever database it is.
-pub trait EventLog {
-    /// `(stream_type, version, event_type)` of every event, in commit order.
-    fn events(&self) -> impl std::future::Future<Output = Vec<(String, i64, String)>>;
-    fn event_count(&self) -> impl std::future::Future<Output = i64>;
+/// A database handle as the read side and the operations tools take it
+/// ([`Db`](ai_secretary_projections::Db)), from a Postgres pool or a `Db`.
+pub trait AsDb {
+    fn db(&self) -> ai_secretary_projections::Db;
 }
 
-const EVENTS: &str = "SELECT stream_type, version, event_type FROM events
-     ORDER BY transaction_id, global_position";
-const EVENT_COUNT: &str = "SELECT count(*) FROM events";
+impl AsDb for sqlx::PgPool {
+    fn db(&self) -> ai_secretary_projections::Db {
+        ai_secretary_projections::Db::Postgres(self.clone())
+    }
+}
 
-impl EventLog for TestDb {
-    async fn events(&self) -> Vec<(String, i64, String)> {
-        sqlx::query_as(EVENTS).fetch_all(&self.pool).await.unwrap()
+impl AsDb for ai_secretary_projections::Db {
+    fn db(&self) -> ai_secretary_projections::Db {
+        self.clone()
+    }
+}
+
+/// `$body` with `$pool` bound to the pool of `$db` (a
+/// [`Db`](ai_secretary_projections::Db)), whichever database it is: SQL that
+/// reads the same on Postgres and SQLite, written once and compiled for each.
+#[macro_export]
+macro_rules! on_db {
+    ($db:expr, |$pool:ident| $body:expr) => {
+        match &$db {
+            ai_secretary_projections::Db::Postgres($pool) => $body,
+            ai_secretary_projections::Db::Sqlite(lite) => {
+                let $pool = &lite.pool;
+                $body
+            }
+        }
+    };
+}
+
+/// What a test reads of the database beside the service, whichever it is.
+pub trait EventLog {
+    /// The server topology (Postgres, NATS, Redis) rather than the embedded one.
+    const SERVERS: bool;
+
+    /// The database, as the read side and the operations tools take it.
+    fn read_side(&self) -> impl std::future::Future<Output = ai_secretary_projections::Db>;
+
+    /// Every row of `table` as text, sorted: its JSON on Postgres; on SQLite
+    /// every value's bytes read as UTF-8 (so text inside a BLOB shows too).
+    fn rows(&self, table: &str) -> impl std::future::Future<Output = Vec<String>>;
+
+    /// What a dump of the database (or only of `table`) shows: every row,
+    /// every value as text. Not empty: an empty dump proves nothing.
+    fn dump(&self, table: Option<&str>) -> impl std::future::Future<Output = String>;
+
+    /// `(stream_type, version, event_type)` of every event, in commit order.
+    fn events(&self) -> impl std::future::Future<Output = Vec<(String, i64, String)>> {
+        async {
+            let db = self.read_side().await;
+            crate::on_db!(db, |pool| sqlx::query_as(
+                "SELECT stream_type, version, event_type FROM events
+                 ORDER BY transaction_id, global_position"
+            )
+            .fetch_all(pool)
+            .await
+            .unwrap())
+        }
     }
 
-    async fn event_count(&self) -> i64 {
-        sqlx::query_scalar(EVENT_COUNT)
-            .fetch_one(&self.pool)
-            .await
-            .unwrap()
+    fn event_count(&self) -> impl std::future::Future<Output = i64> {
+        async { crate::progress::event_count(&self.read_side().await).await }
+    }
+}
+
+impl EventLog for TestDb {
+    const SERVERS: bool = true;
+
+    async fn read_side(&self) -> ai_secretary_projections::Db {
+        self.pool.db()
+    }
+
+    async fn rows(&self, table: &str) -> Vec<String> {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT row_to_json(t)::text FROM {table} t ORDER BY 1"
+        )))
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// `pg_dump --data-only`.
+    async fn dump(&self, table: Option<&str>) -> String {
+        let mut command = std::process::Command::new("pg_dump");
+        command.args(["--data-only", "--dbname", &self.url]);
+        if let Some(table) = table {
+            command.args(["--table", table]);
+        }
+        let output = command
+            .output()
+            .expect("pg_dump runs (PostgreSQL's client programs)");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let dump = String::from_utf8(output.stdout).unwrap();
+        assert!(
+            dump.contains("COPY public."),
+            "an empty dump proves nothing: {dump}"
+        );
+        dump
     }
 }
 
 impl EventLog for Embedded {
-    async fn events(&self) -> Vec<(String, i64, String)> {
-        let pool = self.pool().await;
-        let events = sqlx::query_as(EVENTS).fetch_all(&pool).await.unwrap();
-        pool.close().await;
-        events
+    const SERVERS: bool = false;
+
+    /// On a pool of 4, as `ai-secretary replay` and `verify` open it (a
+    /// rebuild reads users' keys while it holds its write transaction);
+    /// opened once, and shared by every call (tests poll it).
+    async fn read_side(&self) -> ai_secretary_projections::Db {
+        self.read_side
+            .get_or_init(async || {
+                let file = self.file();
+                let pool = ai_secretary::store::sqlite::connect(&file.to_string_lossy(), 4)
+                    .await
+                    .expect("the embedded database opens");
+                ai_secretary_projections::Db::Sqlite(ai_secretary_projections::SqliteDb::new(pool))
+            })
+            .await
+            .clone()
     }
 
-    async fn event_count(&self) -> i64 {
+    /// Each value through `hex()` and back: a BLOB's bytes as they are (a
+    /// text inside one would show), a number as its digits.
+    async fn rows(&self, table: &str) -> Vec<String> {
         let pool = self.pool().await;
-        let count = sqlx::query_scalar(EVENT_COUNT)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+        let columns: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_table_info($1) ORDER BY cid")
+                .bind(table)
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+        assert!(!columns.is_empty(), "no table {table}");
+        let hexes = columns
+            .iter()
+            .map(|c| format!("hex(\"{c}\")"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {hexes} FROM \"{table}\""
+        )))
+        .fetch_all(&pool)
+        .await
+        .unwrap();
         pool.close().await;
-        count
+        let mut rows: Vec<String> = rows
+            .iter()
+            .map(|row| {
+                use sqlx::Row;
+                let values: Vec<String> = (0..columns.len())
+                    .map(|i| {
+                        let hex: String = row.get(i);
+                        String::from_utf8_lossy(&hex::decode(hex).unwrap()).into_owned()
+                    })
+                    .collect();
+                format!("{{{}}}", values.join(", "))
+            })
+            .collect();
+        rows.sort();
+        rows
+    }
+
+    /// Every row of every table (but SQLite's own and the migrations').
+    async fn dump(&self, table: Option<&str>) -> String {
+        let tables: Vec<String> = match table {
+            Some(table) => vec![table.to_owned()],
+            None => {
+                let pool = self.pool().await;
+                let tables = sqlx::query_scalar(
+                    "SELECT name FROM sqlite_schema WHERE type = 'table'
+                     AND name NOT LIKE 'sqlite_%' AND name <> '_sqlx_migrations' ORDER BY name",
+                )
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+                pool.close().await;
+                tables
+            }
+        };
+        let mut dump = String::new();
+        for table in tables {
+            for row in self.rows(&table).await {
+                dump.push_str(&format!("{table} {row}\n"));
+            }
+        }
+        assert!(!dump.is_empty(), "an empty dump proves nothing");
+        dump
+    }
+}
+
+/// The service of one topology, started, stopped and started again on the
+/// same data.
+pub trait Topology: EventLog + Sized {
+    /// A fresh database of this topology, with no service on it.
+    fn fresh() -> impl std::future::Future<Output = Self>;
+
+    /// Fresh names on NATS and Redis for a service of this topology (none
+    /// for the embedded one).
+    fn bus_names() -> BusNames;
+
+    /// The environment that points the service's binary at this data (and
+    /// on the servers at `names`).
+    fn service_env(&self, names: &BusNames) -> Vec<(&'static str, String)>;
+
+    /// A fresh service of this topology with `extra` options and `roles`.
+    fn spawn(extra: &[&str], roles: Roles) -> impl std::future::Future<Output = TestApp<Self>>;
+
+    /// Stop `app` gracefully; its data (and bus names) for [`start`](Topology::start).
+    fn stop(app: TestApp<Self>) -> (Self, BusNames);
+
+    /// Stop `app` abruptly, like a crash (nothing flushed, acked or closed).
+    fn crash(app: TestApp<Self>) -> (Self, BusNames);
+
+    /// A service on the data `stop` handed back.
+    fn start(
+        self,
+        names: BusNames,
+        extra: &[&str],
+        roles: Roles,
+    ) -> impl std::future::Future<Output = TestApp<Self>>;
+
+    /// The options that point a second process (`ai-secretary verify`,
+    /// `replay`) at `app`'s data: its database, and on the servers its cache.
+    fn cli_args(app: &TestApp<Self>) -> Vec<String>;
+}
+
+impl Topology for TestDb {
+    async fn fresh() -> TestDb {
+        TestDb::new().await
+    }
+
+    fn bus_names() -> BusNames {
+        BusNames::new()
+    }
+
+    fn service_env(&self, names: &BusNames) -> Vec<(&'static str, String)> {
+        vec![
+            ("DATABASE_URL", self.url.clone()),
+            ("NATS_URL", names.nats_url.clone()),
+            ("REDIS_URL", names.redis_url.clone()),
+            ("NATS_STREAM", names.stream.clone()),
+            ("NATS_SUBJECT_PREFIX", names.subject_prefix.clone()),
+            ("REDIS_KEY_PREFIX", names.redis_prefix.clone()),
+        ]
+    }
+
+    async fn spawn(extra: &[&str], roles: Roles) -> TestApp<TestDb> {
+        spawn_app_on(TestDb::new().await, BusNames::new(), extra, roles).await
+    }
+
+    fn stop(app: TestApp<TestDb>) -> (TestDb, BusNames) {
+        app.stop()
+    }
+
+    fn crash(app: TestApp<TestDb>) -> (TestDb, BusNames) {
+        app.crash()
+    }
+
+    async fn start(self, names: BusNames, extra: &[&str], roles: Roles) -> TestApp<TestDb> {
+        spawn_app_on(self, names, extra, roles).await
+    }
+
+    fn cli_args(app: &TestApp<TestDb>) -> Vec<String> {
+        [
+            "--database-url",
+            &app.db.url,
+            "--redis-url",
+            &app.names.redis_url,
+            "--redis-key-prefix",
+            &app.names.redis_prefix,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+}
+
+impl Topology for Embedded {
+    async fn fresh() -> Embedded {
+        Embedded::new()
+    }
+
+    fn bus_names() -> BusNames {
+        BusNames::detached()
+    }
+
+    fn service_env(&self, _: &BusNames) -> Vec<(&'static str, String)> {
+        vec![("DATA_DIR", self.dir.path().to_string_lossy().into_owned())]
+    }
+
+    async fn spawn(extra: &[&str], roles: Roles) -> TestApp<Embedded> {
+        spawn_embedded_on(Embedded::new(), extra, roles).await
+    }
+
+    fn stop(app: TestApp<Embedded>) -> (Embedded, BusNames) {
+        (app.stop_embedded(), BusNames::detached())
+    }
+
+    fn crash(mut app: TestApp<Embedded>) -> (Embedded, BusNames) {
+        app.crash_server();
+        let data = std::mem::replace(&mut app.db, Embedded::new());
+        (data, BusNames::detached())
+    }
+
+    async fn start(self, _: BusNames, extra: &[&str], roles: Roles) -> TestApp<Embedded> {
+        spawn_embedded_on(self, extra, roles).await
+    }
+
+    fn cli_args(app: &TestApp<Embedded>) -> Vec<String> {
+        vec![
+            "--data-dir".to_owned(),
+            app.db.dir.path().to_string_lossy().into_owned(),
+        ]
+    }
+}
+
+/// Every consumer of the log the service of topology `D` runs: the
+/// projections, and on the servers the relay.
+pub fn consumers<D: EventLog>() -> Vec<String> {
+    if D::SERVERS {
+        crate::progress::consumers()
+    } else {
+        ai_secretary::startup::projection_names()
     }
 }
 
@@ -683,18 +971,37 @@ impl<D: EventLog> TestApp<D> {
     pub async fn event_count(&self) -> i64 {
         self.db.event_count().await
     }
+
+    /// The database, as the read side and the operations tools take it.
+    pub async fn read_side(&self) -> ai_secretary_projections::Db {
+        self.db.read_side().await
+    }
+
+    /// Wait until every consumer the service runs has reached the head of the log.
+    pub async fn caught_up(
+        &self,
+    ) -> std::collections::BTreeMap<String, crate::progress::Checkpoint> {
+        crate::progress::caught_up(&self.read_side().await, &consumers::<D>()).await
+    }
 }
 
-impl TestApp {
-    /// Stop this instance abruptly (like a crash: nothing is flushed or acked) and
-    /// hand back its database and bus names for the next instance.
-    pub fn crash(mut self) -> (TestDb, BusNames) {
+impl<D> TestApp<D> {
+    /// Stop this instance abruptly (like a crash: nothing is flushed or acked).
+    fn crash_server(&mut self) {
         if let Some(server) = self.server.take() {
             server.crash.cancel();
             if server.thread.join().is_err() {
                 panic!("the service's thread panicked");
             }
         }
+    }
+}
+
+impl TestApp {
+    /// Stop this instance abruptly (like a crash: nothing is flushed or acked) and
+    /// hand back its database and bus names for the next instance.
+    pub fn crash(mut self) -> (TestDb, BusNames) {
+        self.crash_server();
         let db = std::mem::replace(&mut self.db, TestDb::detached());
         let names = std::mem::replace(&mut self.names, BusNames::detached());
         (db, names)
@@ -825,7 +1132,9 @@ pub async fn eventually_within<T>(
 ///
 /// - `on_both!(name)`: every role;
 /// - `on_both!(name, with [args…])`: every role, extra options;
-/// - `on_both!(name, without_replier [args…])`: no replier (replies stay queued).
+/// - `on_both!(name, without_replier [args…])`: no replier (replies stay queued);
+/// - `on_both!(name, spawns)`: `async fn <name><D: Topology>()` starts its
+///   own service(s) (`D::spawn`), e.g. with options it makes up first.
 #[macro_export]
 macro_rules! on_both {
     ($name:ident) => {
@@ -841,6 +1150,19 @@ macro_rules! on_both {
             #[tokio::test]
             async fn embedded() {
                 super::$name($crate::helpers::spawn_embedded(&[$($arg),*]).await).await
+            }
+        }
+    };
+    ($name:ident, spawns) => {
+        mod $name {
+            #[cfg_attr(not(test_servers), ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1")]
+            #[tokio::test]
+            async fn servers() {
+                super::$name::<$crate::support::TestDb>().await
+            }
+            #[tokio::test]
+            async fn embedded() {
+                super::$name::<$crate::helpers::Embedded>().await
             }
         }
     };

@@ -4,7 +4,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, problem, spawn_app_with, spawn_app_without_replier};
+use crate::helpers::{EventLog, TestApp, problem};
 
 /// `(method, path, body with a NUL at the field, pointer)` for every string
 /// field of every command, the anonymous ones included.
@@ -266,21 +266,20 @@ async fn commands_over_the_per_user_limit_are_429_and_change_nothing<
     assert_eq!(response.status(), StatusCode::CREATED);
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn sign_ups_and_logins_over_the_per_address_limits_are_429_before_any_work() {
-    let app = spawn_app_with(&[
+crate::on_both!(
+    sign_ups_and_logins_over_the_per_address_limits_are_429_before_any_work,
+    with [
         "--rate-limit-signups-per-hour",
         "10",
         "--rate-limit-logins-per-minute",
         "2",
         "--trusted-proxies",
         "127.0.0.1/32",
-    ])
-    .await;
+    ]
+);
+async fn sign_ups_and_logins_over_the_per_address_limits_are_429_before_any_work<D: EventLog>(
+    app: TestApp<D>,
+) {
     let user = |email: &str| json!({"email": email, "password": "correct horse battery", "display_name": "X"});
     // A burst of a tenth of the hour's 10: one sign-up, then one every 6 minutes.
     let first = post_json(&app, "/users", None, user("first@example.com")).await;
@@ -387,15 +386,13 @@ async fn guessable_passwords_are_refused_before_anything_is_hashed_or_appended<
     assert_eq!(app.event_count().await, before);
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn an_account_is_locked_out_after_repeated_failures_for_longer_each_round() {
-    let app =
-        spawn_app_without_replier(&["--login-max-failures", "3", "--login-lockout-seconds", "2"])
-            .await;
+crate::on_both!(
+    an_account_is_locked_out_after_repeated_failures_for_longer_each_round,
+    without_replier ["--login-max-failures", "3", "--login-lockout-seconds", "2"]
+);
+async fn an_account_is_locked_out_after_repeated_failures_for_longer_each_round<D>(
+    app: TestApp<D>,
+) {
     app.signed_up("locked@example.com").await;
     let login = async |email: &str, password: &str| {
         post_json(

@@ -85,6 +85,7 @@ async fn a_refused_command_is_not_remembered<D: crate::helpers::EventLog>(
 /// has answered, the retry gets its response. The first is held in flight
 /// deterministically: the test holds an uncommitted claim on the same email, so
 /// the registration's own claim waits on it.
+// Server-only: holds a Postgres row lock on the email's reservation.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -151,13 +152,8 @@ async fn a_retry_while_the_first_runs_is_409() {
     assert_eq!(users, 1);
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn a_key_expires_after_its_time_to_live() {
-    let app = crate::helpers::spawn_app_with(&["--idempotency-key-ttl-seconds", "1"]).await;
+crate::on_both!(a_key_expires_after_its_time_to_live, with ["--idempotency-key-ttl-seconds", "1"]);
+async fn a_key_expires_after_its_time_to_live<D>(app: TestApp<D>) {
     let token = app.signed_up("expiry@example.com").await;
     let first = keyed_post(&app, &token, "daily", json!({ "name": "Mika" })).await;
     assert_eq!(first.status(), StatusCode::CREATED);

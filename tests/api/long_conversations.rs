@@ -15,7 +15,8 @@ use ai_secretary::{
         reply::{ReplyCommand, ReplyDecider, ReplyError, ReplyEvent},
     },
     store::{
-        AppendRequest, EventMetadata, EventStore, PgEventStore, codec, postgres::CoalescingConfig,
+        AppendRequest, EventMetadata, EventStore, PgEventStore, SqliteEventStore, codec,
+        postgres::CoalescingConfig,
     },
 };
 use chrono::Utc;
@@ -24,36 +25,43 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::{
-    helpers::{TestApp, eventually_every, spawn_app},
-    support::TestDb,
-};
+use crate::helpers::{EventLog, TestApp, Topology, eventually_every};
+
+/// The event store on the test's database, whichever it is (a second writer
+/// beside the service's, as another process would be).
+fn event_store(db: &ai_secretary_projections::Db) -> Arc<dyn EventStore> {
+    match db {
+        ai_secretary_projections::Db::Postgres(pool) => {
+            Arc::new(PgEventStore::new(pool.clone(), CoalescingConfig::default()))
+        }
+        ai_secretary_projections::Db::Sqlite(lite) => Arc::new(SqliteEventStore::new(
+            lite.pool.clone(),
+            CoalescingConfig::default(),
+        )),
+    }
+}
 
 /// Every reply's endings and starts in the store: (endings, distinct replies
 /// ended, replies started more than once or not on attempt 1).
-async fn reply_counts(app: &TestApp) -> (i64, i64, i64) {
-    sqlx::query_as(
+async fn reply_counts<D: EventLog>(app: &TestApp<D>) -> (i64, i64, i64) {
+    crate::on_db!(app.read_side().await, |pool| sqlx::query_as(
         "SELECT
              (SELECT count(*) FROM events WHERE event_type IN ('ReplyCompleted', 'ReplyFailed')),
-             (SELECT count(DISTINCT data->>'reply_id') FROM events
+             (SELECT count(DISTINCT data ->> 'reply_id') FROM events
               WHERE event_type IN ('ReplyCompleted', 'ReplyFailed')),
              (SELECT count(*) FROM (
-                  SELECT data->>'reply_id' FROM events WHERE event_type = 'ReplyStarted'
-                  GROUP BY 1 HAVING count(*) > 1 OR min((data->>'attempt')::int) <> 1) again)",
+                  SELECT data ->> 'reply_id' FROM events WHERE event_type = 'ReplyStarted'
+                  GROUP BY 1
+                  HAVING count(*) > 1 OR min(CAST(data ->> 'attempt' AS INTEGER)) <> 1) again)",
     )
-    .fetch_one(&app.db.pool)
+    .fetch_one(pool)
     .await
-    .unwrap()
+    .unwrap())
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_user_and_the_replier_write_one_conversation_at_once() {
+crate::on_both!(the_user_and_the_replier_write_one_conversation_at_once);
+async fn the_user_and_the_replier_write_one_conversation_at_once<D: EventLog>(app: TestApp<D>) {
     const MESSAGES: usize = 200;
-    let app = spawn_app().await;
     let token = app.signed_up("busy@example.com").await;
     let assistant = app.assistant(&token, "Mika").await;
     let conversation = app.conversation(&token, &assistant["id"]).await;
@@ -90,13 +98,15 @@ async fn the_user_and_the_replier_write_one_conversation_at_once() {
     // would have put the request back, and started it again).
     assert_eq!(counts, (MESSAGES as i64, MESSAGES as i64, 0));
     // The replier wrote only to the replies' own streams.
-    let by_stream: Vec<(String, i64)> = sqlx::query_as(
+    let by_stream: Vec<(String, i64)> = crate::on_db!(app.read_side().await, |pool| {
+        sqlx::query_as(
         "SELECT stream_type, count(*) FROM events WHERE stream_type IN ('conversation', 'reply')
          GROUP BY 1 ORDER BY 1",
     )
-    .fetch_all(&app.db.pool)
+    .fetch_all(pool)
     .await
-    .unwrap();
+    .unwrap()
+    });
     assert_eq!(
         by_stream,
         [
@@ -116,7 +126,7 @@ fn metadata() -> EventMetadata {
 /// Append `events` to a stream at `after` (its current version), as a writer
 /// before this version of the service would have.
 async fn append<E: Serialize>(
-    store: &PgEventStore,
+    store: &dyn EventStore,
     stream_id: Uuid,
     stream_type: &'static str,
     after: i64,
@@ -157,13 +167,8 @@ fn legacy_completion(reply_id: Uuid, content: &str) -> ConversationEvent {
     }
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reply_events_stored_in_the_conversation_are_still_read() {
-    let app = spawn_app().await;
+crate::on_both!(reply_events_stored_in_the_conversation_are_still_read);
+async fn reply_events_stored_in_the_conversation_are_still_read<D: EventLog>(app: TestApp<D>) {
     let token = app.signed_up("legacy@example.com").await;
     let assistant = app.assistant(&token, "Mika").await;
     let me: Value = app
@@ -177,7 +182,9 @@ async fn reply_events_stored_in_the_conversation_are_still_read() {
 
     // A conversation as the service wrote it before replies had streams: one
     // reply answered in the conversation, one taken up there and never ended.
-    let store = PgEventStore::new(app.db.pool.clone(), CoalescingConfig::default());
+    let db = app.read_side().await;
+    let store = event_store(&db);
+    let store = &*store;
     let id = Uuid::now_v7();
     let (m1, r1, m2, r2) = (
         Uuid::now_v7(),
@@ -207,8 +214,6 @@ async fn reply_events_stored_in_the_conversation_are_still_read() {
         title: "Before".into(),
         started_at: Utc::now(),
     };
-    append(&store, id, "conversation", 0, &[started]).await;
-    append(&store, id, "conversation", 1, &post(m1, r1, "First")).await;
     let first_answer = [
         ConversationEvent::ReplyStarted {
             reply_id: r1,
@@ -217,14 +222,22 @@ async fn reply_events_stored_in_the_conversation_are_still_read() {
         },
         legacy_completion(r1, "An old answer"),
     ];
-    append(&store, id, "conversation", 3, &first_answer).await;
-    append(&store, id, "conversation", 5, &post(m2, r2, "Second")).await;
     let second_started = [ConversationEvent::ReplyStarted {
         reply_id: r2,
         attempt: 1,
         started_at: Utc::now(),
     }];
-    append(&store, id, "conversation", 7, &second_started).await;
+    // In one commit, as it would be there before this version starts: in
+    // separate ones, the replier could take `r1` up between its request and
+    // its legacy answer, and answer it a second time.
+    let legacy: Vec<ConversationEvent> = [started]
+        .into_iter()
+        .chain(post(m1, r1, "First"))
+        .chain(first_answer)
+        .chain(post(m2, r2, "Second"))
+        .chain(second_started)
+        .collect();
+    append(store, id, "conversation", 0, &legacy).await;
 
     // The replier answers the open one (in its own stream) and leaves the
     // answered one alone; the read side shows both, and the conversation's
@@ -261,13 +274,13 @@ async fn reply_events_stored_in_the_conversation_are_still_read() {
             .unwrap()
             .contains("Second")
     );
-    let endings: Vec<(String, String)> = sqlx::query_as(
-        "SELECT stream_type, data->>'reply_id' FROM events
+    let endings: Vec<(String, String)> = crate::on_db!(db, |pool| sqlx::query_as(
+        "SELECT stream_type, data ->> 'reply_id' FROM events
          WHERE event_type IN ('ReplyCompleted', 'ReplyFailed') ORDER BY global_position",
     )
-    .fetch_all(&app.db.pool)
+    .fetch_all(pool)
     .await
-    .unwrap();
+    .unwrap());
     assert_eq!(
         endings,
         [
@@ -312,13 +325,10 @@ async fn reply_events_stored_in_the_conversation_are_still_read() {
         Duration::from_millis(200),
         "the read side is verified clean",
         async || {
-            let (report, clean) = ai_secretary::recovery::verify_report(
-                &crate::helpers::pg(&app.db.pool),
-                &crate::helpers::master_key(),
-                &[],
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            let (report, clean) =
+                ai_secretary::recovery::verify_report(&db, &crate::helpers::master_key(), &[])
+                    .await
+                    .map_err(|e| e.to_string())?;
             let (_, ended, _) = reply_counts(&app).await;
             (clean && ended == 3)
                 .then_some((report.clone(), clean))
@@ -329,32 +339,25 @@ async fn reply_events_stored_in_the_conversation_are_still_read() {
     assert!(clean, "{report}");
 }
 
+crate::on_both!(state_caches_in_two_processes_stay_right, spawns);
 /// Two processes on one store, each with its own state cache: each sees the
 /// other's writes, on its next load or as a conflict whose retry reads the tail.
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn state_caches_in_two_processes_stay_right() {
-    let db = TestDb::new().await;
-    let store: Arc<dyn EventStore> = Arc::new(PgEventStore::new(
-        db.pool.clone(),
-        CoalescingConfig::default(),
-    ));
+async fn state_caches_in_two_processes_stay_right<D: Topology>() {
+    let data = D::fresh().await;
+    let db = data.read_side().await;
+    let store = event_store(&db);
     let one = Commands::new(
         store.clone(),
         StateCache::new(1 << 20),
-        crate::helpers::keyring(&db.pool).as_ref().clone(),
+        crate::helpers::keyring(&db).as_ref().clone(),
     );
     let two = Commands::new(
         store.clone(),
         StateCache::new(1 << 20),
-        crate::helpers::keyring(&db.pool).as_ref().clone(),
+        crate::helpers::keyring(&db).as_ref().clone(),
     );
     let (owner, context) = crate::helpers::registered(&one).await;
     let id = Uuid::now_v7();
-    let pg = PgEventStore::new(db.pool.clone(), CoalescingConfig::default());
     let start = ConversationEvent::ConversationStarted {
         conversation_id: id,
         owner_id: owner,
@@ -362,7 +365,7 @@ async fn state_caches_in_two_processes_stay_right() {
         title: "Shared".into(),
         started_at: Utc::now(),
     };
-    append(&pg, id, "conversation", 0, &[start]).await;
+    append(&*store, id, "conversation", 0, &[start]).await;
     let post = |n: u32| ConversationCommand::PostMessage {
         actor: owner,
         message_id: Uuid::now_v7(),
@@ -420,21 +423,18 @@ async fn state_caches_in_two_processes_stay_right() {
     );
 }
 
+crate::on_both!(reply_history_is_the_tail_that_fits_the_budget, spawns);
 /// The prompt's history is read backwards from the request and stops once the
 /// budget is spent; an answer sits where it was requested, and one recorded
 /// after the request is not part of it.
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn reply_history_is_the_tail_that_fits_the_budget() {
-    let db = TestDb::new().await;
-    let pg = PgEventStore::new(db.pool.clone(), CoalescingConfig::default());
+async fn reply_history_is_the_tail_that_fits_the_budget<D: Topology>() {
+    let data = D::fresh().await;
+    let db = data.read_side().await;
+    let store = event_store(&db);
     let commands = Commands::new(
-        Arc::new(pg.clone()),
+        store.clone(),
         StateCache::new(1 << 20),
-        crate::helpers::keyring(&db.pool).as_ref().clone(),
+        crate::helpers::keyring(&db).as_ref().clone(),
     );
     let (id, assistant) = (Uuid::now_v7(), Uuid::now_v7());
     let (owner, context) = crate::helpers::registered(&commands).await;
@@ -445,7 +445,7 @@ async fn reply_history_is_the_tail_that_fits_the_budget() {
         title: "Long".into(),
         started_at: Utc::now(),
     };
-    append(&pg, id, "conversation", 0, &[start]).await;
+    append(&*store, id, "conversation", 0, &[start]).await;
     let mut requests = Vec::new();
     for n in 0..300u32 {
         let (message_id, reply_id) = (Uuid::now_v7(), Uuid::now_v7());
@@ -463,7 +463,7 @@ async fn reply_history_is_the_tail_that_fits_the_budget() {
             },
         ];
         let version = 1 + 2 * i64::from(n);
-        append(&pg, id, "conversation", version, &events).await;
+        append(&*store, id, "conversation", version, &events).await;
         let request = ReplyRequest {
             conversation_id: id,
             version: version + 2,
@@ -557,8 +557,8 @@ async fn reply_history_is_the_tail_that_fits_the_budget() {
     );
     // Reply events name their conversation.
     let opened = ai_secretary::store::sealed::SealedStore::new(
-        Arc::new(pg.clone()),
-        crate::helpers::keyring(&db.pool).as_ref().clone(),
+        store.clone(),
+        crate::helpers::keyring(&db).as_ref().clone(),
     );
     let stored = opened.read_stream(requests[0].reply_id).await.unwrap();
     assert!(matches!(

@@ -98,6 +98,7 @@ async fn drive_a_flow(app: &TestApp) -> String {
     }
 }
 
+// Server-only: needs promtool, installed with the servers by .ci/run.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -163,6 +164,7 @@ async fn metrics_pass_promtool_and_are_labelled_by_route() {
 
 /// Every metric a dashboard panel or an alert queries is one the service
 /// exports (exporters' `pg_*`/`redis_*`, `up` and recording rules aside).
+// Server-only: dashboards and alerts over the servers' exporters.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -197,6 +199,7 @@ async fn dashboards_and_alerts_query_only_exported_metrics() {
 
 /// A worker process (no API) still answers /health and /metrics on its BIND,
 /// for Docker's health check and Prometheus; the API is not there.
+// Server-only: a relay-only process (the relay exists only with NATS).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -239,20 +242,15 @@ async fn a_worker_serves_health_and_metrics_but_not_the_api() {
     assert_eq!(api.status(), StatusCode::NOT_FOUND);
 }
 
+crate::on_both!(
+    logs_are_json_with_correlation_and_user_and_no_secrets,
+    spawns
+);
 /// The real binary with JSON logs to stdout and to a daily file in LOG_DIR:
 /// every line is JSON, the request's lines carry the correlation id and the
 /// user id, and no secret, password, token, email or message content appears.
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn logs_are_json_with_correlation_and_user_and_no_secrets() {
-    use crate::{
-        process::Service,
-        servers::free_port,
-        support::{BusNames, TestDb},
-    };
+async fn logs_are_json_with_correlation_and_user_and_no_secrets<D: crate::helpers::Topology>() {
+    use crate::{process::Service, servers::free_port};
 
     let logs = tempfile::tempdir().unwrap();
     let jwt_secret = format!("jwt-secret-{}", uuid::Uuid::new_v4().simple());
@@ -260,26 +258,22 @@ async fn logs_are_json_with_correlation_and_user_and_no_secrets() {
     let gemini_key = format!("gemini-key-{}", uuid::Uuid::new_v4().simple());
     // Gemini on a port where nothing listens: the replier fails, and logs it.
     let gemini = format!("http://127.0.0.1:{}", free_port());
-    let mut service = Service::start_on(
-        TestDb::new().await,
-        BusNames::new(),
-        &[
-            ("JWT_SECRET_KEY", &jwt_secret),
-            ("ENCRYPTION_KEY", &encryption_key),
-            ("LLM_PROVIDER", "gemini"),
-            ("GEMINI_API_KEY", &gemini_key),
-            ("GEMINI_BASE_URL", &gemini),
-            ("LLM_MAX_ATTEMPTS", "2"),
-            ("LLM_BACKOFF_MS", "10"),
-            ("LOG_FORMAT", "json"),
-            ("LOG_DIR", logs.path().to_str().unwrap()),
-            // Debug for our crates and the HTTP layer: more lines that could leak.
-            (
-                "RUST_LOG",
-                "info,ai_secretary=debug,ai_secretary_projections=debug,tower_http=debug",
-            ),
-        ],
-    )
+    let mut service = Service::<D>::start_fresh(&[
+        ("JWT_SECRET_KEY", &jwt_secret),
+        ("ENCRYPTION_KEY", &encryption_key),
+        ("LLM_PROVIDER", "gemini"),
+        ("GEMINI_API_KEY", &gemini_key),
+        ("GEMINI_BASE_URL", &gemini),
+        ("LLM_MAX_ATTEMPTS", "2"),
+        ("LLM_BACKOFF_MS", "10"),
+        ("LOG_FORMAT", "json"),
+        ("LOG_DIR", logs.path().to_str().unwrap()),
+        // Debug for our crates and the HTTP layer: more lines that could leak.
+        (
+            "RUST_LOG",
+            "info,ai_secretary=debug,ai_secretary_projections=debug,tower_http=debug",
+        ),
+    ])
     .await;
     let base = format!("http://{}", service.address);
     let client = reqwest::Client::new();
@@ -421,6 +415,7 @@ async fn logs_are_json_with_correlation_and_user_and_no_secrets() {
 /// With NATS unreachable the relay cannot publish: its lag, measured against
 /// the store, counts every event and keeps ageing (what RelayLagging needs),
 /// and so do the projections' behind it.
+// Server-only: relay observability.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -462,36 +457,24 @@ async fn lag_is_measured_against_the_store_so_a_stuck_relay_shows_it() {
     assert_eq!(measure(&db, "relay").await.unwrap(), (0, 0.0));
 }
 
+// The cache is Redis on the servers, the process's own memory embedded.
+crate::on_both!(cache_and_llm_counters_move_with_the_traffic, spawns);
 /// Counters move with what a user does, exactly, read from the binary's own
 /// `/metrics` (the in-process apps share one recorder, so their counts mix):
 /// an assistant read through the cache counts one miss (the read that fills
 /// it) and then a hit per read; a reply whose model is unreachable counts each
 /// failed attempt and one failed reply.
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn cache_and_llm_counters_move_with_the_traffic() {
-    use crate::{
-        process::Service,
-        progress::{caught_up, consumers},
-        servers::free_port,
-        support::{BusNames, TestDb},
-    };
+async fn cache_and_llm_counters_move_with_the_traffic<D: crate::helpers::Topology>() {
+    use crate::{helpers::consumers, process::Service, progress::caught_up, servers::free_port};
 
     let gemini = format!("http://127.0.0.1:{}", free_port());
-    let service = Service::start_on(
-        TestDb::new().await,
-        BusNames::new(),
-        &[
-            ("LLM_PROVIDER", "gemini"),
-            ("GEMINI_API_KEY", "a-key"),
-            ("GEMINI_BASE_URL", &gemini),
-            ("LLM_MAX_ATTEMPTS", "2"),
-            ("LLM_BACKOFF_MS", "10"),
-        ],
-    )
+    let service = Service::<D>::start_fresh(&[
+        ("LLM_PROVIDER", "gemini"),
+        ("GEMINI_API_KEY", "a-key"),
+        ("GEMINI_BASE_URL", &gemini),
+        ("LLM_MAX_ATTEMPTS", "2"),
+        ("LLM_BACKOFF_MS", "10"),
+    ])
     .await;
     let counter = |text: &str, name: &str, label: (&str, &str)| {
         promql::sample(text, name, &[label]).unwrap_or_else(|| panic!("no {name}{label:?}"))
@@ -501,7 +484,7 @@ async fn cache_and_llm_counters_move_with_the_traffic() {
         .created("/assistants", &token, json!({ "name": "Counted" }))
         .await;
     // Reads without a token use the cache once `cache` is where `assistants` is.
-    caught_up(&service.db.pool, &consumers()).await;
+    caught_up(&service.db.read_side().await, &consumers::<D>()).await;
     let before = service.metrics().await;
     let path = format!("/assistants/{}", assistant["id"].as_str().unwrap());
     for _ in 0..3 {
@@ -568,6 +551,7 @@ async fn cache_and_llm_counters_move_with_the_traffic() {
 /// older days' files. At start the oldest are removed to make room for today's,
 /// at midnight one more for tomorrow's, and every file left is one of the 30
 /// newest days.
+// Server-only: the binary on the servers under libfaketime (installed with them).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"

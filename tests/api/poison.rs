@@ -20,6 +20,7 @@ use crate::{
 ///   envelope at all. It is parked without an id; nothing in the store is missed.
 ///
 /// The service is the binary, so `projection_dead_letters_total` is its own.
+// Server-only: poison on the bus (NATS) as well as in the store.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"

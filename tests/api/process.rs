@@ -15,7 +15,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::{
-    helpers::eventually,
+    helpers::{Topology, eventually},
     servers::free_port,
     support::{BusNames, TestDb},
 };
@@ -24,14 +24,14 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_ai-secretary")
 }
 
-pub struct Service {
+pub struct Service<D = TestDb> {
     child: Option<Child>,
     /// `127.0.0.1:<port>`.
     pub address: String,
     pub client: reqwest::Client,
     stdout: tempfile::NamedTempFile,
     stderr: tempfile::NamedTempFile,
-    pub db: TestDb,
+    pub db: D,
     pub names: BusNames,
 }
 
@@ -45,20 +45,29 @@ impl Service {
     /// The binary on `db` and `names`, with `env` added (and winning over the
     /// defaults), answering `/health`.
     pub async fn start_on(db: TestDb, names: BusNames, env: &[(&str, &str)]) -> Service {
+        Service::launch(db, names, env).await
+    }
+}
+
+impl<D: Topology> Service<D> {
+    /// The binary of topology `D` on fresh data, with `env` added.
+    pub async fn start_fresh(env: &[(&str, &str)]) -> Service<D> {
+        Service::launch(D::fresh().await, D::bus_names(), env).await
+    }
+
+    /// The binary on `db` and `names` (its topology's settings,
+    /// `Topology::service_env`), with `env` added (and winning over the
+    /// defaults), answering `/health`.
+    pub async fn launch(db: D, names: BusNames, env: &[(&str, &str)]) -> Service<D> {
         let address = format!("127.0.0.1:{}", free_port());
         let (stdout, stderr) = (
             tempfile::NamedTempFile::new().unwrap(),
             tempfile::NamedTempFile::new().unwrap(),
         );
         let child = configured(&[])
+            .envs(db.service_env(&names))
             .envs([
-                ("DATABASE_URL", db.url.as_str()),
-                ("BIND", &address),
-                ("NATS_URL", &names.nats_url),
-                ("REDIS_URL", &names.redis_url),
-                ("NATS_STREAM", &names.stream),
-                ("NATS_SUBJECT_PREFIX", &names.subject_prefix),
-                ("REDIS_KEY_PREFIX", &names.redis_prefix),
+                ("BIND", address.as_str()),
                 ("RUST_LOG", "warn"),
                 // As the in-process apps: limits off unless a test sets one.
                 ("RATE_LIMIT_COMMANDS_PER_MINUTE", "0"),
@@ -82,7 +91,9 @@ impl Service {
         until_ok(&service.url("/health")).await;
         service
     }
+}
 
+impl<D> Service<D> {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.address)
     }
@@ -208,7 +219,7 @@ impl Service {
     }
 }
 
-impl Drop for Service {
+impl<D> Drop for Service<D> {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

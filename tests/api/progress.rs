@@ -4,9 +4,8 @@
 use std::collections::BTreeMap;
 
 use ai_secretary::startup::projection_names;
-use sqlx::PgPool;
 
-use crate::helpers::eventually;
+use crate::helpers::{AsDb, eventually};
 
 /// A consumer of the log: how far it has got and how many events it applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,13 +14,14 @@ pub struct Checkpoint {
     pub events: i64,
 }
 
-pub async fn checkpoints(pool: &PgPool) -> BTreeMap<String, Checkpoint> {
-    let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+/// Every checkpoint, on Postgres or SQLite.
+pub async fn checkpoints(db: &impl AsDb) -> BTreeMap<String, Checkpoint> {
+    let rows: Vec<(String, i64, i64, i64)> = crate::on_db!(db.db(), |pool| sqlx::query_as(
         "SELECT name, transaction_id, global_position, events FROM checkpoints ORDER BY name",
     )
     .fetch_all(pool)
     .await
-    .unwrap();
+    .unwrap());
     rows.into_iter()
         .map(|(name, tx, gp, events)| {
             (
@@ -36,22 +36,25 @@ pub async fn checkpoints(pool: &PgPool) -> BTreeMap<String, Checkpoint> {
 }
 
 /// The position of the last event in commit order ((0, 0) for none).
-pub async fn head(pool: &PgPool) -> (i64, i64) {
-    sqlx::query_as(
-        "SELECT transaction_id::text::int8, global_position FROM events
+/// (Postgres' `xid8` has no cast to a number but through text.)
+pub async fn head(db: &impl AsDb) -> (i64, i64) {
+    crate::on_db!(db.db(), |pool| sqlx::query_as(
+        "SELECT CAST(CAST(transaction_id AS TEXT) AS BIGINT), global_position FROM events
          ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
     )
     .fetch_optional(pool)
     .await
-    .unwrap()
+    .unwrap())
     .unwrap_or((0, 0))
 }
 
-pub async fn event_count(pool: &PgPool) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(pool)
-        .await
-        .unwrap()
+pub async fn event_count(db: &impl AsDb) -> i64 {
+    crate::on_db!(db.db(), |pool| sqlx::query_scalar(
+        "SELECT count(*) FROM events"
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap())
 }
 
 /// Every projection and the relay, by name.
@@ -62,7 +65,7 @@ pub fn consumers() -> Vec<String> {
 }
 
 /// Wait until every one of `names` has reached the store's head.
-pub async fn caught_up(pool: &PgPool, names: &[String]) -> BTreeMap<String, Checkpoint> {
+pub async fn caught_up(pool: &impl AsDb, names: &[String]) -> BTreeMap<String, Checkpoint> {
     eventually("every consumer reaches the head of the store", async || {
         let head = head(pool).await;
         let all = checkpoints(pool).await;
@@ -83,7 +86,7 @@ pub async fn caught_up(pool: &PgPool, names: &[String]) -> BTreeMap<String, Chec
 
 /// Exactly once: each projection applied every event of the store one time, and
 /// none went to `dead_letters`.
-pub async fn assert_each_event_applied_once(pool: &PgPool) {
+pub async fn assert_each_event_applied_once(pool: &impl AsDb) {
     let events = event_count(pool).await;
     let all = checkpoints(pool).await;
     for name in projection_names() {
@@ -93,10 +96,11 @@ pub async fn assert_each_event_applied_once(pool: &PgPool) {
             all[&name].events
         );
     }
-    let dead: Vec<(String, String)> =
-        sqlx::query_as("SELECT projection, reason FROM dead_letters ORDER BY id")
-            .fetch_all(pool)
-            .await
-            .unwrap();
+    let dead: Vec<(String, String)> = crate::on_db!(pool.db(), |pool| sqlx::query_as(
+        "SELECT projection, reason FROM dead_letters ORDER BY id"
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap());
     assert!(dead.is_empty(), "dead letters: {dead:?}");
 }

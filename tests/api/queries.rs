@@ -4,20 +4,17 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::{
-    helpers::{consistency, problem, spawn_app, spawn_app_without_replier},
-    progress,
-};
+use crate::helpers::{EventLog, TestApp, consistency, consumers, problem};
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
-    // Without the replier (the reply must still be queued when it is read), and
-    // as an administrator, so that the projections' status can be read at the end.
-    let app = spawn_app_without_replier(&["--admin-emails", "reader@example.com"]).await;
+// Without the replier (the reply must still be queued when it is read), and
+// as an administrator, so that the projections' status can be read at the end.
+crate::on_both!(
+    a_command_is_visible_to_the_next_query_that_carries_its_token,
+    without_replier ["--admin-emails", "reader@example.com"]
+);
+async fn a_command_is_visible_to_the_next_query_that_carries_its_token<D: EventLog>(
+    app: TestApp<D>,
+) {
     let token = app.signed_up("reader@example.com").await;
     let assistant = app.assistant(&token, "Mika").await;
     let conversation = app.conversation(&token, &assistant["id"]).await;
@@ -64,42 +61,12 @@ async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
     assert_eq!(one.headers()["etag"], "\"1\"");
     let one: Value = one.json().await.unwrap();
     assert_eq!(one, list["data"][0]);
-    // The read filled the cache with what it answered...
-    let key = format!(
-        "{}:assistant:{}",
-        app.names.redis_prefix,
-        assistant["id"].as_str().unwrap()
-    );
-    let mut redis = redis::Client::open(app.names.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let filled: Option<String> = redis::cmd("HGET")
-        .arg(&key)
-        .arg("json")
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let filled: Value = serde_json::from_str(&filled.expect("the read filled the cache")).unwrap();
-    assert_eq!(filled, one);
-    // ...and the next read is answered from it: a marked copy comes back. (A
-    // read without a token uses the cache once `cache` is where `assistants` is.)
-    progress::caught_up(&app.db.pool, &progress::consumers()).await;
-    let mut marked = filled.clone();
-    marked["name"] = json!("served from the cache");
-    let () = redis::cmd("HSET")
-        .arg(&key)
-        .arg("json")
-        .arg(marked.to_string())
-        .query_async(&mut redis)
-        .await
-        .unwrap();
-    let cached: Value = app.get(&path, &token, None).await.json().await.unwrap();
-    assert_eq!(
-        cached, marked,
-        "the second read did not go through the cache"
-    );
+    // On the servers, the cache is Redis, where the test can look (the
+    // embedded service's is in its memory: the local cache's test below).
+    if D::SERVERS {
+        let id = assistant["id"].as_str().unwrap();
+        redis_cache_serves_the_next_read(&app, &token, &path, &one, id).await;
+    }
 
     // The conversation, filtered lists, and usage (no reply yet: zero).
     let conversation: Value = app
@@ -160,7 +127,7 @@ async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
     assert_eq!(after["version"], 2);
 
     // Projections report no lag once caught up: every checkpoint at the head.
-    progress::caught_up(&app.db.pool, &progress::consumers()).await;
+    app.caught_up().await;
     let status: Value = app
         .get("/admin/projections", &token, None)
         .await
@@ -177,26 +144,58 @@ async fn a_command_is_visible_to_the_next_query_that_carries_its_token() {
         names.push(name);
     }
     names.sort_unstable();
+    let mut expected = consumers::<D>();
+    expected.sort_unstable();
+    assert_eq!(names, expected);
+    // The projections and, on the servers, the relay.
+    assert!(names.contains(&"assistants") && names.contains(&"cache"));
+    assert_eq!(names.contains(&"relay"), D::SERVERS);
+}
+
+/// The read filled the Redis cache with what it answered (`one`), and the next
+/// read is answered from it.
+async fn redis_cache_serves_the_next_read<D: EventLog>(
+    app: &TestApp<D>,
+    token: &str,
+    path: &str,
+    one: &Value,
+    assistant: &str,
+) {
+    let key = format!("{}:assistant:{}", app.names.redis_prefix, assistant);
+    let mut redis = redis::Client::open(app.names.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let filled: Option<String> = redis::cmd("HGET")
+        .arg(&key)
+        .arg("json")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let filled: Value = serde_json::from_str(&filled.expect("the read filled the cache")).unwrap();
+    assert_eq!(&filled, one);
+    // The next read is answered from it: a marked copy comes back. (A
+    // read without a token uses the cache once `cache` is where `assistants` is.)
+    app.caught_up().await;
+    let mut marked = filled.clone();
+    marked["name"] = json!("served from the cache");
+    let () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("json")
+        .arg(marked.to_string())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let cached: Value = app.get(path, token, None).await.json().await.unwrap();
     assert_eq!(
-        names,
-        [
-            "assistants",
-            "cache",
-            "conversations",
-            "messages",
-            "relay",
-            "usage_daily",
-        ]
+        cached, marked,
+        "the second read did not go through the cache"
     );
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn queries_are_scoped_to_their_owner() {
-    let app = spawn_app().await;
+crate::on_both!(queries_are_scoped_to_their_owner);
+async fn queries_are_scoped_to_their_owner<D: EventLog>(app: TestApp<D>) {
     let alice = app.signed_up("alice@example.com").await;
     let mallory = app.signed_up("mallory@example.com").await;
     let assistant = app.assistant(&alice, "Private").await;
@@ -242,13 +241,8 @@ async fn queries_are_scoped_to_their_owner() {
     }
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn pages_stay_stable_while_new_rows_arrive() {
-    let app = spawn_app().await;
+crate::on_both!(pages_stay_stable_while_new_rows_arrive);
+async fn pages_stay_stable_while_new_rows_arrive<D: EventLog>(app: TestApp<D>) {
     let token = app.signed_up("pager@example.com").await;
     let mut created = Vec::new();
     for i in 0..7 {
@@ -344,23 +338,24 @@ async fn pages_stay_stable_while_new_rows_arrive() {
     problem(bad, StatusCode::UNPROCESSABLE_ENTITY).await;
 }
 
+crate::on_both!(
+    the_local_cache_serves_reads_and_is_invalidated_by_the_projection,
+    without_replier ["--cache-backend", "local"]
+);
 /// The same read-your-writes through the in-process cache (the hidden
 /// `--cache-backend local` switch): a read fills it, an update's invalidation
 /// reaches it (a stale copy would be served once every consumer has caught
-/// up), and nothing is written to Redis.
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn the_local_cache_serves_reads_and_is_invalidated_by_the_projection() {
-    let app = spawn_app_without_replier(&["--cache-backend", "local"]).await;
+/// up), and nothing is written to Redis. (The embedded service's cache is
+/// this one.)
+async fn the_local_cache_serves_reads_and_is_invalidated_by_the_projection<D: EventLog>(
+    app: TestApp<D>,
+) {
     let token = app.signed_up("local@example.com").await;
     let assistant = app.assistant(&token, "Mika").await;
     let path = format!("/assistants/{}", assistant["id"].as_str().unwrap());
 
     // Filled by the first read, then served from it.
-    progress::caught_up(&app.db.pool, &progress::consumers()).await;
+    app.caught_up().await;
     let first = app.get_ok(&path, &token, None).await;
     assert_eq!(first["name"], "Mika");
     assert_eq!(app.get_ok(&path, &token, None).await, first);
@@ -380,12 +375,15 @@ async fn the_local_cache_serves_reads_and_is_invalidated_by_the_projection() {
     assert_eq!(read["name"], "Mika II", "read-your-writes");
     // With every consumer past the update, a read without a token goes to the
     // cache: it must hold the new copy or none.
-    progress::caught_up(&app.db.pool, &progress::consumers()).await;
+    app.caught_up().await;
     for _ in 0..2 {
         let read = app.get_ok(&path, &token, None).await;
         assert_eq!(read["name"], "Mika II", "a stale copy was served");
     }
 
+    if !D::SERVERS {
+        return; // no Redis to look in
+    }
     let mut redis = redis::Client::open(app.names.redis_url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()

@@ -23,6 +23,8 @@ use crate::support::TestDb;
 /// Every registered table has the migrations' columns, in their order, of the
 /// declared types: the bulk writer copies every column by its declared type,
 /// and an insert names every column.
+// Server-only: Postgres' catalog; SQLite's tables get the same check in
+// `the_sqlite_executor_and_the_fold_hold_the_same_rows`.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -291,6 +293,8 @@ async fn rows_of(conn: &mut sqlx::PgConnection, table: &str) -> Vec<Value> {
 /// The live path (each event's lookup and ops in SQL, in a transaction) and
 /// the fold (the same ops in memory, then the bulk writer) end with equal rows,
 /// and those rows are what the rules say.
+// Server-only: the Postgres executor and bulk writer; the SQLite executor has
+// `the_sqlite_executor_and_the_fold_hold_the_same_rows`.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -422,10 +426,7 @@ async fn the_live_executor_and_the_fold_write_the_same_rows() {
 /// `migrations/sqlite` makes (STRICT: a value bound as the wrong storage type
 /// is refused, not stored). First, every declared table is what that migration
 /// made: its columns in order, of the executor's storage type, and its key.
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
+/// (SQLite only: it needs no server.)
 #[tokio::test]
 async fn the_sqlite_executor_and_the_fold_hold_the_same_rows() {
     let dir = tempfile::tempdir().unwrap();

@@ -490,6 +490,7 @@ where
     );
 }
 
+// Server-only: compares SQLite's answers with Postgres'.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -810,11 +811,7 @@ async fn every_read_query_answers_the_same_on_sqlite_as_on_postgres() {
 
 /// Progress on SQLite: a checkpoint move this process signals is seen at once
 /// (well before the poll), one made without the signal (as by another
-/// process on the same file) by the poll.
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
+/// process on the same file) by the poll. (SQLite only: it needs no server.)
 #[tokio::test]
 async fn progress_on_sqlite_follows_the_signal_and_the_poll() {
     let dir = tempfile::tempdir().unwrap();

@@ -19,7 +19,8 @@ use sqlx::{Connection, PgPool};
 
 use crate::{
     helpers::{
-        TestApp, consistency, eventually, problem, some_history, spawn_app_on, spawn_app_with,
+        AsDb, EventLog, TestApp, Topology, consistency, eventually, problem, some_history,
+        spawn_app_on, spawn_app_with,
     },
     progress,
     support::{BusNames, TestDb},
@@ -43,7 +44,7 @@ async fn spawn_with_admin() -> TestApp {
 }
 
 /// Wait until every projection's checkpoint has reached the head of the store.
-async fn caught_up(pool: &PgPool) {
+async fn caught_up(pool: &impl AsDb) {
     progress::caught_up(pool, &projection_names()).await;
 }
 
@@ -67,10 +68,10 @@ async fn checksum(pool: &PgPool) -> String {
     all
 }
 
-async fn rebuild_all(pool: &PgPool) -> rebuild::Rebuilt {
+async fn rebuild_all(db: &impl AsDb) -> rebuild::Rebuilt {
     rebuild::rebuild(
-        &crate::helpers::pg(pool),
-        crate::helpers::keyring(pool),
+        &db.db(),
+        crate::helpers::keyring(db),
         &ai_secretary_projections::NAMES,
         None,
         &|_| {},
@@ -79,8 +80,45 @@ async fn rebuild_all(pool: &PgPool) -> rebuild::Rebuilt {
     .expect("the rebuild succeeds")
 }
 
+/// Hold the lock a rebuild of projection `name` takes, as a running rebuild
+/// would: Postgres' advisory lock, or on SQLite the `flock` on
+/// `<database file>.rebuild-<name>`. Released when the holder drops.
+async fn hold_the_rebuild_lock(
+    db: &ai_secretary_projections::Db,
+    name: &str,
+) -> Box<dyn std::any::Any> {
+    match db {
+        ai_secretary_projections::Db::Postgres(pool) => {
+            let mut holder = pool.acquire().await.unwrap().detach();
+            sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
+                .bind(format!("ai_secretary.rebuild.{name}"))
+                .execute(&mut holder)
+                .await
+                .unwrap();
+            Box::new(holder)
+        }
+        ai_secretary_projections::Db::Sqlite(lite) => {
+            let mut path = lite
+                .pool
+                .connect_options()
+                .get_filename()
+                .as_os_str()
+                .to_owned();
+            path.push(format!(".rebuild-{name}"));
+            let file = std::fs::File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(path)
+                .unwrap();
+            file.try_lock().expect("no rebuild holds the lock yet");
+            Box::new(file)
+        }
+    }
+}
+
 /// `(status, JSON body)` of a GET; a body that is not JSON fails the test.
-async fn get_json(app: &TestApp, path: &str, token: &str) -> (StatusCode, Value) {
+async fn get_json<D>(app: &TestApp<D>, path: &str, token: &str) -> (StatusCode, Value) {
     let response = app
         .send(Method::GET, &format!("/api/v1{path}"), Some(token), None)
         .await;
@@ -92,7 +130,7 @@ async fn get_json(app: &TestApp, path: &str, token: &str) -> (StatusCode, Value)
 }
 
 /// Poll a rebuild's status URL until it is no longer running; its last status.
-async fn rebuild_finished(app: &TestApp, admin: &str, location: &str) -> Value {
+async fn rebuild_finished<D>(app: &TestApp<D>, admin: &str, location: &str) -> Value {
     eventually("the rebuild finishes", async || {
         let response = app.send(Method::GET, location, Some(admin), None).await;
         assert_eq!(response.status(), StatusCode::OK);
@@ -106,38 +144,37 @@ async fn rebuild_finished(app: &TestApp, admin: &str, location: &str) -> Value {
     .await
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it() {
-    let app = spawn_with_admin().await;
+crate::on_both!(verify_finds_a_corrupted_row_and_a_replay_repairs_it, with ["--admin-emails", super::ADMIN]);
+async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it<D: Topology>(app: TestApp<D>) {
     let (token, assistants, _) = some_history(&app, "drift@example.com").await;
-    caught_up(&app.db.pool).await;
-    let (report, clean) = verify_report(
-        &crate::helpers::pg(&app.db.pool),
-        &crate::helpers::master_key(),
-        &[],
-    )
-    .await
-    .unwrap();
+    let db = app.read_side().await;
+    caught_up(&db).await;
+    let (report, clean) = verify_report(&db, &crate::helpers::master_key(), &[])
+        .await
+        .unwrap();
     assert!(clean, "{report}");
 
     // Corrupt one column of one row, and lose one message.
-    sqlx::query("UPDATE assistants SET name = 'corrupted', message_count = 99 WHERE id = $1::uuid")
-        .bind(&assistants[0])
-        .execute(&app.db.pool)
+    let corrupted: uuid::Uuid = assistants[0].parse().unwrap();
+    crate::on_db!(db, |pool| {
+        sqlx::query("UPDATE assistants SET name = 'corrupted', message_count = 99 WHERE id = $1")
+            .bind(corrupted)
+            .execute(pool)
+            .await
+            .unwrap();
+        sqlx::query(
+            "DELETE FROM messages WHERE id = (SELECT id FROM messages ORDER BY id LIMIT 1)",
+        )
+        .execute(pool)
         .await
         .unwrap();
-    sqlx::query("DELETE FROM messages WHERE id = (SELECT id FROM messages ORDER BY id LIMIT 1)")
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
+    });
 
     // The binary, as cron or CI runs it: exit 1 and a readable diff.
+    let cli = D::cli_args(&app);
     let output = Command::new(binary())
-        .args(["--database-url", &app.db.url, "verify"])
+        .args(&cli)
+        .arg("verify")
         .output()
         .unwrap();
     let printed = String::from_utf8_lossy(&output.stdout);
@@ -158,44 +195,33 @@ async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it() {
     );
     // Only the named projection is checked when one is named.
     let output = Command::new(binary())
-        .args(["--database-url", &app.db.url, "verify", "conversations"])
+        .args(&cli)
+        .args(["verify", "conversations"])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(0));
 
     // A replay of the two projections repairs them; verify is clean again.
     let output = Command::new(binary())
-        .args([
-            "--database-url",
-            &app.db.url,
-            "--redis-url",
-            &app.names.redis_url,
-            "--redis-key-prefix",
-            &app.names.redis_prefix,
-            "replay",
-            "assistants",
-        ])
+        .args(&cli)
+        .args(["replay", "assistants"])
         .output()
         .unwrap();
     let printed = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{printed}");
     assert!(printed.contains("assistants: swapped in at"), "{printed}");
     rebuild::rebuild(
-        &crate::helpers::pg(&app.db.pool),
-        crate::helpers::keyring(&app.db.pool),
+        &db,
+        crate::helpers::keyring(&db),
         &["messages"],
         None,
         &|_| {},
     )
     .await
     .unwrap();
-    let (report, clean) = verify_report(
-        &crate::helpers::pg(&app.db.pool),
-        &crate::helpers::master_key(),
-        &[],
-    )
-    .await
-    .unwrap();
+    let (report, clean) = verify_report(&db, &crate::helpers::master_key(), &[])
+        .await
+        .unwrap();
     assert!(clean, "{report}");
     let (status, assistant) =
         get_json(&app, &format!("/assistants/{}", assistants[0]), &token).await;
@@ -204,63 +230,90 @@ async fn verify_finds_a_corrupted_row_and_a_replay_repairs_it() {
     assert_eq!(assistant["message_count"], 12, "{assistant}");
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn a_replay_is_deterministic_and_cleans_up_an_interrupted_one() {
-    let app = spawn_with_admin().await;
+crate::on_both!(a_replay_is_deterministic_and_cleans_up_an_interrupted_one, with ["--admin-emails", super::ADMIN]);
+async fn a_replay_is_deterministic_and_cleans_up_an_interrupted_one<D: EventLog>(app: TestApp<D>) {
     some_history(&app, "twice@example.com").await;
-    caught_up(&app.db.pool).await;
-    let incremental = checksum(&app.db.pool).await;
+    let db = app.read_side().await;
+    // No traffic between the replays: every reply has ended first.
+    eventually("every reply has ended", async || {
+        let (requested, ended): (i64, i64) = crate::on_db!(db, |pool| sqlx::query_as(
+            "SELECT (SELECT count(*) FROM events WHERE event_type = 'ReplyRequested'),
+                    (SELECT count(*) FROM events
+                     WHERE event_type IN ('ReplyCompleted', 'ReplyFailed'))",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap());
+        (requested == ended)
+            .then_some(())
+            .ok_or(format!("{ended} of {requested}"))
+    })
+    .await;
+    caught_up(&db).await;
+    let incremental = every_row(&app).await;
 
     // What an interrupted run leaves behind: a half-filled fresh table.
-    sqlx::query("CREATE TABLE assistants__next (LIKE assistants)")
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
-    sqlx::query("INSERT INTO assistants__next SELECT * FROM assistants LIMIT 1")
-        .execute(&app.db.pool)
-        .await
-        .unwrap();
+    crate::on_db!(db, |pool| {
+        sqlx::query("CREATE TABLE assistants__next AS SELECT * FROM assistants LIMIT 1")
+            .execute(pool)
+            .await
+            .unwrap();
+    });
 
-    let first = rebuild_all(&app.db.pool).await;
-    let once = checksum(&app.db.pool).await;
-    let second = rebuild_all(&app.db.pool).await;
-    let twice = checksum(&app.db.pool).await;
+    let first = rebuild_all(&db).await;
+    let once = every_row(&app).await;
+    let second = rebuild_all(&db).await;
+    let twice = every_row(&app).await;
     assert_eq!(first.head, second.head, "no traffic in between");
     assert_eq!(once, twice, "two replays differ");
     assert_eq!(
         once, incremental,
         "a replay differs from the incremental path"
     );
-    let leftovers: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pg_class WHERE relname LIKE '%\\_\\_next%'")
-            .fetch_one(&app.db.pool)
+    // In each database's catalog: tables, and on Postgres indexes too.
+    let leftovers: i64 = match &db {
+        ai_secretary_projections::Db::Postgres(pool) => {
+            sqlx::query_scalar("SELECT count(*) FROM pg_class WHERE relname LIKE '%\\_\\_next%'")
+                .fetch_one(pool)
+                .await
+        }
+        ai_secretary_projections::Db::Sqlite(lite) => {
+            sqlx::query_scalar(
+                "SELECT count(*) FROM sqlite_schema WHERE name LIKE '%\\_\\_next%' ESCAPE '\\'",
+            )
+            .fetch_one(&lite.pool)
             .await
-            .unwrap();
-    assert_eq!(leftovers, 0, "fresh tables or indexes left behind");
-    let (report, clean) = verify_report(
-        &crate::helpers::pg(&app.db.pool),
-        &crate::helpers::master_key(),
-        &[],
-    )
-    .await
+        }
+    }
     .unwrap();
+    assert_eq!(leftovers, 0, "fresh tables or indexes left behind");
+    let (report, clean) = verify_report(&db, &crate::helpers::master_key(), &[])
+        .await
+        .unwrap();
     assert!(clean, "{report}");
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
-    let app = spawn_with_admin().await;
+/// Every row of every read-model table, as text, on either database.
+async fn every_row<D: EventLog>(app: &TestApp<D>) -> Vec<String> {
+    let mut all = Vec::new();
+    for projection in ALL {
+        for table in projection.tables {
+            let rows = app.db.rows(table.name).await;
+            all.extend(rows.into_iter().map(|row| format!("{} {row}", table.name)));
+        }
+    }
+    assert!(!all.is_empty(), "no rows: the comparison proves nothing");
+    all
+}
+
+crate::on_both!(a_rebuild_during_live_traffic_never_serves_a_half_built_model, with ["--admin-emails", super::ADMIN]);
+async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model<D: EventLog>(
+    app: TestApp<D>,
+) {
     let admin = app.signed_up(ADMIN).await;
     let (token, assistants, conversations) = some_history(&app, "live@example.com").await;
-    caught_up(&app.db.pool).await;
+    let db = app.read_side().await;
+    caught_up(&db).await;
 
     // Non-admins get 403 on the admin API; unknown projections 404.
     let other = app.signed_up("someone@example.com").await;
@@ -417,8 +470,8 @@ async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
     assert_eq!(entry["rebuild"]["id"], body["id"], "{listed}");
     // And every projection from the command line at the same time as the traffic.
     let cli = rebuild::rebuild(
-        &crate::helpers::pg(&app.db.pool),
-        crate::helpers::keyring(&app.db.pool),
+        &db,
+        crate::helpers::keyring(&db),
         &["conversations", "messages", "usage_daily", "cache"],
         None,
         &|_| {},
@@ -452,11 +505,7 @@ async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
     );
 
     // A rebuild of the same projection while one runs: 409.
-    let mut holder = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(hashtext('ai_secretary.rebuild.messages'))")
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    let holder = hold_the_rebuild_lock(&db, "messages").await;
     problem(
         app.send(
             Method::POST,
@@ -494,22 +543,20 @@ async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
         .json()
         .await
         .unwrap();
-    let messages: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM events WHERE stream_id = $1::uuid AND event_type IN ('MessagePosted', 'ReplyRequested')",
+    let stream: uuid::Uuid = conversations[0].parse().unwrap();
+    let messages: i64 = crate::on_db!(db, |pool| sqlx::query_scalar(
+        "SELECT count(*) FROM events
+         WHERE stream_id = $1 AND event_type IN ('MessagePosted', 'ReplyRequested')",
     )
-    .bind(&conversations[0])
-    .fetch_one(&app.db.pool)
+    .bind(stream)
+    .fetch_one(pool)
     .await
-    .unwrap();
+    .unwrap());
     assert_eq!(conversation["message_count"], messages);
-    caught_up(&app.db.pool).await;
-    let (report, clean) = verify_report(
-        &crate::helpers::pg(&app.db.pool),
-        &crate::helpers::master_key(),
-        &[],
-    )
-    .await
-    .unwrap();
+    caught_up(&db).await;
+    let (report, clean) = verify_report(&db, &crate::helpers::master_key(), &[])
+        .await
+        .unwrap();
     assert!(clean, "{report}");
     let (_, assistant) = get_json(&app, &format!("/assistants/{}", assistants[0]), &token).await;
     assert!(
@@ -518,6 +565,7 @@ async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model() {
     );
 }
 
+// Server-only: the pg_dump-based backup scripts.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -618,6 +666,7 @@ async fn backup_then_drop_then_restore_serves_the_same_data_and_verifies_clean()
 /// (stop the service, `restore.sh`, purge the stream, start the service,
 /// `replay --all`), nothing of them is served, the service goes on from the
 /// restored point, and `verify` finds no drift.
+// Server-only: a restore behind what NATS has seen.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -744,6 +793,7 @@ async fn a_restore_older_than_what_nats_has_seen_follows_the_procedure_to_a_clea
     std::fs::remove_dir_all(&backups).unwrap();
 }
 
+// Server-only: the operations scripts that watch Postgres, NATS and Redis.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"

@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use crate::helpers::{
-    TestApp, eventually, eventually_every, spawn_app, spawn_app_on, spawn_app_with,
+    EventLog, TestApp, Topology, eventually, eventually_every, spawn_app, spawn_app_on,
 };
 use crate::stream::{Events, Sse, streamed_text, subscribe, until_completed, until_event};
 use ai_secretary::{replier::CONSUMER, startup::Roles};
@@ -513,7 +513,7 @@ fn stream(responses: Vec<(Duration, Value)>, sse: bool) -> AxumResponse {
 
 /// A user with an assistant (capped at 256 answer tokens) and a conversation,
 /// who posts `content`; returns the token, the conversation id and the reply id.
-async fn ask(app: &TestApp, email: &str, content: &str) -> (String, String, String) {
+async fn ask<D>(app: &TestApp<D>, email: &str, content: &str) -> (String, String, String) {
     let (token, conversation) = with_assistant(app, email, "gemini-2.5-flash").await;
     let reply = post_message(app, &token, &conversation, content).await;
     (token, conversation, reply)
@@ -521,7 +521,7 @@ async fn ask(app: &TestApp, email: &str, content: &str) -> (String, String, Stri
 
 /// A user with an assistant of `model` and a conversation with it: the token
 /// and the conversation id.
-async fn with_assistant(app: &TestApp, email: &str, model: &str) -> (String, String) {
+async fn with_assistant<D>(app: &TestApp<D>, email: &str, model: &str) -> (String, String) {
     let token = app.signed_up(email).await;
     let response = app
         .post(
@@ -538,7 +538,12 @@ async fn with_assistant(app: &TestApp, email: &str, model: &str) -> (String, Str
 }
 
 /// Post `content`; returns the id of the reply it asks for.
-async fn post_message(app: &TestApp, token: &str, conversation: &str, content: &str) -> String {
+async fn post_message<D>(
+    app: &TestApp<D>,
+    token: &str,
+    conversation: &str,
+    content: &str,
+) -> String {
     let posted: Value = app
         .post(
             &format!("/conversations/{conversation}/messages"),
@@ -554,7 +559,7 @@ async fn post_message(app: &TestApp, token: &str, conversation: &str, content: &
 }
 
 /// The reply as `GET /conversations/{id}/messages` lists it, once it has ended.
-async fn ended_reply(app: &TestApp, token: &str, conversation: &str, reply: &str) -> Value {
+async fn ended_reply<D>(app: &TestApp<D>, token: &str, conversation: &str, reply: &str) -> Value {
     eventually_every(Duration::from_millis(20), "the reply ends", async || {
         let messages: Value = app
             .client
@@ -580,7 +585,7 @@ async fn ended_reply(app: &TestApp, token: &str, conversation: &str, reply: &str
 }
 
 /// `GET /stats/usage?group_by=model` once `usage_daily` totals `total_tokens`.
-async fn usage_by_model_once(app: &TestApp, token: &str, total_tokens: &Value) -> Value {
+async fn usage_by_model_once<D>(app: &TestApp<D>, token: &str, total_tokens: &Value) -> Value {
     eventually("usage_daily has the reply's tokens", async || {
         let stats: Value = app
             .client
@@ -600,23 +605,28 @@ async fn usage_by_model_once(app: &TestApp, token: &str, total_tokens: &Value) -
 }
 
 /// The payload of each event of `event_type` for `reply`, from the store.
-async fn reply_events(app: &TestApp, event_type: &str, reply: &str) -> Vec<Value> {
-    sqlx::query_scalar(
-        "SELECT data FROM events WHERE event_type = $1 AND data->>'reply_id' = $2
+async fn reply_events<D: EventLog>(app: &TestApp<D>, event_type: &str, reply: &str) -> Vec<Value> {
+    let data: Vec<String> = crate::on_db!(app.read_side().await, |pool| {
+        sqlx::query_scalar(
+        "SELECT CAST(data AS TEXT) FROM events WHERE event_type = $1 AND data ->> 'reply_id' = $2
          ORDER BY global_position",
     )
     .bind(event_type)
     .bind(reply)
-    .fetch_all(&app.db.pool)
+    .fetch_all(pool)
     .await
     .unwrap()
+    });
+    data.iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
 }
 
 /// The replier's consumer once JetStream has nothing left to hand out on it
 /// and nothing handed out unacked (so no reply can come from a delivery after
 /// this), and `also` holds of it: its state then.
-async fn quiet_replier(
-    app: &TestApp,
+async fn quiet_replier<D>(
+    app: &TestApp<D>,
     also: impl Fn(&ConsumerInfo) -> Result<(), String>,
 ) -> ConsumerInfo {
     let nats = async_nats::connect(&app.names.nats_url).await.unwrap();
@@ -639,10 +649,34 @@ async fn quiet_replier(
     .await
 }
 
+/// The store-tailing replier's checkpoint is past the request for `reply`:
+/// nothing can take it up again.
+async fn replier_passed<D: EventLog>(app: &TestApp<D>, reply: &str) {
+    let db = app.read_side().await;
+    let requested: (i64, i64) = crate::on_db!(db, |pool| sqlx::query_as(
+        "SELECT CAST(CAST(transaction_id AS TEXT) AS BIGINT), global_position FROM events
+         WHERE event_type = 'ReplyRequested' AND data ->> 'reply_id' = $1",
+    )
+    .bind(reply)
+    .fetch_one(pool)
+    .await
+    .unwrap());
+    eventually("the replier's checkpoint passes the request", async || {
+        let checkpoints = crate::progress::checkpoints(&db).await;
+        let at = checkpoints
+            .get(ai_secretary::replier::CHECKPOINT)
+            .map(|c| c.position);
+        (at >= Some(requested))
+            .then_some(())
+            .ok_or(format!("{at:?} < {requested:?}"))
+    })
+    .await;
+}
+
 /// `quiet_replier`, and still quiet, with no delivery in between, after
 /// `ack_wait` more: a message handed out and left unacked would have been
 /// handed out again by then.
-async fn settled_replier(app: &TestApp, ack_wait: Duration) -> ConsumerInfo {
+async fn settled_replier<D>(app: &TestApp<D>, ack_wait: Duration) -> ConsumerInfo {
     let quiet = quiet_replier(app, |_| Ok(())).await;
     tokio::time::sleep(ack_wait + Duration::from_millis(500)).await;
     let delivered = quiet.delivered.consumer_sequence;
@@ -654,13 +688,8 @@ async fn settled_replier(app: &TestApp, ack_wait: Duration) -> ConsumerInfo {
     .await
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn with_the_defaults_a_message_is_answered_offline_with_usage() {
-    let app = spawn_app().await;
+crate::on_both!(with_the_defaults_a_message_is_answered_offline_with_usage);
+async fn with_the_defaults_a_message_is_answered_offline_with_usage<D: EventLog>(app: TestApp<D>) {
     let started = Instant::now();
     let (token, conversation, reply) = ask(
         &app,
@@ -708,14 +737,13 @@ async fn with_the_defaults_a_message_is_answered_offline_with_usage() {
     assert_eq!(twin["usage"], answered["usage"]);
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn gemini_gets_the_real_request_and_its_answer_is_recorded() {
+crate::on_both!(
+    gemini_gets_the_real_request_and_its_answer_is_recorded,
+    spawns
+);
+async fn gemini_gets_the_real_request_and_its_answer_is_recorded<D: Topology>() {
     let gemini = FakeGemini::start(Script::Answer).await;
-    let app = spawn_app_with(&gemini.args(&[])).await;
+    let app = D::spawn(&gemini.args(&[]), Roles::all()).await;
     let (token, conversation, reply) = ask(
         &app,
         "gemini@example.com",
@@ -787,38 +815,40 @@ async fn gemini_gets_the_real_request_and_its_answer_is_recorded() {
     );
 
     // The key is in no event.
-    let leaked: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM events WHERE data::text LIKE $1 OR metadata::text LIKE $1",
+    let leaked: i64 = crate::on_db!(app.read_side().await, |pool| sqlx::query_scalar(
+        "SELECT count(*) FROM events
+         WHERE CAST(data AS TEXT) LIKE $1 OR CAST(metadata AS TEXT) LIKE $1",
     )
     .bind(format!("%{API_KEY}%"))
-    .fetch_one(&app.db.pool)
+    .fetch_one(pool)
     .await
-    .unwrap();
+    .unwrap());
     assert_eq!(leaked, 0);
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn gemini_streams_the_reply_text_to_sse_before_the_completion() {
-    streams_the_reply_text(&[]).await;
+crate::on_both!(
+    gemini_streams_the_reply_text_to_sse_before_the_completion,
+    spawns
+);
+async fn gemini_streams_the_reply_text_to_sse_before_the_completion<D: Topology>() {
+    streams_the_reply_text::<D>(&[]).await;
 }
 
 /// Without NATS the deltas travel through the process's hub.
+// Server-only: the server topology with NATS left out (the embedded service
+// has no NATS either: `gemini_streams_the_reply_text_…::embedded`).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
 )]
 #[tokio::test]
 async fn without_nats_gemini_streams_the_reply_text_to_sse_before_the_completion() {
-    streams_the_reply_text(&[crate::helpers::WITHOUT_NATS]).await;
+    streams_the_reply_text::<crate::support::TestDb>(&[crate::helpers::WITHOUT_NATS]).await;
 }
 
-async fn streams_the_reply_text(extra: &[&str]) {
+async fn streams_the_reply_text<D: Topology>(extra: &[&str]) {
     let gemini = FakeGemini::start(Script::Answer).await;
-    let app = spawn_app_with(&gemini.args(extra)).await;
+    let app = D::spawn(&gemini.args(extra), Roles::all()).await;
     let token = app.signed_up("streaming@example.com").await;
     let assistant = app.assistant(&token, "Mika").await;
     let conversation = app.conversation(&token, &assistant["id"]).await;
@@ -851,16 +881,12 @@ async fn streams_the_reply_text(extra: &[&str]) {
     assert_eq!(completed.data["usage"]["total_tokens"], 28);
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn a_rate_limit_is_waited_out_as_its_retry_info_asks() {
+crate::on_both!(a_rate_limit_is_waited_out_as_its_retry_info_asks, spawns);
+async fn a_rate_limit_is_waited_out_as_its_retry_info_asks<D: Topology>() {
     // A 429 with RetryInfo "2s" in the body and no Retry-After header, as Google sends it.
     let gemini = FakeGemini::start(Script::RateLimitedOnce("2s")).await;
     // Unary generateContent here; the other tests stream.
-    let app = spawn_app_with(&gemini.args(&["--llm-stream", "false"])).await;
+    let app = D::spawn(&gemini.args(&["--llm-stream", "false"]), Roles::all()).await;
     let (token, conversation, reply) = ask(&app, "limited@example.com", "Summarise my week").await;
     let answered = ended_reply(&app, &token, &conversation, &reply).await;
     assert_eq!(answered["status"], "completed");
@@ -885,9 +911,9 @@ struct Failed {
 }
 
 /// Ask once through a fake Gemini with `script`, and wait for the reply to fail.
-async fn failed_through(script: Script, extra: &[&str], email: &str) -> Failed {
+async fn failed_through<D: Topology>(script: Script, extra: &[&str], email: &str) -> Failed {
     let gemini = FakeGemini::start(script).await;
-    let app = spawn_app_with(&gemini.args(extra)).await;
+    let app = D::spawn(&gemini.args(extra), Roles::all()).await;
     let (token, conversation, reply) = ask(&app, email, "How do I get past the gate?").await;
     let ended = ended_reply(&app, &token, &conversation, &reply).await;
     assert_eq!(ended["status"], "failed", "{ended}");
@@ -906,13 +932,9 @@ async fn failed_through(script: Script, extra: &[&str], email: &str) -> Failed {
     }
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn a_daily_quota_fails_the_reply_at_once_saying_so() {
-    let failed = failed_through(Script::DailyQuota, &[], "daily@example.com").await;
+crate::on_both!(a_daily_quota_fails_the_reply_at_once_saying_so, spawns);
+async fn a_daily_quota_fails_the_reply_at_once_saying_so<D: Topology>() {
+    let failed = failed_through::<D>(Script::DailyQuota, &[], "daily@example.com").await;
     assert!(
         failed.error.starts_with("rate_limited: quota: the daily quota is spent; gemini 429 RESOURCE_EXHAUSTED: You exceeded your current quota"),
         "{failed:?}"
@@ -930,14 +952,13 @@ async fn a_daily_quota_fails_the_reply_at_once_saying_so() {
     );
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn a_quota_wait_past_the_deadline_fails_at_once_saying_so() {
+crate::on_both!(
+    a_quota_wait_past_the_deadline_fails_at_once_saying_so,
+    spawns
+);
+async fn a_quota_wait_past_the_deadline_fails_at_once_saying_so<D: Topology>() {
     let started = Instant::now();
-    let failed = failed_through(
+    let failed = failed_through::<D>(
         Script::RateLimitedOnce("47s"),
         &["--llm-deadline-seconds", "20"],
         "patient@example.com",
@@ -959,12 +980,11 @@ async fn a_quota_wait_past_the_deadline_fails_at_once_saying_so() {
     );
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn answers_that_cannot_succeed_fail_at_once_with_their_reason() {
+crate::on_both!(
+    answers_that_cannot_succeed_fail_at_once_with_their_reason,
+    spawns
+);
+async fn answers_that_cannot_succeed_fail_at_once_with_their_reason<D: Topology>() {
     let shapes = [
         (
             Script::PromptBlocked,
@@ -985,7 +1005,7 @@ async fn answers_that_cannot_succeed_fail_at_once_with_their_reason() {
     ];
     for (i, (script, error)) in shapes.into_iter().enumerate() {
         let email = format!("refused{i}@example.com");
-        let failed = failed_through(script, &[], &email).await;
+        let failed = failed_through::<D>(script, &[], &email).await;
         // The same request would get the same answer: not retried.
         let at_once = Failed {
             error: error.into(),
@@ -997,19 +1017,18 @@ async fn answers_that_cannot_succeed_fail_at_once_with_their_reason() {
     }
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn a_safety_finish_after_streamed_text_fails_the_reply_the_stream_showed() {
+crate::on_both!(
+    a_safety_finish_after_streamed_text_fails_the_reply_the_stream_showed,
+    spawns
+);
+async fn a_safety_finish_after_streamed_text_fails_the_reply_the_stream_showed<D: Topology>() {
     let Watched {
         gemini,
         app,
         reply,
         mut live,
         ..
-    } = watched_through(
+    } = watched_through::<D>(
         Script::WithheldMidway,
         "gemini-2.5-flash",
         "How do I get past the gate?",
@@ -1031,9 +1050,9 @@ async fn a_safety_finish_after_streamed_text_fails_the_reply_the_stream_showed()
 }
 
 /// A conversation watched over SSE while its message is answered through a fake Gemini.
-struct Watched {
+struct Watched<D> {
     gemini: FakeGemini,
-    app: TestApp,
+    app: TestApp<D>,
     token: String,
     conversation: String,
     reply: String,
@@ -1042,9 +1061,9 @@ struct Watched {
 
 /// A user with an assistant of `model` subscribes to the conversation's stream,
 /// then posts `content`, answered through a fake Gemini with `script`.
-async fn watched_through(script: Script, model: &str, content: &str) -> Watched {
+async fn watched_through<D: Topology>(script: Script, model: &str, content: &str) -> Watched<D> {
     let gemini = FakeGemini::start(script).await;
-    let app = spawn_app_with(&gemini.args(&[])).await;
+    let app = D::spawn(&gemini.args(&[]), Roles::all()).await;
     let (token, conversation) = with_assistant(&app, "watcher@example.com", model).await;
     let live = subscribe(&app, &token, &conversation, None).await;
     let reply = post_message(&app, &token, &conversation, content).await;
@@ -1066,12 +1085,11 @@ fn deltas_of<'a>(updates: &'a [Sse], reply: &str) -> Vec<&'a Sse> {
         .collect()
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn a_thinking_answer_shows_no_thought_and_its_usage_adds_up() {
+crate::on_both!(
+    a_thinking_answer_shows_no_thought_and_its_usage_adds_up,
+    spawns
+);
+async fn a_thinking_answer_shows_no_thought_and_its_usage_adds_up<D: Topology>() {
     let Watched {
         gemini,
         app,
@@ -1079,7 +1097,7 @@ async fn a_thinking_answer_shows_no_thought_and_its_usage_adds_up() {
         conversation,
         reply,
         mut live,
-    } = watched_through(Script::Thinking, "gemini-2.5-pro", "Book the 9:40 to Kyoto").await;
+    } = watched_through::<D>(Script::Thinking, "gemini-2.5-pro", "Book the 9:40 to Kyoto").await;
     let (updates, completed) = until_completed(&mut live).await;
     let answer = "Certainly. Done: Book the 9:40 to Kyoto";
     assert_eq!(completed.data["content"], answer);
@@ -1115,19 +1133,18 @@ async fn a_thinking_answer_shows_no_thought_and_its_usage_adds_up() {
     );
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn an_error_inside_the_stream_fails_the_attempt_and_the_next_one_answers() {
+crate::on_both!(
+    an_error_inside_the_stream_fails_the_attempt_and_the_next_one_answers,
+    spawns
+);
+async fn an_error_inside_the_stream_fails_the_attempt_and_the_next_one_answers<D: Topology>() {
     let Watched {
         gemini,
         app,
         reply,
         mut live,
         ..
-    } = watched_through(Script::ErrorEventOnce, "gemini-2.5-flash", "Move my 3 pm").await;
+    } = watched_through::<D>(Script::ErrorEventOnce, "gemini-2.5-flash", "Move my 3 pm").await;
     let (updates, completed) = until_completed(&mut live).await;
     assert_eq!(completed.data["content"], "Certainly. Done: Move my 3 pm");
     let first: Vec<&Sse> = deltas_of(&updates, &reply)
@@ -1148,14 +1165,10 @@ async fn an_error_inside_the_stream_fails_the_attempt_and_the_next_one_answers()
     assert_eq!(reply_events(&app, "ReplyCompleted", &reply).await.len(), 1);
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn a_stream_cut_before_its_finish_reason_is_asked_again() {
+crate::on_both!(a_stream_cut_before_its_finish_reason_is_asked_again, spawns);
+async fn a_stream_cut_before_its_finish_reason_is_asked_again<D: Topology>() {
     let gemini = FakeGemini::start(Script::CutShortOnce).await;
-    let app = spawn_app_with(&gemini.args(&[])).await;
+    let app = D::spawn(&gemini.args(&[]), Roles::all()).await;
     let (token, conversation, reply) = ask(&app, "cut@example.com", "Cancel Friday").await;
     let answered = ended_reply(&app, &token, &conversation, &reply).await;
     assert_eq!(answered["status"], "completed");
@@ -1163,14 +1176,10 @@ async fn a_stream_cut_before_its_finish_reason_is_asked_again() {
     assert_eq!(gemini.seen().len(), 2);
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn a_tuned_model_is_asked_by_its_own_name() {
+crate::on_both!(a_tuned_model_is_asked_by_its_own_name, spawns);
+async fn a_tuned_model_is_asked_by_its_own_name<D: Topology>() {
     let gemini = FakeGemini::start(Script::Answer).await;
-    let app = spawn_app_with(&gemini.args(&[])).await;
+    let app = D::spawn(&gemini.args(&[]), Roles::all()).await;
     let (token, conversation) =
         with_assistant(&app, "tuned@example.com", "tunedModels/mika-secretary").await;
     let reply = post_message(&app, &token, &conversation, "Hello").await;
@@ -1186,29 +1195,28 @@ async fn a_tuned_model_is_asked_by_its_own_name() {
     );
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn an_answer_that_keeps_coming_is_not_cut_by_the_idle_timeout() {
+crate::on_both!(
+    an_answer_that_keeps_coming_is_not_cut_by_the_idle_timeout,
+    spawns
+);
+async fn an_answer_that_keeps_coming_is_not_cut_by_the_idle_timeout<D: Topology>() {
     // Three pieces 400 ms apart: 1.2 s in all, past the 1 s idle timeout, never silent that long.
     let gemini = FakeGemini::start(Script::Trickle(Duration::from_millis(400))).await;
-    let app = spawn_app_with(&gemini.args(&["--llm-idle-timeout-seconds", "1"])).await;
+    let app = D::spawn(
+        &gemini.args(&["--llm-idle-timeout-seconds", "1"]),
+        Roles::all(),
+    )
+    .await;
     let (token, conversation, reply) = ask(&app, "trickle@example.com", "Plan Monday").await;
     let answered = ended_reply(&app, &token, &conversation, &reply).await;
     assert_eq!(answered["status"], "completed", "{answered}");
     assert_eq!(gemini.seen().len(), 1);
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn an_invalid_key_fails_at_once_without_retrying() {
+crate::on_both!(an_invalid_key_fails_at_once_without_retrying, spawns);
+async fn an_invalid_key_fails_at_once_without_retrying<D: Topology>() {
     let gemini = FakeGemini::start(Script::InvalidKey).await;
-    let app = spawn_app_with(&gemini.args(&["--llm-stream", "false"])).await;
+    let app = D::spawn(&gemini.args(&["--llm-stream", "false"]), Roles::all()).await;
     let (token, conversation, reply) = ask(&app, "badkey@example.com", "Hello").await;
     let failed = ended_reply(&app, &token, &conversation, &reply).await;
     assert_eq!(failed["status"], "failed");
@@ -1222,19 +1230,13 @@ async fn an_invalid_key_fails_at_once_without_retrying() {
     assert_eq!(gemini.seen().len(), 1);
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn an_unavailable_model_is_retried_until_the_deadline() {
+crate::on_both!(an_unavailable_model_is_retried_until_the_deadline, spawns);
+async fn an_unavailable_model_is_retried_until_the_deadline<D: Topology>() {
     let gemini = FakeGemini::start(Script::Unavailable).await;
-    let app = spawn_app_with(&gemini.args(&[
-        "--llm-deadline-seconds",
-        "1.5",
-        "--llm-max-attempts",
-        "50",
-    ]))
+    let app = D::spawn(
+        &gemini.args(&["--llm-deadline-seconds", "1.5", "--llm-max-attempts", "50"]),
+        Roles::all(),
+    )
     .await;
     let (token, conversation, reply) = ask(&app, "overloaded@example.com", "Hello").await;
     let failed = ended_reply(&app, &token, &conversation, &reply).await;
@@ -1260,12 +1262,8 @@ async fn an_unavailable_model_is_retried_until_the_deadline() {
     );
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn silence_past_the_idle_timeout_fails_as_a_timeout() {
+crate::on_both!(silence_past_the_idle_timeout_fails_as_a_timeout, spawns);
+async fn silence_past_the_idle_timeout_fails_as_a_timeout<D: Topology>() {
     let silences = [
         // Before the response head...
         (
@@ -1285,7 +1283,7 @@ async fn silence_past_the_idle_timeout_fails_as_a_timeout() {
             "--llm-max-attempts",
             "2",
         ];
-        let failed = failed_through(script, &idle, &format!("silent{i}@example.com")).await;
+        let failed = failed_through::<D>(script, &idle, &format!("silent{i}@example.com")).await;
         let each_attempt_timed_out = Failed {
             error: error.into(),
             retryable: true,
@@ -1296,16 +1294,14 @@ async fn silence_past_the_idle_timeout_fails_as_a_timeout() {
     }
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replier_crash_mid_reply_ends_in_exactly_one_reply() {
+// On the servers JetStream delivers the request again; the embedded replier
+// tails the store, and takes the crashed one's lease and its unended reply.
+crate::on_both!(a_replier_crash_mid_reply_ends_in_exactly_one_reply, spawns);
+async fn a_replier_crash_mid_reply_ends_in_exactly_one_reply<D: Topology>() {
     // The first request stalls: the instance dies while waiting for the model.
     let gemini = FakeGemini::start(Script::SlowFirst(Duration::from_secs(30))).await;
     let args = gemini.args(&["--replier-ack-wait-seconds", "1"]);
-    let app = spawn_app_with(&args).await;
+    let app = D::spawn(&args, Roles::all()).await;
     let (token, conversation, reply) = ask(&app, "crash@example.com", "Plan my trip").await;
     eventually("the model is asked", async || {
         (!gemini.seen().is_empty())
@@ -1313,16 +1309,21 @@ async fn a_replier_crash_mid_reply_ends_in_exactly_one_reply() {
             .ok_or("not yet".to_owned())
     })
     .await;
-    let (db, names) = app.crash();
+    let (data, names) = D::crash(app);
 
-    // A new instance gets the request again from JetStream and answers it once.
-    let app = spawn_app_on(db, names, &args, Roles::all()).await;
+    // A new instance gets the request again and answers it once.
+    let app = data.start(names, &args, Roles::all()).await;
     let answered = ended_reply(&app, &token, &conversation, &reply).await;
     assert_eq!(answered["status"], "completed");
     assert_eq!(answered["content"], "Certainly. Done: Plan my trip");
     // Count once no delivery can bring another reply: nothing pending or
-    // unacked, and nothing delivered through one more ack wait.
-    settled_replier(&app, Duration::from_secs(1)).await;
+    // unacked, and nothing delivered through one more ack wait; or, tailing
+    // the store, the replier's checkpoint past the request.
+    if D::SERVERS {
+        settled_replier(&app, Duration::from_secs(1)).await;
+    } else {
+        replier_passed(&app, &reply).await;
+    }
     assert!(gemini.seen().len() >= 2);
     assert_eq!(reply_events(&app, "ReplyCompleted", &reply).await.len(), 1);
     assert_eq!(reply_events(&app, "ReplyFailed", &reply).await.len(), 0);
@@ -1336,6 +1337,7 @@ async fn a_replier_crash_mid_reply_ends_in_exactly_one_reply() {
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Server-only: redelivery by a re-created JetStream consumer.
 async fn every_request_delivered_again_adds_no_second_reply() {
     let app = spawn_app().await;
     let (token, conversation, reply) = ask(&app, "again@example.com", "First").await;
@@ -1407,6 +1409,7 @@ async fn every_request_delivered_again_adds_no_second_reply() {
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Server-only: two processes pulling from one JetStream consumer.
 async fn two_repliers_share_the_work_and_each_message_gets_one_reply() {
     let app = spawn_app().await;
     // A second process with only the replier, on the same store and bus; JetStream

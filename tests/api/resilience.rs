@@ -151,6 +151,7 @@ fn user_contents(messages: &Value) -> Vec<String> {
 // ---------------------------------------------------------------------------
 // The tests
 
+// Server-only: stops a NATS server.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -311,6 +312,7 @@ async fn commands_succeed_while_nats_is_down_and_projections_catch_up() {
     );
 }
 
+// Server-only: stops a Redis server.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -433,6 +435,7 @@ async fn queries_answer_while_redis_is_down() {
     .await;
 }
 
+// Server-only: Redis coming back.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -519,6 +522,7 @@ async fn the_cache_comes_back_under_steady_read_traffic() {
     assert!(reads > 0, "the reader never read");
 }
 
+// Server-only: relay republishing on NATS.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -677,6 +681,7 @@ async fn make_backlog(app: &TestApp) {
     }
 }
 
+// Server-only: projectors fed by JetStream (SQLite's: sqlite_workers.rs).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"

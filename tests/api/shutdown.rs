@@ -45,6 +45,7 @@ async fn waiting_on_a_lock(service: &Service, query: &str) -> Result<(), String>
 /// waits on an uncommitted claim of the same email, and the rebuild waits to
 /// drop a leftover `usage_daily__next` table (as an interrupted earlier
 /// rebuild leaves behind) that the test holds a lock on.
+// Server-only: holds Postgres locks to keep work in flight at SIGTERM.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"

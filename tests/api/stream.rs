@@ -15,7 +15,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    TestApp, WITHOUT_NATS, eventually, problem, spawn_app, spawn_app_on, spawn_app_with,
+    EventLog, TestApp, WITHOUT_NATS, eventually, problem, spawn_app_on, spawn_app_with,
 };
 use crate::support::{BusNames, TestDb};
 
@@ -197,16 +197,14 @@ pub async fn next(events: &mut Events) -> Sse {
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn sse_delivers_what_happens_after_subscribing_and_resumes() {
-    sse_delivers_and_resumes(spawn_app().await).await;
+crate::on_both!(sse_delivers_what_happens_after_subscribing_and_resumes);
+async fn sse_delivers_what_happens_after_subscribing_and_resumes<D: EventLog>(app: TestApp<D>) {
+    sse_delivers_and_resumes(app).await;
 }
 
 /// Without NATS, a commit wakes the stream, which reads the store.
+// Server-only: the server topology with NATS left out (the embedded one is
+// `sse_delivers_what_happens_after_subscribing_and_resumes::embedded`).
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -216,7 +214,7 @@ async fn sse_without_nats_delivers_what_happens_after_subscribing_and_resumes() 
     sse_delivers_and_resumes(spawn_app_with(&[WITHOUT_NATS]).await).await;
 }
 
-async fn sse_delivers_and_resumes(app: TestApp) {
+async fn sse_delivers_and_resumes<D: EventLog>(app: TestApp<D>) {
     let token = app.signed_up("live@example.com").await;
     let assistant = app.assistant(&token, "Mika").await;
     let conversation = app.conversation(&token, &assistant["id"]).await;
@@ -387,23 +385,34 @@ async fn ids_through_completions(events: &mut Events, replies: usize) -> (Vec<St
 /// The SSE ids of a conversation's feed as the store has it after the event
 /// `after` names: the conversation's events and its replies', in commit order,
 /// but for `ConversationStarted` (clients are not sent it). Read with SQL of
-/// its own, not the store's feed query, which the stream itself uses.
-async fn stored_feed(app: &TestApp, conversation: &str, after: &str) -> Vec<String> {
-    let (transaction_id, global_position) = position(after);
-    sqlx::query_scalar(
-        "SELECT transaction_id::text || '.' || global_position FROM events
-         WHERE (stream_id::text = $1
-                OR (stream_type = 'reply' AND data->>'conversation_id' = $1))
-           AND event_type <> 'ConversationStarted'
-           AND (transaction_id, global_position) > ($2::int8::text::xid8, $3)
-         ORDER BY transaction_id, global_position",
-    )
-    .bind(conversation)
-    .bind(transaction_id)
-    .bind(global_position)
-    .fetch_all(&app.db.pool)
-    .await
-    .unwrap()
+/// its own, not the store's feed query, which the stream itself uses (the
+/// same on Postgres and SQLite: the position is compared here, as numbers).
+async fn stored_feed<D: EventLog>(
+    app: &TestApp<D>,
+    conversation: &str,
+    after: &str,
+) -> Vec<String> {
+    let after = position(after);
+    let id: uuid::Uuid = conversation.parse().unwrap();
+    let feed: Vec<(String, i64)> = crate::on_db!(app.read_side().await, |pool| {
+        sqlx::query_as(
+            "SELECT CAST(transaction_id AS TEXT), global_position FROM events
+             WHERE (stream_id = $1
+                    OR (stream_type = 'reply' AND data ->> 'conversation_id' = $2))
+               AND event_type <> 'ConversationStarted'
+             ORDER BY transaction_id, global_position",
+        )
+        .bind(id)
+        .bind(conversation)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+    });
+    feed.into_iter()
+        .map(|(transaction_id, global_position)| (transaction_id.parse().unwrap(), global_position))
+        .filter(|at: &(i64, i64)| *at > after)
+        .map(|(transaction_id, global_position)| format!("{transaction_id}.{global_position}"))
+        .collect()
 }
 
 /// A gap in the conversation's versions on the bus (docs/events.md: a republish
@@ -411,6 +420,7 @@ async fn stored_feed(app: &TestApp, conversation: &str, after: &str) -> Vec<Stri
 /// the store before the event after it is sent, and the missing events arriving
 /// late are not sent again. No relay runs here: the test publishes the store's
 /// envelopes as the relay builds them (`bus::relay`), choosing which and when.
+// Server-only: about the bus (NATS), which the embedded service has none of.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -508,13 +518,8 @@ async fn a_gap_on_the_bus_is_filled_from_the_store() {
     assert_eq!(seen[0].1, "Three");
 }
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn another_users_stream_is_404() {
-    let app = spawn_app().await;
+crate::on_both!(another_users_stream_is_404);
+async fn another_users_stream_is_404<D: EventLog>(app: TestApp<D>) {
     let alice = app.signed_up("alice@example.com").await;
     let mallory = app.signed_up("mallory@example.com").await;
     let assistant = app.assistant(&alice, "Mika").await;

@@ -1,15 +1,10 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{problem, spawn_app};
+use crate::helpers::{EventLog, TestApp, problem};
 
-#[cfg_attr(
-    not(test_servers),
-    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
-)]
-#[tokio::test]
-async fn register_log_in_and_read_the_profile() {
-    let app = spawn_app().await;
+crate::on_both!(register_log_in_and_read_the_profile);
+async fn register_log_in_and_read_the_profile<D: EventLog>(app: TestApp<D>) {
     let response = app
         .send(
             Method::POST,
@@ -52,11 +47,14 @@ async fn register_log_in_and_read_the_profile() {
 
     // The password is stored as an argon2id hash, never as given, and the hash
     // (with the email and name) sealed under the user's key (tests/api/forget.rs).
-    let data: Value =
-        sqlx::query_scalar("SELECT data FROM events WHERE event_type = 'UserRegistered'")
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
+    let db = app.read_side().await;
+    let (event_id, data): (uuid::Uuid, String) = crate::on_db!(db, |pool| sqlx::query_as(
+        "SELECT event_id, CAST(data AS TEXT) FROM events WHERE event_type = 'UserRegistered'"
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap());
+    let data: Value = serde_json::from_str(&data).unwrap();
     for field in ["password_hash", "email", "display_name"] {
         assert_eq!(data[field]["enc"], "v1", "{field}: {data}");
     }
@@ -65,13 +63,8 @@ async fn register_log_in_and_read_the_profile() {
         !text.contains("correct horse") && !text.contains("argon2"),
         "{text}"
     );
-    let key = crate::helpers::keyring(&app.db.pool);
+    let key = crate::helpers::keyring(&db);
     let mut opened = data.clone();
-    let event_id: uuid::Uuid =
-        sqlx::query_scalar("SELECT event_id FROM events WHERE event_type = 'UserRegistered'")
-            .fetch_one(&app.db.pool)
-            .await
-            .unwrap();
     key.open(event_id, &mut opened).await.unwrap();
     assert!(
         opened["password_hash"]
