@@ -190,13 +190,43 @@ pub async fn replay(config: &Config, names: &[&str]) -> anyhow::Result<()> {
             config.redis_key_prefix
         ),
         // A running service's in-process cache is its own: this process cannot
-        // reach it. Its entries expire after their TTL.
+        // reach it, but the service sees the swaps and drops it itself.
         CacheBackend::Local => println!(
-            "  a running service's in-process cache is not dropped from here: its entries expire within {} s",
-            config.cache_ttl_seconds
+            "  a running service drops its in-process cache within {} s of the swaps",
+            SWAPS_POLL.as_secs_f64()
         ),
     }
     Ok(())
+}
+
+/// How often a service with an in-process cache looks whether a rebuild (in
+/// this process or, usually, a `replay` run as another one) swapped fresh
+/// tables in: its cached copies may hold what the rebuild repaired. A read of
+/// one row; a second is as long as a replay's operator waits to look.
+pub const SWAPS_POLL: Duration = Duration::from_secs(1);
+
+/// Drop the in-process `cache` whenever the count of swaps moves, until
+/// `stop`. (A Redis cache needs none of this: the rebuilding process drops its
+/// keys itself.) Queries refill it from the read models, as after any miss.
+pub async fn forget_cache_after_swaps(db: Db, cache: Cache, stop: CancellationToken) {
+    let mut seen = None;
+    loop {
+        match rebuild::swaps(&db).await {
+            Ok(now) if seen.is_some_and(|seen| seen != now) => match cache.forget_all().await {
+                Ok(dropped) => {
+                    tracing::info!(dropped, "read models swapped in: the cache is dropped");
+                    seen = Some(now);
+                }
+                Err(e) => tracing::warn!(error = %e, "dropping the cache after a swap"),
+            },
+            Ok(now) => seen = Some(now),
+            Err(e) => tracing::warn!(error = %e, "reading the count of read-model swaps"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(SWAPS_POLL) => {}
+            () = stop.cancelled() => return,
+        }
+    }
 }
 
 /// `ai-secretary verify [NAME]`: prints the report; true when nothing drifted.

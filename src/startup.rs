@@ -14,7 +14,7 @@ use crate::{
     auth::Tokens,
     bus::live::{Deltas, Live},
     bus::{self, BusConfig, relay::Relay},
-    config::{Config, Database, EventFeed, LlmProvider},
+    config::{CacheBackend, Config, Database, EventFeed, LlmProvider},
     http::{self, AppState, read::ReadSide},
     llm::{Provider, gemini::Gemini, offline::Offline},
     progress::Progress,
@@ -328,6 +328,13 @@ impl Application {
             )
             .reporting_every(Duration::from_millis(config.rebuild_progress_ms.max(1)));
             tasks.push(AbortOnDropHandle::new(follower));
+            if config.cache_backend() == CacheBackend::Local {
+                tasks.push(spawn(crate::recovery::forget_cache_after_swaps(
+                    db.clone(),
+                    cache.clone(),
+                    stop.clone(),
+                )));
+            }
             let read = ReadSide {
                 db: db.clone(),
                 cache,

@@ -104,6 +104,21 @@ fn lock_key(name: &str) -> String {
     format!("ai_secretary.rebuild.{name}")
 }
 
+/// One more swap (migrations/postgres/20261203000001_read_model_swaps.sql),
+/// in the swap's own transaction: the count moves exactly when fresh tables do.
+const COUNT_THE_SWAP: &str = "UPDATE read_model_swaps SET generation = generation + 1 WHERE id = 1";
+
+/// How many swaps rebuilds have made, in any process. A process that caches
+/// read models where others cannot reach them (the in-process cache) drops its
+/// copies when this moves.
+pub async fn swaps(db: &Db) -> Result<i64, sqlx::Error> {
+    const SQL: &str = "SELECT generation FROM read_model_swaps WHERE id = 1";
+    match db {
+        Db::Postgres(pool) => sqlx::query_scalar(SQL).fetch_one(pool).await,
+        Db::Sqlite(db) => sqlx::query_scalar(SQL).fetch_one(&db.pool).await,
+    }
+}
+
 /// Whether a rebuild of `name` is running anywhere (its lock is taken).
 pub async fn is_running(db: &Db, name: &str) -> Result<bool, sqlx::Error> {
     let pool = match db {
@@ -649,6 +664,7 @@ async fn swap(
         // and skips, by position, the events folded here.
         checkpoint::postgres::advance(&mut tx, name, head).await?;
     }
+    sqlx::query(COUNT_THE_SWAP).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok((position, tail))
 }
@@ -980,6 +996,7 @@ async fn swap_sqlite(
         // skips, by position, the events folded here.
         checkpoint::sqlite::advance(&mut tx, name, head).await?;
     }
+    sqlx::query(COUNT_THE_SWAP).execute(&mut *tx).await?;
     tx.commit().await?;
     // The in-process stand-in for the checkpoints' NOTIFY (consistency waits
     // of this process wake; another process's see it when they poll).

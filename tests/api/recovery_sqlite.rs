@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::helpers::{
-    Embedded, Running, TestApp, embedded_binary, eventually, problem, run, some_history,
-    spawn_embedded, spawn_embedded_on,
+    Embedded, Running, TestApp, embedded_binary, eventually, eventually_within, problem, run,
+    some_history, spawn_embedded, spawn_embedded_on, without_replier,
 };
 
 const ADMIN: &str = "admin@example.com";
@@ -248,6 +248,47 @@ async fn verify_finds_drift_and_replay_repairs_it_as_second_processes_beside_the
         "{}",
         again.printed()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_from_another_process_is_served_within_a_second_not_after_the_cache_ttl() {
+    // The service's cache is in its own process, where a `replay` cannot reach
+    // it. A quiet store (no append during the replay) moves no checkpoint, so
+    // nothing but the service's watch on the swaps drops the cached copy. (No
+    // replier either: its answers would move checkpoints, and a read while the
+    // cache's is behind the assistants' goes to the table and refills.)
+    let app = spawn_embedded_on(Embedded::new(), &[], without_replier()).await;
+    let (token, assistants, _) = some_history(&app, "cached@example.com").await;
+    app.db.caught_up().await;
+    let pool = app.db.pool().await;
+    sqlx::query("UPDATE assistants SET name = 'corrupted' WHERE id = $1")
+        .bind(Uuid::parse_str(&assistants[1]).unwrap())
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let path = format!("/assistants/{}", assistants[1]);
+    let read = app.get_ok(&path, &token, None).await;
+    assert_eq!(read["name"], "corrupted", "{read}");
+    let replayed = run(
+        embedded_binary(app.db.dir.path(), &[]).args(["replay", "assistants"]),
+        CHILD_LIMIT,
+    )
+    .await;
+    assert_eq!(replayed.code, Some(0), "{}", replayed.printed());
+
+    eventually_within(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        "the API serves the repaired assistant",
+        async || {
+            let served = app.get_ok(&path, &token, None).await;
+            (served["name"] == "Ren")
+                .then_some(())
+                .ok_or(format!("{served}"))
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
