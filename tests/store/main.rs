@@ -415,6 +415,67 @@ async fn a_coalesced_batch_fails_only_the_conflicting_command(db: &Db) {
     assert_eq!(tags(&*store, taken).await, ["old"]);
 }
 
+on_both_stores!(
+    commands_on_one_stream_in_one_batch_follow_each_other,
+    postgres
+);
+async fn commands_on_one_stream_in_one_batch_follow_each_other(db: &Db) {
+    let store = db.single_flusher();
+    let stream = Uuid::now_v7();
+    // Queued together (see above): each command is checked against the head
+    // the earlier ones of its batch left, not the head before the batch.
+    let requests = [
+        append(stream, 0, &["a", "b"]),
+        append(stream, 2, &["c"]),
+        append(stream, 2, &["stale"]),
+        append(stream, 3, &["d"]),
+    ];
+    let results = join_all(requests.into_iter().map(|r| store.append(r))).await;
+    let versions: Vec<Option<i64>> = results
+        .iter()
+        .map(|r| r.as_ref().ok().map(|a| a.version))
+        .collect();
+    assert_eq!(versions, [Some(2), Some(3), None, Some(4)], "{results:?}");
+    assert!(
+        matches!(results[2], Err(AppendError::VersionConflict { .. })),
+        "{results:?}"
+    );
+    assert_eq!(tags(&*store, stream).await, ["a", "b", "c", "d"]);
+    // Each command's answer is its own last event's position.
+    let events = store.read_stream(stream).await.unwrap();
+    for (result, last) in results.iter().flatten().zip([1, 2, 3]) {
+        assert_eq!(result.position, events[last].position);
+    }
+}
+
+on_both_stores!(
+    one_append_of_thousands_of_events_is_one_commit_in_order,
+    postgres
+);
+async fn one_append_of_thousands_of_events_is_one_commit_in_order(db: &Db) {
+    let store = db.single_flusher();
+    let stream = Uuid::now_v7();
+    // More rows than one SQLite statement may bind (10 values a row).
+    let written: Vec<String> = (0..7_001).map(|i| format!("e{i}")).collect();
+    let refs: Vec<&str> = written.iter().map(String::as_str).collect();
+    let appended = store.append(append(stream, 0, &refs)).await.unwrap();
+    assert_eq!(appended.version, 7_001);
+    let events = store.read_stream(stream).await.unwrap();
+    assert_eq!(events.len(), 7_001);
+    assert_eq!(tags(&*store, stream).await, written);
+    assert_eq!(
+        transactions_of(&*store, &[stream]).await.len(),
+        1,
+        "one commit"
+    );
+    let positions: Vec<i64> = events.iter().map(|e| e.position.global_position).collect();
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "positions in version order"
+    );
+    assert_eq!(appended.position, events[7_000].position);
+}
+
 on_both_stores!(a_lost_reservation_fails_only_its_command, postgres);
 async fn a_lost_reservation_fails_only_its_command(db: &Db) {
     let store = db.single_flusher();
