@@ -27,7 +27,6 @@
 //! the same file do not move it): readers always read the store.
 
 use std::{
-    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     str::FromStr,
     sync::Arc,
@@ -37,7 +36,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{
-    Connection, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool,
+    Connection, Row, SqliteConnection, SqlitePool,
     sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
     },
@@ -266,7 +265,10 @@ async fn try_append(
     // One clock reading per transaction, as Postgres' now(): every event of a
     // commit is recorded at the same instant.
     let now = Utc::now().timestamp_micros();
-    let appended = insert_commands(&mut tx, batch, transaction_id, now).await?;
+    let mut appended = Vec::with_capacity(batch.len());
+    for request in batch {
+        appended.push(insert_command(&mut tx, request, transaction_id, now).await?);
+    }
     let mut losers = claim_reservations(&mut tx, batch, &appended, now).await?;
     losers.extend(claim_idempotency_keys(&mut tx, batch, &appended, now).await?);
     if !losers.is_empty() {
@@ -298,121 +300,72 @@ async fn next_position(tx: &mut SqliteConnection) -> Result<i64, sqlx::Error> {
     .await
 }
 
-/// Insert the events of every command whose stream is at its expected
-/// version; `None` for a command that is not (a version conflict). A version
-/// behind the head would overwrite, one beyond it would leave a gap: both are
-/// refused, as on Postgres.
-///
-/// Three statements for the whole batch, however many commands and events it
-/// holds (each statement is a round trip to the connection's worker thread,
-/// which is what an append costs here; docs/benchmarks.md, "Embedded"): one
-/// read of every stream's head, the decisions in Rust with the heads carried
-/// forward (a later command of the batch on the same stream sees the earlier
-/// one's events), and one multi-row `INSERT … RETURNING` per
-/// [`ROWS_PER_INSERT`]. Within the write lock nobody can move a head between
-/// the read and the insert; the unique key stays as the last guard.
-async fn insert_commands(
+/// Insert one command's events if its stream is at the expected version;
+/// `None` (a version conflict) if not. A version behind the head would
+/// overwrite, one beyond it would leave a gap: both are refused, as on
+/// Postgres. Within the write lock nobody can move the head between the check
+/// and the insert; the unique key stays as the last guard.
+async fn insert_command(
     tx: &mut SqliteConnection,
-    batch: &[&AppendRequest],
+    request: &AppendRequest,
     transaction_id: i64,
     now: i64,
-) -> Result<Vec<Option<Appended>>, sqlx::Error> {
-    let mut heads = stream_heads(tx, batch).await?;
-    let mut rows: Vec<(&AppendRequest, &NewEvent, i64)> = Vec::new();
-    // Per command: its last event's id and version, if it goes in.
-    let mut lasts: Vec<Option<(Uuid, i64)>> = Vec::with_capacity(batch.len());
-    for request in batch {
-        let head = heads.entry(request.stream_id).or_insert(0);
-        if *head != request.expected_version || request.events.is_empty() {
-            lasts.push(None);
-            continue;
-        }
-        for (version, event) in (request.expected_version + 1..).zip(&request.events) {
-            rows.push((request, event, version));
-            *head = version;
-        }
-        lasts.push(request.events.last().map(|e| (e.event_id, *head)));
+) -> Result<Option<Appended>, sqlx::Error> {
+    let head: i64 =
+        sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM events WHERE stream_id = $1")
+            .bind(request.stream_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    if head != request.expected_version {
+        return Ok(None);
     }
-    let mut positions = HashMap::with_capacity(rows.len());
-    for chunk in rows.chunks(ROWS_PER_INSERT) {
-        let mut insert = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO events (transaction_id, event_id, stream_id, stream_type, version,
-                                 event_type, schema_version, data, metadata, recorded_at) ",
-        );
-        insert.push_values(chunk, |mut row, (request, event, version)| {
-            row.push_bind(transaction_id)
-                .push_bind(event.event_id)
-                .push_bind(request.stream_id)
-                .push_bind(request.stream_type)
-                .push_bind(*version)
-                .push_bind(&event.event_type)
-                .push_bind(event.schema_version)
-                .push_bind(event.data.to_string())
-                .push_bind(event.metadata.to_string())
-                .push_bind(now);
+    let mut last = None;
+    for (version, event) in (request.expected_version + 1..).zip(&request.events) {
+        let global_position =
+            insert_event(tx, request, event, version, transaction_id, now).await?;
+        if last.is_none() && global_position < transaction_id {
+            // Only possible if the AUTOINCREMENT rule above were not SQLite's.
+            return Err(sqlx::Error::Protocol(format!(
+                "event store: position {global_position} below its transaction {transaction_id}"
+            )));
+        }
+        last = Some(Appended {
+            version,
+            position: Position {
+                transaction_id,
+                global_position,
+            },
         });
-        // RETURNING's row order is not promised: positions are matched by event id.
-        insert.push(" RETURNING event_id, global_position");
-        let inserted: Vec<(Uuid, i64)> = insert.build_query_as().fetch_all(&mut *tx).await?;
-        positions.extend(inserted);
     }
-    if let Some(lowest) = positions.values().min()
-        && *lowest != transaction_id
-    {
-        // Only possible if the AUTOINCREMENT rule of `next_position` were not SQLite's.
-        return Err(sqlx::Error::Protocol(format!(
-            "event store: first position {lowest} is not its transaction's {transaction_id}"
-        )));
-    }
-    lasts
-        .into_iter()
-        .map(|last| {
-            last.map(|(event_id, version)| {
-                let global_position = *positions.get(&event_id).ok_or_else(|| {
-                    sqlx::Error::Protocol(format!("event store: {event_id} was not inserted"))
-                })?;
-                Ok(Appended {
-                    version,
-                    position: Position {
-                        transaction_id,
-                        global_position,
-                    },
-                })
-            })
-            .transpose()
-        })
-        .collect()
+    Ok(last)
 }
 
-/// Rows per multi-row INSERT: 10 bound values each, under SQLite's limit of
-/// 32,766 bound values per statement (the default since 3.32; the bundled
-/// library is newer).
-const ROWS_PER_INSERT: usize = 3000;
-
-/// The version of every stream the batch appends to, read in one statement;
-/// a stream with no event is absent (its head is 0).
-async fn stream_heads(
+async fn insert_event(
     tx: &mut SqliteConnection,
-    batch: &[&AppendRequest],
-) -> Result<HashMap<Uuid, i64>, sqlx::Error> {
-    let streams: HashSet<Uuid> = batch.iter().map(|r| r.stream_id).collect();
-    let mut heads = HashMap::with_capacity(streams.len());
-    // A batch is at most `max_batch` commands, far under the bind limit; the
-    // slices only keep that true whatever `max_batch` is set to.
-    let streams: Vec<Uuid> = streams.into_iter().collect();
-    for slice in streams.chunks(ROWS_PER_INSERT) {
-        let mut read = QueryBuilder::<Sqlite>::new(
-            "SELECT stream_id, max(version) FROM events WHERE stream_id IN (",
-        );
-        let mut ids = read.separated(", ");
-        for stream in slice {
-            ids.push_bind(*stream);
-        }
-        read.push(") GROUP BY stream_id");
-        let found: Vec<(Uuid, i64)> = read.build_query_as().fetch_all(&mut *tx).await?;
-        heads.extend(found);
-    }
-    Ok(heads)
+    request: &AppendRequest,
+    event: &NewEvent,
+    version: i64,
+    transaction_id: i64,
+    now: i64,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO events (transaction_id, event_id, stream_id, stream_type, version,
+                             event_type, schema_version, data, metadata, recorded_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+         RETURNING global_position",
+    )
+    .bind(transaction_id)
+    .bind(event.event_id)
+    .bind(request.stream_id)
+    .bind(request.stream_type)
+    .bind(version)
+    .bind(&event.event_type)
+    .bind(event.schema_version)
+    .bind(event.data.to_string())
+    .bind(event.metadata.to_string())
+    .bind(now)
+    .fetch_one(&mut *tx)
+    .await
 }
 
 /// Claim the reservations of commands whose events went in; losers by batch
