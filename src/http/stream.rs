@@ -324,7 +324,7 @@ impl Feed {
                 }
                 () = tokio::time::sleep(STORE_POLL) => {}
             }
-            if !self.catch_up(None).await {
+            if !self.catch_up_with(None, Some(&mut deltas)).await {
                 return;
             }
         }
@@ -342,6 +342,20 @@ impl Feed {
     /// Send the stored events after `sent` (and before `until`); false once the
     /// client is gone. A store that cannot be read leaves the gap to the bus.
     async fn catch_up(&mut self, until: Option<Position>) -> bool {
+        self.catch_up_with(until, None).await
+    }
+
+    /// [`Feed::catch_up`], passing on first, before each reply's ending, the
+    /// deltas already received in process. The replier publishes every delta
+    /// of a reply before it appends the ending, so by the time the store shows
+    /// the ending they are all waiting in `deltas`: sent first, a client sees a
+    /// reply's text pieces before its completion even when one wake-up finds
+    /// both the start and the end of a reply in the store.
+    async fn catch_up_with(
+        &mut self,
+        until: Option<Position>,
+        mut deltas: Option<&mut broadcast::Receiver<String>>,
+    ) -> bool {
         loop {
             let Ok(page) = self
                 .commands
@@ -355,12 +369,35 @@ impl Feed {
                 if until.is_some_and(|u| recorded.position >= u) {
                     return true;
                 }
-                if !self.send(&EventEnvelope::from(&recorded)).await {
+                let envelope = EventEnvelope::from(&recorded);
+                if let Some(deltas) = deltas.as_deref_mut()
+                    && ends_a_reply(&envelope)
+                    && !self.send_waiting_deltas(deltas).await
+                {
+                    return false;
+                }
+                if !self.send(&envelope).await {
                     return false;
                 }
             }
             if !full {
                 return true;
+            }
+        }
+    }
+
+    /// Send the deltas already received; false once the client is gone.
+    async fn send_waiting_deltas(&self, deltas: &mut broadcast::Receiver<String>) -> bool {
+        loop {
+            match deltas.try_recv() {
+                Ok(data) => {
+                    if !self.send_delta(&data).await {
+                        return false;
+                    }
+                }
+                // Fallen behind: those are missed; the ending repairs them.
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => return true,
             }
         }
     }
@@ -380,6 +417,14 @@ impl Feed {
             .data(data.to_string());
         self.events.send(event).await.is_ok()
     }
+}
+
+/// Whether the event is a reply's completion or failure (its deltas come first).
+fn ends_a_reply(e: &EventEnvelope) -> bool {
+    matches!(
+        e.decode(),
+        Ok(Fact::ReplyCompleted(_) | Fact::ReplyFailed(_))
+    )
 }
 
 /// The SSE name and data of an event, or `None` for events clients do not see.
