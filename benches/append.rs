@@ -43,7 +43,9 @@ mod appends;
 #[path = "common/mod.rs"]
 mod common;
 
-use appends::{Compared, Measurement, Path, STREAM_TYPE, Scenario, Window, Writer, print_tables};
+use appends::{
+    Compared, Measurement, Path, STREAM_TYPE, Scenario, Window, Writer, print_tables, store_writer,
+};
 use common::{describe_server, env_or, with_database};
 
 use std::{
@@ -52,10 +54,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ai_secretary::store::{
-    AppendRequest, EventStore,
-    postgres::{self, CoalescingConfig, PgEventStore},
-};
+use ai_secretary::store::postgres::{self, CoalescingConfig, PgEventStore};
 use anyhow::{Context, Result, anyhow, bail};
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, Row, postgres::PgConnectOptions};
 use uuid::Uuid;
@@ -352,51 +351,5 @@ async fn raw_writer(
         window.record(&mut latencies, started);
     }
     conn.close().await.ok();
-    Ok(latencies)
-}
-
-/// Loop `PgEventStore::append` on the writer's own stream.
-async fn store_writer(
-    store: PgEventStore,
-    writer: Writer,
-    window: Window,
-) -> Result<Vec<Duration>> {
-    let per_append = writer.events_per_append as i64;
-    let mut version = 0_i64;
-    let mut latencies = Vec::new();
-    loop {
-        let events = writer.events()?;
-        let started = Instant::now();
-        if started >= window.until {
-            break;
-        }
-        let appended = store
-            .append(AppendRequest {
-                stream_id: writer.stream_id,
-                stream_type: STREAM_TYPE,
-                expected_version: version,
-                events,
-                reservation: None,
-                idempotency: None,
-                user_key: None,
-            })
-            .await
-            .with_context(|| {
-                format!(
-                    "store append on stream {} at expected version {version}",
-                    writer.stream_id
-                )
-            })?;
-        if appended.version != version + per_append {
-            bail!(
-                "store append on stream {} answered version {}, not {}",
-                writer.stream_id,
-                appended.version,
-                version + per_append
-            );
-        }
-        version = appended.version;
-        window.record(&mut latencies, started);
-    }
     Ok(latencies)
 }

@@ -64,7 +64,7 @@ mod in_process;
 
 use appends::{
     Compared, Measurement, Path, STREAM_TYPE, Scenario, Window, Writer, ms, percentile,
-    print_tables,
+    print_tables, store_writer,
 };
 use common::env_or;
 use in_process::Service;
@@ -79,7 +79,6 @@ use std::{
 use ai_secretary::{
     startup::Roles,
     store::{
-        AppendRequest, EventStore,
         postgres::CoalescingConfig,
         sqlite::{self, SqliteEventStore},
     },
@@ -419,52 +418,6 @@ async fn raw_writer(
         window.record(&mut latencies, started);
     }
     conn.close().await.ok();
-    Ok(latencies)
-}
-
-/// Loop `SqliteEventStore::append` on the writer's own stream.
-async fn store_writer(
-    store: SqliteEventStore,
-    writer: Writer,
-    window: Window,
-) -> Result<Vec<Duration>> {
-    let per_append = writer.events_per_append as i64;
-    let mut version = 0_i64;
-    let mut latencies = Vec::new();
-    loop {
-        let events = writer.events()?;
-        let started = Instant::now();
-        if started >= window.until {
-            break;
-        }
-        let appended = store
-            .append(AppendRequest {
-                stream_id: writer.stream_id,
-                stream_type: STREAM_TYPE,
-                expected_version: version,
-                events,
-                reservation: None,
-                idempotency: None,
-                user_key: None,
-            })
-            .await
-            .with_context(|| {
-                format!(
-                    "store append on stream {} at expected version {version}",
-                    writer.stream_id
-                )
-            })?;
-        if appended.version != version + per_append {
-            bail!(
-                "store append on stream {} answered version {}, not {}",
-                writer.stream_id,
-                appended.version,
-                version + per_append
-            );
-        }
-        version = appended.version;
-        window.record(&mut latencies, started);
-    }
     Ok(latencies)
 }
 

@@ -11,8 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ai_secretary::store::{EventMetadata, NewEvent};
-use anyhow::Result;
+use ai_secretary::store::{AppendRequest, EventMetadata, EventStore, NewEvent};
+use anyhow::{Context, Result, bail};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -243,4 +243,50 @@ pub fn print_tables(compared: &[Compared]) {
         );
     }
     println!();
+}
+
+/// Loop `store.append` on the writer's own stream (the store path of either bench).
+pub async fn store_writer<S: EventStore>(
+    store: S,
+    writer: Writer,
+    window: Window,
+) -> Result<Vec<Duration>> {
+    let per_append = writer.events_per_append as i64;
+    let mut version = 0_i64;
+    let mut latencies = Vec::new();
+    loop {
+        let events = writer.events()?;
+        let started = Instant::now();
+        if started >= window.until {
+            break;
+        }
+        let appended = store
+            .append(AppendRequest {
+                stream_id: writer.stream_id,
+                stream_type: STREAM_TYPE,
+                expected_version: version,
+                events,
+                reservation: None,
+                idempotency: None,
+                user_key: None,
+            })
+            .await
+            .with_context(|| {
+                format!(
+                    "store append on stream {} at expected version {version}",
+                    writer.stream_id
+                )
+            })?;
+        if appended.version != version + per_append {
+            bail!(
+                "store append on stream {} answered version {}, not {}",
+                writer.stream_id,
+                appended.version,
+                version + per_append
+            );
+        }
+        version = appended.version;
+        window.record(&mut latencies, started);
+    }
+    Ok(latencies)
 }
