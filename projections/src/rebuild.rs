@@ -119,27 +119,6 @@ pub async fn swaps(db: &Db) -> Result<i64, sqlx::Error> {
     }
 }
 
-/// Whether a rebuild of `name` is running anywhere (its lock is taken).
-pub async fn is_running(db: &Db, name: &str) -> Result<bool, sqlx::Error> {
-    let pool = match db {
-        Db::Postgres(pool) => pool,
-        // Taken and let go at once when free (dropping it unlocks the file).
-        Db::Sqlite(db) => return Ok(RebuildLock::try_take(db, name)?.is_none()),
-    };
-    let mut conn = pool.acquire().await?;
-    let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
-        .bind(lock_key(name))
-        .fetch_one(&mut *conn)
-        .await?;
-    if free {
-        sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
-            .bind(lock_key(name))
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(!free)
-}
-
 /// The rebuild locks of some projections, taken (see [`lock`]): while this
 /// lives, no other rebuild of them starts, in this process or another.
 pub struct Locked {
