@@ -128,10 +128,22 @@ async fn the_readme_walkthrough_runs_embedded_with_no_server() {
     })
     .await;
     assert_eq!(usage["data"][0]["messages"], 1);
-    let listed = app.get_ok("/assistants", &token, None).await;
-    assert_eq!(listed["data"][0]["conversation_count"], 1);
-    let conversations = app.get_ok("/conversations", &token, None).await;
-    assert_eq!(conversations["data"][0]["message_count"], 2);
+    // Each read model has its own worker: usage counting the reply says
+    // nothing of where the assistants' and conversations' workers are.
+    eventually("the assistant counts its conversation", async || {
+        let listed = app.get_ok("/assistants", &token, None).await;
+        (listed["data"][0]["conversation_count"] == 1)
+            .then_some(())
+            .ok_or(format!("{listed}"))
+    })
+    .await;
+    eventually("the conversation counts both messages", async || {
+        let conversations = app.get_ok("/conversations", &token, None).await;
+        (conversations["data"][0]["message_count"] == 2)
+            .then_some(())
+            .ok_or(format!("{conversations}"))
+    })
+    .await;
 
     // The admin routes: every projection listed, at the head.
     let admin = app.get_ok("/admin/projections", &token, None).await;
