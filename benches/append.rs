@@ -42,17 +42,13 @@
 mod appends;
 #[path = "common/mod.rs"]
 mod common;
+#[path = "common/raw_postgres.rs"]
+mod raw_postgres;
 
-use appends::{
-    Compared, Measurement, Path, STREAM_TYPE, Scenario, Window, Writer, print_tables, store_writer,
-};
+use appends::{Compared, Measurement, Path, Scenario, Window, Writer, print_tables, store_writer};
 use common::{describe_server, env_or, with_database};
 
-use std::{
-    env,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{env, time::Duration};
 
 use ai_secretary::store::postgres::{self, CoalescingConfig, PgEventStore};
 use anyhow::{Context, Result, anyhow, bail};
@@ -60,8 +56,6 @@ use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, Row, postgres::PgC
 use uuid::Uuid;
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/";
-/// Columns the raw INSERT writes, in bind order.
-const COLUMNS: usize = 8;
 
 const SCENARIOS: [Scenario; 3] = [
     Scenario {
@@ -232,16 +226,10 @@ async fn measure(
         .collect();
     let streams: Vec<Uuid> = writers.iter().map(|w| w.stream_id).collect();
     // Connect before the clock starts.
-    let mut connections = Vec::new();
-    if path == Path::Raw {
-        for _ in 0..scenario.writers {
-            connections.push(
-                PgConnection::connect_with(raw_options)
-                    .await
-                    .context("opening a raw writer's connection")?,
-            );
-        }
-    }
+    let connections = match path {
+        Path::Raw => raw_postgres::connections(raw_options, scenario.writers).await?,
+        Path::Store => Vec::new(),
+    };
 
     let window = Window::starting_now(settings.warmup, settings.measured);
     let mut tasks = Vec::new();
@@ -252,7 +240,7 @@ async fn measure(
                 let conn = connections
                     .next()
                     .context("a raw writer has no connection")?;
-                tokio::spawn(raw_writer(conn, writer, window))
+                tokio::spawn(raw_postgres::raw_writer(conn, writer, window))
             }
             Path::Store => tokio::spawn(store_writer(store.clone(), writer, window)),
         });
@@ -287,69 +275,4 @@ async fn measure(
         latencies,
         events_per_commit: events as f64 / commits.max(1) as f64,
     })
-}
-
-/// `INSERT INTO events ... VALUES (...), ...` for `rows` events.
-fn insert_sql(rows: usize) -> String {
-    let values: Vec<String> = (0..rows)
-        .map(|r| {
-            let params: Vec<String> = (1..=COLUMNS)
-                .map(|c| format!("${}", r * COLUMNS + c))
-                .collect();
-            format!("({})", params.join(", "))
-        })
-        .collect();
-    format!(
-        "INSERT INTO events (event_id, stream_id, stream_type, version, event_type, \
-         schema_version, data, metadata) VALUES {}",
-        values.join(", ")
-    )
-}
-
-/// Loop one autocommit INSERT per append on the writer's own connection.
-async fn raw_writer(
-    mut conn: PgConnection,
-    writer: Writer,
-    window: Window,
-) -> Result<Vec<Duration>> {
-    let sql: Arc<str> = insert_sql(writer.events_per_append).into();
-    let per_append = writer.events_per_append as i64;
-    let mut version = 0_i64;
-    let mut latencies = Vec::new();
-    loop {
-        let events = writer.events()?;
-        let started = Instant::now();
-        if started >= window.until {
-            break;
-        }
-        let mut query = sqlx::query(AssertSqlSafe(sql.clone()));
-        for (j, event) in events.iter().enumerate() {
-            query = query
-                .bind(event.event_id)
-                .bind(writer.stream_id)
-                .bind(STREAM_TYPE)
-                .bind(version + 1 + j as i64)
-                .bind(event.event_type.as_str())
-                .bind(event.schema_version)
-                .bind(&event.data)
-                .bind(&event.metadata);
-        }
-        let done = query.execute(&mut conn).await.with_context(|| {
-            format!(
-                "raw INSERT on stream {} after version {version}",
-                writer.stream_id
-            )
-        })?;
-        if done.rows_affected() != per_append as u64 {
-            bail!(
-                "raw INSERT on stream {} wrote {} rows, not {per_append}",
-                writer.stream_id,
-                done.rows_affected()
-            );
-        }
-        version += per_append;
-        window.record(&mut latencies, started);
-    }
-    conn.close().await.ok();
-    Ok(latencies)
 }
