@@ -52,9 +52,25 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// What every handler can reach.
+/// What every handler can reach, behind one `Arc`: axum clones the state for
+/// every request, once per layer and extractor that holds it, and cloning the
+/// fields themselves (a dozen `Arc`s, caches and clients, each counted up and
+/// down again) was a sixth of the API's CPU per command (docs/benchmarks.md,
+/// "HTTP commands").
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(std::sync::Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The fields of [`AppState`].
+#[derive(Clone)]
+pub struct Shared {
     pub commands: Commands,
     pub tokens: Tokens,
     pub read: read::ReadSide,
@@ -72,7 +88,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(commands: Commands, tokens: Tokens, read: read::ReadSide) -> Self {
-        Self {
+        Self(std::sync::Arc::new(Shared {
             tokens,
             read,
             in_flight: Default::default(),
@@ -82,32 +98,39 @@ impl AppState {
             idempotency_ttl: std::time::Duration::from_secs(24 * 3600),
             logins: crate::app::logins::Logins::new(commands.clone(), 0, std::time::Duration::ZERO),
             commands,
-        }
+        }))
+    }
+
+    /// The fields to set while the state is being built (before any clone).
+    fn building(&mut self) -> &mut Shared {
+        std::sync::Arc::make_mut(&mut self.0)
     }
 
     /// Lock an account's logins out after `max_failures` wrong passwords
     /// (none by default).
     pub fn with_login_lockout(mut self, max_failures: u32, lockout: std::time::Duration) -> Self {
-        self.logins = crate::app::logins::Logins::new(self.commands.clone(), max_failures, lockout);
+        let commands = self.commands.clone();
+        self.building().logins = crate::app::logins::Logins::new(commands, max_failures, lockout);
         self
     }
 
     /// Keep keyed responses for `ttl` (24 hours by default).
     pub fn with_idempotency_ttl(mut self, ttl: std::time::Duration) -> Self {
-        self.idempotency_ttl = ttl;
+        self.building().idempotency_ttl = ttl;
         self
     }
 
     /// With these rate limits (none by default).
     pub fn with_limits(mut self, limits: limits::Limits) -> Self {
-        self.limits = limits;
+        self.building().limits = limits;
         self
     }
 
     /// With rebuilds run in this process, and the administrators' emails.
     pub fn with_recovery(mut self, rebuilds: crate::recovery::Rebuilds, admins: &[String]) -> Self {
-        self.recovery = Some(rebuilds);
-        self.admin_emails = admins
+        let shared = self.building();
+        shared.recovery = Some(rebuilds);
+        shared.admin_emails = admins
             .iter()
             .map(|e| crate::domain::user::normalize_email(e))
             .filter(|e| !e.is_empty())
