@@ -134,6 +134,8 @@ pub struct Commands {
     store: Arc<dyn EventStore>,
     states: StateCache,
     keyring: Keyring,
+    /// Accounts the store said exist, for [`users::ACCOUNT_RECHECK`] (`account_exists`).
+    accounts: moka::sync::Cache<Uuid, ()>,
 }
 
 impl Commands {
@@ -144,6 +146,7 @@ impl Commands {
             store: Arc::new(SealedStore::new(store, keyring.clone())),
             states,
             keyring,
+            accounts: users::recently_seen_accounts(),
         }
     }
 

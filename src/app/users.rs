@@ -113,15 +113,19 @@ impl Commands {
         at: chrono::DateTime<chrono::Utc>,
         context: &CommandContext,
     ) -> Result<Decided<UserState>, AppError<UserError>> {
-        self.execute::<UserDecider>(
-            user_id,
-            Expected::Any,
-            &UserCommand::Forget { at },
-            context,
-            None,
-            None,
-        )
-        .await
+        let forgotten = self
+            .execute::<UserDecider>(
+                user_id,
+                Expected::Any,
+                &UserCommand::Forget { at },
+                context,
+                None,
+                None,
+            )
+            .await;
+        // From now on this process opens nothing with their tokens.
+        self.accounts.invalidate(&user_id);
+        forgotten
     }
 
     /// The account with this email and password, if both are right. An unknown
@@ -155,6 +159,22 @@ impl Commands {
         Ok(user.filter(|_| verified))
     }
 
+    /// Whether `user_id` names an account that exists: what a signed-in
+    /// request checks before anything else. The store is asked at most once per
+    /// [`ACCOUNT_RECHECK`] for an account it said exists (every request asking
+    /// cost a query each, most of what a cached read cost), and again at once
+    /// after this process forgot it.
+    pub async fn account_exists(&self, user_id: Uuid) -> Result<bool, ReadError> {
+        if self.accounts.contains_key(&user_id) {
+            return Ok(true);
+        }
+        let exists = self.user(user_id).await?.is_some();
+        if exists {
+            self.accounts.insert(user_id, ());
+        }
+        Ok(exists)
+    }
+
     /// A registered user, as their own stream knows them.
     pub async fn user(&self, user_id: Uuid) -> Result<Option<User>, ReadError> {
         Ok(match self.load::<UserDecider>(user_id).await?.state {
@@ -177,4 +197,20 @@ impl Commands {
             .await?
             .is_some_and(|u| admin_emails.contains(&u.email)))
     }
+}
+
+/// How long an account the store said exists is taken to exist without asking
+/// again: how late, at most, another process sees that an account was
+/// forgotten (this one sees it at once). Its tokens open nothing of the
+/// forgotten data meanwhile: the account's key is gone with the event.
+pub const ACCOUNT_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// Accounts remembered as existing, at most (one entry is a few dozen bytes).
+const ACCOUNTS_REMEMBERED: u64 = 100_000;
+
+/// The cache behind [`Commands::account_exists`].
+pub(super) fn recently_seen_accounts() -> moka::sync::Cache<Uuid, ()> {
+    moka::sync::Cache::builder()
+        .max_capacity(ACCOUNTS_REMEMBERED)
+        .time_to_live(ACCOUNT_RECHECK)
+        .build()
 }

@@ -183,8 +183,9 @@ impl FromRequestParts<AppState> for SignedIn {
         // On the request span, so every log line of this request names the caller.
         tracing::Span::current().record("user_id", tracing::field::display(user));
         // A valid token of an account that no longer exists (forgotten, or lost
-        // to a restore) opens nothing. (A cached state and one tail read.)
-        if state.commands.user(user).await?.is_none() {
+        // to a restore) opens nothing (asked of the store at most once a second
+        // per account: `Commands::account_exists`).
+        if !state.commands.account_exists(user).await? {
             return Err(ApiError::Unauthorized("the token's account does not exist"));
         }
         Ok(SignedIn { user, issued_at })
