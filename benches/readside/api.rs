@@ -10,7 +10,7 @@ use uuid::Uuid;
 /// An HTTP caller signed in as the bench user.
 #[derive(Clone)]
 pub struct Api {
-    base: Arc<str>,
+    pub base: Arc<str>,
     pub token: Arc<str>,
     pub client: reqwest::Client,
 }

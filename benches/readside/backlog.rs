@@ -20,7 +20,7 @@ use ai_secretary::{
         postgres::{self, CoalescingConfig, PgEventStore},
     },
 };
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use chrono::Utc;
 use serde::Serialize;
 use sqlx::PgPool;
@@ -28,8 +28,9 @@ use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::{
-    Pos, Settings, checkpoints, head, message_content,
+    Settings, message_content,
     service::{Names, Service},
+    support::progress::caught_up,
 };
 
 /// Posts per conversation in the backlog (each: 2 events, then the reply's 2).
@@ -143,10 +144,9 @@ pub async fn build_backlog(settings: &Settings, names: &Names, pool: &PgPool) ->
         by_type.iter().map(|(_, n, b)| *n as f64 * b).sum::<f64>() / events.max(1) as f64;
 
     eprintln!("throughput: relaying {events} events to JetStream");
-    let head = head(pool).await?;
     let started = Instant::now();
     let relay = Service::start(&settings.servers(), names, Roles::only_relay()).await?;
-    let waited = wait_for(pool, &["relay".to_owned()], head, Duration::from_secs(600)).await;
+    let waited = caught_up(pool, &["relay"], Duration::from_secs(600)).await;
     let relay_time = started.elapsed();
     relay.stop().await.context("stopping the relay")?;
     waited?;
@@ -284,30 +284,4 @@ fn reply_content(n: usize) -> String {
          also drafted the reply to Anna thanking her for the proposal and promising a decision \
          by Friday; it is in your drafts for review. (#{n})"
     )
-}
-
-/// Wait until each named checkpoint reaches `head`; each one's time to get there.
-async fn wait_for(
-    pool: &PgPool,
-    names: &[String],
-    head: Pos,
-    limit: Duration,
-) -> Result<Vec<(String, Duration)>> {
-    let started = Instant::now();
-    let mut reached: Vec<(String, Duration)> = Vec::new();
-    loop {
-        let at = checkpoints(pool).await?;
-        for name in names {
-            if !reached.iter().any(|(n, _)| n == name) && at.get(name).is_some_and(|p| *p >= head) {
-                reached.push((name.clone(), started.elapsed()));
-            }
-        }
-        if reached.len() == names.len() {
-            return Ok(reached);
-        }
-        if started.elapsed() > limit {
-            bail!("checkpoints {names:?} did not reach {head:?} within {limit:?}: {at:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }

@@ -19,12 +19,12 @@ use crate::{
     api::{Api, created_id, sign_up},
     cell,
     common::describe_server,
-    every_checkpoint, message_content, ms,
+    message_content, ms,
     open_loop::{PROBE_CONVERSATIONS, open_loop},
     pct,
     service::{Names, Service},
+    support::progress::{caught_up, consumers},
     trace::Tracer,
-    wait_caught_up,
 };
 
 /// Load levels of part 1, as fractions of the sustained rate.
@@ -43,7 +43,7 @@ async fn fresh_conversations(
     for n in 0..count {
         conversations.push(api.conversation(assistant, n).await?);
     }
-    wait_caught_up(pool, &every_checkpoint(), Duration::from_secs(60)).await?;
+    caught_up(pool, &consumers(), Duration::from_secs(60)).await?;
     Ok(conversations)
 }
 

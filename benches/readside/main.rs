@@ -86,7 +86,8 @@
 //! also after an error or Ctrl-C.
 //!
 //! The code, by part: this file holds the settings, `main` and what both parts
-//! read of the store; `freshness.rs` (part 1) drives the load through `api.rs`,
+//! share (where the read side is comes from the test kit, `tests/support`);
+//! `freshness.rs` (part 1) drives the load through `api.rs`,
 //! `open_loop.rs` and `poller.rs` and splits freshness into stages with
 //! `trace.rs`; `throughput.rs` (part 2) appends the backlog with `backlog.rs`
 //! and times the raw baseline of `raw.rs` against the projections.
@@ -97,6 +98,8 @@ mod common;
 mod in_process;
 #[path = "../common/service.rs"]
 mod service;
+#[path = "../../tests/support/mod.rs"]
+mod support;
 
 mod api;
 mod backlog;
@@ -110,14 +113,10 @@ mod trace;
 use common::env_or;
 use service::{Names, Servers, remove};
 
-use std::{
-    collections::HashMap,
-    env,
-    time::{Duration, Instant},
-};
+use std::{env, time::Duration};
 
-use anyhow::{Context, Result, anyhow, bail};
-use sqlx::PgPool;
+use anyhow::{Result, anyhow, bail};
+use support::progress::Position;
 use uuid::Uuid;
 
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/";
@@ -267,63 +266,7 @@ async fn run_parts(settings: &Settings, fresh: &Names, proj: &Names) -> Result<(
     Ok(())
 }
 // ---------------------------------------------------------------------------
-// What both parts read of the store
-// ---------------------------------------------------------------------------
-
-/// Commit-order position: `(transaction_id, global_position)`.
-type Pos = (i64, i64);
-
-/// The last event of the store in commit order.
-async fn head(pool: &PgPool) -> Result<Pos> {
-    let row: Option<Pos> = sqlx::query_as(
-        "SELECT transaction_id::text::int8, global_position FROM events
-         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
-    )
-    .fetch_optional(pool)
-    .await
-    .context("reading the head of the store")?;
-    Ok(row.unwrap_or((0, 0)))
-}
-
-async fn checkpoints(pool: &PgPool) -> Result<HashMap<String, Pos>> {
-    let rows: Vec<(String, i64, i64)> =
-        sqlx::query_as("SELECT name, transaction_id, global_position FROM checkpoints")
-            .fetch_all(pool)
-            .await
-            .context("reading checkpoints")?;
-    Ok(rows.into_iter().map(|(n, t, g)| (n, (t, g))).collect())
-}
-
-/// Wait until every named checkpoint is at the head of the store.
-async fn wait_caught_up(pool: &PgPool, names: &[String], limit: Duration) -> Result<()> {
-    let head = head(pool).await?;
-    let deadline = Instant::now() + limit;
-    loop {
-        let at = checkpoints(pool).await?;
-        let behind: Vec<&String> = names
-            .iter()
-            .filter(|n| at.get(*n).is_none_or(|p| *p < head))
-            .collect();
-        if behind.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the read side did not catch up within {limit:?}: behind: {behind:?} (head {head:?}, at {at:?})"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn every_checkpoint() -> Vec<String> {
-    let mut names = ai_secretary::startup::projection_names();
-    names.push("relay".into());
-    names
-}
-
-// ---------------------------------------------------------------------------
-// What both parts show and send
+// What both parts show, send and read
 // ---------------------------------------------------------------------------
 
 /// What a user types; a few sizes, numbered.
@@ -355,7 +298,7 @@ fn cell(v: Option<f64>) -> String {
 }
 
 /// `<tx>.<gp>` (an X-Consistency-Token or a checkpoint notification's position).
-fn parse_position(s: &str) -> Option<Pos> {
+fn parse_position(s: &str) -> Option<Position> {
     let (tx, gp) = s.split_once('.')?;
     Some((tx.parse().ok()?, gp.parse().ok()?))
 }

@@ -21,6 +21,7 @@ use crate::{
     freshness::Phase,
     message_content, parse_position,
     poller::{Pending, poller},
+    support::http::consistency,
     trace::Trace,
 };
 
@@ -232,11 +233,7 @@ async fn send(api: Api, target: Target, n: usize, at: Instant) -> Sent {
     let mut position = None;
     let outcome = match response {
         Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => {
-            position = r
-                .headers()
-                .get("x-consistency-token")
-                .and_then(|v| v.to_str().ok())
-                .and_then(parse_position);
+            position = consistency(&r).as_deref().and_then(parse_position);
             r.json::<Value>()
                 .await
                 .ok()

@@ -15,7 +15,10 @@ use serde_json::Value;
 use tokio::{sync::mpsc, time::sleep_until};
 use uuid::Uuid;
 
-use crate::{Pos, api::Api};
+use crate::{
+    api::Api,
+    support::{http, progress::Position},
+};
 
 /// A message whose 202 arrived and which is not yet seen in a listing.
 pub struct Pending {
@@ -23,14 +26,14 @@ pub struct Pending {
     pub message_id: Uuid,
     pub acked_at: Instant,
     /// The command's X-Consistency-Token: the position of its last event.
-    pub position: Option<Pos>,
+    pub position: Option<Position>,
 }
 
 /// A measured command: when its 202 came, when a listing first showed it.
 pub struct Seen {
     pub acked_at: Instant,
     pub visible_at: Instant,
-    pub position: Option<Pos>,
+    pub position: Option<Position>,
 }
 
 #[derive(Default)]
@@ -118,12 +121,8 @@ pub async fn poller(
 
 /// The ids on the newest page of a conversation's messages (no consistency token).
 async fn list_messages(api: &Api, conversation: Uuid) -> Result<HashSet<Uuid>> {
-    let response = api
-        .client
-        .get(api.url(&format!(
-            "/conversations/{conversation}/messages?order=desc&limit=10"
-        )))
-        .bearer_auth(&*api.token)
+    let path = format!("/conversations/{conversation}/messages?order=desc&limit=10");
+    let response = http::get(&api.client, &api.base, &path, &api.token, None)
         .send()
         .await?;
     if !response.status().is_success() {

@@ -13,11 +13,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use sqlx::{AssertSqlSafe, PgPool, postgres::PgListener};
 
 use crate::{
-    CHECKPOINT_CHANNEL, Pos, Settings,
+    CHECKPOINT_CHANNEL, Settings,
     backlog::{BACKLOG_WRITERS, POSTS_PER_CONVERSATION, build_backlog},
-    cell, checkpoints, pct,
+    cell, parse_position, pct,
     raw::{RAW_ROWS_PER_TX, RawRow, baseline_rows, raw_upserts},
     service::{Names, Service, delete_redis_keys},
+    support::progress::{Position, checkpoints},
 };
 
 /// Tables the projections own, emptied before each projection run.
@@ -254,7 +255,7 @@ async fn reset(settings: &Settings, names: &Names, pool: &PgPool) -> Result<()> 
 }
 
 /// Every event's position in commit order (to size batches from checkpoints).
-async fn positions(pool: &PgPool) -> Result<Vec<Pos>> {
+async fn positions(pool: &PgPool) -> Result<Vec<Position>> {
     sqlx::query_as(
         "SELECT transaction_id::text::int8, global_position FROM events
          ORDER BY transaction_id, global_position",
@@ -271,7 +272,7 @@ async fn projection_run(
     settings: &Settings,
     names: &Names,
     pool: &PgPool,
-    order: &[Pos],
+    order: &[Position],
     projections: Vec<String>,
 ) -> Result<Run> {
     eprintln!("  projections: {}", projections.join(", "));
@@ -288,7 +289,7 @@ async fn projection_run(
     )
     .await?;
     // Notifications say when each batch committed and how far it got.
-    let mut commits: HashMap<String, Vec<(Instant, Pos)>> = HashMap::new();
+    let mut commits: HashMap<String, Vec<(Instant, Position)>> = HashMap::new();
     let mut reached: Vec<(String, Duration)> = Vec::new();
     let limit = Duration::from_secs(900);
     let outcome: Result<()> = async {
@@ -303,10 +304,9 @@ async fn projection_run(
                     let Some((name, at)) = n.payload().split_once(' ') else {
                         continue;
                     };
-                    let Some((tx, gp)) = at.split_once('.') else {
+                    let Some(pos) = parse_position(at) else {
                         continue;
                     };
-                    let pos: Pos = (tx.parse()?, gp.parse()?);
                     commits.entry(name.to_owned()).or_default().push((now, pos));
                     if pos >= head && !reached.iter().any(|(n, _)| n == name) {
                         reached.push((name.to_owned(), started.elapsed()));
@@ -318,7 +318,7 @@ async fn projection_run(
                     let at = checkpoints(pool).await?;
                     for name in &projections {
                         if !reached.iter().any(|(n, _)| n == name)
-                            && at.get(name).is_some_and(|p| *p >= head)
+                            && at.get(name).is_some_and(|c| c.position >= head)
                         {
                             reached.push((name.clone(), started.elapsed()));
                         }

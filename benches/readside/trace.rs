@@ -13,15 +13,18 @@ use futures::StreamExt;
 use sqlx::{PgPool, postgres::PgListener};
 use tokio::task::JoinHandle;
 
-use crate::{CHECKPOINT_CHANNEL, Pos, Settings, ms, parse_position, poller::Seen, service::Names};
+use crate::{
+    CHECKPOINT_CHANNEL, Settings, ms, parse_position, poller::Seen, service::Names,
+    support::progress::Position,
+};
 
 /// When each event showed up on NATS, and when the `messages` projection
 /// committed each batch: the stages of a command's way to the query API.
 #[derive(Default)]
 pub struct Trace {
-    published: HashMap<Pos, Instant>,
+    published: HashMap<Position, Instant>,
     /// `messages` checkpoint commits in arrival order.
-    projected: Vec<(Instant, Pos)>,
+    projected: Vec<(Instant, Position)>,
 }
 
 impl Trace {
