@@ -42,8 +42,9 @@
 //! head, so the JetStream stream holds the backlog. Then, per round, raw, `messages`
 //! and all projections alternate:
 //! - **raw**: the rows the `messages` projection writes for those events
-//!   (`messages` and `messages_conversations`), upserted into scratch tables of the
-//!   same shape (`LIKE ... INCLUDING ALL`) with one `INSERT ... ON CONFLICT (..) DO
+//!   (`messages` and `messages_conversations`: each row an event changes, as the
+//!   projection's own rules fold it), upserted into scratch tables of the same
+//!   shape (`LIKE ... INCLUDING ALL`) with one `INSERT ... ON CONFLICT (..) DO
 //!   UPDATE` per row on one connection, one transaction per 500 rows; its rate is
 //!   given both in rows/s and as backlog events ÷ time (the same work, per event);
 //! - **messages**: an instance with only the `messages` projection, timed from

@@ -9,6 +9,7 @@ use std::{
 };
 
 use ai_secretary::{startup::Roles, store::postgres};
+use ai_secretary_projections::projections::messages;
 use anyhow::{Context, Result, anyhow, bail};
 use sqlx::{AssertSqlSafe, PgPool, postgres::PgListener};
 
@@ -16,7 +17,7 @@ use crate::{
     CHECKPOINT_CHANNEL, Settings,
     backlog::{BACKLOG_WRITERS, POSTS_PER_CONVERSATION, build_backlog},
     cell, parse_position, pct,
-    raw::{RAW_ROWS_PER_TX, RawRow, baseline_rows, raw_upserts},
+    raw::{self, RAW_ROWS_PER_TX, raw_upserts},
     service::{Names, Service, delete_redis_keys},
     support::progress::{Position, checkpoints},
 };
@@ -61,28 +62,15 @@ pub struct Run {
 async fn throughput_on(settings: &Settings, names: &Names, pool: &PgPool) -> Result<String> {
     let backlog = build_backlog(settings, names, pool).await?;
     let order = positions(pool).await?;
-    let rows = baseline_rows(pool).await?;
-    let raw_rows = rows.len();
-    let conversation_rows = rows
-        .iter()
-        .filter(|r| matches!(r, RawRow::Conversation(..)))
-        .count();
-    for sql in [
-        "CREATE TABLE bench_messages (LIKE messages INCLUDING ALL)",
-        "CREATE TABLE bench_messages_conversations (LIKE messages_conversations INCLUDING ALL)",
-    ] {
-        sqlx::query(sql)
-            .execute(pool)
-            .await
-            .context("creating the scratch tables")?;
-    }
+    let baseline = raw::baseline(pool).await?;
+    let raw_rows = baseline.upserts.len();
 
     let all_names = ai_secretary::startup::projection_names();
     let (mut raws, mut singles, mut alls) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..settings.rounds {
         eprintln!("throughput: round {} of {}", round + 1, settings.rounds);
         checkpoint(pool).await;
-        raws.push(raw_upserts(&names.db_url, &rows).await?);
+        raws.push(raw_upserts(&names.db_url, &baseline).await?);
         reset(settings, names, pool).await?;
         checkpoint(pool).await;
         singles.push(projection_run(settings, names, pool, &order, vec!["messages".into()]).await?);
@@ -152,8 +140,8 @@ async fn throughput_on(settings: &Settings, names: &Names, pool: &PgPool) -> Res
     writeln!(
         out,
         "| raw upsert | {raw_rows} rows ({} `messages` + {} `messages_conversations`), one `INSERT … ON CONFLICT DO UPDATE` each, {RAW_ROWS_PER_TX} per transaction, one connection | {:.2} | {:.0} | {:.0} | 1.00× |",
-        raw_rows - conversation_rows,
-        conversation_rows,
+        baseline.rows_of(&messages::MESSAGES),
+        baseline.rows_of(&messages::CONVERSATIONS),
         raw.elapsed.as_secs_f64(),
         raw_rows as f64 / raw.elapsed.as_secs_f64(),
         rate(raw.elapsed),
