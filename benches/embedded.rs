@@ -61,6 +61,8 @@ mod appends;
 mod common;
 #[path = "common/in_process.rs"]
 mod in_process;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use appends::{
     Compared, Measurement, Path, STREAM_TYPE, Scenario, Window, Writer, ms, percentile,
@@ -68,6 +70,7 @@ use appends::{
 };
 use common::env_or;
 use in_process::Service;
+use support::http;
 
 use std::{
     env,
@@ -498,10 +501,8 @@ impl Api {
 
     /// Whether `GET /conversations/{id}` (no consistency token) finds it.
     async fn visible(&self, id: &str) -> Result<bool> {
-        let response = self
-            .client
-            .get(format!("{}/api/v1/conversations/{id}", self.base))
-            .bearer_auth(&*self.token)
+        let path = format!("/conversations/{id}");
+        let response = http::get(&self.client, &self.base, &path, &self.token, None)
             .send()
             .await
             .context("GET /conversations/{id}")?;

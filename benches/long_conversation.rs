@@ -46,6 +46,8 @@ mod common;
 mod in_process;
 #[path = "common/service.rs"]
 mod service;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use common::{describe_server, env_or};
 use service::{Names, Servers, Service, remove};

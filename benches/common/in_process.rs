@@ -1,28 +1,14 @@
 //! The service running inside a benchmark's own process: `Application::build`
-//! from command-line options, bound to `127.0.0.1:0`, `run_until` in a task
+//! from the kit's command line (`tests/support/service.rs`: port 0, limits
+//! off) and the bench's options, `run_until` in a task on the bench's runtime,
 //! stopped through a oneshot. `service.rs` starts it on the shared servers;
 //! the embedded bench on a SQLite file.
 
-use ai_secretary::{
-    cli::Cli,
-    startup::{Application, Roles},
-};
+use ai_secretary::startup::{Application, Roles};
 use anyhow::{Context, Result};
-use clap::Parser;
 use tokio::{sync::oneshot, task::JoinHandle};
 
-/// Options every benchmark's service gets: load tests measure the service,
-/// not its abuse limits.
-const UNLIMITED: [&str; 8] = [
-    "--environment",
-    "development",
-    "--rate-limit-commands-per-minute",
-    "0",
-    "--rate-limit-signups-per-hour",
-    "0",
-    "--rate-limit-logins-per-minute",
-    "0",
-];
+use crate::support::service::command_line;
 
 pub struct Service {
     /// `http://127.0.0.1:<port>`, when the roles include a listener.
@@ -35,11 +21,7 @@ impl Service {
     /// Build and start the service with `options` (besides the bind address
     /// and the limits) and `roles`.
     pub async fn launch(options: &[&str], roles: Roles) -> Result<Service> {
-        let args = ["ai-secretary", "--bind", "127.0.0.1:0"]
-            .into_iter()
-            .chain(UNLIMITED)
-            .chain(options.iter().copied());
-        let cli = Cli::try_parse_from(args).context("the service's configuration")?;
+        let cli = command_line(options).context("the service's configuration")?;
         let app = Application::build(&cli.config, roles)
             .await
             .context("building the service")?;

@@ -16,7 +16,10 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{EventLog, TestApp, consistency, problem, spawn_app};
+use crate::{
+    helpers::{EventLog, TestApp, problem, spawn_app},
+    support::http::consistency,
+};
 
 /// The methods a route may have; each is probed on every path.
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
@@ -470,7 +473,7 @@ async fn a_consistency_token_past_the_last_event_is_refused_at_once<D>(app: Test
     let created = app
         .post("/assistants", &token, json!({"name": "Ada"}))
         .await;
-    let real = consistency(&created);
+    let real = consistency(&created).unwrap();
     let (tx, gp) = real.split_once('.').unwrap();
     let future = format!("{}.{}", tx.parse::<i64>().unwrap() + 1000, gp);
     for path in ["/assistants", "/conversations", "/stats/usage"] {

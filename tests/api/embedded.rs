@@ -20,12 +20,10 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::{
-    helpers::{
-        Embedded, TestApp, consistency, embedded_binary, eventually, spawn_embedded,
-        spawn_embedded_on,
-    },
+    helpers::{Embedded, TestApp, embedded_binary, eventually, spawn_embedded, spawn_embedded_on},
     servers::free_port,
     stream::{next, subscribe, until_completed},
+    support::http::consistency,
 };
 
 const ADMIN: &str = "ada@example.com";
@@ -83,7 +81,7 @@ async fn the_readme_walkthrough_runs_embedded_with_no_server() {
         )
         .await;
     assert_eq!(created.status(), StatusCode::CREATED);
-    let read_after = consistency(&created);
+    let read_after = consistency(&created).unwrap();
     let assistant: Value = created.json().await.unwrap();
     let id = assistant["id"].as_str().unwrap().to_owned();
     // Read your write: the consistency token waits for the projection.

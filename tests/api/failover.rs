@@ -26,9 +26,14 @@ use crate::{
         TestApp, eventually, eventually_within, spawn_app_on, spawn_app_with,
         spawn_app_without_replier,
     },
-    progress::{caught_up, checkpoints, consumers},
+    progress::caught_up,
     servers::PrivateServer,
-    support::{BusNames, TestDb, server_url},
+    support::{
+        BusNames, TestDb,
+        http::{self, consistency},
+        progress::{checkpoints, consumers},
+        server_url,
+    },
 };
 
 // ---------------------------------------------------------------------------
@@ -412,7 +417,7 @@ async fn a_deposed_worker_writes_nothing_after_its_lease_is_taken() {
     .execute(&mut standby)
     .await
     .unwrap();
-    let before = checkpoints(pool).await;
+    let before = checkpoints(pool).await.unwrap();
     let counted = count().await;
     assert_eq!(
         counted, 0,
@@ -425,7 +430,7 @@ async fn a_deposed_worker_writes_nothing_after_its_lease_is_taken() {
         post(i).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = checkpoints(pool).await;
+    let after = checkpoints(pool).await.unwrap();
     assert_eq!(after["conversations"], before["conversations"]);
     assert_eq!(after["relay"], before["relay"]);
     assert_eq!(count().await, counted, "a deposed worker wrote a row");
@@ -540,24 +545,15 @@ async fn queries_are_served_from_postgres_while_redis_is_stopped_or_frozen() {
             )
             .await;
         assert_eq!(response.status(), StatusCode::OK);
-        response.headers()["x-consistency-token"]
-            .to_str()
-            .unwrap()
-            .to_owned()
+        consistency(&response).unwrap()
     };
-    let read = async |path: &str, consistency: Option<&str>| -> (Duration, Value) {
-        let mut request = app
-            .client
-            .get(app.url(&format!("/api/v1{path}")))
-            .bearer_auth(&token);
-        if let Some(at) = consistency {
-            request = request.header("x-consistency-token", at);
-        }
+    let read = async |path: &str, at: Option<&str>| -> (Duration, Value) {
+        let request = http::get(&app.client, &app.address, path, &token, at);
         let started = Instant::now();
         let response = request.send().await.unwrap();
         let took = started.elapsed();
         if took > Duration::from_millis(100) {
-            eprintln!("slow: GET {path} with {consistency:?}: {took:?}");
+            eprintln!("slow: GET {path} with {at:?}: {took:?}");
         }
         assert_eq!(response.status(), StatusCode::OK, "GET {path}");
         (took, response.json().await.unwrap())

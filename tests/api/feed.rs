@@ -11,8 +11,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{EventLog, TestApp, Topology, consistency, eventually, spawn_app_on};
-use crate::support::{BusNames, TestDb};
+use crate::helpers::{EventLog, TestApp, Topology, eventually, spawn_app_on};
+use crate::support::{BusNames, TestDb, http::consistency};
 
 /// The API and every projection, tailing the store; no relay, no replier.
 async fn tailing_app() -> TestApp {
@@ -87,7 +87,7 @@ async fn workers_tailing_the_store_serve_read_your_writes_without_the_bus() {
         )
         .await;
     assert_eq!(posted.status(), StatusCode::ACCEPTED);
-    let token_after = consistency(&posted);
+    let token_after = consistency(&posted).unwrap();
     let messages = app
         .get_ok(
             &format!("/conversations/{id}/messages"),

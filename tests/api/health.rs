@@ -4,8 +4,8 @@ use serde_json::{Value, json};
 use ai_secretary::startup::Roles;
 
 use crate::{
-    helpers::{EventLog, TestApp, consistency, eventually, spawn_app_on},
-    support::{BusNames, TestDb, cluster::PrivatePostgres, promql},
+    helpers::{EventLog, TestApp, eventually, spawn_app_on},
+    support::{BusNames, TestDb, cluster::PrivatePostgres, http::consistency, promql},
 };
 
 crate::on_both!(health_and_ready_answer);
@@ -50,7 +50,7 @@ async fn metrics_are_exposed_in_prometheus_format<D>(app: TestApp<D>) {
         .post("/assistants", &token, json!({ "name": "Counted" }))
         .await;
     assert_eq!(created.status(), StatusCode::CREATED);
-    let at = consistency(&created);
+    let at = consistency(&created).unwrap();
     let assistant: Value = created.json().await.unwrap();
     // Read it once the read side has it: a 200, counted under its route.
     let path = format!("/assistants/{}", assistant["id"].as_str().unwrap());

@@ -5,14 +5,13 @@ use ai_secretary::{
     cli::Cli,
     startup::{Application, Roles},
 };
-use clap::Parser;
 use reqwest::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{BusNames, TestDb};
+use crate::support::{AsDb, BusNames, TestDb, http, service::command_line};
 
 /// The service of a test: it runs on a runtime and thread of its own, as a
 /// process would, so that it can be stopped the way a process stops whatever
@@ -120,15 +119,10 @@ pub fn without_replier() -> Roles {
 /// test can stop one instance and start another on the same data.
 pub async fn spawn_app_on(db: TestDb, names: BusNames, extra: &[&str], roles: Roles) -> TestApp {
     let mut args = vec![
-        "ai-secretary",
         "--database-url",
         &db.url,
-        "--bind",
-        "127.0.0.1:0",
         "--database-max-connections",
         "12",
-        "--environment",
-        "development",
         "--nats-stream",
         &names.stream,
         "--nats-subject-prefix",
@@ -136,17 +130,6 @@ pub async fn spawn_app_on(db: TestDb, names: BusNames, extra: &[&str], roles: Ro
         "--redis-key-prefix",
         &names.redis_prefix,
     ];
-    // Many tests sign up several users from one address and send commands in
-    // bursts: the rate limits are off unless a test sets one (tests/api/limits.rs).
-    for limit in [
-        "--rate-limit-commands-per-minute",
-        "--rate-limit-signups-per-hour",
-        "--rate-limit-logins-per-minute",
-    ] {
-        if !extra.contains(&limit) {
-            args.extend([limit, "0"]);
-        }
-    }
     // The server topology: the shared NATS and Redis unless the test names its
     // own (a private server, or an address where nothing listens).
     let (nats_url, redis_url) = (
@@ -160,8 +143,7 @@ pub async fn spawn_app_on(db: TestDb, names: BusNames, extra: &[&str], roles: Ro
         args.extend(["--redis-url", redis_url]);
     }
     args.extend(extra.iter().filter(|a| **a != WITHOUT_NATS));
-    let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
-    launch(args, db, names, roles).await
+    launch(configured(&args), db, names, roles).await
 }
 
 /// The embedded service (SQLite in a temporary `DATA_DIR`, no NATS, no Redis),
@@ -173,27 +155,9 @@ pub async fn spawn_embedded(extra: &[&str]) -> TestApp<Embedded> {
 /// The embedded service on an existing data directory.
 pub async fn spawn_embedded_on(db: Embedded, extra: &[&str], roles: Roles) -> TestApp<Embedded> {
     let dir = db.dir.path().to_string_lossy().into_owned();
-    let mut args = vec![
-        "ai-secretary",
-        "--data-dir",
-        &dir,
-        "--bind",
-        "127.0.0.1:0",
-        "--environment",
-        "development",
-    ];
-    for limit in [
-        "--rate-limit-commands-per-minute",
-        "--rate-limit-signups-per-hour",
-        "--rate-limit-logins-per-minute",
-    ] {
-        if !extra.contains(&limit) {
-            args.extend([limit, "0"]);
-        }
-    }
+    let mut args = vec!["--data-dir", &dir];
     args.extend_from_slice(extra);
-    let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
-    launch(args, db, BusNames::detached(), roles).await
+    launch(configured(&args), db, BusNames::detached(), roles).await
 }
 
 /// An embedded service's data directory, removed when the test ends.
@@ -236,36 +200,10 @@ impl Embedded {
     /// [`caught_up`](Embedded::caught_up) for the projections `names` only.
     pub async fn caught_up_with(&self, names: &[&str]) {
         let pool = self.pool().await;
-        eventually("every projection reaches the head", async || {
-            let head: Option<(i64, i64)> = sqlx::query_as(
-                "SELECT transaction_id, global_position FROM events
-                 ORDER BY global_position DESC LIMIT 1",
-            )
-            .fetch_optional(&pool)
-            .await
-            .map_err(|e| e.to_string())?;
-            let head = head.unwrap_or((0, 0));
-            let at: Vec<(String, i64, i64)> =
-                sqlx::query_as("SELECT name, transaction_id, global_position FROM checkpoints")
-                    .fetch_all(&pool)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            let behind: Vec<_> = names
-                .iter()
-                .filter(|n| {
-                    !at.iter()
-                        .any(|(name, tx, gp)| name == **n && (*tx, *gp) == head)
-                })
-                .collect();
-            if behind.is_empty() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "head {head:?}, behind: {behind:?}, checkpoints {at:?}"
-                ))
-            }
-        })
-        .await;
+        let db = ai_secretary_projections::Db::Sqlite(ai_secretary_projections::SqliteDb::new(
+            pool.clone(),
+        ));
+        crate::progress::caught_up(&db, names).await;
         pool.close().await;
     }
 
@@ -428,10 +366,14 @@ pub async fn run(command: &mut std::process::Command, limit: Duration) -> Finish
     Running::start(command).finish(limit).await
 }
 
-/// Build the service from `args` on a runtime and thread of its own, and wait
-/// until it listens.
-async fn launch<D>(args: Vec<String>, db: D, names: BusNames, roles: Roles) -> TestApp<D> {
-    let cli = Cli::try_parse_from(args).expect("test configuration parses");
+/// The configuration of a test's service: `options` on the kit's command line.
+fn configured(options: &[&str]) -> Cli {
+    command_line(options).expect("test configuration parses")
+}
+
+/// Build the service configured by `cli` on a runtime and thread of its own,
+/// and wait until it listens.
+async fn launch<D>(cli: Cli, db: D, names: BusNames, roles: Roles) -> TestApp<D> {
     let (shutdown, crash) = (CancellationToken::new(), CancellationToken::new());
     let (built, address) = tokio::sync::oneshot::channel();
     let thread = {
@@ -516,14 +458,10 @@ impl<D> TestApp<D> {
     /// GET `/api/v1{path}` with a bearer token and, if given, an
     /// `X-Consistency-Token` (the read then waits for the command it names).
     pub async fn get(&self, path: &str, token: &str, consistency: Option<&str>) -> Response {
-        let mut request = self
-            .client
-            .get(self.url(&format!("/api/v1{path}")))
-            .bearer_auth(token);
-        if let Some(c) = consistency {
-            request = request.header("x-consistency-token", c);
-        }
-        request.send().await.expect("the request is sent")
+        http::get(&self.client, &self.address, path, token, consistency)
+            .send()
+            .await
+            .expect("the request is sent")
     }
 
     pub async fn post(&self, path: &str, token: &str, body: Value) -> Response {
@@ -629,40 +567,6 @@ pub async fn some_history<D>(app: &TestApp<D>, email: &str) -> (String, Vec<Stri
         .await;
     assert_eq!(renamed.status(), StatusCode::OK);
     (token, assistants, conversations)
-}
-
-/// A database handle as the read side and the operations tools take it
-/// ([`Db`](ai_secretary_projections::Db)), from a Postgres pool or a `Db`.
-pub trait AsDb {
-    fn db(&self) -> ai_secretary_projections::Db;
-}
-
-impl AsDb for sqlx::PgPool {
-    fn db(&self) -> ai_secretary_projections::Db {
-        ai_secretary_projections::Db::Postgres(self.clone())
-    }
-}
-
-impl AsDb for ai_secretary_projections::Db {
-    fn db(&self) -> ai_secretary_projections::Db {
-        self.clone()
-    }
-}
-
-/// `$body` with `$pool` bound to the pool of `$db` (a
-/// [`Db`](ai_secretary_projections::Db)), whichever database it is: SQL that
-/// reads the same on Postgres and SQLite, written once and compiled for each.
-#[macro_export]
-macro_rules! on_db {
-    ($db:expr, |$pool:ident| $body:expr) => {
-        match &$db {
-            ai_secretary_projections::Db::Postgres($pool) => $body,
-            ai_secretary_projections::Db::Sqlite(lite) => {
-                let $pool = &lite.pool;
-                $body
-            }
-        }
-    };
 }
 
 /// What a test reads of the database beside the service, whichever it is.
@@ -956,7 +860,7 @@ impl Topology for Embedded {
 /// projections, and on the servers the relay.
 pub fn consumers<D: EventLog>() -> Vec<String> {
     if D::SERVERS {
-        crate::progress::consumers()
+        crate::support::progress::consumers()
     } else {
         ai_secretary::startup::projection_names()
     }
@@ -980,7 +884,7 @@ impl<D: EventLog> TestApp<D> {
     /// Wait until every consumer the service runs has reached the head of the log.
     pub async fn caught_up(
         &self,
-    ) -> std::collections::BTreeMap<String, crate::progress::Checkpoint> {
+    ) -> std::collections::BTreeMap<String, crate::support::progress::Checkpoint> {
         crate::progress::caught_up(&self.read_side().await, &consumers::<D>()).await
     }
 }
@@ -1061,14 +965,6 @@ impl<D> Drop for TestApp<D> {
     fn drop(&mut self) {
         self.shut_down();
     }
-}
-
-/// A command's `X-Consistency-Token`.
-pub fn consistency(response: &Response) -> String {
-    response.headers()["x-consistency-token"]
-        .to_str()
-        .expect("a visible ASCII token")
-        .to_owned()
 }
 
 /// Assert a problem+json answer and return its body.

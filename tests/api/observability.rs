@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::{
     helpers::{TestApp, eventually, spawn_app},
-    support::promql,
+    support::{http::consistency, promql},
 };
 
 /// What the service must export (histograms by their `_bucket` series).
@@ -65,16 +65,11 @@ async fn drive_a_flow(app: &TestApp) -> String {
         )
         .await;
     assert_eq!(posted.status(), StatusCode::ACCEPTED);
-    let token_header = posted.headers()["x-consistency-token"].clone();
+    let at = consistency(&posted).unwrap();
     let assistant_id = assistant["id"].as_str().unwrap();
     let read = app
-        .client
-        .get(app.url(&format!("/api/v1/assistants/{assistant_id}")))
-        .bearer_auth(&token)
-        .header("x-consistency-token", token_header)
-        .send()
-        .await
-        .unwrap();
+        .get(&format!("/assistants/{assistant_id}"), &token, Some(&at))
+        .await;
     assert_eq!(read.status(), StatusCode::OK);
     let missing = app
         .send(Method::GET, "/api/v1/no/such/route", None, None)

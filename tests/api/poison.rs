@@ -7,8 +7,8 @@ use uuid::Uuid;
 
 use crate::{
     process::Service,
-    progress::{caught_up, consumers, event_count},
-    support::promql,
+    progress::{caught_up, event_count},
+    support::{progress::consumers, promql},
 };
 
 /// Two kinds of poison, then a good event: every projection parks both and
@@ -73,7 +73,7 @@ async fn a_poison_event_is_parked_and_counted_and_the_projection_goes_on() {
         .await
         .unwrap();
     assert_eq!(renamed.status(), StatusCode::OK);
-    let at = crate::helpers::consistency(&renamed);
+    let at = crate::support::http::consistency(&renamed).unwrap();
     let read = service
         .read(&format!("/assistants/{id}"), &token, Some(&at))
         .await;

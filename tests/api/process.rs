@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use crate::{
     helpers::{Topology, eventually},
     servers::free_port,
-    support::{BusNames, TestDb},
+    support::{BusNames, TestDb, http},
 };
 
 pub fn binary() -> &'static str {
@@ -152,14 +152,10 @@ impl<D> Service<D> {
     /// GET `/api/v1{path}` that must answer 200, after the command named by
     /// `consistency` (an `X-Consistency-Token`) if given; its JSON body.
     pub async fn read(&self, path: &str, token: &str, consistency: Option<&str>) -> Value {
-        let mut request = self
-            .client
-            .get(self.url(&format!("/api/v1{path}")))
-            .bearer_auth(token);
-        if let Some(at) = consistency {
-            request = request.header("x-consistency-token", at);
-        }
-        let response = request.send().await.expect("the request is sent");
+        let response = http::get(&self.client, &self.url(""), path, token, consistency)
+            .send()
+            .await
+            .expect("the request is sent");
         let status = response.status();
         let text = response.text().await.unwrap();
         assert_eq!(status, StatusCode::OK, "GET {path}: {text}");

@@ -4,7 +4,10 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::{EventLog, TestApp, consistency, consumers, problem};
+use crate::{
+    helpers::{EventLog, TestApp, consumers, problem},
+    support::http::consistency,
+};
 
 // Without the replier (the reply must still be queued when it is read), and
 // as an administrator, so that the projections' status can be read at the end.
@@ -26,7 +29,7 @@ async fn a_command_is_visible_to_the_next_query_that_carries_its_token<D: EventL
             json!({ "content": "Book a table for two at 7pm" }),
         )
         .await;
-    let at = consistency(&posted);
+    let at = consistency(&posted).unwrap();
     let posted: Value = posted.json().await.unwrap();
 
     // The messages, in order, right after the post.
@@ -116,7 +119,7 @@ async fn a_command_is_visible_to_the_next_query_that_carries_its_token<D: EventL
             Some(json!({ "name": "Mika II" })),
         )
         .await;
-    let at = consistency(&renamed);
+    let at = consistency(&renamed).unwrap();
     let after: Value = app
         .get(&path, &token, Some(&at))
         .await
@@ -206,7 +209,7 @@ async fn queries_are_scoped_to_their_owner<D: EventLog>(app: TestApp<D>) {
             json!({ "assistant_id": assistant["id"] }),
         )
         .await;
-    let at = consistency(&response);
+    let at = consistency(&response).unwrap();
     let conversation: Value = response.json().await.unwrap();
     let (a, c) = (
         assistant["id"].as_str().unwrap(),
@@ -251,7 +254,7 @@ async fn pages_stay_stable_while_new_rows_arrive<D: EventLog>(app: TestApp<D>) {
     let last = app
         .post("/assistants", &token, json!({ "name": "A7" }))
         .await;
-    let mut at = consistency(&last);
+    let mut at = consistency(&last).unwrap();
     created.push(last.json::<Value>().await.unwrap()["id"].clone());
 
     // Newest first, three at a time, while more are created between pages.
@@ -280,7 +283,7 @@ async fn pages_stay_stable_while_new_rows_arrive<D: EventLog>(app: TestApp<D>) {
         let newer = app
             .post("/assistants", &token, json!({ "name": "late" }))
             .await;
-        at = consistency(&newer);
+        at = consistency(&newer).unwrap();
         if page["has_more"] == false {
             break;
         }
@@ -370,7 +373,7 @@ async fn the_local_cache_serves_reads_and_is_invalidated_by_the_projection<D: Ev
         .await
         .unwrap();
     assert_eq!(updated.status(), StatusCode::OK);
-    let at = consistency(&updated);
+    let at = consistency(&updated).unwrap();
     let read = app.get_ok(&path, &token, Some(&at)).await;
     assert_eq!(read["name"], "Mika II", "read-your-writes");
     // With every consumer past the update, a read without a token goes to the

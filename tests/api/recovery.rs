@@ -19,11 +19,11 @@ use sqlx::{Connection, PgPool};
 
 use crate::{
     helpers::{
-        AsDb, EventLog, TestApp, Topology, consistency, eventually, problem, some_history,
-        spawn_app_on, spawn_app_with,
+        EventLog, TestApp, Topology, eventually, problem, some_history, spawn_app_on,
+        spawn_app_with,
     },
     progress,
-    support::{BusNames, TestDb},
+    support::{AsDb, BusNames, TestDb, http::consistency, progress::consumers},
 };
 
 const ADMIN: &str = "admin@example.com";
@@ -528,21 +528,14 @@ async fn a_rebuild_during_live_traffic_never_serves_a_half_built_model<D: EventL
             json!({ "content": "after the swap" }),
         )
         .await;
-    let at = posted.headers()["x-consistency-token"]
-        .to_str()
-        .unwrap()
-        .to_owned();
-    let conversation: Value = app
-        .client
-        .get(app.url(&format!("/api/v1/conversations/{}", conversations[0])))
-        .bearer_auth(&token)
-        .header("x-consistency-token", at)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let at = consistency(&posted).unwrap();
+    let conversation = app
+        .get_ok(
+            &format!("/conversations/{}", conversations[0]),
+            &token,
+            Some(&at),
+        )
+        .await;
     let stream: uuid::Uuid = conversations[0].parse().unwrap();
     let messages: i64 = crate::on_db!(db, |pool| sqlx::query_scalar(
         "SELECT count(*) FROM events
@@ -704,7 +697,7 @@ async fn a_restore_older_than_what_nats_has_seen_follows_the_procedure_to_a_clea
             .await;
         assert_eq!(posted.status(), StatusCode::ACCEPTED);
     }
-    progress::caught_up(&app.db.pool, &progress::consumers()).await;
+    progress::caught_up(&app.db.pool, &consumers()).await;
     let (status, _) = get_json(&app, &format!("/assistants/{lost}"), &token).await;
     assert_eq!(status, StatusCode::OK, "read once, so Redis holds a copy");
 
@@ -769,14 +762,14 @@ async fn a_restore_older_than_what_nats_has_seen_follows_the_procedure_to_a_clea
         .get(
             &format!("/conversations/{}", conversations[0]),
             &token,
-            Some(&consistency(&posted)),
+            Some(&consistency(&posted).unwrap()),
         )
         .await
         .json()
         .await
         .unwrap();
     assert_eq!(conversation["message_count"], 8, "{conversation}");
-    progress::caught_up(&app.db.pool, &progress::consumers()).await;
+    progress::caught_up(&app.db.pool, &consumers()).await;
     let (report, clean) = verify_report(
         &crate::helpers::pg(&app.db.pool),
         &crate::helpers::master_key(),

@@ -662,7 +662,7 @@ async fn replier_passed<D: EventLog>(app: &TestApp<D>, reply: &str) {
     .await
     .unwrap());
     eventually("the replier's checkpoint passes the request", async || {
-        let checkpoints = crate::progress::checkpoints(&db).await;
+        let checkpoints = crate::support::progress::checkpoints(&db).await.unwrap();
         let at = checkpoints
             .get(ai_secretary::replier::CHECKPOINT)
             .map(|c| c.position);

@@ -24,15 +24,16 @@ use sqlx::PgPool;
 
 use crate::{
     helpers::{
-        TestApp, consistency, eventually, eventually_every, problem, spawn_app_on, spawn_app_with,
+        TestApp, eventually, eventually_every, problem, spawn_app_on, spawn_app_with,
         spawn_app_without_replier, without_replier,
     },
-    progress::{
-        Checkpoint, assert_each_event_applied_once, caught_up, checkpoints, consumers, event_count,
-        head,
-    },
+    progress::{assert_each_event_applied_once, caught_up, event_count},
     servers::PrivateServer,
-    support::{BusNames, TestDb},
+    support::{
+        BusNames, TestDb,
+        http::consistency,
+        progress::{Checkpoint, checkpoints, consumers, head},
+    },
 };
 
 // ---------------------------------------------------------------------------
@@ -116,7 +117,7 @@ async fn command(
         "{method} {path}: {status}: {}",
         response.text().await.unwrap()
     );
-    let at = consistency(&response);
+    let at = consistency(&response).unwrap();
     (at, response.json().await.unwrap())
 }
 
@@ -396,8 +397,8 @@ async fn queries_answer_while_redis_is_down() {
         .await;
     assert_eq!(one["name"], "After");
     assert_eq!(one["version"], 2);
-    let stalled = checkpoints(&app.db.pool).await["cache"];
-    let behind = checkpoints(&app.db.pool).await["assistants"];
+    let stalled = checkpoints(&app.db.pool).await.unwrap()["cache"];
+    let behind = checkpoints(&app.db.pool).await.unwrap()["assistants"];
     assert!(
         stalled.position < behind.position,
         "the query waited for the cache: cache {stalled:?} vs assistants {behind:?}"
@@ -507,7 +508,7 @@ async fn the_cache_comes_back_under_steady_read_traffic() {
     let (tx, gp) = changed.split_once('.').unwrap();
     let target: (i64, i64) = (tx.parse().unwrap(), gp.parse().unwrap());
     eventually("the cache projection gets past the outage", async || {
-        let cache = checkpoints(&app.db.pool).await["cache"];
+        let cache = checkpoints(&app.db.pool).await.unwrap()["cache"];
         if cache.position >= target {
             Ok(())
         } else {
@@ -706,13 +707,13 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_read_model() {
     assert!(events > 300, "only {events} events");
     caught_up(&writer.db.pool, &["relay".to_owned()]).await;
     let (db, names) = writer.crash();
-    let backlog_head = head(&db.pool).await;
+    let backlog_head = head(&db.pool).await.unwrap();
 
     // The projectors start on the backlog and die as soon as one is part-way.
     let projectors = spawn_app_on(db, names, &[], Roles::only_projections(vec![]).unwrap()).await;
     let what = "a projection is part-way through the backlog";
     let part_way = eventually_every(Duration::from_millis(5), what, async || {
-        let all = checkpoints(&projectors.db.pool).await;
+        let all = checkpoints(&projectors.db.pool).await.unwrap();
         let moving: Vec<(&String, &Checkpoint)> = all
             .iter()
             .filter(|(n, c)| *n != "relay" && c.position > (0, 0) && c.position < backlog_head)
@@ -773,7 +774,7 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_read_model() {
     .execute(&fresh.pool)
     .await
     .unwrap();
-    assert_eq!(head(&fresh.pool).await, backlog_head);
+    assert_eq!(head(&fresh.pool).await.unwrap(), backlog_head);
     let fold = spawn_app_on(
         fresh,
         BusNames::new(),

@@ -1,12 +1,54 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
-//! Shared by the integration test binaries: a fresh Postgres database per test,
-//! dropped when the test ends (pass or fail).
+//! The test kit, shared by the integration test binaries and the benches: a
+//! fresh Postgres database per test, dropped when the test ends (pass or
+//! fail), and a test's own names on NATS and Redis (here); a database handle
+//! whichever the backend ([`AsDb`], [`on_db!`]); where the read side is
+//! (`progress.rs`); the query API's authenticated GET and consistency token
+//! (`http.rs`); the command line of a service built in this process
+//! (`service.rs`); private servers (`cluster.rs`); PromQL checks (`promql.rs`).
 
 pub mod cluster;
+pub mod http;
+pub mod progress;
 pub mod promql;
+pub mod service;
 
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
+
+/// A database handle as the read side and the operations tools take it
+/// ([`Db`](ai_secretary_projections::Db)), from a Postgres pool or a `Db`.
+pub trait AsDb {
+    fn db(&self) -> ai_secretary_projections::Db;
+}
+
+impl AsDb for PgPool {
+    fn db(&self) -> ai_secretary_projections::Db {
+        ai_secretary_projections::Db::Postgres(self.clone())
+    }
+}
+
+impl AsDb for ai_secretary_projections::Db {
+    fn db(&self) -> ai_secretary_projections::Db {
+        self.clone()
+    }
+}
+
+/// `$body` with `$pool` bound to the pool of `$db` (a
+/// [`Db`](ai_secretary_projections::Db)), whichever database it is: SQL that
+/// reads the same on Postgres and SQLite, written once and compiled for each.
+#[macro_export]
+macro_rules! on_db {
+    ($db:expr, |$pool:ident| $body:expr) => {
+        match &$db {
+            ai_secretary_projections::Db::Postgres($pool) => $body,
+            ai_secretary_projections::Db::Sqlite(lite) => {
+                let $pool = &lite.pool;
+                $body
+            }
+        }
+    };
+}
 
 /// The machine's Postgres; `TEST_DATABASE_URL` may point elsewhere (no database name).
 pub fn server_url() -> String {
