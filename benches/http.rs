@@ -70,13 +70,15 @@ mod raw_postgres;
 #[path = "common/service.rs"]
 #[allow(dead_code, reason = "the service runs as a child process here")]
 mod service;
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 use appends::{Window, Writer, ms, percentile};
 use common::{describe_server, env_or};
 use service::{Names, Servers, remove};
+use support::progress::{caught_up, checkpoints, consumers, head};
 
 use std::{
-    collections::HashMap,
     env,
     net::SocketAddr,
     process::{Command, Stdio},
@@ -249,7 +251,7 @@ async fn one_round(
     let pipeline_service = ServiceProcess::start(settings, all_names, None).await?;
     let pool = postgres::connect(&all_names.db_url, 2).await?;
     let user = User::sign_up(&pipeline_service).await?;
-    caught_up(&pool, PATIENCE).await?;
+    caught_up(&pool, &consumers(), PATIENCE).await?;
     let (pipeline, pipeline_lag) = with_lag(&pool, settings, commands(settings, &user)).await?;
 
     let pace = PACED_FRACTION * raw.per_sec();
@@ -410,7 +412,7 @@ async fn with_lag(
     let rate = load.await?;
     let mut lag = sampler.await??;
     let drain_started = Instant::now();
-    caught_up(pool, PATIENCE).await?;
+    caught_up(pool, &consumers(), PATIENCE).await?;
     lag.drain = drain_started.elapsed();
     Ok((rate, lag))
 }
@@ -694,56 +696,6 @@ fn id_of(created: &Value) -> Result<Uuid> {
 // The read side: lag and freshness
 // ---------------------------------------------------------------------------
 
-/// Commit-order position: `(transaction_id, global_position)`.
-type Pos = (i64, i64);
-
-/// The last event of the store in commit order.
-async fn head(pool: &PgPool) -> Result<Pos> {
-    let row: Option<Pos> = sqlx::query_as(
-        "SELECT transaction_id::text::int8, global_position FROM events
-         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
-    )
-    .fetch_optional(pool)
-    .await
-    .context("reading the head of the store")?;
-    Ok(row.unwrap_or((0, 0)))
-}
-
-async fn checkpoints(pool: &PgPool) -> Result<HashMap<String, Pos>> {
-    let rows: Vec<(String, i64, i64)> =
-        sqlx::query_as("SELECT name, transaction_id, global_position FROM checkpoints")
-            .fetch_all(pool)
-            .await
-            .context("reading checkpoints")?;
-    Ok(rows.into_iter().map(|(n, t, g)| (n, (t, g))).collect())
-}
-
-fn every_checkpoint() -> Vec<String> {
-    let mut names = ai_secretary::startup::projection_names();
-    names.push("relay".into());
-    names
-}
-
-/// Wait until every checkpoint is at the head of the store.
-async fn caught_up(pool: &PgPool, limit: Duration) -> Result<()> {
-    let head = head(pool).await?;
-    let deadline = Instant::now() + limit;
-    loop {
-        let at = checkpoints(pool).await?;
-        let behind: Vec<String> = every_checkpoint()
-            .into_iter()
-            .filter(|n| at.get(n).is_none_or(|p| *p < head))
-            .collect();
-        if behind.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the read side did not catch up within {limit:?}: behind: {behind:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// How far the read side fell behind during the load.
 #[derive(Default)]
 struct Lag {
@@ -766,8 +718,8 @@ async fn sample_lag(pool: PgPool, length: Duration) -> Result<Lag> {
         let head = head(&pool).await?.1;
         let at = checkpoints(&pool).await?;
         let now = Instant::now();
-        for name in every_checkpoint() {
-            let behind = head - at.get(&name).map_or(0, |p| p.1);
+        for name in consumers() {
+            let behind = head - at.get(&name).map_or(0, |c| c.position.1);
             if behind > lag.max {
                 lag.max = behind;
                 lag.max_of = name.clone();
