@@ -49,7 +49,9 @@
 //! - **messages**: an instance with only the `messages` projection, timed from
 //!   just before `Application::build` until its checkpoint reaches the head (its
 //!   read model and checkpoint are emptied first);
-//! - **all**: the same with every projection, until the last one is at the head.
+//! - **all**: the same with every projection, until the last one is at the head;
+//! - **cache**: the same with only the `cache` projection (its Redis
+//!   invalidations), as it catches up on a backlog after an outage.
 //!
 //! Each path's median round is reported; per-batch timing of the projections comes
 //! from the `NOTIFY` each batch commit sends on `ai_secretary_checkpoints`.
@@ -1386,7 +1388,8 @@ async fn throughput_on(settings: &Settings, names: &Names, pool: &PgPool) -> Res
     }
 
     let all_names = ai_secretary::startup::projection_names();
-    let (mut raws, mut singles, mut alls) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut raws, mut singles, mut alls, mut caches) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..settings.rounds {
         eprintln!("throughput: round {} of {}", round + 1, settings.rounds);
         checkpoint(pool).await;
@@ -1397,6 +1400,9 @@ async fn throughput_on(settings: &Settings, names: &Names, pool: &PgPool) -> Res
         reset(settings, names, pool).await?;
         checkpoint(pool).await;
         alls.push(projection_run(settings, names, pool, &order, all_names.clone()).await?);
+        reset(settings, names, pool).await?;
+        checkpoint(pool).await;
+        caches.push(projection_run(settings, names, pool, &order, vec!["cache".into()]).await?);
     }
     let events = backlog.events as f64;
     let rate = |d: Duration| events / d.as_secs_f64();
@@ -1412,15 +1418,17 @@ async fn throughput_on(settings: &Settings, names: &Names, pool: &PgPool) -> Res
         .map(|(r, s)| format!("{:.2}", r.elapsed.as_secs_f64() / s.elapsed.as_secs_f64()))
         .collect();
     let rounds_text = format!(
-        "- events/s by round: raw {}; messages {}; all {}\n- messages ÷ raw by round: {}\n",
+        "- events/s by round: raw {}; messages {}; all {}; cache {}\n- messages ÷ raw by round: {}\n",
         by_round(&raws),
         by_round(&singles),
         by_round(&alls),
+        by_round(&caches),
         ratios.join(", "),
     );
     let raw = median(raws);
     let single = median(singles);
     let all = median(alls);
+    let cache = median(caches);
 
     let mut out = String::new();
     use std::fmt::Write;
@@ -1448,7 +1456,7 @@ async fn throughput_on(settings: &Settings, names: &Names, pool: &PgPool) -> Res
     )?;
     writeln!(
         out,
-        "{} rounds, raw / messages / all in turn, CHECKPOINT before each; each path's median round is shown",
+        "{} rounds, raw / messages / all / cache in turn, CHECKPOINT before each; each path's median round is shown",
         settings.rounds
     )?;
     writeln!(out)?;
@@ -1481,6 +1489,13 @@ async fn throughput_on(settings: &Settings, names: &Names, pool: &PgPool) -> Res
         all.elapsed.as_secs_f64(),
         rate(all.elapsed),
     )?;
+    writeln!(
+        out,
+        "| projection `cache` | start → checkpoint at the head | {:.2} | – | {:.0} | {:.2}× |",
+        cache.elapsed.as_secs_f64(),
+        rate(cache.elapsed),
+        raw.elapsed.as_secs_f64() / cache.elapsed.as_secs_f64(),
+    )?;
     writeln!(out)?;
     out.push_str(&rounds_text);
     writeln!(out)?;
@@ -1489,7 +1504,11 @@ async fn throughput_on(settings: &Settings, names: &Names, pool: &PgPool) -> Res
         "| run | projection | first commit after s | at head after s | events/s | batches | events/batch | batch interval p50 ms | p99 ms |"
     )?;
     writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|")?;
-    for (label, run) in [("messages only", &single), ("all", &all)] {
+    for (label, run) in [
+        ("messages only", &single),
+        ("all", &all),
+        ("cache only", &cache),
+    ] {
         for (name, at) in &run.per_projection {
             let none = Batches {
                 name: name.clone(),
