@@ -27,7 +27,7 @@ use redis::{Script, aio::ConnectionManager};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{Kind, breaker::Breaker};
+use super::{Invalidations, Kind, Write, breaker::Breaker};
 
 /// Stamp a key with a position and drop its value, unless it is already newer:
 /// `rules::may_invalidate`.
@@ -192,20 +192,6 @@ impl RedisCache {
         format!("{}:{what}:{owner}", self.prefix)
     }
 
-    /// Drop every value cached for `owner`, and refuse new ones for a TTL. Fails
-    /// when Redis is unreachable (the projection retries: it must not be skipped).
-    pub async fn forget_owner(&self, owner: Uuid) -> redis::RedisResult<()> {
-        let mut redis = self.redis().await?;
-        let _: i64 = self
-            .forget_owner
-            .key(self.owner_key("owner", owner))
-            .key(self.owner_key("forgotten", owner))
-            .arg(self.ttl.as_secs().max(1))
-            .invoke_async(&mut redis)
-            .await?;
-        Ok(())
-    }
-
     /// The cached JSON of a resource, if present and owned by `owner`.
     pub async fn get(&self, kind: Kind, id: Uuid, owner: Uuid) -> Option<Value> {
         let key = self.key(kind, id);
@@ -245,23 +231,50 @@ impl RedisCache {
             .await;
     }
 
-    /// Stamp a key with an event's position, dropping the value it held. Fails
-    /// when Redis is unreachable: an invalidation must never be skipped. Not
+    /// Make a batch's writes in order, in one pipeline: `INVALIDATE` per
+    /// stamp, `FORGET_OWNER` per forget. Fails when Redis is unreachable or any
+    /// script failed (Redis runs the rest of the pipeline regardless: the
+    /// projection retries the batch, and every write is safe to repeat). Not
     /// held back by the breaker (the projection's retries are its probes).
-    pub async fn invalidate(&self, kind: Kind, id: Uuid, at: Position) -> redis::RedisResult<()> {
-        let result: redis::RedisResult<i64> = async {
+    pub async fn invalidate(&self, batch: &Invalidations) -> redis::RedisResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        // `EVALSHA` in a pipeline does not load a script Redis lacks (after a
+        // restart or `SCRIPT FLUSH`) as `invoke_async` does; loading both first,
+        // in the same round trip, costs Redis a hash lookup when they are there.
+        pipe.load_script(&self.invalidate)
+            .ignore()
+            .load_script(&self.forget_owner)
+            .ignore();
+        let ttl = self.ttl.as_secs();
+        for write in batch.writes() {
+            match write {
+                Write::Stamp(kind, id, at) => pipe.invoke_script(
+                    self.invalidate
+                        .key(self.key(kind, id))
+                        .arg(at.transaction_id)
+                        .arg(at.global_position)
+                        .arg(ttl),
+                ),
+                // A forgotten mark lives one TTL (at least a second: `SET … EX 0` is refused).
+                Write::Forget(owner) => pipe.invoke_script(
+                    self.forget_owner
+                        .key(self.owner_key("owner", owner))
+                        .key(self.owner_key("forgotten", owner))
+                        .arg(ttl.max(1)),
+                ),
+            }
+            .ignore();
+        }
+        let result = async {
             let mut redis = self.redis().await?;
-            self.invalidate
-                .key(self.key(kind, id))
-                .arg(at.transaction_id)
-                .arg(at.global_position)
-                .arg(self.ttl.as_secs())
-                .invoke_async(&mut redis)
-                .await
+            pipe.exec_async(&mut redis).await
         }
         .await;
         match result {
-            Ok(_) => {
+            Ok(()) => {
                 self.succeeded();
                 Ok(())
             }
