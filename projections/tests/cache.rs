@@ -158,7 +158,8 @@ async fn an_invalidation_drops_the_value_and_refuses_older_fills() {
 /// A batch touching keys many times leaves each stamped at its last
 /// position: a fill read at any earlier one is refused, the last one's kept.
 /// (Stamped at the first, or with the last invalidation lost, a fill read
-/// before the batch's end would be served.)
+/// before the batch's end would be served.) Long enough to take Redis more
+/// than one pipeline.
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -174,13 +175,23 @@ async fn a_batch_leaves_each_key_stamped_at_its_last_position() {
                 .await;
         }
         let mut batch = Invalidations::default();
+        let many: Vec<Uuid> = (0..5_000).map(|_| id()).collect();
         for gp in 2..=300 {
             batch.stamp(Kind::Conversation, busy, at(gp));
             if gp == 150 {
                 batch.stamp(Kind::Conversation, once, at(gp));
+                for key in &many {
+                    batch.stamp(Kind::Assistant, *key, at(gp));
+                }
             }
         }
         cache.invalidate(&batch).await.unwrap();
+        for key in [many[0], many[4_999]] {
+            cache
+                .fill(Kind::Assistant, key, owner, at(149), &value(149))
+                .await;
+            assert_eq!(cache.get(Kind::Assistant, key, owner).await, None, "{name}");
+        }
         for (key, last) in [(busy, 300), (once, 150)] {
             let get = async || cache.get(Kind::Conversation, key, owner).await;
             assert_eq!(get().await, None, "{name}: a tombstone");

@@ -65,6 +65,13 @@ redis.call('UNLINK', KEYS[1])
 return #keys
 "#;
 
+/// Most writes in one pipeline. A worker's batch (at most 500 events, two
+/// keys each) goes in one; the long batch of a gap fill, or a rebuild's range
+/// (`rebuild::invalidate_skipped`), goes in several, in order, so that no one
+/// round trip nears the connection's response timeout ([`PROJECTION_TIMEOUT`];
+/// Redis runs tens of thousands of these scripts a second).
+const PIPELINE: usize = 2_000;
+
 /// The Redis backend. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisCache {
@@ -231,8 +238,9 @@ impl RedisCache {
             .await;
     }
 
-    /// Make a batch's writes in order, in one pipeline: `INVALIDATE` per
-    /// stamp, `FORGET_OWNER` per forget. Fails when Redis is unreachable or any
+    /// Make a batch's writes in order, in one pipeline (a long one in a few,
+    /// one after the other: [`PIPELINE`]): `INVALIDATE` per stamp,
+    /// `FORGET_OWNER` per forget. Fails when Redis is unreachable or any
     /// script failed (Redis runs the rest of the pipeline regardless: the
     /// projection retries the batch, and every write is safe to repeat). Not
     /// held back by the breaker (the projection's retries are its probes).
@@ -240,6 +248,28 @@ impl RedisCache {
         if batch.is_empty() {
             return Ok(());
         }
+        let writes: Vec<Write> = batch.writes().collect();
+        let result: redis::RedisResult<()> = async {
+            let mut redis = self.redis().await?;
+            for writes in writes.chunks(PIPELINE) {
+                self.pipeline(writes).exec_async(&mut redis).await?;
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.succeeded();
+                Ok(())
+            }
+            Err(e) => {
+                self.failed(&e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    fn pipeline(&self, writes: &[Write]) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         // `EVALSHA` in a pipeline does not load a script Redis lacks (after a
         // restart or `SCRIPT FLUSH`) as `invoke_async` does; loading both first,
@@ -249,8 +279,8 @@ impl RedisCache {
             .load_script(&self.forget_owner)
             .ignore();
         let ttl = self.ttl.as_secs();
-        for write in batch.writes() {
-            match write {
+        for write in writes {
+            match *write {
                 Write::Stamp(kind, id, at) => pipe.invoke_script(
                     self.invalidate
                         .key(self.key(kind, id))
@@ -268,21 +298,7 @@ impl RedisCache {
             }
             .ignore();
         }
-        let result = async {
-            let mut redis = self.redis().await?;
-            pipe.exec_async(&mut redis).await
-        }
-        .await;
-        match result {
-            Ok(()) => {
-                self.succeeded();
-                Ok(())
-            }
-            Err(e) => {
-                self.failed(&e.to_string());
-                Err(e)
-            }
-        }
+        pipe
     }
 }
 
