@@ -50,7 +50,9 @@
 //! - **messages**: an instance with only the `messages` projection, timed from
 //!   just before `Application::build` until its checkpoint reaches the head (its
 //!   read model and checkpoint are emptied first);
-//! - **all**: the same with every projection, until the last one is at the head.
+//! - **all**: the same with every projection, until the last one is at the head;
+//! - **cache**: the same with only the `cache` projection (its Redis
+//!   invalidations), as it catches up on a backlog after an outage.
 //!
 //! Each path's median round is reported; per-batch timing of the projections comes
 //! from the `NOTIFY` each batch commit sends on `ai_secretary_checkpoints`.

@@ -66,7 +66,8 @@ async fn throughput_on(settings: &Settings, names: &Names, pool: &PgPool) -> Res
     let raw_rows = baseline.upserts.len();
 
     let all_names = ai_secretary::startup::projection_names();
-    let (mut raws, mut singles, mut alls) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut raws, mut singles, mut alls, mut caches) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..settings.rounds {
         eprintln!("throughput: round {} of {}", round + 1, settings.rounds);
         checkpoint(pool).await;
@@ -77,6 +78,9 @@ async fn throughput_on(settings: &Settings, names: &Names, pool: &PgPool) -> Res
         reset(settings, names, pool).await?;
         checkpoint(pool).await;
         alls.push(projection_run(settings, names, pool, &order, all_names.clone()).await?);
+        reset(settings, names, pool).await?;
+        checkpoint(pool).await;
+        caches.push(projection_run(settings, names, pool, &order, vec!["cache".into()]).await?);
     }
     let events = backlog.events as f64;
     let rate = |d: Duration| events / d.as_secs_f64();
@@ -92,15 +96,17 @@ async fn throughput_on(settings: &Settings, names: &Names, pool: &PgPool) -> Res
         .map(|(r, s)| format!("{:.2}", r.elapsed.as_secs_f64() / s.elapsed.as_secs_f64()))
         .collect();
     let rounds_text = format!(
-        "- events/s by round: raw {}; messages {}; all {}\n- messages ÷ raw by round: {}\n",
+        "- events/s by round: raw {}; messages {}; all {}; cache {}\n- messages ÷ raw by round: {}\n",
         by_round(&raws),
         by_round(&singles),
         by_round(&alls),
+        by_round(&caches),
         ratios.join(", "),
     );
     let raw = median(raws);
     let single = median(singles);
     let all = median(alls);
+    let cache = median(caches);
 
     let mut out = String::new();
     use std::fmt::Write;
@@ -128,7 +134,7 @@ async fn throughput_on(settings: &Settings, names: &Names, pool: &PgPool) -> Res
     )?;
     writeln!(
         out,
-        "{} rounds, raw / messages / all in turn, CHECKPOINT before each; each path's median round is shown",
+        "{} rounds, raw / messages / all / cache in turn, CHECKPOINT before each; each path's median round is shown",
         settings.rounds
     )?;
     writeln!(out)?;
@@ -161,6 +167,13 @@ async fn throughput_on(settings: &Settings, names: &Names, pool: &PgPool) -> Res
         all.elapsed.as_secs_f64(),
         rate(all.elapsed),
     )?;
+    writeln!(
+        out,
+        "| projection `cache` | start → checkpoint at the head | {:.2} | – | {:.0} | {:.2}× |",
+        cache.elapsed.as_secs_f64(),
+        rate(cache.elapsed),
+        raw.elapsed.as_secs_f64() / cache.elapsed.as_secs_f64(),
+    )?;
     writeln!(out)?;
     out.push_str(&rounds_text);
     writeln!(out)?;
@@ -169,7 +182,11 @@ async fn throughput_on(settings: &Settings, names: &Names, pool: &PgPool) -> Res
         "| run | projection | first commit after s | at head after s | events/s | batches | events/batch | batch interval p50 ms | p99 ms |"
     )?;
     writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|")?;
-    for (label, run) in [("messages only", &single), ("all", &all)] {
+    for (label, run) in [
+        ("messages only", &single),
+        ("all", &all),
+        ("cache only", &cache),
+    ] {
         for (name, at) in &run.per_projection {
             let none = Batches {
                 name: name.clone(),

@@ -213,8 +213,15 @@ async fn consume(
         };
         let mut batch = vec![first.map_err(nats)?];
         // Take whatever else is already here: batches grow with the backlog.
+        // `unconstrained`: tokio's cooperative budget (a task's resource
+        // polls per turn, spent here after some 64 messages) makes a buffered
+        // message look `Pending` once it is used up, which ended every batch
+        // near 64 messages however long the backlog (`ready_chunks` would
+        // stop at that same `Pending`). The loop is bounded by `MAX_BATCH` and
+        // only takes what is already buffered, so lifting the budget for it
+        // starves no other task.
         while batch.len() < MAX_BATCH {
-            match messages.next().now_or_never() {
+            match tokio::task::unconstrained(messages.next()).now_or_never() {
                 Some(Some(Ok(message))) => batch.push(message),
                 Some(Some(Err(e))) => return Err(nats(e)),
                 _ => break,

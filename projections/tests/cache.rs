@@ -11,7 +11,7 @@ use std::{
 };
 
 use ai_secretary_contract::Position;
-use ai_secretary_projections::cache::{Cache, Kind};
+use ai_secretary_projections::cache::{Cache, Invalidations, Kind};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -30,6 +30,13 @@ fn at(gp: i64) -> Position {
         transaction_id: gp,
         global_position: gp,
     }
+}
+
+/// One key's invalidation: a batch of one.
+fn one(kind: Kind, id: Uuid, gp: i64) -> Invalidations {
+    let mut batch = Invalidations::default();
+    batch.stamp(kind, id, at(gp));
+    batch
 }
 
 /// A value that says which position it was read at.
@@ -121,7 +128,7 @@ async fn an_invalidation_drops_the_value_and_refuses_older_fills() {
         };
         let invalidate = async |gp| {
             cache
-                .invalidate(Kind::Conversation, id, at(gp))
+                .invalidate(&one(Kind::Conversation, id, gp))
                 .await
                 .unwrap()
         };
@@ -148,6 +155,113 @@ async fn an_invalidation_drops_the_value_and_refuses_older_fills() {
     }
 }
 
+/// A batch touching keys many times leaves each stamped at its last
+/// position: a fill read at any earlier one is refused, the last one's kept.
+/// (Stamped at the first, or with the last invalidation lost, a fill read
+/// before the batch's end would be served.) Long enough to take Redis more
+/// than one pipeline.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
+#[tokio::test]
+async fn a_batch_leaves_each_key_stamped_at_its_last_position() {
+    let (_prefix, caches) = backends(HOUR);
+    for (name, cache) in caches {
+        let (owner, busy, once) = (id(), id(), id());
+        for key in [busy, once] {
+            cache
+                .fill(Kind::Conversation, key, owner, at(1), &value(1))
+                .await;
+        }
+        let mut batch = Invalidations::default();
+        let many: Vec<Uuid> = (0..5_000).map(|_| id()).collect();
+        for gp in 2..=300 {
+            batch.stamp(Kind::Conversation, busy, at(gp));
+            if gp == 150 {
+                batch.stamp(Kind::Conversation, once, at(gp));
+                for key in &many {
+                    batch.stamp(Kind::Assistant, *key, at(gp));
+                }
+            }
+        }
+        cache.invalidate(&batch).await.unwrap();
+        for key in [many[0], many[4_999]] {
+            cache
+                .fill(Kind::Assistant, key, owner, at(149), &value(149))
+                .await;
+            assert_eq!(cache.get(Kind::Assistant, key, owner).await, None, "{name}");
+        }
+        for (key, last) in [(busy, 300), (once, 150)] {
+            let get = async || cache.get(Kind::Conversation, key, owner).await;
+            assert_eq!(get().await, None, "{name}: a tombstone");
+            for gp in [2, last - 1] {
+                cache
+                    .fill(Kind::Conversation, key, owner, at(gp), &value(gp))
+                    .await;
+                assert_eq!(get().await, None, "{name}: a row read at {gp} < {last}");
+            }
+            cache
+                .fill(Kind::Conversation, key, owner, at(last), &value(last))
+                .await;
+            assert_eq!(get().await, Some(value(last)), "{name}: stamped at {last}");
+        }
+    }
+}
+
+/// A write of a batch that Redis refuses fails the whole batch, though Redis
+/// ran the others: the projection then retries all of it, and nothing is
+/// checkpointed past an invalidation that did not happen.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
+#[tokio::test]
+async fn a_write_refused_in_the_middle_fails_the_batch() {
+    let (prefix, caches) = backends(HOUR);
+    let (_, cache) = caches.into_iter().find(|(n, _)| *n == "redis").unwrap();
+    let (owner, before, refused, after) = (id(), id(), id(), id());
+    // Not a hash: `INVALIDATE`'s `HGET` on it is an error.
+    let refused_key = format!("{}:conversation:{refused}", prefix.0);
+    let mut redis = redis::Client::open(REDIS_URL)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("SET")
+        .arg(&refused_key)
+        .arg("not a hash")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let mut batch = Invalidations::default();
+    for (gp, key) in [(1, before), (2, refused), (3, after)] {
+        batch.stamp(Kind::Conversation, key, at(gp));
+    }
+    assert!(cache.invalidate(&batch).await.is_err());
+
+    // Once the key can be written, the retried batch goes through.
+    let () = redis::cmd("DEL")
+        .arg(&refused_key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    cache.invalidate(&batch).await.unwrap();
+    for (gp, key) in [(1, before), (2, refused), (3, after)] {
+        cache
+            .fill(Kind::Conversation, key, owner, at(gp - 1), &value(gp - 1))
+            .await;
+        assert_eq!(cache.get(Kind::Conversation, key, owner).await, None);
+        cache
+            .fill(Kind::Conversation, key, owner, at(gp), &value(gp))
+            .await;
+        assert_eq!(
+            cache.get(Kind::Conversation, key, owner).await,
+            Some(value(gp))
+        );
+    }
+}
+
 #[cfg_attr(
     not(test_servers),
     ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
@@ -170,7 +284,9 @@ async fn forgetting_an_owner_drops_their_keys_and_refuses_their_fills_for_a_ttl(
         }
         cache.fill(kept_kind, kept, other, at(1), &value(1)).await;
 
-        cache.forget_owner(forgotten).await.unwrap();
+        let mut forget = Invalidations::default();
+        forget.forget_owner(forgotten);
+        cache.invalidate(&forget).await.unwrap();
         for (kind, id) in theirs {
             assert_eq!(cache.get(kind, id, forgotten).await, None, "{name}");
             cache.fill(kind, id, forgotten, at(2), &value(2)).await;
@@ -210,7 +326,10 @@ async fn values_and_stamps_expire_after_the_ttl() {
         cache
             .fill(Kind::User, filled, owner, at(1), &value(1))
             .await;
-        cache.invalidate(Kind::User, stamped, at(10)).await.unwrap();
+        cache
+            .invalidate(&one(Kind::User, stamped, 10))
+            .await
+            .unwrap();
         assert!(
             cache.get(Kind::User, filled, owner).await.is_some(),
             "{name}"
@@ -272,7 +391,7 @@ async fn an_unreachable_redis_is_not_available_and_the_local_cache_always_is() {
     assert!(!unreachable.ping().await);
     assert!(
         unreachable
-            .invalidate(Kind::User, id(), at(1))
+            .invalidate(&one(Kind::User, id(), 1))
             .await
             .is_err(),
         "an invalidation that did not happen fails"
@@ -318,7 +437,7 @@ async fn racing_invalidations_and_fills_never_leave_an_older_value() {
                         match t % 3 {
                             0 => {
                                 cache
-                                    .invalidate(Kind::Conversation, key, at(gp))
+                                    .invalidate(&one(Kind::Conversation, key, gp))
                                     .await
                                     .unwrap();
                                 invalidated[k].fetch_max(gp, Ordering::SeqCst);

@@ -47,19 +47,29 @@ async fn stream_messages(nats_url: &str, stream: &str) -> u64 {
     stream.info().await.unwrap().state.messages
 }
 
-/// The JSON a Redis cache key holds, if any (read straight from the server).
-async fn cached_json(redis_url: &str, key: &str) -> Result<Option<String>, String> {
+/// A Redis command's answer, straight from the server.
+async fn redis_call<T: redis::FromRedisValue>(
+    redis_url: &str,
+    cmd: &redis::Cmd,
+) -> Result<T, String> {
     let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
         .map_err(|e| e.to_string())?;
-    redis::cmd("HGET")
-        .arg(key)
-        .arg("json")
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| e.to_string())
+    cmd.query_async(&mut conn).await.map_err(|e| e.to_string())
+}
+
+/// The position a Redis cache key is stamped with, if any.
+async fn stamp(redis_url: &str, key: &str) -> Result<Option<(i64, i64)>, String> {
+    let (tx, gp): (Option<i64>, Option<i64>) =
+        redis_call(redis_url, redis::cmd("HMGET").arg(key).arg("tx").arg("gp")).await?;
+    Ok(tx.zip(gp))
+}
+
+/// The JSON a Redis cache key holds, if any (read straight from the server).
+async fn cached_json(redis_url: &str, key: &str) -> Result<Option<String>, String> {
+    redis_call(redis_url, redis::cmd("HGET").arg(key).arg("json")).await
 }
 
 // ---------------------------------------------------------------------------
@@ -434,6 +444,104 @@ async fn queries_answer_while_redis_is_down() {
             .ok_or(ready.to_string())
     })
     .await;
+}
+
+// Server-only: the `cache` projection on Redis.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// The `cache` projection writes a batch's invalidations in one round trip.
+/// A write Redis refuses leaves the whole batch unapplied: its checkpoint stays
+/// before the batch, which is tried again (and again) until Redis takes it.
+/// Then each key many events of the batch touched is stamped at the last.
+async fn a_cache_batch_is_checkpointed_only_once_redis_took_all_of_it() {
+    const REDIS_URL: &str = "redis://127.0.0.1:6379";
+    // Without the `cache` worker (nor the replier): the events wait on the
+    // bus, to be read as a backlog.
+    let roles = Roles {
+        projections: projection_names()
+            .into_iter()
+            .filter(|n| n != "cache")
+            .collect(),
+        ..without_replier()
+    };
+    let app = spawn_app_on(TestDb::new().await, BusNames::new(), &[], roles).await;
+    let token = app.signed_up("batched@example.com").await;
+    let created = app.assistant(&token, "Busy").await;
+    let conversation = app.conversation(&token, &created["id"]).await;
+    let c = id(&conversation);
+    for n in 0..20 {
+        post_message(&app, &token, &c, &format!("message {n}")).await;
+    }
+    caught_up(&app.db.pool, &["relay".to_owned()]).await;
+    let started: (i64, i64) = sqlx::query_as(
+        "SELECT transaction_id::text::int8, global_position FROM events
+         WHERE stream_id = $1::uuid ORDER BY transaction_id, global_position LIMIT 1",
+    )
+    .bind(&c)
+    .fetch_one(&app.db.pool)
+    .await
+    .unwrap();
+    let (db, names) = app.stop();
+    let prefix = names.redis_prefix.clone();
+    let (assistant_key, conversation_key) = (
+        format!("{prefix}:assistant:{}", id(&created)),
+        format!("{prefix}:conversation:{c}"),
+    );
+    // Not a hash: `INVALIDATE` fails on it, from the conversation's start on.
+    let () = redis_call(
+        REDIS_URL,
+        redis::cmd("SET").arg(&conversation_key).arg("not a hash"),
+    )
+    .await
+    .unwrap();
+
+    let app = spawn_app_on(
+        db,
+        names,
+        &[],
+        Roles::only_projections(vec!["cache".into()]).unwrap(),
+    )
+    .await;
+    let pool = &app.db.pool;
+    // Redis runs the rest of a failed batch's pipeline: every attempt stamps
+    // the assistant (the conversation's start moved it). Dropped and stamped
+    // again, it shows an attempt ran to its end and the batch was tried again.
+    for attempt in ["an attempt", "another attempt"] {
+        eventually(
+            &format!("{attempt} of the failing batch stamps the assistant"),
+            async || match stamp(REDIS_URL, &assistant_key).await? {
+                Some(seen) if seen >= started => Ok(()),
+                other => Err(format!("stamped at {other:?}")),
+            },
+        )
+        .await;
+        let cache = checkpoints(pool).await.unwrap()["cache"];
+        assert!(
+            cache.position < started,
+            "the failed batch was checkpointed: {cache:?}, the conversation started at {started:?}"
+        );
+        let _: i64 = redis_call(REDIS_URL, redis::cmd("DEL").arg(&assistant_key))
+            .await
+            .unwrap();
+    }
+
+    let _: i64 = redis_call(REDIS_URL, redis::cmd("DEL").arg(&conversation_key))
+        .await
+        .unwrap();
+    caught_up(pool, &["cache".to_owned()]).await;
+    // The last event, the last reply request, touched both keys.
+    let last = head(pool).await.unwrap();
+    for key in [&conversation_key, &assistant_key] {
+        assert_eq!(stamp(REDIS_URL, key).await.unwrap(), Some(last), "{key}");
+    }
+    assert_eq!(
+        checkpoints(pool).await.unwrap()["cache"].events,
+        event_count(pool).await,
+        "every event applied once"
+    );
 }
 
 // Server-only: Redis coming back.

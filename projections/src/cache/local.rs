@@ -11,8 +11,9 @@
 //!
 //! The rules are `super::rules`. Redis runs each script atomically; here the
 //! writes that read before they write (invalidate, fill, forget) take one
-//! mutex, held for a few map operations and never across an await, so they
-//! happen one at a time just as the scripts do. Reads (`get`) take no lock.
+//! mutex, held for a few map operations (a batch's, for an invalidation: a
+//! few hundred, in memory) and never across an await, so they happen one at
+//! a time just as the scripts do. Reads (`get`) take no lock.
 //!
 //! The owner needs no set of keys here: each value carries its owner, and a
 //! forget scans the values (forgets are rare; the scan is in memory).
@@ -34,7 +35,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::{
-    Kind,
+    Invalidations, Kind, Write,
     rules::{may_fill, may_invalidate},
 };
 
@@ -111,6 +112,37 @@ struct Inner {
     forgotten: Moka<Uuid, ()>,
     /// Until when every fill is refused, after a lost stamp or mark.
     fills_closed: Arc<FillsClosed>,
+}
+
+/// The writes of [`LocalCache::invalidate`], each called with `writes` held.
+impl Inner {
+    /// `INVALIDATE`: stamp the key and drop its value, if `rules::may_invalidate`.
+    fn stamp(&self, key: Key, at: Position) {
+        if may_invalidate(self.stamps.get(&key).map(|s| s.at), at) {
+            self.stamps.insert(
+                key,
+                Stamp {
+                    at,
+                    set: Instant::now(),
+                },
+            );
+            self.values.invalidate(&key);
+        }
+    }
+
+    /// `FORGET_OWNER`: mark the owner forgotten for a TTL, drop their values.
+    fn forget_owner(&self, owner: Uuid) {
+        self.forgotten.insert(owner, ());
+        let theirs: Vec<Arc<Key>> = self
+            .values
+            .iter()
+            .filter(|(_, filled)| filled.owner == owner)
+            .map(|(key, _)| key)
+            .collect();
+        for key in theirs {
+            self.values.invalidate(&*key);
+        }
+    }
 }
 
 /// Shared with the eviction listeners, which run inside moka's calls (while a
@@ -237,36 +269,16 @@ impl LocalCache {
         );
     }
 
-    /// `INVALIDATE`: stamp the key and drop its value, if `rules::may_invalidate`.
-    pub fn invalidate(&self, kind: Kind, id: Uuid, at: Position) {
-        let key = (kind, id);
+    /// A batch's writes, in order, under one lock (as one pipeline on Redis):
+    /// `INVALIDATE` per stamp, `FORGET_OWNER` per forget.
+    pub fn invalidate(&self, batch: &Invalidations) {
         let inner = &*self.inner;
         let _writing = lock(&inner.writes);
-        if may_invalidate(inner.stamps.get(&key).map(|s| s.at), at) {
-            inner.stamps.insert(
-                key,
-                Stamp {
-                    at,
-                    set: Instant::now(),
-                },
-            );
-            inner.values.invalidate(&key);
-        }
-    }
-
-    /// `FORGET_OWNER`: mark the owner forgotten for a TTL, drop their values.
-    pub fn forget_owner(&self, owner: Uuid) {
-        let inner = &*self.inner;
-        let _writing = lock(&inner.writes);
-        inner.forgotten.insert(owner, ());
-        let theirs: Vec<Arc<Key>> = inner
-            .values
-            .iter()
-            .filter(|(_, filled)| filled.owner == owner)
-            .map(|(key, _)| key)
-            .collect();
-        for key in theirs {
-            inner.values.invalidate(&*key);
+        for write in batch.writes() {
+            match write {
+                Write::Stamp(kind, id, at) => inner.stamp((kind, id), at),
+                Write::Forget(owner) => inner.forget_owner(owner),
+            }
         }
     }
 
@@ -316,9 +328,11 @@ mod tests {
             },
         );
         let owner = id();
+        let mut batch = Invalidations::default();
         for gp in 1..=50 {
-            cache.invalidate(Kind::Assistant, id(), at(gp));
+            batch.stamp(Kind::Assistant, id(), at(gp));
         }
+        cache.invalidate(&batch);
         cache.inner.stamps.run_pending_tasks();
         assert!(cache.inner.stamps.entry_count() <= 4, "the bound holds");
         let id = id();

@@ -24,7 +24,7 @@ mod local;
 mod redis_cache;
 mod rules;
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use ai_secretary_contract::Position;
 use serde_json::Value;
@@ -48,6 +48,60 @@ impl Kind {
             Kind::Assistant => "assistant",
             Kind::Conversation => "conversation",
         }
+    }
+}
+
+/// What a batch of events asks of the cache, in commit order: keys to stamp
+/// with a position, owners to forget. [`Cache::invalidate`] makes all of it
+/// in one round trip.
+///
+/// A key touched many times is stamped once, at its newest position: a stamp
+/// only moves forwards (`rules::may_invalidate`, and `INVALIDATE` in Lua), so
+/// stamping at p and then at q > p leaves q, as stamping at q alone does. That
+/// one stamp is written where the key's last event put it, after every forget
+/// that came before that event: a forget drops the keys its owner filled (on
+/// Redis, their stamps too), so a stamp moved before it could be lost.
+#[derive(Debug, Default)]
+pub struct Invalidations {
+    /// In order; `None` where a later stamp of the same key took the place.
+    writes: Vec<Option<Write>>,
+    /// Where each key's stamp is in `writes`.
+    stamps: HashMap<(Kind, Uuid), usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Write {
+    Stamp(Kind, Uuid, Position),
+    Forget(Uuid),
+}
+
+impl Invalidations {
+    /// Stamp a key with an event's position, dropping the value it held.
+    pub fn stamp(&mut self, kind: Kind, id: Uuid, at: Position) {
+        let here = self.writes.len();
+        let at = match self.stamps.insert((kind, id), here) {
+            // In commit order `at` is the newer; `max` keeps the newer anyway.
+            Some(earlier) => match self.writes[earlier].take() {
+                Some(Write::Stamp(.., was)) => was.max(at),
+                _ => at,
+            },
+            None => at,
+        };
+        self.writes.push(Some(Write::Stamp(kind, id, at)));
+    }
+
+    /// Drop every value cached for `owner`, and refuse new ones for a TTL.
+    pub fn forget_owner(&mut self, owner: Uuid) {
+        self.writes.push(Some(Write::Forget(owner)));
+    }
+
+    fn writes(&self) -> impl Iterator<Item = Write> + '_ {
+        self.writes.iter().flatten().copied()
+    }
+
+    /// (A superseded stamp always has a later one, so no `None` is alone.)
+    fn is_empty(&self) -> bool {
+        self.writes.is_empty()
     }
 }
 
@@ -117,26 +171,15 @@ impl Cache {
         }
     }
 
-    /// Stamp a key with an event's position, dropping the value it held.
-    /// Fails when the cache is unreachable: an invalidation must never be
-    /// skipped.
-    pub async fn invalidate(&self, kind: Kind, id: Uuid, at: Position) -> Result<(), CacheError> {
+    /// Make a batch's invalidations (and forgets), in order, in one round
+    /// trip. Fails when the cache is unreachable or any of them failed: an
+    /// invalidation must never be skipped, so the projection retries the
+    /// whole batch (each write is stamped or idempotent, so safe to repeat).
+    pub async fn invalidate(&self, batch: &Invalidations) -> Result<(), CacheError> {
         match self {
-            Cache::Redis(redis) => Ok(redis.invalidate(kind, id, at).await?),
+            Cache::Redis(redis) => Ok(redis.invalidate(batch).await?),
             Cache::Local(local) => {
-                local.invalidate(kind, id, at);
-                Ok(())
-            }
-        }
-    }
-
-    /// Drop every value cached for `owner`, and refuse new ones for a TTL.
-    /// Fails when the cache is unreachable (the projection retries).
-    pub async fn forget_owner(&self, owner: Uuid) -> Result<(), CacheError> {
-        match self {
-            Cache::Redis(redis) => Ok(redis.forget_owner(owner).await?),
-            Cache::Local(local) => {
-                local.forget_owner(owner);
+                local.invalidate(batch);
                 Ok(())
             }
         }
@@ -150,5 +193,49 @@ impl Cache {
             Cache::Redis(redis) => Ok(redis.forget_all().await?),
             Cache::Local(local) => Ok(local.forget_all()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(gp: i64) -> Position {
+        Position {
+            transaction_id: gp,
+            global_position: gp,
+        }
+    }
+
+    /// Each key is written once, at its newest position, where its last event
+    /// put it: after the forget between its events, never before it.
+    #[test]
+    fn a_batch_stamps_each_key_once_at_its_last_position_in_order() {
+        let (a, b, c, owner) = (
+            Uuid::from_u128(1),
+            Uuid::from_u128(2),
+            Uuid::from_u128(3),
+            Uuid::from_u128(4),
+        );
+        let mut batch = Invalidations::default();
+        assert!(batch.is_empty());
+        batch.stamp(Kind::Conversation, a, at(1));
+        batch.stamp(Kind::User, b, at(2));
+        batch.forget_owner(owner);
+        batch.stamp(Kind::Conversation, a, at(3));
+        batch.stamp(Kind::Assistant, c, at(4));
+        batch.stamp(Kind::Conversation, a, at(5));
+        // Another kind is another key.
+        batch.stamp(Kind::Assistant, a, at(6));
+        assert_eq!(
+            batch.writes().collect::<Vec<_>>(),
+            [
+                Write::Stamp(Kind::User, b, at(2)),
+                Write::Forget(owner),
+                Write::Stamp(Kind::Assistant, c, at(4)),
+                Write::Stamp(Kind::Conversation, a, at(5)),
+                Write::Stamp(Kind::Assistant, a, at(6)),
+            ]
+        );
     }
 }

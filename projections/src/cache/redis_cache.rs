@@ -27,7 +27,7 @@ use redis::{Script, aio::ConnectionManager};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{Kind, breaker::Breaker};
+use super::{Invalidations, Kind, Write, breaker::Breaker};
 
 /// Stamp a key with a position and drop its value, unless it is already newer:
 /// `rules::may_invalidate`.
@@ -64,6 +64,13 @@ for _, key in ipairs(keys) do redis.call('UNLINK', key) end
 redis.call('UNLINK', KEYS[1])
 return #keys
 "#;
+
+/// Most writes in one pipeline. A worker's batch (at most 500 events, two
+/// keys each) goes in one; the long batch of a gap fill, or a rebuild's range
+/// (`rebuild::invalidate_skipped`), goes in several, in order, so that no one
+/// round trip nears the connection's response timeout ([`PROJECTION_TIMEOUT`];
+/// Redis runs tens of thousands of these scripts a second).
+const PIPELINE: usize = 2_000;
 
 /// The Redis backend. Cheap to clone.
 #[derive(Clone)]
@@ -192,20 +199,6 @@ impl RedisCache {
         format!("{}:{what}:{owner}", self.prefix)
     }
 
-    /// Drop every value cached for `owner`, and refuse new ones for a TTL. Fails
-    /// when Redis is unreachable (the projection retries: it must not be skipped).
-    pub async fn forget_owner(&self, owner: Uuid) -> redis::RedisResult<()> {
-        let mut redis = self.redis().await?;
-        let _: i64 = self
-            .forget_owner
-            .key(self.owner_key("owner", owner))
-            .key(self.owner_key("forgotten", owner))
-            .arg(self.ttl.as_secs().max(1))
-            .invoke_async(&mut redis)
-            .await?;
-        Ok(())
-    }
-
     /// The cached JSON of a resource, if present and owned by `owner`.
     pub async fn get(&self, kind: Kind, id: Uuid, owner: Uuid) -> Option<Value> {
         let key = self.key(kind, id);
@@ -245,23 +238,27 @@ impl RedisCache {
             .await;
     }
 
-    /// Stamp a key with an event's position, dropping the value it held. Fails
-    /// when Redis is unreachable: an invalidation must never be skipped. Not
+    /// Make a batch's writes in order, in one pipeline (a long one in a few,
+    /// one after the other: [`PIPELINE`]): `INVALIDATE` per stamp,
+    /// `FORGET_OWNER` per forget. Fails when Redis is unreachable or any
+    /// script failed (Redis runs the rest of the pipeline regardless: the
+    /// projection retries the batch, and every write is safe to repeat). Not
     /// held back by the breaker (the projection's retries are its probes).
-    pub async fn invalidate(&self, kind: Kind, id: Uuid, at: Position) -> redis::RedisResult<()> {
-        let result: redis::RedisResult<i64> = async {
+    pub async fn invalidate(&self, batch: &Invalidations) -> redis::RedisResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let writes: Vec<Write> = batch.writes().collect();
+        let result: redis::RedisResult<()> = async {
             let mut redis = self.redis().await?;
-            self.invalidate
-                .key(self.key(kind, id))
-                .arg(at.transaction_id)
-                .arg(at.global_position)
-                .arg(self.ttl.as_secs())
-                .invoke_async(&mut redis)
-                .await
+            for writes in writes.chunks(PIPELINE) {
+                self.pipeline(writes).exec_async(&mut redis).await?;
+            }
+            Ok(())
         }
         .await;
         match result {
-            Ok(_) => {
+            Ok(()) => {
                 self.succeeded();
                 Ok(())
             }
@@ -270,6 +267,38 @@ impl RedisCache {
                 Err(e)
             }
         }
+    }
+
+    fn pipeline(&self, writes: &[Write]) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        // `EVALSHA` in a pipeline does not load a script Redis lacks (after a
+        // restart or `SCRIPT FLUSH`) as `invoke_async` does; loading both first,
+        // in the same round trip, costs Redis a hash lookup when they are there.
+        pipe.load_script(&self.invalidate)
+            .ignore()
+            .load_script(&self.forget_owner)
+            .ignore();
+        let ttl = self.ttl.as_secs();
+        for write in writes {
+            match *write {
+                Write::Stamp(kind, id, at) => pipe.invoke_script(
+                    self.invalidate
+                        .key(self.key(kind, id))
+                        .arg(at.transaction_id)
+                        .arg(at.global_position)
+                        .arg(ttl),
+                ),
+                // A forgotten mark lives one TTL (at least a second: `SET … EX 0` is refused).
+                Write::Forget(owner) => pipe.invoke_script(
+                    self.forget_owner
+                        .key(self.owner_key("owner", owner))
+                        .key(self.owner_key("forgotten", owner))
+                        .arg(ttl.max(1)),
+                ),
+            }
+            .ignore();
+        }
+        pipe
     }
 }
 

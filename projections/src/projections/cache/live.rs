@@ -6,7 +6,7 @@ use ai_secretary_contract::{Event, EventEnvelope};
 use uuid::Uuid;
 
 use crate::{
-    cache::{Cache, Kind},
+    cache::{Cache, Invalidations, Kind},
     db::{Db, Tx},
     executor,
     ops::{Cond, Lookup, Value},
@@ -17,8 +17,8 @@ use crate::{
 ///
 /// The Redis calls are made in `prepare`, before the batch's transaction opens
 /// (a stalled Redis must not hold a transaction, and with it the relay's read
-/// horizon, open); they are stamped, so a batch prepared twice changes nothing
-/// the second time. `apply` only keeps the conversation → assistant lookup,
+/// horizon, open), in one round trip for the batch; they are stamped, so a
+/// batch prepared twice changes nothing the second time. `apply` only keeps the conversation → assistant lookup,
 /// by the projection's rules.
 pub struct CacheInvalidation {
     pub cache: Cache,
@@ -61,38 +61,33 @@ impl Projection for CacheInvalidation {
         if !unknown.is_empty() {
             assistant_of.extend(assistants_of(db, &unknown).await?);
         }
+        // Collected for the whole batch and sent in one round trip: a round
+        // trip per event, awaited one by one, was what bounded the projection.
+        let mut invalidations = Invalidations::default();
         for Decoded { envelope: e, event } in batch.iter().copied() {
             let at = e.position();
             if let Event::UserForgotten = event {
-                self.cache.forget_owner(e.stream_id).await?;
+                invalidations.forget_owner(e.stream_id);
             }
             match e.stream_type.as_str() {
-                "user" => self.cache.invalidate(Kind::User, e.stream_id, at).await?,
-                "assistant" => {
-                    self.cache
-                        .invalidate(Kind::Assistant, e.stream_id, at)
-                        .await?
-                }
+                "user" => invalidations.stamp(Kind::User, e.stream_id, at),
+                "assistant" => invalidations.stamp(Kind::Assistant, e.stream_id, at),
                 // A reply's events (in streams of their own) change their conversation.
                 "conversation" | "reply" => {
                     let Some(conversation) = e.conversation_id(event) else {
                         continue;
                     };
-                    self.cache
-                        .invalidate(Kind::Conversation, conversation, at)
-                        .await?;
+                    invalidations.stamp(Kind::Conversation, conversation, at);
                     if moves_its_assistant(event)
                         && let Some(assistant) = assistant_of.get(&conversation)
                     {
-                        self.cache
-                            .invalidate(Kind::Assistant, *assistant, at)
-                            .await?;
+                        invalidations.stamp(Kind::Assistant, *assistant, at);
                     }
                 }
                 _ => {}
             }
         }
-        Ok(())
+        Ok(self.cache.invalidate(&invalidations).await?)
     }
 
     async fn apply(
