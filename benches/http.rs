@@ -144,8 +144,14 @@ impl Settings {
             measured: Duration::from_secs_f64(measured),
             rounds: env_or("BENCH_ROUNDS", 2_usize)?.max(1),
             log: env::var("BENCH_LOG").unwrap_or_else(|_| "warn".into()),
-            binary: env::var("BENCH_BINARY")
-                .unwrap_or_else(|_| env!("CARGO_BIN_EXE_ai-secretary").into()),
+            // Absolute: the service runs in a directory of its own.
+            binary: std::fs::canonicalize(
+                env::var("BENCH_BINARY")
+                    .unwrap_or_else(|_| env!("CARGO_BIN_EXE_ai-secretary").into()),
+            )
+            .context("BENCH_BINARY")?
+            .display()
+            .to_string(),
         })
     }
 

@@ -382,7 +382,7 @@ async fn commit(
         .collect();
     projection.prepare(db, &decoded).await?;
 
-    let mut tx = db.begin_write().await?;
+    let mut tx = db.begin_batch().await?;
     // The checkpoint row first, as a rebuild's swap takes it first too: whoever
     // has it goes ahead, and the other waits (never a deadlock over the tables).
     // (On SQLite `BEGIN IMMEDIATE` already took the one write lock.)
