@@ -4,13 +4,20 @@
 //! anywhere: not in a dump of the database, not in Redis, not on the stream.
 //! The same on the embedded service, which has only the database (SQLite).
 
-use ai_secretary::{auth::Tokens, config::DEV_JWT_SECRET};
+use std::time::{Duration, Instant};
+
+use ai_secretary::{
+    app::users::ACCOUNT_RECHECK, auth::Tokens, config::DEV_JWT_SECRET, startup::Roles,
+};
 use ai_secretary_projections::{NAMES, rebuild};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{EventLog, TestApp, Topology, keyring, master_key};
+use crate::{
+    helpers::{EventLog, TestApp, Topology, keyring, master_key, spawn_app_on},
+    support::{BusNames, TestDb},
+};
 
 const PASSWORD: &str = "correct horse battery";
 
@@ -453,4 +460,50 @@ async fn a_rotated_encryption_key_opens_everything_and_the_old_one_nothing<D: To
         .await
         .unwrap();
     assert!(clean, "{report}");
+}
+
+/// The process that forgot an account refuses its tokens at once; another API
+/// process on the same data, which had seen the account exist, within
+/// `ACCOUNT_RECHECK` (it asks the store at most once a second per account).
+/// Server topology only: two API processes share one database there.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
+#[tokio::test]
+async fn another_api_process_refuses_a_forgotten_accounts_token_within_the_recheck() {
+    let (db, names) = (TestDb::new().await, BusNames::new());
+    let other = spawn_app_on(db.borrowed(), names.borrowed(), &[], Roles::only_api()).await;
+    let app = spawn_app_on(db, names, &[], Roles::all()).await;
+    let ada = Personal::new("ada");
+    let token = active_user(&app, &ada).await;
+    let signed_in = async |on: &TestApp| on.get("/assistants", &token, None).await.status();
+    assert_eq!(
+        signed_in(&other).await,
+        StatusCode::OK,
+        "the other process saw the account"
+    );
+
+    let forgotten = app
+        .send(Method::DELETE, "/api/v1/users/me", Some(&token), None)
+        .await;
+    assert_eq!(forgotten.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        signed_in(&app).await,
+        StatusCode::UNAUTHORIZED,
+        "at once where it was forgotten"
+    );
+
+    let deadline = Instant::now() + ACCOUNT_RECHECK + Duration::from_millis(500);
+    loop {
+        let status = signed_in(&other).await;
+        if status == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other process still answers {status} more than {ACCOUNT_RECHECK:?} after the forget"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
