@@ -19,8 +19,35 @@ use ai_secretary::{
 use anyhow::Context;
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    limit_malloc_arenas();
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(start()),
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// At most two glibc malloc arenas, set before any thread starts. glibc gives
+/// threads that allocate at once arenas of their own (up to eight per core),
+/// and each keeps the peak of what was freed in it: the peak resident set
+/// under load (`cargo bench --bench http`) was 73 MiB in all-in-one with
+/// batches of 500, and 56 MiB with two arenas, at the same CPU per command.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes malloc's tuning; called before any other
+    // thread exists, so no allocation races it.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+async fn start() -> ExitCode {
     // A .env file is optional; real environment variables win over it.
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();
