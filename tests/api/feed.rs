@@ -246,6 +246,9 @@ async fn a_replier_tailing_the_store_answers_each_request_once_across_a_crash<D:
         },
     )
     .await;
+    // The list is the `messages` projection's, a worker of its own: where the
+    // replier is says nothing of where it is.
+    crate::progress::caught_up(&db, &["messages"]).await;
     let messages = app
         .get_ok(
             &format!("/conversations/{id}/messages?limit=100"),
