@@ -1039,3 +1039,47 @@ on_both_stores!(
     read_streams_returns_each_named_stream_once_in_version_order,
     postgres
 );
+
+/// Hundreds of tail reads at once, over streams of different lengths and from
+/// different versions, several on the same stream: each gets its own stream's
+/// events after its own version, in order, and nothing of another read's. (On
+/// Postgres the reads that queue together are answered by one query,
+/// `store/postgres/tail_reads.rs`; this is what its grouping must keep apart.)
+async fn concurrent_tail_reads_each_get_their_own_streams_tail(db: &Db) {
+    let store = db.store();
+    let streams: Vec<(Uuid, i64)> = (0..40).map(|i| (Uuid::now_v7(), i % 7)).collect();
+    for (stream, length) in &streams {
+        if *length > 0 {
+            let tags: Vec<String> = (1..=*length).map(|v| format!("{stream}/{v}")).collect();
+            let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+            store.append(append(*stream, 0, &tags)).await.unwrap();
+        }
+    }
+    let reads = (0..400).map(|n| {
+        let (stream, length) = streams[n % streams.len()];
+        // From before the start to past the end, several per stream.
+        let after = (n as i64 / 40) % (length + 2) - 1;
+        let store = store.clone();
+        async move {
+            let tail = store.read_payloads_from(stream, after).await.unwrap();
+            (stream, length, after, tail)
+        }
+    });
+    for (stream, length, after, tail) in futures::future::join_all(reads).await {
+        let expected: Vec<i64> = (after.max(0) + 1..=length).collect();
+        assert_eq!(
+            tail.iter().map(|p| p.version).collect::<Vec<_>>(),
+            expected,
+            "stream {stream} of {length} after {after}"
+        );
+        for p in &tail {
+            let data: serde_json::Value = serde_json::from_str(&p.data).unwrap();
+            assert_eq!(data["tag"], format!("{stream}/{}", p.version));
+        }
+    }
+}
+
+on_both_stores!(
+    concurrent_tail_reads_each_get_their_own_streams_tail,
+    postgres
+);
