@@ -123,6 +123,9 @@ async fn run(url: &str, events: i64) -> Result<()> {
             rebuild::Step::Writing { projection } => {
                 eprintln!("  {at:>6.1} s: writing {projection}");
             }
+            rebuild::Step::Swapped { projection, .. } => {
+                eprintln!("  {at:>6.1} s: swapped {projection}");
+            }
             _ => {}
         }
     })

@@ -420,7 +420,7 @@ impl AssistantView {
                 _ => None,
             })?,
             metadata: r.required("metadata", |v| match v {
-                Value::Json(json) => Some(json),
+                Value::Json(json) => Some(*json),
                 _ => None,
             })?,
             status: r.text("status")?,

@@ -435,7 +435,7 @@ fn json_of(value: &Typed) -> Value {
         Typed::Text(text) => Value::String(text.clone()),
         Typed::I64(n) => Value::from(*n),
         Typed::F64(x) => serde_json::Number::from_f64(*x).map_or(Value::Null, Value::Number),
-        Typed::Json(json) => json.clone(),
+        Typed::Json(json) => (**json).clone(),
         Typed::Timestamp(at) => Value::String(at.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
         Typed::Date(day) => Value::String(day.format("%Y-%m-%d").to_string()),
     }

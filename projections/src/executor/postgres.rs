@@ -91,7 +91,7 @@ fn bind<'q>(query: PgQuery<'q>, ty: Type, value: &'q Value) -> PgQuery<'q> {
         (_, Value::Text(v)) => query.bind(v.as_str()),
         (_, Value::I64(v)) => query.bind(*v),
         (_, Value::F64(v)) => query.bind(*v),
-        (_, Value::Json(v)) => query.bind(v),
+        (_, Value::Json(v)) => query.bind(&**v),
         (_, Value::Timestamp(v)) => query.bind(*v),
         (_, Value::Date(v)) => query.bind(*v),
         (Type::Uuid, Value::Null) => query.bind(None::<Uuid>),
@@ -122,7 +122,7 @@ pub(crate) fn bind_array<'q>(query: PgQuery<'q>, ty: Type, values: &[&'q Value])
         Type::Json => query.bind(
             values
                 .map(|v| match v {
-                    Value::Json(v) => Some(v),
+                    Value::Json(v) => Some(&**v),
                     _ => None,
                 })
                 .collect::<Vec<_>>(),

@@ -123,9 +123,9 @@ fn decode(row: &SqliteRow, i: usize, ty: Type) -> Result<Value, sqlx::Error> {
         Type::F64 => row.try_get::<Option<f64>, _>(i)?.into(),
         Type::Json => match row.try_get::<Option<String>, _>(i)? {
             None => Value::Null,
-            Some(text) => {
-                Value::Json(serde_json::from_str(&text).map_err(|e| invalid(format!("json: {e}")))?)
-            }
+            Some(text) => Value::Json(Box::new(
+                serde_json::from_str(&text).map_err(|e| invalid(format!("json: {e}")))?,
+            )),
         },
         Type::Timestamp => match row.try_get::<Option<i64>, _>(i)? {
             None => Value::Null,
