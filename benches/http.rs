@@ -16,18 +16,23 @@
 //!    nothing projects), each connection looping `POST /api/v1/conversations`
 //!    (a command that appends one event) as one signed-in user;
 //! 3. **pipeline**: `ai-secretary` with every role in one process (API, relay,
-//!    the projections with the cache, replier) under the same load. Meanwhile
-//!    the bench reads every checkpoint's lag behind the store's head every
-//!    100 ms, and one more connection probes freshness: it starts a
+//!    the projections with the cache, replier), first under the same closed
+//!    loop, then **paced** at [`PACED_FRACTION`] of the round's raw rate (open
+//!    loop: each connection sends on its own schedule). During both, the bench
+//!    reads every checkpoint's lag behind the store's head every 100 ms, and
+//!    after each, the time until every checkpoint is at the head is the drain.
+//!    During the paced load one more connection probes freshness: it starts a
 //!    conversation, then asks `GET /api/v1/conversations/{id}` (no consistency
 //!    token) every millisecond on a second connection until it answers 200;
-//!    freshness is the 201 → 200 time. After the load, the time until every
-//!    checkpoint is at the head is the drain;
+//!    freshness is the 201 → 200 time;
 //! 4. **GET pair**, on the pipeline's process once its read side is at the
 //!    head: `GET /api/v1/assistants/{id}` (served from the cache after the
 //!    first read) against `GET /health`, each on every connection.
 //!
-//! RSS is the service's peak resident set (`VmHWM`) at the end of each phase.
+//! RSS is the service's peak resident set (`VmHWM`) at the end of each phase;
+//! the CPU per operation is what the service's process and every `postgres`
+//! process used in the measured window (`/proc/<pid>/stat`), divided by the
+//! operations completed in it: steadier than the rates on a shared machine.
 //! Every phase counts the 2xx answers completing in the measured window after a
 //! warm-up; any other status fails the run. Ratios are taken within a round,
 //! and the median round is reported.
