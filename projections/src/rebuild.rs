@@ -483,11 +483,7 @@ async fn fold_store_pipelined(
     // folds with them).
     let mut workers = Vec::new();
     for (fold, limit) in folds.iter_mut() {
-        let name = fold.name();
-        let mut one = [(
-            std::mem::replace(fold, Fold::new(name).expect("a fold's own name is known")),
-            *limit,
-        )];
+        let mut one = [(fold.take(), *limit)];
         let (to_fold, mut decoded) = tokio::sync::mpsc::channel::<DecodedBatch>(16);
         let thread = tokio::task::spawn_blocking(move || {
             while let Some(batch) = decoded.blocking_recv() {
@@ -662,10 +658,7 @@ async fn swap(
     let mut tail = 0;
     if live > head {
         // The worker applied events past the rebuild's head: fold them in too.
-        let mut one = [(
-            std::mem::replace(fold, Fold::new(name).expect("a fold's own name is known")),
-            live,
-        )];
+        let mut one = [(fold.take(), live)];
         tail = fold_store(
             &mut Conn::Postgres(&mut tx),
             opener,
@@ -994,10 +987,7 @@ async fn swap_sqlite(
     if live > head {
         // The worker applied events past the rebuild's head: fold them in too,
         // read in this transaction (they are all committed: the lock is ours).
-        let mut one = [(
-            std::mem::replace(fold, Fold::new(name).expect("a fold's own name is known")),
-            live,
-        )];
+        let mut one = [(fold.take(), live)];
         tail = fold_store(
             &mut Conn::Sqlite(&mut tx),
             opener,

@@ -129,19 +129,38 @@ pub struct Fold {
 impl Fold {
     /// An empty fold for the projection `name`, if there is one.
     pub fn new(name: &str) -> Option<Fold> {
-        let projection = find(name)?;
-        Some(Fold {
+        find(name).map(Fold::empty)
+    }
+
+    fn empty(projection: &'static Registered) -> Fold {
+        Fold {
             projection,
             tables: projection
                 .tables
                 .iter()
                 .map(|t| TableRows::new(t))
                 .collect(),
-        })
+        }
     }
 
     pub fn name(&self) -> &'static str {
         self.projection.name
+    }
+
+    /// This fold's rows, leaving an empty fold of the same projection in
+    /// their place (a fold is moved to the thread or transaction that
+    /// continues it, and comes back).
+    pub fn take(&mut self) -> Fold {
+        let empty = Fold {
+            projection: self.projection,
+            tables: self
+                .projection
+                .tables
+                .iter()
+                .map(|t| TableRows::new(t))
+                .collect(),
+        };
+        std::mem::replace(self, empty)
     }
 
     /// The tables its rows go to.
