@@ -3,7 +3,7 @@
 
 use ai_secretary_contract::{Event, EventEnvelope};
 
-use crate::db::{Db, Tx};
+use crate::db::{Batch, Db};
 
 /// An event of a batch with its payload decoded.
 #[derive(Debug, Clone)]
@@ -36,11 +36,11 @@ pub trait Projection: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Apply one decoded event. `tx` is the batch's transaction: what it writes
-    /// commits together with the checkpoint, or not at all.
+    /// Apply one decoded event. `batch` holds the batch's transaction: what it
+    /// writes commits together with the checkpoint, or not at all.
     async fn apply(
         &self,
-        tx: &mut Tx,
+        batch: &mut Batch,
         envelope: &EventEnvelope,
         event: &Event,
     ) -> Result<(), ProjectionError>;

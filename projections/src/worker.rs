@@ -203,6 +203,10 @@ async fn consume(
 ) -> Result<(), WorkerError> {
     let consumer = position_consumer(pool, jetstream, source, projection.name()).await?;
     let mut messages = consumer.messages().await.map_err(nats)?;
+    // Where the last batch left the checkpoint: the next batch starts there
+    // without reading it again. Read at the start, and again after any
+    // failure (this function returns, and `serve` calls it anew).
+    let mut checkpoint = checkpoint::current(db, projection.name()).await?;
     loop {
         let first = tokio::select! {
             next = messages.next() => next,
@@ -227,7 +231,16 @@ async fn consume(
                 _ => break,
             }
         }
-        apply(db, pool, source.opener.as_ref(), projection, lease, &batch).await?;
+        checkpoint = apply(
+            db,
+            pool,
+            source.opener.as_ref(),
+            projection,
+            lease,
+            checkpoint,
+            &batch,
+        )
+        .await?;
     }
 }
 
@@ -343,16 +356,21 @@ async fn position_consumer(
 /// holds a transaction id, and the relay reads nothing committed after that id
 /// until it ends (the read horizon, `EventStore::read_all`). Nothing slow (a
 /// Redis call, a read of the store) happens inside it.
+///
+/// `start` is where the previous batch left the checkpoint. Only this worker
+/// moves it while it holds the lease, but a rebuild's swap or a takeover may
+/// have moved it since; the transaction's row lock finds that out
+/// ([`commit`]), and nothing of the batch is written then.
 async fn apply(
     db: &Db,
     pool: &PgPool,
     opener: &dyn Opener,
     projection: &dyn Projection,
     lease: &Lease,
+    start: checkpoint::Checkpoint,
     batch: &[jetstream::Message],
-) -> Result<(), WorkerError> {
+) -> Result<checkpoint::Checkpoint, WorkerError> {
     let name = projection.name();
-    let start = checkpoint::current(db, name).await?;
     if start.epoch != lease.epoch {
         lease.fenced();
         return Err(WorkerError::Deposed);
@@ -364,6 +382,7 @@ async fn apply(
 /// Write a resolved batch: let the projection do its work outside the
 /// database (`Projection::prepare`), then apply it and move the checkpoint
 /// from `start` in one short transaction, fenced by the lease (see [`apply`]).
+/// Returns the checkpoint as the transaction left it.
 /// On SQLite that transaction holds the database's one write lock
 /// (`BEGIN IMMEDIATE`), the event store's appends included: another reason
 /// nothing slow happens inside it.
@@ -373,7 +392,7 @@ async fn commit(
     lease: &Lease,
     start: checkpoint::Checkpoint,
     resolved: Resolved,
-) -> Result<(), WorkerError> {
+) -> Result<checkpoint::Checkpoint, WorkerError> {
     let name = projection.name();
     let decoded: Vec<&Decoded> = resolved
         .steps
@@ -382,11 +401,11 @@ async fn commit(
         .collect();
     projection.prepare(db, &decoded).await?;
 
-    let mut tx = db.begin_batch().await?;
+    let mut batch = db.begin_batch().await?;
     // The checkpoint row first, as a rebuild's swap takes it first too: whoever
     // has it goes ahead, and the other waits (never a deadlock over the tables).
     // (On SQLite `BEGIN IMMEDIATE` already took the one write lock.)
-    let locked = checkpoint::lock(&mut tx, name).await?;
+    let locked = checkpoint::lock(&mut batch.tx, name).await?;
     if locked.epoch != lease.epoch {
         lease.fenced();
         return Err(WorkerError::Deposed);
@@ -396,13 +415,15 @@ async fn commit(
     }
     for step in &resolved.steps {
         match step {
-            Ok(Decoded { envelope, event }) => projection.apply(&mut tx, envelope, event).await?,
-            Err(poison) => poison.record(&mut tx, name).await?,
+            Ok(Decoded { envelope, event }) => {
+                projection.apply(&mut batch, envelope, event).await?
+            }
+            Err(poison) => poison.record(&mut batch.tx, name).await?,
         }
     }
     let applied = resolved.applied;
     let moved = checkpoint::save(
-        &mut tx,
+        &mut batch.tx,
         name,
         lease.fence(start.position),
         resolved.at,
@@ -413,19 +434,26 @@ async fn commit(
     if !moved {
         // Nothing of the batch is written. Deposed since it began, or a rebuild
         // moved the checkpoint under it (the epoch says which).
-        drop(tx);
+        drop(batch);
         if checkpoint::current(db, name).await?.epoch == lease.epoch {
             return Err(WorkerError::Moved);
         }
         lease.fenced();
         return Err(WorkerError::Deposed);
     }
-    tx.commit().await?;
+    // What the executor held back is written here, before the commit.
+    batch.commit().await?;
     db.checkpoint_moved();
     metrics::counter!("projection_events_total", "projection" => name).increment(applied as u64);
     metrics::gauge!("projection_position", "projection" => name)
         .set(resolved.at.global_position as f64);
-    Ok(())
+    Ok(checkpoint::Checkpoint {
+        position: resolved.at,
+        epoch: locked.epoch,
+        stream_sequence: resolved
+            .sequence
+            .map_or(locked.stream_sequence, |s| s as i64),
+    })
 }
 
 /// A batch checked against the checkpoint.

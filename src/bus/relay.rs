@@ -20,6 +20,7 @@ use std::{sync::Arc, time::Duration};
 use ai_secretary_contract::{EventEnvelope, subjects};
 use ai_secretary_projections::{
     Db, checkpoint,
+    db::BEGIN_WITHOUT_WAITING_FOR_DISK,
     lease::{self, Lease},
     log::{RECHECK, RECHECKS},
 };
@@ -143,6 +144,13 @@ impl Relay {
 
     /// Move the checkpoint from `from` to `to`, fenced by the lease: false if
     /// another relay took over.
+    ///
+    /// The commit does not wait for the disk. The next batch is read only
+    /// after this save, so a flush here was a disk wait (queued behind the
+    /// appends' own) in every event's way to the projections. A server crash
+    /// may lose the last moves; the relay then publishes those batches again
+    /// from the stored checkpoint, and JetStream (`Nats-Msg-Id`) and every
+    /// consumer (positions at or below its checkpoint) drop the repeats.
     async fn save(
         &self,
         lease: &Lease,
@@ -150,15 +158,17 @@ impl Relay {
         to: Position,
         published: usize,
     ) -> Result<bool, sqlx::Error> {
-        let mut conn = self.pool.acquire().await?;
-        checkpoint::postgres::save(
-            &mut conn,
+        let mut tx = self.pool.begin_with(BEGIN_WITHOUT_WAITING_FOR_DISK).await?;
+        let moved = checkpoint::postgres::save(
+            &mut tx,
             CHECKPOINT,
             lease.fence(from),
             to,
             published as i64,
             None,
         )
-        .await
+        .await?;
+        tx.commit().await?;
+        Ok(moved)
     }
 }

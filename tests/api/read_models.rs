@@ -6,10 +6,10 @@
 
 use ai_secretary_contract::{Event, EventEnvelope};
 use ai_secretary_projections::{
-    ALL, Tx,
+    ALL, Batch, Tx,
     cache::Cache,
     db::Conn,
-    executor::sqlite,
+    executor::{self, deferred::Deferred, sqlite},
     ops::{Type, Value as Typed},
     projections::Fold,
     tables,
@@ -319,11 +319,12 @@ async fn the_live_executor_and_the_fold_write_the_same_rows() {
     let mut conn = db.pool.acquire().await.unwrap();
     for projection in ALL {
         let live = (projection.live)(&cache);
-        let mut tx = Tx::Postgres(db.pool.begin().await.unwrap());
+        // One batch: the executor holds writes back and gathers them.
+        let mut batch = Batch::new(Tx::Postgres(db.pool.begin().await.unwrap()));
         for (e, event) in &decoded {
-            live.apply(&mut tx, e, event).await.unwrap();
+            live.apply(&mut batch, e, event).await.unwrap();
         }
-        tx.commit().await.unwrap();
+        batch.commit().await.unwrap();
 
         let mut fold = Fold::new(projection.name).unwrap();
         for (e, event) in &decoded {
@@ -472,11 +473,21 @@ async fn the_sqlite_executor_and_the_fold_hold_the_same_rows() {
     };
     for projection in ALL {
         let mut tx = conn.begin().await.unwrap();
+        let mut deferred = Deferred::default();
         for (e, event) in &decoded {
-            sqlite::apply(&mut tx, &projection.rules, e, event)
-                .await
-                .unwrap();
+            executor::apply(
+                Conn::Sqlite(&mut tx),
+                &mut deferred,
+                &projection.rules,
+                e,
+                event,
+            )
+            .await
+            .unwrap();
         }
+        executor::flush(Conn::Sqlite(&mut tx), &mut deferred)
+            .await
+            .unwrap();
         tx.commit().await.unwrap();
         let mut fold = Fold::new(projection.name).unwrap();
         for (e, event) in &decoded {

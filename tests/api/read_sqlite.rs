@@ -15,7 +15,8 @@ use ai_secretary::progress::Progress;
 use ai_secretary_contract::{Event, EventEnvelope, Position};
 use ai_secretary_projections::{
     ALL, Db, SqliteDb,
-    executor::{postgres, sqlite},
+    db::Conn,
+    executor::{self, deferred::Deferred},
     read::{self, ConversationFilter, GroupBy, List, Page, Stamped},
 };
 use chrono::NaiveDate;
@@ -320,13 +321,23 @@ async fn both(history: &History) -> Both {
     let pg = TestDb::new().await;
     let mut conn = pg.pool.acquire().await.unwrap();
     let mut tx = conn.begin().await.unwrap();
+    let mut deferred = Deferred::default();
     for projection in ALL {
         for (e, event) in &decoded {
-            postgres::apply(&mut tx, &projection.rules, e, event)
-                .await
-                .unwrap();
+            executor::apply(
+                Conn::Postgres(&mut tx),
+                &mut deferred,
+                &projection.rules,
+                e,
+                event,
+            )
+            .await
+            .unwrap();
         }
     }
+    executor::flush(Conn::Postgres(&mut tx), &mut deferred)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     drop(conn);
 
@@ -337,13 +348,23 @@ async fn both(history: &History) -> Both {
         .unwrap();
     let mut conn = pool.acquire().await.unwrap();
     let mut tx = conn.begin().await.unwrap();
+    let mut deferred = Deferred::default();
     for projection in ALL {
         for (e, event) in &decoded {
-            sqlite::apply(&mut tx, &projection.rules, e, event)
-                .await
-                .unwrap();
+            executor::apply(
+                Conn::Sqlite(&mut tx),
+                &mut deferred,
+                &projection.rules,
+                e,
+                event,
+            )
+            .await
+            .unwrap();
         }
     }
+    executor::flush(Conn::Sqlite(&mut tx), &mut deferred)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     drop(conn);
 

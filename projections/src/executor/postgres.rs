@@ -3,7 +3,6 @@
 //!
 //! The bulk path (a rebuild's or `verify`'s whole tables) is `crate::tables`.
 
-use ai_secretary_contract::{Event, EventEnvelope};
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{
     AssertSqlSafe, PgConnection, PgExecutor, Postgres, Row,
@@ -12,21 +11,65 @@ use sqlx::{
 };
 use uuid::Uuid;
 
-use super::sql::{self, Arg, Dialect};
-use crate::ops::{Found, Lookup, Op, Rules, Type, Value};
+use super::{
+    deferred::Write,
+    sql::{self, Arg, Dialect},
+};
+use crate::ops::{Found, Lookup, OnConflict, Op, Table, Type, Value};
 
-/// Apply `rules` to one event: read what they need, then run their ops, in order.
-pub async fn apply(
+/// Make `writes` in order: an op as its statement, gathered inserts as one
+/// `INSERT … SELECT FROM unnest(…)`, each column bound as one array.
+pub async fn write(tx: &mut PgConnection, writes: Vec<Write>) -> Result<(), sqlx::Error> {
+    for write in writes {
+        match write {
+            Write::Op(op) => run(tx, &[op]).await?,
+            Write::Inserts { table, mut rows } if rows.len() == 1 => {
+                let op = Op::Insert {
+                    table,
+                    row: rows.pop().unwrap_or_default(),
+                    on_conflict: OnConflict::Nothing,
+                };
+                run(tx, &[op]).await?;
+            }
+            Write::Inserts { table, rows } => insert_rows(tx, table, rows).await?,
+        }
+    }
+    Ok(())
+}
+
+/// Insert `rows` where their key is free, in order (the first row for a key
+/// wins, as when they are inserted one by one), in one statement whose text
+/// depends on the table alone.
+async fn insert_rows(
     tx: &mut PgConnection,
-    rules: &Rules,
-    e: &EventEnvelope,
-    event: &Event,
+    table: &Table,
+    rows: Vec<Vec<Value>>,
 ) -> Result<(), sqlx::Error> {
-    let found = match (rules.lookup)(e, event) {
-        Some(lookup) => read(tx, &lookup).await?,
-        None => Found::default(),
-    };
-    run(tx, &(rules.ops)(e, event, &found)).await
+    let mut columns: Vec<Vec<Value>> = table
+        .columns
+        .iter()
+        .map(|_| Vec::with_capacity(rows.len()))
+        .collect();
+    for row in rows {
+        for (column, value) in columns.iter_mut().zip(row) {
+            column.push(value);
+        }
+    }
+    let names: Vec<&str> = table.columns.iter().map(|c| c.name).collect();
+    let params: Vec<String> = (1..=names.len()).map(|i| format!("${i}")).collect();
+    let statement = format!(
+        "INSERT INTO {} ({}) SELECT * FROM unnest({}) ON CONFLICT ({}) DO NOTHING",
+        table.name,
+        names.join(", "),
+        params.join(", "),
+        table.key.join(", "),
+    );
+    let mut query = sqlx::query(AssertSqlSafe(statement));
+    for (column, values) in table.columns.iter().zip(&columns) {
+        query = bind_array(query, column.ty, &values.iter().collect::<Vec<_>>());
+    }
+    query.execute(&mut *tx).await?;
+    Ok(())
 }
 
 /// Run `ops` in order.

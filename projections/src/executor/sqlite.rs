@@ -6,7 +6,6 @@
 //! (Postgres' precision; sorts and compares as a number, so `MAX` is the later
 //! time), JSON as TEXT, a date as TEXT `YYYY-MM-DD` (sorts as it reads).
 
-use ai_secretary_contract::{Event, EventEnvelope};
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{
     AssertSqlSafe, Row, Sqlite, SqliteConnection, SqliteExecutor,
@@ -15,21 +14,32 @@ use sqlx::{
 };
 use uuid::Uuid;
 
-use super::sql::{self, Arg, Dialect};
-use crate::ops::{Found, Lookup, Op, Rules, Type, Value};
+use super::{
+    deferred::Write,
+    sql::{self, Arg, Dialect},
+};
+use crate::ops::{Found, Lookup, OnConflict, Op, Type, Value};
 
-/// Apply `rules` to one event: read what they need, then run their ops, in order.
-pub async fn apply(
-    conn: &mut SqliteConnection,
-    rules: &Rules,
-    e: &EventEnvelope,
-    event: &Event,
-) -> Result<(), sqlx::Error> {
-    let found = match (rules.lookup)(e, event) {
-        Some(lookup) => read(conn, &lookup).await?,
-        None => Found::default(),
-    };
-    run(conn, &(rules.ops)(e, event, &found)).await
+/// Make `writes` in order; gathered inserts one row at a time (a statement
+/// costs no round trip in process, and SQLite has no arrays to bind).
+pub async fn write(conn: &mut SqliteConnection, writes: Vec<Write>) -> Result<(), sqlx::Error> {
+    for write in writes {
+        match write {
+            Write::Op(op) => run(conn, &[op]).await?,
+            Write::Inserts { table, rows } => {
+                let ops: Vec<Op> = rows
+                    .into_iter()
+                    .map(|row| Op::Insert {
+                        table,
+                        row,
+                        on_conflict: OnConflict::Nothing,
+                    })
+                    .collect();
+                run(conn, &ops).await?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Run `ops` in order.

@@ -22,7 +22,7 @@ use ai_secretary_contract::{Event, EventEnvelope, Position};
 pub use crate::ops::Table;
 use crate::{
     cache::Cache,
-    db::Tx,
+    db::Batch,
     executor,
     fold::TableRows,
     ops::{Found, Rules},
@@ -95,11 +95,11 @@ impl Projection for Live {
 
     async fn apply(
         &self,
-        tx: &mut Tx,
+        batch: &mut Batch,
         e: &EventEnvelope,
         event: &Event,
     ) -> Result<(), ProjectionError> {
-        Ok(apply_rules(tx, &self.rules, e, event).await?)
+        Ok(apply_rules(batch, &self.rules, e, event).await?)
     }
 }
 
@@ -107,15 +107,12 @@ impl Projection for Live {
 /// its database: the same rules and statements, each value bound as that
 /// database stores its column's type.
 pub(crate) async fn apply_rules(
-    tx: &mut Tx,
+    batch: &mut Batch,
     rules: &Rules,
     e: &EventEnvelope,
     event: &Event,
 ) -> Result<(), sqlx::Error> {
-    match tx {
-        Tx::Postgres(tx) => executor::postgres::apply(tx, rules, e, event).await,
-        Tx::Sqlite(tx) => executor::sqlite::apply(tx, rules, e, event).await,
-    }
+    executor::apply(batch.tx.conn(), &mut batch.deferred, rules, e, event).await
 }
 
 /// The fold of one projection: its rules applied to its tables' rows in memory.

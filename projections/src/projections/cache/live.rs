@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::{
     cache::{Cache, Invalidations, Kind},
-    db::{Db, Tx},
+    db::{Batch, Db},
     executor,
     ops::{Cond, Lookup, Value},
     projection::{Decoded, Projection, ProjectionError},
@@ -92,11 +92,11 @@ impl Projection for CacheInvalidation {
 
     async fn apply(
         &self,
-        tx: &mut Tx,
+        batch: &mut Batch,
         e: &EventEnvelope,
         event: &Event,
     ) -> Result<(), ProjectionError> {
-        Ok(crate::projections::apply_rules(tx, &super::RULES, e, event).await?)
+        Ok(crate::projections::apply_rules(batch, &super::RULES, e, event).await?)
     }
 }
 
