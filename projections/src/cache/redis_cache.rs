@@ -77,7 +77,10 @@ const PIPELINE: usize = 2_000;
 pub struct RedisCache {
     client: Option<redis::Client>,
     /// The live connection, made on first use (it reconnects by itself).
-    connection: Arc<tokio::sync::Mutex<Option<ConnectionManager>>>,
+    /// Once made it is read without a lock: every query clones it, and an
+    /// async mutex in that path made concurrent GETs queue and wake each
+    /// other in turn.
+    connection: Arc<tokio::sync::OnceCell<ConnectionManager>>,
     prefix: String,
     ttl: Duration,
     /// Longest a query waits for Redis before reading Postgres instead.
@@ -120,20 +123,25 @@ impl RedisCache {
 
     /// The connection, made now if there is none yet.
     async fn redis(&self) -> redis::RedisResult<ConnectionManager> {
+        if let Some(manager) = self.connection.get() {
+            return Ok(manager.clone());
+        }
         let client = self.client.clone().ok_or_else(|| {
             redis::RedisError::from((redis::ErrorKind::Io, "REDIS_URL is not usable"))
         })?;
-        let mut connection = self.connection.lock().await;
-        if let Some(manager) = &*connection {
-            return Ok(manager.clone());
-        }
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(PROJECTION_TIMEOUT))
-            .set_response_timeout(Some(PROJECTION_TIMEOUT))
-            .set_number_of_retries(1);
-        let manager = ConnectionManager::new_with_config(client, config).await?;
-        *connection = Some(manager.clone());
-        Ok(manager)
+        // One caller makes it, the others wait for that; a failure leaves it
+        // unmade, for the next call to try again.
+        let manager = self
+            .connection
+            .get_or_try_init(|| async {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(PROJECTION_TIMEOUT))
+                    .set_response_timeout(Some(PROJECTION_TIMEOUT))
+                    .set_number_of_retries(1);
+                ConnectionManager::new_with_config(client, config).await
+            })
+            .await?;
+        Ok(manager.clone())
     }
 
     /// Run a query's call to Redis, unless the breaker keeps queries away from
