@@ -287,7 +287,7 @@ pub struct Config {
 
     /// Memory for folded aggregate states kept between commands, in MiB (0: none;
     /// every command then folds its stream from the start).
-    #[arg(long, env = "STATE_CACHE_MB", default_value_t = 64)]
+    #[arg(long, env = "STATE_CACHE_MB", default_value_t = 8)]
     pub state_cache_mb: u64,
 
     /// How often a rebuild started through the admin API writes its progress
