@@ -24,7 +24,8 @@ use crate::{
     store::Position,
 };
 
-/// The default bound: some 25,000 conversations' states by their estimate.
+/// The default bound: 25,000 to 35,000 conversations' states by their
+/// estimate (about 240 bytes each with a short title, `ENTRY_OVERHEAD` included).
 /// The whole process is meant to stay within 64 MiB resident under load
 /// (docs/decisions.md, "The state cache's default bound"); at 64 MiB the
 /// cache alone could have taken all of it, and it did fill under sustained
