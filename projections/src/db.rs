@@ -12,7 +12,7 @@ use std::sync::Arc;
 use sqlx::{PgPool, SqlitePool};
 use tokio::sync::watch;
 
-use crate::executor::{self, deferred::Deferred, sql::Dialect};
+use crate::executor::sql::Dialect;
 
 #[derive(Debug, Clone)]
 pub enum Db {
@@ -101,14 +101,13 @@ impl Db {
     /// from a position that was lost). Nothing is skipped; a batch stops paying
     /// for a disk flush that every projection and the appends were waiting for
     /// in turn, and freshness loses that wait.
-    pub async fn begin_batch(&self) -> Result<Batch, sqlx::Error> {
-        let tx = match self {
+    pub async fn begin_batch(&self) -> Result<Tx, sqlx::Error> {
+        Ok(match self {
             Db::Postgres(pool) => {
                 Tx::Postgres(pool.begin_with(BEGIN_WITHOUT_WAITING_FOR_DISK).await?)
             }
             Db::Sqlite(db) => Tx::Sqlite(db.begin_write().await?),
-        };
-        Ok(Batch::new(tx))
+        })
     }
 
     /// Announce a checkpoint move, after the commit that made it. On Postgres
@@ -126,29 +125,6 @@ impl Db {
             Db::Postgres(pool) => Some(pool),
             Db::Sqlite(_) => None,
         }
-    }
-}
-
-/// A live worker's batch: its transaction, and the read-model writes the
-/// executor holds back and gathers until their table is read or the batch
-/// commits (`executor::deferred`).
-pub struct Batch {
-    pub tx: Tx,
-    pub deferred: Deferred,
-}
-
-impl Batch {
-    pub fn new(tx: Tx) -> Batch {
-        Batch {
-            tx,
-            deferred: Deferred::default(),
-        }
-    }
-
-    /// Write what is held, then commit.
-    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
-        executor::flush(self.tx.conn(), &mut self.deferred).await?;
-        self.tx.commit().await
     }
 }
 

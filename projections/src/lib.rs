@@ -28,7 +28,7 @@ pub mod verify;
 pub mod worker;
 
 pub use ai_secretary_contract::{Event, EventEnvelope, Position};
-pub use db::{Batch, Db, SqliteDb, Tx};
+pub use db::{Db, SqliteDb, Tx};
 pub use opener::Opener;
-pub use projection::{Projection, ProjectionError};
+pub use projection::{Batch, Projection, ProjectionError};
 pub use projections::{ALL, NAMES, Registered};

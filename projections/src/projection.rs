@@ -3,13 +3,39 @@
 
 use ai_secretary_contract::{Event, EventEnvelope};
 
-use crate::db::{Batch, Db};
+use crate::{
+    db::{Db, Tx},
+    executor::{self, deferred::Deferred},
+};
 
 /// An event of a batch with its payload decoded.
 #[derive(Debug, Clone)]
 pub struct Decoded {
     pub envelope: EventEnvelope,
     pub event: Event,
+}
+
+/// A live worker's batch: its transaction (`Db::begin_batch`), and the
+/// read-model writes the executor holds back and gathers until their table is
+/// read or the batch commits (`executor::deferred`).
+pub struct Batch {
+    pub tx: Tx,
+    pub deferred: Deferred,
+}
+
+impl Batch {
+    pub fn new(tx: Tx) -> Batch {
+        Batch {
+            tx,
+            deferred: Deferred::default(),
+        }
+    }
+
+    /// Write what is held, then commit.
+    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        executor::flush(self.tx.conn(), &mut self.deferred).await?;
+        self.tx.commit().await
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -44,7 +44,7 @@ use crate::{
     lease::{self, Lease},
     log,
     opener::Opener,
-    projection::{Decoded, Projection, ProjectionError},
+    projection::{Batch, Decoded, Projection, ProjectionError},
 };
 
 /// Where the events are on the bus, and how their sealed personal fields are
@@ -401,7 +401,7 @@ async fn commit(
         .collect();
     projection.prepare(db, &decoded).await?;
 
-    let mut batch = db.begin_batch().await?;
+    let mut batch = Batch::new(db.begin_batch().await?);
     // The checkpoint row first, as a rebuild's swap takes it first too: whoever
     // has it goes ahead, and the other waits (never a deadlock over the tables).
     // (On SQLite `BEGIN IMMEDIATE` already took the one write lock.)

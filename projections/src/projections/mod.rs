@@ -22,11 +22,10 @@ use ai_secretary_contract::{Event, EventEnvelope, Position};
 pub use crate::ops::Table;
 use crate::{
     cache::Cache,
-    db::Batch,
     executor,
     fold::TableRows,
     ops::{Found, Rules},
-    projection::{Projection, ProjectionError},
+    projection::{Batch, Projection, ProjectionError},
 };
 
 /// One projection as the rest of the read side knows it.

@@ -7,10 +7,10 @@ use uuid::Uuid;
 
 use crate::{
     cache::{Cache, Invalidations, Kind},
-    db::{Batch, Db},
+    db::Db,
     executor,
     ops::{Cond, Lookup, Value},
-    projection::{Decoded, Projection, ProjectionError},
+    projection::{Batch, Decoded, Projection, ProjectionError},
 };
 
 /// Projection `cache`: tombstones the keys each event touches.
