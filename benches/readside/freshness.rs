@@ -2,10 +2,7 @@
 //! closed loop for the sustained rate, then open loop at fractions of it (see
 //! `open_loop.rs`); the report of each phase, and how busy the machine was.
 
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use ai_secretary::{startup::Roles, store::postgres};
 use anyhow::{Context, Result, anyhow, bail};
@@ -20,7 +17,7 @@ use crate::{
     cell,
     common::describe_server,
     message_content, ms,
-    open_loop::{PROBE_CONVERSATIONS, open_loop},
+    open_loop::{PROBE_CONVERSATIONS, Phase, open_loop},
     pct,
     service::{Names, Service},
     support::progress::{caught_up, consumers},
@@ -45,32 +42,6 @@ async fn fresh_conversations(
     }
     caught_up(pool, &consumers(), Duration::from_secs(60)).await?;
     Ok(conversations)
-}
-
-/// One phase's results.
-#[derive(Default)]
-pub struct Phase {
-    pub label: String,
-    pub offered: Option<f64>,
-    /// 2xx received within the window, per second.
-    pub achieved: f64,
-    pub errors: usize,
-    /// Failed commands by what they got back.
-    pub error_kinds: BTreeMap<String, usize>,
-    /// Sorted: scheduled (or sent, closed loop) → response.
-    pub command_latencies: Vec<Duration>,
-    /// Sorted: 202 received → first listing received.
-    pub freshness: Vec<Duration>,
-    pub unresolved: usize,
-    pub poll_errors: usize,
-    pub polls_per_sec: f64,
-    /// Sorted latencies of the polling GETs.
-    pub poll_latencies: Vec<Duration>,
-    /// Share of the machine's CPU time busy during the phase (all processes).
-    pub cpu_busy: Option<f64>,
-    /// Sorted, signed ms per measured command: 202 → on NATS, NATS → `messages`
-    /// committed, committed → listed; and how many commands were traced.
-    pub stages: Option<([Vec<f64>; 3], usize)>,
 }
 
 pub async fn freshness(settings: &Settings, names: &Names) -> Result<String> {

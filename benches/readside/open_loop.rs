@@ -3,6 +3,7 @@
 //! each measured 202 handed to a poller (`poller.rs`).
 
 use std::{
+    collections::BTreeMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -18,12 +19,38 @@ use uuid::Uuid;
 use crate::{
     Settings,
     api::Api,
-    freshness::Phase,
     message_content, parse_position,
     poller::{Pending, poller},
     support::http::consistency,
     trace::Trace,
 };
+
+/// One load phase's results: an open-loop level here, and the closed-loop
+/// sustained phase of `freshness.rs`, which reports both.
+#[derive(Default)]
+pub struct Phase {
+    pub label: String,
+    pub offered: Option<f64>,
+    /// 2xx received within the window, per second.
+    pub achieved: f64,
+    pub errors: usize,
+    /// Failed commands by what they got back.
+    pub error_kinds: BTreeMap<String, usize>,
+    /// Sorted: scheduled (or sent, closed loop) → response.
+    pub command_latencies: Vec<Duration>,
+    /// Sorted: 202 received → first listing received.
+    pub freshness: Vec<Duration>,
+    pub unresolved: usize,
+    pub poll_errors: usize,
+    pub polls_per_sec: f64,
+    /// Sorted latencies of the polling GETs.
+    pub poll_latencies: Vec<Duration>,
+    /// Share of the machine's CPU time busy during the phase (all processes).
+    pub cpu_busy: Option<f64>,
+    /// Sorted, signed ms per measured command: 202 → on NATS, NATS → `messages`
+    /// committed, committed → listed; and how many commands were traced.
+    pub stages: Option<([Vec<f64>; 3], usize)>,
+}
 
 /// A probe slot: at most one measured command in flight, on conversations of its
 /// own (only probes post there, so the message is always on the newest page).

@@ -8,7 +8,7 @@
 //! statement made and bound by the projections' Postgres executor; the scratch
 //! tables are the projection's own names in a schema of their own.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ai_secretary_projections::{
     Db, Position,
@@ -20,8 +20,6 @@ use ai_secretary_projections::{
 };
 use anyhow::{Context, Result, anyhow, bail};
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection, PgPool};
-
-use crate::throughput::Run;
 
 /// Rows per transaction of the raw upsert baseline (the worker's largest batch).
 pub const RAW_ROWS_PER_TX: usize = 500;
@@ -122,7 +120,8 @@ impl Baseline {
 
 /// The baseline: every row upserted with its own statement on one connection,
 /// `RAW_ROWS_PER_TX` rows per transaction, in the order the events committed.
-pub async fn raw_upserts(db_url: &str, baseline: &Baseline) -> Result<Run> {
+/// Returns how long the upserts took.
+pub async fn raw_upserts(db_url: &str, baseline: &Baseline) -> Result<Duration> {
     eprintln!("  raw upserts");
     let mut conn = PgConnection::connect(db_url)
         .await
@@ -155,9 +154,5 @@ pub async fn raw_upserts(db_url: &str, baseline: &Baseline) -> Result<Run> {
         }
     }
     conn.close().await.ok();
-    Ok(Run {
-        elapsed,
-        per_projection: Vec::new(),
-        batches: Vec::new(),
-    })
+    Ok(elapsed)
 }

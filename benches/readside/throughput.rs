@@ -71,7 +71,11 @@ async fn throughput_on(settings: &Settings, names: &Names, pool: &PgPool) -> Res
     for round in 0..settings.rounds {
         eprintln!("throughput: round {} of {}", round + 1, settings.rounds);
         checkpoint(pool).await;
-        raws.push(raw_upserts(&names.db_url, &baseline).await?);
+        raws.push(Run {
+            elapsed: raw_upserts(&names.db_url, &baseline).await?,
+            per_projection: Vec::new(),
+            batches: Vec::new(),
+        });
         reset(settings, names, pool).await?;
         checkpoint(pool).await;
         singles.push(projection_run(settings, names, pool, &order, vec!["messages".into()]).await?);
