@@ -23,7 +23,7 @@
 //! as when each op ran at once, and the same rows as the fold's
 //! (`crate::fold`), which `verify` checks.
 
-use std::collections::HashMap;
+use indexmap::IndexMap;
 
 use crate::ops::{Cond, OnConflict, Op, Set, Table, Value};
 
@@ -54,12 +54,9 @@ enum Held {
     },
     Updates {
         table: &'static Table,
-        /// The key column the updates pick their row by.
-        key: &'static str,
-        /// Each row's folded change, in the order the rows were first changed.
-        rows: Vec<(Value, Vec<(&'static str, Set)>)>,
-        /// Where each key's change is in `rows`.
-        index: HashMap<Value, usize>,
+        /// Each row's folded change by the value of the table's one key
+        /// column, in the order the rows were first changed.
+        rows: IndexMap<Value, Vec<(&'static str, Set)>>,
     },
 }
 
@@ -73,25 +70,19 @@ impl Held {
     fn release(self, now: &mut Vec<Write>) {
         match self {
             Held::Inserts { table, rows } => now.push(Write::Inserts { table, rows }),
-            Held::Updates {
-                table, key, rows, ..
-            } => now.extend(
+            Held::Updates { table, rows } => now.extend(
                 rows.into_iter()
-                    .map(|(value, set)| Write::Op(update(table, key, value, set))),
+                    .map(|(value, set)| Write::Op(update(table, value, set))),
             ),
         }
     }
 }
 
-fn update(
-    table: &'static Table,
-    key: &'static str,
-    value: Value,
-    set: Vec<(&'static str, Set)>,
-) -> Op {
+/// The update of the row whose key is `value` (a table with one key column).
+fn update(table: &'static Table, value: Value, set: Vec<(&'static str, Set)>) -> Op {
     Op::Update {
         table,
-        filter: vec![Cond::Eq(key, value)],
+        filter: vec![Cond::Eq(table.key[0], value)],
         set,
     }
 }
@@ -115,9 +106,9 @@ impl Deferred {
                     });
                 }
             },
-            Op::Update { table, filter, set } => match by_key(table, filter) {
-                Ok((key, value)) => self.hold_update(table, key, value, set, now),
-                Err(filter) => {
+            Op::Update { table, filter, set } => match key_of(table, &filter) {
+                Some(value) => self.hold_update(table, value, set, now),
+                None => {
                     self.release(table, now);
                     now.push(Write::Op(Op::Update { table, filter, set }));
                 }
@@ -150,52 +141,44 @@ impl Deferred {
     fn hold_update(
         &mut self,
         table: &'static Table,
-        key: &'static str,
         value: Value,
         set: Vec<(&'static str, Set)>,
         now: &mut Vec<Write>,
     ) {
-        if !matches!(self.held_mut(table), Some(Held::Updates { key: k, .. }) if *k == key) {
+        if !matches!(self.held_mut(table), Some(Held::Updates { .. })) {
             self.release(table, now);
             self.held.push(Held::Updates {
                 table,
-                key,
-                rows: Vec::new(),
-                index: HashMap::new(),
+                rows: IndexMap::new(),
             });
         }
-        let Some(Held::Updates { rows, index, .. }) = self.held_mut(table) else {
+        let Some(Held::Updates { rows, .. }) = self.held_mut(table) else {
             unreachable!("held just above");
         };
-        match index.get(&value) {
+        match rows.get_mut(&value) {
             None => {
-                index.insert(value.clone(), rows.len());
-                rows.push((value, set));
+                rows.insert(value, set);
             }
-            Some(&i) => match composed(&rows[i].1, &set) {
-                Some(both) => rows[i].1 = both,
+            Some(earlier) => match composed(earlier, &set) {
+                Some(both) => *earlier = both,
                 // Changes that do not compose: the row's earlier change is
                 // written now, and this one waits in its place.
                 None => {
-                    let before = std::mem::replace(&mut rows[i].1, set);
-                    now.push(Write::Op(update(table, key, value, before)));
+                    let before = std::mem::replace(earlier, set);
+                    now.push(Write::Op(update(table, value, before)));
                 }
             },
         }
     }
 }
 
-/// The key column and its value, if `filter` picks one row by the table's one
-/// key column; else the filter as it was.
-fn by_key(table: &Table, mut filter: Vec<Cond>) -> Result<(&'static str, Value), Vec<Cond>> {
-    match (table.key, filter.as_slice()) {
+/// The key's value, if `filter` picks one row by the table's one key column.
+fn key_of(table: &Table, filter: &[Cond]) -> Option<Value> {
+    match (table.key, filter) {
         ([key], [Cond::Eq(column, value)]) if column == key && !value.is_null() => {
-            let Some(Cond::Eq(column, value)) = filter.pop() else {
-                unreachable!("matched just above");
-            };
-            Ok((column, value))
+            Some(value.clone())
         }
-        _ => Err(filter),
+        _ => None,
     }
 }
 
