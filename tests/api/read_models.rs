@@ -6,7 +6,7 @@
 
 use ai_secretary_contract::{Event, EventEnvelope};
 use ai_secretary_projections::{
-    ALL, Batch, Tx,
+    ALL, Batch, Registered, Tx,
     cache::Cache,
     db::Conn,
     executor::{self, deferred::Deferred, sqlite},
@@ -281,6 +281,24 @@ fn history(kept: Uuid, forgotten: Uuid) -> History {
 }
 
 /// Rows of `table` as JSON, whole, sorted: what `verify` compares.
+/// `projections`' rules applied to `events` through `conn` as one live batch:
+/// the executor holds writes back and gathers them, then writes what it held.
+pub async fn apply_as_one_batch(
+    mut conn: Conn<'_>,
+    projections: &[Registered],
+    events: &[(&EventEnvelope, Event)],
+) {
+    let mut deferred = Deferred::default();
+    for projection in projections {
+        for (e, event) in events {
+            executor::apply(conn.reborrow(), &mut deferred, &projection.rules, e, event)
+                .await
+                .unwrap();
+        }
+    }
+    executor::flush(conn, &mut deferred).await.unwrap();
+}
+
 async fn rows_of(conn: &mut sqlx::PgConnection, table: &str) -> Vec<Value> {
     sqlx::query_scalar(AssertSqlSafe(format!(
         "SELECT to_jsonb(t) FROM {table} t ORDER BY to_jsonb(t)::text"
@@ -473,21 +491,7 @@ async fn the_sqlite_executor_and_the_fold_hold_the_same_rows() {
     };
     for projection in ALL {
         let mut tx = conn.begin().await.unwrap();
-        let mut deferred = Deferred::default();
-        for (e, event) in &decoded {
-            executor::apply(
-                Conn::Sqlite(&mut tx),
-                &mut deferred,
-                &projection.rules,
-                e,
-                event,
-            )
-            .await
-            .unwrap();
-        }
-        executor::flush(Conn::Sqlite(&mut tx), &mut deferred)
-            .await
-            .unwrap();
+        apply_as_one_batch(Conn::Sqlite(&mut tx), &[projection], &decoded).await;
         tx.commit().await.unwrap();
         let mut fold = Fold::new(projection.name).unwrap();
         for (e, event) in &decoded {

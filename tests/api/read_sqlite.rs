@@ -16,7 +16,6 @@ use ai_secretary_contract::{Event, EventEnvelope, Position};
 use ai_secretary_projections::{
     ALL, Db, SqliteDb,
     db::Conn,
-    executor::{self, deferred::Deferred},
     read::{self, ConversationFilter, GroupBy, List, Page, Stamped},
 };
 use chrono::NaiveDate;
@@ -26,7 +25,7 @@ use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::support::TestDb;
+use crate::{read_models::apply_as_one_batch, support::TestDb};
 
 /// A history of two owners' work: envelopes in commit order.
 struct History {
@@ -321,23 +320,7 @@ async fn both(history: &History) -> Both {
     let pg = TestDb::new().await;
     let mut conn = pg.pool.acquire().await.unwrap();
     let mut tx = conn.begin().await.unwrap();
-    let mut deferred = Deferred::default();
-    for projection in ALL {
-        for (e, event) in &decoded {
-            executor::apply(
-                Conn::Postgres(&mut tx),
-                &mut deferred,
-                &projection.rules,
-                e,
-                event,
-            )
-            .await
-            .unwrap();
-        }
-    }
-    executor::flush(Conn::Postgres(&mut tx), &mut deferred)
-        .await
-        .unwrap();
+    apply_as_one_batch(Conn::Postgres(&mut tx), &ALL, &decoded).await;
     tx.commit().await.unwrap();
     drop(conn);
 
@@ -348,23 +331,7 @@ async fn both(history: &History) -> Both {
         .unwrap();
     let mut conn = pool.acquire().await.unwrap();
     let mut tx = conn.begin().await.unwrap();
-    let mut deferred = Deferred::default();
-    for projection in ALL {
-        for (e, event) in &decoded {
-            executor::apply(
-                Conn::Sqlite(&mut tx),
-                &mut deferred,
-                &projection.rules,
-                e,
-                event,
-            )
-            .await
-            .unwrap();
-        }
-    }
-    executor::flush(Conn::Sqlite(&mut tx), &mut deferred)
-        .await
-        .unwrap();
+    apply_as_one_batch(Conn::Sqlite(&mut tx), &ALL, &decoded).await;
     tx.commit().await.unwrap();
     drop(conn);
 
