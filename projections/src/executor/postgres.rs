@@ -15,7 +15,7 @@ use super::{
     deferred::Write,
     sql::{self, Arg, Dialect},
 };
-use crate::ops::{Found, Lookup, OnConflict, Op, Table, Type, Value};
+use crate::ops::{Found, Lookup, Op, Table, Type, Value};
 
 /// Make `writes` in order: an op as its statement, gathered inserts as one
 /// `INSERT … SELECT FROM unnest(…)`, each column bound as one array.
@@ -23,14 +23,6 @@ pub async fn write(tx: &mut PgConnection, writes: Vec<Write>) -> Result<(), sqlx
     for write in writes {
         match write {
             Write::Op(op) => run(tx, &[op]).await?,
-            Write::Inserts { table, mut rows } if rows.len() == 1 => {
-                let op = Op::Insert {
-                    table,
-                    row: rows.pop().unwrap_or_default(),
-                    on_conflict: OnConflict::Nothing,
-                };
-                run(tx, &[op]).await?;
-            }
             Write::Inserts { table, rows } => insert_rows(tx, table, rows).await?,
         }
     }
