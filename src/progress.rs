@@ -56,10 +56,13 @@ impl Progress {
             .all(|name| map.get(*name).is_some_and(|p| *p >= at))
     }
 
-    /// Whether checkpoint `a` is at or past checkpoint `b` right now.
-    pub fn at_least(&self, a: &str, b: &str) -> bool {
-        let map = self.positions.borrow();
-        map.get(a).copied().unwrap_or_default() >= map.get(b).copied().unwrap_or_default()
+    /// Where checkpoint `name` is right now (the start, if not known yet).
+    pub fn position(&self, name: &str) -> Position {
+        self.positions
+            .borrow()
+            .get(name)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Wait until every one of `names` is at or past `at`; false on timeout.

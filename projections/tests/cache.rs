@@ -494,3 +494,85 @@ async fn racing_invalidations_and_fills_never_leave_an_older_value() {
         eprintln!("{name}: {values} of {KEYS} keys hold a value after the race");
     }
 }
+
+/// One writer moves the keys in commit order, as the `cache` projection
+/// does: each position stamps one key and fills it, then the checkpoint moves
+/// there. Readers ask for a key current through the checkpoint they saw: no
+/// answer, from Redis or from a process's own copy (`near`), may be older than
+/// that key's last change at or before it. The writer pauses now and then, so
+/// that readers answer from their copies as well as race the pushes.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_answer_is_older_than_the_checkpoint_its_query_saw() {
+    const KEYS: i64 = 4;
+    const POSITIONS: i64 = 600;
+    const READERS: usize = 6;
+    let (_prefix, caches) = backends(HOUR);
+    for (name, cache) in caches {
+        let owner = id();
+        let ids: Arc<Vec<Uuid>> = Arc::new((0..KEYS).map(|_| id()).collect());
+        // The key position `gp` changes, and its last change at or before `gp`.
+        let key_of = |gp: i64| (gp % KEYS) as usize;
+        let last_change = |key: usize, gp: i64| gp - (gp - key as i64).rem_euclid(KEYS);
+        let checkpoint = Arc::new(AtomicI64::new(0));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut readers = tokio::task::JoinSet::new();
+        for r in 0..READERS {
+            let (cache, ids, checkpoint, done) =
+                (cache.clone(), ids.clone(), checkpoint.clone(), done.clone());
+            readers.spawn(async move {
+                let (mut reads, mut answered) = (0u64, 0u64);
+                let mut key = r % KEYS as usize;
+                while !done.load(Ordering::SeqCst) {
+                    key = (key + 1) % KEYS as usize;
+                    let seen = checkpoint.load(Ordering::SeqCst);
+                    let answer = cache
+                        .get_current(Kind::Conversation, ids[key], owner, at(seen), at(seen))
+                        .await;
+                    reads += 1;
+                    if let Some(answer) = answer {
+                        answered += 1;
+                        let floor = last_change(key, seen);
+                        let got = answer["at"].as_i64().unwrap();
+                        assert!(
+                            got >= floor,
+                            "key {key}: read {got} through checkpoint {seen}, changed at {floor}"
+                        );
+                    }
+                    // An answer from memory never waits, so without this the
+                    // readers would keep the writer off both worker threads.
+                    tokio::task::yield_now().await;
+                }
+                (reads, answered)
+            });
+        }
+        for gp in 1..=POSITIONS {
+            let key = ids[key_of(gp)];
+            cache
+                .invalidate(&one(Kind::Conversation, key, gp))
+                .await
+                .unwrap();
+            cache
+                .fill(Kind::Conversation, key, owner, at(gp), &value(gp))
+                .await;
+            checkpoint.store(gp, Ordering::SeqCst);
+            if gp % 50 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            } else {
+                tokio::task::yield_now().await;
+            }
+        }
+        done.store(true, Ordering::SeqCst);
+        let (mut reads, mut answered) = (0, 0);
+        while let Some(counts) = readers.join_next().await {
+            let (r, a) = counts.unwrap_or_else(|e| panic!("{name}: {e}"));
+            reads += r;
+            answered += a;
+        }
+        assert!(answered > 0, "{name}: {reads} reads, none answered");
+        eprintln!("{name}: {answered} of {reads} reads answered");
+    }
+}

@@ -7,6 +7,7 @@ use std::{collections::HashMap, time::Duration};
 use ai_secretary_projections::{
     Db,
     cache::{Cache, Kind},
+    projections::cache::PROJECTION as CACHE,
     read::{Page, Stamped},
 };
 use axum::{
@@ -64,7 +65,8 @@ impl ReadSide {
     ///
     /// The cache is read only when its invalidations are as current as the read
     /// model: past the token if there is one, else at least where the projection
-    /// is. It is never waited for, so a Redis that is down or stalled (or back
+    /// is (and the Redis cache answers from this process's copy only when it can
+    /// tell that copy is that current too: `cache::near`). It is never waited for, so a Redis that is down or stalled (or back
     /// with copies from before an outage, not yet tombstoned) costs a query
     /// nothing but the database read. A hit is served as cached; a miss is read
     /// by `load` and kept, unless a newer change has been announced since;
@@ -82,11 +84,15 @@ impl ReadSide {
         Fut: Future<Output = Result<Option<T>, sqlx::Error>>,
     {
         self.catch_up(token, &[projection]).await?;
-        let cache_current = match token.0 {
-            Some(at) => self.progress.reached(&["cache"], at),
-            None => self.progress.at_least("cache", projection),
-        };
-        if cache_current && let Some(json) = self.cache.get(kind, id, owner).await {
+        let through = token
+            .0
+            .unwrap_or_else(|| self.progress.position(projection));
+        let invalidated = self.progress.position(CACHE.name);
+        if invalidated >= through
+            && let Some(json) = (self.cache)
+                .get_current(kind, id, owner, through, invalidated)
+                .await
+        {
             return Ok(Reply::found(json));
         }
         let view = self.query(load).await?.ok_or(ApiError::NotFound(what))?;

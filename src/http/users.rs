@@ -1,7 +1,7 @@
 //! Accounts: register, exchange credentials for a bearer token, read one's
 //! profile, be forgotten.
 
-use ai_secretary_projections::cache::Kind;
+use ai_secretary_projections::{cache::Kind, projections::cache::PROJECTION as CACHE};
 use axum::{Json, extract::State, http::StatusCode, response::Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -295,7 +295,13 @@ async fn token(
 )]
 async fn me(State(state): State<AppState>, AuthUser(user_id): AuthUser) -> Result<Reply, ApiError> {
     let cache = &state.read.cache;
-    if let Some(json) = cache.get(Kind::User, user_id, user_id).await {
+    // As current as the cache's invalidations are known to be; nothing the
+    // caller did waits on them (the stream below is read if this misses).
+    let invalidated = state.read.progress.position(CACHE.name);
+    if let Some(json) = cache
+        .get_current(Kind::User, user_id, user_id, invalidated, invalidated)
+        .await
+    {
         return Ok(Reply::found(json));
     }
     let loaded = state.commands.load::<UserDecider>(user_id).await?;

@@ -20,6 +20,7 @@ mod helpers;
 mod hostile;
 mod idempotency;
 mod long_conversations;
+mod near_cache;
 mod observability;
 mod poison;
 mod process;

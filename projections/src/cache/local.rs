@@ -65,7 +65,7 @@ const FORGOTTEN: u64 = 10_000;
 pub const FILL_WINDOW: Duration = Duration::from_secs(60);
 
 /// moka refuses TTLs over 1000 years; nobody means more than a century.
-const LONGEST_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+pub(super) const LONGEST_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 type Key = (Kind, Uuid);
 

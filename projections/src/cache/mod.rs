@@ -2,8 +2,9 @@
 //! conversation), each held as the JSON a query returns, its owner, and a
 //! stamp: the commit position it is current as of. Two backends behind one
 //! [`Cache`]: Redis (`redis_cache`, shared by every process of the production
-//! topology) and in process (`local`, moka, for the embedded topology in which
-//! one process runs the projections and the API).
+//! topology, each of which keeps what it read in memory while Redis's client
+//! tracking says it holds: `near`) and in process (`local`, moka, for the
+//! embedded topology in which one process runs the projections and the API).
 //!
 //! The `cache` projection does not write values: on each event it stamps the
 //! keys the event touches with the event's position and drops their values (a
@@ -21,6 +22,7 @@
 
 mod breaker;
 mod local;
+mod near;
 mod redis_cache;
 mod rules;
 
@@ -150,12 +152,43 @@ impl Cache {
         }
     }
 
-    /// The cached JSON of a resource, if present and owned by `owner`.
+    /// The cached JSON of a resource, if present and owned by `owner`, as the
+    /// cache holds it now (from Redis, not from a copy in this process).
     pub async fn get(&self, kind: Kind, id: Uuid, owner: Uuid) -> Option<Value> {
         let hit = match self {
             Cache::Redis(redis) => redis.get(kind, id, owner).await,
             Cache::Local(local) => local.get(kind, id, owner),
         };
+        Self::count(hit)
+    }
+
+    /// The cached JSON of a resource, if present and owned by `owner`, for a
+    /// query that needs it current through `through`, asked when the `cache`
+    /// projection's checkpoint was last seen at `invalidated` (at or past
+    /// `through`: the cache is asked only when its invalidations are as
+    /// current as what the query needs). The Redis backend answers from this
+    /// process's copy when it can tell no invalidation through `through` is
+    /// still on its way (its `near` module); the local cache is always current.
+    pub async fn get_current(
+        &self,
+        kind: Kind,
+        id: Uuid,
+        owner: Uuid,
+        through: Position,
+        invalidated: Position,
+    ) -> Option<Value> {
+        let hit = match self {
+            Cache::Redis(redis) => {
+                redis
+                    .get_current(kind, id, owner, through, invalidated)
+                    .await
+            }
+            Cache::Local(local) => local.get(kind, id, owner),
+        };
+        Self::count(hit)
+    }
+
+    fn count(hit: Option<Value>) -> Option<Value> {
         let result = if hit.is_some() { "hit" } else { "miss" };
         metrics::counter!("cache_requests_total", "result" => result).increment(1);
         hit

@@ -23,11 +23,18 @@ use std::{
     time::Duration,
 };
 
-use redis::{Script, aio::ConnectionManager};
+use redis::{
+    AsyncConnectionConfig, PushInfo, Script,
+    aio::{ConnectionManager, MultiplexedConnection},
+};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{Invalidations, Kind, Write, breaker::Breaker};
+use super::{
+    Invalidations, Kind, Write,
+    breaker::Breaker,
+    near::{NEAR_BYTES, NearCache},
+};
 
 /// Stamp a key with a position and drop its value, unless it is already newer:
 /// `rules::may_invalidate`.
@@ -81,6 +88,13 @@ pub struct RedisCache {
     /// async mutex in that path made concurrent GETs queue and wake each
     /// other in turn.
     connection: Arc<tokio::sync::OnceCell<ConnectionManager>>,
+    /// The same server in RESP3, for the connection queries read through:
+    /// Redis pushes invalidations only to RESP3 clients (see `near`).
+    tracking_client: Option<redis::Client>,
+    /// Held while the tracking connection is being made, so only one is.
+    connecting: Arc<tokio::sync::Mutex<()>>,
+    /// What queries read, kept in this process while Redis says it holds.
+    near: Arc<NearCache>,
     prefix: String,
     ttl: Duration,
     /// Longest a query waits for Redis before reading Postgres instead.
@@ -107,9 +121,20 @@ impl RedisCache {
                 |e| tracing::warn!(error = %e, "REDIS_URL is not usable; caching disabled"),
             )
             .ok();
+        let tracking_client = client.as_ref().and_then(|client| {
+            let info = client.get_connection_info().clone();
+            let resp3 = info
+                .redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP3);
+            redis::Client::open(info.set_redis_settings(resp3)).ok()
+        });
         RedisCache {
             client,
             connection: Default::default(),
+            tracking_client,
+            connecting: Default::default(),
+            near: NearCache::new(ttl, NEAR_BYTES),
             prefix: prefix.to_owned(),
             ttl,
             query_timeout,
@@ -146,18 +171,11 @@ impl RedisCache {
 
     /// Run a query's call to Redis, unless the breaker keeps queries away from
     /// it; at most `query_timeout`. `None` when skipped, failed or too slow.
-    async fn query<T>(
-        &self,
-        call: impl AsyncFnOnce(ConnectionManager) -> redis::RedisResult<T>,
-    ) -> Option<T> {
+    async fn query<T>(&self, call: impl AsyncFnOnce() -> redis::RedisResult<T>) -> Option<T> {
         if !self.breaker.allow() {
             return None;
         }
-        let outcome = tokio::time::timeout(self.query_timeout, async {
-            let redis = self.redis().await?;
-            call(redis).await
-        })
-        .await;
+        let outcome = tokio::time::timeout(self.query_timeout, call()).await;
         match outcome {
             Ok(Ok(value)) => {
                 self.succeeded();
@@ -193,7 +211,10 @@ impl RedisCache {
     /// Ask Redis whether it answers (for readiness checks).
     pub async fn ping(&self) -> bool {
         let pong: Option<String> = self
-            .query(async |mut redis| redis::cmd("PING").query_async(&mut redis).await)
+            .query(async || {
+                let (_, mut redis) = self.tracking().await?;
+                redis::cmd("PING").query_async(&mut redis).await
+            })
             .await;
         pong.is_some()
     }
@@ -207,30 +228,100 @@ impl RedisCache {
         format!("{}:{what}:{owner}", self.prefix)
     }
 
-    /// The cached JSON of a resource, if present and owned by `owner`.
+    /// The cached JSON of a resource, if present and owned by `owner`, as
+    /// Redis holds it now.
     pub async fn get(&self, kind: Kind, id: Uuid, owner: Uuid) -> Option<Value> {
+        self.read(&self.key(kind, id), owner, None).await
+    }
+
+    /// The cached JSON of a resource, if present and owned by `owner`, current
+    /// through `through`; from this process's memory when the near cache can
+    /// tell it is (`near`), else from Redis. `invalidated` is where the caller
+    /// last saw the `cache` projection's checkpoint.
+    pub async fn get_current(
+        &self,
+        kind: Kind,
+        id: Uuid,
+        owner: Uuid,
+        through: Position,
+        invalidated: Position,
+    ) -> Option<Value> {
         let key = self.key(kind, id);
-        let (json, cached_owner): (Option<String>, Option<String>) = self
-            .query(async |mut redis| {
-                redis::cmd("HMGET")
-                    .arg(&key)
+        if let Some(json) = self.near.hit(&key, owner, through) {
+            return Some(json);
+        }
+        self.read(&key, owner, Some(invalidated)).await
+    }
+
+    /// Read `key` from Redis on the tracking connection, keep what it holds in
+    /// the near cache, and, with `invalidated`, move the near cache's sync
+    /// there (see `near`).
+    async fn read(&self, key: &str, owner: Uuid, invalidated: Option<Position>) -> Option<Value> {
+        let (json, cached_owner) = self
+            .query(async || {
+                let (session, mut redis) = self.tracking().await?;
+                let ticket = self.near.ticket(session, key);
+                let (json, cached_owner): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                    .arg(key)
                     .arg("json")
                     .arg("owner")
                     .query_async(&mut redis)
-                    .await
+                    .await?;
+                if let Some(invalidated) = invalidated {
+                    self.near.synced(session, invalidated);
+                }
+                let cached_owner = cached_owner.and_then(|o| o.parse::<Uuid>().ok());
+                let json = match (&json, cached_owner) {
+                    (Some(json), Some(cached_owner)) => ticket.keep(cached_owner, json),
+                    _ => None,
+                };
+                Ok((json, cached_owner))
             })
             .await?;
-        cached_owner
-            .is_some_and(|o| o == owner.to_string())
-            .then(|| json.and_then(|j| serde_json::from_str(&j).ok()))
-            .flatten()
+        (cached_owner == Some(owner)).then_some(json).flatten()
+    }
+
+    /// The connection queries read through, with client tracking on (see
+    /// `near`), and its session; made now if there is none (or it was lost).
+    async fn tracking(&self) -> redis::RedisResult<(u64, MultiplexedConnection)> {
+        if let Some(connection) = self.near.connection() {
+            return Ok(connection);
+        }
+        let client = self.tracking_client.clone().ok_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::Io, "REDIS_URL is not usable"))
+        })?;
+        // One caller connects; the others wait for it and take its connection.
+        let _connecting = self.connecting.lock().await;
+        if let Some(connection) = self.near.connection() {
+            return Ok(connection);
+        }
+        let session = self.near.begin_session();
+        let near = self.near.clone();
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(PROJECTION_TIMEOUT))
+            .set_response_timeout(Some(PROJECTION_TIMEOUT))
+            .set_push_sender(move |push: PushInfo| {
+                near.pushed(session, push);
+                Ok::<(), std::convert::Infallible>(())
+            });
+        let mut redis = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        redis::cmd("CLIENT")
+            .arg("TRACKING")
+            .arg("ON")
+            .exec_async(&mut redis)
+            .await?;
+        self.near.connected(session, redis.clone());
+        Ok((session, redis))
     }
 
     /// Keep `json` (read from Postgres as of `at`) unless the key is stamped newer.
     pub async fn fill(&self, kind: Kind, id: Uuid, owner: Uuid, at: Position, json: &Value) {
         let key = self.key(kind, id);
         let _: Option<i64> = self
-            .query(async |mut redis| {
+            .query(async || {
+                let mut redis = self.redis().await?;
                 self.fill
                     .key(&key)
                     .key(self.owner_key("owner", owner))
