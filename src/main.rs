@@ -19,8 +19,23 @@ use ai_secretary::{
 use anyhow::Context;
 use clap::Parser;
 
+/// mimalloc rather than glibc's malloc. Under load the service's threads
+/// (tokio's workers, the Redis, NATS and Postgres drivers) allocate and free
+/// each other's buffers all the time. glibc gives threads that allocate at
+/// once arenas of their own, up to eight per core, and each keeps the peak of
+/// what was freed in it: 73 MiB resident in all-in-one under the http bench.
+/// Capping it at two arenas (`M_ARENA_MAX`) held that to 56 MiB, but the
+/// threads then queued on the arenas' locks: a tenth of the service's CPU in a
+/// cached GET went to futex waits and wake-ups. mimalloc's heaps are per
+/// thread, a free from another thread is a lock-free push, and it returns
+/// freed pages to the system. Built without transparent huge pages
+/// (`no_thp`): with them each arena is backed by 2 MiB pages, and the idle
+/// process took 48 MiB instead of 27 (82 MiB at peak under the http bench
+/// instead of 56). docs/benchmarks.md has the figures.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
-    limit_malloc_arenas();
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -30,20 +45,6 @@ fn main() -> ExitCode {
             eprintln!("cannot start the async runtime: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// At most two glibc malloc arenas, set before any thread starts. glibc gives
-/// threads that allocate at once arenas of their own (up to eight per core),
-/// and each keeps the peak of what was freed in it: the peak resident set
-/// under load (`cargo bench --bench http`) was 73 MiB in all-in-one with
-/// batches of 500, and 56 MiB with two arenas, at the same CPU per command.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes malloc's tuning; called before any other
-    // thread exists, so no allocation races it.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 
