@@ -21,6 +21,11 @@
 #[path = "common/mod.rs"]
 mod common;
 
+/// The service's allocator (`src/main.rs`), so the rebuild runs as `replay
+/// --all` does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{env, time::Instant};
 
 use ai_secretary::{config::DEV_ENCRYPTION_KEY, crypto::MasterKey, recovery::opener};

@@ -97,6 +97,10 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+
+/// The service's allocator (`src/main.rs`): the service runs in this process.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[path = "../common/in_process.rs"]
 mod in_process;
 #[path = "../common/service.rs"]
