@@ -50,15 +50,29 @@ use redis::{PushInfo, PushKind, aio::MultiplexedConnection};
 use serde_json::Value;
 use uuid::Uuid;
 
-/// Most bytes of JSON held (plus [`ENTRY_OVERHEAD`] a value). Each API
+/// Most bytes the held values take, as [`weight`] estimates them. Each API
 /// process holds its own copy, so the bound stays small beside the 64 MiB a
-/// process is meant to fit in: 8 MiB holds some 4–16 thousand resources (0.5–2
+/// process is meant to fit in: 8 MiB holds some 1,000–4,000 resources (0.5–2
 /// KiB of JSON each), the hot set of a busy instance. Losing a value to the
 /// bound only costs the round trip the process would pay without this cache.
 pub const NEAR_BYTES: u64 = 8 << 20;
 
-/// What a value costs besides its JSON (key, owner, moka's bookkeeping).
+/// What a value costs besides its parsed JSON (key, owner, moka's bookkeeping).
 const ENTRY_OVERHEAD: u32 = 160;
+
+/// A value is held parsed (a hit then costs a clone, not a parse), and a
+/// parsed `serde_json::Value` takes some three to four times its text: every
+/// key and string its own allocation, every object an index map of 64-byte
+/// entries.
+const PARSED_PER_BYTE: u32 = 4;
+
+/// The estimated bytes of a value whose JSON text is `json_len` long.
+fn weight(json_len: usize) -> u32 {
+    u32::try_from(json_len)
+        .unwrap_or(u32::MAX)
+        .saturating_mul(PARSED_PER_BYTE)
+        .saturating_add(ENTRY_OVERHEAD)
+}
 
 /// A value as Redis gave it: its owner, and the JSON parsed once.
 #[derive(Clone)]
@@ -236,15 +250,12 @@ impl Ticket<'_> {
         let mut state = lock(&self.near.state);
         if state.session == self.session && state.tickets.get(self.key) == Some(&self.number) {
             state.tickets.remove(self.key);
-            let weight = u32::try_from(json.len())
-                .unwrap_or(u32::MAX)
-                .saturating_add(ENTRY_OVERHEAD);
             self.near.values.insert(
                 self.key.to_owned(),
                 Held {
                     owner,
                     json: value.clone(),
-                    weight,
+                    weight: weight(json.len()),
                 },
             );
         }
