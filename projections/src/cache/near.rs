@@ -271,3 +271,93 @@ impl Drop for Ticket<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The bookkeeping alone, pushes made by hand: what a reply keeps, given
+    //! what was pushed while it was on its way. The tests against Redis are in
+    //! the crate's `tests/cache.rs` and the service's `tests/api/near_cache.rs`.
+
+    use serde_json::json;
+
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn invalidate(key: &str) -> PushInfo {
+        PushInfo {
+            kind: PushKind::Invalidate,
+            data: vec![redis::Value::Array(vec![redis::Value::BulkString(
+                key.as_bytes().to_vec(),
+            )])],
+        }
+    }
+
+    fn held(near: &NearCache, key: &str) -> Option<Value> {
+        near.values.get(key).map(|held| held.json)
+    }
+
+    #[test]
+    fn a_reply_is_kept_unless_its_key_was_pushed_while_it_was_on_its_way() {
+        let near = NearCache::new(HOUR, NEAR_BYTES);
+        let session = near.begin_session();
+        let owner = Uuid::from_u128(1);
+
+        // Given a read on its way, when a push for its key arrives before the
+        // reply is kept, then the reply answers its query but is not held.
+        let ticket = near.ticket(session, "k");
+        near.pushed(session, invalidate("k"));
+        assert_eq!(ticket.keep(owner, r#"{"v":1}"#), Some(json!({"v": 1})));
+        assert_eq!(held(&near, "k"), None);
+
+        // A push for another key leaves it alone.
+        let ticket = near.ticket(session, "k");
+        near.pushed(session, invalidate("other"));
+        ticket.keep(owner, r#"{"v":2}"#);
+        assert_eq!(held(&near, "k"), Some(json!({"v": 2})));
+
+        // A push for a held key drops it.
+        near.pushed(session, invalidate("k"));
+        assert_eq!(held(&near, "k"), None);
+    }
+
+    #[test]
+    fn a_lost_connection_or_a_new_session_keeps_nothing_of_the_old_one() {
+        let near = NearCache::new(HOUR, NEAR_BYTES);
+        let owner = Uuid::from_u128(1);
+        let session = near.begin_session();
+        near.ticket(session, "a").keep(owner, "1");
+        assert_eq!(held(&near, "a"), Some(json!(1)));
+
+        // The connection is lost: what it held goes, and so does a read on its way.
+        let ticket = near.ticket(session, "b");
+        let lost = PushInfo {
+            kind: PushKind::Disconnection,
+            data: vec![],
+        };
+        near.pushed(session, lost.clone());
+        ticket.keep(owner, "2");
+        assert_eq!((held(&near, "a"), held(&near, "b")), (None, None));
+
+        // A read from the old session arriving in a new one is not kept, and
+        // the old connection's pushes no longer count.
+        let old = near.ticket(session, "c");
+        let new = near.begin_session();
+        old.keep(owner, "3");
+        assert_eq!(held(&near, "c"), None);
+        near.ticket(new, "c").keep(owner, "4");
+        near.pushed(session, invalidate("c"));
+        near.pushed(session, lost);
+        assert_eq!(held(&near, "c"), Some(json!(4)));
+
+        // A flush names no key: everything goes.
+        near.pushed(
+            new,
+            PushInfo {
+                kind: PushKind::Invalidate,
+                data: vec![redis::Value::Nil],
+            },
+        );
+        assert_eq!(held(&near, "c"), None);
+    }
+}
