@@ -253,10 +253,14 @@ impl Feed {
     ) {
         loop {
             let message = tokio::select! {
+                // In this order, not at random: the replier flushes a reply's
+                // deltas before it appends the reply's ending, so they reach
+                // this connection before the ending's event does, and a delta
+                // already here goes out before an event already here.
+                biased;
                 // The client went away (or the stream ended for a shutdown): stop
                 // now, not at the next event, which may never come.
                 () = self.events.closed() => return,
-                message = subscription.next() => message,
                 Some(delta) = deltas.next() => {
                     let Ok(data) = std::str::from_utf8(&delta.payload) else { continue };
                     if !self.send_delta(data).await {
@@ -264,6 +268,7 @@ impl Feed {
                     }
                     continue;
                 }
+                message = subscription.next() => message,
             };
             let Some(message) = message else { break };
             let Ok(mut envelope) = serde_json::from_slice::<EventEnvelope>(&message.payload) else {
