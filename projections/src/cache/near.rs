@@ -91,9 +91,9 @@ pub(super) struct NearCache {
 }
 
 struct State {
-    /// The connection values come through, with its session number; `None`
-    /// until the first query connects, and again once it is lost.
-    connection: Option<(u64, MultiplexedConnection)>,
+    /// The connection of the current session; `None` until the first query
+    /// connects, and again once it is lost.
+    connection: Option<MultiplexedConnection>,
     /// The number of the latest connection. Only its pushes, tickets and syncs
     /// count.
     session: u64,
@@ -133,7 +133,9 @@ impl NearCache {
 
     /// The tracking connection and its session, if one is up.
     pub(super) fn connection(&self) -> Option<(u64, MultiplexedConnection)> {
-        lock(&self.state).connection.clone()
+        let state = lock(&self.state);
+        let connection = state.connection.clone()?;
+        Some((state.session, connection))
     }
 
     /// Start a new session: forget everything the last one held. Returns its
@@ -149,7 +151,7 @@ impl NearCache {
     pub(super) fn connected(&self, session: u64, connection: MultiplexedConnection) {
         let mut state = lock(&self.state);
         if state.session == session {
-            state.connection = Some((session, connection));
+            state.connection = Some(connection);
         }
     }
 
@@ -208,7 +210,7 @@ impl NearCache {
     /// Leave a ticket for a read of `key` about to be sent on `session`'s
     /// connection. Dropping the ticket without [`NearCache::keep`] takes it
     /// back.
-    pub(super) fn ticket<'a>(self: &'a Arc<Self>, session: u64, key: &'a str) -> Ticket<'a> {
+    pub(super) fn ticket<'a>(&'a self, session: u64, key: &'a str) -> Ticket<'a> {
         let mut state = lock(&self.state);
         state.next_ticket += 1;
         let number = state.next_ticket;
@@ -236,7 +238,7 @@ impl NearCache {
 
 /// A read on its way (see the module doc). Taken back when dropped.
 pub(super) struct Ticket<'a> {
-    near: &'a Arc<NearCache>,
+    near: &'a NearCache,
     session: u64,
     key: &'a str,
     number: u64,
