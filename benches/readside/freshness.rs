@@ -29,7 +29,13 @@ const LEVELS: [f64; 3] = [0.25, 0.5, 1.0];
 /// Freshness target: p99 at 50 % load.
 const FRESHNESS_TARGET_MS: f64 = 25.0;
 
-/// `count` fresh conversations with `assistant`, then a read side caught up with them.
+/// How long the replies of a phase may take to end after it.
+const REPLIES_PATIENCE: Duration = Duration::from_secs(300);
+
+/// `count` fresh conversations with `assistant`, then a read side caught up
+/// with them and with every reply requested before: a level measures the
+/// pipeline at its rate, not while the replier still works off the phase
+/// before it (the closed loop leaves a backlog of replies behind).
 async fn fresh_conversations(
     api: &Api,
     pool: &PgPool,
@@ -40,7 +46,29 @@ async fn fresh_conversations(
     for n in 0..count {
         conversations.push(api.conversation(assistant, n).await?);
     }
-    caught_up(pool, &consumers(), Duration::from_secs(60)).await?;
+    let started = Instant::now();
+    loop {
+        caught_up(pool, &consumers(), Duration::from_secs(60)).await?;
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM messages WHERE status IN ('queued', 'in_progress')",
+        )
+        .fetch_one(pool)
+        .await?;
+        if waiting == 0 {
+            break;
+        }
+        if started.elapsed() > REPLIES_PATIENCE {
+            bail!("{waiting} replies still not ended after {REPLIES_PATIENCE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waited = started.elapsed();
+    if waited > Duration::from_secs(1) {
+        eprintln!(
+            "freshness: waited {:.1} s for the replies of the phase before",
+            waited.as_secs_f64()
+        );
+    }
     Ok(conversations)
 }
 

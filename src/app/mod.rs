@@ -7,6 +7,7 @@
 //! kept in a [`StateCache`] and only the events after the cached version are read.
 
 pub mod conversations;
+mod histories;
 pub mod logins;
 pub mod replies;
 mod state_cache;
@@ -133,6 +134,8 @@ pub struct Commands {
     /// append and opened on read, out of the domain's sight.
     store: Arc<dyn EventStore>,
     states: StateCache,
+    /// What the replier read of each conversation for its last prompt.
+    histories: histories::Histories,
     keyring: Keyring,
     /// Accounts the store said exist, for [`users::ACCOUNT_RECHECK`] (`account_exists`).
     accounts: moka::sync::Cache<Uuid, ()>,
@@ -145,6 +148,7 @@ impl Commands {
         Self {
             store: Arc::new(SealedStore::new(store, keyring.clone())),
             states,
+            histories: histories::Histories::new(histories::HISTORY_BYTES),
             keyring,
             accounts: users::recently_seen_accounts(),
         }

@@ -11,13 +11,16 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{AppError, CommandContext, Commands, Expected, ReadError};
+use super::{
+    AppError, CommandContext, Commands, Expected, ReadError,
+    histories::{Ending, Known, Window},
+};
 use crate::{
     domain::{
         conversation::{ConversationDecider, ConversationEvent, ConversationState},
         reply::{ReplyCommand, ReplyDecider, ReplyError, ReplyEvent, ReplyState},
     },
-    store::{Position, RecordedEvent, codec},
+    store::{RecordedEvent, codec},
 };
 
 /// Events read per page when walking a conversation backwards.
@@ -144,86 +147,161 @@ impl Commands {
     /// text are gathered. An answer is placed where it was requested, and only
     /// if it was recorded before this request: the same request always gets
     /// the same history.
+    ///
+    /// What the last prompt of the conversation read is kept (`histories`):
+    /// then only the events after it are read, and the endings of the replies
+    /// that had not ended yet.
     pub async fn reply_history(
         &self,
         request: &ReplyRequest,
         budget_chars: usize,
     ) -> Result<Vec<ConversationEvent>, ReadError> {
-        let mut newest_first: Vec<ConversationEvent> = Vec::new();
-        let mut spent = 0;
-        // The first page starts at the request itself: its position is the
-        // cut-off for answers recorded later.
+        let conversation = request.conversation_id;
+        let mut kept = self
+            .histories
+            .get(conversation)
+            .filter(|w| w.last_version().is_some_and(|v| v < request.version));
+        // The events newest first: from the request back to the kept window
+        // (or one page without one), then the window's own.
+        let mut newest_first: Vec<Known> = Vec::new();
+        let mut owner = None;
         let mut before = request.version + 1;
-        let mut requested_at: Option<Position> = None;
-        while spent <= budget_chars && before > 1 {
+        loop {
+            let limit = match kept.as_ref().and_then(|w| w.last_version()) {
+                Some(last) => (before - 1 - last).clamp(1, HISTORY_PAGE),
+                None => HISTORY_PAGE,
+            };
             let page = self
                 .store
-                .read_stream_backwards(request.conversation_id, before, HISTORY_PAGE)
+                .read_stream_backwards(conversation, before, limit)
                 .await?;
             let Some(oldest) = page.last() else { break };
             before = oldest.version;
-            requested_at = requested_at.or(page.first().map(|r| r.position));
-            let answers = self.answers(&page, requested_at).await?;
-            for recorded in page {
-                let event = codec::decode_owned::<ConversationEvent>(recorded)?;
-                let text = match &event {
-                    ConversationEvent::MessagePosted { content, .. }
-                    | ConversationEvent::ReplyCompleted { content, .. } => Some(content),
-                    _ => None,
-                };
-                let answer = match &event {
-                    ConversationEvent::ReplyRequested { reply_id, .. } => answers.get(reply_id),
-                    _ => None,
-                };
-                if let Some(answer) = answer {
-                    spent += chars(answer);
-                    newest_first.push(answer.clone());
-                }
-                if let Some(text) = text {
-                    spent += text.chars().count();
-                    newest_first.push(event);
-                }
-                if spent > budget_chars {
-                    break;
-                }
+            owner = owner.or_else(|| owner_named_by(&page[0]));
+            newest_first.extend(decoded(page)?);
+            match kept.as_ref().and_then(|w| w.last_version()) {
+                Some(last) if before > last + 1 => continue,
+                _ => break,
             }
         }
+        // A window is personal data opened earlier: used only while the
+        // owner's key is there, as every read of the store is.
+        if let Some(window) = kept.take() {
+            let key = match owner {
+                Some(owner) => self.keyring.key(owner).await?,
+                None => None,
+            };
+            match (key, window.events.first()) {
+                (Some(_), Some(first)) if window.last_version() == Some(before - 1) => {
+                    newest_first.extend(window.events.iter().rev().cloned());
+                    before = first.version;
+                    kept = Some(window);
+                }
+                (None, _) => self.histories.forget(conversation),
+                _ => {}
+            }
+        }
+        let mut endings = kept.map(|w| w.endings.clone()).unwrap_or_default();
+        // The request itself is first: answers recorded from there on are not
+        // part of its history.
+        let cut_off = newest_first.first().map(|k| k.position);
+
+        let mut history: Vec<ConversationEvent> = Vec::new();
+        let mut spent = 0;
+        let mut walked = 0;
+        let mut looked_up = 0;
+        while spent <= budget_chars {
+            if walked == newest_first.len() {
+                if before <= 1 {
+                    break;
+                }
+                let page = self
+                    .store
+                    .read_stream_backwards(conversation, before, HISTORY_PAGE)
+                    .await?;
+                let Some(oldest) = page.last() else { break };
+                before = oldest.version;
+                newest_first.extend(decoded(page)?);
+            }
+            if walked == looked_up {
+                let unknown: Vec<Uuid> = newest_first[walked..]
+                    .iter()
+                    .filter_map(|k| match &k.event {
+                        ConversationEvent::ReplyRequested { reply_id, .. }
+                            if !endings.contains_key(reply_id) =>
+                        {
+                            Some(*reply_id)
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                self.read_endings(&unknown, &mut endings).await?;
+                looked_up = newest_first.len();
+            }
+            let event = &newest_first[walked].event;
+            walked += 1;
+            if let ConversationEvent::ReplyRequested { reply_id, .. } = event
+                && let Some(Some((recorded_at, answer))) = endings.get(reply_id)
+                && cut_off.is_some_and(|c| *recorded_at < c)
+            {
+                spent += chars(answer);
+                history.push(answer.clone());
+            }
+            if let ConversationEvent::MessagePosted { content, .. }
+            | ConversationEvent::ReplyCompleted { content, .. } = event
+            {
+                spent += content.chars().count();
+                history.push(event.clone());
+            }
+        }
+        history.reverse();
+
+        // Keep what this prompt walked, for the next: the next request's
+        // budget is spent no further back than this one's (its answers are a
+        // superset, its events a longer tail).
+        newest_first.truncate(walked);
         newest_first.reverse();
-        Ok(newest_first)
+        let requested: std::collections::HashSet<Uuid> = newest_first
+            .iter()
+            .filter_map(|k| match &k.event {
+                ConversationEvent::ReplyRequested { reply_id, .. } => Some(*reply_id),
+                _ => None,
+            })
+            .collect();
+        endings.retain(|id, _| requested.contains(id));
+        self.histories.put(
+            conversation,
+            Window {
+                events: newest_first,
+                endings,
+            },
+        );
+        Ok(history)
     }
 
-    /// The answers (as the prompt reads them) to the replies requested on
-    /// `page`, recorded before `cut_off`, by reply id.
-    async fn answers(
+    /// How the replies `replies` ended, for those that have: added to `endings`.
+    async fn read_endings(
         &self,
-        page: &[RecordedEvent],
-        cut_off: Option<Position>,
-    ) -> Result<HashMap<Uuid, ConversationEvent>, ReadError> {
-        let requested: Vec<Uuid> = page
-            .iter()
-            .filter(|r| r.event_type == "ReplyRequested")
-            .map(|r| r.data["reply_id"].as_str().and_then(|id| id.parse().ok()))
-            .collect::<Option<_>>()
-            .unwrap_or_default();
-        let mut answers = HashMap::new();
-        for recorded in self.store.read_streams(&requested).await? {
-            if cut_off.is_some_and(|c| recorded.position >= c) {
-                continue;
-            }
-            if let ReplyEvent::ReplyCompleted {
-                reply_id,
-                content,
-                model,
-                finish_reason,
-                usage,
-                latency_ms,
-                completed_at,
-                ..
-            } = codec::decode_owned::<ReplyEvent>(recorded)?
-            {
-                answers.insert(
+        replies: &[Uuid],
+        endings: &mut HashMap<Uuid, Ending>,
+    ) -> Result<(), ReadError> {
+        if replies.is_empty() {
+            return Ok(());
+        }
+        for recorded in self.store.read_streams(replies).await? {
+            let position = recorded.position;
+            match codec::decode_owned::<ReplyEvent>(recorded)? {
+                ReplyEvent::ReplyCompleted {
                     reply_id,
-                    ConversationEvent::ReplyCompleted {
+                    content,
+                    model,
+                    finish_reason,
+                    usage,
+                    latency_ms,
+                    completed_at,
+                    ..
+                } => {
+                    let answer = ConversationEvent::ReplyCompleted {
                         reply_id,
                         content,
                         model,
@@ -231,12 +309,38 @@ impl Commands {
                         usage,
                         latency_ms,
                         completed_at,
-                    },
-                );
+                    };
+                    endings.insert(reply_id, Some((position, answer)));
+                }
+                ReplyEvent::ReplyFailed { reply_id, .. } => {
+                    endings.insert(reply_id, None);
+                }
+                ReplyEvent::ReplyStarted { .. } => {}
             }
         }
-        Ok(answers)
+        Ok(())
     }
+}
+
+/// A page read from the store, decoded, with each event's place.
+fn decoded(page: Vec<RecordedEvent>) -> Result<Vec<Known>, ReadError> {
+    page.into_iter()
+        .map(|recorded| {
+            let (version, position) = (recorded.version, recorded.position);
+            let event = codec::decode_owned::<ConversationEvent>(recorded)?;
+            Ok(Known {
+                version,
+                position,
+                event,
+            })
+        })
+        .collect()
+}
+
+/// The user whose key sealed `recorded` (see `store::sealed`): the
+/// conversation's owner, for the events a prompt reads.
+fn owner_named_by(recorded: &RecordedEvent) -> Option<Uuid> {
+    recorded.metadata.get("user_id")?.as_str()?.parse().ok()
 }
 
 fn chars(answer: &ConversationEvent) -> usize {

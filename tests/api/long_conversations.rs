@@ -592,3 +592,133 @@ async fn answer(commands: &Commands, context: &CommandContext, request: &ReplyRe
             .unwrap()
     );
 }
+
+crate::on_both!(a_kept_history_reads_as_the_store_does, spawns);
+/// The replier keeps what each prompt read of its conversation for the next
+/// one. Every history it gives must equal what a process with nothing kept
+/// reads from the store: with answers recorded late, failures, replies never
+/// answered, an older request delivered again, and, once the owner is
+/// forgotten, the store's `[forgotten]` rather than what was kept.
+async fn a_kept_history_reads_as_the_store_does<D: Topology>() {
+    let data = D::fresh().await;
+    let db = data.read_side().await;
+    let store = event_store(&db);
+    let keyring = || crate::helpers::keyring(&db).as_ref().clone();
+    let warm = Commands::new(store.clone(), StateCache::new(1 << 20), keyring());
+    let (owner, context) = crate::helpers::registered(&warm).await;
+    let id = Uuid::now_v7();
+    let start = ConversationEvent::ConversationStarted {
+        conversation_id: id,
+        owner_id: owner,
+        assistant_id: Uuid::now_v7(),
+        title: "Kept".into(),
+        started_at: Utc::now(),
+    };
+    append(&*store, id, "conversation", 0, &[start]).await;
+    // What a process that kept nothing reads (a new one each time).
+    let cold = |request: ReplyRequest| {
+        let store = store.clone();
+        let keyring = keyring();
+        async move {
+            Commands::new(store, StateCache::new(1 << 20), keyring)
+                .reply_history(&request, 120)
+                .await
+                .unwrap()
+        }
+    };
+    let mut requests: Vec<ReplyRequest> = Vec::new();
+    let mut late: Vec<(ReplyRequest, u32)> = Vec::new();
+    for n in 0..60u32 {
+        let (message_id, reply_id) = (Uuid::now_v7(), Uuid::now_v7());
+        let post = ConversationCommand::PostMessage {
+            actor: owner,
+            message_id,
+            reply_id,
+            // 10 to 19 characters: the 120-character budget moves its start
+            // by a varying number of events from one request to the next.
+            content: format!("q{n:02}{}", "-".repeat((n as usize * 7) % 10 + 7)),
+            at: Utc::now(),
+        };
+        let done = warm
+            .execute::<ConversationDecider>(id, Expected::Any, &post, &context, None, None)
+            .await
+            .unwrap();
+        let request = ReplyRequest {
+            conversation_id: id,
+            version: done.version,
+            reply_id,
+            reply_to: message_id,
+        };
+        // Answers come late (after the next request, or two), fail, or
+        // never come; most come at once. Each history is taken right after
+        // its request, before the answers due then, as the replier would.
+        if n < 59 {
+            let history = warm.reply_history(&request, 120).await.unwrap();
+            assert_eq!(history, cold(request).await, "request {n}");
+        }
+        for (earlier, m) in std::mem::take(&mut late) {
+            answer(&warm, &context, &earlier, m).await;
+        }
+        match n % 7 {
+            0 => late.push((request, n)),
+            3 => fail(&warm, &context, &request).await,
+            5 => {} // never answered
+            _ => answer(&warm, &context, &request, n).await,
+        }
+        requests.push(request);
+    }
+    // Older requests delivered again read as they did.
+    for request in [requests[20], requests[57], requests[58]] {
+        assert_eq!(
+            warm.reply_history(&request, 120).await.unwrap(),
+            cold(request).await
+        );
+    }
+    let kept = warm.reply_history(&requests[58], 120).await.unwrap();
+    assert!(
+        kept.iter().any(|e| matches!(
+            e,
+            ConversationEvent::MessagePosted { content, .. } if content.starts_with("q58")
+        )),
+        "{kept:?}"
+    );
+
+    // Forgotten while the last request waited: what was kept up to the one
+    // before it is not read any more, only what the store says now.
+    warm.forget(owner, Utc::now(), &context).await.unwrap();
+    let after = warm.reply_history(&requests[59], 120).await.unwrap();
+    assert_eq!(after, cold(requests[59]).await);
+    assert!(
+        after.iter().all(|e| matches!(
+            e,
+            ConversationEvent::MessagePosted { content, .. }
+            | ConversationEvent::ReplyCompleted { content, .. }
+                if content == ai_secretary::store::sealed::FORGOTTEN
+        )),
+        "{after:?}"
+    );
+}
+
+/// Take `request` up and fail it.
+async fn fail(commands: &Commands, context: &CommandContext, request: &ReplyRequest) {
+    assert_eq!(
+        commands
+            .take_up_reply(request, 1, Utc::now(), context)
+            .await
+            .unwrap(),
+        TakenUp::Started
+    );
+    let fail = ReplyCommand::Fail {
+        reply_id: request.reply_id,
+        error: "the model is away".into(),
+        retryable: false,
+        attempts: 1,
+        at: Utc::now(),
+    };
+    assert!(
+        commands
+            .end_reply(request.reply_id, &fail, context)
+            .await
+            .unwrap()
+    );
+}
