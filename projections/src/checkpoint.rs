@@ -83,20 +83,12 @@ pub async fn all(db: &Db) -> Result<Vec<Status>, sqlx::Error> {
     }
 }
 
-/// Read and lock a checkpoint inside a write transaction (the row exists): the
-/// first statement of a projection's batch and of a rebuild's swap, so the two
-/// take their locks in the same order and one waits for the other.
-pub async fn lock(tx: &mut Tx, name: &str) -> Result<Checkpoint, sqlx::Error> {
-    match tx {
-        Tx::Postgres(tx) => postgres::lock(tx, name).await,
-        Tx::Sqlite(tx) => sqlite::lock(tx, name).await,
-    }
-}
-
 /// The owner's move of its checkpoint from `fence.from` to `to`, after
 /// `applied` more events (and to the JetStream message `stream_sequence`, if
-/// known). One statement. `false` if the row is no longer at the fence's epoch
-/// and position: the writer was deposed, and must roll back and stop.
+/// known). One statement, and a projection batch's first (it takes the row
+/// lock, which a rebuild's swap takes first too). `false` if the row is no
+/// longer at the fence's epoch and position: the writer was deposed, or a
+/// swap moved it, and must roll back.
 ///
 /// Announced on commit: by Postgres itself (`NOTIFY`), on SQLite by the writer
 /// calling [`Db::checkpoint_moved`] once the transaction has committed.
@@ -115,7 +107,8 @@ pub async fn save(
 }
 
 /// Move a checkpoint forward to `to` if it is behind, whoever owns it (a
-/// rebuild's swap, under the row lock it took with [`lock`]). Never moves it
+/// rebuild's swap, under the row lock it took with `postgres::lock` or
+/// `sqlite::lock`). Never moves it
 /// back. Announced on commit, as [`save`] is.
 pub async fn advance(tx: &mut Tx, name: &str, to: Position) -> Result<(), sqlx::Error> {
     match tx {
@@ -175,8 +168,11 @@ pub mod postgres {
         checkpoint_of(&row)
     }
 
-    /// See [`super::lock`]: the row lock is `FOR UPDATE`, held to the end of
-    /// the transaction.
+    /// Read and lock a checkpoint inside a write transaction (the row exists):
+    /// a rebuild's swap's first statement, as a projection batch's is its
+    /// move ([`super::save`]), so the two take their locks in the same order
+    /// and one waits for the other. `FOR UPDATE`, held to the end of the
+    /// transaction.
     pub async fn lock(conn: &mut PgConnection, name: &str) -> Result<Checkpoint, sqlx::Error> {
         let row = sqlx::query(
             "SELECT transaction_id, global_position, epoch, stream_sequence
@@ -336,7 +332,7 @@ pub mod sqlite {
         checkpoint_of(&row)
     }
 
-    /// See [`super::lock`]. No `FOR UPDATE` in SQLite, and none needed: `conn`
+    /// See [`postgres::lock`](super::postgres::lock). No `FOR UPDATE` in SQLite, and none needed: `conn`
     /// is in a `BEGIN IMMEDIATE` transaction, which took the database's one
     /// write lock before this read, so no other writer (a rebuild's swap,
     /// another process's worker) can move the row until it ends.

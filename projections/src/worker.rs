@@ -402,32 +402,19 @@ async fn commit(
     projection.prepare(db, &decoded).await?;
 
     let mut batch = Batch::new(db.begin_batch().await?);
-    // The checkpoint row first, as a rebuild's swap takes it first too: whoever
-    // has it goes ahead, and the other waits (never a deadlock over the tables).
-    // (On SQLite `BEGIN IMMEDIATE` already took the one write lock.)
-    let locked = checkpoint::lock(&mut batch.tx, name).await?;
-    if locked.epoch != lease.epoch {
-        lease.fenced();
-        return Err(WorkerError::Deposed);
-    }
-    if locked.position != start.position {
-        return Err(WorkerError::Moved);
-    }
-    for step in &resolved.steps {
-        match step {
-            Ok(Decoded { envelope, event }) => {
-                projection.apply(&mut batch, envelope, event).await?
-            }
-            Err(poison) => poison.record(&mut batch.tx, name).await?,
-        }
-    }
-    let applied = resolved.applied;
+    // The checkpoint's move first, fenced by the lease: its row lock comes
+    // first, as a rebuild's swap takes it first too (whoever has it goes
+    // ahead, the other waits: never a deadlock over the tables), and one
+    // statement both checks and moves it, a round trip less per batch than
+    // locking it first and moving it last. Everything after it is in the
+    // same transaction, so the move commits with the batch's writes or not
+    // at all. (On SQLite `BEGIN IMMEDIATE` already took the one write lock.)
     let moved = checkpoint::save(
         &mut batch.tx,
         name,
         lease.fence(start.position),
         resolved.at,
-        applied,
+        resolved.applied,
         resolved.sequence.map(|s| s as i64),
     )
     .await?;
@@ -441,6 +428,15 @@ async fn commit(
         lease.fenced();
         return Err(WorkerError::Deposed);
     }
+    for step in &resolved.steps {
+        match step {
+            Ok(Decoded { envelope, event }) => {
+                projection.apply(&mut batch, envelope, event).await?
+            }
+            Err(poison) => poison.record(&mut batch.tx, name).await?,
+        }
+    }
+    let applied = resolved.applied;
     // What the executor held back is written here, before the commit.
     batch.commit().await?;
     db.checkpoint_moved();
@@ -449,10 +445,10 @@ async fn commit(
         .set(resolved.at.global_position as f64);
     Ok(checkpoint::Checkpoint {
         position: resolved.at,
-        epoch: locked.epoch,
+        epoch: lease.epoch,
         stream_sequence: resolved
             .sequence
-            .map_or(locked.stream_sequence, |s| s as i64),
+            .map_or(start.stream_sequence, |s| s as i64),
     })
 }
 

@@ -85,17 +85,30 @@ impl Relay {
         // A notified commit can still be above the read horizon (an older
         // transaction was open): look again shortly rather than at the next poll.
         let mut recheck = 0;
+        // The events after the checkpoint, when they were read while the
+        // checkpoint was being saved.
+        let mut read_ahead: Option<Vec<RecordedEvent>> = None;
         while !lease.lost().is_cancelled() {
-            let events = self.store.read_all(checkpoint, BATCH).await?;
+            let events = match read_ahead.take() {
+                Some(events) => events,
+                None => self.store.read_all(checkpoint, BATCH).await?,
+            };
             if let Some(last) = events.last() {
                 self.publish(checkpoint, &events).await?;
-                if !self
-                    .save(lease, checkpoint, last.position, events.len())
-                    .await?
-                {
+                // The move is saved while the events after it are read (two
+                // round trips at once instead of one after the other: under
+                // load this loop is every event's way to the bus). Nothing
+                // read ahead is published unless the save, fenced by the
+                // lease, went through.
+                let (moved, next) = tokio::join!(
+                    self.save(lease, checkpoint, last.position, events.len()),
+                    self.store.read_all(last.position, BATCH)
+                );
+                if !moved? {
                     lease.fenced();
                     break;
                 }
+                read_ahead = Some(next?);
                 checkpoint = last.position;
                 metrics::counter!("relay_published_total").increment(events.len() as u64);
                 metrics::gauge!("relay_position").set(checkpoint.global_position as f64);
@@ -145,9 +158,9 @@ impl Relay {
     /// Move the checkpoint from `from` to `to`, fenced by the lease: false if
     /// another relay took over.
     ///
-    /// The commit does not wait for the disk. The next batch is read only
-    /// after this save, so a flush here was a disk wait (queued behind the
-    /// appends' own) in every event's way to the projections. A server crash
+    /// The commit does not wait for the disk: the next batch is published
+    /// only after this save, so a flush here was a disk wait (queued behind
+    /// the appends' own) in every event's way to the projections. A server crash
     /// may lose the last moves; the relay then publishes those batches again
     /// from the stored checkpoint, and JetStream (`Nats-Msg-Id`) and every
     /// consumer (positions at or below its checkpoint) drop the repeats.
