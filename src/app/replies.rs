@@ -171,14 +171,11 @@ impl Commands {
                 Some(last) => (before - 1 - last).clamp(1, HISTORY_PAGE),
                 None => HISTORY_PAGE,
             };
-            let page = self
-                .store
-                .read_stream_backwards(conversation, before, limit)
-                .await?;
+            let (page, named) = self.history_page(conversation, before, limit).await?;
             let Some(oldest) = page.last() else { break };
             before = oldest.version;
-            owner = owner.or_else(|| owner_named_by(&page[0]));
-            newest_first.extend(decoded(page)?);
+            owner = owner.or(named);
+            newest_first.extend(page);
             match kept.as_ref().and_then(|w| w.last_version()) {
                 Some(last) if before > last + 1 => continue,
                 _ => break,
@@ -215,13 +212,12 @@ impl Commands {
                 if before <= 1 {
                     break;
                 }
-                let page = self
-                    .store
-                    .read_stream_backwards(conversation, before, HISTORY_PAGE)
+                let (page, _) = self
+                    .history_page(conversation, before, HISTORY_PAGE)
                     .await?;
                 let Some(oldest) = page.last() else { break };
                 before = oldest.version;
-                newest_first.extend(decoded(page)?);
+                newest_first.extend(page);
             }
             if walked == looked_up {
                 let unknown: Vec<Uuid> = newest_first[walked..]
@@ -277,6 +273,22 @@ impl Commands {
             },
         );
         Ok(history)
+    }
+
+    /// Up to `limit` events of `conversation` before version `before`, newest
+    /// first and decoded, and the user the newest names as its owner.
+    async fn history_page(
+        &self,
+        conversation: Uuid,
+        before: i64,
+        limit: i64,
+    ) -> Result<(Vec<Known>, Option<Uuid>), ReadError> {
+        let page = self
+            .store
+            .read_stream_backwards(conversation, before, limit)
+            .await?;
+        let owner = page.first().and_then(owner_named_by);
+        Ok((decoded(page)?, owner))
     }
 
     /// How the replies `replies` ended, for those that have: added to `endings`.

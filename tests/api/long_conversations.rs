@@ -569,13 +569,6 @@ async fn reply_history_is_the_tail_that_fits_the_budget<D: Topology>() {
 
 /// Take `request` up and complete it with "answer NNN" (10 characters).
 async fn answer(commands: &Commands, context: &CommandContext, request: &ReplyRequest, n: u32) {
-    assert_eq!(
-        commands
-            .take_up_reply(request, 1, Utc::now(), context)
-            .await
-            .unwrap(),
-        TakenUp::Started
-    );
     let complete = ReplyCommand::Complete {
         reply_id: request.reply_id,
         content: format!("answer {n:03}"),
@@ -585,9 +578,38 @@ async fn answer(commands: &Commands, context: &CommandContext, request: &ReplyRe
         latency_ms: 1,
         at: Utc::now(),
     };
+    take_up_and_end(commands, context, request, &complete).await;
+}
+
+/// Take `request` up and fail it.
+async fn fail(commands: &Commands, context: &CommandContext, request: &ReplyRequest) {
+    let fail = ReplyCommand::Fail {
+        reply_id: request.reply_id,
+        error: "the model is away".into(),
+        retryable: false,
+        attempts: 1,
+        at: Utc::now(),
+    };
+    take_up_and_end(commands, context, request, &fail).await;
+}
+
+/// Take `request` up, then end it with `ending`, as the replier does.
+async fn take_up_and_end(
+    commands: &Commands,
+    context: &CommandContext,
+    request: &ReplyRequest,
+    ending: &ReplyCommand,
+) {
+    assert_eq!(
+        commands
+            .take_up_reply(request, 1, Utc::now(), context)
+            .await
+            .unwrap(),
+        TakenUp::Started
+    );
     assert!(
         commands
-            .end_reply(request.reply_id, &complete, context)
+            .end_reply(request.reply_id, ending, context)
             .await
             .unwrap()
     );
@@ -696,29 +718,5 @@ async fn a_kept_history_reads_as_the_store_does<D: Topology>() {
                 if content == ai_secretary::store::sealed::FORGOTTEN
         )),
         "{after:?}"
-    );
-}
-
-/// Take `request` up and fail it.
-async fn fail(commands: &Commands, context: &CommandContext, request: &ReplyRequest) {
-    assert_eq!(
-        commands
-            .take_up_reply(request, 1, Utc::now(), context)
-            .await
-            .unwrap(),
-        TakenUp::Started
-    );
-    let fail = ReplyCommand::Fail {
-        reply_id: request.reply_id,
-        error: "the model is away".into(),
-        retryable: false,
-        attempts: 1,
-        at: Utc::now(),
-    };
-    assert!(
-        commands
-            .end_reply(request.reply_id, &fail, context)
-            .await
-            .unwrap()
     );
 }
