@@ -157,18 +157,20 @@ impl Commands {
         budget_chars: usize,
     ) -> Result<Vec<ConversationEvent>, ReadError> {
         let conversation = request.conversation_id;
-        let mut kept = self
-            .histories
-            .get(conversation)
-            .filter(|w| w.last_version().is_some_and(|v| v < request.version));
+        // A kept window that ends before the request, and the last version in
+        // it (so it holds at least one event).
+        let kept = self.histories.get(conversation).and_then(|w| {
+            let last = w.last_version().filter(|&v| v < request.version)?;
+            Some((w, last))
+        });
         // The events newest first: from the request back to the kept window
         // (or one page without one), then the window's own.
         let mut newest_first: Vec<Known> = Vec::new();
         let mut owner = None;
         let mut before = request.version + 1;
         loop {
-            let limit = match kept.as_ref().and_then(|w| w.last_version()) {
-                Some(last) => (before - 1 - last).clamp(1, HISTORY_PAGE),
+            let limit = match &kept {
+                Some((_, last)) => (before - 1 - last).clamp(1, HISTORY_PAGE),
                 None => HISTORY_PAGE,
             };
             let (page, named) = self.history_page(conversation, before, limit).await?;
@@ -176,29 +178,27 @@ impl Commands {
             before = oldest.version;
             owner = owner.or(named);
             newest_first.extend(page);
-            match kept.as_ref().and_then(|w| w.last_version()) {
-                Some(last) if before > last + 1 => continue,
+            match &kept {
+                Some((_, last)) if before > last + 1 => continue,
                 _ => break,
             }
         }
         // A window is personal data opened earlier: used only while the
         // owner's key is there, as every read of the store is.
-        if let Some(window) = kept.take() {
+        let mut endings = HashMap::new();
+        if let Some((window, last)) = kept {
             let key = match owner {
                 Some(owner) => self.keyring.key(owner).await?,
                 None => None,
             };
-            match (key, window.events.first()) {
-                (Some(_), Some(first)) if window.last_version() == Some(before - 1) => {
-                    newest_first.extend(window.events.iter().rev().cloned());
-                    before = first.version;
-                    kept = Some(window);
-                }
-                (None, _) => self.histories.forget(conversation),
-                _ => {}
+            if key.is_none() {
+                self.histories.forget(conversation);
+            } else if last == before - 1 {
+                newest_first.extend(window.events.iter().rev().cloned());
+                before = window.events[0].version;
+                endings = window.endings.clone();
             }
         }
-        let mut endings = kept.map(|w| w.endings.clone()).unwrap_or_default();
         // The request itself is first: answers recorded from there on are not
         // part of its history.
         let cut_off = newest_first.first().map(|k| k.position);
