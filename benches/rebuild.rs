@@ -88,7 +88,7 @@ async fn run(url: &str, events: i64) -> Result<()> {
         "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
                 transaction_id::text::int8 AS transaction_id, global_position, recorded_at,
                 data::text AS data
-         FROM events ORDER BY transaction_id, global_position",
+         FROM events ORDER BY events.transaction_id, events.global_position",
     )
     .fetch(&mut *conn);
     let mut read = 0u64;

@@ -267,7 +267,7 @@ async fn reset(settings: &Settings, names: &Names, pool: &PgPool) -> Result<()> 
 async fn positions(pool: &PgPool) -> Result<Vec<Position>> {
     sqlx::query_as(
         "SELECT transaction_id::text::int8, global_position FROM events
-         ORDER BY transaction_id, global_position",
+         ORDER BY events.transaction_id, events.global_position",
     )
     .fetch_all(pool)
     .await

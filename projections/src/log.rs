@@ -14,22 +14,25 @@ use ai_secretary_contract::{EventEnvelope, Position};
 use crate::db::Db;
 
 /// The events in `(after, upto]` in commit order; the commit-order index serves
-/// this range scan, and `upto` is at or below the head.
-pub(crate) const RANGE: &str =
+/// this range scan, and `upto` is at or below the head. Its `ORDER BY` names
+/// the table's columns (`events.…`): a bare `transaction_id` would be the
+/// select list's text-cast alias, which no index orders, and the whole range
+/// would be sorted before its first row came out.
+pub const RANGE: &str =
     "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
         transaction_id::text::int8 AS transaction_id, global_position, recorded_at,
         data::text AS data
  FROM events
  WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
    AND (transaction_id, global_position) <= ($3::int8::text::xid8, $4)
- ORDER BY transaction_id, global_position";
+ ORDER BY events.transaction_id, events.global_position";
 
 /// Plan the range read with its actual bounds, for the rest of the transaction.
 /// The service's pools force generic plans (the append path gains from them),
-/// and the generic plan of this query sorts the whole range before its first row
-/// (a bitmap scan, then a sort): measured on 1M events, 2.5 s before anything
-/// came out. With the bounds known, Postgres walks the commit-order index and
-/// rows stream at once. `SET LOCAL` needs a transaction; it ends with it.
+/// and a generic plan cannot tell a range of ten events from one of a million:
+/// it scans a bitmap and sorts the range before its first row comes out. With
+/// the bounds known, Postgres walks the commit-order index and rows stream at
+/// once. `SET LOCAL` needs a transaction; it ends with it.
 pub(crate) async fn plan_range_with_its_bounds(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
         .execute(&mut *conn)
@@ -74,6 +77,18 @@ pub(crate) fn envelope_of(row: &sqlx::postgres::PgRow) -> Result<EventEnvelope, 
 pub const RECHECK: std::time::Duration = std::time::Duration::from_millis(2);
 pub const RECHECKS: u32 = 100;
 
+/// [`read_committed`]'s query: at most `$3` events after `($1, $2)`, below the
+/// read horizon; `ORDER BY events.…` as in [`RANGE`].
+pub const READ_COMMITTED: &str =
+    "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
+        transaction_id::text::int8 AS transaction_id, global_position, recorded_at,
+        data::text AS data
+     FROM events
+     WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
+       AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+     ORDER BY events.transaction_id, events.global_position
+     LIMIT $3";
+
 /// At most `limit` committed events after `after`, in commit order, each with
 /// its payload as JSON text: the relay's read (`EventStore::read_all`), for a
 /// worker that tails the store instead of the bus. It stops below the oldest
@@ -88,21 +103,12 @@ pub async fn read_committed(
         Db::Postgres(pool) => pool,
         Db::Sqlite(db) => return sqlite::read_committed(&db.pool, after, limit).await,
     };
-    let rows = sqlx::query(
-        "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
-            transaction_id::text::int8 AS transaction_id, global_position, recorded_at,
-            data::text AS data
-         FROM events
-         WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
-           AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-         ORDER BY transaction_id, global_position
-         LIMIT $3",
-    )
-    .bind(after.transaction_id)
-    .bind(after.global_position)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
+    let rows = sqlx::query(READ_COMMITTED)
+        .bind(after.transaction_id)
+        .bind(after.global_position)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
     rows.iter()
         .map(|row| Ok((envelope_of(row)?, row.try_get::<String, _>(9)?)))
         .collect()
@@ -171,7 +177,7 @@ pub mod sqlite {
     /// The events in `(after, upto]` in commit order: `$1` is `after`'s
     /// global position, `$2` `upto`'s. A position's global_position alone
     /// places it (see the module header), so no row comparison is needed.
-    pub(crate) const RANGE: &str =
+    pub const RANGE: &str =
         "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
             transaction_id, global_position, recorded_at, data
      FROM events

@@ -318,16 +318,15 @@ async fn rebuild_postgres(
     Ok((head, events, swapped))
 }
 
+/// [`head`]'s query (`ORDER BY events.…` as in `log::RANGE`).
+pub const HEAD: &str = "SELECT transaction_id::text::int8, global_position FROM events
+     WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+     ORDER BY events.transaction_id DESC, events.global_position DESC LIMIT 1";
+
 /// The last event below the oldest open transaction: everything at or below it
 /// is committed and visible, and nothing can commit behind it later.
 pub async fn head(conn: &mut PgConnection) -> Result<Position, sqlx::Error> {
-    let row: Option<(i64, i64)> = sqlx::query_as(
-        "SELECT transaction_id::text::int8, global_position FROM events
-         WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
+    let row: Option<(i64, i64)> = sqlx::query_as(HEAD).fetch_optional(&mut *conn).await?;
     Ok(
         row.map_or(Position::default(), |(transaction_id, global_position)| {
             Position {

@@ -442,7 +442,7 @@ async fn lag_is_measured_against_the_store_so_a_stuck_relay_shows_it() {
     sqlx::query(
         "INSERT INTO checkpoints (name, transaction_id, global_position)
          SELECT 'relay', transaction_id::text::int8, global_position FROM events
-         ORDER BY transaction_id DESC, global_position DESC LIMIT 1
+         ORDER BY events.transaction_id DESC, events.global_position DESC LIMIT 1
          ON CONFLICT (name) DO UPDATE
          SET transaction_id = excluded.transaction_id, global_position = excluded.global_position",
     )

@@ -478,7 +478,7 @@ async fn a_cache_batch_is_checkpointed_only_once_redis_took_all_of_it() {
     caught_up(&app.db.pool, &["relay".to_owned()]).await;
     let started: (i64, i64) = sqlx::query_as(
         "SELECT transaction_id::text::int8, global_position FROM events
-         WHERE stream_id = $1::uuid ORDER BY transaction_id, global_position LIMIT 1",
+         WHERE stream_id = $1::uuid ORDER BY events.transaction_id, events.global_position LIMIT 1",
     )
     .bind(&c)
     .fetch_one(&app.db.pool)

@@ -400,7 +400,7 @@ async fn stored_feed<D: EventLog>(
              WHERE (stream_id = $1
                     OR (stream_type = 'reply' AND data ->> 'conversation_id' = $2))
                AND event_type <> 'ConversationStarted'
-             ORDER BY transaction_id, global_position",
+             ORDER BY events.transaction_id, events.global_position",
         )
         .bind(id)
         .bind(conversation)

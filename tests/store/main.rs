@@ -24,7 +24,7 @@ use ai_secretary::store::{
 };
 use futures::future::join_all;
 use serde_json::json;
-use sqlx::{Connection, PgConnection};
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use support::{TestDb, cluster::PrivatePostgres};
 use uuid::Uuid;
 
@@ -306,6 +306,107 @@ async fn no_reader_skips_an_event_committed_out_of_order() {
     assert_eq!(tags_of(&after_a), ["B"]);
     assert_eq!(after_a[0].stream_id, stream_b);
     assert!(read_tags(&store, seen[2].position).await.is_empty());
+}
+
+/// The commit-order reads walk the commit-order index: none sorts the events
+/// after its position to return the first few. (Before their `ORDER BY` named
+/// the table's columns, each named the select list's cast instead, and every
+/// one of these plans was a sort of the whole range, most with parallel
+/// workers started for every relay read.) Planned as the service plans them:
+/// generic plans on its pools, a custom one for the rebuild's range.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
+#[tokio::test]
+async fn commit_order_reads_walk_the_index_instead_of_sorting() {
+    use ai_secretary::store::postgres::commit_order;
+    use ai_secretary_projections::{log, rebuild};
+
+    let db = TestDb::new().await;
+    // Enough events, in two transactions, that a scan and sort of them is
+    // something a planner weighs against the index.
+    for _ in 0..2 {
+        sqlx::query(
+            "INSERT INTO events (event_id, stream_id, stream_type, version, event_type, data)
+             SELECT gen_random_uuid(), gen_random_uuid(), 'test', 1, 'Tested',
+                    jsonb_build_object('tag', repeat('x', 200), 'n', n)
+             FROM generate_series(1, 20000) AS n",
+        )
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query("ANALYZE events")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (transaction_id, global_position): (i64, i64) = sqlx::query_as(commit_order::HEAD)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let near_the_head = format!("{transaction_id}, {}", global_position - 100);
+    let head = format!("{transaction_id}, {global_position}");
+
+    let mut conn = db.pool.acquire().await.unwrap();
+    let reads = [
+        (
+            "EventStore::read_all",
+            commit_order::READ_ALL,
+            "generic",
+            format!("({near_the_head}, 500)"),
+        ),
+        (
+            "EventStore::head",
+            commit_order::HEAD,
+            "generic",
+            String::new(),
+        ),
+        (
+            "log::read_committed",
+            log::READ_COMMITTED,
+            "generic",
+            format!("({near_the_head}, 500)"),
+        ),
+        ("rebuild::head", rebuild::HEAD, "generic", String::new()),
+        (
+            "log::RANGE (whole log)",
+            log::RANGE,
+            "custom",
+            format!("(0, 0, {head})"),
+        ),
+        (
+            "log::RANGE (its tail)",
+            log::RANGE,
+            "custom",
+            format!("({near_the_head}, {head})"),
+        ),
+    ];
+    for (n, (read, sql, plan, arguments)) in reads.into_iter().enumerate() {
+        sqlx::query(AssertSqlSafe(format!(
+            "SET plan_cache_mode = force_{plan}_plan"
+        )))
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+        sqlx::raw_sql(AssertSqlSafe(format!("PREPARE read_{n} AS {sql}")))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let (explained,): (serde_json::Value,) = sqlx::query_as(AssertSqlSafe(format!(
+            "EXPLAIN (FORMAT JSON) EXECUTE read_{n}{arguments}"
+        )))
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        let explained = explained.to_string();
+        assert!(
+            explained.contains("events_commit_order_idx")
+                && !explained.contains(r#""Node Type":"Sort""#)
+                && !explained.contains("Gather"),
+            "{read} ({plan} plan) does not walk the commit-order index: {explained}"
+        );
+    }
 }
 
 /// The same, with B's identity lower than A's: commit order, not identity, rules.

@@ -50,7 +50,7 @@ pub async fn checkpoints(db: &impl AsDb) -> Result<BTreeMap<String, Checkpoint>>
 pub async fn head(db: &impl AsDb) -> Result<Position> {
     let head = crate::on_db!(db.db(), |pool| sqlx::query_as(
         "SELECT CAST(CAST(transaction_id AS TEXT) AS BIGINT), global_position FROM events
-         ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
+         ORDER BY events.transaction_id DESC, events.global_position DESC LIMIT 1",
     )
     .fetch_optional(pool)
     .await

@@ -616,8 +616,45 @@ async fn insert_idempotency<'e>(
         .collect()
 }
 
-const EVENT_COLUMNS: &str = "global_position, transaction_id::text::int8 AS transaction_id, event_id, \
-     stream_id, stream_type, version, event_type, schema_version, data, metadata, recorded_at";
+/// A recorded event's columns, as `recorded_event` reads them (a macro, so the
+/// constant reads below can be put together at compile time).
+macro_rules! event_columns {
+    () => {
+        "global_position, transaction_id::text::int8 AS transaction_id, event_id, \
+         stream_id, stream_type, version, event_type, schema_version, data, metadata, recorded_at"
+    };
+}
+const EVENT_COLUMNS: &str = event_columns!();
+
+/// The reads in commit order that run all the time (the relay's, and the
+/// head for lag and readiness); public so that a test can check their plans.
+///
+/// Their `ORDER BY` names the table's columns (`events.…`): a bare
+/// `transaction_id` there would name the select list's `transaction_id::text
+/// ::int8` (an output column takes its name from the column it casts), which
+/// no index orders. Postgres then fetched and sorted every event after the
+/// checkpoint to return the first `limit`, starting parallel workers for each
+/// read: 10 ms for a read that found nothing on 600k events, where walking
+/// the commit-order index takes 0.06 ms.
+pub mod commit_order {
+    /// At most `$3` committed events after `($1, $2)`. Only below the oldest
+    /// transaction still open: an open transaction may hold a lower position
+    /// than rows already visible, and a reader that moved past it would never
+    /// come back for it.
+    pub const READ_ALL: &str = concat!(
+        "SELECT ",
+        event_columns!(),
+        " FROM events
+         WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
+           AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+         ORDER BY events.transaction_id, events.global_position
+         LIMIT $3"
+    );
+
+    /// The last event in commit order.
+    pub const HEAD: &str = "SELECT transaction_id::text::int8, global_position FROM events
+         ORDER BY events.transaction_id DESC, events.global_position DESC LIMIT 1";
+}
 
 fn recorded_event(row: PgRow) -> Result<RecordedEvent, sqlx::Error> {
     Ok(RecordedEvent {
@@ -812,7 +849,7 @@ impl EventStore for PgEventStore {
                    AND (transaction_id, global_position) > ($2::int8::text::xid8, $3)
              ) feed
              WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-             ORDER BY transaction_id, global_position
+             ORDER BY feed.transaction_id, feed.global_position
              LIMIT $5"
         );
         let rows = retrying(self.read_attempts(), || async {
@@ -831,12 +868,9 @@ impl EventStore for PgEventStore {
 
     async fn head(&self) -> Result<Option<Position>, StoreError> {
         let head: Option<(i64, i64)> = retrying(self.read_attempts(), || async {
-            sqlx::query_as(
-                "SELECT transaction_id::text::int8, global_position FROM events
-                 ORDER BY transaction_id DESC, global_position DESC LIMIT 1",
-            )
-            .fetch_optional(&self.pool)
-            .await
+            sqlx::query_as(commit_order::HEAD)
+                .fetch_optional(&self.pool)
+                .await
         })
         .await?;
         Ok(head.map(|(transaction_id, global_position)| Position {
@@ -872,18 +906,8 @@ impl EventStore for PgEventStore {
         after: Position,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        // Commit order, and only below the oldest transaction still open: an open
-        // transaction may hold a lower position than rows already visible, and a
-        // reader that moved past it would never come back for it.
-        let sql = format!(
-            "SELECT {EVENT_COLUMNS} FROM events
-             WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
-               AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-             ORDER BY transaction_id, global_position
-             LIMIT $3"
-        );
         let rows = retrying(self.read_attempts(), || async {
-            sqlx::query(sqlx::AssertSqlSafe(sql.as_str()))
+            sqlx::query(commit_order::READ_ALL)
                 .bind(after.transaction_id)
                 .bind(after.global_position)
                 .bind(limit)
