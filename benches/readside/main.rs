@@ -7,8 +7,12 @@
 //! in a spawned task stopped through a oneshot). A user registers over HTTP and
 //! creates an assistant and conversations. First the sustained command rate:
 //! `BENCH_CLIENTS` closed-loop clients post `POST /api/v1/conversations/{id}/messages`
-//! (two events each) as fast as they can; 2xx/s over the measured window. Then, at
-//! 25 %, 50 % and 100 % of that rate, open-loop: sends are scheduled at fixed
+//! (two events each) as fast as they can; 2xx/s over the measured window is the
+//! accepted rate. Each message asks for a reply, which the replier writes after
+//! the 202, so the rate the whole service carries is lower: every command the
+//! loop had accepted, over the time from its start until their replies ended
+//! and every projection applied them. Then, at 25 %, 50 % and 100 % of that
+//! carried rate, open-loop: sends are scheduled at fixed
 //! intervals, spread round-robin over `BENCH_PACERS` clients (each its own HTTP
 //! connection pool), over fresh conversations. A measured command's 202 goes to a
 //! poller task, which sends `GET /api/v1/conversations/{id}/messages?order=desc&limit=10`
@@ -76,6 +80,8 @@
 //! - `BENCH_CONVERSATIONS`: fresh conversations per phase (default 64);
 //! - `BENCH_POLL_MS`: poll interval of a conversation with a pending message (default 1);
 //! - `BENCH_PROBES`: probe slots, or `all` (see above; default 1);
+//! - `BENCH_LEVELS_OF`: `carried` (default) or `accepted`, the rate the load
+//!   levels are fractions of (`accepted`: as this bench did before 2026-12-03);
 //! - `BENCH_EVENTS`: backlog size (default 60000);
 //! - `BENCH_ROUNDS`: throughput rounds, paths alternating; median shown (default 3);
 //! - `BENCH_LOG`: the service's log filter, to stderr (default `warn`).
@@ -147,6 +153,9 @@ struct Settings {
     poll: Duration,
     /// Probe slots (measured commands in flight at once); `None`: every command.
     probes: Option<usize>,
+    /// What the load levels are fractions of: the carried rate (`true`, the
+    /// default) or the closed loop's accepted rate.
+    levels_of_carried: bool,
     events: usize,
     rounds: usize,
 }
@@ -193,6 +202,11 @@ impl Settings {
                 Ok("all") => None,
                 Ok(_) => Some(env_or::<usize>("BENCH_PROBES", 1)?.max(1)),
                 Err(_) => Some(1),
+            },
+            levels_of_carried: match env::var("BENCH_LEVELS_OF").as_deref().map(str::trim) {
+                Err(_) | Ok("carried") => true,
+                Ok("accepted") => false,
+                Ok(other) => bail!("BENCH_LEVELS_OF: {other:?} is neither carried nor accepted"),
             },
             events: env_or("BENCH_EVENTS", 60_000)?,
             rounds: env_or::<usize>("BENCH_ROUNDS", 3)?.max(1),

@@ -33,6 +33,10 @@ pub struct Phase {
     pub offered: Option<f64>,
     /// 2xx received within the window, per second.
     pub achieved: f64,
+    /// Closed loop only: every accepted command over the time until its
+    /// replies ended and the read side applied them (the rate the whole
+    /// service carries, and what the load levels are fractions of).
+    pub carried: Option<f64>,
     pub errors: usize,
     /// Failed commands by what they got back.
     pub error_kinds: BTreeMap<String, usize>,
