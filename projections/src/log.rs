@@ -13,19 +13,28 @@ use ai_secretary_contract::{EventEnvelope, Position};
 
 use crate::db::Db;
 
+/// An event's envelope columns and its payload as text, as [`envelope_of`]
+/// reads them (a macro, so the queries below are put together at compile time).
+macro_rules! envelope_and_payload {
+    () => {
+        "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
+            transaction_id::text::int8 AS transaction_id, global_position, recorded_at,
+            data::text AS data
+         FROM events"
+    };
+}
+
 /// The events in `(after, upto]` in commit order; the commit-order index serves
 /// this range scan, and `upto` is at or below the head. Its `ORDER BY` names
 /// the table's columns (`events.…`): a bare `transaction_id` would be the
 /// select list's text-cast alias, which no index orders, and the whole range
 /// would be sorted before its first row came out.
-pub const RANGE: &str =
-    "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
-        transaction_id::text::int8 AS transaction_id, global_position, recorded_at,
-        data::text AS data
- FROM events
- WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
-   AND (transaction_id, global_position) <= ($3::int8::text::xid8, $4)
- ORDER BY events.transaction_id, events.global_position";
+pub const RANGE: &str = concat!(
+    envelope_and_payload!(),
+    " WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
+       AND (transaction_id, global_position) <= ($3::int8::text::xid8, $4)
+     ORDER BY events.transaction_id, events.global_position"
+);
 
 /// Plan the range read with its actual bounds, for the rest of the transaction.
 /// The service's pools force generic plans (the append path gains from them),
@@ -79,15 +88,13 @@ pub const RECHECKS: u32 = 100;
 
 /// [`read_committed`]'s query: at most `$3` events after `($1, $2)`, below the
 /// read horizon; `ORDER BY events.…` as in [`RANGE`].
-pub const READ_COMMITTED: &str =
-    "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
-        transaction_id::text::int8 AS transaction_id, global_position, recorded_at,
-        data::text AS data
-     FROM events
-     WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
+pub const READ_COMMITTED: &str = concat!(
+    envelope_and_payload!(),
+    " WHERE (transaction_id, global_position) > ($1::int8::text::xid8, $2)
        AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
      ORDER BY events.transaction_id, events.global_position
-     LIMIT $3";
+     LIMIT $3"
+);
 
 /// At most `limit` committed events after `after`, in commit order, each with
 /// its payload as JSON text: the relay's read (`EventStore::read_all`), for a
