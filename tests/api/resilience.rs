@@ -738,7 +738,10 @@ async fn make_backlog(app: &TestApp) {
         ["backlog-a@example.com", "backlog-b@example.com"].map(|e| app.signed_up(e)),
     )
     .await;
-    // Per user: 4 assistants, 3 conversations each, 6 messages in each.
+    // Per user: 4 assistants, 3 conversations each, 20 messages in each: over
+    // 1,000 events, more than two of a worker's batches (500 messages at most),
+    // so that each projection stops part-way through the backlog at least
+    // twice, however fast it applies a batch.
     let (mut conversations, mut retired) = (Vec::new(), Vec::new());
     let names: Vec<String> = (0..4).map(|n| format!("A{n}")).collect();
     for token in &tokens {
@@ -765,7 +768,7 @@ async fn make_backlog(app: &TestApp) {
     }
     futures::stream::iter(conversations.iter().enumerate())
         .for_each_concurrent(12, |(n, (token, c))| async move {
-            for m in 0..6 {
+            for m in 0..20 {
                 post_message(app, token, c, &format!("message {m} in {n}")).await;
             }
             let (method, path, body) = if n % 3 == 0 {
@@ -812,7 +815,7 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_read_model() {
     .await;
     make_backlog(&writer).await;
     let events = event_count(&writer.db.pool).await;
-    assert!(events > 300, "only {events} events");
+    assert!(events > 1_000, "only {events} events");
     caught_up(&writer.db.pool, &["relay".to_owned()]).await;
     let (db, names) = writer.crash();
     let backlog_head = head(&db.pool).await.unwrap();
@@ -928,5 +931,7 @@ async fn a_projector_killed_mid_batch_resumes_to_the_same_read_model() {
         .fetch_one(&resumed.db.pool)
         .await
         .unwrap();
-    assert_eq!(messages, 2 * 4 * 3 * 6 * 2);
+    // Users × assistants × conversations × messages, and the row of the reply
+    // each message asks for.
+    assert_eq!(messages, 2 * 4 * 3 * 20 * 2);
 }
