@@ -184,7 +184,7 @@ pub mod sqlite {
     /// The events in `(after, upto]` in commit order: `$1` is `after`'s
     /// global position, `$2` `upto`'s. A position's global_position alone
     /// places it (see the module header), so no row comparison is needed.
-    pub const RANGE: &str =
+    pub(crate) const RANGE: &str =
         "SELECT event_id, stream_id, stream_type, version, event_type, schema_version,
             transaction_id, global_position, recorded_at, data
      FROM events

@@ -906,6 +906,7 @@ impl EventStore for PgEventStore {
         after: Position,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        // Commit order, below the read horizon (see `commit_order::READ_ALL`).
         let rows = retrying(self.read_attempts(), || async {
             sqlx::query(commit_order::READ_ALL)
                 .bind(after.transaction_id)
