@@ -58,11 +58,6 @@ impl SqliteDb {
     }
 }
 
-/// A Postgres transaction whose commit does not wait for the WAL to reach the
-/// disk (`synchronous_commit = off` for it alone): for writes that are made
-/// again if a server crash loses them (a live batch, the relay's checkpoint).
-pub const BEGIN_WITHOUT_WAITING_FOR_DISK: &str = "BEGIN; SET LOCAL synchronous_commit = off";
-
 /// A write transaction on either database.
 pub enum Tx {
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
@@ -84,28 +79,6 @@ impl Db {
     pub async fn begin_write(&self) -> Result<Tx, sqlx::Error> {
         Ok(match self {
             Db::Postgres(pool) => Tx::Postgres(pool.begin().await?),
-            Db::Sqlite(db) => Tx::Sqlite(db.begin_write().await?),
-        })
-    }
-
-    /// Begin a live worker's batch: [`begin_write`](Db::begin_write), and on
-    /// Postgres without waiting, at commit, for the WAL to reach the disk
-    /// (`synchronous_commit = off` for this transaction alone).
-    ///
-    /// A read model can always be made again from the event store, and its
-    /// checkpoint commits with it: a crash of the server that loses the last
-    /// batches (at most `wal_writer_delay` of them, 200 ms by default) loses
-    /// their rows and their checkpoint move together, and the worker applies
-    /// those events again from the checkpoint (its consumer is positioned from
-    /// it, and the batch's compare-and-set on the checkpoint refuses to go on
-    /// from a position that was lost). Nothing is skipped; a batch stops paying
-    /// for a disk flush that every projection and the appends were waiting for
-    /// in turn, and freshness loses that wait.
-    pub async fn begin_batch(&self) -> Result<Tx, sqlx::Error> {
-        Ok(match self {
-            Db::Postgres(pool) => {
-                Tx::Postgres(pool.begin_with(BEGIN_WITHOUT_WAITING_FOR_DISK).await?)
-            }
             Db::Sqlite(db) => Tx::Sqlite(db.begin_write().await?),
         })
     }

@@ -263,7 +263,7 @@ impl Set {
 }
 
 /// A condition on a row; a filter is the conjunction of its conditions.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Cond {
     /// `col = v` (never true for NULL, as in SQL).
     Eq(&'static str, Value),
@@ -451,4 +451,16 @@ impl Found {
 pub struct Rules {
     pub lookup: fn(&EventEnvelope, &Event) -> Option<Lookup>,
     pub ops: fn(&EventEnvelope, &Event, &Found) -> Vec<Op>,
+}
+
+impl Rules {
+    /// Whether the rules read or write anything for this event: a lookup, or
+    /// ops even with nothing found. Where this is `false` every executor does
+    /// nothing for the event (no lookup means nothing is ever found), so a
+    /// live batch of only such events has nothing to write but its
+    /// checkpoint's move. Derived from the rules themselves, so it cannot
+    /// disagree with them.
+    pub fn touches(&self, e: &EventEnvelope, event: &Event) -> bool {
+        (self.lookup)(e, event).is_some() || !(self.ops)(e, event, &Found::default()).is_empty()
+    }
 }

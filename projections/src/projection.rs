@@ -5,7 +5,7 @@ use ai_secretary_contract::{Event, EventEnvelope};
 
 use crate::{
     db::{Db, Tx},
-    executor::{self, deferred::Deferred},
+    executor::{self, deferred::Deferred, known::Known},
 };
 
 /// An event of a batch with its payload decoded.
@@ -15,26 +15,31 @@ pub struct Decoded {
     pub event: Event,
 }
 
-/// A live worker's batch: its transaction (`Db::begin_batch`), and the
+/// A live worker's batch: its transaction (`Db::begin_write`), the
 /// read-model writes the executor holds back and gathers until their table is
-/// read or the batch commits (`executor::deferred`).
+/// read or the batch commits (`executor::deferred`), and what the worker's
+/// lookups found (`executor::known`), which goes back to the worker only if
+/// the batch commits.
 pub struct Batch {
     pub tx: Tx,
     pub deferred: Deferred,
+    pub known: Known,
 }
 
 impl Batch {
-    pub fn new(tx: Tx) -> Batch {
+    pub fn new(tx: Tx, known: Known) -> Batch {
         Batch {
             tx,
             deferred: Deferred::default(),
+            known,
         }
     }
 
-    /// Write what is held, then commit.
-    pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+    /// Write what is held, then commit; returns what the lookups found.
+    pub async fn commit(mut self) -> Result<Known, sqlx::Error> {
         executor::flush(self.tx.conn(), &mut self.deferred).await?;
-        self.tx.commit().await
+        self.tx.commit().await?;
+        Ok(self.known)
     }
 }
 
@@ -60,6 +65,14 @@ pub trait Projection: Send + Sync + 'static {
     /// commit is prepared again.
     async fn prepare(&self, _db: &Db, _batch: &[&Decoded]) -> Result<(), ProjectionError> {
         Ok(())
+    }
+
+    /// Whether `apply` writes or reads anything for this event. A batch of only
+    /// events it does not touch has nothing to write but its checkpoint's
+    /// move, which then commits as one statement, without a transaction of
+    /// its own (`worker::commit`). Answering `true` is always safe.
+    fn touches(&self, _envelope: &EventEnvelope, _event: &Event) -> bool {
+        true
     }
 
     /// Apply one decoded event. `batch` holds the batch's transaction: what it

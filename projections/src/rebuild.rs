@@ -762,15 +762,13 @@ async fn invalidate_skipped(
         }
     }
     let batch: Vec<&Decoded> = events.iter().collect();
-    CacheInvalidation {
-        cache: cache.clone(),
-    }
-    .prepare(db, &batch)
-    .await
-    .map_err(|e| match e {
-        ProjectionError::Database(e) => RebuildError::Database(e),
-        ProjectionError::Cache(e) => RebuildError::Cache(e),
-    })
+    CacheInvalidation::new(cache.clone())
+        .prepare(db, &batch)
+        .await
+        .map_err(|e| match e {
+            ProjectionError::Database(e) => RebuildError::Database(e),
+            ProjectionError::Cache(e) => RebuildError::Cache(e),
+        })
 }
 
 /// The rebuild lock of a projection on SQLite, which has no advisory locks: an

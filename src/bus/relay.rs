@@ -20,7 +20,6 @@ use std::{sync::Arc, time::Duration};
 use ai_secretary_contract::{EventEnvelope, subjects};
 use ai_secretary_projections::{
     Db, checkpoint,
-    db::BEGIN_WITHOUT_WAITING_FOR_DISK,
     lease::{self, Lease},
     log::{RECHECK, RECHECKS},
 };
@@ -171,17 +170,16 @@ impl Relay {
         to: Position,
         published: usize,
     ) -> Result<bool, sqlx::Error> {
-        let mut tx = self.pool.begin_with(BEGIN_WITHOUT_WAITING_FOR_DISK).await?;
-        let moved = checkpoint::postgres::save(
-            &mut tx,
+        // One statement, its own transaction, whose commit does not wait for
+        // the disk (`checkpoint::postgres::save`).
+        checkpoint::postgres::save(
+            &self.pool,
             CHECKPOINT,
             lease.fence(from),
             to,
             published as i64,
             None,
         )
-        .await?;
-        tx.commit().await?;
-        Ok(moved)
+        .await
     }
 }

@@ -13,7 +13,7 @@ use std::{
 
 use ai_secretary::{recovery::verify_report, startup::Roles};
 use ai_secretary_projections::{
-    Position,
+    Db, Position,
     checkpoint::{self, Fence},
 };
 use reqwest::{Method, StatusCode};
@@ -458,6 +458,7 @@ async fn a_deposed_worker_writes_nothing_after_its_lease_is_taken() {
 #[tokio::test]
 async fn a_checkpoint_write_is_refused_unless_its_epoch_and_position_still_hold() {
     let db = TestDb::new().await;
+    let alone = Db::Postgres(db.pool.clone());
     let mut conn = db.pool.acquire().await.unwrap();
     let start = checkpoint::postgres::ensure(&mut *conn, "fenced")
         .await
@@ -467,53 +468,69 @@ async fn a_checkpoint_write_is_refused_unless_its_epoch_and_position_still_hold(
         global_position: gp,
     };
     let fence = |epoch, from| Fence { epoch, from };
-    assert!(
-        checkpoint::postgres::save(
-            &mut conn,
-            "fenced",
-            fence(start.epoch, start.position),
-            at(1),
-            1,
-            None
-        )
+    let server_default: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+        .fetch_one(&mut *conn)
         .await
-        .unwrap()
-    );
+        .unwrap();
+    // Both ways a worker moves it: in its batch's transaction, and alone (a
+    // batch with nothing else to write).
+    let in_batch = async |fence: Fence, to: Position| -> (bool, String) {
+        let mut tx = db.pool.begin().await.unwrap();
+        let moved = checkpoint::postgres::save(&mut *tx, "fenced", fence, to, 1, None)
+            .await
+            .unwrap();
+        // A move sets its transaction's commit not to wait for the disk.
+        let wait: String = sqlx::query_scalar("SELECT current_setting('synchronous_commit')")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        (moved, wait)
+    };
+    let save_alone = async |fence: Fence, to: Position| -> bool {
+        checkpoint::save_alone(&alone, "fenced", fence, to, 1, None)
+            .await
+            .unwrap()
+    };
+    assert!(save_alone(fence(start.epoch, start.position), at(1)).await);
     // A standby takes over.
     sqlx::query("UPDATE checkpoints SET epoch = epoch + 1 WHERE name = 'fenced'")
         .execute(&mut *conn)
         .await
         .unwrap();
-    // The deposed owner, from where it rightly was: refused.
-    assert!(
-        !checkpoint::postgres::save(
-            &mut conn,
-            "fenced",
-            fence(start.epoch, at(1)),
-            at(2),
-            1,
-            None
-        )
-        .await
-        .unwrap()
+    // The deposed owner, from where it rightly was: refused, either way, and
+    // the refused move leaves its transaction's setting alone.
+    assert_eq!(
+        in_batch(fence(start.epoch, at(1)), at(2)).await,
+        (false, server_default.clone())
     );
+    assert!(!save_alone(fence(start.epoch, at(1)), at(2)).await);
     // The new owner from a position that is not the row's: refused.
     let epoch = start.epoch + 1;
-    assert!(
-        !checkpoint::postgres::save(&mut conn, "fenced", fence(epoch, at(0)), at(2), 1, None)
-            .await
-            .unwrap()
+    assert_eq!(
+        in_batch(fence(epoch, at(0)), at(2)).await,
+        (false, server_default.clone())
     );
-    // The new owner from the row's position: moved.
-    assert!(
-        checkpoint::postgres::save(&mut conn, "fenced", fence(epoch, at(1)), at(2), 1, None)
-            .await
-            .unwrap()
+    assert!(!save_alone(fence(epoch, at(0)), at(2)).await);
+    // The new owner from the row's position: moved, in a batch that does not
+    // wait for the disk; and then alone.
+    assert_eq!(
+        in_batch(fence(epoch, at(1)), at(2)).await,
+        (true, "off".to_owned())
     );
+    assert!(save_alone(fence(epoch, at(2)), at(3)).await);
     let row = checkpoint::postgres::ensure(&mut *conn, "fenced")
         .await
         .unwrap();
-    assert_eq!((row.position, row.epoch), (at(2), epoch));
+    assert_eq!((row.position, row.epoch), (at(3), epoch));
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT events FROM checkpoints WHERE name = 'fenced'")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap(),
+        3,
+        "three moves counted, the refused ones not"
+    );
 }
 
 /// With Redis stopped, and then frozen, every query is served from Postgres,

@@ -9,7 +9,7 @@ use ai_secretary_projections::{
     ALL, Batch, Registered, Tx,
     cache::Cache,
     db::Conn,
-    executor::{self, deferred::Deferred, sqlite},
+    executor::{self, deferred::Deferred, known::Known, sqlite},
     ops::{Type, Value as Typed},
     projections::Fold,
     tables,
@@ -275,6 +275,16 @@ fn history(kept: Uuid, forgotten: Uuid) -> History {
                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
                "completed_at": "2026-11-29T13:03:00Z"}));
     h.push("user", forgotten, 2, "UserForgotten", json!({}));
+    // Late events of the forgotten user's conversation (commands that raced
+    // the forgetting): nothing of them is kept either, though the lookups of
+    // their conversation found it before (`executor::known` forgets them).
+    h.push("conversation", c2, 4, "MessagePosted",
+        json!({"message_id": Uuid::new_v4(), "content": "late", "posted_at": "2026-11-29T13:04:00Z"}));
+    let r6 = Uuid::new_v4();
+    h.push("reply", r6, 1, "ReplyCompleted",
+        json!({"reply_id": r6, "conversation_id": c2, "content": "late", "model": "m", "finish_reason": "stop",
+               "usage": {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5},
+               "completed_at": "2026-11-29T13:05:00Z"}));
     // An event of a type this version does not know changes nothing.
     h.push("conversation", c1, 10, "SomethingNew", json!({}));
     h
@@ -290,10 +300,18 @@ pub async fn apply_as_one_batch(
 ) {
     let mut deferred = Deferred::default();
     for projection in projections {
+        let mut known = Known::default();
         for (e, event) in events {
-            executor::apply(conn.reborrow(), &mut deferred, &projection.rules, e, event)
-                .await
-                .unwrap();
+            executor::apply(
+                conn.reborrow(),
+                &mut deferred,
+                &mut known,
+                &projection.rules,
+                e,
+                event,
+            )
+            .await
+            .unwrap();
         }
     }
     executor::flush(conn, &mut deferred).await.unwrap();
@@ -319,6 +337,8 @@ async fn rows_of(conn: &mut sqlx::PgConnection, table: &str) -> Vec<Value> {
 )]
 #[tokio::test]
 async fn the_live_executor_and_the_fold_write_the_same_rows() {
+    /// Events per batch: several batches, each with gathered writes.
+    const BATCH: usize = 4;
     let db = TestDb::new().await;
     let (kept, forgotten) = (Uuid::new_v4(), Uuid::new_v4());
     let history = history(kept, forgotten);
@@ -337,12 +357,17 @@ async fn the_live_executor_and_the_fold_write_the_same_rows() {
     let mut conn = db.pool.acquire().await.unwrap();
     for projection in ALL {
         let live = (projection.live)(&cache);
-        // One batch: the executor holds writes back and gathers them.
-        let mut batch = Batch::new(Tx::Postgres(db.pool.begin().await.unwrap()));
-        for (e, event) in &decoded {
-            live.apply(&mut batch, e, event).await.unwrap();
+        // Batches of a few events, as a worker makes them: the executor holds
+        // writes back and gathers them within a batch, and what the lookups
+        // found is kept from one batch to the next.
+        let mut known = Known::default();
+        for batch_of in decoded.chunks(BATCH) {
+            let mut batch = Batch::new(Tx::Postgres(db.pool.begin().await.unwrap()), known);
+            for (e, event) in batch_of {
+                live.apply(&mut batch, e, event).await.unwrap();
+            }
+            known = batch.commit().await.unwrap();
         }
-        batch.commit().await.unwrap();
 
         let mut fold = Fold::new(projection.name).unwrap();
         for (e, event) in &decoded {

@@ -600,6 +600,12 @@ async fn a_deposed_owners_save_fails_on_sqlite() {
         tx.commit().await.unwrap();
         moved
     };
+    // The move of a batch with nothing else to write: one statement.
+    let save_alone = |fence: checkpoint::Fence, target: Position| async move {
+        checkpoint::save_alone(db, name, fence, target, 1, None)
+            .await
+            .unwrap()
+    };
 
     let first = Lease::acquire(db, "unused on sqlite", name, &stop)
         .await
@@ -628,10 +634,20 @@ async fn a_deposed_owners_save_fails_on_sqlite() {
         !save(stale, to(2)).await,
         "the deposed owner's save went through"
     );
+    assert!(
+        !save_alone(stale, to(2)).await,
+        "the deposed owner's save went through alone"
+    );
     let row = checkpoint::current(db, name).await.unwrap();
     assert_eq!((row.position, row.epoch), (to(1), second.epoch));
     assert!(save(second.fence(to(1)), to(2)).await);
     assert_eq!(checkpoint::current(db, name).await.unwrap().position, to(2));
+    assert!(
+        !save_alone(second.fence(to(1)), to(3)).await,
+        "from a stale position"
+    );
+    assert!(save_alone(second.fence(to(2)), to(3)).await);
+    assert_eq!(checkpoint::current(db, name).await.unwrap().position, to(3));
 
     // An epoch moved under a holder (what a takeover does): its watcher sees it.
     sqlx::query("UPDATE checkpoints SET epoch = epoch + 1 WHERE name = $1")
@@ -642,7 +658,8 @@ async fn a_deposed_owners_save_fails_on_sqlite() {
     tokio::time::timeout(lease::CHECK_EVERY * 3, second.lost().cancelled())
         .await
         .expect("the holder did not see its lease lost");
-    assert!(!save(second.fence(to(2)), to(3)).await);
+    assert!(!save(second.fence(to(3)), to(4)).await);
+    assert!(!save_alone(second.fence(to(3)), to(4)).await);
 }
 
 /// The bus is fed by the relay, which reads Postgres: a worker asked to consume

@@ -8,6 +8,8 @@
 //!
 //! - `deferred`: what a live batch holds back and gathers (inserts into one
 //!   table, updates of one row) until its table is read or the batch commits.
+//! - `known`: what a live worker's lookups found, kept across its batches
+//!   while nothing it writes could change the answer.
 //!
 //! The third executor is the fold (`crate::fold`): the same ops on rows in memory.
 
@@ -18,28 +20,39 @@ use crate::{
     ops::{Found, Lookup, Rules},
 };
 use deferred::{Deferred, Write};
+use known::Known;
 
 /// Apply `rules` to one event through `conn` (a batch's transaction): read
-/// what they need, after writing what `deferred` held for that table; then
-/// hand their ops to `deferred`, and write what cannot wait. What it still
-/// holds is written by [`flush`], before the transaction commits.
+/// what they need, unless `known` has the answer, after writing what
+/// `deferred` held for that table; then hand their ops to `deferred`, and
+/// write what cannot wait. What it still holds is written by [`flush`],
+/// before the transaction commits.
 pub async fn apply(
     mut conn: Conn<'_>,
     deferred: &mut Deferred,
+    known: &mut Known,
     rules: &Rules,
     e: &EventEnvelope,
     event: &Event,
 ) -> Result<(), sqlx::Error> {
     let mut now = Vec::new();
     let found = match (rules.lookup)(e, event) {
-        Some(lookup) => {
-            deferred.release(lookup.table, &mut now);
-            write(conn.reborrow(), std::mem::take(&mut now)).await?;
-            read(conn.reborrow(), &lookup).await?
-        }
+        // Nothing written to its table since it was read (`Known::written`),
+        // so nothing held for the table is needed to answer it.
+        Some(lookup) => match known.get(&lookup) {
+            Some(found) => found.clone(),
+            None => {
+                deferred.release(lookup.table, &mut now);
+                write(conn.reborrow(), std::mem::take(&mut now)).await?;
+                let found = read(conn.reborrow(), &lookup).await?;
+                known.keep(&lookup, &found);
+                found
+            }
+        },
         None => Found::default(),
     };
     for op in (rules.ops)(e, event, &found) {
+        known.written(&op);
         deferred.push(op, &mut now);
     }
     write(conn, now).await
@@ -72,6 +85,7 @@ async fn read(conn: Conn<'_>, lookup: &Lookup) -> Result<Found, sqlx::Error> {
 }
 
 pub mod deferred;
+pub mod known;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;

@@ -92,6 +92,10 @@ impl Projection for Live {
         self.name
     }
 
+    fn touches(&self, e: &EventEnvelope, event: &Event) -> bool {
+        self.rules.touches(e, event)
+    }
+
     async fn apply(
         &self,
         batch: &mut Batch,
@@ -111,7 +115,15 @@ pub(crate) async fn apply_rules(
     e: &EventEnvelope,
     event: &Event,
 ) -> Result<(), sqlx::Error> {
-    executor::apply(batch.tx.conn(), &mut batch.deferred, rules, e, event).await
+    executor::apply(
+        batch.tx.conn(),
+        &mut batch.deferred,
+        &mut batch.known,
+        rules,
+        e,
+        event,
+    )
+    .await
 }
 
 /// The fold of one projection: its rules applied to its tables' rows in memory.
@@ -371,6 +383,75 @@ mod tests {
         assert_eq!(
             value(3, "usage_daily", usage_key, "total_tokens").as_i64(),
             Some(7)
+        );
+    }
+
+    /// Which of a conversation's events each projection touches: a batch of
+    /// only events it does not touch has nothing to write but the checkpoint's
+    /// move, which the worker then makes as one statement. What each answers
+    /// comes from its rules (`Rules::touches`), through its live path.
+    #[test]
+    fn a_projection_touches_only_the_events_its_rules_read_or_write_for() {
+        let (owner, assistant, conversation) = (id(), id(), id());
+        let (message, reply) = (id(), id());
+        let at = "2026-12-03T10:00:00Z";
+        let events = [
+            ("ConversationStarted", json!({"owner_id": owner, "assistant_id": assistant, "title": "t", "started_at": at})),
+            ("MessagePosted", json!({"message_id": message, "content": "hi", "posted_at": at})),
+            ("ReplyRequested", json!({"reply_id": reply, "reply_to": message, "assistant_id": assistant, "requested_at": at})),
+            ("ReplyStarted", json!({"reply_id": reply, "conversation_id": conversation, "attempt": 1, "started_at": at})),
+            ("ReplyCompleted", json!({"reply_id": reply, "conversation_id": conversation, "content": "hello", "model": "m", "finish_reason": "stop", "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}, "completed_at": at})),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (kind, data))| envelope(conversation, i as i64 + 1, i as i64 + 1, kind, data))
+        .collect::<Vec<_>>();
+        let cache = Cache::new(
+            "redis://127.0.0.1:1",
+            "t",
+            Default::default(),
+            Default::default(),
+        );
+        let touched: Vec<(&str, Vec<&str>)> = ALL
+            .iter()
+            .map(|p| {
+                let live = (p.live)(&cache);
+                let kinds = events
+                    .iter()
+                    .filter(|e| live.touches(e, &e.decode().unwrap()))
+                    .map(|e| e.event_type.as_str())
+                    .collect();
+                (p.name, kinds)
+            })
+            .collect();
+        let all = vec![
+            "ConversationStarted",
+            "MessagePosted",
+            "ReplyRequested",
+            "ReplyStarted",
+            "ReplyCompleted",
+        ];
+        assert_eq!(
+            touched,
+            [
+                // Counts and last activity; a reply starting changes neither.
+                (
+                    "assistants",
+                    vec![
+                        "ConversationStarted",
+                        "MessagePosted",
+                        "ReplyRequested",
+                        "ReplyCompleted"
+                    ]
+                ),
+                ("conversations", all.clone()),
+                ("messages", all),
+                // Its conversation's owner and assistant, then the usage.
+                ("usage_daily", vec!["ConversationStarted", "ReplyCompleted"]),
+                // Its table is the conversation → assistant lookup alone; its
+                // Redis work is in `prepare`, for every batch.
+                ("cache", vec!["ConversationStarted"]),
+            ]
         );
     }
 

@@ -21,7 +21,27 @@ use crate::{
 /// batch prepared twice changes nothing the second time. `apply` only keeps the conversation → assistant lookup,
 /// by the projection's rules.
 pub struct CacheInvalidation {
-    pub cache: Cache,
+    cache: Cache,
+    /// Conversations' assistants, as the lookup table or a batch's own start
+    /// said: a conversation's assistant never changes, so an answer kept here
+    /// stays true, and the lookup query is made only for conversations not
+    /// seen lately (once each, instead of once per batch). A conversation
+    /// forgotten with its user is still here a while: an event that raced the
+    /// forgetting then invalidates its (deleted) assistant's key too, which
+    /// costs a cache miss at most.
+    assistants: moka::sync::Cache<Uuid, Uuid>,
+}
+
+/// Conversations whose assistant is kept (a few ids each): the active ones.
+const ASSISTANTS_KEPT: u64 = 4_096;
+
+impl CacheInvalidation {
+    pub fn new(cache: Cache) -> CacheInvalidation {
+        CacheInvalidation {
+            cache,
+            assistants: moka::sync::Cache::new(ASSISTANTS_KEPT),
+        }
+    }
 }
 
 /// Events after which a conversation's assistant is no longer as cached: its
@@ -42,9 +62,16 @@ impl Projection for CacheInvalidation {
         super::PROJECTION.name
     }
 
+    /// Its Redis work is done in `prepare`, for every batch; its table only
+    /// by its rules.
+    fn touches(&self, e: &EventEnvelope, event: &Event) -> bool {
+        super::RULES.touches(e, event)
+    }
+
     async fn prepare(&self, db: &Db, batch: &[&Decoded]) -> Result<(), ProjectionError> {
-        // Each conversation's assistant: from the batch's own starts, else from
-        // the lookup the earlier batches kept (one query for the batch).
+        // Each conversation's assistant: from the batch's own starts, else as
+        // kept from earlier batches, else from the lookup the earlier batches
+        // wrote (one query for the batch).
         let mut assistant_of: HashMap<Uuid, Uuid> = batch
             .iter()
             .filter_map(|d| match &d.event {
@@ -52,14 +79,27 @@ impl Projection for CacheInvalidation {
                 _ => None,
             })
             .collect();
-        let unknown: Vec<Uuid> = batch
+        let mut unknown: Vec<Uuid> = Vec::new();
+        for conversation in batch
             .iter()
             .filter(|d| moves_its_assistant(&d.event))
             .filter_map(|d| d.envelope.conversation_id(&d.event))
-            .filter(|id| !assistant_of.contains_key(id))
-            .collect();
+        {
+            if assistant_of.contains_key(&conversation) {
+                continue;
+            }
+            match self.assistants.get(&conversation) {
+                Some(assistant) => {
+                    assistant_of.insert(conversation, assistant);
+                }
+                None => unknown.push(conversation),
+            }
+        }
         if !unknown.is_empty() {
             assistant_of.extend(assistants_of(db, &unknown).await?);
+        }
+        for (conversation, assistant) in &assistant_of {
+            self.assistants.insert(*conversation, *assistant);
         }
         // Collected for the whole batch and sent in one round trip: a round
         // trip per event, awaited one by one, was what bounded the projection.

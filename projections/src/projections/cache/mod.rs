@@ -42,9 +42,7 @@ pub(crate) const RULES: Rules = Rules {
 };
 
 fn live(cache: &Cache) -> std::sync::Arc<dyn Projection> {
-    std::sync::Arc::new(CacheInvalidation {
-        cache: cache.clone(),
-    })
+    std::sync::Arc::new(CacheInvalidation::new(cache.clone()))
 }
 
 fn ops(e: &EventEnvelope, event: &Event, _: &Found) -> Vec<Op> {
