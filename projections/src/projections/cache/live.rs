@@ -22,8 +22,8 @@ use crate::{
 /// by the projection's rules.
 pub struct CacheInvalidation {
     cache: Cache,
-    /// Conversations' assistants, as the lookup table or a batch's own start
-    /// said: a conversation's assistant never changes, so an answer kept here
+    /// Conversations' assistants, as the lookup table said: a conversation's
+    /// assistant never changes, so an answer kept here
     /// stays true, and the lookup query is made only for conversations not
     /// seen lately (once each, instead of once per batch). A conversation
     /// forgotten with its user is still here a while: an event that raced the
@@ -96,10 +96,12 @@ impl Projection for CacheInvalidation {
             }
         }
         if !unknown.is_empty() {
-            assistant_of.extend(assistants_of(db, &unknown).await?);
-        }
-        for (conversation, assistant) in &assistant_of {
-            self.assistants.insert(*conversation, *assistant);
+            // Kept as the table answered (the batch's own starts are not: a
+            // flood of new conversations would only churn what is kept).
+            for (conversation, assistant) in assistants_of(db, &unknown).await? {
+                self.assistants.insert(conversation, assistant);
+                assistant_of.insert(conversation, assistant);
+            }
         }
         // Collected for the whole batch and sent in one round trip: a round
         // trip per event, awaited one by one, was what bounded the projection.
