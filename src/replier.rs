@@ -242,15 +242,20 @@ impl Replier {
                 entry.remove();
             }
             if to != saved {
-                // A write transaction of its own (on SQLite, `BEGIN IMMEDIATE`:
-                // it waits its turn for the write lock); a refused move writes
-                // nothing and is rolled back when `tx` drops.
-                let mut tx = db.begin_write().await?;
-                if !checkpoint::save(&mut tx, CHECKPOINT, lease.fence(saved), to, 0, None).await? {
+                // One statement, its own transaction; a refused move writes
+                // nothing. Its commit does not wait for the disk: a server
+                // crash that loses it makes this replier take those requests
+                // up again, and each finds its reply ended (`take_up_reply`).
+                let m = checkpoint::Move {
+                    fence: lease.fence(saved),
+                    to,
+                    applied: 0,
+                    stream_sequence: None,
+                };
+                if !checkpoint::save_alone(db, CHECKPOINT, m).await? {
                     lease.fenced();
                     return Ok(());
                 }
-                tx.commit().await?;
                 db.checkpoint_moved();
                 saved = to;
             }

@@ -83,47 +83,40 @@ pub async fn all(db: &Db) -> Result<Vec<Status>, sqlx::Error> {
     }
 }
 
-/// The owner's move of its checkpoint from `fence.from` to `to`, after
+/// An owner's move of its checkpoint: from `fence.from` to `to`, after
 /// `applied` more events (and to the JetStream message `stream_sequence`, if
-/// known). One statement, and a projection batch's first (it takes the row
-/// lock, which a rebuild's swap takes first too). `false` if the row is no
-/// longer at the fence's epoch and position: the writer was deposed, or a
-/// swap moved it, and must roll back.
+/// known), only if the row is still at the fence's epoch and position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    pub fence: Fence,
+    pub to: Position,
+    pub applied: i64,
+    pub stream_sequence: Option<i64>,
+}
+
+/// Make `m` in a write transaction. One statement, and a projection batch's
+/// first (it takes the row lock, which a rebuild's swap takes first too).
+/// `false` if the row is no longer at the fence's epoch and position: the
+/// writer was deposed, or a swap moved it, and must roll back.
 ///
 /// Announced on commit: by Postgres itself (`NOTIFY`), on SQLite by the writer
 /// calling [`Db::checkpoint_moved`] once the transaction has committed.
-pub async fn save(
-    tx: &mut Tx,
-    name: &str,
-    fence: Fence,
-    to: Position,
-    applied: i64,
-    stream_sequence: Option<i64>,
-) -> Result<bool, sqlx::Error> {
+pub async fn save(tx: &mut Tx, name: &str, m: Move) -> Result<bool, sqlx::Error> {
     match tx {
-        Tx::Postgres(tx) => {
-            postgres::save(&mut **tx, name, fence, to, applied, stream_sequence).await
-        }
-        Tx::Sqlite(tx) => sqlite::save(&mut **tx, name, fence, to, applied, stream_sequence).await,
+        Tx::Postgres(tx) => postgres::save(&mut **tx, name, m).await,
+        Tx::Sqlite(tx) => sqlite::save(&mut **tx, name, m).await,
     }
 }
 
-/// [`save`] as one statement with no transaction around it: the move of a
-/// batch that has nothing else to write (every event in it is one its
-/// projection does not touch, `Projection::touches`). It commits, is fenced
+/// [`save`] as one statement with no transaction around it: a move with
+/// nothing else to write (a batch whose events its projection does not touch,
+/// `Projection::touches`; the replier's own progress). It commits, is fenced
 /// and is announced as [`save`]'s would be, in one round trip instead of
 /// three (begin, move, commit).
-pub async fn save_alone(
-    db: &Db,
-    name: &str,
-    fence: Fence,
-    to: Position,
-    applied: i64,
-    stream_sequence: Option<i64>,
-) -> Result<bool, sqlx::Error> {
+pub async fn save_alone(db: &Db, name: &str, m: Move) -> Result<bool, sqlx::Error> {
     match db {
-        Db::Postgres(pool) => postgres::save(pool, name, fence, to, applied, stream_sequence).await,
-        Db::Sqlite(db) => sqlite::save(&db.pool, name, fence, to, applied, stream_sequence).await,
+        Db::Postgres(pool) => postgres::save(pool, name, m).await,
+        Db::Sqlite(db) => sqlite::save(&db.pool, name, m).await,
     }
 }
 
@@ -144,7 +137,7 @@ pub async fn advance(tx: &mut Tx, name: &str, to: Position) -> Result<(), sqlx::
 pub mod postgres {
     use sqlx::{PgConnection, PgExecutor, Row};
 
-    use super::{CHANNEL, Checkpoint, Fence, Status};
+    use super::{CHANNEL, Checkpoint, Move, Status};
     use ai_secretary_contract::Position;
 
     /// See [`super::ensure`].
@@ -225,10 +218,7 @@ pub mod postgres {
     pub async fn save<'e>(
         executor: impl PgExecutor<'e>,
         name: &str,
-        fence: Fence,
-        to: Position,
-        applied: i64,
-        stream_sequence: Option<i64>,
+        m: Move,
     ) -> Result<bool, sqlx::Error> {
         let moved = sqlx::query(
             "WITH moved AS (
@@ -243,14 +233,14 @@ pub mod postgres {
              FROM moved",
         )
         .bind(name)
-        .bind(to.transaction_id)
-        .bind(to.global_position)
-        .bind(applied)
-        .bind(stream_sequence)
+        .bind(m.to.transaction_id)
+        .bind(m.to.global_position)
+        .bind(m.applied)
+        .bind(m.stream_sequence)
         .bind(CHANNEL)
-        .bind(fence.epoch)
-        .bind(fence.from.transaction_id)
-        .bind(fence.from.global_position)
+        .bind(m.fence.epoch)
+        .bind(m.fence.from.transaction_id)
+        .bind(m.fence.from.global_position)
         .fetch_optional(executor)
         .await?;
         Ok(moved.is_some())
@@ -322,7 +312,7 @@ pub mod sqlite {
     use chrono::{DateTime, Utc};
     use sqlx::{Row, SqliteConnection, SqliteExecutor, sqlite::SqliteRow};
 
-    use super::{Checkpoint, Fence, Status};
+    use super::{Checkpoint, Move, Status};
     use ai_secretary_contract::Position;
 
     /// See [`super::ensure`]. `updated_at` has no default (no clock in the
@@ -386,10 +376,7 @@ pub mod sqlite {
     pub async fn save<'e>(
         executor: impl SqliteExecutor<'e>,
         name: &str,
-        fence: Fence,
-        to: Position,
-        applied: i64,
-        stream_sequence: Option<i64>,
+        m: Move,
     ) -> Result<bool, sqlx::Error> {
         let moved = sqlx::query(
             "UPDATE checkpoints
@@ -400,14 +387,14 @@ pub mod sqlite {
              RETURNING name",
         )
         .bind(name)
-        .bind(to.transaction_id)
-        .bind(to.global_position)
-        .bind(applied)
-        .bind(stream_sequence)
+        .bind(m.to.transaction_id)
+        .bind(m.to.global_position)
+        .bind(m.applied)
+        .bind(m.stream_sequence)
         .bind(Utc::now().timestamp_micros())
-        .bind(fence.epoch)
-        .bind(fence.from.transaction_id)
-        .bind(fence.from.global_position)
+        .bind(m.fence.epoch)
+        .bind(m.fence.from.transaction_id)
+        .bind(m.fence.from.global_position)
         .fetch_optional(executor)
         .await?;
         Ok(moved.is_some())

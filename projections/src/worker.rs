@@ -427,8 +427,12 @@ async fn commit(
     projection.prepare(db, &decoded).await?;
 
     let start = left_off.checkpoint;
-    let fence = lease.fence(start.position);
-    let sequence = resolved.sequence.map(|s| s as i64);
+    let m = checkpoint::Move {
+        fence: lease.fence(start.position),
+        to: resolved.at,
+        applied: resolved.applied,
+        stream_sequence: resolved.sequence.map(|s| s as i64),
+    };
     let moved = if resolved.writes(projection) {
         // What the lookups found goes back only if the batch commits.
         let known = std::mem::take(&mut left_off.known);
@@ -440,15 +444,7 @@ async fn commit(
         // locking it first and moving it last. Everything after it is in the
         // same transaction, so the move commits with the batch's writes or not
         // at all. (On SQLite `BEGIN IMMEDIATE` already took the one write lock.)
-        let moved = checkpoint::save(
-            &mut batch.tx,
-            name,
-            fence,
-            resolved.at,
-            resolved.applied,
-            sequence,
-        )
-        .await?;
+        let moved = checkpoint::save(&mut batch.tx, name, m).await?;
         if moved {
             for step in &resolved.steps {
                 match step {
@@ -469,7 +465,7 @@ async fn commit(
         // most projections touch only some kinds of event (`usage_daily` one
         // of the four of a message and its reply, `cache` none of them in its
         // table): two round trips less for each of those batches.
-        checkpoint::save_alone(db, name, fence, resolved.at, resolved.applied, sequence).await?
+        checkpoint::save_alone(db, name, m).await?
     };
     if !moved {
         // Deposed since the batch began, or a rebuild moved the checkpoint

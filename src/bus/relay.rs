@@ -172,14 +172,12 @@ impl Relay {
     ) -> Result<bool, sqlx::Error> {
         // One statement, its own transaction, whose commit does not wait for
         // the disk (`checkpoint::postgres::save`).
-        checkpoint::postgres::save(
-            &self.pool,
-            CHECKPOINT,
-            lease.fence(from),
+        let m = checkpoint::Move {
+            fence: lease.fence(from),
             to,
-            published as i64,
-            None,
-        )
-        .await
+            applied: published as i64,
+            stream_sequence: None,
+        };
+        checkpoint::postgres::save(&self.pool, CHECKPOINT, m).await
     }
 }

@@ -472,11 +472,17 @@ async fn a_checkpoint_write_is_refused_unless_its_epoch_and_position_still_hold(
         .fetch_one(&mut *conn)
         .await
         .unwrap();
+    let one_more = |fence, to| checkpoint::Move {
+        fence,
+        to,
+        applied: 1,
+        stream_sequence: None,
+    };
     // Both ways a worker moves it: in its batch's transaction, and alone (a
     // batch with nothing else to write).
     let in_batch = async |fence: Fence, to: Position| -> (bool, String) {
         let mut tx = db.pool.begin().await.unwrap();
-        let moved = checkpoint::postgres::save(&mut *tx, "fenced", fence, to, 1, None)
+        let moved = checkpoint::postgres::save(&mut *tx, "fenced", one_more(fence, to))
             .await
             .unwrap();
         // A move sets its transaction's commit not to wait for the disk.
@@ -488,7 +494,7 @@ async fn a_checkpoint_write_is_refused_unless_its_epoch_and_position_still_hold(
         (moved, wait)
     };
     let save_alone = async |fence: Fence, to: Position| -> bool {
-        checkpoint::save_alone(&alone, "fenced", fence, to, 1, None)
+        checkpoint::save_alone(&alone, "fenced", one_more(fence, to))
             .await
             .unwrap()
     };

@@ -592,9 +592,15 @@ async fn a_deposed_owners_save_fails_on_sqlite() {
         transaction_id: gp,
         global_position: gp,
     };
+    let one_more = |fence, to| checkpoint::Move {
+        fence,
+        to,
+        applied: 1,
+        stream_sequence: None,
+    };
     let save = |fence: checkpoint::Fence, target: Position| async move {
         let mut tx = db.begin_write().await.unwrap();
-        let moved = checkpoint::save(&mut tx, name, fence, target, 1, None)
+        let moved = checkpoint::save(&mut tx, name, one_more(fence, target))
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -602,7 +608,7 @@ async fn a_deposed_owners_save_fails_on_sqlite() {
     };
     // The move of a batch with nothing else to write: one statement.
     let save_alone = |fence: checkpoint::Fence, target: Position| async move {
-        checkpoint::save_alone(db, name, fence, target, 1, None)
+        checkpoint::save_alone(db, name, one_more(fence, target))
             .await
             .unwrap()
     };
