@@ -29,9 +29,11 @@ use crate::{
     },
 };
 
-/// How many times a command without `If-Match` is decided before giving up on a
-/// contended stream. Each round has a winner, so this many concurrent writers on
-/// one stream all get through.
+/// How many times a command without `If-Match` is decided on a fresh load before
+/// giving up on a contended stream. Each round has a winner, so this many
+/// concurrent writers on one stream all get through. A first decision made on
+/// the cached state is not one of them: its conflict may only mean the cache
+/// was behind, and every writer's cache may be.
 const CONFLICT_ATTEMPTS: u32 = 10;
 
 /// Who is asking, and under which correlation id: becomes each event's metadata.
@@ -160,12 +162,19 @@ impl Commands {
     where
         D::State: Weigh,
     {
-        let cached = self.states.get::<D::State>(stream_id).unwrap_or_default();
+        let cached = self.states.get::<D::State>(stream_id);
+        let known = cached.is_some();
+        let cached = cached.unwrap_or_default();
         let tail = self
             .store
             .read_payloads_from(stream_id, cached.version)
             .await?;
         if tail.is_empty() {
+            if !known {
+                // Remembered even while empty: the command that creates it
+                // (a reply's start) is then decided without a second read.
+                self.states.put(stream_id, &cached);
+            }
             return Ok(cached);
         }
         // The id of another kind of stream (a user's id sent as an assistant's)
@@ -180,6 +189,13 @@ impl Commands {
     }
 
     /// Decide `command` on the stream's current state and append what it decided.
+    ///
+    /// The first decision is made on the cached state, if there is one, without
+    /// reading the store: the append's expected version is the check that it is
+    /// current, and a cache that fell behind (another process wrote) is a
+    /// version conflict, decided again on a fresh load. Only events prove the
+    /// cache current, so a refusal or a decision to change nothing made on it is
+    /// made again on a fresh load before it is answered.
     ///
     /// With [`Expected::Any`] a lost race is re-decided on the new state (the rules
     /// are checked again, after reading only the events that won); with
@@ -204,25 +220,37 @@ impl Commands {
             user_id: context.user_id,
             idempotency_key: context.idempotency_key.clone(),
         };
-        for attempt in 0..CONFLICT_ATTEMPTS {
-            if attempt > 0 {
-                // Step aside briefly so the writers that lost together spread out.
-                tokio::time::sleep(std::time::Duration::from_millis(u64::from(attempt))).await;
-            }
+        let mut lost_races = 0;
+        let mut cached = match expected {
+            Expected::New => None,
+            Expected::Any | Expected::Exactly(_) => self.states.get::<D::State>(stream_id),
+        };
+        loop {
+            // At most one decision per command is made on the cache.
+            let on_cache = cached.is_some();
             let Loaded {
                 state,
                 version,
                 position,
-            } = match expected {
-                Expected::New if attempt == 0 => Loaded::default(),
-                _ => self.load::<D>(stream_id).await?,
+            } = match (cached.take(), expected) {
+                (Some(cached), _) => cached,
+                (None, Expected::New) => Loaded::default(),
+                (None, _) => self.load::<D>(stream_id).await?,
             };
             if let Expected::Exactly(v) = expected
                 && v != version
             {
+                if on_cache {
+                    continue;
+                }
                 return Err(AppError::PreconditionFailed { current: version });
             }
-            let events = D::decide(command, &state).map_err(AppError::Domain)?;
+            let events = match D::decide(command, &state) {
+                Ok(events) if events.is_empty() && on_cache => continue,
+                Ok(events) => events,
+                Err(_) if on_cache => continue,
+                Err(refused) => return Err(AppError::Domain(refused)),
+            };
             let new_version = version + events.len() as i64;
             let new_state = events.iter().fold(state, |s, e| D::evolve(s, e));
             let record = remember.map(|f| f(&new_state, new_version));
@@ -260,8 +288,18 @@ impl Commands {
                     self.states.put(stream_id, &decided);
                     return Ok(decided);
                 }
+                // The cache was behind: not a race lost, only a load skipped.
+                Err(AppendError::VersionConflict { .. }) if on_cache => {}
                 Err(AppendError::VersionConflict { .. }) => match expected {
-                    Expected::Any => continue,
+                    Expected::Any => {
+                        lost_races += 1;
+                        if lost_races == CONFLICT_ATTEMPTS {
+                            return Err(AppError::Contended);
+                        }
+                        // Step aside briefly so the writers that lost together spread out.
+                        tokio::time::sleep(std::time::Duration::from_millis(u64::from(lost_races)))
+                            .await;
+                    }
                     Expected::Exactly(_) | Expected::New => {
                         let current = self.load::<D>(stream_id).await?.version;
                         return Err(AppError::PreconditionFailed { current });
@@ -279,7 +317,6 @@ impl Commands {
                 Err(AppendError::Database(e)) => return Err(e.into()),
             }
         }
-        Err(AppError::Contended)
     }
 
     /// Open the sealed personal fields of an event's payload as it came from

@@ -94,6 +94,15 @@ impl Commands {
     /// before they had streams of their own. Only such conversations are
     /// searched (their state says so), from the request on.
     async fn ended_in_conversation(&self, request: &ReplyRequest) -> Result<bool, ReadError> {
+        // No event written today marks a conversation legacy, so a cached state
+        // that is not says so for good, without a read.
+        let cached = self
+            .states
+            .get::<ConversationState>(request.conversation_id);
+        if matches!(&cached.map(|l| l.state), Some(ConversationState::Live(c)) if !c.legacy_replies)
+        {
+            return Ok(false);
+        }
         let conversation = self
             .load::<ConversationDecider>(request.conversation_id)
             .await?;

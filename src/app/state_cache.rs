@@ -1,14 +1,19 @@
-//! Folded aggregate states kept between commands, so that loading a stream
+//! Folded aggregate states kept between commands, so that a command on a
+//! stream this process has seen reads nothing before it appends, and a load
 //! reads only the events after the cached version instead of the whole stream.
 //!
-//! The cache is only a head start, never the truth: every load still reads the
-//! stream's tail from the store (one indexed query, usually empty), so another
-//! process's writes are always seen, and a writer that slips in between that
-//! read and the append shows up as a version conflict, whose retry again reads
-//! only the new tail. An entry is replaced only by a newer version of the same
-//! stream. Bounded by memory ([moka], weighed by an estimate of each state's
-//! size), least recently used first out; an evicted stream is simply folded
-//! again from the start on its next load.
+//! The cache is only a head start, never the truth. A command decided on it
+//! appends with the cached version as the expected one, so a cache that fell
+//! behind (another process wrote) is a version conflict, decided again after
+//! reading the new tail; a decision that appends nothing is always made again
+//! on a fresh load (`Commands::execute`). Every load still reads the stream's
+//! tail from the store (one indexed query, usually empty), so another
+//! process's writes are always seen by queries. An entry is replaced only by a
+//! newer version of the same stream; a stream a load found empty is kept at
+//! version 0. Bounded by memory ([moka], weighed by an estimate of each
+//! state's size; its admission policy keeps ids seen once, such as a flood of
+//! unknown ones, from pushing out the streams in use); an evicted stream is
+//! simply folded again from the start on its next load.
 
 use std::{any::Any, sync::Arc};
 
@@ -123,16 +128,14 @@ impl StateCache {
         })
     }
 
-    /// Remember a stream's state at `loaded.version`, unless a newer version is
-    /// already cached (two commands on one stream may finish in either order).
+    /// Remember a stream's state at `loaded.version`, unless that or a newer
+    /// version is already cached (two commands on one stream may finish in
+    /// either order). Version 0 is a stream the store had no event of.
     pub fn put<S: Weigh + Clone + Send + Sync + 'static>(
         &self,
         stream_id: Uuid,
         loaded: &Loaded<S>,
     ) {
-        if loaded.version == 0 {
-            return; // nothing to remember about a stream that does not exist
-        }
         let weight = u32::try_from(loaded.state.weigh() + ENTRY_OVERHEAD).unwrap_or(u32::MAX);
         let fresh = Arc::new(Entry {
             state: Box::new(loaded.state.clone()),

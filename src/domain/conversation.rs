@@ -129,7 +129,8 @@ pub struct Conversation {
     /// User messages and replies alike (a reply counts once it is requested).
     pub message_count: u64,
     /// Whether the stream holds reply events from before replies had streams
-    /// of their own (where a request may have ended; see `app::replies`).
+    /// of their own (where a request may have ended; see `app::replies`). No
+    /// command decides such events now, so a state without them stays so.
     pub legacy_replies: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

@@ -15,8 +15,9 @@ use ai_secretary::{
         reply::{ReplyCommand, ReplyDecider, ReplyError, ReplyEvent},
     },
     store::{
-        AppendRequest, EventMetadata, EventStore, PgEventStore, SqliteEventStore, codec,
-        postgres::CoalescingConfig,
+        AppendError, AppendRequest, Appended, Behind, EventMetadata, EventStore, IdempotencyRecord,
+        PgEventStore, Position, RecordedEvent, SqliteEventStore, StoreError, StoredPayload,
+        StoredResponse, codec, postgres::CoalescingConfig,
     },
 };
 use chrono::Utc;
@@ -398,15 +399,51 @@ async fn state_caches_in_two_processes_stay_right<D: Topology>() {
         };
         assert_eq!(c.message_count, 6);
     }
-    // If-Match on a version only the other process has seen is judged on the store.
-    let rename = ConversationCommand::Rename {
+    // A decision to change nothing is not taken on a cache that may be behind:
+    // `one` still has the first title, which `two` has since changed.
+    let rename = |title: &str| ConversationCommand::Rename {
         actor: owner,
-        title: "Renamed".into(),
+        title: title.into(),
         at: Utc::now(),
     };
-    two.execute::<ConversationDecider>(id, Expected::Any, &rename, &context, None, None)
+    two.execute::<ConversationDecider>(id, Expected::Any, &rename("Renamed"), &context, None, None)
         .await
         .unwrap();
+    let back = one
+        .execute::<ConversationDecider>(id, Expected::Any, &rename("Shared"), &context, None, None)
+        .await
+        .unwrap();
+    assert_eq!(back.version, 9, "renamed back, not left as it was");
+    let ai_secretary::domain::conversation::ConversationState::Live(c) =
+        two.load::<ConversationDecider>(id).await.unwrap().state
+    else {
+        panic!("the conversation is live")
+    };
+    assert_eq!(c.title, "Shared");
+    // Nor is a refusal: `one` found this stream empty, and another writer has
+    // started it since.
+    let later = Uuid::now_v7();
+    assert_eq!(
+        one.load::<ConversationDecider>(later)
+            .await
+            .unwrap()
+            .version,
+        0
+    );
+    let start = ConversationEvent::ConversationStarted {
+        conversation_id: later,
+        owner_id: owner,
+        assistant_id: Uuid::now_v7(),
+        title: "Later".into(),
+        started_at: Utc::now(),
+    };
+    append(&*store, later, "conversation", 0, &[start]).await;
+    let posted = one
+        .execute::<ConversationDecider>(later, Expected::Any, &post(9), &context, None, None)
+        .await
+        .unwrap();
+    assert_eq!(posted.version, 3);
+    // If-Match on a version only the other process has seen is judged on the store.
     let archive = ConversationCommand::Archive {
         actor: owner,
         at: Utc::now(),
@@ -417,7 +454,7 @@ async fn state_caches_in_two_processes_stay_right<D: Topology>() {
     assert!(
         matches!(
             stale,
-            Err(ai_secretary::app::AppError::PreconditionFailed { current: 8 })
+            Err(ai_secretary::app::AppError::PreconditionFailed { current: 9 })
         ),
         "{stale:?}"
     );
@@ -719,4 +756,208 @@ async fn a_kept_history_reads_as_the_store_does<D: Topology>() {
         )),
         "{after:?}"
     );
+}
+
+crate::on_both!(
+    a_command_on_a_stream_this_process_knows_reads_nothing_first,
+    spawns
+);
+/// A command on a stream in this process's state cache is decided on it and
+/// appended at once: the store's answer to the append is the only check. The
+/// replier's take-up reads the reply stream and the request, and nothing after.
+async fn a_command_on_a_stream_this_process_knows_reads_nothing_first<D: Topology>() {
+    let data = D::fresh().await;
+    let db = data.read_side().await;
+    let store = Arc::new(ReadCounting::new(event_store(&db)));
+    let commands = Commands::new(
+        store.clone(),
+        StateCache::new(1 << 20),
+        crate::helpers::keyring(&db).as_ref().clone(),
+    );
+    let (owner, context) = crate::helpers::registered(&commands).await;
+    let id = Uuid::now_v7();
+    let start = ConversationEvent::ConversationStarted {
+        conversation_id: id,
+        owner_id: owner,
+        assistant_id: Uuid::now_v7(),
+        title: "Known".into(),
+        started_at: Utc::now(),
+    };
+    append(&*store, id, "conversation", 0, &[start]).await;
+    commands.load::<ConversationDecider>(id).await.unwrap();
+    let reads = store.reads();
+    let mut requests = Vec::new();
+    for n in 0..3 {
+        let (message_id, reply_id) = (Uuid::now_v7(), Uuid::now_v7());
+        let post = ConversationCommand::PostMessage {
+            actor: owner,
+            message_id,
+            reply_id,
+            content: format!("message {n}"),
+            at: Utc::now(),
+        };
+        let done = commands
+            .execute::<ConversationDecider>(id, Expected::Any, &post, &context, None, None)
+            .await
+            .unwrap();
+        requests.push(ReplyRequest {
+            conversation_id: id,
+            version: done.version,
+            reply_id,
+            reply_to: message_id,
+        });
+    }
+    assert_eq!(store.reads() - reads, 0, "messages posted without a read");
+    for (n, request) in (0..).zip(&requests) {
+        let reads = store.reads();
+        answer(&commands, &context, request, n).await;
+        assert_eq!(
+            store.reads() - reads,
+            2,
+            "a take-up reads the reply stream and its request; its start and end read nothing"
+        );
+    }
+    assert_eq!(reply_ends(&*store, &requests).await, 3);
+}
+
+/// How many of `requests` have ended in their own streams, as the store has
+/// them (the event types: the store's payloads are sealed).
+async fn reply_ends(store: &dyn EventStore, requests: &[ReplyRequest]) -> usize {
+    let mut ended = 0;
+    for request in requests {
+        let stored = store.read_stream(request.reply_id).await.unwrap();
+        ended += stored
+            .iter()
+            .filter(|r| r.event_type == "ReplyCompleted" || r.event_type == "ReplyFailed")
+            .count();
+    }
+    ended
+}
+
+/// The real event store, counting the reads of streams made through it.
+struct ReadCounting {
+    inner: Arc<dyn EventStore>,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+impl ReadCounting {
+    fn new(inner: Arc<dyn EventStore>) -> Self {
+        ReadCounting {
+            inner,
+            reads: Default::default(),
+        }
+    }
+
+    fn reads(&self) -> usize {
+        self.reads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn read(&self) {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl EventStore for ReadCounting {
+    async fn append(&self, request: AppendRequest) -> Result<Appended, AppendError> {
+        self.inner.append(request).await
+    }
+
+    async fn read_stream_from(
+        &self,
+        stream_id: Uuid,
+        after_version: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.read();
+        self.inner.read_stream_from(stream_id, after_version).await
+    }
+
+    async fn read_payloads_from(
+        &self,
+        stream_id: Uuid,
+        after_version: i64,
+    ) -> Result<Vec<StoredPayload>, StoreError> {
+        self.read();
+        self.inner
+            .read_payloads_from(stream_id, after_version)
+            .await
+    }
+
+    async fn read_stream_backwards(
+        &self,
+        stream_id: Uuid,
+        before_version: i64,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.read();
+        self.inner
+            .read_stream_backwards(stream_id, before_version, limit)
+            .await
+    }
+
+    async fn read_streams(&self, stream_ids: &[Uuid]) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.read();
+        self.inner.read_streams(stream_ids).await
+    }
+
+    async fn read_conversation_feed(
+        &self,
+        conversation_id: Uuid,
+        after: Position,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.read();
+        self.inner
+            .read_conversation_feed(conversation_id, after, limit)
+            .await
+    }
+
+    async fn head(&self) -> Result<Option<Position>, StoreError> {
+        self.inner.head().await
+    }
+
+    async fn behind(&self, after: Position, limit: i64) -> Result<Behind, StoreError> {
+        self.inner.behind(after, limit).await
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.read();
+        self.inner.read_all(after, limit).await
+    }
+
+    async fn find_user_key(&self, user: Uuid) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.find_user_key(user).await
+    }
+
+    async fn find_reservation(
+        &self,
+        scope: &'static str,
+        value: &str,
+    ) -> Result<Option<Uuid>, StoreError> {
+        self.inner.find_reservation(scope, value).await
+    }
+
+    async fn find_idempotency(
+        &self,
+        owner_id: Uuid,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, StoredResponse)>, StoreError> {
+        self.inner.find_idempotency(owner_id, key).await
+    }
+
+    async fn remember_idempotency(&self, record: IdempotencyRecord) -> Result<bool, StoreError> {
+        self.inner.remember_idempotency(record).await
+    }
+
+    async fn expire_idempotency_keys(&self) -> Result<u64, StoreError> {
+        self.inner.expire_idempotency_keys().await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
 }
