@@ -42,6 +42,28 @@ fn event_store(db: &ai_secretary_projections::Db) -> Arc<dyn EventStore> {
     }
 }
 
+/// A process of the service on `store`, with a state cache of its own.
+fn process(store: Arc<dyn EventStore>, db: &ai_secretary_projections::Db) -> Commands {
+    Commands::new(
+        store,
+        StateCache::new(1 << 20),
+        crate::helpers::keyring(db).as_ref().clone(),
+    )
+}
+
+/// Start conversation `id` of `owner`'s, with an assistant that is not in
+/// the store, as another process would: straight in the store.
+async fn start_in_store(store: &dyn EventStore, id: Uuid, owner: Uuid, title: &str) {
+    let start = ConversationEvent::ConversationStarted {
+        conversation_id: id,
+        owner_id: owner,
+        assistant_id: Uuid::now_v7(),
+        title: title.into(),
+        started_at: Utc::now(),
+    };
+    append(store, id, "conversation", 0, &[start]).await;
+}
+
 /// Every reply's endings and starts in the store: (endings, distinct replies
 /// ended, replies started more than once or not on attempt 1).
 async fn reply_counts<D: EventLog>(app: &TestApp<D>) -> (i64, i64, i64) {
@@ -347,26 +369,11 @@ async fn state_caches_in_two_processes_stay_right<D: Topology>() {
     let data = D::fresh().await;
     let db = data.read_side().await;
     let store = event_store(&db);
-    let one = Commands::new(
-        store.clone(),
-        StateCache::new(1 << 20),
-        crate::helpers::keyring(&db).as_ref().clone(),
-    );
-    let two = Commands::new(
-        store.clone(),
-        StateCache::new(1 << 20),
-        crate::helpers::keyring(&db).as_ref().clone(),
-    );
+    let one = process(store.clone(), &db);
+    let two = process(store.clone(), &db);
     let (owner, context) = crate::helpers::registered(&one).await;
     let id = Uuid::now_v7();
-    let start = ConversationEvent::ConversationStarted {
-        conversation_id: id,
-        owner_id: owner,
-        assistant_id: Uuid::now_v7(),
-        title: "Shared".into(),
-        started_at: Utc::now(),
-    };
-    append(&*store, id, "conversation", 0, &[start]).await;
+    start_in_store(&*store, id, owner, "Shared").await;
     let post = |n: u32| ConversationCommand::PostMessage {
         actor: owner,
         message_id: Uuid::now_v7(),
@@ -430,14 +437,7 @@ async fn state_caches_in_two_processes_stay_right<D: Topology>() {
             .version,
         0
     );
-    let start = ConversationEvent::ConversationStarted {
-        conversation_id: later,
-        owner_id: owner,
-        assistant_id: Uuid::now_v7(),
-        title: "Later".into(),
-        started_at: Utc::now(),
-    };
-    append(&*store, later, "conversation", 0, &[start]).await;
+    start_in_store(&*store, later, owner, "Later").await;
     let posted = one
         .execute::<ConversationDecider>(later, Expected::Any, &post(9), &context, None, None)
         .await
@@ -468,11 +468,7 @@ async fn reply_history_is_the_tail_that_fits_the_budget<D: Topology>() {
     let data = D::fresh().await;
     let db = data.read_side().await;
     let store = event_store(&db);
-    let commands = Commands::new(
-        store.clone(),
-        StateCache::new(1 << 20),
-        crate::helpers::keyring(&db).as_ref().clone(),
-    );
+    let commands = process(store.clone(), &db);
     let (id, assistant) = (Uuid::now_v7(), Uuid::now_v7());
     let (owner, context) = crate::helpers::registered(&commands).await;
     let start = ConversationEvent::ConversationStarted {
@@ -663,17 +659,10 @@ async fn a_kept_history_reads_as_the_store_does<D: Topology>() {
     let db = data.read_side().await;
     let store = event_store(&db);
     let keyring = || crate::helpers::keyring(&db).as_ref().clone();
-    let warm = Commands::new(store.clone(), StateCache::new(1 << 20), keyring());
+    let warm = process(store.clone(), &db);
     let (owner, context) = crate::helpers::registered(&warm).await;
     let id = Uuid::now_v7();
-    let start = ConversationEvent::ConversationStarted {
-        conversation_id: id,
-        owner_id: owner,
-        assistant_id: Uuid::now_v7(),
-        title: "Kept".into(),
-        started_at: Utc::now(),
-    };
-    append(&*store, id, "conversation", 0, &[start]).await;
+    start_in_store(&*store, id, owner, "Kept").await;
     // What a process that kept nothing reads (a new one each time).
     let cold = |request: ReplyRequest| {
         let store = store.clone();
@@ -769,21 +758,10 @@ async fn a_command_on_a_stream_this_process_knows_reads_nothing_first<D: Topolog
     let data = D::fresh().await;
     let db = data.read_side().await;
     let store = Arc::new(ReadCounting::new(event_store(&db)));
-    let commands = Commands::new(
-        store.clone(),
-        StateCache::new(1 << 20),
-        crate::helpers::keyring(&db).as_ref().clone(),
-    );
+    let commands = process(store.clone(), &db);
     let (owner, context) = crate::helpers::registered(&commands).await;
     let id = Uuid::now_v7();
-    let start = ConversationEvent::ConversationStarted {
-        conversation_id: id,
-        owner_id: owner,
-        assistant_id: Uuid::now_v7(),
-        title: "Known".into(),
-        started_at: Utc::now(),
-    };
-    append(&*store, id, "conversation", 0, &[start]).await;
+    start_in_store(&*store, id, owner, "Known").await;
     commands.load::<ConversationDecider>(id).await.unwrap();
     let reads = store.reads();
     let mut requests = Vec::new();
