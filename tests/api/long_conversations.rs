@@ -460,6 +460,55 @@ async fn state_caches_in_two_processes_stay_right<D: Topology>() {
     );
 }
 
+crate::on_both!(
+    ten_writers_whose_caches_are_all_behind_all_get_through,
+    spawns
+);
+/// Ten writers at once on one conversation, in two processes whose caches
+/// another writer has left behind: every first decision, made on the cache,
+/// conflicts, and still none of them is refused as contended (a conflict on
+/// the cache is not one of the ten races a command may lose).
+async fn ten_writers_whose_caches_are_all_behind_all_get_through<D: Topology>() {
+    let data = D::fresh().await;
+    let db = data.read_side().await;
+    let store = event_store(&db);
+    let processes = [process(store.clone(), &db), process(store.clone(), &db)];
+    let (owner, context) = crate::helpers::registered(&processes[0]).await;
+    let id = Uuid::now_v7();
+    start_in_store(&*store, id, owner, "Busy").await;
+    let post = move |n: usize| ConversationCommand::PostMessage {
+        actor: owner,
+        message_id: Uuid::now_v7(),
+        reply_id: Uuid::now_v7(),
+        content: format!("message {n}"),
+        at: Utc::now(),
+    };
+    for commands in &processes {
+        commands.load::<ConversationDecider>(id).await.unwrap();
+    }
+    // A third process moves the stream on: both caches are now behind.
+    process(store.clone(), &db)
+        .execute::<ConversationDecider>(id, Expected::Any, &post(0), &context, None, None)
+        .await
+        .unwrap();
+    let writers = (1..=10).map(|n| {
+        let commands = processes[n % 2].clone();
+        let context = context.clone();
+        tokio::spawn(async move {
+            commands
+                .execute::<ConversationDecider>(id, Expected::Any, &post(n), &context, None, None)
+                .await
+                .map(|done| done.version)
+        })
+    });
+    let mut versions = Vec::new();
+    for writer in futures::future::join_all(writers).await {
+        versions.push(writer.unwrap().expect("every writer gets through"));
+    }
+    versions.sort_unstable();
+    assert_eq!(versions, (5..=23).step_by(2).collect::<Vec<i64>>());
+}
+
 crate::on_both!(reply_history_is_the_tail_that_fits_the_budget, spawns);
 /// The prompt's history is read backwards from the request and stops once the
 /// budget is spent; an answer sits where it was requested, and one recorded
