@@ -707,21 +707,14 @@ async fn a_kept_history_reads_as_the_store_does<D: Topology>() {
     let data = D::fresh().await;
     let db = data.read_side().await;
     let store = event_store(&db);
-    let keyring = || crate::helpers::keyring(&db).as_ref().clone();
     let warm = process(store.clone(), &db);
     let (owner, context) = crate::helpers::registered(&warm).await;
     let id = Uuid::now_v7();
     start_in_store(&*store, id, owner, "Kept").await;
     // What a process that kept nothing reads (a new one each time).
     let cold = |request: ReplyRequest| {
-        let store = store.clone();
-        let keyring = keyring();
-        async move {
-            Commands::new(store, StateCache::new(1 << 20), keyring)
-                .reply_history(&request, 120)
-                .await
-                .unwrap()
-        }
+        let commands = process(store.clone(), &db);
+        async move { commands.reply_history(&request, 120).await.unwrap() }
     };
     let mut requests: Vec<ReplyRequest> = Vec::new();
     let mut late: Vec<(ReplyRequest, u32)> = Vec::new();
