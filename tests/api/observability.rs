@@ -245,14 +245,15 @@ crate::on_both!(
 /// every line is JSON, the request's lines carry the correlation id and the
 /// user id, and no secret, password, token, email or message content appears.
 async fn logs_are_json_with_correlation_and_user_and_no_secrets<D: crate::helpers::Topology>() {
-    use crate::{process::Service, servers::free_port};
+    use crate::{process::Service, servers::RefusingPort};
 
     let logs = tempfile::tempdir().unwrap();
     let jwt_secret = format!("jwt-secret-{}", uuid::Uuid::new_v4().simple());
     let encryption_key = "5a".repeat(32);
     let gemini_key = format!("gemini-key-{}", uuid::Uuid::new_v4().simple());
     // Gemini on a port where nothing listens: the replier fails, and logs it.
-    let gemini = format!("http://127.0.0.1:{}", free_port());
+    let refusing = RefusingPort::bind();
+    let gemini = refusing.url();
     let mut service = Service::<D>::start_fresh(&[
         ("JWT_SECRET_KEY", &jwt_secret),
         ("ENCRYPTION_KEY", &encryption_key),
@@ -460,9 +461,10 @@ crate::on_both!(cache_and_llm_counters_move_with_the_traffic, spawns);
 /// it) and then a hit per read; a reply whose model is unreachable counts each
 /// failed attempt and one failed reply.
 async fn cache_and_llm_counters_move_with_the_traffic<D: crate::helpers::Topology>() {
-    use crate::{helpers::consumers, process::Service, progress::caught_up, servers::free_port};
+    use crate::{helpers::consumers, process::Service, progress::caught_up, servers::RefusingPort};
 
-    let gemini = format!("http://127.0.0.1:{}", free_port());
+    let refusing = RefusingPort::bind();
+    let gemini = refusing.url();
     let service = Service::<D>::start_fresh(&[
         ("LLM_PROVIDER", "gemini"),
         ("GEMINI_API_KEY", "a-key"),
