@@ -237,6 +237,13 @@ async fn a_worker_serves_health_and_metrics_but_not_the_api() {
     assert_eq!(api.status(), StatusCode::NOT_FOUND);
 }
 
+/// A Gemini where nothing listens, so every attempt is refused. A fixed low
+/// port, as elsewhere in the tests (`127.0.0.1:9`): a port from `free_port()`
+/// is free only until another test binds it, and a fake Gemini there once
+/// answered 404 where a refused connection was expected. No test server binds
+/// it: they all bind port 0, which the kernel picks from 32768 up.
+const NOWHERE: &str = "http://127.0.0.1:9";
+
 crate::on_both!(
     logs_are_json_with_correlation_and_user_and_no_secrets,
     spawns
@@ -245,21 +252,19 @@ crate::on_both!(
 /// every line is JSON, the request's lines carry the correlation id and the
 /// user id, and no secret, password, token, email or message content appears.
 async fn logs_are_json_with_correlation_and_user_and_no_secrets<D: crate::helpers::Topology>() {
-    use crate::{process::Service, servers::RefusingPort};
+    use crate::process::Service;
 
     let logs = tempfile::tempdir().unwrap();
     let jwt_secret = format!("jwt-secret-{}", uuid::Uuid::new_v4().simple());
     let encryption_key = "5a".repeat(32);
     let gemini_key = format!("gemini-key-{}", uuid::Uuid::new_v4().simple());
     // Gemini on a port where nothing listens: the replier fails, and logs it.
-    let refusing = RefusingPort::bind();
-    let gemini = refusing.url();
     let mut service = Service::<D>::start_fresh(&[
         ("JWT_SECRET_KEY", &jwt_secret),
         ("ENCRYPTION_KEY", &encryption_key),
         ("LLM_PROVIDER", "gemini"),
         ("GEMINI_API_KEY", &gemini_key),
-        ("GEMINI_BASE_URL", &gemini),
+        ("GEMINI_BASE_URL", NOWHERE),
         ("LLM_MAX_ATTEMPTS", "2"),
         ("LLM_BACKOFF_MS", "10"),
         ("LOG_FORMAT", "json"),
@@ -461,14 +466,12 @@ crate::on_both!(cache_and_llm_counters_move_with_the_traffic, spawns);
 /// it) and then a hit per read; a reply whose model is unreachable counts each
 /// failed attempt and one failed reply.
 async fn cache_and_llm_counters_move_with_the_traffic<D: crate::helpers::Topology>() {
-    use crate::{helpers::consumers, process::Service, progress::caught_up, servers::RefusingPort};
+    use crate::{helpers::consumers, process::Service, progress::caught_up};
 
-    let refusing = RefusingPort::bind();
-    let gemini = refusing.url();
     let service = Service::<D>::start_fresh(&[
         ("LLM_PROVIDER", "gemini"),
         ("GEMINI_API_KEY", "a-key"),
-        ("GEMINI_BASE_URL", &gemini),
+        ("GEMINI_BASE_URL", NOWHERE),
         ("LLM_MAX_ATTEMPTS", "2"),
         ("LLM_BACKOFF_MS", "10"),
     ])

@@ -208,29 +208,6 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A loopback port that refuses every connection for as long as this is held:
-/// bound, never listened on. A port from [`free_port`] is free only until
-/// another test binds it (a fake Gemini there once answered 404 where a test
-/// expected a refused connection); this one no other socket can take.
-pub struct RefusingPort {
-    socket: tokio::net::TcpSocket,
-}
-
-impl RefusingPort {
-    pub fn bind() -> RefusingPort {
-        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
-        socket
-            .bind(([127, 0, 0, 1], 0).into())
-            .expect("bind a loopback port");
-        RefusingPort { socket }
-    }
-
-    pub fn url(&self) -> String {
-        let port = self.socket.local_addr().expect("a bound socket").port();
-        format!("http://127.0.0.1:{port}")
-    }
-}
-
 fn scratch_dir(kind: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "ai-secretary-test-{kind}-{}",
