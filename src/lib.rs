@@ -13,6 +13,7 @@ pub mod config;
 pub mod crypto;
 pub mod domain;
 pub mod http;
+pub mod listen;
 pub mod llm;
 pub mod progress;
 pub mod read_side;

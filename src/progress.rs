@@ -1,20 +1,24 @@
 //! Where the read side has got to: every checkpoint, kept current from the
 //! projections' announcements, with a slow poll behind them. On Postgres the
 //! announcements are `NOTIFY ai_secretary_checkpoints` on commit, each naming the
-//! checkpoint and where it moved; on SQLite, `SqliteDb::checkpoint_moves()`, a
+//! checkpoint and where it moved, heard on the process's one listening
+//! connection (`crate::listen`); on SQLite, `SqliteDb::checkpoint_moves()`, a
 //! signal that carries no position, so every one re-reads the checkpoints. A
 //! query carrying `X-Consistency-Token` waits here, woken by those
 //! announcements rather than polling, until the projections that serve it have
 //! passed the command's position.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use ai_secretary_projections::{Db, SqliteDb, checkpoint};
-use sqlx::{PgPool, postgres::PgListener};
-use tokio::sync::watch;
+use sqlx::PgPool;
+use tokio::sync::{
+    broadcast::{self, error::RecvError},
+    watch,
+};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::Position;
+use crate::{listen::CheckpointNews, store::Position};
 
 /// Re-read every checkpoint this often, in case a notification was missed (on
 /// SQLite: a move made by another process on the same file, such as an
@@ -27,13 +31,20 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Follow the checkpoints until `shutdown`.
-    pub fn start(db: Db, shutdown: CancellationToken) -> (Progress, tokio::task::JoinHandle<()>) {
+    /// Follow the checkpoints until `shutdown`. On Postgres, `news` is the
+    /// checkpoints channel as this process hears it
+    /// (`Listening::checkpoint_news`); without it, the checkpoints are only
+    /// polled. On SQLite it is not used.
+    pub fn start(
+        db: Db,
+        mut news: Option<broadcast::Receiver<CheckpointNews>>,
+        shutdown: CancellationToken,
+    ) -> (Progress, tokio::task::JoinHandle<()>) {
         let (sender, positions) = watch::channel(HashMap::new());
         let task = tokio::spawn(async move {
             while !shutdown.is_cancelled() {
                 let followed = match &db {
-                    Db::Postgres(pool) => follow(pool, &sender, &shutdown).await,
+                    Db::Postgres(pool) => follow(pool, &mut news, &sender, &shutdown).await,
                     Db::Sqlite(lite) => follow_sqlite(lite, &sender, &shutdown).await,
                 };
                 if let Err(e) = followed {
@@ -82,33 +93,53 @@ impl Progress {
 
 async fn follow(
     pool: &PgPool,
+    news: &mut Option<broadcast::Receiver<CheckpointNews>>,
     sender: &watch::Sender<HashMap<String, Position>>,
     shutdown: &CancellationToken,
 ) -> Result<(), sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(checkpoint::CHANNEL).await?;
     loop {
-        // Listening first, then reading: nothing announced in between is lost.
+        // Subscribed first (before this task started), then reading: nothing
+        // announced in between is lost.
         let all = checkpoint::postgres::all(pool).await?;
         merge(sender, all.into_iter().map(|c| (c.name, c.position)));
         let deadline = tokio::time::sleep(RESYNC);
         tokio::pin!(deadline);
         loop {
             tokio::select! {
-                notification = listener.recv() => {
-                    let notification = notification?;
-                    if let Some((name, position)) = parse(notification.payload()) {
-                        sender.send_modify(|map| {
-                            let entry = map.entry(name.to_owned()).or_default();
-                            *entry = (*entry).max(position);
-                        });
-                    }
-                }
+                heard = next_move(news) => match heard {
+                    Some((name, position)) => sender.send_modify(|map| {
+                        match map.get_mut(&*name) {
+                            Some(entry) => *entry = (*entry).max(position),
+                            None => {
+                                map.insert(name.to_string(), position);
+                            }
+                        }
+                    }),
+                    // Unheard moves: read them all.
+                    None => break,
+                },
                 () = &mut deadline => break,
                 () = shutdown.cancelled() => return Ok(()),
             }
         }
     }
+}
+
+/// The next checkpoint move heard; `None` when some may have gone unheard
+/// (the connection listens anew, or this subscriber fell behind), so that
+/// everything is read again. Once nothing can be heard any more (no news, or
+/// the listening task has ended) it never resolves, and the poll goes on.
+async fn next_move(
+    news: &mut Option<broadcast::Receiver<CheckpointNews>>,
+) -> Option<(Arc<str>, Position)> {
+    if let Some(receiver) = news {
+        match receiver.recv().await {
+            Ok(CheckpointNews::Moved(name, position)) => return Some((name, position)),
+            Ok(CheckpointNews::Listening) | Err(RecvError::Lagged(_)) => return None,
+            Err(RecvError::Closed) => *news = None,
+        }
+    }
+    std::future::pending().await
 }
 
 async fn follow_sqlite(
@@ -152,10 +183,4 @@ fn merge(
             *entry = (*entry).max(position);
         }
     });
-}
-
-/// `"<name> <transaction_id>.<global_position>"`.
-fn parse(payload: &str) -> Option<(&str, Position)> {
-    let (name, position) = payload.split_once(' ')?;
-    Some((name, position.parse().ok()?))
 }

@@ -6,6 +6,7 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use ai_secretary_projections::{Db, SqliteDb, worker};
+use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::AbortOnDropHandle};
 
@@ -16,6 +17,7 @@ use crate::{
     bus::{self, BusConfig, relay::Relay},
     config::{CacheBackend, Config, Database, EventFeed, LlmProvider},
     http::{self, AppState, read::ReadSide},
+    listen::{Channels, Listening},
     llm::{Provider, gemini::Gemini, offline::Offline},
     progress::Progress,
     recovery::Rebuilds,
@@ -194,19 +196,32 @@ impl Application {
             Some(url) => Some(bus::connect(url).await?),
             None => None,
         };
+        // The relay has nothing to do without a bus to publish to.
+        let relay = roles.relay && nats.is_some();
         // Without NATS, one signal of commits wakes everything of the process
         // that tails the store: the workers, the replier and the live streams.
-        let commits = match (&store_commits, &pool) {
+        let tails_store = nats.is_none()
+            || (event_feed == EventFeed::Store && (roles.replier || !roles.projections.is_empty()));
+        // On Postgres, what the process waits to hear comes over one listening
+        // connection (see `listen`), on the channels its parts need.
+        let listening = match &pool {
+            Some(pool) => Listening::start(
+                pool.clone(),
+                Channels {
+                    commits: relay || tails_store,
+                    checkpoints: roles.api,
+                },
+                stop.clone(),
+            )
+            .map(|(listening, task)| {
+                tasks.push(AbortOnDropHandle::new(task));
+                listening
+            }),
+            None => None,
+        };
+        let commits = match (&store_commits, &listening) {
             (Some(commits), _) => Some(commits.clone()),
-            (None, Some(pool))
-                if nats.is_none()
-                    || (event_feed == EventFeed::Store
-                        && (roles.replier || !roles.projections.is_empty())) =>
-            {
-                let (commits, listener) = bus::tail::commits(pool.clone(), stop.clone());
-                tasks.push(AbortOnDropHandle::new(listener));
-                Some(commits)
-            }
+            (None, Some(listening)) if tails_store => listening.commits(),
             (None, _) => None,
         };
         // Live updates (SSE and reply deltas): NATS when there is one.
@@ -253,8 +268,6 @@ impl Application {
                 async move { replier.run(&stop).await }
             })));
         }
-        // The relay has nothing to do without a bus to publish to.
-        let relay = roles.relay && nats.is_some();
         if relay || !roles.projections.is_empty() {
             let jetstream = nats.clone().map(async_nats::jetstream::new);
             if let (true, Some(jetstream)) = (relay, &jetstream) {
@@ -263,6 +276,10 @@ impl Application {
                     store: raw.clone(),
                     jetstream: jetstream.clone(),
                     bus: bus.clone(),
+                    commits: listening
+                        .as_ref()
+                        .and_then(Listening::commits)
+                        .context("the relay listens for commits")?,
                 });
                 let stop = stop.clone();
                 tasks.push(spawn(supervise("relay", stop.clone(), move || {
@@ -319,7 +336,11 @@ impl Application {
 
         let mut recovery = None;
         let api = if roles.api {
-            let (progress, follower) = Progress::start(db.clone(), stop.clone());
+            let (progress, follower) = Progress::start(
+                db.clone(),
+                listening.as_ref().and_then(Listening::checkpoint_news),
+                stop.clone(),
+            );
             let rebuilds = Rebuilds::new(
                 db.clone(),
                 Arc::new(keyring.clone()),

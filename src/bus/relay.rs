@@ -1,7 +1,8 @@
 //! The relay: tails the event store in commit order and publishes each event to
 //! JetStream, then moves its checkpoint.
 //!
-//! Woken by `NOTIFY` (polling as a safety net), it reads what is safely committed
+//! Woken by `NOTIFY` (heard on the process's one listening connection,
+//! `crate::listen`; polling as a safety net), it reads what is safely committed
 //! (see `EventStore::read_all`), publishes a batch without waiting between
 //! messages, awaits all the acks, and only then saves the checkpoint. A crash in
 //! between republishes the batch; `Nats-Msg-Id = event_id` lets JetStream drop
@@ -24,11 +25,12 @@ use ai_secretary_projections::{
     log::{RECHECK, RECHECKS},
 };
 use async_nats::jetstream::{self, message::PublishMessage};
-use sqlx::{PgPool, postgres::PgListener};
+use sqlx::PgPool;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::BusConfig;
-use crate::store::{EventStore, Position, RecordedEvent, postgres::COMMITS_CHANNEL};
+use crate::store::{EventStore, Position, RecordedEvent};
 
 /// The relay's row in `checkpoints`.
 pub const CHECKPOINT: &str = "relay";
@@ -45,6 +47,8 @@ pub struct Relay {
     pub store: Arc<dyn EventStore>,
     pub jetstream: jetstream::Context,
     pub bus: BusConfig,
+    /// Changes whenever an append commits (`Listening::commits`).
+    pub commits: watch::Receiver<()>,
 }
 
 impl Relay {
@@ -75,8 +79,9 @@ impl Relay {
     /// Publish everything committed while `lease` is held.
     async fn serve(&self, lease: &Lease) -> anyhow::Result<()> {
         super::ensure_stream(&self.jetstream, &self.bus).await?;
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(COMMITS_CHANNEL).await?;
+        let mut commits = self.commits.clone();
+        // False once the listening task is gone (shutdown): then only the poll.
+        let mut hearing = true;
         let mut checkpoint = checkpoint::postgres::ensure(&self.pool, CHECKPOINT)
             .await?
             .position;
@@ -90,7 +95,12 @@ impl Relay {
         while !lease.lost().is_cancelled() {
             let events = match read_ahead.take() {
                 Some(events) => events,
-                None => self.store.read_all(checkpoint, BATCH).await?,
+                None => {
+                    // Seen before every read: a commit from here on wakes the
+                    // wait below.
+                    commits.borrow_and_update();
+                    self.store.read_all(checkpoint, BATCH).await?
+                }
             };
             if let Some(last) = events.last() {
                 self.publish(checkpoint, &events).await?;
@@ -99,6 +109,7 @@ impl Relay {
                 // load this loop is every event's way to the bus). Nothing
                 // read ahead is published unless the save, fenced by the
                 // lease, went through.
+                commits.borrow_and_update();
                 let (moved, next) = tokio::join!(
                     self.save(lease, checkpoint, last.position, events.len()),
                     self.store.read_all(last.position, BATCH)
@@ -125,7 +136,10 @@ impl Relay {
             }
             // Caught up: wait for a commit, the poll, or the end of the lease.
             tokio::select! {
-                notified = listener.recv() => { notified?; recheck = RECHECKS; }
+                changed = commits.changed(), if hearing => match changed {
+                    Ok(()) => recheck = RECHECKS,
+                    Err(_) => hearing = false,
+                },
                 () = tokio::time::sleep(POLL) => {}
                 () = lease.lost().cancelled() => break,
             }

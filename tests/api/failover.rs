@@ -66,6 +66,31 @@ async fn fresh_pool(db: &TestDb) -> PgPool {
         .expect("connect to the test database")
 }
 
+/// The service, all in one process but the replier, with one user who has
+/// one conversation: the service, the user's token and the conversation's id.
+async fn app_with_a_conversation(email: &str, assistant: &str) -> (TestApp, String, String) {
+    let app = spawn_app_without_replier(&[]).await;
+    let token = app.signed_up(email).await;
+    let assistant = app.assistant(&token, assistant).await;
+    let conversation = app.conversation(&token, &assistant["id"]).await;
+    let c = conversation["id"].as_str().unwrap().to_owned();
+    (app, token, c)
+}
+
+/// Rename conversation `c` as the holder of `token`; the command's consistency token.
+async fn rename(app: &TestApp, token: &str, c: &str, title: &str) -> String {
+    let response = app
+        .send(
+            Method::PATCH,
+            &format!("/api/v1/conversations/{c}"),
+            Some(token),
+            Some(json!({ "title": title })),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    consistency(&response).unwrap()
+}
+
 // ---------------------------------------------------------------------------
 // Load: writers posting messages into their own conversations
 
@@ -318,6 +343,85 @@ async fn commands_ride_out_cut_connections_without_a_5xx_or_a_double() {
     );
 }
 
+/// The process hears Postgres over one listening connection: the relay's
+/// commits and the API's checkpoint moves both come over it (Postgres wakes
+/// every listening backend on every notifying commit, so a second one would
+/// double that work). When that connection is cut, the process listens again
+/// on a new one, and a command is still read back through its token.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_listens_for_the_whole_process_and_listens_again_when_cut() {
+    let (app, token, c) = app_with_a_conversation("listener@example.com", "Ears").await;
+    let pool = fresh_pool(&app.db).await;
+    let listening = async || -> Vec<i32> {
+        sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE 'LISTEN %'",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let first = eventually("one listening connection", async || {
+        match listening().await.as_slice() {
+            [pid] => Ok(*pid),
+            pids => Err(format!("listening backends {pids:?}")),
+        }
+    })
+    .await;
+    let query: String = sqlx::query_scalar("SELECT query FROM pg_stat_activity WHERE pid = $1")
+        .bind(first)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        query.contains("ai_secretary_events") && query.contains("ai_secretary_checkpoints"),
+        "the one connection listens on both channels: {query}"
+    );
+
+    let cut: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(first)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(cut, "the listening backend is terminated");
+    let again = eventually("listening again", async || {
+        match listening().await.as_slice() {
+            [pid] if *pid != first => Ok(*pid),
+            pids => Err(format!(
+                "listening backends {pids:?} (the cut one was {first})"
+            )),
+        }
+    })
+    .await;
+    assert_ne!(again, first);
+
+    for title in ["heard", "heard again"] {
+        let at = rename(&app, &token, &c, title).await;
+        let read = http::get(
+            &app.client,
+            &app.address,
+            &format!("/conversations/{c}"),
+            &token,
+            Some(&at),
+        )
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(read.status(), StatusCode::OK);
+        let read: Value = read.json().await.unwrap();
+        assert_eq!(read["title"], title, "read through the command's token");
+    }
+    assert_eq!(
+        listening().await,
+        vec![again],
+        "still one listening connection"
+    );
+}
+
 /// The active `conversations` worker is cut off in the middle of a batch (its
 /// connections die while the batch waits on a lock) and a standby takes its
 /// lease, and the relay's: the deposed worker and relay write nothing more,
@@ -334,11 +438,7 @@ async fn commands_ride_out_cut_connections_without_a_5xx_or_a_double() {
 )]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deposed_worker_writes_nothing_after_its_lease_is_taken() {
-    let app = spawn_app_without_replier(&[]).await;
-    let token = app.signed_up("deposed@example.com").await;
-    let assistant = app.assistant(&token, "Fenced").await;
-    let conversation = app.conversation(&token, &assistant["id"]).await;
-    let c = conversation["id"].as_str().unwrap().to_owned();
+    let (app, token, c) = app_with_a_conversation("deposed@example.com", "Fenced").await;
     let pool = &app.db.pool;
     caught_up(pool, &consumers()).await;
     let count = async || -> i64 {
@@ -558,18 +658,7 @@ async fn queries_are_served_from_postgres_while_redis_is_stopped_or_frozen() {
     let c = conversation["id"].as_str().unwrap().to_owned();
 
     // A command's token, and reads with and without it, checked for content.
-    let rename = async |title: &str| -> String {
-        let response = app
-            .send(
-                Method::PATCH,
-                &format!("/api/v1/conversations/{c}"),
-                Some(&token),
-                Some(json!({ "title": title })),
-            )
-            .await;
-        assert_eq!(response.status(), StatusCode::OK);
-        consistency(&response).unwrap()
-    };
+    let rename = async |title: &str| -> String { rename(&app, &token, &c, title).await };
     let read = async |path: &str, at: Option<&str>| -> (Duration, Value) {
         let request = http::get(&app.client, &app.address, path, &token, at);
         let started = Instant::now();

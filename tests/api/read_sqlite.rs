@@ -809,7 +809,7 @@ async fn progress_on_sqlite_follows_the_signal_and_the_poll() {
         .unwrap();
     let db = SqliteDb::new(pool.clone());
     let stop = CancellationToken::new();
-    let (progress, task) = Progress::start(Db::Sqlite(db.clone()), stop.clone());
+    let (progress, task) = Progress::start(Db::Sqlite(db.clone()), None, stop.clone());
     let set = async |name: &str, global_position: i64| {
         sqlx::query(
             "INSERT INTO checkpoints (name, transaction_id, global_position, updated_at)
