@@ -4,7 +4,7 @@
 //! named here does not answer; the embedded one is not even created), saying
 //! which setting is wrong, and never printing the value.
 
-use crate::{helpers::EventLog, process::configured, servers::free_port};
+use crate::{helpers::EventLog, process::configured};
 
 const GOOD_JWT: &str = "a-production-jwt-secret-of-40-characters";
 
@@ -16,12 +16,14 @@ async fn production_refuses_weak_or_default_secrets<D: EventLog>() {
     let good_key = "5a".repeat(32);
     let non_hex = format!("{}zz", "5a".repeat(31));
     let short_jwt = "x".repeat(31);
-    // The servers' database where nothing answers, or an embedded data directory.
-    let nowhere = format!("postgres://postgres@127.0.0.1:{}/nowhere", free_port());
+    // The servers' database where nothing answers (a fixed low port, as for
+    // the tests' other unreachable servers: a `free_port()` is free only until
+    // another test binds it), or an embedded data directory.
+    let nowhere = "postgres://postgres@127.0.0.1:9/nowhere";
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_string_lossy().into_owned();
     let database = if D::SERVERS {
-        ("DATABASE_URL", nowhere.as_str())
+        ("DATABASE_URL", nowhere)
     } else {
         ("DATA_DIR", data_dir.as_str())
     };
