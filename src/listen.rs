@@ -34,7 +34,7 @@ const CHECKPOINT_NEWS: usize = 4096;
 
 /// The channels a process listens on: only those its parts wait for (a worker
 /// fed by the bus waits for neither).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Channels {
     /// The store's appends: the relay, and what tails the store.
     pub commits: bool,
@@ -53,7 +53,7 @@ pub enum CheckpointNews {
 }
 
 /// The subscriptions to the process's listening connection.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Listening {
     commits: Option<watch::Receiver<()>>,
     checkpoints: Option<broadcast::Sender<CheckpointNews>>,
@@ -72,13 +72,12 @@ impl Listening {
         if !channels.commits && !channels.checkpoints {
             return None;
         }
-        let (commits, commits_heard) = watch::channel(());
-        let commits = channels.commits.then_some(commits);
+        let (commits, commits_heard) = channels.commits.then(|| watch::channel(())).unzip();
         let checkpoints = channels
             .checkpoints
             .then(|| broadcast::Sender::new(CHECKPOINT_NEWS));
         let listening = Listening {
-            commits: commits.as_ref().map(|_| commits_heard),
+            commits: commits_heard,
             checkpoints: checkpoints.clone(),
         };
         let task = tokio::spawn(async move {

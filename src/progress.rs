@@ -107,14 +107,7 @@ async fn follow(
         loop {
             tokio::select! {
                 heard = next_move(news) => match heard {
-                    Some((name, position)) => sender.send_modify(|map| {
-                        match map.get_mut(&*name) {
-                            Some(entry) => *entry = (*entry).max(position),
-                            None => {
-                                map.insert(name.to_string(), position);
-                            }
-                        }
-                    }),
+                    Some((name, position)) => merge(sender, [(name.to_string(), position)]),
                     // Unheard moves: read them all.
                     None => break,
                 },
