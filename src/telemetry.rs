@@ -177,6 +177,11 @@ pub fn describe_metrics() {
         "Poison events a projection parked in dead_letters"
     );
     describe_counter!(
+        "projection_batches_total",
+        Unit::Count,
+        "Projection batches committed, by projection and how: move_alone, one_statement or transaction"
+    );
+    describe_counter!(
         "projection_gap_fills_total",
         Unit::Count,
         "Gaps in the bus (an event whose predecessor was not the checkpoint) a projection filled from the event store"

@@ -135,7 +135,11 @@ pub async fn advance(tx: &mut Tx, name: &str, to: Position) -> Result<(), sqlx::
 /// but a bigint here, timestamps are `timestamptz` set by `now()`, the row lock
 /// is `FOR UPDATE`, and every move is announced with `pg_notify` on [`CHANNEL`].
 pub mod postgres {
-    use sqlx::{PgConnection, PgExecutor, Row};
+    use std::sync::LazyLock;
+
+    use sqlx::{
+        AssertSqlSafe, PgConnection, PgExecutor, Postgres, Row, postgres::PgArguments, query::Query,
+    };
 
     use super::{CHANNEL, Checkpoint, Move, Status};
     use ai_secretary_contract::Position;
@@ -220,30 +224,55 @@ pub mod postgres {
         name: &str,
         m: Move,
     ) -> Result<bool, sqlx::Error> {
-        let moved = sqlx::query(
-            "WITH moved AS (
+        static SAVE: LazyLock<String> = LazyLock::new(|| format!("WITH {} {ANNOUNCE}", moved("")));
+        let moved = bind_move(sqlx::query(AssertSqlSafe(SAVE.as_str())), name, m)
+            .fetch_optional(executor)
+            .await?;
+        Ok(moved.is_some())
+    }
+
+    /// The compare-and-set of [`save`] as the `WITH` query `moved`, which
+    /// returns the row if it moved; `and` (empty, or starting with ` AND`)
+    /// adds to its condition. Its parameters are `$1`–`$9`
+    /// ([`MOVE_PARAMETERS`], bound by [`bind_move`]).
+    pub(crate) fn moved(and: &str) -> String {
+        format!(
+            "moved AS (
                  UPDATE checkpoints
                  SET transaction_id = $2, global_position = $3, events = events + $4,
                      stream_sequence = COALESCE($5, stream_sequence), updated_at = now()
                  WHERE name = $1 AND epoch = $7
-                   AND transaction_id = $8 AND global_position = $9
-                 RETURNING name)
-             SELECT pg_notify($6, name || ' ' || $2 || '.' || $3),
-                    set_config('synchronous_commit', 'off', true)
-             FROM moved",
+                   AND transaction_id = $8 AND global_position = $9{and}
+                 RETURNING name)"
         )
-        .bind(name)
-        .bind(m.to.transaction_id)
-        .bind(m.to.global_position)
-        .bind(m.applied)
-        .bind(m.stream_sequence)
-        .bind(CHANNEL)
-        .bind(m.fence.epoch)
-        .bind(m.fence.from.transaction_id)
-        .bind(m.fence.from.global_position)
-        .fetch_optional(executor)
-        .await?;
-        Ok(moved.is_some())
+    }
+
+    /// How many parameters [`moved`] and [`ANNOUNCE`] take.
+    pub(crate) const MOVE_PARAMETERS: usize = 9;
+
+    /// The body of a move's statement, after its `WITH` queries: the
+    /// announcement, and the commit that does not wait for the disk (see
+    /// [`save`]). One row if the checkpoint moved, none if not.
+    pub(crate) const ANNOUNCE: &str = "SELECT pg_notify($6, name || ' ' || $2 || '.' || $3),
+                set_config('synchronous_commit', 'off', true)
+         FROM moved";
+
+    /// Bind the parameters of [`moved`] and [`ANNOUNCE`].
+    pub(crate) fn bind_move<'q>(
+        query: Query<'q, Postgres, PgArguments>,
+        name: &'q str,
+        m: Move,
+    ) -> Query<'q, Postgres, PgArguments> {
+        query
+            .bind(name)
+            .bind(m.to.transaction_id)
+            .bind(m.to.global_position)
+            .bind(m.applied)
+            .bind(m.stream_sequence)
+            .bind(CHANNEL)
+            .bind(m.fence.epoch)
+            .bind(m.fence.from.transaction_id)
+            .bind(m.fence.from.global_position)
     }
 
     /// See [`super::advance`].

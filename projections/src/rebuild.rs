@@ -647,7 +647,11 @@ async fn swap(
         head,
     )
     .await?;
-    let names: Vec<&str> = tables.iter().map(|t| t.name).collect();
+    // In the order of their names, as a batch's one statement locks them
+    // (`executor::postgres::write_moving`): neither waits for one table while
+    // holding another the other has.
+    let mut names: Vec<&str> = tables.iter().map(|t| t.name).collect();
+    names.sort_unstable();
     sqlx::query(AssertSqlSafe(format!(
         "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
         names.join(", ")
@@ -768,6 +772,7 @@ async fn invalidate_skipped(
         .map_err(|e| match e {
             ProjectionError::Database(e) => RebuildError::Database(e),
             ProjectionError::Cache(e) => RebuildError::Cache(e),
+            ProjectionError::NotMoved => unreachable!("preparing moves no checkpoint"),
         })
 }
 

@@ -45,7 +45,7 @@ use crate::{
     lease::{self, Lease},
     log,
     opener::Opener,
-    projection::{Batch, Decoded, Projection, ProjectionError},
+    projection::{BATCH_COMMITS, Batch, Decoded, Projection, ProjectionError, count_batch},
 };
 
 /// Where the events are on the bus, and how their sealed personal fields are
@@ -139,6 +139,10 @@ pub async fn run(
         "projection_gap_fills_total",
     ] {
         metrics::counter!(counter, "projection" => name).increment(0);
+    }
+    for commit in BATCH_COMMITS {
+        metrics::counter!("projection_batches_total", "projection" => name, "commit" => commit)
+            .increment(0);
     }
     lease::zero_metrics(name);
     while !shutdown.is_cancelled() {
@@ -404,10 +408,12 @@ impl LeftOff {
 
 /// Write a resolved batch: let the projection do its work outside the
 /// database (`Projection::prepare`), then apply it and move the checkpoint
-/// from where `left_off` is in one short transaction, fenced by the lease
-/// (see [`apply`]); a batch with nothing to write but the move makes it as one
-/// statement. `left_off` then moves to where the batch left off; on an error
-/// it is left knowing nothing (the caller reads the checkpoint again).
+/// from where `left_off` is, together, fenced by the lease (see [`apply`]):
+/// in one statement when nothing in the batch must be read or written before
+/// its end, in one short transaction otherwise (`Batch`); a batch with
+/// nothing to write but the move makes it as one statement. `left_off` then
+/// moves to where the batch left off; on an error it is left knowing nothing
+/// (the caller reads the checkpoint again).
 /// On SQLite that transaction holds the database's one write lock
 /// (`BEGIN IMMEDIATE`), the event store's appends included: another reason
 /// nothing slow happens inside it.
@@ -436,36 +442,27 @@ async fn commit(
     let moved = if resolved.writes(projection) {
         // What the lookups found goes back only if the batch commits.
         let known = std::mem::take(&mut left_off.known);
-        let mut batch = Batch::new(db.begin_write().await?, known);
-        // The checkpoint's move first, fenced by the lease: its row lock comes
-        // first, as a rebuild's swap takes it first too (whoever has it goes
-        // ahead, the other waits: never a deadlock over the tables), and one
-        // statement both checks and moves it, a round trip less per batch than
-        // locking it first and moving it last. Everything after it is in the
-        // same transaction, so the move commits with the batch's writes or not
-        // at all. (On SQLite `BEGIN IMMEDIATE` already took the one write lock.)
-        let moved = checkpoint::save(&mut batch.tx, name, m).await?;
-        if moved {
-            for step in &resolved.steps {
-                match step {
-                    Ok(Decoded { envelope, event }) => {
-                        projection.apply(&mut batch, envelope, event).await?
-                    }
-                    Err(poison) => poison.record(&mut batch.tx, name).await?,
-                }
+        let batch = Batch::new(db, name, m, known);
+        match write(batch, projection, &resolved.steps).await {
+            Ok(known) => {
+                left_off.known = known;
+                true
             }
-            // What the executor held back is written here, before the commit.
-            left_off.known = batch.commit().await?;
+            // Nothing of the batch was written.
+            Err(WorkerError::Projection(ProjectionError::NotMoved)) => false,
+            Err(e) => return Err(e),
         }
-        // Not moved: dropped, so rolled back, with nothing of the batch written.
-        moved
     } else {
         // Nothing to write but the move: one statement, a transaction of its
         // own. Most batches of a quiet service are one command's events, and
         // most projections touch only some kinds of event (`usage_daily` one
         // of the four of a message and its reply, `cache` none of them in its
         // table): two round trips less for each of those batches.
-        checkpoint::save_alone(db, name, m).await?
+        let moved = checkpoint::save_alone(db, name, m).await?;
+        if moved {
+            count_batch(name, "move_alone");
+        }
+        moved
     };
     if !moved {
         // Deposed since the batch began, or a rebuild moved the checkpoint
@@ -489,6 +486,25 @@ async fn commit(
             .map_or(start.stream_sequence, |s| s as i64),
     };
     Ok(())
+}
+
+/// Apply a batch's steps and commit it with its checkpoint's move (see
+/// `Batch`: in one statement, or in a transaction whose first statement is
+/// the move); what the lookups found, or `ProjectionError::NotMoved`.
+async fn write(
+    mut batch: Batch,
+    projection: &dyn Projection,
+    steps: &[Result<Decoded, Poison>],
+) -> Result<Known, WorkerError> {
+    for step in steps {
+        match step {
+            Ok(Decoded { envelope, event }) => {
+                projection.apply(&mut batch, envelope, event).await?
+            }
+            Err(poison) => poison.record(batch.tx().await?, projection.name()).await?,
+        }
+    }
+    Ok(batch.commit().await?)
 }
 
 /// A batch checked against the checkpoint.

@@ -4,18 +4,26 @@
 //! text on SQLite, and the fold in memory written by the bulk writer) end with
 //! the same rows for a history that takes every rule, edge cases included.
 
-use ai_secretary_contract::{Event, EventEnvelope};
+use std::time::Duration;
+
+use ai_secretary_contract::{Event, EventEnvelope, Position};
 use ai_secretary_projections::{
-    ALL, Batch, Registered, Tx,
+    ALL, Batch, Db, Registered, SqliteDb,
     cache::Cache,
+    checkpoint::{self, Fence, Move},
     db::Conn,
-    executor::{self, deferred::Deferred, known::Known, sqlite},
+    executor::{
+        deferred::Deferred,
+        known::Known,
+        postgres::{self, Moving},
+        sqlite,
+    },
     ops::{Type, Value as Typed},
     projections::Fold,
     tables,
 };
 use serde_json::{Value, json};
-use sqlx::{AssertSqlSafe, Connection};
+use sqlx::AssertSqlSafe;
 use uuid::Uuid;
 
 use crate::support::TestDb;
@@ -291,30 +299,57 @@ fn history(kept: Uuid, forgotten: Uuid) -> History {
 }
 
 /// Rows of `table` as JSON, whole, sorted: what `verify` compares.
-/// `projections`' rules applied to `events` through `conn` as one live batch:
-/// the executor holds writes back and gathers them, then writes what it held.
+/// `projections`' rules applied to `events` in `db` as one live batch each:
+/// the executor holds writes back and gathers them, then writes what it held
+/// as the batch moves the projection's checkpoint.
 pub async fn apply_as_one_batch(
-    mut conn: Conn<'_>,
+    db: &Db,
     projections: &[Registered],
     events: &[(&EventEnvelope, Event)],
 ) {
-    let mut deferred = Deferred::default();
     for projection in projections {
-        let mut known = Known::default();
-        for (e, event) in events {
-            executor::apply(
-                conn.reborrow(),
-                &mut deferred,
-                &mut known,
-                &projection.rules,
-                e,
-                event,
-            )
-            .await
-            .unwrap();
-        }
+        apply_in_batches(db, projection, events, events.len()).await;
     }
-    executor::flush(conn, &mut deferred).await.unwrap();
+}
+
+/// `projection`'s rules applied to `events` in `db` in batches of `per_batch`
+/// events, as a worker makes them: each batch moves the projection's
+/// checkpoint with its writes, and what the lookups found is kept from one
+/// batch to the next.
+async fn apply_in_batches(
+    db: &Db,
+    projection: &Registered,
+    events: &[(&EventEnvelope, Event)],
+    per_batch: usize,
+) {
+    // Only the lookups of the `cache` projection's tables are made here.
+    let live = (projection.live)(&Cache::new(
+        "redis://127.0.0.1:1",
+        "t",
+        Default::default(),
+        Default::default(),
+    ));
+    let start = checkpoint::ensure(db, projection.name).await.unwrap();
+    let mut from = start.position;
+    let mut known = Known::default();
+    for batch_of in events.chunks(per_batch) {
+        let to = batch_of.last().unwrap().0.position();
+        let moving = Move {
+            fence: Fence {
+                epoch: start.epoch,
+                from,
+            },
+            to,
+            applied: batch_of.len() as i64,
+            stream_sequence: None,
+        };
+        let mut batch = Batch::new(db, projection.name, moving, known);
+        for (e, event) in batch_of {
+            live.apply(&mut batch, e, event).await.unwrap();
+        }
+        known = batch.commit().await.unwrap();
+        from = to;
+    }
 }
 
 async fn rows_of(conn: &mut sqlx::PgConnection, table: &str) -> Vec<Value> {
@@ -347,27 +382,15 @@ async fn the_live_executor_and_the_fold_write_the_same_rows() {
         .iter()
         .map(|e| (e, e.decode().expect("every event of the history decodes")))
         .collect();
-    // Only the Postgres lookup of the `cache` projection is applied here.
-    let cache = Cache::new(
-        "redis://127.0.0.1:1",
-        "t",
-        Default::default(),
-        Default::default(),
-    );
     let mut conn = db.pool.acquire().await.unwrap();
+    let pg = Db::Postgres(db.pool.clone());
     for projection in ALL {
-        let live = (projection.live)(&cache);
         // Batches of a few events, as a worker makes them: the executor holds
         // writes back and gathers them within a batch, and what the lookups
-        // found is kept from one batch to the next.
-        let mut known = Known::default();
-        for batch_of in decoded.chunks(BATCH) {
-            let mut batch = Batch::new(Tx::Postgres(db.pool.begin().await.unwrap()), known);
-            for (e, event) in batch_of {
-                live.apply(&mut batch, e, event).await.unwrap();
-            }
-            known = batch.commit().await.unwrap();
-        }
+        // found is kept from one batch to the next. Some batches commit as one
+        // statement with their checkpoint's move, some (those with a lookup
+        // the worker did not know) in a transaction.
+        apply_in_batches(&pg, &projection, &decoded, BATCH).await;
 
         let mut fold = Fold::new(projection.name).unwrap();
         for (e, event) in &decoded {
@@ -514,10 +537,9 @@ async fn the_sqlite_executor_and_the_fold_hold_the_same_rows() {
         rows.sort_by_cached_key(|row| format!("{row:?}"));
         rows
     };
+    let lite = Db::Sqlite(SqliteDb::new(pool.clone()));
     for projection in ALL {
-        let mut tx = conn.begin().await.unwrap();
-        apply_as_one_batch(Conn::Sqlite(&mut tx), &[projection], &decoded).await;
-        tx.commit().await.unwrap();
+        apply_as_one_batch(&lite, &[projection], &decoded).await;
         let mut fold = Fold::new(projection.name).unwrap();
         for (e, event) in &decoded {
             fold.apply(e, event);
@@ -557,4 +579,148 @@ async fn the_sqlite_executor_and_the_fold_hold_the_same_rows() {
             .await
             .unwrap();
     assert_eq!(forgotten_rows, 0);
+}
+
+/// A batch that reads nothing the worker does not know commits its writes
+/// with its checkpoint's move as one statement (`write_moving`): together or
+/// not at all, fenced like the move alone, and never waiting for the
+/// checkpoint's row, which a rebuild's swap holds while it waits for the
+/// tables. A batch whose row is held then commits in a transaction, which
+/// waits for the row.
+// Server-only: the one statement is Postgres'.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
+#[tokio::test]
+async fn one_statement_moves_and_writes_together_or_not_at_all_and_never_waits_for_the_row() {
+    let db = TestDb::new().await;
+    let pg = Db::Postgres(db.pool.clone());
+    let (kept, forgotten) = (Uuid::new_v4(), Uuid::new_v4());
+    let history = history(kept, forgotten);
+    // Conversations started: no lookup, and writes that all wait for the end.
+    let started: Vec<(&EventEnvelope, Event)> = history
+        .events
+        .iter()
+        .filter(|e| e.event_type == "ConversationStarted")
+        .map(|e| (e, e.decode().unwrap()))
+        .collect();
+    assert!(started.len() >= 2, "the history starts conversations");
+    let assistants = ALL.iter().find(|p| p.name == "assistants").unwrap();
+    let mut deferred = Deferred::default();
+    let mut writes = Vec::new();
+    for (e, event) in &started {
+        for op in (assistants.rules.ops)(e, event, &Default::default()) {
+            deferred.push(op, &mut writes);
+        }
+    }
+    assert!(
+        writes.is_empty(),
+        "nothing had to be written before the end"
+    );
+    deferred.release_all(&mut writes);
+    assert!(postgres::fit_one_statement(&writes), "{writes:?}");
+
+    let start = checkpoint::ensure(&pg, assistants.name).await.unwrap();
+    let to = started.last().unwrap().0.position();
+    let moving = |epoch, from| Move {
+        fence: Fence { epoch, from },
+        to,
+        applied: started.len() as i64,
+        stream_sequence: None,
+    };
+    let links = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM assistants_conversations")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    let write = |m| postgres::write_moving(&db.pool, assistants.name, m, &writes);
+    // The checkpoint's row locked by another transaction, as a swap locks it.
+    let hold_the_row = || async {
+        let mut holder = db.pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM checkpoints WHERE name = $1 FOR UPDATE")
+            .bind(assistants.name)
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        holder
+    };
+
+    // The row held (as a swap holds it): refused at once, nothing written.
+    let holder = hold_the_row().await;
+    let busy = tokio::time::timeout(
+        Duration::from_secs(5),
+        write(moving(start.epoch, start.position)),
+    )
+    .await
+    .expect("it does not wait for the row")
+    .unwrap();
+    assert_eq!(busy, Moving::RowBusy);
+    holder.rollback().await.unwrap();
+    assert_eq!(links().await, 0);
+
+    // Another epoch's fence: not moved, nothing written.
+    let deposed = write(moving(start.epoch + 1, start.position))
+        .await
+        .unwrap();
+    assert_eq!(deposed, Moving::NotMoved);
+    assert_eq!(links().await, 0);
+    assert_eq!(
+        checkpoint::current(&pg, assistants.name).await.unwrap(),
+        start
+    );
+
+    // The right fence: moved and written together.
+    let moved = write(moving(start.epoch, start.position)).await.unwrap();
+    assert_eq!(moved, Moving::Moved);
+    assert_eq!(links().await, started.len() as i64);
+    let after = checkpoint::current(&pg, assistants.name).await.unwrap();
+    assert_eq!(after.position, to);
+
+    // The same move again: its fence no longer holds; nothing doubles.
+    let again = write(moving(start.epoch, start.position)).await.unwrap();
+    assert_eq!(again, Moving::NotMoved);
+    assert_eq!(links().await, started.len() as i64);
+    assert_eq!(
+        checkpoint::current(&pg, assistants.name).await.unwrap(),
+        after
+    );
+
+    // A batch whose row is held waits for it in a transaction, then commits.
+    let holder = hold_the_row().await;
+    let next = Position {
+        transaction_id: to.transaction_id + 1,
+        global_position: to.global_position + 1,
+    };
+    let batch = Batch::new(
+        &pg,
+        assistants.name,
+        Move {
+            fence: Fence {
+                epoch: start.epoch,
+                from: to,
+            },
+            to: next,
+            applied: 1,
+            stream_sequence: None,
+        },
+        Known::default(),
+    );
+    let mut commit = tokio::spawn(batch.commit());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut commit)
+            .await
+            .is_err(),
+        "the batch waits for the row"
+    );
+    holder.commit().await.unwrap();
+    commit.await.unwrap().unwrap();
+    assert_eq!(
+        checkpoint::current(&pg, assistants.name)
+            .await
+            .unwrap()
+            .position,
+        next
+    );
 }

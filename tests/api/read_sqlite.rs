@@ -15,13 +15,11 @@ use ai_secretary::progress::Progress;
 use ai_secretary_contract::{Event, EventEnvelope, Position};
 use ai_secretary_projections::{
     ALL, Db, SqliteDb,
-    db::Conn,
     read::{self, ConversationFilter, GroupBy, List, Page, Stamped},
 };
 use chrono::NaiveDate;
 use serde::Serialize;
 use serde_json::{Value, json};
-use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -318,26 +316,20 @@ async fn both(history: &History) -> Both {
         .collect();
 
     let pg = TestDb::new().await;
-    let mut conn = pg.pool.acquire().await.unwrap();
-    let mut tx = conn.begin().await.unwrap();
-    apply_as_one_batch(Conn::Postgres(&mut tx), &ALL, &decoded).await;
-    tx.commit().await.unwrap();
-    drop(conn);
+    let postgres = Db::Postgres(pg.pool.clone());
+    apply_as_one_batch(&postgres, &ALL, &decoded).await;
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("read.db");
     let pool = ai_secretary::store::sqlite::connect(path.to_str().unwrap(), 4)
         .await
         .unwrap();
-    let mut conn = pool.acquire().await.unwrap();
-    let mut tx = conn.begin().await.unwrap();
-    apply_as_one_batch(Conn::Sqlite(&mut tx), &ALL, &decoded).await;
-    tx.commit().await.unwrap();
-    drop(conn);
+    let sqlite = Db::Sqlite(SqliteDb::new(pool));
+    apply_as_one_batch(&sqlite, &ALL, &decoded).await;
 
     Both {
-        postgres: Db::Postgres(pg.pool.clone()),
-        sqlite: Db::Sqlite(SqliteDb::new(pool)),
+        postgres,
+        sqlite,
         _pg: pg,
         _dir: dir,
     }

@@ -74,22 +74,47 @@ pub enum Arg<'a> {
 pub struct Statement<'a> {
     pub sql: String,
     pub args: Vec<Arg<'a>>,
+    /// Parameters bound before this statement's own, when it is a part of a
+    /// larger one ([`gated`]): its first placeholder is `$after + 1`.
+    after: usize,
 }
 
 impl<'a> Statement<'a> {
+    fn after(after: usize) -> Statement<'a> {
+        Statement {
+            sql: String::new(),
+            args: Vec::new(),
+            after,
+        }
+    }
+
     /// Add an argument; its placeholder.
     fn push(&mut self, arg: Arg<'a>) -> String {
         self.args.push(arg);
-        format!("${}", self.args.len())
+        format!("${}", self.after + self.args.len())
     }
 }
 
 /// The statement that runs `op`.
 pub fn statement(dialect: Dialect, op: &Op) -> Statement<'_> {
-    let mut s = Statement {
-        sql: String::new(),
-        args: Vec::new(),
-    };
+    build(dialect, op, Statement::after(0), "")
+}
+
+/// `op` as a part of a larger statement (a data-modifying `WITH` query of
+/// Postgres): its placeholders follow the `after` parameters bound before
+/// it, and it changes nothing unless the query named `gate` has a row.
+pub fn gated<'a>(dialect: Dialect, op: &'a Op, after: usize, gate: &str) -> Statement<'a> {
+    build(dialect, op, Statement::after(after), &only_if(gate))
+}
+
+/// The condition that the query named `gate` has a row, to AND to a filter.
+pub fn only_if(gate: &str) -> String {
+    format!(" AND EXISTS (SELECT 1 FROM {gate})")
+}
+
+/// The insert-or-update-or-delete of `op`, its filter (or, for an insert,
+/// the row it selects) ANDed with `and`, which is empty or starts with ` AND`.
+fn build<'a>(dialect: Dialect, op: &'a Op, mut s: Statement<'a>, and: &str) -> Statement<'a> {
     match op {
         Op::Insert {
             table,
@@ -113,10 +138,14 @@ pub fn statement(dialect: Dialect, op: &Op) -> Statement<'_> {
                     )
                 }
             };
+            // `VALUES` alone; a row selected only where `and` holds otherwise.
+            let row = match and {
+                "" => format!("VALUES ({})", params.join(", ")),
+                and => format!("SELECT {} WHERE TRUE{and}", params.join(", ")),
+            };
             s.sql = format!(
-                "INSERT INTO {t} ({}) VALUES ({}) ON CONFLICT ({}) DO {sets}",
+                "INSERT INTO {t} ({}) {row} ON CONFLICT ({}) DO {sets}",
                 columns.join(", "),
-                params.join(", "),
                 table.key.join(", "),
                 t = table.name,
             );
@@ -124,11 +153,11 @@ pub fn statement(dialect: Dialect, op: &Op) -> Statement<'_> {
         Op::Update { table, filter, set } => {
             let sets = assignments(dialect, &mut s, table, set, false);
             let filter = conditions(dialect, &mut s, table, filter);
-            s.sql = format!("UPDATE {} SET {sets} WHERE {filter}", table.name);
+            s.sql = format!("UPDATE {} SET {sets} WHERE {filter}{and}", table.name);
         }
         Op::Delete { table, filter } => {
             let filter = conditions(dialect, &mut s, table, filter);
-            s.sql = format!("DELETE FROM {} WHERE {filter}", table.name);
+            s.sql = format!("DELETE FROM {} WHERE {filter}{and}", table.name);
         }
     }
     s
@@ -136,10 +165,7 @@ pub fn statement(dialect: Dialect, op: &Op) -> Statement<'_> {
 
 /// The statement that answers `lookup`.
 pub fn lookup(dialect: Dialect, lookup: &Lookup) -> Statement<'_> {
-    let mut s = Statement {
-        sql: String::new(),
-        args: Vec::new(),
-    };
+    let mut s = Statement::after(0);
     let filter = conditions(
         dialect,
         &mut s,

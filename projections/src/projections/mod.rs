@@ -22,7 +22,6 @@ use ai_secretary_contract::{Event, EventEnvelope, Position};
 pub use crate::ops::Table;
 use crate::{
     cache::Cache,
-    executor,
     fold::TableRows,
     ops::{Found, Rules},
     projection::{Batch, Projection, ProjectionError},
@@ -102,28 +101,8 @@ impl Projection for Live {
         e: &EventEnvelope,
         event: &Event,
     ) -> Result<(), ProjectionError> {
-        Ok(apply_rules(batch, &self.rules, e, event).await?)
+        batch.apply_rules(&self.rules, e, event).await
     }
-}
-
-/// Apply `rules` to one event in the batch's transaction, with the executor of
-/// its database: the same rules and statements, each value bound as that
-/// database stores its column's type.
-pub(crate) async fn apply_rules(
-    batch: &mut Batch,
-    rules: &Rules,
-    e: &EventEnvelope,
-    event: &Event,
-) -> Result<(), sqlx::Error> {
-    executor::apply(
-        batch.tx.conn(),
-        &mut batch.deferred,
-        &mut batch.known,
-        rules,
-        e,
-        event,
-    )
-    .await
 }
 
 /// The fold of one projection: its rules applied to its tables' rows in memory.

@@ -138,7 +138,7 @@ impl Projection for CacheInvalidation {
         e: &EventEnvelope,
         event: &Event,
     ) -> Result<(), ProjectionError> {
-        Ok(crate::projections::apply_rules(batch, &super::RULES, e, event).await?)
+        batch.apply_rules(&super::RULES, e, event).await
     }
 }
 
