@@ -130,7 +130,7 @@ impl Batch {
         {
             match postgres::write_moving(pool, self.name, self.moving, &writes).await? {
                 Moving::Moved => {
-                    count_batch(self.name, "one_statement");
+                    BatchCommit::OneStatement.count(self.name);
                     return Ok(self.known);
                 }
                 Moving::NotMoved => return Err(ProjectionError::NotMoved),
@@ -141,21 +141,52 @@ impl Batch {
         let mut tx = self.take_tx().await?;
         executor::write(tx.conn(), writes).await?;
         tx.commit().await?;
-        count_batch(self.name, "transaction");
+        BatchCommit::Transaction.count(self.name);
         Ok(self.known)
     }
 }
 
-/// Count a committed batch of `projection` by how it committed: `move_alone`
-/// (nothing to write but the move, `worker::commit`), `one_statement` or
-/// `transaction` ([`Batch::commit`]).
-pub fn count_batch(projection: &'static str, how: &'static str) {
-    metrics::counter!("projection_batches_total", "projection" => projection, "commit" => how)
-        .increment(1);
+/// How a batch committed, counted in `projection_batches_total{commit}`.
+#[derive(Debug, Clone, Copy)]
+pub enum BatchCommit {
+    /// Nothing to write but the move (`worker::commit`).
+    MoveAlone,
+    /// The writes with the move, no transaction around them ([`Batch::commit`]).
+    OneStatement,
+    /// In a transaction whose first statement is the move ([`Batch::tx`]).
+    Transaction,
 }
 
-/// The ways a batch commits, for [`count_batch`].
-pub const BATCH_COMMITS: [&str; 3] = ["move_alone", "one_statement", "transaction"];
+impl BatchCommit {
+    const ALL: [BatchCommit; 3] = [
+        BatchCommit::MoveAlone,
+        BatchCommit::OneStatement,
+        BatchCommit::Transaction,
+    ];
+
+    /// Count one batch of `projection` committed this way.
+    pub fn count(self, projection: &'static str) {
+        self.add(projection, 1);
+    }
+
+    /// Every way at 0 for `projection`, so that each series exists before
+    /// its first batch.
+    pub fn zero(projection: &'static str) {
+        for commit in Self::ALL {
+            commit.add(projection, 0);
+        }
+    }
+
+    fn add(self, projection: &'static str, batches: u64) {
+        let label = match self {
+            BatchCommit::MoveAlone => "move_alone",
+            BatchCommit::OneStatement => "one_statement",
+            BatchCommit::Transaction => "transaction",
+        };
+        metrics::counter!("projection_batches_total", "projection" => projection, "commit" => label)
+            .increment(batches);
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {

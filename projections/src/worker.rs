@@ -45,7 +45,7 @@ use crate::{
     lease::{self, Lease},
     log,
     opener::Opener,
-    projection::{BATCH_COMMITS, Batch, Decoded, Projection, ProjectionError, count_batch},
+    projection::{Batch, BatchCommit, Decoded, Projection, ProjectionError},
 };
 
 /// Where the events are on the bus, and how their sealed personal fields are
@@ -140,10 +140,7 @@ pub async fn run(
     ] {
         metrics::counter!(counter, "projection" => name).increment(0);
     }
-    for commit in BATCH_COMMITS {
-        metrics::counter!("projection_batches_total", "projection" => name, "commit" => commit)
-            .increment(0);
-    }
+    BatchCommit::zero(name);
     lease::zero_metrics(name);
     while !shutdown.is_cancelled() {
         let Some(lease) = Lease::acquire(&db, &lock_key(name), name, &shutdown).await? else {
@@ -460,7 +457,7 @@ async fn commit(
         // table): two round trips less for each of those batches.
         let moved = checkpoint::save_alone(db, name, m).await?;
         if moved {
-            count_batch(name, "move_alone");
+            BatchCommit::MoveAlone.count(name);
         }
         moved
     };

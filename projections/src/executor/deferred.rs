@@ -40,6 +40,16 @@ pub enum Write {
     },
 }
 
+impl Write {
+    /// The table it writes.
+    pub fn table(&self) -> &'static Table {
+        match self {
+            Write::Op(op) => op.table(),
+            Write::Inserts { table, .. } => table,
+        }
+    }
+}
+
 /// What a batch holds back, per table (see the module's doc).
 #[derive(Debug, Default)]
 pub struct Deferred {

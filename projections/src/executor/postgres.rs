@@ -214,15 +214,6 @@ pub async fn write_moving(
 /// SQLSTATE of a `NOWAIT` lock that someone else holds.
 const LOCK_NOT_AVAILABLE: &str = "55P03";
 
-impl Write {
-    fn table(&self) -> &'static Table {
-        match self {
-            Write::Op(op) => op.table(),
-            Write::Inserts { table, .. } => table,
-        }
-    }
-}
-
 /// A write's values in a statement of several writes.
 enum Part<'a> {
     Args(Vec<Arg<'a>>),
