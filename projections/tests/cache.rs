@@ -11,8 +11,8 @@ use std::{
 };
 
 use ai_secretary_contract::Position;
-use ai_secretary_projections::cache::{Cache, Invalidations, Kind};
-use serde_json::{Value, json};
+use ai_secretary_projections::cache::{Cache, CachedJson, Invalidations, Kind};
+use serde_json::json;
 use uuid::Uuid;
 
 const REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -40,8 +40,8 @@ fn one(kind: Kind, id: Uuid, gp: i64) -> Invalidations {
 }
 
 /// A value that says which position it was read at.
-fn value(gp: i64) -> Value {
-    json!({ "at": gp })
+fn value(gp: i64) -> CachedJson {
+    CachedJson::of(&json!({ "at": gp }))
 }
 
 /// Drops the test's Redis keys when the test ends, passed or not.
@@ -451,7 +451,7 @@ async fn racing_invalidations_and_fills_never_leave_an_older_value() {
                                 let floor = invalidated[k].load(Ordering::SeqCst);
                                 if let Some(seen) = cache.get(Kind::Conversation, key, owner).await
                                 {
-                                    let seen = seen["at"].as_i64().unwrap();
+                                    let seen = seen.to_value()["at"].as_i64().unwrap();
                                     assert!(
                                         seen >= floor,
                                         "read {seen} after an invalidation at {floor} returned"
@@ -473,7 +473,10 @@ async fn racing_invalidations_and_fills_never_leave_an_older_value() {
             assert!(newest > 0, "{name}: the race invalidated key {k}");
             if let Some(v) = cache.get(Kind::Conversation, key, owner).await {
                 values += 1;
-                assert!(v["at"].as_i64().unwrap() >= newest, "{name}: key {k}");
+                assert!(
+                    v.to_value()["at"].as_i64().unwrap() >= newest,
+                    "{name}: key {k}"
+                );
             }
             // Whatever is left, a fill older than the newest stamp is refused.
             cache
@@ -486,7 +489,10 @@ async fn racing_invalidations_and_fills_never_leave_an_older_value() {
                 )
                 .await;
             if let Some(v) = cache.get(Kind::Conversation, key, owner).await {
-                assert!(v["at"].as_i64().unwrap() >= newest, "{name}: key {k}");
+                assert!(
+                    v.to_value()["at"].as_i64().unwrap() >= newest,
+                    "{name}: key {k}"
+                );
             }
         }
         // Not an assertion on the race's outcome, which is random: a record
@@ -536,7 +542,7 @@ async fn no_answer_is_older_than_the_checkpoint_its_query_saw() {
                     if let Some(answer) = answer {
                         answered += 1;
                         let floor = last_change(key, seen);
-                        let got = answer["at"].as_i64().unwrap();
+                        let got = answer.to_value()["at"].as_i64().unwrap();
                         assert!(
                             got >= floor,
                             "key {key}: read {got} through checkpoint {seen}, changed at {floor}"

@@ -6,7 +6,7 @@ use std::{collections::HashMap, time::Duration};
 
 use ai_secretary_projections::{
     Db,
-    cache::{Cache, Kind},
+    cache::{Cache, CachedJson, Kind},
     projections::cache::PROJECTION as CACHE,
     read::{Page, Stamped},
 };
@@ -96,7 +96,7 @@ impl ReadSide {
             return Ok(Reply::found(json));
         }
         let view = self.query(load).await?.ok_or(ApiError::NotFound(what))?;
-        let json = serde_json::to_value(&view).map_err(anyhow::Error::from)?;
+        let json = CachedJson::of(&serde_json::to_value(&view).map_err(anyhow::Error::from)?);
         self.cache.fill(kind, id, owner, view.stamp(), &json).await;
         Ok(Reply::found(json))
     }

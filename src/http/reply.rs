@@ -2,6 +2,7 @@
 //! `X-Consistency-Token` that lets a later query wait for the read side to catch up.
 //! The same shape is stored for an `Idempotency-Key` and replayed from there.
 
+use ai_secretary_projections::cache::CachedJson;
 use axum::{
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
@@ -16,29 +17,41 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub status: StatusCode,
-    pub body: Option<Value>,
+    pub body: Option<Body>,
     pub etag: Option<i64>,
     pub location: Option<String>,
     pub position: Option<Position>,
+}
+
+/// A reply's JSON: built by the handler, or as the cache keeps it (sent as
+/// it is, without parsing it again).
+#[derive(Debug, Clone)]
+pub enum Body {
+    Built(Value),
+    Cached(CachedJson),
 }
 
 impl Reply {
     pub fn new(status: StatusCode, body: Value) -> Self {
         Self {
             status,
-            body: Some(body),
+            body: Some(Body::Built(body)),
             etag: None,
             location: None,
             position: None,
         }
     }
 
-    /// A query's answer: 200 with the resource, its `version` as the ETag.
-    pub fn found(body: Value) -> Self {
-        let version = body.get("version").and_then(Value::as_i64);
-        let mut reply = Self::new(StatusCode::OK, body);
-        reply.etag = version;
-        reply
+    /// A query's answer: 200 with the resource (as the cache keeps it), its
+    /// `version` as the ETag.
+    pub fn found(resource: CachedJson) -> Self {
+        Self {
+            status: StatusCode::OK,
+            etag: resource.version(),
+            body: Some(Body::Cached(resource)),
+            location: None,
+            position: None,
+        }
     }
 
     pub fn no_content() -> Self {
@@ -78,7 +91,11 @@ impl Reply {
         StoredResponse {
             status: self.status.as_u16(),
             headers,
-            body: self.body.clone().unwrap_or(Value::Null),
+            body: match &self.body {
+                Some(Body::Built(json)) => json.clone(),
+                Some(Body::Cached(json)) => json.to_value(),
+                None => Value::Null,
+            },
             position: self.position,
         }
     }
@@ -102,6 +119,9 @@ impl Reply {
     }
 }
 
+/// What `axum::Json` says of its body, said of a cached one too.
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
 pub fn etag(version: i64) -> String {
     format!("\"{version}\"")
 }
@@ -117,7 +137,13 @@ fn set_position(headers: &mut HeaderMap, position: Option<Position>) {
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
         let mut response = match self.body {
-            Some(body) => (self.status, axum::Json(body)).into_response(),
+            Some(Body::Built(json)) => (self.status, axum::Json(json)).into_response(),
+            Some(Body::Cached(json)) => (
+                self.status,
+                [(header::CONTENT_TYPE, JSON)],
+                json.text().clone(),
+            )
+                .into_response(),
             None => self.status.into_response(),
         };
         let headers = response.headers_mut();

@@ -1,7 +1,10 @@
 //! Accounts: register, exchange credentials for a bearer token, read one's
 //! profile, be forgotten.
 
-use ai_secretary_projections::{cache::Kind, projections::cache::PROJECTION as CACHE};
+use ai_secretary_projections::{
+    cache::{CachedJson, Kind},
+    projections::cache::PROJECTION as CACHE,
+};
 use axum::{Json, extract::State, http::StatusCode, response::Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -308,7 +311,7 @@ async fn me(State(state): State<AppState>, AuthUser(user_id): AuthUser) -> Resul
     if matches!(loaded.state, UserState::Unregistered) {
         return Err(ApiError::Unauthorized("the token's account does not exist"));
     }
-    let json = user_json(&loaded.state, loaded.version);
+    let json = CachedJson::of(&user_json(&loaded.state, loaded.version));
     if let Some(at) = loaded.position {
         cache.fill(Kind::User, user_id, user_id, at, &json).await;
     }

@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use ai_secretary_contract::Position;
-use ai_secretary_projections::cache::{Cache, Invalidations, Kind};
-use serde_json::{Value, json};
+use ai_secretary_projections::cache::{Cache, CachedJson, Invalidations, Kind};
+use serde_json::json;
 use uuid::Uuid;
 
 use crate::{helpers::eventually, servers::PrivateServer};
@@ -22,8 +22,8 @@ fn at(gp: i64) -> Position {
     }
 }
 
-fn value(gp: i64) -> Value {
-    json!({ "at": gp })
+fn value(gp: i64) -> CachedJson {
+    CachedJson::of(&json!({ "at": gp }))
 }
 
 /// What the `cache` projection and a query's fill do for `ids` at `gp`: stamp
@@ -43,7 +43,7 @@ async fn change(writer: &Cache, ids: &[Uuid], owner: Uuid, gp: i64) {
 
 /// A query's read that needs the cache current through `gp`, with the
 /// `cache` projection's checkpoint seen there.
-async fn read(cache: &Cache, id: Uuid, owner: Uuid, gp: i64) -> Option<Value> {
+async fn read(cache: &Cache, id: Uuid, owner: Uuid, gp: i64) -> Option<CachedJson> {
     cache
         .get_current(Kind::Assistant, id, owner, at(gp), at(gp))
         .await
@@ -138,7 +138,7 @@ async fn a_copy_is_answered_from_memory_until_redis_says_it_changed() {
     eventually("the flushed value is gone", async || {
         match read(&cache, a, owner, 2).await {
             None => Ok(()),
-            Some(seen) => Err(format!("{seen}")),
+            Some(seen) => Err(format!("{seen:?}")),
         }
     })
     .await;
@@ -202,7 +202,7 @@ async fn a_lost_tracking_connection_loses_every_copy() {
     eventually("a is read again", async || {
         match read(&cache, a, owner, 2).await {
             Some(seen) if seen == value(2) => Ok(()),
-            Some(seen) => panic!("the old copy of a was answered: {seen}"),
+            Some(seen) => panic!("the old copy of a was answered: {seen:?}"),
             None => Err("nothing yet".into()),
         }
     })

@@ -10,7 +10,7 @@ use ai_secretary::{
 };
 use ai_secretary_projections::{
     ALL, NAMES, Position,
-    cache::{Cache, Kind},
+    cache::{Cache, CachedJson, Kind},
     rebuild::{self, Step},
 };
 use reqwest::{Method, StatusCode};
@@ -938,7 +938,7 @@ async fn a_rebuild_of_cache_makes_the_invalidations_its_worker_skips_before_it_s
             assistant,
             owner,
             Position::default(),
-            &json!({ "message_count": 0 }),
+            &CachedJson::of(&json!({ "message_count": 0 })),
         )
         .await;
     assert!(cache.get(Kind::Assistant, assistant, owner).await.is_some());

@@ -12,7 +12,7 @@ use std::{
 use ai_secretary::startup::Roles;
 use ai_secretary_projections::{
     Db, NAMES, Position, SqliteDb,
-    cache::{Cache, Kind, LocalCache},
+    cache::{Cache, CachedJson, Kind, LocalCache},
     rebuild::{self, Step},
 };
 use futures_util::future::join_all;
@@ -627,7 +627,7 @@ async fn a_rebuild_of_cache_makes_the_invalidations_its_worker_skips_before_it_s
             assistant,
             owner,
             Position::default(),
-            &json!({ "message_count": 0 }),
+            &CachedJson::of(&json!({ "message_count": 0 })),
         )
         .await;
     assert!(local.get(Kind::Assistant, assistant, owner).is_some());

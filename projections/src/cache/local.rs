@@ -31,11 +31,10 @@ use std::{
 
 use ai_secretary_contract::Position;
 use moka::{notification::RemovalCause, sync::Cache as Moka};
-use serde_json::Value;
 use uuid::Uuid;
 
 use super::{
-    Invalidations, Kind, Write,
+    CachedJson, Invalidations, Kind, Write,
     rules::{may_fill, may_invalidate},
 };
 
@@ -72,7 +71,7 @@ type Key = (Kind, Uuid);
 #[derive(Clone)]
 struct Filled {
     owner: Uuid,
-    json: Arc<str>,
+    json: CachedJson,
 }
 
 #[derive(Clone, Copy)]
@@ -185,7 +184,7 @@ impl LocalCache {
         let values = Moka::builder()
             .max_capacity(limits.value_bytes)
             .weigher(|_, filled: &Filled| {
-                u32::try_from(filled.json.len())
+                u32::try_from(filled.json.text().len())
                     .unwrap_or(u32::MAX)
                     .saturating_add(ENTRY_OVERHEAD)
             })
@@ -234,15 +233,13 @@ impl LocalCache {
         true
     }
 
-    pub fn get(&self, kind: Kind, id: Uuid, owner: Uuid) -> Option<Value> {
+    pub fn get(&self, kind: Kind, id: Uuid, owner: Uuid) -> Option<CachedJson> {
         let filled = self.inner.values.get(&(kind, id))?;
-        (filled.owner == owner)
-            .then(|| serde_json::from_str(&filled.json).ok())
-            .flatten()
+        (filled.owner == owner).then_some(filled.json)
     }
 
     /// `FILL`: refused for a forgotten owner and when `rules::may_fill` says no.
-    pub fn fill(&self, kind: Kind, id: Uuid, owner: Uuid, at: Position, json: &Value) {
+    pub fn fill(&self, kind: Kind, id: Uuid, owner: Uuid, at: Position, json: &CachedJson) {
         let key = (kind, id);
         let inner = &*self.inner;
         let _writing = lock(&inner.writes);
@@ -264,7 +261,7 @@ impl LocalCache {
             key,
             Filled {
                 owner,
-                json: json.to_string().into(),
+                json: json.clone(),
             },
         );
     }
@@ -336,13 +333,14 @@ mod tests {
         cache.inner.stamps.run_pending_tasks();
         assert!(cache.inner.stamps.entry_count() <= 4, "the bound holds");
         let id = id();
-        cache.fill(Kind::Assistant, id, owner, at(100), &json!({"v": 1}));
+        let value = CachedJson::of(&json!({"v": 1}));
+        cache.fill(Kind::Assistant, id, owner, at(100), &value);
         assert_eq!(cache.get(Kind::Assistant, id, owner), None, "fills closed");
         std::thread::sleep(window + Duration::from_millis(50));
-        cache.fill(Kind::Assistant, id, owner, at(100), &json!({"v": 1}));
+        cache.fill(Kind::Assistant, id, owner, at(100), &value);
         assert_eq!(
             cache.get(Kind::Assistant, id, owner),
-            Some(json!({"v": 1})),
+            Some(value),
             "open again after the window"
         );
     }
@@ -366,7 +364,7 @@ mod tests {
                 id(),
                 owner,
                 at(gp),
-                &json!({ "body": big }),
+                &CachedJson::of(&json!({ "body": big })),
             );
         }
         cache.inner.values.run_pending_tasks();

@@ -29,6 +29,7 @@ mod rules;
 use std::{collections::HashMap, time::Duration};
 
 use ai_secretary_contract::Position;
+use bytes::Bytes;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -50,6 +51,51 @@ impl Kind {
             Kind::Assistant => "assistant",
             Kind::Conversation => "conversation",
         }
+    }
+}
+
+/// A cached resource as a query answers it: its JSON text, sent as it is, and
+/// its `version` (the response's ETag), read from the text once, when it was
+/// kept. Cheap to clone (the text is shared), so a hit copies nothing: no
+/// parse, no deep copy, no serializing again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachedJson {
+    text: Bytes,
+    version: Option<i64>,
+}
+
+impl CachedJson {
+    /// A resource read from the read models, to keep and to answer with.
+    pub fn of(json: &Value) -> CachedJson {
+        CachedJson {
+            text: Bytes::from(json.to_string()),
+            version: json.get("version").and_then(Value::as_i64),
+        }
+    }
+
+    /// Text the cache held, if it is JSON (anything else is a miss).
+    fn parse(text: impl Into<Bytes>) -> Option<CachedJson> {
+        let text = text.into();
+        let json: Value = serde_json::from_slice(&text).ok()?;
+        Some(CachedJson {
+            version: json.get("version").and_then(Value::as_i64),
+            text,
+        })
+    }
+
+    /// The JSON text.
+    pub fn text(&self) -> &Bytes {
+        &self.text
+    }
+
+    /// The resource's `version`, if it has one.
+    pub fn version(&self) -> Option<i64> {
+        self.version
+    }
+
+    /// The JSON, parsed (for tests and tools; queries send the text).
+    pub fn to_value(&self) -> Value {
+        serde_json::from_slice(&self.text).expect("a CachedJson holds JSON")
     }
 }
 
@@ -154,7 +200,7 @@ impl Cache {
 
     /// The cached JSON of a resource, if present and owned by `owner`, as the
     /// cache holds it now (from Redis, not from a copy in this process).
-    pub async fn get(&self, kind: Kind, id: Uuid, owner: Uuid) -> Option<Value> {
+    pub async fn get(&self, kind: Kind, id: Uuid, owner: Uuid) -> Option<CachedJson> {
         let hit = match self {
             Cache::Redis(redis) => redis.get(kind, id, owner).await,
             Cache::Local(local) => local.get(kind, id, owner),
@@ -176,7 +222,7 @@ impl Cache {
         owner: Uuid,
         through: Position,
         invalidated: Position,
-    ) -> Option<Value> {
+    ) -> Option<CachedJson> {
         let hit = match self {
             Cache::Redis(redis) => {
                 redis
@@ -188,7 +234,7 @@ impl Cache {
         Self::count(hit)
     }
 
-    fn count(hit: Option<Value>) -> Option<Value> {
+    fn count(hit: Option<CachedJson>) -> Option<CachedJson> {
         let result = if hit.is_some() { "hit" } else { "miss" };
         metrics::counter!("cache_requests_total", "result" => result).increment(1);
         hit
@@ -197,7 +243,7 @@ impl Cache {
     /// Keep `json` (read from the read models as of `at`) unless the key is
     /// stamped newer or its owner is forgotten. Best effort: a fill that does
     /// not happen is a later miss.
-    pub async fn fill(&self, kind: Kind, id: Uuid, owner: Uuid, at: Position, json: &Value) {
+    pub async fn fill(&self, kind: Kind, id: Uuid, owner: Uuid, at: Position, json: &CachedJson) {
         match self {
             Cache::Redis(redis) => redis.fill(kind, id, owner, at, json).await,
             Cache::Local(local) => local.fill(kind, id, owner, at, json),

@@ -47,38 +47,35 @@ use std::{
 use ai_secretary_contract::Position;
 use moka::sync::Cache as Moka;
 use redis::{PushInfo, PushKind, aio::MultiplexedConnection};
-use serde_json::Value;
 use uuid::Uuid;
+
+use super::CachedJson;
 
 /// Most bytes the held values take, as [`weight`] estimates them. Each API
 /// process holds its own copy, so the bound stays small beside the 64 MiB a
-/// process is meant to fit in: 8 MiB holds some 1,000–4,000 resources (0.5–2
+/// process is meant to fit in: 8 MiB holds some 3,000–10,000 resources (0.5–2
 /// KiB of JSON each), the hot set of a busy instance. Losing a value to the
 /// bound only costs the round trip the process would pay without this cache.
 pub const NEAR_BYTES: u64 = 8 << 20;
 
-/// What a value costs besides its parsed JSON (key, owner, moka's bookkeeping).
-const ENTRY_OVERHEAD: u32 = 160;
+/// What a value costs besides its JSON text (key, owner, version, moka's
+/// bookkeeping).
+const ENTRY_OVERHEAD: u32 = 200;
 
-/// A value is held parsed (a hit then costs a clone, not a parse), and a
-/// parsed `serde_json::Value` takes some three to four times its text: every
-/// key and string its own allocation, every object an index map of 64-byte
-/// entries.
-const PARSED_PER_BYTE: u32 = 4;
-
-/// The estimated bytes of a value whose JSON text is `json_len` long.
+/// The estimated bytes of a value whose JSON text is `json_len` long. A value
+/// is held as the text Redis gave (a hit then sends it as it is: no parse, no
+/// copy), so the text is most of it.
 fn weight(json_len: usize) -> u32 {
     u32::try_from(json_len)
         .unwrap_or(u32::MAX)
-        .saturating_mul(PARSED_PER_BYTE)
         .saturating_add(ENTRY_OVERHEAD)
 }
 
-/// A value as Redis gave it: its owner, and the JSON parsed once.
+/// A value as Redis gave it: its owner, and its JSON text.
 #[derive(Clone)]
 struct Held {
     owner: Uuid,
-    json: Value,
+    json: CachedJson,
     weight: u32,
 }
 
@@ -196,7 +193,7 @@ impl NearCache {
 
     /// The value held for `key`, if every push through `through` has been
     /// handled (so none still on its way could drop it).
-    pub(super) fn hit(&self, key: &str, owner: Uuid, through: Position) -> Option<Value> {
+    pub(super) fn hit(&self, key: &str, owner: Uuid, through: Position) -> Option<CachedJson> {
         if lock(&self.state)
             .synced
             .is_none_or(|synced| synced < through)
@@ -246,9 +243,10 @@ pub(super) struct Ticket<'a> {
 
 impl Ticket<'_> {
     /// Hold the value the read returned (its JSON as Redis keeps it, and its
-    /// owner), unless a push took the ticket while it was on its way.
-    pub(super) fn keep(self, owner: Uuid, json: &str) -> Option<Value> {
-        let value: Value = serde_json::from_str(json).ok()?;
+    /// owner), unless a push took the ticket while it was on its way. `None`
+    /// when the text is not JSON.
+    pub(super) fn keep(self, owner: Uuid, json: Vec<u8>) -> Option<CachedJson> {
+        let json = CachedJson::parse(json)?;
         let mut state = lock(&self.near.state);
         if state.session == self.session && state.tickets.get(self.key) == Some(&self.number) {
             state.tickets.remove(self.key);
@@ -256,12 +254,12 @@ impl Ticket<'_> {
                 self.key.to_owned(),
                 Held {
                     owner,
-                    json: value.clone(),
-                    weight: weight(json.len()),
+                    weight: weight(json.text().len()),
+                    json: json.clone(),
                 },
             );
         }
-        Some(value)
+        Some(json)
     }
 }
 
@@ -280,7 +278,7 @@ mod tests {
     //! what was pushed while it was on its way. The tests against Redis are in
     //! the crate's `tests/cache.rs` and the service's `tests/api/near_cache.rs`.
 
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 
@@ -296,7 +294,7 @@ mod tests {
     }
 
     fn held(near: &NearCache, key: &str) -> Option<Value> {
-        near.values.get(key).map(|held| held.json)
+        near.values.get(key).map(|held| held.json.to_value())
     }
 
     #[test]
@@ -309,13 +307,18 @@ mod tests {
         // reply is kept, then the reply answers its query but is not held.
         let ticket = near.ticket(session, "k");
         near.pushed(session, invalidate("k"));
-        assert_eq!(ticket.keep(owner, r#"{"v":1}"#), Some(json!({"v": 1})));
+        assert_eq!(
+            ticket
+                .keep(owner, br#"{"v":1}"#.to_vec())
+                .map(|json| json.to_value()),
+            Some(json!({"v": 1}))
+        );
         assert_eq!(held(&near, "k"), None);
 
         // A push for another key leaves it alone.
         let ticket = near.ticket(session, "k");
         near.pushed(session, invalidate("other"));
-        ticket.keep(owner, r#"{"v":2}"#);
+        ticket.keep(owner, br#"{"v":2}"#.to_vec());
         assert_eq!(held(&near, "k"), Some(json!({"v": 2})));
 
         // A push for a held key drops it.
@@ -328,7 +331,7 @@ mod tests {
         let near = NearCache::new(HOUR, NEAR_BYTES);
         let owner = Uuid::from_u128(1);
         let session = near.begin_session();
-        near.ticket(session, "a").keep(owner, "1");
+        near.ticket(session, "a").keep(owner, b"1".to_vec());
         assert_eq!(held(&near, "a"), Some(json!(1)));
 
         // The connection is lost: what it held goes, and so does a read on its way.
@@ -338,16 +341,16 @@ mod tests {
             data: vec![],
         };
         near.pushed(session, lost.clone());
-        ticket.keep(owner, "2");
+        ticket.keep(owner, b"2".to_vec());
         assert_eq!((held(&near, "a"), held(&near, "b")), (None, None));
 
         // A read from the old session arriving in a new one is not kept, and
         // the old connection's pushes no longer count.
         let old = near.ticket(session, "c");
         let new = near.begin_session();
-        old.keep(owner, "3");
+        old.keep(owner, b"3".to_vec());
         assert_eq!(held(&near, "c"), None);
-        near.ticket(new, "c").keep(owner, "4");
+        near.ticket(new, "c").keep(owner, b"4".to_vec());
         near.pushed(session, invalidate("c"));
         near.pushed(session, lost);
         assert_eq!(held(&near, "c"), Some(json!(4)));

@@ -27,11 +27,10 @@ use redis::{
     AsyncConnectionConfig, PushInfo, Script,
     aio::{ConnectionManager, MultiplexedConnection},
 };
-use serde_json::Value;
 use uuid::Uuid;
 
 use super::{
-    Invalidations, Kind, Write,
+    CachedJson, Invalidations, Kind, Write,
     breaker::Breaker,
     near::{NEAR_BYTES, NearCache},
 };
@@ -230,7 +229,7 @@ impl RedisCache {
 
     /// The cached JSON of a resource, if present and owned by `owner`, as
     /// Redis holds it now.
-    pub async fn get(&self, kind: Kind, id: Uuid, owner: Uuid) -> Option<Value> {
+    pub async fn get(&self, kind: Kind, id: Uuid, owner: Uuid) -> Option<CachedJson> {
         self.read(&self.key(kind, id), owner, None).await
     }
 
@@ -245,7 +244,7 @@ impl RedisCache {
         owner: Uuid,
         through: Position,
         invalidated: Position,
-    ) -> Option<Value> {
+    ) -> Option<CachedJson> {
         let key = self.key(kind, id);
         if let Some(json) = self.near.hit(&key, owner, through) {
             return Some(json);
@@ -256,12 +255,17 @@ impl RedisCache {
     /// Read `key` from Redis on the tracking connection, keep what it holds in
     /// the near cache, and, with `invalidated`, move the near cache's sync
     /// there (see `near`).
-    async fn read(&self, key: &str, owner: Uuid, invalidated: Option<Position>) -> Option<Value> {
+    async fn read(
+        &self,
+        key: &str,
+        owner: Uuid,
+        invalidated: Option<Position>,
+    ) -> Option<CachedJson> {
         let (json, cached_owner) = self
             .query(async || {
                 let (session, mut redis) = self.tracking().await?;
                 let ticket = self.near.ticket(session, key);
-                let (json, cached_owner): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                let (json, cached_owner): (Option<Vec<u8>>, Option<String>) = redis::cmd("HMGET")
                     .arg(key)
                     .arg("json")
                     .arg("owner")
@@ -271,7 +275,7 @@ impl RedisCache {
                     self.near.synced(session, invalidated);
                 }
                 let cached_owner = cached_owner.and_then(|o| o.parse::<Uuid>().ok());
-                let json = match (&json, cached_owner) {
+                let json = match (json, cached_owner) {
                     (Some(json), Some(cached_owner)) => ticket.keep(cached_owner, json),
                     _ => None,
                 };
@@ -317,7 +321,7 @@ impl RedisCache {
     }
 
     /// Keep `json` (read from Postgres as of `at`) unless the key is stamped newer.
-    pub async fn fill(&self, kind: Kind, id: Uuid, owner: Uuid, at: Position, json: &Value) {
+    pub async fn fill(&self, kind: Kind, id: Uuid, owner: Uuid, at: Position, json: &CachedJson) {
         let key = self.key(kind, id);
         let _: Option<i64> = self
             .query(async || {
@@ -328,7 +332,7 @@ impl RedisCache {
                     .key(self.owner_key("forgotten", owner))
                     .arg(at.transaction_id)
                     .arg(at.global_position)
-                    .arg(json.to_string())
+                    .arg(&json.text()[..])
                     .arg(owner.to_string())
                     .arg(self.ttl.as_secs())
                     .invoke_async(&mut redis)
