@@ -531,7 +531,9 @@ impl Reply<'_> {
                 live.publish_delta(conversation_id, update.to_string())
                     .await;
             }
-            live.flush().await;
+            if !live.flush().await {
+                tracing::debug!("the server did not confirm a reply's deltas in time");
+            }
         });
         (sink, forwarding)
     }

@@ -51,13 +51,37 @@ impl Live {
         }
     }
 
-    /// Push published deltas out (NATS buffers them); nothing to do in process.
-    pub async fn flush(&self) {
-        if let Live::Nats { client, .. } = self {
-            let _ = client.flush().await;
+    /// Return once the server has routed every delta published so far, so
+    /// that they reach the streams before anything published after this
+    /// (the reply's ending, which the relay publishes on a connection of its
+    /// own). Nothing to do in process. False if the server did not say so
+    /// within [`BARRIER_TIMEOUT`] (the deltas are best effort; the ending is
+    /// appended anyway).
+    ///
+    /// `Client::flush` ends once the deltas are in the socket, not once the
+    /// server has read them: a server that read them later than the relay's
+    /// publish of the ending sent the ending first (seen in a CI run: a reply
+    /// streamed with no `message.delta` before its `message.completed`). The
+    /// server handles a connection's messages in order and answers a request
+    /// to a subject nobody listens on at once ("no responders"), so that
+    /// answer comes after the deltas were routed.
+    pub async fn flush(&self) -> bool {
+        let Live::Nats { client, .. } = self else {
+            return true;
+        };
+        let barrier = client.request(client.new_inbox(), Default::default());
+        match tokio::time::timeout(BARRIER_TIMEOUT, barrier).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => e.kind() == async_nats::client::RequestErrorKind::NoResponders,
+            Err(_) => false,
         }
     }
 }
+
+/// Longest the replier waits for the server to confirm a reply's deltas
+/// before it appends the reply's ending: far beyond the round trip (well
+/// under a millisecond here) and short beside a reply's own time.
+const BARRIER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Most deltas a slow stream may fall behind before it misses some (it then
 /// still gets the completed reply).

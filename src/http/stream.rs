@@ -253,9 +253,10 @@ impl Feed {
     ) {
         loop {
             let message = tokio::select! {
-                // In this order, not at random: the replier flushes a reply's
-                // deltas before it appends the reply's ending, so they reach
-                // this connection before the ending's event does, and a delta
+                // In this order, not at random: the replier waits until the
+                // server has routed a reply's deltas before it appends the
+                // reply's ending (`Live::flush`), so they reach this
+                // connection before the ending's event does, and a delta
                 // already here goes out before an event already here.
                 biased;
                 // The client went away (or the stream ended for a shutdown): stop

@@ -536,3 +536,56 @@ async fn another_users_stream_is_404<D: EventLog>(app: TestApp<D>) {
         .unwrap();
     problem(response, StatusCode::NOT_FOUND).await;
 }
+
+/// The replier's `flush` returns only once the server has routed the deltas
+/// it published, so a message another connection publishes afterwards (the
+/// relay's, with the reply's ending) reaches a subscriber after all of them.
+/// Core NATS only, under the test's own subjects.
+#[cfg_attr(
+    not(test_servers),
+    ignore = "needs the servers: AI_SECRETARY_TEST_SERVERS=1"
+)]
+#[tokio::test]
+async fn deltas_flushed_by_the_replier_reach_streams_before_what_follows() {
+    let names = BusNames::new();
+    let connect = async || async_nats::connect(&names.nats_url).await.unwrap();
+    let (replier, relay, stream) = (connect().await, connect().await, connect().await);
+    let live = ai_secretary::bus::live::Live::Nats {
+        client: replier,
+        subject_prefix: names.subject_prefix.clone(),
+    };
+    let conversation = uuid::Uuid::now_v7();
+    let deltas = ai_secretary_contract::subjects::live(&names.subject_prefix, conversation);
+    let ending = format!("{deltas}.ending");
+    // Both subscriptions on one connection: its messages are handed to them
+    // in the order the server sent them.
+    let mut endings = stream.subscribe(ending.clone()).await.unwrap();
+    let mut delta_feed = stream.subscribe(deltas.clone()).await.unwrap();
+    stream.flush().await.unwrap();
+    for round in 0..20 {
+        for i in 0..50 {
+            live.publish_delta(conversation, format!("{round}.{i}"))
+                .await;
+        }
+        assert!(live.flush().await, "the server confirmed the deltas");
+        relay
+            .publish(ending.clone(), format!("{round}").into())
+            .await
+            .unwrap();
+        relay.flush().await.unwrap();
+        // Once the ending is here, every delta must be waiting already.
+        let end = tokio::time::timeout(Duration::from_secs(5), endings.next())
+            .await
+            .expect("the ending arrives")
+            .unwrap();
+        assert_eq!(end.payload, format!("{round}").as_bytes());
+        for i in 0..50 {
+            let delta = futures::FutureExt::now_or_never(delta_feed.next()).flatten();
+            assert_eq!(
+                delta.map(|d| d.payload),
+                Some(format!("{round}.{i}").into()),
+                "round {round}: delta {i} was there before the ending"
+            );
+        }
+    }
+}
