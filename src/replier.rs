@@ -45,6 +45,23 @@ use crate::{
     store::{EventStore, Position, RecordedEvent},
 };
 
+/// Whether a message from the bus is an event that asks nothing of the
+/// replier: one that reads as an envelope whose `event_type` is not
+/// `ReplyRequested`. Only the type is read (the rest of the envelope is
+/// scanned, not built); anything else, such as a payload that is not an
+/// envelope, goes the whole way (`Replier::handle`), which logs it.
+fn asks_nothing(payload: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Typed<'a> {
+        #[serde(borrow)]
+        event_type: std::borrow::Cow<'a, str>,
+    }
+    serde_json::from_slice::<Typed>(payload).is_ok_and(|t| t.event_type != REPLY_REQUESTED)
+}
+
+/// The one event type the replier answers.
+const REPLY_REQUESTED: &str = "ReplyRequested";
+
 /// Pause before answering again a request whose reply failed to record.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -169,6 +186,16 @@ impl Replier {
                 Some(Err(e)) => break Err(anyhow::anyhow!("replier consumer: {e}")),
                 None => break Err(anyhow::anyhow!("the replier's message stream ended")),
             };
+            if asks_nothing(&message.payload) {
+                // Most events on the conversation subjects are not requests:
+                // acked here, without a task, a decode or a wait for the
+                // server's confirmation. A lost ack only brings the event
+                // back after `ack_wait`, to be acked again.
+                if let Err(e) = message.ack().await {
+                    tracing::debug!(error = %e, "could not ack an event that asks nothing; it will come again");
+                }
+                continue;
+            }
             let (this, stop) = (self.clone(), stop.clone());
             working.spawn(async move {
                 let _permit = permit;
@@ -270,7 +297,7 @@ impl Replier {
             let read_some = !events.is_empty();
             for event in events {
                 read_to = event.position;
-                if event.event_type == "ReplyRequested" {
+                if event.event_type == REPLY_REQUESTED {
                     self.answer_later(&mut working, &event, 1, Duration::ZERO, stop);
                     pending.insert(event.position, Some((event, 1)));
                 } else {
@@ -565,5 +592,43 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         metrics::gauge!("llm_replies_in_flight").decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::asks_nothing;
+
+    #[test]
+    fn only_an_envelope_of_another_type_is_acked_without_a_look() {
+        let envelope = |event_type: &str| {
+            serde_json::json!({
+                "event_id": "0192d3f0-0000-7000-8000-000000000001",
+                "event_type": event_type,
+                "data": { "reply_id": "0192d3f0-0000-7000-8000-000000000002", "nested": [1, {"a": "\u{0}"}] },
+                "metadata": { "user_id": "0192d3f0-0000-7000-8000-000000000003" },
+            })
+            .to_string()
+        };
+        assert!(asks_nothing(envelope("ConversationStarted").as_bytes()));
+        assert!(asks_nothing(envelope("MessagePosted").as_bytes()));
+        assert!(!asks_nothing(envelope("ReplyRequested").as_bytes()));
+        // An escaped name is read as its text.
+        assert!(!asks_nothing(
+            envelope("ReplyRequested")
+                .replace("ReplyRequested", "Reply\\u0052equested")
+                .as_bytes()
+        ));
+        // Whatever does not read as an envelope goes the whole way (and is logged there).
+        for odd in [
+            "",
+            "null",
+            "{}",
+            "{\"event_type\": 7}",
+            "not json",
+            "{\"event_type\": \"Reply",
+        ] {
+            assert!(!asks_nothing(odd.as_bytes()), "{odd:?}");
+        }
     }
 }

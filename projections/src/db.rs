@@ -7,7 +7,10 @@
 //!
 //! Not `sqlx::Any`: it has no uuid, chrono or JSON types.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use sqlx::{PgPool, SqlitePool};
 use tokio::sync::watch;
@@ -55,6 +58,46 @@ impl SqliteDb {
         &self,
     ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
         self.pool.begin_with("BEGIN IMMEDIATE").await
+    }
+
+    /// [`begin_write`](SqliteDb::begin_write), asked again while the write
+    /// lock stays busy past the connection's busy timeout, for up to
+    /// `patience` in all.
+    ///
+    /// For background work that has time, like a rebuild. SQLite's busy
+    /// handler polls, and grants the lock to whoever asks at the moment it is
+    /// free, not to whoever waited longest: on a loaded machine, where every
+    /// commit's fsync is slow and the service's appends and workers commit
+    /// one after another, one waiter can lose every time for longer than the
+    /// busy timeout.
+    pub async fn begin_write_patiently(
+        &self,
+        patience: Duration,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        let started = Instant::now();
+        loop {
+            match self.begin_write().await {
+                Err(e) if is_busy(&e) && started.elapsed() < patience => {
+                    tracing::debug!(error = %e, "write lock still busy; asking again");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+}
+
+/// Whether SQLite refused for a lock another connection held past the busy
+/// timeout: SQLITE_BUSY (5) or SQLITE_LOCKED (6), with their extended codes
+/// (whose low byte is the primary one). Asking again later may well succeed.
+pub fn is_busy(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(e) if e.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() => {
+            e.code()
+                .and_then(|code| code.parse::<i32>().ok())
+                .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+        }
+        _ => false,
     }
 }
 

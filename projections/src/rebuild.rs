@@ -36,7 +36,7 @@ use std::{
     fs::{File, TryLockError},
     path::PathBuf,
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use futures_util::{StreamExt, TryStreamExt};
@@ -905,6 +905,14 @@ async fn rebuild_sqlite(
 /// and the commit per slice costs little beside its rows.
 const SQLITE_WRITE_SLICE: usize = 5_000;
 
+/// Longest a rebuild on SQLite waits for the database's write lock, for each
+/// of its write transactions (`SqliteDb::begin_write_patiently`). Far past the
+/// busy timeout that the service's own writes wait (5 s): a rebuild is
+/// background work, and on a loaded machine the lock can pass from one of the
+/// service's commits to the next for longer than that. A lock held for a
+/// minute is stuck, and the rebuild fails with its error.
+const SQLITE_LOCK_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Create `<table>__next` for each table of the fold on SQLite (dropping a
 /// leftover of an interrupted run) and fill it, slice by slice.
 ///
@@ -914,25 +922,27 @@ const SQLITE_WRITE_SLICE: usize = 5_000;
 /// index comes with it). Its other indexes are created in the swap, under the
 /// live names (SQLite cannot rename an index).
 async fn write_next_sqlite(db: &SqliteDb, fold: &Fold) -> Result<(), sqlx::Error> {
+    let mut tx = db.begin_write_patiently(SQLITE_LOCK_PATIENCE).await?;
     for table in fold.tables() {
         let next = format!("{}{NEXT}", table.name);
         sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS {next}")))
-            .execute(&db.pool)
+            .execute(&mut *tx)
             .await?;
         let live: String =
             sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = $1")
                 .bind(table.name)
-                .fetch_one(&db.pool)
+                .fetch_one(&mut *tx)
                 .await?;
         sqlx::query(AssertSqlSafe(renamed_table(&live, &next)?))
-            .execute(&db.pool)
+            .execute(&mut *tx)
             .await?;
     }
+    tx.commit().await?;
     for rows in &fold.tables {
         let next = format!("{}{NEXT}", rows.table.name);
         let all: Vec<&crate::fold::Row> = rows.rows.iter().map(|(_, row)| row).collect();
         for slice in all.chunks(SQLITE_WRITE_SLICE) {
-            let mut tx = db.begin_write().await?;
+            let mut tx = db.begin_write_patiently(SQLITE_LOCK_PATIENCE).await?;
             tables::write_rows(&mut Conn::Sqlite(&mut tx), rows.table, &next, slice).await?;
             tx.commit().await?;
         }
@@ -970,7 +980,7 @@ async fn swap_sqlite(
 ) -> Result<(Position, u64), RebuildError> {
     let name = fold.name();
     let tables = projections::tables_of(name);
-    let mut tx = db.begin_write().await?;
+    let mut tx = db.begin_write_patiently(SQLITE_LOCK_PATIENCE).await?;
     checkpoint::sqlite::ensure(&mut *tx, name).await?;
     let live = checkpoint::sqlite::lock(&mut tx, name).await?.position;
     // Its lookups read the live tables on another connection (WAL: they

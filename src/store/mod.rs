@@ -254,13 +254,9 @@ pub fn transient(error: &sqlx::Error) -> bool {
         | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::WorkerCrashed => true,
-        // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes (the
-        // low byte is the primary one): another connection held the lock past
-        // the busy timeout. Trying again may well succeed.
+        // Another connection held SQLite's lock past the busy timeout.
         sqlx::Error::Database(e) if e.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() => {
-            e.code()
-                .and_then(|code| code.parse::<i32>().ok())
-                .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+            ai_secretary_projections::db::is_busy(error)
         }
         sqlx::Error::Database(e) => e.code().is_some_and(|code| {
             // Class 08: connection exceptions. 57P01–57P03: the server is

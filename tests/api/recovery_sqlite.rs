@@ -591,6 +591,57 @@ async fn a_second_rebuild_is_refused_in_the_service_and_across_processes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_waits_out_a_write_lock_held_past_the_busy_timeout() {
+    // On a loaded machine SQLite's write lock can pass from one of the
+    // service's commits to the next for longer than the busy timeout (5 s);
+    // a rebuild, background work, waits it out instead of failing with
+    // "database is locked". Here the test holds the lock itself, for longer.
+    const HELD: Duration = Duration::from_secs(7);
+    let app = spawn_embedded(&[]).await;
+    some_history(&app, "patient@example.com").await;
+    app.db.caught_up().await;
+    let pool = app.db.pool().await;
+    let mut writer = pool.acquire().await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    let holding = Instant::now();
+    let dir = app.db.dir.path().to_owned();
+    let replay = Running::start(
+        embedded_binary(&dir, &[("RUST_LOG", "info")]).args(["replay", "assistants"]),
+    );
+    eventually("the replay folds the store", async || {
+        let printed = replay.printed_so_far();
+        if printed.contains("folding the store") {
+            Ok(())
+        } else {
+            Err(printed)
+        }
+    })
+    .await;
+    tokio::time::sleep(HELD.saturating_sub(holding.elapsed())).await;
+    assert!(
+        !replay.printed_so_far().contains("assistants: swapped in"),
+        "the replay swapped while the test held the write lock: {}",
+        replay.printed_so_far()
+    );
+    sqlx::query("ROLLBACK").execute(&mut *writer).await.unwrap();
+    drop(writer);
+    pool.close().await;
+    let replay = replay.finish(CHILD_LIMIT).await;
+    assert_eq!(replay.code, Some(0), "{}", replay.printed());
+    assert!(
+        replay.stdout.contains("assistants: swapped in"),
+        "{}",
+        replay.printed()
+    );
+    app.db.caught_up().await;
+    let (report, clean) = app.db.verify().await;
+    assert!(clean, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_of_cache_makes_the_invalidations_its_worker_skips_before_it_swaps() {
     // The service without the `cache` worker: nothing invalidates the cache
     // while messages move an assistant's counts.
