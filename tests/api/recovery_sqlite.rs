@@ -75,6 +75,36 @@ async fn finished(app: &TestApp<Embedded>, admin: &str, location: &str) -> Value
     .await
 }
 
+/// A connection of `pool` in a `BEGIN IMMEDIATE` transaction: it holds the
+/// database's one write lock until it rolls back.
+async fn holding_the_write_lock(
+    pool: &sqlx::SqlitePool,
+) -> sqlx::pool::PoolConnection<sqlx::Sqlite> {
+    let mut writer = pool.acquire().await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *writer)
+        .await
+        .unwrap();
+    writer
+}
+
+/// `replay <name>` started as a second process on the data directory `dir`,
+/// once it has taken its lock and is folding the store (its writes come next).
+async fn replay_folding(dir: &std::path::Path, name: &str) -> Running {
+    let replay =
+        Running::start(embedded_binary(dir, &[("RUST_LOG", "info")]).args(["replay", name]));
+    eventually("the replay has its lock and folds", async || {
+        let printed = replay.printed_so_far();
+        if printed.contains("folding the store") {
+            Ok(())
+        } else {
+            Err(printed)
+        }
+    })
+    .await;
+    replay
+}
+
 /// Messages and replies counted by a conversation's `message_count`, in the store.
 async fn messages_in_store(app: &TestApp<Embedded>, conversation: &str) -> i64 {
     let pool = app.db.pool().await;
@@ -518,24 +548,9 @@ async fn a_second_rebuild_is_refused_in_the_service_and_across_processes() {
     // in its first write by the test, which takes SQLite's write lock first
     // (for well under the 5 s busy timeout).
     let dir = app.db.dir.path().to_owned();
-    let mut writer = pool.acquire().await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *writer)
-        .await
-        .unwrap();
-    let first = Running::start(
-        embedded_binary(&dir, &[("RUST_LOG", "info")]).args(["replay", "assistants"]),
-    );
+    let mut writer = holding_the_write_lock(&pool).await;
     let holding = Instant::now();
-    eventually("the replay has its lock and folds", async || {
-        let printed = first.printed_so_far();
-        if printed.contains("folding the store") {
-            Ok(())
-        } else {
-            Err(printed)
-        }
-    })
-    .await;
+    let first = replay_folding(&dir, "assistants").await;
     // The service refuses a rebuild of it (409) ...
     let refused = problem(
         start_rebuild(&app, &admin, "assistants").await,
@@ -601,25 +616,10 @@ async fn a_rebuild_waits_out_a_write_lock_held_past_the_busy_timeout() {
     some_history(&app, "patient@example.com").await;
     app.db.caught_up().await;
     let pool = app.db.pool().await;
-    let mut writer = pool.acquire().await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *writer)
-        .await
-        .unwrap();
+    let mut writer = holding_the_write_lock(&pool).await;
     let holding = Instant::now();
     let dir = app.db.dir.path().to_owned();
-    let replay = Running::start(
-        embedded_binary(&dir, &[("RUST_LOG", "info")]).args(["replay", "assistants"]),
-    );
-    eventually("the replay folds the store", async || {
-        let printed = replay.printed_so_far();
-        if printed.contains("folding the store") {
-            Ok(())
-        } else {
-            Err(printed)
-        }
-    })
-    .await;
+    let replay = replay_folding(&dir, "assistants").await;
     tokio::time::sleep(HELD.saturating_sub(holding.elapsed())).await;
     assert!(
         !replay.printed_so_far().contains("assistants: swapped in"),
