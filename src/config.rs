@@ -286,8 +286,9 @@ pub struct Config {
     pub trusted_proxies: Vec<String>,
 
     /// Memory for folded aggregate states kept between commands, in MiB (0: none;
-    /// every command then folds its stream from the start).
-    #[arg(long, env = "STATE_CACHE_MB", default_value_t = 8)]
+    /// every command then folds its stream from the start). The default keeps a
+    /// process under load within 64 MiB resident.
+    #[arg(long, env = "STATE_CACHE_MB", default_value_t = crate::app::STATE_CACHE_DEFAULT_BYTES >> 20)]
     pub state_cache_mb: u64,
 
     /// How often a rebuild started through the admin API writes its progress

@@ -29,13 +29,14 @@ use crate::{
     store::Position,
 };
 
-/// The default bound: 25,000 to 35,000 conversations' states by their
+/// The default bound: 12,000 to 17,000 conversations' states by their
 /// estimate (about 240 bytes each with a short title, `ENTRY_OVERHEAD` included).
 /// The whole process is meant to stay within 64 MiB resident under load
 /// (docs/decisions.md, "The state cache's default bound"); at 64 MiB the
-/// cache alone could have taken all of it, and it did fill under sustained
-/// creation of new conversations.
-pub const DEFAULT_BYTES: u64 = 8 * 1024 * 1024;
+/// cache alone could have taken all of it, and at 8 MiB, filled by some 2,500
+/// new conversations a second, it took the process past 64 MiB in four
+/// rounds of six.
+pub const DEFAULT_BYTES: u64 = 4 * 1024 * 1024;
 
 /// How many bytes a state holds, roughly: what the cache is bounded by.
 pub trait Weigh {
