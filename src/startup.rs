@@ -297,6 +297,7 @@ impl Application {
                 stream: bus.stream.clone(),
                 subject_prefix: bus.subject_prefix.clone(),
                 opener: Arc::new(keyring.clone()),
+                decoded: Default::default(),
             };
             for projection in ai_secretary_projections::ALL
                 .iter()

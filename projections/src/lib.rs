@@ -13,6 +13,7 @@
 pub mod cache;
 pub mod checkpoint;
 pub mod db;
+pub mod decode_cache;
 pub mod executor;
 pub mod fold;
 pub mod lease;

@@ -17,6 +17,8 @@
 //!   checkpoint's JetStream sequence. Nothing is shared between an owner and a
 //!   standby, so two workers can never split one consumer's messages; the
 //!   checkpoint in Postgres, not the consumer, is what says what was applied.
+//!   What a message decodes to is shared, though: the first of the process's
+//!   workers to read it keeps it for the others (`decode_cache`).
 //! - **Nothing skipped.** Every envelope names the event before it in commit
 //!   order (`previous`, set by the relay). An event whose predecessor is not the
 //!   checkpoint is a gap (a relay republished out of order, or two relays
@@ -41,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     checkpoint,
     db::{Db, Tx},
+    decode_cache::DecodeCache,
     executor::known::Known,
     lease::{self, Lease},
     log,
@@ -48,13 +51,16 @@ use crate::{
     projection::{Batch, BatchCommit, Decoded, Projection, ProjectionError},
 };
 
-/// Where the events are on the bus, and how their sealed personal fields are
-/// opened (the bus and the store carry them encrypted).
+/// Where the events are on the bus, how their sealed personal fields are
+/// opened (the bus and the store carry them encrypted), and what the
+/// process's workers already made of the latest messages.
 #[derive(Clone)]
 pub struct Source {
     pub stream: String,
     pub subject_prefix: String,
     pub opener: Arc<dyn Opener>,
+    /// Shared by every worker given a clone of this source.
+    pub decoded: DecodeCache,
 }
 
 /// Where a worker's events come from.
@@ -233,16 +239,7 @@ async fn consume(
                 _ => break,
             }
         }
-        apply(
-            db,
-            pool,
-            source.opener.as_ref(),
-            projection,
-            lease,
-            &mut left_off,
-            &batch,
-        )
-        .await?;
+        apply(db, pool, source, projection, lease, &mut left_off, &batch).await?;
     }
 }
 
@@ -312,7 +309,7 @@ async fn tail(
         }
         recheck = 0;
         let mut resolved = Resolved::from(start.position);
-        resolved.push_stored(source.opener.as_ref(), events).await?;
+        resolved.push_stored(source, events).await?;
         commit(db, projection, lease, &mut left_off, resolved).await?;
     }
 }
@@ -370,7 +367,7 @@ async fn position_consumer(
 async fn apply(
     db: &Db,
     pool: &PgPool,
-    opener: &dyn Opener,
+    source: &Source,
     projection: &dyn Projection,
     lease: &Lease,
     left_off: &mut LeftOff,
@@ -381,7 +378,7 @@ async fn apply(
         lease.fenced();
         return Err(WorkerError::Deposed);
     }
-    let resolved = resolve(pool, opener, name, batch, left_off.checkpoint.position).await?;
+    let resolved = resolve(pool, source, name, batch, left_off.checkpoint.position).await?;
     commit(db, projection, lease, left_off, resolved).await
 }
 
@@ -425,7 +422,7 @@ async fn commit(
     let decoded: Vec<&Decoded> = resolved
         .steps
         .iter()
-        .filter_map(|s| s.as_ref().ok())
+        .filter_map(|s| s.as_deref().ok())
         .collect();
     projection.prepare(db, &decoded).await?;
 
@@ -491,11 +488,12 @@ async fn commit(
 async fn write(
     mut batch: Batch,
     projection: &dyn Projection,
-    steps: &[Result<Decoded, Poison>],
+    steps: &[Result<Arc<Decoded>, Poison>],
 ) -> Result<Known, WorkerError> {
     for step in steps {
         match step {
-            Ok(Decoded { envelope, event }) => {
+            Ok(decoded) => {
+                let Decoded { envelope, event } = &**decoded;
                 projection.apply(&mut batch, envelope, event).await?
             }
             Err(poison) => poison.record(batch.tx().await?, projection.name()).await?,
@@ -506,8 +504,9 @@ async fn write(
 
 /// A batch checked against the checkpoint.
 struct Resolved {
-    /// What to do, in commit order: apply an event, or park a poison one.
-    steps: Vec<Result<Decoded, Poison>>,
+    /// What to do, in commit order: apply an event (as decoded, perhaps by
+    /// another worker: `DecodeCache`), or park a poison one.
+    steps: Vec<Result<Arc<Decoded>, Poison>>,
     /// Events the checkpoint moves past (applied or parked).
     applied: i64,
     /// Where the checkpoint moves to.
@@ -524,77 +523,121 @@ struct Poison {
     payload: String,
 }
 
-/// Drop what is at or below `from`, fill gaps from the event store, decode.
+/// Drop what is at or below `from`, fill gaps from the event store, decode
+/// (or take what another worker of the process decoded: `DecodeCache`).
 async fn resolve(
     pool: &PgPool,
-    opener: &dyn Opener,
+    source: &Source,
     name: &str,
     batch: &[jetstream::Message],
     from: Position,
 ) -> Result<Resolved, WorkerError> {
     let mut resolved = Resolved::from(from);
     for message in batch {
-        if let Ok(info) = message.info() {
-            resolved.sequence = Some(info.stream_sequence);
+        let sequence = message.info().ok().map(|info| info.stream_sequence);
+        if sequence.is_some() {
+            resolved.sequence = sequence;
         }
         let payload = || String::from_utf8_lossy(&message.payload).into_owned();
-        let mut envelope: EventEnvelope = match serde_json::from_slice(&message.payload) {
-            Ok(envelope) => envelope,
-            Err(e) => {
-                // Nothing to place it by: the next event's `previous` will show
-                // the gap, and the store's copy is applied then.
-                resolved.steps.push(Err(Poison {
-                    envelope: None,
-                    subject: message.subject.to_string(),
-                    reason: format!("not an event envelope: {e}"),
-                    payload: payload(),
-                }));
-                continue;
-            }
+        let kept = sequence.and_then(|s| source.decoded.get(s, &message.payload));
+        let read = match kept {
+            Some(decoded) => Read::Kept(decoded),
+            None => match serde_json::from_slice(&message.payload) {
+                Ok(envelope) => Read::Parsed(envelope),
+                Err(e) => {
+                    // Nothing to place it by: the next event's `previous` will
+                    // show the gap, and the store's copy is applied then.
+                    resolved.steps.push(Err(Poison {
+                        envelope: None,
+                        subject: message.subject.to_string(),
+                        reason: format!("not an event envelope: {e}"),
+                        payload: payload(),
+                    }));
+                    continue;
+                }
+            },
         };
+        let envelope = read.envelope();
         let at = resolved.at;
         if envelope.position() <= at {
             continue; // applied before: a redelivery or a republish
         }
         if envelope.previous != Some(at) {
-            let filled = fill_gap(pool, opener, at, envelope.position(), &mut resolved).await?;
+            let (event_id, position) = (envelope.event_id, envelope.position());
+            let filled = fill_gap(pool, source, at, position, &mut resolved).await?;
             metrics::counter!("projection_gap_fills_total", "projection" => name.to_owned())
                 .increment(1);
-            if resolved.at == envelope.position() {
+            if resolved.at == position {
                 tracing::info!(projection = name, from = %at, to = %resolved.at, filled,
                     "gap in the bus filled from the event store");
             } else {
                 // The bus holds an event the store does not (restored to an older
                 // point without purging the stream, docs/operations.md): never
                 // apply what the log does not have.
-                tracing::error!(projection = name, event_id = %envelope.event_id, at = %resolved.at,
+                tracing::error!(projection = name, %event_id, at = %resolved.at,
                     "event on the bus is not in the event store; not applied");
             }
             continue;
         }
-        opener
-            .open(envelope.event_id, &mut envelope.data)
-            .await
-            .map_err(WorkerError::Sealed)?;
-        let step = match envelope.decode() {
-            Ok(event) => Ok(Decoded { envelope, event }),
-            Err(reason) => Err(Poison {
-                subject: message.subject.to_string(),
-                reason,
-                payload: payload(),
-                envelope: Some(envelope),
-            }),
+        let step = match read {
+            Read::Kept(decoded) => Ok(decoded),
+            Read::Parsed(mut envelope) => {
+                let since = source.decoded.generation();
+                source
+                    .opener
+                    .open(envelope.event_id, &mut envelope.data)
+                    .await
+                    .map_err(WorkerError::Sealed)?;
+                match envelope.decode() {
+                    Ok(event) => {
+                        let decoded = Arc::new(Decoded { envelope, event });
+                        if let Some(sequence) = sequence {
+                            source
+                                .decoded
+                                .keep(sequence, &message.payload, &decoded, since);
+                        }
+                        Ok(decoded)
+                    }
+                    Err(reason) => Err(Poison {
+                        subject: message.subject.to_string(),
+                        reason,
+                        payload: payload(),
+                        envelope: Some(envelope),
+                    }),
+                }
+            }
         };
-        resolved.push(opener, step);
+        resolved.push(source, step);
     }
     Ok(resolved)
+}
+
+/// A message off the bus, as this worker found it.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one at a time, for one message, on the stack: boxing would only add an allocation"
+)]
+enum Read {
+    /// Decoded and opened already, by this worker or another (`DecodeCache`).
+    Kept(Arc<Decoded>),
+    /// Its envelope parsed here, its payload still sealed.
+    Parsed(EventEnvelope),
+}
+
+impl Read {
+    fn envelope(&self) -> &EventEnvelope {
+        match self {
+            Read::Kept(decoded) => &decoded.envelope,
+            Read::Parsed(envelope) => envelope,
+        }
+    }
 }
 
 impl Resolved {
     /// Whether applying it writes anything but the checkpoint's move: an event
     /// the projection touches, or one to park in `dead_letters`.
     fn writes(&self, projection: &dyn Projection) -> bool {
-        self.steps.iter().any(|step| match step {
+        self.steps.iter().any(|step| match step.as_deref() {
             Ok(Decoded { envelope, event }) => projection.touches(envelope, event),
             Err(_) => true,
         })
@@ -614,11 +657,12 @@ impl Resolved {
     /// in order; one that does not decode is parked with its stored payload.
     async fn push_stored(
         &mut self,
-        opener: &dyn Opener,
+        source: &Source,
         events: Vec<(EventEnvelope, String)>,
     ) -> Result<(), WorkerError> {
         for (envelope, data) in events {
-            let opened = opener
+            let opened = source
+                .opener
                 .open_text(envelope.event_id, &data)
                 .await
                 .map_err(WorkerError::Sealed)?;
@@ -627,7 +671,7 @@ impl Resolved {
                 envelope.schema_version,
                 opened.as_deref().unwrap_or(&data),
             ) {
-                Ok(event) => Ok(Decoded { envelope, event }),
+                Ok(event) => Ok(Arc::new(Decoded { envelope, event })),
                 Err(reason) => Err(Poison {
                     subject: "(event store)".into(),
                     reason,
@@ -636,21 +680,23 @@ impl Resolved {
                     envelope: Some(envelope),
                 }),
             };
-            self.push(opener, step);
+            self.push(source, step);
         }
         Ok(())
     }
 
     /// One more event the checkpoint moves past.
-    fn push(&mut self, opener: &dyn Opener, step: Result<Decoded, Poison>) {
+    fn push(&mut self, source: &Source, step: Result<Arc<Decoded>, Poison>) {
         if let Ok(Decoded {
             envelope,
             event: Event::UserForgotten,
-        }) = &step
+        }) = step.as_deref()
         {
             // Their key is gone from the store with this event; any copy in
-            // memory goes now, before the batch's next event is opened.
-            opener.forget(envelope.stream_id);
+            // memory goes now, before the batch's next event is opened, and
+            // so does every value opened with it.
+            source.opener.forget(envelope.stream_id);
+            source.decoded.forget_all();
         }
         if let Some(envelope) = match &step {
             Ok(d) => Some(&d.envelope),
@@ -668,7 +714,7 @@ impl Resolved {
 /// `resolved.at` ends at `upto`, unless the store lacks it.
 async fn fill_gap(
     pool: &PgPool,
-    opener: &dyn Opener,
+    source: &Source,
     after: Position,
     upto: Position,
     resolved: &mut Resolved,
@@ -685,7 +731,7 @@ async fn fill_gap(
         };
         at = last.position();
         filled += events.len() as i64;
-        resolved.push_stored(opener, events).await?;
+        resolved.push_stored(source, events).await?;
     }
     read.rollback().await?;
     Ok(filled)

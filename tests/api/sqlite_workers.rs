@@ -230,6 +230,7 @@ fn start_workers(
         stream: String::new(),
         subject_prefix: String::new(),
         opener,
+        decoded: Default::default(),
     };
     ALL.iter()
         .filter(|p| names.contains(&p.name))
