@@ -2,13 +2,15 @@
 //! on whether it may take a new conversation), and reading one is for its owner
 //! only.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{AppError, CommandContext, Commands, Decided, Expected, Loaded, ReadError, Remember};
 use crate::{
     domain::{
-        assistant::AssistantDecider,
+        assistant::{AssistantDecider, AssistantState},
         conversation::{
             Conversation, ConversationCommand, ConversationDecider, ConversationError,
             ConversationState,
@@ -17,11 +19,20 @@ use crate::{
     store::{Position, RecordedEvent},
 };
 
+/// How long an assistant the store showed is taken as it was when starting
+/// a conversation with it, without asking the store again: how late, at most,
+/// a start in this process sees what another process did to the assistant
+/// (archived or deleted it). This process's own changes are seen at once (its
+/// appends go into the state cache). Asking on every start was a query per
+/// command, some 8 % of the service's CPU under load (docs/benchmarks.md);
+/// the same bound as `ACCOUNT_RECHECK`, for the same kind of fact.
+pub const ASSISTANT_RECHECK: Duration = Duration::from_secs(1);
+
 impl Commands {
     /// Start conversation `conversation_id` (just generated) with `assistant_id`,
-    /// as the assistant's stream has it now. The decider checks ownership and
-    /// status; a concurrent archive of the assistant can slip between this load
-    /// and the append (docs/decisions.md).
+    /// as the assistant's stream has it (at most [`ASSISTANT_RECHECK`] ago).
+    /// The decider checks ownership and status; a concurrent archive of the
+    /// assistant can slip between that read and the append (docs/decisions.md).
     #[allow(clippy::too_many_arguments)]
     pub async fn start_conversation(
         &self,
@@ -33,18 +44,43 @@ impl Commands {
         context: &CommandContext,
         remember: Option<Remember<'_, ConversationState>>,
     ) -> Result<Decided<ConversationState>, AppError<ConversationError>> {
-        let assistant = self.load::<AssistantDecider>(assistant_id).await?.state;
-        let command = ConversationCommand::Start {
+        let start = |assistant, title| ConversationCommand::Start {
             conversation_id,
             actor,
             assistant,
             title,
             at,
         };
+        // First on the assistant as the store showed it within
+        // `ASSISTANT_RECHECK`, if this process has it so. A refusal made on
+        // that is made again on the store's answer: a cached state proves
+        // nothing against a start (the assistant may have been made, or
+        // unarchived, elsewhere since).
+        if let Some(recent) = self
+            .states
+            .checked_within::<AssistantState>(assistant_id, ASSISTANT_RECHECK)
+        {
+            let command = start(recent.state, title.clone());
+            match self
+                .execute::<ConversationDecider>(
+                    conversation_id,
+                    Expected::New,
+                    &command,
+                    context,
+                    None,
+                    remember,
+                )
+                .await
+            {
+                Err(AppError::Domain(_)) => {}
+                started => return started,
+            }
+        }
+        let assistant = self.load::<AssistantDecider>(assistant_id).await?.state;
         self.execute::<ConversationDecider>(
             conversation_id,
             Expected::New,
-            &command,
+            &start(assistant, title),
             context,
             None,
             remember,

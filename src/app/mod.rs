@@ -165,15 +165,18 @@ impl Commands {
         let cached = self.states.get::<D::State>(stream_id);
         let known = cached.is_some();
         let cached = cached.unwrap_or_default();
+        let asked = self.states.asking();
         let tail = self
             .store
             .read_payloads_from(stream_id, cached.version)
             .await?;
         if tail.is_empty() {
-            if !known {
+            if known {
+                self.states.confirm(stream_id, cached.version, asked);
+            } else {
                 // Remembered even while empty: the command that creates it
                 // (a reply's start) is then decided without a second read.
-                self.states.put(stream_id, &cached);
+                self.states.put(stream_id, &cached, asked);
             }
             return Ok(cached);
         }
@@ -184,7 +187,7 @@ impl Commands {
             return Ok(Loaded::default());
         }
         let loaded = fold::<D>(cached, tail)?;
-        self.states.put(stream_id, &loaded);
+        self.states.put(stream_id, &loaded, asked);
         Ok(loaded)
     }
 
@@ -278,6 +281,7 @@ impl Commands {
                 idempotency: record,
                 user_key: None,
             };
+            let asked = self.states.asking();
             match self.store.append(request).await {
                 Ok(appended) => {
                     let decided = Decided {
@@ -285,7 +289,7 @@ impl Commands {
                         version: appended.version,
                         position: Some(appended.position),
                     };
-                    self.states.put(stream_id, &decided);
+                    self.states.put(stream_id, &decided, asked);
                     return Ok(decided);
                 }
                 // The cache was behind: not a race lost, only a load skipped.

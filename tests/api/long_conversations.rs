@@ -840,6 +840,115 @@ async fn a_command_on_a_stream_this_process_knows_reads_nothing_first<D: Topolog
     assert_eq!(reply_ends(&*store, &requests).await, 3);
 }
 
+crate::on_both!(
+    a_start_asks_for_its_assistant_once_a_recheck_and_again_before_refusing,
+    spawns
+);
+/// Starting a conversation reads its assistant from the store at most once per
+/// `ASSISTANT_RECHECK` in a process that has it; another process's archive is
+/// seen within that bound, and a refusal is never made on the cached state
+/// alone (an assistant made elsewhere a moment ago is found).
+async fn a_start_asks_for_its_assistant_once_a_recheck_and_again_before_refusing<D: Topology>() {
+    use ai_secretary::{
+        app::conversations::ASSISTANT_RECHECK,
+        domain::{
+            assistant::{AssistantCommand, AssistantDecider, AssistantFields},
+            conversation::ConversationError,
+        },
+    };
+    let data = D::fresh().await;
+    let db = data.read_side().await;
+    let store = event_store(&db);
+    let counted = Arc::new(ReadCounting::new(store.clone()));
+    let one = process(counted.clone(), &db);
+    let two = process(store.clone(), &db);
+    let (owner, context) = crate::helpers::registered(&two).await;
+    // What the other process does to an assistant.
+    let change = |assistant_id: Uuid, command: AssistantCommand| {
+        let (two, context) = (&two, &context);
+        async move {
+            two.execute::<AssistantDecider>(
+                assistant_id,
+                Expected::Any,
+                &command,
+                context,
+                None,
+                None,
+            )
+            .await
+            .unwrap();
+        }
+    };
+    let create = |assistant_id| AssistantCommand::Create {
+        assistant_id,
+        owner_id: owner,
+        fields: AssistantFields {
+            name: Some("Aide".into()),
+            ..Default::default()
+        },
+        at: Utc::now(),
+    };
+    let start = |assistant_id| {
+        let (one, context) = (&one, &context);
+        async move {
+            one.start_conversation(
+                Uuid::now_v7(),
+                owner,
+                assistant_id,
+                None,
+                Utc::now(),
+                context,
+                None,
+            )
+            .await
+        }
+    };
+
+    // Made by the other process: the first start asks the store, the next
+    // ones, within the bound, do not.
+    let aide = Uuid::now_v7();
+    change(aide, create(aide)).await;
+    let reads = counted.reads();
+    start(aide).await.unwrap();
+    assert_eq!(
+        counted.reads() - reads,
+        1,
+        "the first start reads its assistant"
+    );
+    let reads = counted.reads();
+    for _ in 0..3 {
+        start(aide).await.unwrap();
+    }
+    assert_eq!(counted.reads() - reads, 0, "the next starts read nothing");
+
+    // Archived by the other process: seen once the bound has passed.
+    let archive = AssistantCommand::Archive {
+        actor: owner,
+        at: Utc::now(),
+    };
+    change(aide, archive).await;
+    tokio::time::sleep(ASSISTANT_RECHECK + Duration::from_millis(50)).await;
+    let refused = start(aide).await;
+    assert!(
+        matches!(
+            refused,
+            Err(ai_secretary::app::AppError::Domain(
+                ConversationError::AssistantArchived
+            ))
+        ),
+        "{refused:?}"
+    );
+
+    // Found absent a moment ago, made by the other process since: the
+    // refusal on the cached state is asked again of the store.
+    let later = Uuid::now_v7();
+    one.load::<AssistantDecider>(later).await.unwrap();
+    change(later, create(later)).await;
+    let reads = counted.reads();
+    start(later).await.unwrap();
+    assert_eq!(counted.reads() - reads, 1, "asked again before refusing");
+}
+
 /// How many of `requests` have ended in their own streams, as the store has
 /// them (the event types: the store's payloads are sealed).
 async fn reply_ends(store: &dyn EventStore, requests: &[ReplyRequest]) -> usize {
