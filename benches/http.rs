@@ -892,10 +892,18 @@ async fn ready(address: SocketAddr) -> bool {
 // Report
 // ---------------------------------------------------------------------------
 
+/// The median of `f` over the rounds: with an even number of rounds (two
+/// by default), the mean of the middle two, so that neither the better nor
+/// the worse of two rounds alone decides whether a target is met.
 fn median_by<T>(rounds: &[T], f: impl Fn(&T) -> f64) -> f64 {
     let mut values: Vec<f64> = rounds.iter().map(f).collect();
     values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    let middle = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[middle - 1] + values[middle]) / 2.0
+    } else {
+        values[middle]
+    }
 }
 
 fn met(ok: bool) -> &'static str {
