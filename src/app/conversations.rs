@@ -44,12 +44,23 @@ impl Commands {
         context: &CommandContext,
         remember: Option<Remember<'_, ConversationState>>,
     ) -> Result<Decided<ConversationState>, AppError<ConversationError>> {
-        let start = |assistant, title| ConversationCommand::Start {
-            conversation_id,
-            actor,
-            assistant,
-            title,
-            at,
+        let start = async |assistant, title| {
+            let command = ConversationCommand::Start {
+                conversation_id,
+                actor,
+                assistant,
+                title,
+                at,
+            };
+            self.execute::<ConversationDecider>(
+                conversation_id,
+                Expected::New,
+                &command,
+                context,
+                None,
+                remember,
+            )
+            .await
         };
         // First on the assistant as the store showed it within
         // `ASSISTANT_RECHECK`, if this process has it so. A refusal made on
@@ -60,32 +71,13 @@ impl Commands {
             .states
             .checked_within::<AssistantState>(assistant_id, ASSISTANT_RECHECK)
         {
-            let command = start(recent.state, title.clone());
-            match self
-                .execute::<ConversationDecider>(
-                    conversation_id,
-                    Expected::New,
-                    &command,
-                    context,
-                    None,
-                    remember,
-                )
-                .await
-            {
+            match start(recent.state, title.clone()).await {
                 Err(AppError::Domain(_)) => {}
                 started => return started,
             }
         }
         let assistant = self.load::<AssistantDecider>(assistant_id).await?.state;
-        self.execute::<ConversationDecider>(
-            conversation_id,
-            Expected::New,
-            &start(assistant, title),
-            context,
-            None,
-            remember,
-        )
-        .await
+        start(assistant, title).await
     }
 
     /// Who owns a conversation (whose key seals what is written in it).

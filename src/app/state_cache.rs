@@ -113,6 +113,17 @@ struct Entry {
     checked: AtomicU64,
 }
 
+impl Entry {
+    /// Its state as a load gives it, if it is one of type `S`.
+    fn loaded<S: Clone + 'static>(&self) -> Option<Loaded<S>> {
+        Some(Loaded {
+            state: self.state.downcast_ref::<S>()?.clone(),
+            version: self.version,
+            position: self.position,
+        })
+    }
+}
+
 /// When the store was asked (or appended to), as µs since the cache began:
 /// taken *before* the question, so that what it answered was current at
 /// least from then on.
@@ -161,12 +172,7 @@ impl StateCache {
         if u128::from(age) > within.as_micros() {
             return None;
         }
-        let state = entry.state.downcast_ref::<S>()?;
-        Some(Loaded {
-            state: state.clone(),
-            version: entry.version,
-            position: entry.position,
-        })
+        entry.loaded()
     }
 
     /// The store, asked at `asked`, had nothing after `version` of the
@@ -181,13 +187,7 @@ impl StateCache {
 
     /// The cached state of a stream, if there is one of this type.
     pub fn get<S: Clone + Send + Sync + 'static>(&self, stream_id: Uuid) -> Option<Loaded<S>> {
-        let entry = self.entries.get(&stream_id)?;
-        let state = entry.state.downcast_ref::<S>()?;
-        Some(Loaded {
-            state: state.clone(),
-            version: entry.version,
-            position: entry.position,
-        })
+        self.entries.get(&stream_id)?.loaded()
     }
 
     /// Remember a stream's state at `loaded.version`, current as of `asked`,
